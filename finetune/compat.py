@@ -1,0 +1,120 @@
+"""CPU repairs for ColossalAI 0.5.0, the one place where we patch ColossalAI.
+
+ColossalAI's CpuAccelerator raises RuntimeError for most of its API (memory, seeds, streams,
+synchronize) and gets two methods wrong (get_rng_state passes a device to torch.get_rng_state;
+autocast returns the nullcontext class instead of an instance; max_memory_reserved is in KiB). Code
+paths that are fine on CPU (seeding, memory reports, checkpoint loading) then fail. Each repair below
+maps one method onto its CPU meaning; memory is the process's resident set (RSS), and its peak is the
+kernel's high-water mark (VmHWM), which writing "5" to /proc/self/clear_refs resets.
+
+`apply()` is a no-op when a CUDA device is present, and refuses to run on a ColossalAI version these
+repairs were not written for (their line-level assumptions would be unchecked).
+Measured facts behind each repair: shared/notes/colossalai-cpu.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import psutil
+import torch
+
+SUPPORTED_COLOSSALAI = "0.5.0"
+
+
+class CompatError(RuntimeError):
+    """ColossalAI is not the version these repairs were written for."""
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process, in bytes."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of resident memory since start or the last reset (VmHWM), in bytes."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return rss_bytes()  # no procfs (macOS): current is the best lower bound we have
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux); elsewhere the peak keeps counting from process start."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+class _CpuStream:
+    """Stands in for a CUDA stream on CPU, where every operation is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
+def _no_op(self, *args, **kwargs) -> None:
+    return None
+
+
+def _manual_seed(self, seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# name -> replacement method of CpuAccelerator. Each entry is unit-tested in tests/test_compat.py.
+CPU_ACCELERATOR_REPAIRS = {
+    "synchronize": _no_op,
+    "empty_cache": _no_op,
+    "device_count": lambda self: 1,
+    "current_device": lambda self: 0,
+    "manual_seed": _manual_seed,
+    "manual_seed_all": _manual_seed,
+    "initial_seed": lambda self: torch.initial_seed(),
+    "get_rng_state": lambda self, device=None: torch.get_rng_state(),
+    "get_rng_state_all": lambda self: [torch.get_rng_state()],
+    "set_rng_state_all": lambda self, states: torch.set_rng_state(states[0]),
+    "memory_allocated": lambda self, device=None: rss_bytes(),
+    "max_memory_allocated": lambda self, device=None: peak_rss_bytes(),
+    "max_memory_reserved": lambda self, device=None: peak_rss_bytes(),
+    "reset_peak_memory_stats": lambda self, device=None: reset_peak_rss(),
+    "reset_max_memory_allocated": lambda self, device=None: reset_peak_rss(),
+    "Stream": lambda self, *args, **kwargs: _CpuStream(),
+    "current_stream": lambda self, device=None: _CpuStream(),
+    "default_stream": lambda self, device=None: _CpuStream(),
+    "stream": lambda self, stream_: contextlib.nullcontext(),
+    "autocast": lambda self, enabled=True, dtype=torch.bfloat16, cache_enabled=True: torch.autocast(
+        "cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled
+    ),
+}
+
+
+def apply(colossalai_version: str | None = None) -> list[str]:
+    """Repair ColossalAI's CPU path when no CUDA device is present; return what was repaired."""
+    if torch.cuda.is_available():
+        return []
+    import colossalai
+    from colossalai.accelerator.cpu_accelerator import CpuAccelerator
+
+    version = colossalai_version or colossalai.__version__
+    if version != SUPPORTED_COLOSSALAI:
+        raise CompatError(
+            f"finetune.compat repairs ColossalAI {SUPPORTED_COLOSSALAI} on CPU, found {version}: "
+            f"install the pinned stack (pip install -r requirements.txt -c constraints.txt)"
+        )
+    for name, repair in CPU_ACCELERATOR_REPAIRS.items():
+        setattr(CpuAccelerator, name, repair)
+    return sorted(CPU_ACCELERATOR_REPAIRS)

@@ -1,0 +1,317 @@
+"""Run configuration: dataclasses with defaults (the quickstart), YAML files, and `key=value` overrides.
+
+    python finetune/train.py --config booster_configs/torch_ddp.yaml --config my_run.yaml train.max_steps=10
+
+`--config` may repeat; later files win, and command-line overrides win over every file. Unknown keys
+and values of the wrong type are rejected with one line that names the key (and the closest valid
+one). This module imports no torch or ColossalAI, so bad input fails before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.architectures import known_model_names
+from finetune.booster import PLUGINS
+
+METHODS = ("full", "lora")
+TASKS = ("instruction",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine")
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # a named config (see finetune/model.py), a local HF dir, or a .gguf file
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 (CUDA only)
+    trust_remote_code: bool = False  # only for local dirs whose code you trust
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
+
+
+@dataclass
+class PluginConfig:
+    name: str = "torch_ddp"  # a key of finetune.booster.PLUGINS
+    options: dict[str, Any] = field(default_factory=dict)  # written flat in YAML: plugin.bucket_cap_mb=50
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "chatterbot-corpus"  # JSON/JSONL file of {instruction, input?, output}, or chatterbot-corpus
+    eval_path: str = ""  # empty: hold out eval_fraction of train_path, split by prompt
+    eval_fraction: float = 0.1
+    max_length: int = 128  # tokens; longer samples are truncated
+    max_eval_samples: int = 0  # 0: all
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 30  # optimizer steps; 0: run `epochs` full epochs
+    epochs: int = 1
+    batch_size: int = 4  # per rank, per micro-step
+    grad_accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 3
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every: int = 1
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: evaluate only before and after training
+    batch_size: int = 8
+    num_generation_prompts: int = 3  # fixed held-out prompts generated before and after training
+    max_new_tokens: int = 40
+
+
+@dataclass
+class Config:
+    task: str = "instruction"
+    method: str = "lora"
+    output_dir: str = "outputs/quickstart"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    plugin: PluginConfig = field(default_factory=PluginConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every valid dotted key with its declared type (plugin options come from the plugin registry)."""
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.update(config_keys(hint, f"{prefix}{f.name}."))
+        elif f.name != "options":
+            keys[prefix + f.name] = hint
+    return keys
+
+
+def _plugin_option_keys() -> set[str]:
+    return {f"plugin.{opt}" for spec in PLUGINS.values() for opt in spec.options}
+
+
+def _closest(key: str, candidates) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the declared type, converting the forms YAML and the shell produce."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of names, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)  # YAML reads 1e-3 as a string; float() does not
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if hint is int:
+            if number != int(number):
+                raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+            return int(number)
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled type {hint} for {key}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys, got {type(tree).__name__}")
+    return _flatten(tree)
+
+
+def _parse_override(arg: str) -> tuple[str, Any]:
+    key, sep, raw = arg.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"'{arg}': expected key=value (e.g. train.max_steps=10) or --config FILE")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def parse_args(argv: list[str]) -> list[tuple[str, str, Any]]:
+    """Split argv into (source, key, value) settings in the order they apply."""
+    settings: list[tuple[str, str, Any]] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] if "=" in arg else next(args, None)
+            if not path:
+                raise ConfigError("--config needs a file path")
+            settings += [(f"--config {path}", k, v) for k, v in _read_yaml(path).items()]
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option '{arg}': use --config FILE or key=value")
+        else:
+            settings.append(("command line", *_parse_override(arg)))
+    return settings
+
+
+def build_config(settings: list[tuple[str, str, Any]]) -> Config:
+    """Apply (source, key, value) settings over the defaults, checking every key and value."""
+    cfg = Config()
+    keys = config_keys()
+    plugin_keys = _plugin_option_keys()
+    for source, key, value in settings:
+        if key in keys:
+            section, _, name = key.rpartition(".")
+            target = getattr(cfg, section) if section else cfg
+            setattr(target, name, _coerce(key, value, keys[key]))
+        elif key in plugin_keys:
+            cfg.plugin.options[key.split(".", 1)[1]] = value
+        else:
+            hint = _closest(key, list(keys) + sorted(plugin_keys))
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    # Plugin options are checked once the plugin is final: a later setting may change plugin.name.
+    spec = PLUGINS.get(cfg.plugin.name)
+    for opt, value in list(cfg.plugin.options.items()) if spec else []:
+        if opt not in spec.options:
+            raise ConfigError(f"plugin.{opt}: not an option of plugin '{cfg.plugin.name}' (its options: {', '.join(spec.options)})")
+        cfg.plugin.options[opt] = _coerce(f"plugin.{opt}", value, type(spec.options[opt]))
+    return cfg
+
+
+def _choice(key: str, value: str, allowed) -> list[str]:
+    if value in allowed:
+        return []
+    return [f"{key}: unknown value '{value}'{_closest(value, allowed)}; choose from {', '.join(allowed)}"]
+
+
+def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+    """Every problem with the configuration for this launch, each a line that names the fix."""
+    problems = _choice("task", cfg.task, TASKS)
+    if cfg.method == "qlora":
+        problems.append("method=qlora: not available in this version yet; use method=lora")
+    else:
+        problems += _choice("method", cfg.method, METHODS)
+    problems += _choice("train.precision", cfg.train.precision, PRECISIONS)
+    problems += _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
+    problems += _choice("train.lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS)
+    problems += _choice("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
+    spec = PLUGINS.get(cfg.plugin.name)
+    if spec is None:
+        problems += _choice("plugin.name", cfg.plugin.name, sorted(PLUGINS))
+    else:
+        if cfg.method == "lora" and not spec.supports_lora:
+            problems.append(f"method=lora: plugin '{cfg.plugin.name}' cannot hold LoRA adapters; use method=full or plugin.name=torch_ddp")
+        if not has_cuda and not spec.runs_on_cpu:
+            problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; use plugin.name=torch_ddp on CPU")
+    if not has_cuda and cfg.train.precision == "fp16":
+        problems.append("train.precision=fp16: needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
+    if not has_cuda and cfg.model.attn_implementation == "flash_attention_2":
+        problems.append("model.attn_implementation=flash_attention_2: needs a CUDA GPU; on CPU use sdpa or eager")
+    for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "train.log_every", "eval.batch_size", "lora.r", "data.max_length"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            problems.append(f"{key}: must be at least 1")
+    for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            problems.append(f"{key}: must not be negative")
+    if not 0 <= cfg.lora.dropout < 1:
+        problems.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not cfg.data.eval_path and not 0 < cfg.data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction: must be in (0, 1) when data.eval_path is empty, got {cfg.data.eval_fraction}")
+    if cfg.train.lr <= 0:
+        problems.append(f"train.lr: must be positive, got {cfg.train.lr}")
+    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if path and path != "chatterbot-corpus" and not Path(path).is_file():
+            problems.append(f"{key}: file not found: {path}")
+    name = cfg.model.name
+    if name not in known_model_names():
+        path = Path(name)
+        if not path.exists():
+            problems.append(f"model.name: '{name}' is not a named model ({', '.join(known_model_names())}) nor an existing directory or .gguf file")
+        elif path.is_dir() and not (path / "config.json").exists():
+            problems.append(f"model.name: {name} has no config.json; expected a Hugging Face model directory")
+        elif path.is_file() and path.suffix != ".gguf":
+            problems.append(f"model.name: {name} is a file but not a .gguf; give a model directory or a GGUF file")
+    if world_size < 1:
+        problems.append(f"world size must be at least 1, got {world_size}")
+    return problems
+
+
+def load_config(argv: list[str], world_size: int | None = None, has_cuda: bool = False) -> Config:
+    """Parse argv into a validated Config, raising ConfigError with the first problem found."""
+    cfg = build_config(parse_args(argv))
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    problems = validate(cfg, world_size, has_cuda)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data, plugin options written flat as in the YAML files."""
+    tree = dataclasses.asdict(cfg)
+    tree["plugin"] = {"name": cfg.plugin.name, **PLUGINS[cfg.plugin.name].options, **cfg.plugin.options}
+    return tree
+
+
+def help_text() -> str:
+    """All keys with their defaults, for --help."""
+    defaults = _flatten(dataclasses.asdict(Config()))
+    lines = [f"  {k} = {defaults.get(k)!r}" for k in config_keys()]
+    for name, spec in PLUGINS.items():
+        lines.append(f"  plugin '{name}': {spec.summary} Options: " + ", ".join(f"{k}={v!r}" for k, v in spec.options.items()))
+    return "\n".join(lines)

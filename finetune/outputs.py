@@ -1,0 +1,67 @@
+"""The output contract under output_dir, written by rank 0 only.
+
+    config.yaml      the resolved config
+    metrics.jsonl    one line per logged step: step, loss, lr, tokens_per_s, memory
+    summary.json     parameters, plugin, method, world size, memory stages, throughput, eval, artifacts
+    generations.json fixed held-out prompts, before and after training
+    loss.png         training loss (and eval loss) over steps
+    final/           a peft adapter dir (LoRA) or a Hugging Face model dir (full fine-tuning)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RunOutputs:
+    """Writes one run's files. Create it on rank 0 only."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path.write_text("")  # a new run starts a new log
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """config.yaml: the resolved config, reusable as --config."""
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Write a JSON file into the run dir."""
+        path = self.dir / name
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    def artifacts(self) -> dict[str, int]:
+        """Every file of the run dir with its size in bytes."""
+        return {str(p.relative_to(self.dir)): p.stat().st_size for p in sorted(self.dir.rglob("*")) if p.is_file()}
+
+    def plot_loss(self, steps: list[int], losses: list[float], evals: list[tuple[int, float]]) -> Path:
+        """loss.png: training loss per step, eval loss as points."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, losses, label="train loss", color="tab:blue")
+        if evals:
+            ax.plot([s for s, _ in evals], [l for _, l in evals], "o--", label="eval loss", color="tab:orange")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = self.dir / "loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

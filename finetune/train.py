@@ -1,0 +1,371 @@
+"""Fine-tune a causal language model with a ColossalAI Booster.
+
+    colossalai run --nproc_per_node=2 finetune/train.py                  # the quickstart (embedded default)
+    colossalai run --nproc_per_node=2 finetune/train.py --config booster_configs/torch_ddp.yaml model.name=gpt2
+    python finetune/train.py model.name=tiny-gpt2 method=full train.max_steps=5   # one process
+
+Reads top to bottom: config -> process group -> model -> data -> booster -> evaluate -> fit ->
+evaluate -> save -> reload check -> summary. Every rank runs the same code; rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python finetune/train.py): make `finetune` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from finetune import checks, compat
+from finetune.assets import AssetError
+from finetune.booster import PLUGINS, build_booster
+from finetune.config import Config, ConfigError, help_text, load_config, to_dict
+from finetune.data import DataError, build_data, collate
+from finetune.evaluation import evaluate, generate
+from finetune.model import ModelError, build_lora_config, build_model, count_parameters, trainable_line
+from finetune.outputs import RunOutputs
+from finetune.profiler import MemoryProfiler
+
+USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError)
+
+
+def is_main() -> bool:
+    return dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only."""
+    if is_main():
+        print(message, flush=True)
+
+
+def launch(seed: int) -> torch.device:
+    """Create the process group (gloo on CPU, nccl on CUDA) under torchrun, or alone for plain python."""
+    if "RANK" not in os.environ:  # plain `python finetune/train.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    compat.apply()  # before colossalai touches its CPU accelerator; a no-op on CUDA
+    # Optional CUDA extras ColossalAI mentions at import (TensorNVMe async save, apex fused norms) are
+    # not used by this tool; their warnings would only bury the report.
+    warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)")
+    # bitsandbytes logs a missing optional 4-bit CPU kernel on import; no method here quantizes.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import colossalai
+    from colossalai.accelerator import get_accelerator
+
+    colossalai.launch_from_torch(seed=seed, verbose=False)
+    return get_accelerator().get_current_device()
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Rank 0 runs the block first (e.g. converting a model into the cache), then the others."""
+    if not is_main():
+        dist.barrier()
+    yield
+    if is_main():
+        dist.barrier()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Warmup, then constant, linear or cosine decay over total_steps."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.train.lr_scheduler == "constant" else cfg.train.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
+
+
+def batches_forever(dataloader, grad_accum_steps: int):
+    """Yield (epoch, micro-batches of one optimizer step), reshuffling each epoch."""
+    epoch = 0
+    while True:
+        if hasattr(dataloader.sampler, "set_epoch"):
+            dataloader.sampler.set_epoch(epoch)
+        micro_batches = []
+        for batch in dataloader:
+            micro_batches.append(batch)
+            if len(micro_batches) == grad_accum_steps:
+                yield epoch, micro_batches
+                micro_batches = []
+        epoch += 1
+
+
+def train_step(booster, model, optimizer, micro_batches: list[dict], cfg: Config, device) -> tuple[float, int]:
+    """One optimizer step over the micro-batches; returns (mean loss, non-pad tokens) of this rank."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else booster.no_sync(model, optimizer):
+            with autocast:
+                loss = model(**batch).loss / len(micro_batches)
+            booster.backward(loss, optimizer)
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    if cfg.train.max_grad_norm > 0 and not PLUGINS[cfg.plugin.name].takes_max_norm:
+        optimizer.clip_grad_by_norm(cfg.train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss_sum, tokens
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over all ranks."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def fit(cfg, booster, model, optimizer, scheduler, dataloader, total_steps, run_eval, profiler, outputs, device) -> dict:
+    """The training loop: step, log, evaluate every eval.every_steps. Returns the loss history and throughput."""
+    world = dist.get_world_size()
+    steps, losses, eval_history = [], [], []
+    train_tokens, train_s = 0, 0.0
+    progress = tqdm(total=total_steps, desc="train", disable=not is_main(), dynamic_ncols=True)
+    model.train()
+    for step, (epoch, micro_batches) in enumerate(batches_forever(dataloader, cfg.train.grad_accum_steps), start=1):
+        started = time.perf_counter()
+        loss, tokens = train_step(booster, model, optimizer, micro_batches, cfg, device)
+        scheduler.step()
+        elapsed = time.perf_counter() - started
+        memory = profiler.record_step(step)
+        loss_sum, token_sum = all_reduce_sum([loss, tokens], device)
+        mean_loss = loss_sum / world
+        train_tokens += int(token_sum)
+        train_s += elapsed
+        steps.append(step)
+        losses.append(mean_loss)
+        if is_main() and (step % cfg.train.log_every == 0 or step == total_steps):
+            outputs.log_metrics(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": int(token_sum),
+                    "tokens_per_s": token_sum / elapsed,
+                    "step_s": elapsed,
+                    "memory": {"current_bytes": memory.current_bytes, "peak_bytes": memory.peak_bytes},
+                }
+            )
+        progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
+        progress.update()
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+            result = run_eval()
+            eval_history.append({"step": step, **result})
+            log(f"step {step}: eval loss {result['loss']:.4f}")
+            if is_main():
+                outputs.log_metrics({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+        if step == total_steps:
+            break
+    progress.close()
+    return {
+        "steps": steps,
+        "losses": losses,
+        "eval_history": eval_history,
+        "throughput": {"tokens_per_s": train_tokens / train_s if train_s else 0.0, "train_tokens": train_tokens, "train_s": train_s},
+    }
+
+
+def save_final(booster, model, tokenizer, cfg: Config) -> Path:
+    """final/: a peft adapter dir (LoRA) or a HF model dir (full), written beside and renamed into place."""
+    final = Path(cfg.output_dir) / "final"
+    staging = Path(cfg.output_dir) / "final.partial"
+    if is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    if cfg.method == "lora":
+        booster.save_lora_as_pretrained(model, str(staging), use_safetensors=True)
+    elif is_main():
+        # DDP holds a full replica on every rank, so rank 0 writes it with HF's own writer
+        # (safetensors, tied embeddings stored once, config.json alongside).
+        model.unwrap().save_pretrained(staging, safe_serialization=True)
+    if is_main():
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # only a complete save becomes final/
+    dist.barrier()
+    return final
+
+
+@torch.no_grad()
+def check_reload(trained: torch.nn.Module, final: Path, cfg: Config, sample: dict, device) -> dict:
+    """Reload final/ the way a user would and compare its logits with the trained model's (rank 0)."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.method == "lora":
+        from peft import PeftModel
+
+        base, _ = build_model(cfg.model, cfg.train.seed)  # named configs: the same seed, the same base
+        reloaded, loader = PeftModel.from_pretrained(base, str(final)), "PeftModel.from_pretrained"
+    else:
+        reloaded, loader = AutoModelForCausalLM.from_pretrained(str(final)), "AutoModelForCausalLM.from_pretrained"
+    reloaded.to(device).eval()
+    was_training = trained.training
+    trained.eval()
+    batch = {k: v.to(device) for k, v in collate([sample], 0).items() if k != "labels"}
+    diff = (reloaded(**batch).logits - trained(**batch).logits).abs().max().item()
+    trained.train(was_training)
+    return {"loader": loader, "max_abs_logit_diff": diff, "ok": diff < 1e-4}
+
+
+def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nConfig keys (key=value overrides, --config FILE repeatable):\n" + help_text())
+        return
+    cfg = load_config(argv, has_cuda=torch.cuda.is_available())  # before any heavy work
+    wall_start = time.perf_counter()
+    device = launch(cfg.train.seed)
+    world = dist.get_world_size()
+    outputs = RunOutputs(cfg.output_dir) if is_main() else None
+    if is_main():
+        outputs.write_config(to_dict(cfg))
+    profiler = MemoryProfiler()
+    log(profiler.format(profiler.record("start")))
+
+    with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
+        model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    log(profiler.format(profiler.record("model_loaded")))
+    data = build_data(cfg.data, tokenizer, cfg.train.seed)
+    log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated at {cfg.data.max_length} tokens)")
+
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "lora":
+        model = booster.enable_lora(model, lora_config=build_lora_config(model, cfg.lora))
+    trainable, total = count_parameters(model)
+    log(trainable_line(trainable, total))
+
+    optimizer = build_optimizer(model, cfg)
+    dataloader = plugin.prepare_dataloader(
+        data.train,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.train.seed,
+        drop_last=True,
+        collate_fn=lambda samples: collate(samples, tokenizer.pad_token_id),
+    )
+    steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.data.train_path}: {len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {world} rank(s)")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
+    log(profiler.format(profiler.record("boosted")))
+
+    module = model.unwrap(unwrap_peft=False)  # the plain (peft) model: for eval, generation, checks
+    prompts = list({r["instruction"]: r for r in data.eval_records}.values())[: cfg.eval.num_generation_prompts]
+
+    def run_eval() -> dict:
+        return evaluate(module, data.eval, cfg.eval.batch_size, tokenizer.pad_token_id, device)
+
+    eval_before = run_eval()
+    log(f"eval before training: loss {eval_before['loss']:.4f}, perplexity {eval_before['perplexity']:.2f}")
+    generations_before = generate(module, tokenizer, prompts, cfg.eval.max_new_tokens, device) if is_main() else []
+    fingerprints_before = checks.fingerprints(module)
+
+    profiler.reset_peak()
+    history = fit(cfg, booster, model, optimizer, scheduler, dataloader, total_steps, run_eval, profiler, outputs, device)
+    profiler.record_train_peak()
+    log(profiler.format(profiler.record("after_training")))
+
+    eval_after = run_eval()
+    log(f"eval after training:  loss {eval_after['loss']:.4f}, perplexity {eval_after['perplexity']:.2f}")
+    generations_after = generate(module, tokenizer, prompts, cfg.eval.max_new_tokens, device) if is_main() else []
+    parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
+    digests = checks.replica_digests(module)
+
+    final = save_final(booster, model, tokenizer, cfg)
+    reload = check_reload(module, final, cfg, data.eval[0], device) if is_main() else {}
+    dist.barrier()
+    if not is_main():
+        return
+    generations = [{**b, "after": a["generation"], "before": b.pop("generation")} for b, a in zip(generations_before, generations_after)]
+    outputs.write_json("generations.json", generations)
+    outputs.plot_loss(history["steps"], history["losses"], [(0, eval_before["loss"])] + [(e["step"], e["loss"]) for e in history["eval_history"]] + [(total_steps, eval_after["loss"])])
+    summary = {
+        "model": cfg.model.name,
+        "task": cfg.task,
+        "method": cfg.method,
+        "plugin": cfg.plugin.name,
+        "world_size": world,
+        "precision": cfg.train.precision,
+        "trainable_params": trainable,
+        "all_params": total,
+        "steps": total_steps,
+        "final_loss": history["losses"][-1],
+        "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"]},
+        "throughput": history["throughput"],
+        "memory": profiler.summary(),
+        "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1},
+        "reload": reload,
+        "data": {"train_samples": len(data.train), "eval_samples": len(data.eval), "truncated": data.truncated},
+        "final_dir": str(final),
+        "wall_s": time.perf_counter() - wall_start,
+    }
+    summary["artifacts"] = outputs.artifacts()
+    outputs.write_json("summary.json", summary)
+    print_report(summary, generations, profiler)
+
+
+def print_report(summary: dict, generations: list[dict], profiler: MemoryProfiler) -> None:
+    """The closing report on rank 0."""
+    ev = summary["eval"]
+    print("\n" + "=" * 78)
+    print(f"{summary['method']} fine-tune of {summary['model']} with {summary['plugin']} on {summary['world_size']} rank(s), {summary['steps']} steps")
+    print(trainable_line(summary["trainable_params"], summary["all_params"]))
+    print(f"eval loss: {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f}   perplexity: {ev['before']['perplexity']:.2f} -> {ev['after']['perplexity']:.2f}")
+    print(f"throughput: {summary['throughput']['tokens_per_s']:.0f} non-pad tokens/s over all ranks")
+    print("memory:")
+    for stage in profiler.stages:
+        print("  " + profiler.format(stage))
+    for g in generations:
+        print(f"\nprompt:    {g['prompt']}\nreference: {g['reference']}\nbefore:    {g['before']}\nafter:     {g['after']}")
+    reload = summary["reload"]
+    size = sum(v for k, v in summary["artifacts"].items() if k.startswith("final/"))
+    print(f"\nsaved: {summary['final_dir']} ({size / 1e6:.1f} MB)")
+    print(f"reloaded with {reload['loader']}: max |logit diff| {reload['max_abs_logit_diff']:.2e} ({'ok' if reload['ok'] else 'MISMATCH'})")
+    print(f"outputs: {Path(summary['final_dir']).parent}/ (summary.json, metrics.jsonl, loss.png, generations.json, config.yaml)")
+    print(f"wall time: {summary['wall_s']:.0f} s")
+
+
+def cli() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()
