@@ -7,7 +7,6 @@ Run `python -m finetune.assets` once at set-up time to convert the quickstart mo
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import shutil
@@ -39,7 +38,6 @@ def package_file(package: str, name: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
 def gpt2_tokenizer():
     """The real GPT-2 BPE tokenizer (50,257 tokens), padding with eos as GPT-2 has no pad token."""
     from transformers import GPT2TokenizerFast

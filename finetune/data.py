@@ -115,8 +115,8 @@ def tokenize(tokenizer, record: dict, max_length: int) -> tuple[dict, bool]:
     return {"input_ids": input_ids, "labels": labels}, len(prompt) + len(response) > max_length
 
 
-def build_data(cfg_data: DataConfig, tokenizer, seed: int) -> SplitData:
-    """Load, split and tokenize; samples whose response is cut away entirely are dropped."""
+def load_splits(cfg_data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and eval records, checked row by row (cheap: run it before building the model)."""
     records = load_records(cfg_data.train_path)
     if cfg_data.eval_path:
         train_records, eval_records = records, load_records(cfg_data.eval_path)
@@ -124,6 +124,12 @@ def build_data(cfg_data: DataConfig, tokenizer, seed: int) -> SplitData:
         train_records, eval_records = split_by_prompt(records, cfg_data.eval_fraction, seed)
     if cfg_data.max_eval_samples:
         eval_records = eval_records[: cfg_data.max_eval_samples]
+    return train_records, eval_records
+
+
+def build_data(cfg_data: DataConfig, tokenizer, splits: tuple[list[dict], list[dict]]) -> SplitData:
+    """Tokenize the splits; samples whose response is cut away entirely are dropped."""
+    train_records, eval_records = splits
     truncated = 0
     splits = []
     for part in (train_records, eval_records):

@@ -32,7 +32,7 @@ from finetune import checks, compat
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, to_dict
-from finetune.data import DataError, build_data, collate
+from finetune.data import DataError, build_data, collate, load_splits
 from finetune.evaluation import evaluate, generate
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, trainable_line
 from finetune.outputs import RunOutputs
@@ -247,10 +247,11 @@ def main(argv: list[str]) -> None:
     profiler = MemoryProfiler()
     log(profiler.format(profiler.record("start")))
 
+    splits = load_splits(cfg.data, cfg.train.seed)  # bad rows fail here, before the model is built
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
         model, tokenizer = build_model(cfg.model, cfg.train.seed)
     log(profiler.format(profiler.record("model_loaded")))
-    data = build_data(cfg.data, tokenizer, cfg.train.seed)
+    data = build_data(cfg.data, tokenizer, splits)
     log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated at {cfg.data.max_length} tokens)")
 
     booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)

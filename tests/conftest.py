@@ -1,0 +1,79 @@
+"""Shared test helpers: small instruction fixtures and a runner for real (multi-process) training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "finetune" / "train.py")
+RUN_TIMEOUT_S = 420  # a hung collective must fail the test, not the whole CI run
+
+
+def write_instruction_file(path: Path, n: int = 64) -> Path:
+    """A small Alpaca-style JSONL file with a learnable pattern."""
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
+    with path.open("w") as f:
+        for i in range(n):
+            word = words[i % len(words)]
+            record = {"instruction": f"Repeat the word {word} {i % 3 + 2} times.", "input": "", "output": " ".join([word] * (i % 3 + 2))}
+            if i % 4 == 0:
+                record["input"] = f"Example {i}"
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture
+def instruction_file(tmp_path: Path) -> Path:
+    return write_instruction_file(tmp_path / "train.jsonl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict[str, str]:
+    """Environment for child runs: the venv's launchers on PATH, one thread per rank, offline."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def launch_command(launcher: str, nproc: int) -> list[str]:
+    """The command line prefix for a launcher: python (one process), torchrun or colossalai run."""
+    if launcher == "python":
+        return [sys.executable, TRAIN]
+    if launcher == "torchrun":
+        return ["torchrun", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", TRAIN]
+    if launcher == "colossalai":
+        return ["colossalai", "run", f"--nproc_per_node={nproc}", "--master_port", str(free_port()), TRAIN]
+    raise ValueError(launcher)
+
+
+def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run finetune/train.py for real and return the finished process (output captured)."""
+    return subprocess.run(
+        launch_command(launcher, nproc) + args,
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]

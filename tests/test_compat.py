@@ -1,0 +1,91 @@
+"""Each CPU repair of ColossalAI 0.5.0's accelerator, tested on its own (this machine has no CUDA)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune import compat
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="repairs are a no-op on CUDA")
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from colossalai.accelerator.cpu_accelerator import CpuAccelerator
+
+    compat.apply()
+    return CpuAccelerator()
+
+
+def test_the_gaps_are_real_in_stock_colossalai():
+    # A fresh process: apply() patches the class for the rest of this one.
+    probe = "from colossalai.accelerator.cpu_accelerator import CpuAccelerator as A; a = A()\n"
+    for call in ("a.synchronize()", "a.memory_allocated()", "a.manual_seed(1)", "a.get_rng_state()"):
+        result = subprocess.run([sys.executable, "-c", probe + call], capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0, f"{call} works in stock ColossalAI: its repair is unneeded"
+
+
+def test_refuses_other_colossalai_versions():
+    with pytest.raises(compat.CompatError, match="found 0.4.9"):
+        compat.apply(colossalai_version="0.4.9")
+
+
+def test_apply_reports_every_repair():
+    assert compat.apply() == sorted(compat.CPU_ACCELERATOR_REPAIRS)
+
+
+def test_no_ops(accelerator):
+    assert accelerator.synchronize() is None
+    assert accelerator.empty_cache() is None
+    assert accelerator.device_count() == 1
+    assert accelerator.current_device() == 0
+
+
+def test_seeding_and_rng_state(accelerator):
+    accelerator.manual_seed(123)
+    first = torch.rand(3)
+    accelerator.manual_seed_all(123)
+    assert torch.equal(first, torch.rand(3))
+    assert accelerator.initial_seed() == 123
+    state = accelerator.get_rng_state()
+    assert state.dtype == torch.uint8
+    a = torch.rand(2)
+    accelerator.set_rng_state_all([state])
+    assert torch.equal(a, torch.rand(2))
+    assert torch.equal(accelerator.get_rng_state_all()[0], torch.get_rng_state())
+
+
+def test_memory_is_process_rss_in_bytes(accelerator):
+    accelerator.reset_peak_memory_stats()
+    before = accelerator.memory_allocated()
+    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    block += 1
+    assert accelerator.memory_allocated() >= before + 48 * 2**20
+    peak = accelerator.max_memory_allocated()
+    assert peak >= accelerator.memory_allocated() - 4 * 2**20
+    assert accelerator.max_memory_reserved() == pytest.approx(peak, rel=0.05)  # bytes, not KiB
+    del block
+    accelerator.reset_max_memory_allocated()
+    assert accelerator.max_memory_allocated() < peak
+
+
+def test_streams_are_no_ops(accelerator):
+    stream = accelerator.Stream()
+    stream.wait_stream(accelerator.current_stream())
+    stream.synchronize()
+    with accelerator.stream(stream):
+        pass
+    assert accelerator.default_stream() is not None
+
+
+def test_autocast_is_a_context_instance(accelerator):
+    ctx = accelerator.autocast(dtype=torch.bfloat16)
+    assert isinstance(ctx, contextlib.AbstractContextManager)
+    with ctx:
+        out = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert out.dtype == torch.bfloat16
