@@ -66,7 +66,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 30  # optimizer steps; 0: run `epochs` full epochs
+    max_steps: int = 60  # optimizer steps; 0: run `epochs` full epochs
     epochs: int = 1
     batch_size: int = 4  # per rank, per micro-step
     grad_accum_steps: int = 1
@@ -84,7 +84,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0: evaluate only before and after training
+    every_steps: int = 20  # 0: evaluate only before and after training
     batch_size: int = 8
     num_generation_prompts: int = 3  # fixed held-out prompts generated before and after training
     max_new_tokens: int = 40

@@ -53,7 +53,11 @@ class RunOutputs:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(steps, losses, label="train loss", color="tab:blue")
+        ax.plot(steps, losses, label="train loss", color="tab:blue", alpha=0.35)
+        if len(losses) >= 10:  # small batches make the raw curve noisy: show a moving average too
+            window = max(3, len(losses) // 10)
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, label=f"train loss ({window}-step mean)", color="tab:blue")
         if evals:
             ax.plot([s for s, _ in evals], [l for _, l in evals], "o--", label="eval loss", color="tab:orange")
         ax.set_xlabel("optimizer step")
