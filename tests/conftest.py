@@ -77,3 +77,12 @@ def read_summary(output_dir: Path) -> dict:
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_fresh_python(code: str, timeout: int = 120) -> str:
+    """Run code in a new interpreter and return its stdout. Memory tests need this: after other tests
+    have freed models, the allocator can serve a new block from memory it already holds, so RSS
+    would not move."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

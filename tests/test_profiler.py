@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from finetune import compat
 from finetune.profiler import GB, MemoryProfiler
+from tests.conftest import run_fresh_python
 
 
 def make_profiler() -> MemoryProfiler:
@@ -13,30 +16,29 @@ def make_profiler() -> MemoryProfiler:
     return MemoryProfiler()
 
 
-def test_stages_see_real_allocations():
-    profiler = make_profiler()
-    assert profiler.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    start = profiler.record("start")
-    block = torch.ones(128 * 1024 * 1024 // 4)  # 128 MiB
-    block += 1
-    loaded = profiler.record("model_loaded")
-    assert loaded.current_bytes - start.current_bytes > 100 * 2**20
-    assert loaded.peak_bytes >= loaded.current_bytes
-    del block
-
-
-def test_peak_window_catches_a_transient_spike():
-    profiler = make_profiler()
-    profiler.record("start")
-    spike = torch.ones(256 * 1024 * 1024 // 4)
-    spike += 1
-    del spike
-    step = profiler.record_step(1)
-    assert step.peak_bytes - step.current_bytes > 200 * 2**20  # gone now, but the peak saw it
-    calm = profiler.record_step(2)
-    assert calm.peak_bytes - calm.current_bytes < 100 * 2**20  # the window was reset
-    top = profiler.record_train_peak()
-    assert top.name == "train_step_peak" and top.peak_bytes == step.peak_bytes
+def test_stages_and_step_peaks_see_real_allocations():
+    out = run_fresh_python(
+        "import json, torch\n"
+        "from finetune import compat\n"
+        "compat.apply()\n"
+        "from finetune.profiler import MemoryProfiler\n"
+        "p = MemoryProfiler()\n"
+        "start = p.record('start')\n"
+        "block = torch.ones(128 * 2**20 // 4); block += 1\n"
+        "loaded = p.record('model_loaded')\n"
+        "spike = torch.ones(256 * 2**20 // 4); spike += 1; del spike\n"
+        "step = p.record_step(1)\n"
+        "calm = p.record_step(2)\n"
+        "top = p.record_train_peak()\n"
+        "print(json.dumps([p.device] + [[s.name, s.current_bytes, s.peak_bytes] for s in (start, loaded, step, calm, top)]))\n"
+    )
+    device, start, loaded, step, calm, top = json.loads(out)
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert loaded[1] - start[1] > 100 * 2**20  # the 128 MiB block
+    assert loaded[2] >= loaded[1]
+    assert step[2] - step[1] > 200 * 2**20  # the spike is gone, but the step's peak saw it
+    assert calm[2] - calm[1] < 100 * 2**20  # the peak window was reset after step 1
+    assert top[0] == "train_step_peak" and top[2] == step[2]
 
 
 def test_report_line_and_summary():
