@@ -4,7 +4,8 @@
 # tokenizer, so their vocabulary is GPT-2's.
 NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),  # GPT-2 124M: transformers' GPT2Config defaults are the public gpt2 config
-    "tiny-gpt2": ("gpt2", {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256}),
+    # Tiny configs have no dropout, so that runs under different plugins can be compared exactly.
+    "tiny-gpt2": ("gpt2", {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
     "tiny-llama": (
         "llama",
         {
@@ -38,3 +39,25 @@ QUICKSTART_MODEL = "smollm2-135m-instruct"  # real weights, converted from the G
 def known_model_names() -> list[str]:
     """Every name model.name accepts besides a path."""
     return [*NAMED_CONFIGS, QUICKSTART_MODEL]
+
+
+_QUICKSTART_HEADS = (9, 3)  # SmolLM2-135M: 9 attention heads, 3 key/value heads
+
+
+def attention_heads(model_name: str) -> tuple[int, int] | None:
+    """(attention heads, key/value heads) of a model, read without torch; None when unknown (e.g. GGUF)."""
+    import json
+    from pathlib import Path
+
+    if model_name == QUICKSTART_MODEL:
+        return _QUICKSTART_HEADS
+    if model_name in NAMED_CONFIGS:
+        model_type, overrides = NAMED_CONFIGS[model_name]
+        heads = overrides.get("n_head" if model_type == "gpt2" else "num_attention_heads", 12)
+        return heads, overrides.get("num_key_value_heads", heads)
+    config_file = Path(model_name) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    return (heads, config.get("num_key_value_heads", heads)) if heads else None

@@ -8,27 +8,42 @@ this registry without importing ColossalAI, so bad input fails in a second, not 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """What one plugin setup is and can do."""
+    """What one plugin is and can do."""
 
     class_name: str  # attribute of colossalai.booster.plugin
-    options: dict[str, Any]  # user-settable constructor arguments and their defaults
+    options: dict[str, Any]  # user-settable constructor arguments and their defaults (which fix their types)
     summary: str
     supports_lora: bool = True
     runs_on_cpu: bool = True
-    takes_precision: bool = False  # plugin's own `precision=` argument receives train.precision
-    takes_max_norm: bool = False  # plugin clips gradients itself from train.max_grad_norm
-    fixed: dict[str, Any] = field(default_factory=dict)  # arguments we always pass
+    takes_precision: bool = False  # the plugin's own `precision=` receives train.precision
+    takes_max_norm: bool = False  # the plugin clips gradients itself, from train.max_grad_norm
+    replicated: bool = True  # after a step every rank holds the whole model (DDP, ZeRO-1/2)
+    cpu_options: dict[str, Any] = field(default_factory=dict)  # forced on CPU, each with a reason below
+    translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # YAML values -> constructor values
 
+
+def _hybrid_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(options)
+    for key in ("num_microbatches", "microbatch_size", "sequence_parallelism_mode"):
+        kwargs[key] = kwargs[key] or None  # 0 / "" in YAML: let ColossalAI decide
+    if kwargs["pp_size"] > 1 and kwargs["tp_size"] == 1:
+        # ColossalAI 0.5.0 cannot save a pipeline checkpoint whose vocabulary was padded without
+        # tensor parallelism ('_unpad_detach' missing); padding only matters for TP anyway.
+        kwargs["make_vocab_size_divisible_by"] = 1
+    return kwargs
+
+
+_PRECISION_NOTE = "precision comes from train.precision"
 
 PLUGINS: dict[str, PluginSpec] = {
     "torch_ddp": PluginSpec(
         class_name="TorchDDPPlugin",
-        summary="PyTorch DistributedDataParallel: full replica per rank; the simplest and most robust.",
+        summary="PyTorch DDP: a full replica per rank, gradients all-reduced. The simplest and most robust.",
         options={
             "broadcast_buffers": True,
             "bucket_cap_mb": 25,
@@ -37,13 +52,77 @@ PLUGINS: dict[str, PluginSpec] = {
             "static_graph": False,
         },
     ),
+    "low_level_zero": PluginSpec(
+        class_name="LowLevelZeroPlugin",
+        summary="ZeRO stage 1 (optimizer states sharded) or 2 (+ gradients sharded), optional CPU offload.",
+        options={
+            "stage": 1,
+            "initial_scale": 2.0**16,  # fp16 loss scale start (2**32, ColossalAI's default, overflows for many steps)
+            "reduce_bucket_size_in_m": 12,
+            "overlap_communication": True,
+            "cpu_offload": False,
+            "master_weights": True,
+        },
+        takes_precision=True,
+        takes_max_norm=True,
+        # gloo cannot overlap communication on side streams (record_stream on a CPU tensor fails).
+        cpu_options={"overlap_communication": False},
+    ),
+    "gemini": PluginSpec(
+        class_name="GeminiPlugin",
+        summary="Gemini: chunked ZeRO-3 with heterogeneous (GPU/CPU) placement and offload fractions. CUDA only.",
+        options={
+            "placement_policy": "static",
+            "shard_param_frac": 1.0,
+            "offload_optim_frac": 0.0,
+            "offload_param_frac": 0.0,
+            "warmup_non_model_data_ratio": 0.8,
+            "steady_cuda_cap_ratio": 0.9,
+            "initial_scale": 2.0**16,
+            "pin_memory": False,
+        },
+        supports_lora=False,
+        runs_on_cpu=False,
+        takes_precision=True,
+        takes_max_norm=True,
+        replicated=False,
+    ),
+    "hybrid_parallel": PluginSpec(
+        class_name="HybridParallelPlugin",
+        summary="Tensor (tp_size) x pipeline (pp_size) x data parallel, with optional ZeRO-1 (zero_stage).",
+        options={
+            "tp_size": 1,
+            "pp_size": 1,
+            "zero_stage": 0,
+            "num_microbatches": 0,
+            "microbatch_size": 0,
+            "pp_style": "1f1b",
+            "num_model_chunks": 1,
+            "overlap_p2p": True,
+            "enable_flash_attention": False,
+            "enable_fused_normalization": False,
+            "enable_sequence_parallelism": False,
+            "sequence_parallelism_mode": "",
+            "make_vocab_size_divisible_by": 64,
+            "initial_scale": 2.0**16,
+            "overlap_communication": True,
+        },
+        takes_precision=True,
+        takes_max_norm=True,
+        replicated=False,
+        # gloo: no side-stream overlap (as ZeRO), and overlapped p2p hangs the interleaved schedule.
+        cpu_options={"overlap_communication": False, "overlap_p2p": False},
+        translate=_hybrid_kwargs,
+    ),
 }
 
 
-def plugin_kwargs(name: str, options: dict[str, Any], precision: str, max_grad_norm: float) -> dict[str, Any]:
-    """Constructor arguments for the named plugin: defaults, then the user's options, then ours."""
+def plugin_kwargs(name: str, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
+    """Constructor arguments for the named plugin: defaults, the user's options, then what we must set."""
     spec = PLUGINS[name]
-    kwargs = {**spec.options, **options, **spec.fixed}
+    kwargs = {**spec.options, **options, **(spec.cpu_options if on_cpu else {})}
+    if spec.translate:
+        kwargs = spec.translate(kwargs)
     if spec.takes_precision:
         kwargs["precision"] = precision
     if spec.takes_max_norm:
@@ -58,12 +137,40 @@ def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_n
         (booster, plugin)
     """
     # Imported here, not at module level: importing colossalai costs 10-20 s on a small CPU machine.
+    import torch
     from colossalai.booster import Booster
     from colossalai.booster import plugin as plugins
 
     plugin_cls = getattr(plugins, PLUGINS[name].class_name)
-    plugin = plugin_cls(**plugin_kwargs(name, options, precision, max_grad_norm))
+    plugin = plugin_cls(**plugin_kwargs(name, options, precision, max_grad_norm, on_cpu=not torch.cuda.is_available()))
     # fp16 for plugins that do not own precision goes through the Booster's torch AMP (CUDA only,
     # refused on CPU by config validation); bf16 there is autocast in the training step.
     mixed_precision = "fp16" if precision == "fp16" and not PLUGINS[name].takes_precision else None
     return Booster(plugin=plugin, mixed_precision=mixed_precision), plugin
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits in the parallel layout, for the parts of the loop that differ by plugin."""
+
+    dp_rank: int
+    dp_size: int
+    pipeline: bool  # steps go through booster.execute_pipeline
+    counts: bool  # this rank's loss and tokens enter the data-parallel sums (tp rank 0 on the last stage)
+    replicated: bool  # every rank holds the whole model: eval and saves may use the unwrapped module
+
+
+def parallel_layout(name: str, plugin) -> Layout:
+    """The layout of this rank under a built plugin."""
+    import torch.distributed as dist
+
+    if hasattr(plugin, "pg_mesh"):  # HybridParallelPlugin
+        last_stage = plugin.stage_manager is None or plugin.stage_manager.is_last_stage()
+        return Layout(
+            dp_rank=dist.get_rank(plugin.dp_group),
+            dp_size=plugin.dp_size,
+            pipeline=plugin.pp_size > 1,
+            counts=last_stage and dist.get_rank(plugin.tp_group) == 0,
+            replicated=False,
+        )
+    return Layout(dist.get_rank(), dist.get_world_size(), False, True, PLUGINS[name].replicated)

@@ -102,6 +102,72 @@ CPU_ACCELERATOR_REPAIRS = {
 }
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Within the block, `tensor.cuda()` returns the tensor itself (there is no CUDA to move to)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _without_cuda_moves(function):
+    """Wrap a ColossalAI function that moves a tensor to CUDA only to run a collective on it."""
+
+    def wrapper(*args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return function(*args, **kwargs)
+
+    wrapper.__wrapped__ = function
+    return wrapper
+
+
+def _zero_sanity_checks(self) -> None:
+    """LowLevelZeroOptimizer._sanity_checks without its `device is required` (CUDA/NPU) assertion."""
+    for group in self.optim.param_groups:
+        for param in group["params"]:
+            if not getattr(param, "skip_zero_check", False):
+                assert param.dtype == self._dtype, f"Parameters are expected to have the same dtype `{self._dtype}`, but got `{param.dtype}`"
+
+
+def _is_nccl_group(group) -> bool:
+    """pipeline/p2p.py's backend check without `Backend.HCCL`, which torch 2.5.1 lacks (AttributeError)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    return (group or c10d._get_default_group()).name() == "nccl"
+
+
+def _set_cuda_device_unless_cpu(original):
+    """torch.cuda.set_device that ignores CPU devices: shardformer's GPT-2 forward calls it per block."""
+
+    def set_device(device) -> None:
+        if isinstance(device, torch.device) and device.type == "cpu":
+            return
+        original(device)
+
+    set_device.__wrapped__ = original
+    return set_device
+
+
+def _module_repairs() -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement) for ColossalAI code outside the accelerator."""
+    from colossalai.pipeline import p2p
+    from colossalai.shardformer.layer import qkv_fused_linear
+    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
+
+    return [
+        (LowLevelZeroOptimizer, "_sanity_checks", _zero_sanity_checks),
+        (p2p, "_check_for_nccl_hccl_backend", _is_nccl_group),
+        (torch.cuda, "set_device", _set_cuda_device_unless_cpu(torch.cuda.set_device)),
+        (qkv_fused_linear, "gather_fused_qkv_in_gpt2_style", _without_cuda_moves(qkv_fused_linear.gather_fused_qkv_in_gpt2_style)),
+    ]
+
+
+_applied: list[str] = []
+
+
 def apply(colossalai_version: str | None = None) -> list[str]:
     """Repair ColossalAI's CPU path when no CUDA device is present; return what was repaired."""
     if torch.cuda.is_available():
@@ -115,6 +181,11 @@ def apply(colossalai_version: str | None = None) -> list[str]:
             f"finetune.compat repairs ColossalAI {SUPPORTED_COLOSSALAI} on CPU, found {version}: "
             f"install the pinned stack (pip install -r requirements.txt -c constraints.txt)"
         )
-    for name, repair in CPU_ACCELERATOR_REPAIRS.items():
-        setattr(CpuAccelerator, name, repair)
-    return sorted(CPU_ACCELERATOR_REPAIRS)
+    if not _applied:  # once per process: the wrappers must not wrap themselves
+        for name, repair in CPU_ACCELERATOR_REPAIRS.items():
+            setattr(CpuAccelerator, name, repair)
+        for owner, name, repair in _module_repairs():
+            setattr(owner, name, repair)
+            _applied.append(f"{getattr(owner, '__name__', owner)}.{name}")
+        _applied.extend(f"CpuAccelerator.{name}" for name in CPU_ACCELERATOR_REPAIRS)
+    return sorted(_applied)

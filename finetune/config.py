@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import known_model_names
+from finetune.architectures import attention_heads, known_model_names
 from finetune.booster import PLUGINS
 
 METHODS = ("full", "lora")
@@ -27,7 +28,7 @@ TASKS = ("instruction",)
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
-ATTENTION = ("eager", "sdpa", "flash_attention_2")
+ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # a named config (see finetune/model.py), a local HF dir, or a .gguf file
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 (CUDA only)
+    attn_implementation: str = "auto"  # auto (sdpa; eager where sdpa is wrong) | eager | sdpa | flash_attention_2 (CUDA only)
     trust_remote_code: bool = False  # only for local dirs whose code you trust
 
 
@@ -254,7 +255,14 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         if cfg.method == "lora" and not spec.supports_lora:
             problems.append(f"method=lora: plugin '{cfg.plugin.name}' cannot hold LoRA adapters; use method=full or plugin.name=torch_ddp")
         if not has_cuda and not spec.runs_on_cpu:
-            problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; use plugin.name=torch_ddp on CPU")
+            problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; on CPU use low_level_zero (stage 1/2) or torch_ddp")
+        options = {**spec.options, **cfg.plugin.options}
+        if cfg.plugin.name == "low_level_zero" and options["stage"] not in (1, 2):
+            problems.append(f"plugin.stage: must be 1 or 2, got {options['stage']}")
+        if cfg.plugin.name == "gemini" and options["placement_policy"] not in ("static", "auto"):
+            problems.append(f"plugin.placement_policy: must be static or auto, got '{options['placement_policy']}'")
+        if cfg.plugin.name == "hybrid_parallel":
+            problems += _hybrid_problems(cfg, options, world_size, has_cuda)
     if not has_cuda and cfg.train.precision == "fp16":
         problems.append("train.precision=fp16: needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
     if not has_cuda and cfg.model.attn_implementation == "flash_attention_2":
@@ -287,6 +295,49 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
             problems.append(f"model.name: {name} is a file but not a .gguf; give a model directory or a GGUF file")
     if world_size < 1:
         problems.append(f"world size must be at least 1, got {world_size}")
+    return problems
+
+
+def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_cuda: bool) -> list[str]:
+    """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
+    tp, pp = options["tp_size"], options["pp_size"]
+    if tp < 1 or pp < 1:
+        return [f"plugin.tp_size and plugin.pp_size must be at least 1, got {tp} and {pp}"]
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
+    heads = attention_heads(cfg.model.name)
+    if heads and tp > 1 and math.gcd(*heads) % tp:
+        fits = [d for d in range(1, math.gcd(*heads) + 1) if math.gcd(*heads) % d == 0]
+        problems.append(
+            f"plugin.tp_size={tp}: {cfg.model.name} has {heads[0]} attention heads and {heads[1]} key/value heads, "
+            f"which tensor parallelism must divide; tp sizes that fit: {', '.join(map(str, fits))}"
+        )
+    if options["zero_stage"] not in (0, 1, 2):
+        problems.append(f"plugin.zero_stage: must be 0, 1 or 2, got {options['zero_stage']}")
+    if tp > 1 and cfg.method == "lora":
+        problems.append("method=lora with plugin.tp_size>1: ColossalAI 0.5.0 cannot shard LoRA adapters; use tp_size=1 (pipeline/data parallel) or method=full")
+    if options["pp_style"] not in ("1f1b", "interleaved"):
+        problems.append(f"plugin.pp_style: must be 1f1b or interleaved, got '{options['pp_style']}'")
+    if (options["pp_style"] == "interleaved") != (options["num_model_chunks"] > 1):
+        problems.append("plugin.pp_style=interleaved goes with plugin.num_model_chunks>1 (and 1f1b with 1)")
+    if pp > 1:
+        micro, size = options["num_microbatches"], options["microbatch_size"]
+        if not micro and not size:
+            problems.append("plugin.pp_size>1 needs plugin.num_microbatches (or plugin.microbatch_size) for the pipeline schedule")
+        elif cfg.train.batch_size % (micro or size):
+            problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.{'num_microbatches' if micro else 'microbatch_size'}={micro or size}")
+        elif (micro or cfg.train.batch_size // size) < pp:
+            problems.append(f"the pipeline schedule needs at least pp_size={pp} micro-batches per step; raise plugin.num_microbatches or train.batch_size")
+        elif options["pp_style"] == "interleaved" and (micro or cfg.train.batch_size // size) % pp:
+            problems.append(f"the interleaved schedule needs a multiple of pp_size={pp} micro-batches per step")
+        if options["zero_stage"] == 2:
+            problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
+        if cfg.train.grad_accum_steps > 1:
+            problems.append("train.grad_accum_steps>1 with pipeline parallelism: micro-batches are the accumulation; raise plugin.num_microbatches instead")
+    for key, what in (("enable_flash_attention", "flash attention"), ("enable_sequence_parallelism", "sequence parallelism"), ("enable_fused_normalization", "fused normalization (apex)")):
+        if options[key] and not has_cuda:
+            problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
     return problems
 
 

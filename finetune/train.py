@@ -17,23 +17,27 @@ if __package__ in (None, ""):  # run as a script (python finetune/train.py): mak
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import shutil
 import socket
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from finetune import checks, compat
 from finetune.assets import AssetError
-from finetune.booster import PLUGINS, build_booster
+from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, help_text, load_config, to_dict
 from finetune.data import DataError, build_data, collate, load_splits
-from finetune.evaluation import evaluate, generate
+from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, trainable_line
 from finetune.outputs import RunOutputs
 from finetune.profiler import MemoryProfiler
@@ -112,25 +116,69 @@ def batches_forever(dataloader, grad_accum_steps: int):
         epoch += 1
 
 
-def train_step(booster, model, optimizer, micro_batches: list[dict], cfg: Config, device) -> tuple[float, int]:
+@dataclass
+class Run:
+    """What the loop needs, built once in main()."""
+
+    cfg: Config
+    booster: object
+    layout: Layout
+    model: torch.nn.Module  # the boosted model
+    optimizer: object
+    scheduler: object
+    device: torch.device
+    num_microbatches: int  # pipeline only: micro-batches per step
+
+
+def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
     """One optimizer step over the micro-batches; returns (mean loss, non-pad tokens) of this rank."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    cfg, booster, model, optimizer = run.cfg, run.booster, run.model, run.optimizer
+    spec = PLUGINS[cfg.plugin.name]
+    # Plugins that own precision cast the model themselves; for the others bf16 is autocast here.
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16" and not spec.takes_precision)
     loss_sum, tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        # Gradients are all-reduced only on the last micro-batch of the step.
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else booster.no_sync(model, optimizer):
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        tokens += int(batch["attention_mask"].sum())
+        if run.layout.pipeline:  # micro-batching happens inside the pipeline schedule
+            out = booster.execute_pipeline(iter([batch]), model, criterion=lambda outputs, _: outputs.loss, optimizer=optimizer, return_loss=True)
+            loss_sum += out["loss"].item() if out["loss"] is not None else 0.0  # the loss exists on the last stage
+            continue
+        # Gradients are all-reduced only on the last micro-batch of the step, where the plugin can defer it.
+        defer = i < len(micro_batches) - 1 and booster.plugin.support_no_sync()
+        with booster.no_sync(model, optimizer) if defer else contextlib.nullcontext():
             with autocast:
                 loss = model(**batch).loss / len(micro_batches)
             booster.backward(loss, optimizer)
         loss_sum += loss.item()
-        tokens += int(batch["attention_mask"].sum())
-    if cfg.train.max_grad_norm > 0 and not PLUGINS[cfg.plugin.name].takes_max_norm:
+    if cfg.train.max_grad_norm > 0 and not spec.takes_max_norm:
         optimizer.clip_grad_by_norm(cfg.train.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad()
     return loss_sum, tokens
+
+
+def make_batch_loss(run: Run):
+    """Summed eval loss of one batch under this plugin (through the pipeline schedule under PP)."""
+    if not run.layout.pipeline:
+        return module_batch_loss(run.model)
+
+    def batch_loss(batch: dict) -> torch.Tensor:
+        out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=None, return_loss=True)
+        if out["loss"] is None:  # not the last stage
+            return torch.zeros((), device=run.device)
+        return out["loss"] * run.num_microbatches  # the schedule averages over micro-batches
+
+    return batch_loss
+
+
+def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
+    """Distributed eval of the boosted model (in eval mode) on samples."""
+    batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size
+    run.model.eval()
+    result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout)
+    run.model.train()
+    return result
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -140,21 +188,22 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def fit(cfg, booster, model, optimizer, scheduler, dataloader, total_steps, run_eval, profiler, outputs, device) -> dict:
+def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_token_id: int, profiler, outputs) -> dict:
     """The training loop: step, log, evaluate every eval.every_steps. Returns the loss history and throughput."""
-    world = dist.get_world_size()
+    cfg = run.cfg
     steps, losses, eval_history = [], [], []
     train_tokens, train_s = 0, 0.0
     progress = tqdm(total=total_steps, desc="train", disable=not is_main(), dynamic_ncols=True)
-    model.train()
+    run.model.train()
     for step, (epoch, micro_batches) in enumerate(batches_forever(dataloader, cfg.train.grad_accum_steps), start=1):
         started = time.perf_counter()
-        loss, tokens = train_step(booster, model, optimizer, micro_batches, cfg, device)
-        scheduler.step()
+        loss, tokens = train_step(run, micro_batches)
+        run.scheduler.step()
         elapsed = time.perf_counter() - started
         memory = profiler.record_step(step)
-        loss_sum, token_sum = all_reduce_sum([loss, tokens], device)
-        mean_loss = loss_sum / world
+        # One rank per data-parallel replica counts, so TP/PP ranks that share a batch count it once.
+        loss_sum, token_sum = all_reduce_sum([loss, tokens] if run.layout.counts else [0.0, 0.0], run.device)
+        mean_loss = loss_sum / run.layout.dp_size
         train_tokens += int(token_sum)
         train_s += elapsed
         steps.append(step)
@@ -165,7 +214,7 @@ def fit(cfg, booster, model, optimizer, scheduler, dataloader, total_steps, run_
                     "step": step,
                     "epoch": epoch,
                     "loss": mean_loss,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": run.scheduler.get_last_lr()[0],
                     "tokens": int(token_sum),
                     "tokens_per_s": token_sum / elapsed,
                     "step_s": elapsed,
@@ -175,7 +224,7 @@ def fit(cfg, booster, model, optimizer, scheduler, dataloader, total_steps, run_
         progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
         progress.update()
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
-            result = run_eval()
+            result = run_eval(run, eval_samples, pad_token_id)
             eval_history.append({"step": step, **result})
             log(f"step {step}: eval loss {result['loss']:.4f}")
             if is_main():
@@ -191,19 +240,23 @@ def fit(cfg, booster, model, optimizer, scheduler, dataloader, total_steps, run_
     }
 
 
-def save_final(booster, model, tokenizer, cfg: Config) -> Path:
+def save_final(run: Run, tokenizer) -> Path:
     """final/: a peft adapter dir (LoRA) or a HF model dir (full), written beside and renamed into place."""
+    cfg = run.cfg
     final = Path(cfg.output_dir) / "final"
     staging = Path(cfg.output_dir) / "final.partial"
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
     if cfg.method == "lora":
-        booster.save_lora_as_pretrained(model, str(staging), use_safetensors=True)
-    elif is_main():
-        # DDP holds a full replica on every rank, so rank 0 writes it with HF's own writer
-        # (safetensors, tied embeddings stored once, config.json alongside).
-        model.unwrap().save_pretrained(staging, safe_serialization=True)
+        run.booster.save_lora_as_pretrained(run.model, str(staging), use_safetensors=True)
+    elif run.layout.replicated:
+        if is_main():  # a full replica on every rank: HF's own writer (safetensors, tied weights once)
+            run.model.unwrap().save_pretrained(staging, safe_serialization=True)
+    else:  # sharded: every rank takes part in gathering the weights into HF layout
+        run.booster.save_model(run.model, str(staging), shard=True, use_safetensors=True)
+        if is_main():
+            run.model.unwrap().config.save_pretrained(staging)
     if is_main():
         tokenizer.save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)
@@ -212,25 +265,28 @@ def save_final(booster, model, tokenizer, cfg: Config) -> Path:
     return final
 
 
-@torch.no_grad()
-def check_reload(trained: torch.nn.Module, final: Path, cfg: Config, sample: dict, device) -> dict:
-    """Reload final/ the way a user would and compare its logits with the trained model's (rank 0)."""
+def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe: list[dict], device) -> dict:
+    """Rank 0: load the base and then final/ the way a user would; generate with both, score the probe."""
     from transformers import AutoModelForCausalLM
 
+    base, _ = build_model(cfg.model, cfg.train.seed)  # named configs: the same seed gives the same base
+    base.to(device)
+    before = generate(base, tokenizer, prompts, cfg.eval.max_new_tokens, device)
     if cfg.method == "lora":
         from peft import PeftModel
 
-        base, _ = build_model(cfg.model, cfg.train.seed)  # named configs: the same seed, the same base
         reloaded, loader = PeftModel.from_pretrained(base, str(final)), "PeftModel.from_pretrained"
     else:
-        reloaded, loader = AutoModelForCausalLM.from_pretrained(str(final)), "AutoModelForCausalLM.from_pretrained"
+        del base
+        reloaded, loader = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32), "AutoModelForCausalLM.from_pretrained"
     reloaded.to(device).eval()
-    was_training = trained.training
-    trained.eval()
-    batch = {k: v.to(device) for k, v in collate([sample], 0).items() if k != "labels"}
-    diff = (reloaded(**batch).logits - trained(**batch).logits).abs().max().item()
-    trained.train(was_training)
-    return {"loader": loader, "max_abs_logit_diff": diff, "ok": diff < 1e-4}
+    after = generate(reloaded, tokenizer, prompts, cfg.eval.max_new_tokens, device)
+    probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
+    generations = [{"prompt": r["instruction"], "reference": r["output"], "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
+    return {"loader": loader, "probe_loss": probe_loss, "generations": generations}
+
+
+PROBE_SAMPLES = 16  # eval samples on which the reloaded artifact must reproduce the trained model's loss
 
 
 def main(argv: list[str]) -> None:
@@ -240,7 +296,6 @@ def main(argv: list[str]) -> None:
     cfg = load_config(argv, has_cuda=torch.cuda.is_available())  # before any heavy work
     wall_start = time.perf_counter()
     device = launch(cfg.train.seed)
-    world = dist.get_world_size()
     outputs = RunOutputs(cfg.output_dir) if is_main() else None
     if is_main():
         outputs.write_config(to_dict(cfg))
@@ -249,15 +304,17 @@ def main(argv: list[str]) -> None:
 
     splits = load_splits(cfg.data, cfg.train.seed)  # bad rows fail here, before the model is built
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
-        model, tokenizer = build_model(cfg.model, cfg.train.seed)
+        model, tokenizer = build_model(cfg.model, cfg.train.seed, shardformer=cfg.plugin.name == "hybrid_parallel")
     log(profiler.format(profiler.record("model_loaded")))
     data = build_data(cfg.data, tokenizer, splits)
     log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated at {cfg.data.max_length} tokens)")
 
     booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)
+    layout = parallel_layout(cfg.plugin.name, plugin)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "lora":
+        torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
         model = booster.enable_lora(model, lora_config=build_lora_config(model, cfg.lora))
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
@@ -270,51 +327,53 @@ def main(argv: list[str]) -> None:
         seed=cfg.train.seed,
         drop_last=True,
         collate_fn=lambda samples: collate(samples, tokenizer.pad_token_id),
+        # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
+        distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
     )
     steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
     if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data.train_path}: {len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {world} rank(s)")
+        raise DataError(f"{cfg.data.train_path}: {len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     log(profiler.format(profiler.record("boosted")))
+    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg))
+    module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 
-    module = model.unwrap(unwrap_peft=False)  # the plain (peft) model: for eval, generation, checks
-    prompts = list({r["instruction"]: r for r in data.eval_records}.values())[: cfg.eval.num_generation_prompts]
-
-    def run_eval() -> dict:
-        return evaluate(module, data.eval, cfg.eval.batch_size, tokenizer.pad_token_id, device)
-
-    eval_before = run_eval()
+    eval_before = run_eval(run, data.eval, tokenizer.pad_token_id)
     log(f"eval before training: loss {eval_before['loss']:.4f}, perplexity {eval_before['perplexity']:.2f}")
-    generations_before = generate(module, tokenizer, prompts, cfg.eval.max_new_tokens, device) if is_main() else []
     fingerprints_before = checks.fingerprints(module)
 
     profiler.reset_peak()
-    history = fit(cfg, booster, model, optimizer, scheduler, dataloader, total_steps, run_eval, profiler, outputs, device)
+    history = fit(run, dataloader, total_steps, data.eval, tokenizer.pad_token_id, profiler, outputs)
     profiler.record_train_peak()
     log(profiler.format(profiler.record("after_training")))
 
-    eval_after = run_eval()
+    eval_after = run_eval(run, data.eval, tokenizer.pad_token_id)
     log(f"eval after training:  loss {eval_after['loss']:.4f}, perplexity {eval_after['perplexity']:.2f}")
-    generations_after = generate(module, tokenizer, prompts, cfg.eval.max_new_tokens, device) if is_main() else []
+    probe = data.eval[:PROBE_SAMPLES]
+    probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
     parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
-    digests = checks.replica_digests(module)
+    digests = checks.replica_digests(module) if layout.replicated else []
 
-    final = save_final(booster, model, tokenizer, cfg)
-    reload = check_reload(module, final, cfg, data.eval[0], device) if is_main() else {}
-    dist.barrier()
+    final = save_final(run, tokenizer)
     if not is_main():
         return
-    generations = [{**b, "after": a["generation"], "before": b.pop("generation")} for b, a in zip(generations_before, generations_after)]
-    outputs.write_json("generations.json", generations)
-    outputs.plot_loss(history["steps"], history["losses"], [(0, eval_before["loss"])] + [(e["step"], e["loss"]) for e in history["eval_history"]] + [(total_steps, eval_after["loss"])])
+    prompts = list({r["instruction"]: r for r in data.eval_records}.values())[: cfg.eval.num_generation_prompts]
+    reload = reload_final(final, cfg, tokenizer, prompts, probe, device)
+    tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
+    reload.update(trained_probe_loss=probe_loss, ok=abs(reload["probe_loss"] - probe_loss) <= tolerance * max(1.0, abs(probe_loss)))
+    outputs.write_json("generations.json", reload.pop("generations"))
+    evals = [(0, eval_before["loss"])] + [(e["step"], e["loss"]) for e in history["eval_history"]] + [(total_steps, eval_after["loss"])]
+    outputs.plot_loss(history["steps"], history["losses"], evals)
     summary = {
         "model": cfg.model.name,
         "task": cfg.task,
         "method": cfg.method,
         "plugin": cfg.plugin.name,
-        "world_size": world,
+        "plugin_options": to_dict(cfg)["plugin"],
+        "world_size": dist.get_world_size(),
+        "data_parallel_size": layout.dp_size,
         "precision": cfg.train.precision,
         "trainable_params": trainable,
         "all_params": total,
@@ -323,7 +382,7 @@ def main(argv: list[str]) -> None:
         "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"]},
         "throughput": history["throughput"],
         "memory": profiler.summary(),
-        "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1},
+        "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1 if digests else None},
         "reload": reload,
         "data": {"train_samples": len(data.train), "eval_samples": len(data.eval), "truncated": data.truncated},
         "final_dir": str(final),
@@ -331,7 +390,15 @@ def main(argv: list[str]) -> None:
     }
     summary["artifacts"] = outputs.artifacts()
     outputs.write_json("summary.json", summary)
-    print_report(summary, generations, profiler)
+    print_report(summary, json.loads((outputs.dir / "generations.json").read_text()), profiler)
+
+
+def num_microbatches(cfg: Config) -> int:
+    """Micro-batches per pipeline step (1 without a pipeline)."""
+    options = {**PLUGINS[cfg.plugin.name].options, **cfg.plugin.options}
+    if options.get("pp_size", 1) <= 1:
+        return 1
+    return options["num_microbatches"] or cfg.train.batch_size // options["microbatch_size"]
 
 
 def print_report(summary: dict, generations: list[dict], profiler: MemoryProfiler) -> None:
@@ -350,7 +417,8 @@ def print_report(summary: dict, generations: list[dict], profiler: MemoryProfile
     reload = summary["reload"]
     size = sum(v for k, v in summary["artifacts"].items() if k.startswith("final/"))
     print(f"\nsaved: {summary['final_dir']} ({size / 1e6:.1f} MB)")
-    print(f"reloaded with {reload['loader']}: max |logit diff| {reload['max_abs_logit_diff']:.2e} ({'ok' if reload['ok'] else 'MISMATCH'})")
+    verdict = "ok" if reload["ok"] else "MISMATCH"
+    print(f"reloaded with {reload['loader']}: probe loss {reload['probe_loss']:.6f} vs trained {reload['trained_probe_loss']:.6f} ({verdict})")
     print(f"outputs: {Path(summary['final_dir']).parent}/ (summary.json, metrics.jsonl, loss.png, generations.json, config.yaml)")
     print(f"wall time: {summary['wall_s']:.0f} s")
 

@@ -36,8 +36,59 @@ def test_refuses_other_colossalai_versions():
         compat.apply(colossalai_version="0.4.9")
 
 
-def test_apply_reports_every_repair():
-    assert compat.apply() == sorted(compat.CPU_ACCELERATOR_REPAIRS)
+def test_apply_reports_every_repair_once():
+    applied = compat.apply()
+    assert {f"CpuAccelerator.{name}" for name in compat.CPU_ACCELERATOR_REPAIRS} <= set(applied)
+    assert {"LowLevelZeroOptimizer._sanity_checks", "colossalai.pipeline.p2p._check_for_nccl_hccl_backend", "torch.cuda.set_device"} <= set(applied)
+    assert compat.apply() == applied  # idempotent: wrappers are not wrapped twice
+    assert not hasattr(torch.cuda.set_device.__wrapped__, "__wrapped__")
+
+
+def test_zero_sanity_check_keeps_the_dtype_check(accelerator):
+    from types import SimpleNamespace
+
+    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
+
+    fp32 = torch.nn.Parameter(torch.zeros(2))
+    optimizer = SimpleNamespace(_dtype=torch.float32, optim=SimpleNamespace(param_groups=[{"params": [fp32]}]))
+    LowLevelZeroOptimizer._sanity_checks(optimizer)  # no CUDA needed any more
+    optimizer._dtype = torch.bfloat16
+    with pytest.raises(AssertionError, match="same dtype"):
+        LowLevelZeroOptimizer._sanity_checks(optimizer)
+
+
+def test_pipeline_backend_check_reads_the_group_name(accelerator):
+    from colossalai.pipeline import p2p
+
+    class Group:
+        def __init__(self, name):
+            self._name = name
+
+        def name(self):
+            return self._name
+
+    assert p2p._check_for_nccl_hccl_backend(Group("gloo")) is False
+    assert p2p._check_for_nccl_hccl_backend(Group("nccl")) is True
+
+
+def test_set_device_ignores_cpu(accelerator):
+    torch.cuda.set_device(torch.device("cpu"))  # stock torch raises without a CUDA device
+
+
+def test_fused_qkv_gather_keeps_tensors_on_cpu(accelerator):
+    from colossalai.shardformer.layer import qkv_fused_linear
+
+    seen = {}
+
+    def probe(tensor, *args, **kwargs):
+        seen["device"] = tensor.cuda().device
+        return tensor
+
+    wrapped = compat._without_cuda_moves(probe)
+    assert wrapped(torch.ones(2)) is not None and seen["device"].type == "cpu"
+    assert torch.Tensor.cuda is not None and qkv_fused_linear.gather_fused_qkv_in_gpt2_style.__wrapped__
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.ones(1).cuda()  # restored outside the wrapper
 
 
 def test_no_ops(accelerator):

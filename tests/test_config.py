@@ -47,11 +47,79 @@ def test_later_config_files_and_overrides_win(tmp_path):
     assert to_dict(cfg)["plugin"]["bucket_cap_mb"] == 10
 
 
-def test_every_booster_config_file_parses():
-    files = sorted((REPO / "booster_configs").glob("*.yaml"))
-    assert files, "booster_configs/ is empty"
-    for path in files:
-        assert isinstance(load_config(["--config", str(path)], world_size=2), Config)
+# Each booster config with the run it is meant for: (file, extra overrides, world size, CUDA present).
+BOOSTER_CONFIG_RUNS = {
+    "torch_ddp.yaml": ([], 2, False),
+    "zero1.yaml": ([], 2, False),
+    "zero2.yaml": ([], 2, False),
+    "zero2_cpu_offload.yaml": ([], 2, False),
+    "gemini.yaml": (["method=full"], 2, True),
+    "gemini_auto.yaml": (["method=full"], 2, True),
+    "tp2.yaml": (["method=full", "model.name=tiny-gpt2"], 2, False),
+    "pp2.yaml": ([], 2, False),
+    "pp2_interleaved.yaml": ([], 2, False),
+    "tp2_pp2.yaml": (["method=full", "model.name=tiny-llama"], 4, False),
+    "pp2_zero1.yaml": ([], 2, False),
+}
+
+
+def test_every_booster_config_file_is_covered():
+    assert sorted(p.name for p in (REPO / "booster_configs").glob("*.yaml")) == sorted(BOOSTER_CONFIG_RUNS)
+
+
+@pytest.mark.parametrize("name", sorted(BOOSTER_CONFIG_RUNS))
+def test_booster_config_file_validates(name):
+    extra, world, cuda = BOOSTER_CONFIG_RUNS[name]
+    cfg = load_config(["--config", str(REPO / "booster_configs" / name), *extra], world_size=world, has_cuda=cuda)
+    assert cfg.plugin.name in ("torch_ddp", "low_level_zero", "gemini", "hybrid_parallel")
+
+
+def test_plugin_arguments_from_yaml():
+    from finetune.booster import plugin_kwargs
+
+    cfg = load_config(["--config", str(REPO / "booster_configs" / "pp2_interleaved.yaml"), "train.precision=bf16", "train.max_grad_norm=0.5"], world_size=2)
+    on_gpu = plugin_kwargs(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, on_cpu=False)
+    assert (on_gpu["pp_size"], on_gpu["pp_style"], on_gpu["num_model_chunks"], on_gpu["num_microbatches"]) == (2, "interleaved", 2, 4)
+    assert (on_gpu["precision"], on_gpu["max_norm"], on_gpu["overlap_p2p"], on_gpu["microbatch_size"]) == ("bf16", 0.5, True, None)
+    assert on_gpu["make_vocab_size_divisible_by"] == 1  # PP without TP: no padding (ColossalAI cannot save it)
+    on_cpu = plugin_kwargs(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, on_cpu=True)
+    assert on_cpu["overlap_p2p"] is False and on_cpu["overlap_communication"] is False
+    gemini = load_config(["--config", str(REPO / "booster_configs" / "gemini_auto.yaml"), "method=full"], world_size=2, has_cuda=True)
+    kwargs = plugin_kwargs(gemini.plugin.name, gemini.plugin.options, "bf16", 1.0, on_cpu=False)
+    assert (kwargs["placement_policy"], kwargs["steady_cuda_cap_ratio"], kwargs["pin_memory"], kwargs["precision"]) == ("auto", 0.9, True, "bf16")
+
+
+def test_tensor_parallel_must_divide_the_heads():
+    tp2 = str(REPO / "booster_configs" / "tp2.yaml")
+    with pytest.raises(ConfigError, match="9 attention heads and 3 key/value heads.*tp sizes that fit: 1, 3"):
+        load_config(["--config", tp2, "method=full"], world_size=2)
+    cfg = load_config(["--config", tp2, "method=full", "plugin.tp_size=3"], world_size=3)
+    assert cfg.plugin.options["tp_size"] == 3
+
+
+@pytest.mark.parametrize(
+    "config, argv, world, message",
+    [
+        ("gemini.yaml", ["method=full"], 2, "plugin.name=gemini: needs a CUDA GPU"),
+        ("gemini.yaml", [], 2, "plugin 'gemini' cannot hold LoRA adapters"),
+        ("tp2.yaml", ["method=full", "model.name=tiny-gpt2"], 3, "world size 3 is not divisible by tp_size*pp_size=2"),
+        ("tp2.yaml", ["model.name=tiny-gpt2"], 2, "method=lora with plugin.tp_size>1"),
+        ("pp2.yaml", ["plugin.num_microbatches=0"], 2, "needs plugin.num_microbatches"),
+        ("pp2.yaml", ["plugin.num_microbatches=3"], 2, "train.batch_size=4 must be divisible by plugin.num_microbatches=3"),
+        ("pp2.yaml", ["plugin.num_microbatches=1"], 2, "at least pp_size=2 micro-batches"),
+        ("pp2.yaml", ["plugin.zero_stage=2"], 2, "zero_stage=2 cannot be combined with pipeline parallelism"),
+        ("pp2.yaml", ["train.grad_accum_steps=2"], 2, "raise plugin.num_microbatches instead"),
+        ("pp2.yaml", ["plugin.pp_style=interleaved"], 2, "interleaved goes with plugin.num_model_chunks>1"),
+        ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_flash_attention=true"], 2, "flash attention needs a CUDA GPU"),
+        ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_sequence_parallelism=true"], 2, "sequence parallelism needs a CUDA GPU"),
+        ("zero2.yaml", ["plugin.stage=3"], 2, "plugin.stage: must be 1 or 2"),
+        ("zero2.yaml", ["plugin.tp_size=2"], 2, "plugin.tp_size: not an option of plugin 'low_level_zero'"),
+    ],
+)
+def test_impossible_plugin_combinations(config, argv, world, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", str(REPO / "booster_configs" / config), *argv], world_size=world)
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize(
