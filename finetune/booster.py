@@ -99,6 +99,9 @@ PLUGINS: dict[str, PluginSpec] = {
             "pp_style": "1f1b",
             "num_model_chunks": 1,
             "overlap_p2p": True,
+            # Batches are padded to their longest sample, so tensor shapes change between steps; the
+            # pipeline's p2p metadata cache assumes they do not (gloo then fails on a size mismatch).
+            "enable_metadata_cache": True,
             "enable_flash_attention": False,
             "enable_fused_normalization": False,
             "enable_sequence_parallelism": False,
@@ -165,7 +168,7 @@ def parallel_layout(name: str, plugin) -> Layout:
     import torch.distributed as dist
 
     if hasattr(plugin, "pg_mesh"):  # HybridParallelPlugin
-        last_stage = plugin.stage_manager is None or plugin.stage_manager.is_last_stage()
+        last_stage = plugin.stage_manager is None or plugin.stage_manager.is_last_stage(ignore_chunk=True)
         return Layout(
             dp_rank=dist.get_rank(plugin.dp_group),
             dp_size=plugin.dp_size,

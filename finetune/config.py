@@ -315,6 +315,8 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
         )
     if options["zero_stage"] not in (0, 1, 2):
         problems.append(f"plugin.zero_stage: must be 0, 1 or 2, got {options['zero_stage']}")
+    elif options["zero_stage"] and cfg.train.precision == "fp32":
+        problems.append("plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16 (or fp16 on CUDA); ColossalAI's hybrid ZeRO has no fp32 mode")
     if tp > 1 and cfg.method == "lora":
         problems.append("method=lora with plugin.tp_size>1: ColossalAI 0.5.0 cannot shard LoRA adapters; use tp_size=1 (pipeline/data parallel) or method=full")
     if options["pp_style"] not in ("1f1b", "interleaved"):
@@ -335,6 +337,8 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
             problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
         if cfg.train.grad_accum_steps > 1:
             problems.append("train.grad_accum_steps>1 with pipeline parallelism: micro-batches are the accumulation; raise plugin.num_microbatches instead")
+    if pp > 1 and options["pp_style"] == "interleaved" and not has_cuda:
+        problems.append("plugin.pp_style=interleaved: its forward-only pass (evaluation) hangs on gloo in ColossalAI 0.5.0; on CPU use pp_style=1f1b")
     for key, what in (("enable_flash_attention", "flash attention"), ("enable_sequence_parallelism", "sequence parallelism"), ("enable_fused_normalization", "fused normalization (apex)")):
         if options[key] and not has_cuda:
             problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")

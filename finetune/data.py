@@ -145,9 +145,9 @@ def build_data(cfg_data: DataConfig, tokenizer, splits: tuple[list[dict], list[d
     return SplitData(splits[0], splits[1], eval_records, truncated)
 
 
-def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest sample; padded labels are -100 and masked out of attention."""
-    width = max(len(s["input_ids"]) for s in samples)
+def collate(samples: list[dict], pad_token_id: int, pad_to: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sample (or to pad_to); padded labels are -100 and masked out of attention."""
+    width = max(pad_to, max(len(s["input_ids"]) for s in samples))
     batch = {"input_ids": [], "labels": [], "attention_mask": []}
     for s in samples:
         pad = width - len(s["input_ids"])

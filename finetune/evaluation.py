@@ -43,12 +43,12 @@ def padded_batches(samples: list[dict], batch_size: int, rank: int, world: int) 
 
 
 @torch.no_grad()
-def evaluate(batch_loss: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None) -> dict:
+def evaluate(batch_loss: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
     """Token-weighted loss over `samples`: across all ranks with a layout, on this rank alone without."""
     rank, world = (layout.dp_rank, layout.dp_size) if layout else (0, 1)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
     for chunk in padded_batches(samples, batch_size, rank, world):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id, pad_to).items()}
         loss = batch_loss(batch)
         if layout is None or layout.counts:
             totals += torch.stack([loss.double().reshape(()), torch.tensor(label_tokens(batch["labels"]), dtype=torch.float64, device=device)])

@@ -139,3 +139,26 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def trainable_line(trainable: int, total: int) -> str:
     """peft's trainable-parameter line, for every method alike."""
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def inject_lora(model: nn.Module, lora_config) -> nn.Module:
+    """Add LoRA layers in place and freeze everything else, without wrapping the model in a PeftModel.
+
+    For pipeline parallelism: ColossalAI's shardformer policies reach into the model by attribute
+    (Llama's reads model.model.embed_tokens), which a PeftModel wrapper hides.
+    """
+    from peft import inject_adapter_in_model
+
+    model = inject_adapter_in_model(lora_config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+    return model
+
+
+def injected_lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """This rank's LoRA weights of an injected model, keyed as peft's adapter_model files key them."""
+    return {
+        "base_model.model." + name.replace(f".{adapter_name}.", "."): param.detach().cpu().clone()
+        for name, param in model.named_parameters()
+        if "lora_" in name
+    }

@@ -29,20 +29,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from finetune import checks, compat
+from finetune import checks, compat, patches
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, help_text, load_config, to_dict
 from finetune.data import DataError, build_data, collate, load_splits
 from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
-from finetune.model import ModelError, build_lora_config, build_model, count_parameters, trainable_line
+from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
 from finetune.outputs import RunOutputs
 from finetune.profiler import MemoryProfiler
 
-USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError)
+USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError, patches.PatchError)
 
 
 def is_main() -> bool:
@@ -63,6 +64,7 @@ def launch(seed: int) -> torch.device:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     compat.apply()  # before colossalai touches its CPU accelerator; a no-op on CUDA
+    patches.apply()  # ColossalAI bugs that bite on every device
     # Optional CUDA extras ColossalAI mentions at import (TensorNVMe async save, apex fused norms) are
     # not used by this tool; their warnings would only bury the report.
     warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)")
@@ -128,6 +130,7 @@ class Run:
     scheduler: object
     device: torch.device
     num_microbatches: int  # pipeline only: micro-batches per step
+    pad_to: int  # pipeline only: every batch is padded to this many tokens
 
 
 def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
@@ -176,7 +179,7 @@ def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
     """Distributed eval of the boosted model (in eval mode) on samples."""
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size
     run.model.eval()
-    result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout)
+    result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
     run.model.train()
     return result
 
@@ -240,7 +243,7 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
     }
 
 
-def save_final(run: Run, tokenizer) -> Path:
+def save_final(run: Run, tokenizer, lora_config) -> Path:
     """final/: a peft adapter dir (LoRA) or a HF model dir (full), written beside and renamed into place."""
     cfg = run.cfg
     final = Path(cfg.output_dir) / "final"
@@ -248,7 +251,15 @@ def save_final(run: Run, tokenizer) -> Path:
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
-    if cfg.method == "lora":
+    if lora_config and run.layout.pipeline:  # injected adapters: gather every stage's share, write peft's layout
+        shares: list[dict] = [{}] * dist.get_world_size()
+        dist.all_gather_object(shares, injected_lora_state_dict(run.model.unwrap()))
+        if is_main():
+            staging.mkdir(parents=True)
+            save_file({k: v for share in shares for k, v in share.items()}, staging / "adapter_model.safetensors")
+            lora_config.base_model_name_or_path = cfg.model.name
+            lora_config.save_pretrained(staging)
+    elif lora_config:
         run.booster.save_lora_as_pretrained(run.model, str(staging), use_safetensors=True)
     elif run.layout.replicated:
         if is_main():  # a full replica on every rank: HF's own writer (safetensors, tied weights once)
@@ -313,20 +324,25 @@ def main(argv: list[str]) -> None:
     layout = parallel_layout(cfg.plugin.name, plugin)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method == "lora":
+    lora_config = build_lora_config(model, cfg.lora) if cfg.method == "lora" else None
+    if lora_config:
         torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
-        model = booster.enable_lora(model, lora_config=build_lora_config(model, cfg.lora))
+        # ColossalAI's enable_lora wraps the model in a PeftModel, which its pipeline policies cannot read.
+        model = inject_lora(model, lora_config) if layout.pipeline else booster.enable_lora(model, lora_config=lora_config)
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
 
     optimizer = build_optimizer(model, cfg)
+    # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
+    # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
+    pad_to = cfg.data.max_length if layout.pipeline else 0
     dataloader = plugin.prepare_dataloader(
         data.train,
         batch_size=cfg.train.batch_size,
         shuffle=True,
         seed=cfg.train.seed,
         drop_last=True,
-        collate_fn=lambda samples: collate(samples, tokenizer.pad_token_id),
+        collate_fn=lambda samples: collate(samples, tokenizer.pad_token_id, pad_to=pad_to),
         # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
         distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
     )
@@ -337,7 +353,7 @@ def main(argv: list[str]) -> None:
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     log(profiler.format(profiler.record("boosted")))
-    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg))
+    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to)
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id)
@@ -356,7 +372,7 @@ def main(argv: list[str]) -> None:
     parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
     digests = checks.replica_digests(module) if layout.replicated else []
 
-    final = save_final(run, tokenizer)
+    final = save_final(run, tokenizer, lora_config)
     if not is_main():
         return
     prompts = list({r["instruction"]: r for r in data.eval_records}.values())[: cfg.eval.num_generation_prompts]

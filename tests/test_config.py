@@ -57,7 +57,7 @@ BOOSTER_CONFIG_RUNS = {
     "gemini_auto.yaml": (["method=full"], 2, True),
     "tp2.yaml": (["method=full", "model.name=tiny-gpt2"], 2, False),
     "pp2.yaml": ([], 2, False),
-    "pp2_interleaved.yaml": ([], 2, False),
+    "pp2_interleaved.yaml": ([], 2, True),
     "tp2_pp2.yaml": (["method=full", "model.name=tiny-llama"], 4, False),
     "pp2_zero1.yaml": ([], 2, False),
 }
@@ -77,7 +77,7 @@ def test_booster_config_file_validates(name):
 def test_plugin_arguments_from_yaml():
     from finetune.booster import plugin_kwargs
 
-    cfg = load_config(["--config", str(REPO / "booster_configs" / "pp2_interleaved.yaml"), "train.precision=bf16", "train.max_grad_norm=0.5"], world_size=2)
+    cfg = load_config(["--config", str(REPO / "booster_configs" / "pp2_interleaved.yaml"), "train.precision=bf16", "train.max_grad_norm=0.5"], world_size=2, has_cuda=True)
     on_gpu = plugin_kwargs(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, on_cpu=False)
     assert (on_gpu["pp_size"], on_gpu["pp_style"], on_gpu["num_model_chunks"], on_gpu["num_microbatches"]) == (2, "interleaved", 2, 4)
     assert (on_gpu["precision"], on_gpu["max_norm"], on_gpu["overlap_p2p"], on_gpu["microbatch_size"]) == ("bf16", 0.5, True, None)
@@ -107,12 +107,14 @@ def test_tensor_parallel_must_divide_the_heads():
         ("pp2.yaml", ["plugin.num_microbatches=0"], 2, "needs plugin.num_microbatches"),
         ("pp2.yaml", ["plugin.num_microbatches=3"], 2, "train.batch_size=4 must be divisible by plugin.num_microbatches=3"),
         ("pp2.yaml", ["plugin.num_microbatches=1"], 2, "at least pp_size=2 micro-batches"),
-        ("pp2.yaml", ["plugin.zero_stage=2"], 2, "zero_stage=2 cannot be combined with pipeline parallelism"),
+        ("pp2.yaml", ["plugin.zero_stage=2", "train.precision=bf16"], 2, "zero_stage=2 cannot be combined with pipeline parallelism"),
         ("pp2.yaml", ["train.grad_accum_steps=2"], 2, "raise plugin.num_microbatches instead"),
         ("pp2.yaml", ["plugin.pp_style=interleaved"], 2, "interleaved goes with plugin.num_model_chunks>1"),
         ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_flash_attention=true"], 2, "flash attention needs a CUDA GPU"),
         ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_sequence_parallelism=true"], 2, "sequence parallelism needs a CUDA GPU"),
         ("zero2.yaml", ["plugin.stage=3"], 2, "plugin.stage: must be 1 or 2"),
+        ("pp2_interleaved.yaml", [], 2, "on CPU use pp_style=1f1b"),
+        ("pp2_zero1.yaml", ["train.precision=fp32"], 2, "plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16"),
         ("zero2.yaml", ["plugin.tp_size=2"], 2, "plugin.tp_size: not an option of plugin 'low_level_zero'"),
     ],
 )

@@ -1,0 +1,44 @@
+"""Fixes for ColossalAI 0.5.0 bugs that bite on every device (CPU repairs live in finetune/compat.py).
+
+- HybridParallelModule.sync_shared_params all-reduces the gradient of every parameter shared across
+  pipeline stages (GPT-2's tied embedding and LM head), even when it has none: during a forward-only
+  pipeline pass (evaluation) and when the shared weight is frozen (LoRA), the gradient is None and
+  torch.distributed raises TypeError. A None gradient is None on every stage alike, so skipping it is
+  safe; the barrier that follows stays, so ranks stay in step.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_COLOSSALAI = "0.5.0"
+
+
+class PatchError(RuntimeError):
+    """ColossalAI is not the version these fixes were written for."""
+
+
+def _sync_shared_params(self) -> None:
+    import torch.distributed as dist
+
+    for shared_param, group in zip(self.shared_params, self.shared_param_process_groups):
+        if self.stage_manager.stage in shared_param:
+            param = shared_param[self.stage_manager.stage]
+            if param.grad is not None:
+                dist.all_reduce(param.grad, group=group)
+        dist.barrier()
+
+
+_applied: list[str] = []
+
+
+def apply(colossalai_version: str | None = None) -> list[str]:
+    """Apply the fixes (once per process); return what was fixed."""
+    import colossalai
+    from colossalai.booster.plugin.hybrid_parallel_plugin import HybridParallelModule
+
+    version = colossalai_version or colossalai.__version__
+    if version != SUPPORTED_COLOSSALAI:
+        raise PatchError(f"finetune.patches fixes ColossalAI {SUPPORTED_COLOSSALAI}, found {version}: install the pinned stack")
+    if not _applied:
+        HybridParallelModule.sync_shared_params = _sync_shared_params
+        _applied.append("HybridParallelModule.sync_shared_params")
+    return list(_applied)
