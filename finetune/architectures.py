@@ -44,6 +44,26 @@ def known_model_names() -> list[str]:
 _QUICKSTART_HEADS = (9, 3)  # SmolLM2-135M: 9 attention heads, 3 key/value heads
 
 
+_QUICKSTART_LAYERS = 30
+
+
+def num_layers(model_name: str) -> int | None:
+    """Decoder layers of a model, read without torch; None when unknown (e.g. GGUF)."""
+    import json
+    from pathlib import Path
+
+    if model_name == QUICKSTART_MODEL:
+        return _QUICKSTART_LAYERS
+    if model_name in NAMED_CONFIGS:
+        model_type, overrides = NAMED_CONFIGS[model_name]
+        return overrides.get("n_layer" if model_type == "gpt2" else "num_hidden_layers", 12)
+    config_file = Path(model_name) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return config.get("num_hidden_layers", config.get("n_layer"))
+
+
 def attention_heads(model_name: str) -> tuple[int, int] | None:
     """(attention heads, key/value heads) of a model, read without torch; None when unknown (e.g. GGUF)."""
     import json

@@ -25,6 +25,7 @@ class PluginSpec:
     replicated: bool = True  # after a step every rank holds the whole model (DDP, ZeRO-1/2)
     cpu_options: dict[str, Any] = field(default_factory=dict)  # forced on CPU, each with a reason below
     translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # YAML values -> constructor values
+    fsdp: bool = False  # PyTorch FSDP: LoRA through peft + FSDP's wrap policy, global-norm clipping, full-state saves
 
 
 def _hybrid_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +39,22 @@ def _hybrid_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-_PRECISION_NOTE = "precision comes from train.precision"
+def _fsdp_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision, ShardingStrategy
+
+    kwargs = dict(options)
+    precision = kwargs.pop("precision")
+    kwargs["sharding_strategy"] = ShardingStrategy[kwargs["sharding_strategy"]]
+    kwargs["backward_prefetch"] = BackwardPrefetch[kwargs["backward_prefetch"]]
+    kwargs["cpu_offload"] = CPUOffload(offload_params=kwargs["cpu_offload"])
+    if precision == "bf16":  # bf16 compute and communication, fp32 sharded master weights
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+    elif precision == "fp16":
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.float16, reduce_dtype=torch.float16, buffer_dtype=torch.float16)
+    return kwargs
+
+
 
 PLUGINS: dict[str, PluginSpec] = {
     "torch_ddp": PluginSpec(
@@ -87,6 +103,20 @@ PLUGINS: dict[str, PluginSpec] = {
         takes_max_norm=True,
         replicated=False,
     ),
+    "torch_fsdp": PluginSpec(
+        class_name="TorchFSDPPlugin",
+        summary="PyTorch FSDP: parameters, gradients and optimizer states sharded (ZeRO-3 style), optional CPU offload.",
+        options={
+            "sharding_strategy": "FULL_SHARD",  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
+            "backward_prefetch": "BACKWARD_PRE",  # BACKWARD_PRE | BACKWARD_POST
+            "cpu_offload": False,
+            "sync_module_states": False,
+        },
+        takes_precision=True,  # turned into FSDP MixedPrecision by _fsdp_kwargs
+        replicated=False,
+        fsdp=True,
+        translate=_fsdp_kwargs,
+    ),
     "hybrid_parallel": PluginSpec(
         class_name="HybridParallelPlugin",
         summary="Tensor (tp_size) x pipeline (pp_size) x data parallel, with optional ZeRO-1 (zero_stage).",
@@ -124,13 +154,11 @@ def plugin_kwargs(name: str, options: dict[str, Any], precision: str, max_grad_n
     """Constructor arguments for the named plugin: defaults, the user's options, then what we must set."""
     spec = PLUGINS[name]
     kwargs = {**spec.options, **options, **(spec.cpu_options if on_cpu else {})}
-    if spec.translate:
-        kwargs = spec.translate(kwargs)
     if spec.takes_precision:
         kwargs["precision"] = precision
     if spec.takes_max_norm:
         kwargs["max_norm"] = max_grad_norm
-    return kwargs
+    return spec.translate(kwargs) if spec.translate else kwargs
 
 
 def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_norm: float):

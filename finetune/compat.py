@@ -7,6 +7,11 @@ paths that are fine on CPU (seeding, memory reports, checkpoint loading) then fa
 maps one method onto its CPU meaning; memory is the process's resident set (RSS), and its peak is the
 kernel's high-water mark (VmHWM), which writing "5" to /proc/self/clear_refs resets.
 
+Outside the accelerator: LowLevelZero asserts a CUDA/NPU device; the pipeline's p2p backend check reads
+`Backend.HCCL`, which torch 2.5.1 lacks; shardformer's GPT-2 forward calls torch.cuda.set_device on
+a CPU device; its fused-qkv gather moves tensors to CUDA; the FSDP plugin passes
+torch.cuda.current_device() to FSDP. Each is repaired by the smallest wrapper that gives it the CPU.
+
 `apply()` is a no-op when a CUDA device is present, and refuses to run on a ColossalAI version these
 repairs were not written for (their line-level assumptions would be unchecked).
 Measured facts behind each repair: shared/notes/colossalai-cpu.md.
@@ -124,6 +129,21 @@ def _without_cuda_moves(function):
     return wrapper
 
 
+def _fsdp_on_cpu(configure):
+    """TorchFSDPPlugin.configure passes torch.cuda.current_device() to FSDP: give it the CPU instead."""
+
+    def wrapper(*args, **kwargs):
+        original = torch.cuda.current_device
+        torch.cuda.current_device = lambda: torch.device("cpu")
+        try:
+            return configure(*args, **kwargs)
+        finally:
+            torch.cuda.current_device = original
+
+    wrapper.__wrapped__ = configure
+    return wrapper
+
+
 def _zero_sanity_checks(self) -> None:
     """LowLevelZeroOptimizer._sanity_checks without its `device is required` (CUDA/NPU) assertion."""
     for group in self.optim.param_groups:
@@ -153,12 +173,14 @@ def _set_cuda_device_unless_cpu(original):
 
 def _module_repairs() -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) for ColossalAI code outside the accelerator."""
+    from colossalai.booster.plugin.torch_fsdp_plugin import TorchFSDPPlugin
     from colossalai.pipeline import p2p
     from colossalai.shardformer.layer import qkv_fused_linear
     from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
 
     return [
         (LowLevelZeroOptimizer, "_sanity_checks", _zero_sanity_checks),
+        (TorchFSDPPlugin, "configure", _fsdp_on_cpu(TorchFSDPPlugin.configure)),
         (p2p, "_check_for_nccl_hccl_backend", _is_nccl_group),
         (torch.cuda, "set_device", _set_cuda_device_unless_cpu(torch.cuda.set_device)),
         (qkv_fused_linear, "gather_fused_qkv_in_gpt2_style", _without_cuda_moves(qkv_fused_linear.gather_fused_qkv_in_gpt2_style)),

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import attention_heads, known_model_names
+from finetune.architectures import attention_heads, known_model_names, num_layers
 from finetune.booster import PLUGINS
 
 METHODS = ("full", "lora")
@@ -259,6 +259,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         options = {**spec.options, **cfg.plugin.options}
         if cfg.plugin.name == "low_level_zero" and options["stage"] not in (1, 2):
             problems.append(f"plugin.stage: must be 1 or 2, got {options['stage']}")
+        if spec.fsdp:
+            for key, allowed in (("sharding_strategy", ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")), ("backward_prefetch", ("BACKWARD_PRE", "BACKWARD_POST"))):
+                problems += _choice(f"plugin.{key}", options[key], allowed)
         if cfg.plugin.name == "gemini" and options["placement_policy"] not in ("static", "auto"):
             problems.append(f"plugin.placement_policy: must be static or auto, got '{options['placement_policy']}'")
         if cfg.plugin.name == "hybrid_parallel":
@@ -333,12 +336,13 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
             problems.append(f"the pipeline schedule needs at least pp_size={pp} micro-batches per step; raise plugin.num_microbatches or train.batch_size")
         elif options["pp_style"] == "interleaved" and (micro or cfg.train.batch_size // size) % pp:
             problems.append(f"the interleaved schedule needs a multiple of pp_size={pp} micro-batches per step")
+        layers, chunks = num_layers(cfg.model.name), pp * options["num_model_chunks"]
+        if layers and cfg.method == "lora" and layers < chunks:
+            problems.append(f"method=lora with {chunks} pipeline chunks: {cfg.model.name} has {layers} layers, so some chunk would hold no adapter to train; use fewer chunks or stages")
         if options["zero_stage"] == 2:
             problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
         if cfg.train.grad_accum_steps > 1:
             problems.append("train.grad_accum_steps>1 with pipeline parallelism: micro-batches are the accumulation; raise plugin.num_microbatches instead")
-    if pp > 1 and options["pp_style"] == "interleaved" and not has_cuda:
-        problems.append("plugin.pp_style=interleaved: its forward-only pass (evaluation) hangs on gloo in ColossalAI 0.5.0; on CPU use pp_style=1f1b")
     for key, what in (("enable_flash_attention", "flash attention"), ("enable_sequence_parallelism", "sequence parallelism"), ("enable_fused_normalization", "fused normalization (apex)")):
         if options[key] and not has_cuda:
             problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from peft import get_peft_model
+from peft.utils.other import fsdp_auto_wrap_policy
 from safetensors.torch import save_file
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -154,7 +156,9 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
                 loss = model(**batch).loss / len(micro_batches)
             booster.backward(loss, optimizer)
         loss_sum += loss.item()
-    if cfg.train.max_grad_norm > 0 and not spec.takes_max_norm:
+    if cfg.train.max_grad_norm > 0 and spec.fsdp:
+        model.module.clip_grad_norm_(cfg.train.max_grad_norm)  # FSDP's own: the norm over all shards
+    elif cfg.train.max_grad_norm > 0 and not spec.takes_max_norm:
         optimizer.clip_grad_by_norm(cfg.train.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad()
@@ -166,8 +170,17 @@ def make_batch_loss(run: Run):
     if not run.layout.pipeline:
         return module_batch_loss(run.model)
 
+    interleaved = to_dict(run.cfg)["plugin"].get("pp_style") == "interleaved"
+
     def batch_loss(batch: dict) -> torch.Tensor:
-        out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=None, return_loss=True)
+        if interleaved:
+            # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
+            # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
+            with torch.enable_grad():
+                out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=run.optimizer, return_loss=True)
+            run.optimizer.zero_grad()
+        else:
+            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=None, return_loss=True)
         if out["loss"] is None:  # not the last stage
             return torch.zeros((), device=run.device)
         return out["loss"] * run.num_microbatches  # the schedule averages over micro-batches
@@ -259,6 +272,10 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
             save_file({k: v for share in shares for k, v in share.items()}, staging / "adapter_model.safetensors")
             lora_config.base_model_name_or_path = cfg.model.name
             lora_config.save_pretrained(staging)
+    elif PLUGINS[cfg.plugin.name].fsdp:  # gather the full state dict on rank 0, write it with HF / peft
+        state = fsdp_full_state_dict(run.model.module)
+        if is_main():
+            run.model.module.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
     elif lora_config:
         run.booster.save_lora_as_pretrained(run.model, str(staging), use_safetensors=True)
     elif run.layout.replicated:
@@ -274,6 +291,17 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
         staging.rename(final)  # only a complete save becomes final/
     dist.barrier()
     return final
+
+
+def fsdp_full_state_dict(fsdp_module) -> dict:
+    """Every rank takes part; rank 0 gets the whole state dict (on CPU), the others an empty one."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # offload_to_cpu=True fails on a CPU-only machine in torch 2.5.1 (size-0 storages, then a hang).
+    options = FullStateDictConfig(offload_to_cpu=torch.cuda.is_available(), rank0_only=True)
+    with FSDP.state_dict_type(fsdp_module, StateDictType.FULL_STATE_DICT, options):
+        return fsdp_module.state_dict()
 
 
 def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe: list[dict], device) -> dict:
@@ -328,7 +356,13 @@ def main(argv: list[str]) -> None:
     if lora_config:
         torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
         # ColossalAI's enable_lora wraps the model in a PeftModel, which its pipeline policies cannot read.
-        model = inject_lora(model, lora_config) if layout.pipeline else booster.enable_lora(model, lora_config=lora_config)
+        if layout.pipeline:
+            model = inject_lora(model, lora_config)
+        elif PLUGINS[cfg.plugin.name].fsdp:  # ColossalAI's FSDP plugin refuses LoRA; peft + FSDP's wrap policy work
+            model = get_peft_model(model, lora_config)
+            plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
+        else:
+            model = booster.enable_lora(model, lora_config=lora_config)
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
 
@@ -352,6 +386,11 @@ def main(argv: list[str]) -> None:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
+    if PLUGINS[cfg.plugin.name].fsdp:
+        # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,
+        # dropping the lr the scheduler had set (0 during warmup): put the scheduled lr back.
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
     log(profiler.format(profiler.record("boosted")))
     run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to)
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
@@ -411,7 +450,7 @@ def main(argv: list[str]) -> None:
 
 def num_microbatches(cfg: Config) -> int:
     """Micro-batches per pipeline step (1 without a pipeline)."""
-    options = {**PLUGINS[cfg.plugin.name].options, **cfg.plugin.options}
+    options = to_dict(cfg)["plugin"]
     if options.get("pp_size", 1) <= 1:
         return 1
     return options["num_microbatches"] or cfg.train.batch_size // options["microbatch_size"]

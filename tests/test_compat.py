@@ -150,3 +150,18 @@ def test_autocast_is_a_context_instance(accelerator):
     with ctx:
         out = torch.ones(2, 2) @ torch.ones(2, 2)
     assert out.dtype == torch.bfloat16
+
+
+def test_fsdp_configure_gets_the_cpu_device(accelerator):
+    from colossalai.booster.plugin.torch_fsdp_plugin import TorchFSDPPlugin
+
+    seen = {}
+
+    def probe(*args, **kwargs):
+        seen["device"] = torch.cuda.current_device()
+        return "configured"
+
+    assert compat._fsdp_on_cpu(probe)() == "configured" and seen["device"] == torch.device("cpu")
+    assert TorchFSDPPlugin.configure.__wrapped__ is not None
+    with pytest.raises(RuntimeError):
+        torch.cuda.current_device()  # restored after the call

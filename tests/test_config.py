@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from finetune.config import Config, ConfigError, build_config, load_config, parse_args, to_dict
 from tests.conftest import REPO, TRAIN, run_env
@@ -55,9 +56,11 @@ BOOSTER_CONFIG_RUNS = {
     "zero2_cpu_offload.yaml": ([], 2, False),
     "gemini.yaml": (["method=full"], 2, True),
     "gemini_auto.yaml": (["method=full"], 2, True),
+    "fsdp.yaml": ([], 2, False),
+    "fsdp_cpu_offload.yaml": ([], 2, False),
     "tp2.yaml": (["method=full", "model.name=tiny-gpt2"], 2, False),
     "pp2.yaml": ([], 2, False),
-    "pp2_interleaved.yaml": ([], 2, True),
+    "pp2_interleaved.yaml": ([], 2, False),  # the quickstart's 30 layers fill 4 chunks
     "tp2_pp2.yaml": (["method=full", "model.name=tiny-llama"], 4, False),
     "pp2_zero1.yaml": ([], 2, False),
 }
@@ -71,7 +74,7 @@ def test_every_booster_config_file_is_covered():
 def test_booster_config_file_validates(name):
     extra, world, cuda = BOOSTER_CONFIG_RUNS[name]
     cfg = load_config(["--config", str(REPO / "booster_configs" / name), *extra], world_size=world, has_cuda=cuda)
-    assert cfg.plugin.name in ("torch_ddp", "low_level_zero", "gemini", "hybrid_parallel")
+    assert cfg.plugin.name in ("torch_ddp", "low_level_zero", "gemini", "hybrid_parallel", "torch_fsdp")
 
 
 def test_plugin_arguments_from_yaml():
@@ -87,6 +90,21 @@ def test_plugin_arguments_from_yaml():
     gemini = load_config(["--config", str(REPO / "booster_configs" / "gemini_auto.yaml"), "method=full"], world_size=2, has_cuda=True)
     kwargs = plugin_kwargs(gemini.plugin.name, gemini.plugin.options, "bf16", 1.0, on_cpu=False)
     assert (kwargs["placement_policy"], kwargs["steady_cuda_cap_ratio"], kwargs["pin_memory"], kwargs["precision"]) == ("auto", 0.9, True, "bf16")
+
+
+def test_fsdp_arguments_from_yaml():
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+
+    from finetune.booster import plugin_kwargs
+
+    cfg = load_config(["--config", str(REPO / "booster_configs" / "fsdp_cpu_offload.yaml"), "train.precision=bf16", "plugin.sharding_strategy=SHARD_GRAD_OP"], world_size=2)
+    kwargs = plugin_kwargs(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, on_cpu=True)
+    assert kwargs["sharding_strategy"] is ShardingStrategy.SHARD_GRAD_OP
+    assert kwargs["backward_prefetch"] is BackwardPrefetch.BACKWARD_PRE
+    assert kwargs["cpu_offload"].offload_params is True
+    assert kwargs["mixed_precision"].param_dtype is torch.bfloat16 and "precision" not in kwargs
+    with pytest.raises(ConfigError, match="plugin.sharding_strategy: unknown value 'FULL'"):
+        load_config(["--config", str(REPO / "booster_configs" / "fsdp.yaml"), "plugin.sharding_strategy=FULL"], world_size=2)
 
 
 def test_tensor_parallel_must_divide_the_heads():
@@ -113,7 +131,9 @@ def test_tensor_parallel_must_divide_the_heads():
         ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_flash_attention=true"], 2, "flash attention needs a CUDA GPU"),
         ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_sequence_parallelism=true"], 2, "sequence parallelism needs a CUDA GPU"),
         ("zero2.yaml", ["plugin.stage=3"], 2, "plugin.stage: must be 1 or 2"),
-        ("pp2_interleaved.yaml", [], 2, "on CPU use pp_style=1f1b"),
+        ("pp2_interleaved.yaml", ["plugin.num_microbatches=4", "train.batch_size=6"], 2, "train.batch_size=6 must be divisible"),
+        ("pp2_interleaved.yaml", ["plugin.num_microbatches=3", "train.batch_size=6"], 2, "interleaved schedule needs a multiple of pp_size=2"),
+        ("pp2_interleaved.yaml", ["model.name=tiny-llama"], 2, "tiny-llama has 2 layers, so some chunk would hold no adapter"),
         ("pp2_zero1.yaml", ["train.precision=fp32"], 2, "plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16"),
         ("zero2.yaml", ["plugin.tp_size=2"], 2, "plugin.tp_size: not an option of plugin 'low_level_zero'"),
     ],

@@ -51,11 +51,16 @@ CASES = {
     # GPT-2 under TP without clipping: ColossalAI's TP gradient norm for GPT-2 differs from the true norm
     # (losses drift by ~2e-5 relative by step 4 with max_grad_norm=1; see README, known limitations).
     "tp2-gpt2-full": ("tp2", "tiny-gpt2", "full", ["train.max_grad_norm=0"], 1, FP32),
+    "fsdp-gpt2-full": ("fsdp", "tiny-gpt2", "full", [], 2, FP32),
+    "fsdp-llama-full": ("fsdp", "tiny-llama", "full", [], 2, FP32),
+    "fsdp-llama-lora": ("fsdp", "tiny-llama", "lora", [], 2, FP32),
     "tp2-llama-full": ("tp2", "tiny-llama", "full", [], 1, FP32),
     "pp2-gpt2-full": ("pp2", "tiny-gpt2", "full", [], 1, FP32),
     "pp2-llama-full": ("pp2", "tiny-llama", "full", [], 1, FP32),
     "pp2-gpt2-lora": ("pp2", "tiny-gpt2", "lora", [], 1, FP32),
     "pp2-llama-lora": ("pp2", "tiny-llama", "lora", [], 1, FP32),
+    "pp2_interleaved-gpt2-full": ("pp2_interleaved", "tiny-gpt2", "full", [], 1, FP32),
+    "pp2_interleaved-llama-full": ("pp2_interleaved", "tiny-llama", "full", [], 1, FP32),
     "pp2_zero1-llama-full-bf16": ("pp2_zero1", "tiny-llama", "full", ["train.lr=2e-2"], 1, BF16),
 }
 
