@@ -1,6 +1,6 @@
 """Numerical fidelity of every CPU-runnable plugin setup.
 
-Each case trains 5 steps with 2 gloo ranks through finetune/train.py (a real `torchrun` launch) and
+Each case trains 5 steps with 2 gloo ranks (4 for tensor x pipeline) through finetune/train.py (a real `torchrun` launch) and
 repeats the same steps in this process with a plain single-process PyTorch loop: same model init,
 same global batches (the distributed samplers' shards, put together), AdamW, the same schedule and
 gradient clipping. Losses must match step by step and the saved final weights, loaded back the way a
@@ -61,8 +61,12 @@ CASES = {
     "pp2-llama-lora": ("pp2", "tiny-llama", "lora", [], 1, FP32),
     "pp2_interleaved-gpt2-full": ("pp2_interleaved", "tiny-gpt2", "full", [], 1, FP32),
     "pp2_interleaved-llama-full": ("pp2_interleaved", "tiny-llama", "full", [], 1, FP32),
+    "tp2_pp2-llama-full": ("tp2_pp2", "tiny-llama", "full", [], 1, FP32),  # 4 ranks
     "pp2_zero1-llama-full-bf16": ("pp2_zero1", "tiny-llama", "full", ["train.lr=2e-2"], 1, BF16),
 }
+
+
+RANKS = {"tp2_pp2": 4}  # processes per setup where 2 do not suffice
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,7 @@ def reference(args: list[str], dp_size: int):
     from torch.utils.data import DistributedSampler
     from transformers import get_scheduler
 
-    cfg = load_config(args, world_size=2)
+    cfg = load_config(args, world_size=4)  # any size every setup here divides
     model, tokenizer = build_model(cfg.model, cfg.train.seed)
     if cfg.method == "lora":
         torch.manual_seed(cfg.train.seed)
@@ -153,7 +157,7 @@ def test_matches_single_process_reference(case, equal_length_data, tmp_path):
     config, model_name, method, extra, dp_size, tolerance = CASES[case]
     out = tmp_path / "run"
     args = run_args(config, model_name, method, extra, equal_length_data, out)
-    result = run_train(args, launcher="torchrun", nproc=2)
+    result = run_train(args, launcher="torchrun", nproc=RANKS.get(config, 2))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
@@ -183,7 +187,7 @@ def build_reference_init(args: list[str], method: str):
     """The untrained model (with its fresh adapter), to show the weights really moved."""
     from peft import get_peft_model
 
-    cfg = load_config(args, world_size=2)
+    cfg = load_config(args, world_size=4)  # any size every setup here divides
     model, _ = build_model(cfg.model, cfg.train.seed)
     if method == "lora":
         torch.manual_seed(cfg.train.seed)
