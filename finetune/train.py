@@ -18,7 +18,6 @@ if __package__ in (None, ""):  # run as a script (python finetune/train.py): mak
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
@@ -325,6 +324,39 @@ def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe
     return {"loader": loader, "probe_loss": probe_loss, "generations": generations}
 
 
+def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: Layout):
+    """Full fine-tuning leaves the model as it is; LoRA adds adapters the way this plugin can hold them.
+
+    Returns:
+        (model, the peft LoraConfig or None)
+    """
+    if cfg.method != "lora":
+        return model, None
+    lora_config = build_lora_config(model, cfg.lora)
+    torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
+    if layout.pipeline:  # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies
+        return inject_lora(model, lora_config), lora_config
+    if PLUGINS[cfg.plugin.name].fsdp:  # ColossalAI's FSDP plugin refuses LoRA; peft + FSDP's wrap policy work
+        model = get_peft_model(model, lora_config)
+        plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
+        return model, lora_config
+    return booster.enable_lora(model, lora_config=lora_config), lora_config
+
+
+def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int):
+    """The plugin's distributed dataloader: shuffled by train.seed, full batches only."""
+    return plugin.prepare_dataloader(
+        samples,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.train.seed,
+        drop_last=True,
+        collate_fn=lambda batch: collate(batch, pad_token_id, pad_to=pad_to),
+        # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
+        distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
+    )
+
+
 PROBE_SAMPLES = 16  # eval samples on which the reloaded artifact must reproduce the trained model's loss
 
 
@@ -352,17 +384,7 @@ def main(argv: list[str]) -> None:
     layout = parallel_layout(cfg.plugin.name, plugin)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora_config = build_lora_config(model, cfg.lora) if cfg.method == "lora" else None
-    if lora_config:
-        torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
-        # ColossalAI's enable_lora wraps the model in a PeftModel, which its pipeline policies cannot read.
-        if layout.pipeline:
-            model = inject_lora(model, lora_config)
-        elif PLUGINS[cfg.plugin.name].fsdp:  # ColossalAI's FSDP plugin refuses LoRA; peft + FSDP's wrap policy work
-            model = get_peft_model(model, lora_config)
-            plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
-        else:
-            model = booster.enable_lora(model, lora_config=lora_config)
+    model, lora_config = apply_method(cfg, model, booster, plugin, layout)
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
 
@@ -370,16 +392,7 @@ def main(argv: list[str]) -> None:
     # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
     # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
     pad_to = cfg.data.max_length if layout.pipeline else 0
-    dataloader = plugin.prepare_dataloader(
-        data.train,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        seed=cfg.train.seed,
-        drop_last=True,
-        collate_fn=lambda samples: collate(samples, tokenizer.pad_token_id, pad_to=pad_to),
-        # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
-        distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
-    )
+    dataloader = build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, pad_to)
     steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
     if steps_per_epoch == 0:
         raise DataError(f"{cfg.data.train_path}: {len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
@@ -418,7 +431,8 @@ def main(argv: list[str]) -> None:
     reload = reload_final(final, cfg, tokenizer, prompts, probe, device)
     tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
     reload.update(trained_probe_loss=probe_loss, ok=abs(reload["probe_loss"] - probe_loss) <= tolerance * max(1.0, abs(probe_loss)))
-    outputs.write_json("generations.json", reload.pop("generations"))
+    generations = reload.pop("generations")
+    outputs.write_json("generations.json", generations)
     evals = [(0, eval_before["loss"])] + [(e["step"], e["loss"]) for e in history["eval_history"]] + [(total_steps, eval_after["loss"])]
     outputs.plot_loss(history["steps"], history["losses"], evals)
     summary = {
@@ -445,7 +459,7 @@ def main(argv: list[str]) -> None:
     }
     summary["artifacts"] = outputs.artifacts()
     outputs.write_json("summary.json", summary)
-    print_report(summary, json.loads((outputs.dir / "generations.json").read_text()), profiler)
+    print_report(summary, generations, profiler)
 
 
 def num_microbatches(cfg: Config) -> int:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from finetune.config import Config, ConfigError, build_config, load_config, parse_args, to_dict
+from finetune.config import ConfigError, build_config, load_config, parse_args, to_dict
 from tests.conftest import REPO, TRAIN, run_env
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from finetune.config import load_config
 from tests.conftest import read_metrics, read_summary, run_train
