@@ -92,6 +92,12 @@ class EvalConfig:
 
 
 @dataclass
+class LaunchConfig:
+    timeout_s: int = 1800  # collective timeout: a rank that waits longer on the others fails instead of hanging
+    rank_logs: bool = True  # copy each rank's stdout/stderr into output_dir/logs/rank_N.log
+
+
+@dataclass
 class Config:
     task: str = "instruction"
     method: str = "lora"
@@ -102,6 +108,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
@@ -270,7 +277,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         problems.append("train.precision=fp16: needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
     if not has_cuda and cfg.model.attn_implementation == "flash_attention_2":
         problems.append("model.attn_implementation=flash_attention_2: needs a CUDA GPU; on CPU use sdpa or eager")
-    for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "train.log_every", "eval.batch_size", "lora.r", "data.max_length"):
+    for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "train.log_every", "eval.batch_size", "lora.r", "data.max_length", "launch.timeout_s"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,34 @@ class RunOutputs:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to the original stream and to a log file."""
+
+    def __init__(self, stream, log) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:  # progress bars ask
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def tee_rank_output(output_dir: str, rank: int) -> Path:
+    """Copy this rank's stdout and stderr into output_dir/logs/rank_N.log (every rank, not only rank 0)."""
+    path = Path(output_dir) / "logs" / f"rank_{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.open("w", buffering=1)
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+    return path

@@ -25,6 +25,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ from finetune.config import Config, ConfigError, help_text, load_config, to_dict
 from finetune.data import DataError, build_data, collate, load_splits
 from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
-from finetune.outputs import RunOutputs
+from finetune.outputs import RunOutputs, tee_rank_output
 from finetune.profiler import MemoryProfiler
 
 USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError, patches.PatchError)
@@ -57,13 +58,15 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def launch(seed: int) -> torch.device:
+def launch(cfg: Config) -> torch.device:
     """Create the process group (gloo on CPU, nccl on CUDA) under torchrun, or alone for plain python."""
     if "RANK" not in os.environ:  # plain `python finetune/train.py`: a world of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cfg.launch.rank_logs:
+        tee_rank_output(cfg.output_dir, int(os.environ["RANK"]))
     compat.apply()  # before colossalai touches its CPU accelerator; a no-op on CUDA
     patches.apply()  # ColossalAI bugs that bite on every device
     # Optional CUDA extras ColossalAI mentions at import (TensorNVMe async save, apex fused norms) are
@@ -71,11 +74,16 @@ def launch(seed: int) -> torch.device:
     warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)")
     # bitsandbytes logs a missing optional 4-bit CPU kernel on import; no method here quantizes.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import colossalai
     from colossalai.accelerator import get_accelerator
+    from colossalai.utils import set_seed
 
-    colossalai.launch_from_torch(seed=seed, verbose=False)
-    return get_accelerator().get_current_device()
+    # What colossalai.launch_from_torch does, plus the collective timeout it cannot take.
+    accelerator = get_accelerator()
+    dist.init_process_group(backend=accelerator.communication_backend, timeout=timedelta(seconds=cfg.launch.timeout_s))
+    if accelerator.support_set_device:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    set_seed(cfg.train.seed)
+    return accelerator.get_current_device()
 
 
 @contextlib.contextmanager
@@ -366,7 +374,7 @@ def main(argv: list[str]) -> None:
         return
     cfg = load_config(argv, has_cuda=torch.cuda.is_available())  # before any heavy work
     wall_start = time.perf_counter()
-    device = launch(cfg.train.seed)
+    device = launch(cfg)
     outputs = RunOutputs(cfg.output_dir) if is_main() else None
     if is_main():
         outputs.write_config(to_dict(cfg))

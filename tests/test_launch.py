@@ -1,0 +1,138 @@
+"""Launching: hostfile checks, the commands built for one node / a hostfile / Slurm, the launch/
+scripts, and a real 2-"node" run through `colossalai run --hostfile` on this machine."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from finetune.launch import LaunchError, build_command, parse, read_hostfile, slurm_torchrun_command
+from tests.conftest import REPO, free_port, read_summary, run_env
+
+SCRIPTS = ["launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch"]
+
+
+@pytest.fixture(autouse=True)
+def venv_on_path(monkeypatch):
+    """The launchers look for torchrun on PATH, as they would in an activated environment."""
+    monkeypatch.setenv("PATH", run_env()["PATH"])
+
+
+def test_torchrun_must_be_on_path(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LaunchError, match="torchrun is not on PATH"):
+        build_command(parse(["single"]), {})
+
+
+def hostfile(tmp_path, text: str) -> str:
+    path = tmp_path / "hosts"
+    path.write_text(text)
+    return str(path)
+
+
+def test_hostfile_is_read(tmp_path):
+    assert read_hostfile(hostfile(tmp_path, "node-0\n\nnode-1\n")) == ["node-0", "node-1"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "lists no hosts"),
+        ("node-0\nnode-0\n", "line 2: host 'node-0' is listed twice"),
+        ("node-0:22\n", "carries a port"),
+        ("# workers\nnode-0\n", "line 1: '# workers' is not a host"),
+        ("node-0 slots=8\n", "is not a host"),
+    ],
+)
+def test_bad_hostfiles(tmp_path, text, message):
+    with pytest.raises(LaunchError, match=message):
+        read_hostfile(hostfile(tmp_path, text))
+    with pytest.raises(LaunchError, match="hostfile not found"):
+        read_hostfile(str(tmp_path / "missing"))
+
+
+def test_single_node_command(tmp_path):
+    port = free_port()
+    args = parse(["single", "--nproc_per_node", "2", "--master_port", str(port), "--", "model.name=tiny-gpt2", "train.max_steps=3"])
+    assert build_command(args, {}) == ["colossalai", "run", "--nproc_per_node", "2", "--master_port", str(port), "finetune/train.py", "model.name=tiny-gpt2", "train.max_steps=3"]
+
+
+def test_busy_port_and_bad_config_fail_before_launch(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(LaunchError, match=f"port {port} is in use"):
+            build_command(parse(["single", "--master_port", str(port)]), {})
+    with pytest.raises(LaunchError, match="unknown config key 'train.max_step'"):
+        build_command(parse(["single", "--master_port", str(free_port()), "--", "train.max_step=3"]), {})
+    with pytest.raises(LaunchError, match="--config /missing.yaml: file not found"):
+        build_command(parse(["single", "--master_port", str(free_port()), "--", "--config", "/missing.yaml"]), {})
+    with pytest.raises(LaunchError, match="needs --hostfile FILE and --master_addr"):
+        build_command(parse(["hostfile", "--nproc_per_node", "1"]), {})
+
+
+def test_world_size_checks_use_every_node(tmp_path):
+    hosts = hostfile(tmp_path, "node-0\nnode-1\nnode-2\n")
+    args = parse(["hostfile", "--hostfile", hosts, "--master_addr", "10.0.0.1", "--nproc_per_node", "1", "--", "--config", str(REPO / "booster_configs" / "tp2.yaml"), "method=full", "model.name=tiny-gpt2"])
+    with pytest.raises(LaunchError, match="world size 3 is not divisible by tp_size\\*pp_size=2"):
+        build_command(args, {})
+
+
+def test_slurm_torchrun_command():
+    env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "4", "MASTER_ADDR": "gpu-node-07", "MASTER_PORT": "29611"}
+    assert slurm_torchrun_command(env, 8, ["--config", "run.yaml", "train.max_steps=10"]) == [
+        "torchrun",
+        "--nnodes=4",
+        "--nproc_per_node=8",
+        "--rdzv_id=4242",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=gpu-node-07:29611",
+        "finetune/train.py",
+        "--config",
+        "run.yaml",
+        "train.max_steps=10",
+    ]
+    with pytest.raises(LaunchError, match="SLURM_JOB_ID, SLURM_NNODES, MASTER_ADDR unset"):
+        slurm_torchrun_command({}, 8, [])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_valid_bash(script):
+    assert subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True).returncode == 0
+
+
+def run_script(*args: str, port: int | None = None) -> subprocess.CompletedProcess:
+    env = run_env()
+    env["MASTER_PORT"] = str(port or free_port())
+    return subprocess.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+
+
+def test_scripts_explain_bad_input(tmp_path):
+    dup = run_script("launch/multi_node.sh", hostfile(tmp_path, "a\na\n"), "127.0.0.1", "1", "model.name=tiny-gpt2")
+    assert dup.returncode != 0 and "error: hostfile" in dup.stderr and "listed twice" in dup.stderr
+    missing = run_script("launch/single_node.sh", "2", "--config", "/missing.yaml")
+    assert missing.returncode != 0 and missing.stderr.strip() == "error: --config /missing.yaml: file not found"
+    usage = run_script("launch/multi_node.sh")
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+@pytest.mark.timeout(600)
+def test_two_node_launch_through_a_hostfile(tmp_path, instruction_file):
+    # Two "nodes" on this machine: colossalai run starts hosts named localhost / 127.0.0.1 without SSH.
+    hosts = hostfile(tmp_path, "localhost\n127.0.0.1\n")
+    out = tmp_path / "run"
+    result = run_script(
+        "launch/multi_node.sh", hosts, "127.0.0.1", "1",
+        "model.name=tiny-gpt2", "method=full", f"data.train_path={instruction_file}", "data.eval_fraction=0.25",
+        "train.max_steps=3", "eval.num_generation_prompts=0", f"output_dir={out}",
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "localhost: success" in result.stdout and "127.0.0.1: success" in result.stdout
+    summary = read_summary(out)
+    assert summary["world_size"] == 2
+    assert summary["checks"]["replicas_identical"] and len(summary["checks"]["replica_digests"]) == 2
+    assert (out / "logs" / "rank_0.log").is_file() and (out / "logs" / "rank_1.log").is_file()
+    assert "eval before training" in (out / "logs" / "rank_0.log").read_text()
