@@ -24,8 +24,10 @@ $(VENV)/.installed: requirements.txt requirements-assets.txt constraints.txt
 assets: install
 	$(PY) -m finetune.assets
 
+# colossalai run re-exports the whole environment through a shell command line; make's own
+# MAKEOVERRIDES ("$${-*-command-variables-*-}") breaks that, so make's variables are dropped first.
 demo: assets
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) \
+	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) \
 		colossalai run --nproc_per_node=$(NPROC) --master_port $(FREE_PORT) finetune/train.py $(ARGS)
 
 test: install

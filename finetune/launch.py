@@ -83,6 +83,12 @@ def require_torchrun() -> None:
         raise LaunchError("torchrun is not on PATH: activate the virtual environment (source .venv/bin/activate); remote hosts need it on their PATH too")
 
 
+def unforwardable_environment(env: dict[str, str]) -> list[str]:
+    """Variables colossalai run would break on: it re-exports every single-line variable inside double
+    quotes of a shell command, where `$`, a backtick, `"` or `\\` change or end the value."""
+    return sorted(k for k, v in env.items() if v and "\n" not in v and any(c in v for c in '$`"\\'))
+
+
 def colossalai_run_command(nproc_per_node: int, master_port: int, train_args: list[str], hostfile: str = "", master_addr: str = "") -> list[str]:
     """`colossalai run` for one node, or for every host of a hostfile."""
     command = ["colossalai", "run", "--nproc_per_node", str(nproc_per_node), "--master_port", str(master_port)]
@@ -127,6 +133,9 @@ def build_command(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
     if local_master and not port_is_free(args.master_port):
         raise LaunchError(f"port {args.master_port} is in use on this machine: pass another --master_port")
     check_train_args(args.train_args, nodes * args.nproc_per_node)
+    bad = unforwardable_environment(env)
+    if bad:
+        raise LaunchError(f"colossalai run cannot forward the environment variable(s) {', '.join(bad)} (their values hold $, `, \" or \\); unset them for the launch")
     return colossalai_run_command(args.nproc_per_node, args.master_port, args.train_args, args.hostfile, args.master_addr)
 
 

@@ -42,7 +42,8 @@ def free_port() -> int:
 
 def run_env() -> dict[str, str]:
     """Environment for child runs: the venv's launchers on PATH, one thread per rank, offline."""
-    env = dict(os.environ)
+    # make's own variables (MAKEOVERRIDES holds a literal '${...}') cannot pass through colossalai run.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env

@@ -136,3 +136,10 @@ def test_two_node_launch_through_a_hostfile(tmp_path, instruction_file):
     assert summary["checks"]["replicas_identical"] and len(summary["checks"]["replica_digests"]) == 2
     assert (out / "logs" / "rank_0.log").is_file() and (out / "logs" / "rank_1.log").is_file()
     assert "eval before training" in (out / "logs" / "rank_0.log").read_text()
+
+
+def test_environment_colossalai_run_cannot_forward():
+    # make exports MAKEOVERRIDES='${-*-command-variables-*-}'; colossalai run's shell export then fails.
+    env = {"MAKEOVERRIDES": "${-*-command-variables-*-}", "PATH": "/usr/bin", "EMPTY": "", "MULTI": "a\n$b"}
+    with pytest.raises(LaunchError, match="cannot forward the environment variable\\(s\\) MAKEOVERRIDES "):
+        build_command(parse(["single", "--master_port", str(free_port())]), env)
