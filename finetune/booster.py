@@ -19,6 +19,8 @@ class PluginSpec:
     options: dict[str, Any]  # user-settable constructor arguments and their defaults (which fix their types)
     summary: str
     supports_lora: bool = True
+    supports_qlora: bool = True  # can hold a model whose frozen base weights are 4/8-bit integer tensors
+    qlora_refusal: str = ""  # why not, when it cannot
     runs_on_cpu: bool = True
     takes_precision: bool = False  # the plugin's own `precision=` receives train.precision
     takes_max_norm: bool = False  # the plugin clips gradients itself, from train.max_grad_norm
@@ -98,6 +100,8 @@ PLUGINS: dict[str, PluginSpec] = {
             "pin_memory": False,
         },
         supports_lora=False,
+        supports_qlora=False,
+        qlora_refusal="Gemini manages parameters in floating-point chunks",
         runs_on_cpu=False,
         takes_precision=True,
         takes_max_norm=True,
@@ -114,6 +118,8 @@ PLUGINS: dict[str, PluginSpec] = {
         },
         takes_precision=True,  # turned into FSDP MixedPrecision by _fsdp_kwargs
         replicated=False,
+        supports_qlora=False,
+        qlora_refusal="FSDP flattens each unit's parameters into one tensor of one floating dtype; 4/8-bit weights are integer tensors",
         fsdp=True,
         translate=_fsdp_kwargs,
     ),

@@ -9,22 +9,25 @@ import torch.distributed as dist
 from torch import nn
 
 
-def fingerprints(model: nn.Module) -> dict[str, tuple[bool, float, float]]:
-    """Per parameter: (trainable, sum, sum of squares) in float64, cheap enough to take before and after."""
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hash of a tensor's bytes: equal digests mean bit-identical tensors (quantized ones included)."""
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+    return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+
+
+def fingerprints(model: nn.Module) -> dict[str, tuple[bool, str]]:
+    """Per parameter: (trainable, digest of its bytes), cheap enough to take before and after training."""
     with torch.no_grad():
-        return {
-            name: (p.requires_grad, p.double().sum().item(), p.double().square().sum().item())
-            for name, p in model.named_parameters()
-        }
+        return {name: (p.requires_grad, tensor_digest(p)) for name, p in model.named_parameters()}
 
 
 def compare(before: dict, after: dict) -> dict[str, int]:
-    """How many trainable and frozen parameter tensors changed between two fingerprints."""
+    """How many trainable and frozen parameter tensors changed (in any bit) between two fingerprints."""
     counts = {"trainable_tensors": 0, "trainable_changed": 0, "frozen_tensors": 0, "frozen_changed": 0}
-    for name, (trainable, *values) in before.items():
+    for name, (trainable, digest) in before.items():
         kind = "trainable" if trainable else "frozen"
         counts[f"{kind}_tensors"] += 1
-        counts[f"{kind}_changed"] += tuple(values) != tuple(after[name][1:])
+        counts[f"{kind}_changed"] += digest != after[name][1]
     return counts
 
 
@@ -34,7 +37,7 @@ def replica_digests(model: nn.Module) -> list[str]:
     with torch.no_grad():
         for name, p in model.named_parameters():
             digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor_digest(p).encode())
     gathered: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(gathered, digest.hexdigest())
     return gathered

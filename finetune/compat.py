@@ -211,3 +211,53 @@ def apply(colossalai_version: str | None = None) -> list[str]:
             _applied.append(f"{getattr(owner, '__name__', owner)}.{name}")
         _applied.extend(f"CpuAccelerator.{name}" for name in CPU_ACCELERATOR_REPAIRS)
     return sorted(_applied)
+
+
+# --- bitsandbytes on CPU (method=qlora) ---------------------------------------------------------
+# transformers 4.51.3 accepts bitsandbytes on CPU only with Intel's IPEX installed, although
+# bitsandbytes >= 0.45 ships its own CPU backend (it lists "cpu" in supported_torch_devices, and
+# quantizes, runs forward/backward and steps on CPU). transformers 4.53 dropped the IPEX requirement.
+SUPPORTED_TRANSFORMERS = "4.51.3"
+
+
+def _bnb_backend_available(raise_exception: bool = False) -> bool:
+    """transformers' multi-backend check, trusting bitsandbytes' own list of devices it supports."""
+    import bitsandbytes as bnb
+
+    if "cpu" in getattr(bnb, "supported_torch_devices", set()):
+        return True
+    if raise_exception:
+        raise RuntimeError(f"bitsandbytes {bnb.__version__} has no CPU backend; install the pinned bitsandbytes (requirements.txt)")
+    return False
+
+
+def apply_quantization_repairs(transformers_version: str | None = None) -> list[str]:
+    """Let transformers quantize with bitsandbytes on CPU; a no-op on CUDA and on other transformers versions."""
+    import transformers
+    import transformers.integrations.bitsandbytes as hf_bnb
+
+    version = transformers_version or transformers.__version__
+    if torch.cuda.is_available() or version != SUPPORTED_TRANSFORMERS:
+        return []
+    hf_bnb._validate_bnb_multi_backend_availability = _bnb_backend_available
+    return ["transformers.integrations.bitsandbytes._validate_bnb_multi_backend_availability"]
+
+
+# bitsandbytes 0.50.2 on CPUs with AVX512-BF16: the first forward of a 4-bit layer in eval mode
+# without grad repacks its weight into an inference-only layout and keeps it. Every later forward,
+# in training too, then takes the inference kernel, which has no backward: training after an
+# evaluation fails ("a view of a leaf Variable ... in-place") or loses the gradient through the layer.
+SUPPORTED_BITSANDBYTES = "0.50.2"
+
+
+def keep_4bit_weights_trainable(model: torch.nn.Module, bitsandbytes_version: str | None = None) -> int:
+    """Turn off bitsandbytes' CPU inference repacking in the model's 4-bit layers; return how many."""
+    import bitsandbytes as bnb
+
+    version = bitsandbytes_version or bnb.__version__
+    if torch.cuda.is_available() or version != SUPPORTED_BITSANDBYTES:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)

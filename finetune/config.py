@@ -23,7 +23,7 @@ import yaml
 from finetune.architectures import attention_heads, known_model_names, num_layers
 from finetune.booster import PLUGINS
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
 TASKS = ("instruction",)
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -48,6 +48,17 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
+
+
+@dataclass
+class QuantizationConfig:
+    """The frozen base model's weights under method=qlora (bitsandbytes)."""
+
+    bits: int = 4  # 4 | 8
+    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    double_quant: bool = True  # quantize the 4-bit scales too (about 0.4 bits/parameter less)
+    compute_dtype: str = "auto"  # auto (= train.precision) | fp32 | bf16 | fp16
+    skip_modules: list[str] = field(default_factory=list)  # kept in full precision; empty: lm_head and classification heads
 
 
 @dataclass
@@ -104,6 +115,7 @@ class Config:
     output_dir: str = "outputs/quickstart"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     plugin: PluginConfig = field(default_factory=PluginConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -246,11 +258,8 @@ def _choice(key: str, value: str, allowed) -> list[str]:
 
 def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     """Every problem with the configuration for this launch, each a line that names the fix."""
-    problems = _choice("task", cfg.task, TASKS)
-    if cfg.method == "qlora":
-        problems.append("method=qlora: not available in this version yet; use method=lora")
-    else:
-        problems += _choice("method", cfg.method, METHODS)
+    problems = _choice("task", cfg.task, TASKS) + _choice("method", cfg.method, METHODS)
+    problems += _quantization_problems(cfg, has_cuda)
     problems += _choice("train.precision", cfg.train.precision, PRECISIONS)
     problems += _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     problems += _choice("train.lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS)
@@ -259,8 +268,10 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if spec is None:
         problems += _choice("plugin.name", cfg.plugin.name, sorted(PLUGINS))
     else:
-        if cfg.method == "lora" and not spec.supports_lora:
-            problems.append(f"method=lora: plugin '{cfg.plugin.name}' cannot hold LoRA adapters; use method=full or plugin.name=torch_ddp")
+        if cfg.method in ("lora", "qlora") and not spec.supports_lora:
+            problems.append(f"method={cfg.method}: plugin '{cfg.plugin.name}' cannot hold LoRA adapters; use method=full or plugin.name=torch_ddp")
+        elif cfg.method == "qlora" and not spec.supports_qlora:
+            problems.append(f"method=qlora: plugin '{cfg.plugin.name}' cannot hold quantized weights ({spec.qlora_refusal}); use torch_ddp, low_level_zero or hybrid_parallel with pp_size>1")
         if not has_cuda and not spec.runs_on_cpu:
             problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; on CPU use low_level_zero (stage 1/2) or torch_ddp")
         options = {**spec.options, **cfg.plugin.options}
@@ -308,6 +319,23 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     return problems
 
 
+def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:
+    """What is wrong with the quantization section, or with setting it for a method that does not quantize."""
+    quant = cfg.quantization
+    if cfg.method != "qlora":
+        if quant != QuantizationConfig():
+            return [f"quantization.* is set but method={cfg.method} does not quantize; use method=qlora or drop the quantization keys"]
+        return []
+    problems = _choice("quantization.bits", str(quant.bits), ("4", "8"))
+    problems += _choice("quantization.quant_type", quant.quant_type, ("nf4", "fp4"))
+    problems += _choice("quantization.compute_dtype", quant.compute_dtype, ("auto", *PRECISIONS))
+    if quant.bits == 8 and (quant.quant_type, quant.double_quant) != ("nf4", True):
+        problems.append("quantization.quant_type and quantization.double_quant apply to 4-bit only; drop them with quantization.bits=8")
+    if not has_cuda and quant.compute_dtype == "fp16":
+        problems.append("quantization.compute_dtype=fp16: half-precision matmuls need a CUDA GPU; on CPU use bf16 or fp32")
+    return problems
+
+
 def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_cuda: bool) -> list[str]:
     """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
     tp, pp = options["tp_size"], options["pp_size"]
@@ -327,6 +355,8 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
         problems.append(f"plugin.zero_stage: must be 0, 1 or 2, got {options['zero_stage']}")
     elif options["zero_stage"] and cfg.train.precision == "fp32":
         problems.append("plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16 (or fp16 on CUDA); ColossalAI's hybrid ZeRO has no fp32 mode")
+    if tp > 1 and cfg.method == "qlora":
+        problems.append("method=qlora with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
     if tp > 1 and cfg.method == "lora":
         problems.append("method=lora with plugin.tp_size>1: ColossalAI 0.5.0 cannot shard LoRA adapters; use tp_size=1 (pipeline/data parallel) or method=full")
     if options["pp_style"] not in ("1f1b", "interleaved"):
@@ -344,8 +374,8 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
         elif options["pp_style"] == "interleaved" and (micro or cfg.train.batch_size // size) % pp:
             problems.append(f"the interleaved schedule needs a multiple of pp_size={pp} micro-batches per step")
         layers, chunks = num_layers(cfg.model.name), pp * options["num_model_chunks"]
-        if layers and cfg.method == "lora" and layers < chunks:
-            problems.append(f"method=lora with {chunks} pipeline chunks: {cfg.model.name} has {layers} layers, so some chunk would hold no adapter to train; use fewer chunks or stages")
+        if layers and cfg.method in ("lora", "qlora") and layers < chunks:
+            problems.append(f"method={cfg.method} with {chunks} pipeline chunks: {cfg.model.name} has {layers} layers, so some chunk would hold no adapter to train; use fewer chunks or stages")
         if options["zero_stage"] == 2:
             problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
         if cfg.train.grad_accum_steps > 1:

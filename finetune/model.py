@@ -9,15 +9,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from finetune import assets
+from finetune import assets, compat, patches, quantization
 from finetune.architectures import DEFAULT_LORA_TARGETS, NAMED_CONFIGS
-from finetune.config import LoraConfig, ModelConfig
+from finetune.config import LoraConfig, ModelConfig, QuantizationConfig
+
 
 class ModelError(ValueError):
     """The model cannot be built as configured."""
@@ -64,11 +66,19 @@ def attention_for(model_type: str, requested: str, shardformer: bool) -> str:
     return "sdpa" if requested == "auto" else requested
 
 
-def build_model(cfg_model: ModelConfig, seed: int, shardformer: bool = False) -> tuple[nn.Module, object]:
-    """Build the float32 causal-LM base model and its tokenizer (random init for named configs).
+def build_model(
+    cfg_model: ModelConfig, seed: int, shardformer: bool = False, quantization: QuantizationConfig | None = None, precision: str = "fp32"
+) -> tuple[nn.Module, object]:
+    """Build the causal-LM base model and its tokenizer: float32, or quantized for QLoRA.
 
     Args:
+        seed: initial weights of named configs (random init), the same on every rank.
         shardformer: the model will be sharded by ColossalAI's shardformer (HybridParallelPlugin).
+        quantization: quantize the base with bitsandbytes (method=qlora); None keeps float32.
+        precision: train.precision, the compute dtype of quantized layers when it is `auto`.
+
+    Raises:
+        ModelError: the model cannot be found, or a requested quantization converted no layer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -81,18 +91,62 @@ def build_model(cfg_model: ModelConfig, seed: int, shardformer: bool = False) ->
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
         model.config._name_or_path = source.name  # recorded as the base model in adapter configs
         tokenizer = assets.gpt2_tokenizer()
+        if quantization:  # transformers quantizes while loading weights: load this random init back
+            with tempfile.TemporaryDirectory(prefix="finetune-qlora-") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                model = load_quantized(tmp, attention, quantization, precision, trust_remote_code=False)
+            model.config._name_or_path = source.name
     else:
         config = AutoConfig.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.name,
-            torch_dtype=torch.float32,
-            attn_implementation=attention_for(config.model_type, cfg_model.attn_implementation, shardformer),
-            trust_remote_code=cfg_model.trust_remote_code,
-        )
+        attention = attention_for(config.model_type, cfg_model.attn_implementation, shardformer)
+        if quantization:
+            model = load_quantized(source.name, attention, quantization, precision, cfg_model.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.name, torch_dtype=torch.float32, attn_implementation=attention, trust_remote_code=cfg_model.trust_remote_code
+            )
         tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_quantized(
+    path: str, attention: str, cfg_quant: QuantizationConfig, precision: str, trust_remote_code: bool, auto_class: type | None = None
+) -> nn.Module:
+    """Load a model directory with its projections quantized by bitsandbytes, and check that they were.
+
+    Args:
+        auto_class: the transformers Auto class to load with (default AutoModelForCausalLM).
+
+    Raises:
+        ModelError: the quantization converted no layer.
+    """
+    from transformers import AutoModelForCausalLM
+
+    compat.apply_quantization_repairs()  # transformers 4.51.3 refuses bitsandbytes on CPU without IPEX
+    patches.apply_quantization_fixes()  # peft 0.13.2 reads a bitsandbytes attribute removed in 0.45
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(
+        path,
+        quantization_config=quantization.bnb_config(cfg_quant, precision),
+        torch_dtype=torch.float32,  # the layers left unquantized (None would make them fp16)
+        device_map={"": _quantization_device()},
+        attn_implementation=attention,
+        trust_remote_code=trust_remote_code,
+    )
+    try:
+        quantization.check_quantized(model, cfg_quant)
+    except quantization.QuantizationError as err:
+        raise ModelError(str(err)) from None
+    compat.keep_4bit_weights_trainable(model)  # bitsandbytes' CPU inference repacking breaks training after eval
+    return model
+
+
+def _quantization_device() -> str:
+    """bitsandbytes quantizes a weight when it is moved to its device: this rank's GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
 
 
 def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
@@ -125,14 +179,16 @@ def _is_projection(module: nn.Module) -> bool:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, shared tensors counted once."""
+    """(trainable, all) parameter counts, shared tensors counted once, 4-bit weights by their real shape."""
     seen, trainable, total = set(), 0, 0
     for param in model.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        state = getattr(param, "quant_state", None)  # bitsandbytes packs two 4-bit values per byte
+        numel = state.shape.numel() if state is not None else param.numel()
+        total += numel
+        trainable += numel if param.requires_grad else 0
     return trainable, total
 
 

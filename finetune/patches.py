@@ -1,10 +1,13 @@
-"""Fixes for ColossalAI 0.5.0 bugs that bite on every device (CPU repairs live in finetune/compat.py).
+"""Fixes for bugs in the pinned stack that bite on every device (CPU repairs live in finetune/compat.py).
 
 - HybridParallelModule.sync_shared_params all-reduces the gradient of every parameter shared across
   pipeline stages (GPT-2's tied embedding and LM head), even when it has none: during a forward-only
   pipeline pass (evaluation) and when the shared weight is frozen (LoRA), the gradient is None and
   torch.distributed raises TypeError. A None gradient is None on every stage alike, so skipping it is
   safe; the barrier that follows stays, so ranks stay in step.
+- peft 0.13.2 reads `MatmulLtState.memory_efficient_backward` when it puts LoRA on a bitsandbytes
+  8-bit layer; bitsandbytes 0.45 removed that attribute (it was always False by then), so peft raises
+  AttributeError. Fixed in peft 0.14; here the class attribute is given back with its old value.
 """
 
 from __future__ import annotations
@@ -42,3 +45,18 @@ def apply(colossalai_version: str | None = None) -> list[str]:
         HybridParallelModule.sync_shared_params = _sync_shared_params
         _applied.append("HybridParallelModule.sync_shared_params")
     return list(_applied)
+
+
+SUPPORTED_PEFT = "0.13.2"
+
+
+def apply_quantization_fixes(peft_version: str | None = None) -> list[str]:
+    """Give bitsandbytes' MatmulLtState the attribute peft 0.13.2 reads (a no-op on other versions)."""
+    import peft
+    from bitsandbytes.autograd._functions import MatmulLtState
+
+    version = peft_version or peft.__version__
+    if version != SUPPORTED_PEFT or hasattr(MatmulLtState, "memory_efficient_backward"):
+        return []
+    MatmulLtState.memory_efficient_backward = False
+    return ["bitsandbytes MatmulLtState.memory_efficient_backward"]

@@ -38,12 +38,13 @@ from tqdm import tqdm
 from finetune import checks, compat, patches
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
-from finetune.config import Config, ConfigError, help_text, load_config, to_dict
+from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, to_dict
 from finetune.data import DataError, build_data, collate, load_splits
 from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
 from finetune.profiler import MemoryProfiler
+from finetune.quantization import format_weight_bytes, weight_bytes
 
 USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError, patches.PatchError)
 
@@ -72,8 +73,10 @@ def launch(cfg: Config) -> torch.device:
     # Optional CUDA extras ColossalAI mentions at import (TensorNVMe async save, apex fused norms) are
     # not used by this tool; their warnings would only bury the report.
     warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)")
-    # bitsandbytes logs a missing optional 4-bit CPU kernel on import; no method here quantizes.
+    # bitsandbytes logs that an optional faster 4-bit CPU kernel (the `kernels` package) is missing.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes' 8-bit matmul computes in fp16 by design and says so on every layer's first call.
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed
 
@@ -315,30 +318,39 @@ def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe
     """Rank 0: load the base and then final/ the way a user would; generate with both, score the probe."""
     from transformers import AutoModelForCausalLM
 
-    base, _ = build_model(cfg.model, cfg.train.seed)  # named configs: the same seed gives the same base
-    base.to(device)
+    # Named configs: the same seed gives the same base. QLoRA adapters go onto a freshly quantized base.
+    base, _ = build_model(cfg.model, cfg.train.seed, quantization=quantization_for(cfg), precision=cfg.train.precision)
+    if cfg.method != "qlora":  # a quantized model is loaded onto its device, and transformers refuses to move 8-bit ones
+        base.to(device)
     before = generate(base, tokenizer, prompts, cfg.eval.max_new_tokens, device)
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         from peft import PeftModel
 
         reloaded, loader = PeftModel.from_pretrained(base, str(final)), "PeftModel.from_pretrained"
     else:
         del base
         reloaded, loader = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32), "AutoModelForCausalLM.from_pretrained"
-    reloaded.to(device).eval()
+    if cfg.method != "qlora":
+        reloaded.to(device)
+    reloaded.eval()
     after = generate(reloaded, tokenizer, prompts, cfg.eval.max_new_tokens, device)
     probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
     generations = [{"prompt": r["instruction"], "reference": r["output"], "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
     return {"loader": loader, "probe_loss": probe_loss, "generations": generations}
 
 
+def quantization_for(cfg: Config) -> QuantizationConfig | None:
+    """The base model's quantization: the quantization section under method=qlora, else none."""
+    return cfg.quantization if cfg.method == "qlora" else None
+
+
 def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: Layout):
-    """Full fine-tuning leaves the model as it is; LoRA adds adapters the way this plugin can hold them.
+    """Full fine-tuning leaves the model as it is; (Q)LoRA adds adapters the way this plugin can hold them.
 
     Returns:
         (model, the peft LoraConfig or None)
     """
-    if cfg.method != "lora":
+    if cfg.method == "full":
         return model, None
     lora_config = build_lora_config(model, cfg.lora)
     torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
@@ -383,8 +395,12 @@ def main(argv: list[str]) -> None:
 
     splits = load_splits(cfg.data, cfg.train.seed)  # bad rows fail here, before the model is built
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
-        model, tokenizer = build_model(cfg.model, cfg.train.seed, shardformer=cfg.plugin.name == "hybrid_parallel")
+        model, tokenizer = build_model(
+            cfg.model, cfg.train.seed, shardformer=cfg.plugin.name == "hybrid_parallel", quantization=quantization_for(cfg), precision=cfg.train.precision
+        )
     log(profiler.format(profiler.record("model_loaded")))
+    model_weights = weight_bytes(model)
+    log(format_weight_bytes(model_weights))
     data = build_data(cfg.data, tokenizer, splits)
     log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated at {cfg.data.max_length} tokens)")
 
@@ -458,7 +474,7 @@ def main(argv: list[str]) -> None:
         "final_loss": history["losses"][-1],
         "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"]},
         "throughput": history["throughput"],
-        "memory": profiler.summary(),
+        "memory": {**profiler.summary(), "model_weights": model_weights.as_dict()},
         "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1 if digests else None},
         "reload": reload,
         "data": {"train_samples": len(data.train), "eval_samples": len(data.eval), "truncated": data.truncated},

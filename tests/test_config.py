@@ -136,6 +136,9 @@ def test_tensor_parallel_must_divide_the_heads():
         ("pp2_interleaved.yaml", ["model.name=tiny-llama"], 2, "tiny-llama has 2 layers, so some chunk would hold no adapter"),
         ("pp2_zero1.yaml", ["train.precision=fp32"], 2, "plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16"),
         ("zero2.yaml", ["plugin.tp_size=2"], 2, "plugin.tp_size: not an option of plugin 'low_level_zero'"),
+        ("fsdp.yaml", ["method=qlora"], 2, "method=qlora: plugin 'torch_fsdp' cannot hold quantized weights"),
+        ("tp2.yaml", ["method=qlora", "model.name=tiny-gpt2"], 2, "method=qlora with plugin.tp_size>1"),
+        ("gemini.yaml", ["method=qlora"], 2, "method=qlora: plugin 'gemini' cannot hold LoRA adapters"),
     ],
 )
 def test_impossible_plugin_combinations(config, argv, world, message):
@@ -161,6 +164,11 @@ def test_impossible_plugin_combinations(config, argv, world, message):
         (["--lr", "3"], "unknown option '--lr'"),
         (["max_steps"], "expected key=value"),
         (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml: file not found"),
+        (["method=qlora", "quantization.bits=3"], "quantization.bits: unknown value '3'"),
+        (["method=qlora", "quantization.quant_type=int4"], "quantization.quant_type: unknown value 'int4'"),
+        (["method=qlora", "quantization.compute_dtype=fp16"], "quantization.compute_dtype=fp16: half-precision matmuls need a CUDA GPU"),
+        (["method=qlora", "quantization.bits=8", "quantization.quant_type=fp4"], "apply to 4-bit only"),
+        (["quantization.bits=8"], "quantization.* is set but method=lora does not quantize"),
     ],
 )
 def test_bad_input_names_the_problem(argv, message):
@@ -197,3 +205,10 @@ def test_cli_fails_fast_with_one_line(argv):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert elapsed < 10, f"bad config took {elapsed:.1f} s to reject"
+
+
+def test_qlora_is_one_line_from_the_quickstart():
+    cfg = load_config(["method=qlora"], world_size=2)
+    assert (cfg.method, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant) == ("qlora", 4, "nf4", True)
+    eight = load_config(["method=qlora", "quantization.bits=8", "quantization.compute_dtype=bf16", "lora.r=16"], world_size=1)
+    assert (eight.quantization.bits, eight.quantization.compute_dtype, eight.lora.r) == (8, "bf16", 16)
