@@ -28,7 +28,7 @@ assets: install
 # MAKEOVERRIDES ("$${-*-command-variables-*-}") breaks that, so make's variables are dropped first.
 demo: assets
 	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) \
-		colossalai run --nproc_per_node=$(NPROC) --master_port $(FREE_PORT) finetune/train.py $(ARGS)
+		colossalai run --nproc_per_node=$(NPROC) --master_port $(FREE_PORT) finetune/train.py overwrite_output_dir=true $(ARGS)
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests

@@ -110,9 +110,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32)
+        except (ValueError, KeyError, OSError, RuntimeError) as err:  # the gguf reader's errors for files it cannot read
+            raise AssetError(f"{gguf_path}: not a GGUF model transformers can convert ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer_from_gguf(gguf_path).save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"converted from {gguf_path}\n")

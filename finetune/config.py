@@ -92,6 +92,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     log_every: int = 1
+    on_nan: str = "stop"  # a non-finite loss: stop (the last checkpoint stays good) | skip (drop that step's update)
 
 
 @dataclass
@@ -100,6 +101,12 @@ class EvalConfig:
     batch_size: int = 8
     num_generation_prompts: int = 3  # fixed held-out prompts generated before and after training
     max_new_tokens: int = 40
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save every N optimizer steps and at the last one; 0: no checkpoints (final/ is always written)
+    keep_last: int = 2  # complete checkpoints kept; 0: keep all
 
 
 @dataclass
@@ -113,6 +120,8 @@ class Config:
     task: str = "instruction"
     method: str = "lora"
     output_dir: str = "outputs/quickstart"
+    resume_from: str = ""  # latest (newest complete checkpoint in output_dir) | a checkpoint directory
+    overwrite_output_dir: bool = False  # start afresh in an output_dir that holds another run
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -120,6 +129,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
@@ -250,6 +260,11 @@ def build_config(settings: list[tuple[str, str, Any]]) -> Config:
     return cfg
 
 
+def from_dict(tree: dict[str, Any], source: str) -> Config:
+    """A Config from plain data shaped like to_dict() (a checkpoint's record of its run), checked key by key."""
+    return build_config([(source, key, value) for key, value in _flatten(tree).items()])
+
+
 def _choice(key: str, value: str, allowed) -> list[str]:
     if value in allowed:
         return []
@@ -280,6 +295,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         if spec.fsdp:
             for key, allowed in (("sharding_strategy", ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")), ("backward_prefetch", ("BACKWARD_PRE", "BACKWARD_POST"))):
                 problems += _choice(f"plugin.{key}", options[key], allowed)
+        if spec.fsdp and (cfg.checkpoint.every_steps or cfg.resume_from):
+            problems.append(f"checkpoint.every_steps / resume_from with plugin '{cfg.plugin.name}': FSDP checkpoints are not supported in this version; use torch_ddp or low_level_zero (ZeRO-2 shards optimizer states and gradients too)")
         if cfg.plugin.name == "gemini" and options["placement_policy"] not in ("static", "auto"):
             problems.append(f"plugin.placement_policy: must be static or auto, got '{options['placement_policy']}'")
         if cfg.plugin.name == "hybrid_parallel":
@@ -292,7 +309,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
-    for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples"):
+    problems += _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
+    for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             problems.append(f"{key}: must not be negative")
@@ -317,6 +335,28 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if world_size < 1:
         problems.append(f"world size must be at least 1, got {world_size}")
     return problems
+
+
+def output_problems(cfg: Config) -> list[str]:
+    """output_dir must be writable, and must not hold another run unless resuming or told to overwrite.
+
+    Checked at launch (train.py, finetune.launch), not by validate(): a finished run's own config.yaml
+    must stay loadable.
+    """
+    out = Path(cfg.output_dir)
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
+    if not existing.is_dir():
+        return [f"output_dir: {existing} is a file, so {out} cannot be created; choose another output_dir"]
+    if not os.access(existing, os.W_OK):
+        return [f"output_dir: {existing} is not writable; choose another output_dir"]
+    if cfg.resume_from and cfg.overwrite_output_dir:
+        return ["resume_from and overwrite_output_dir=true contradict each other; drop one"]
+    if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).is_dir():
+        return [f"resume_from: no such checkpoint directory: {cfg.resume_from}"]
+    previous = [name for name in ("summary.json", "checkpoints", "final") if (out / name).exists()]
+    if previous and not cfg.resume_from and not cfg.overwrite_output_dir:
+        return [f"output_dir: {out} holds another run ({', '.join(previous)}); use resume_from=latest to continue it, overwrite_output_dir=true to replace it, or another output_dir"]
+    return []
 
 
 def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:

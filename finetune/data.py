@@ -65,6 +65,7 @@ def load_records(path: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot parse is reported below, in one line
     try:
         rows = datasets.load_dataset("json", data_files=path, split="train")
     except Exception as err:  # datasets wraps JSON errors in several exception types

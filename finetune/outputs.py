@@ -22,11 +22,19 @@ import yaml
 class RunOutputs:
     """Writes one run's files. Create it on rank 0 only."""
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, resume_step: int | None = None) -> None:
+        """A new run starts a new metrics log; a resumed one keeps its records up to the resumed step."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")  # a new run starts a new log
+        kept = [r for r in self.read_metrics() if r["step"] <= resume_step] if resume_step is not None else []
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl (none if it does not exist)."""
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def write_config(self, config: dict[str, Any]) -> None:
         """config.yaml: the resolved config, reusable as --config."""

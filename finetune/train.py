@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script (python finetune/train.py): mak
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 import socket
@@ -26,6 +27,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+
+# Set before the imports below emit them. Optional extras that ColossalAI and bitsandbytes mention on
+# import (TensorNVMe async save, apex fused norms, the `kernels` package's faster CPU 4-bit matmul) are
+# not used by this tool; their notices would bury the report or an error line.
+warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)")
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# bitsandbytes' 8-bit matmul computes in fp16 by design and says so on every layer's first call.
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
 
 import torch
 import torch.distributed as dist
@@ -35,10 +44,11 @@ from safetensors.torch import save_file
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from finetune import checks, compat, patches
+from finetune import checkpoint, checks, compat, patches
+from finetune.faults import Faults
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
-from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, to_dict
+from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, output_problems, to_dict
 from finetune.data import DataError, build_data, collate, load_splits
 from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
@@ -46,7 +56,14 @@ from finetune.outputs import RunOutputs, tee_rank_output
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
 
-USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError, patches.PatchError)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss under train.on_nan=stop)."""
+
+
+# Reported as one `error:` line and exit code 2, never as a traceback.
+USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, checkpoint.CheckpointError, TrainingError, compat.CompatError, patches.PatchError)
 
 
 def is_main() -> bool:
@@ -70,13 +87,6 @@ def launch(cfg: Config) -> torch.device:
         tee_rank_output(cfg.output_dir, int(os.environ["RANK"]))
     compat.apply()  # before colossalai touches its CPU accelerator; a no-op on CUDA
     patches.apply()  # ColossalAI bugs that bite on every device
-    # Optional CUDA extras ColossalAI mentions at import (TensorNVMe async save, apex fused norms) are
-    # not used by this tool; their warnings would only bury the report.
-    warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvme|apex)")
-    # bitsandbytes logs that an optional faster 4-bit CPU kernel (the `kernels` package) is missing.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # bitsandbytes' 8-bit matmul computes in fp16 by design and says so on every layer's first call.
-    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed
 
@@ -115,19 +125,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: 
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
 
 
-def batches_forever(dataloader, grad_accum_steps: int):
-    """Yield (epoch, micro-batches of one optimizer step), reshuffling each epoch."""
-    epoch = 0
+def batches_forever(dataloader, grad_accum_steps: int, steps_per_epoch: int, start_step: int = 0):
+    """Yield (epoch, micro-batches of one optimizer step), reshuffling each epoch.
+
+    Resuming after `start_step` steps continues with the next unseen batch: the sampler's order depends
+    only on train.seed and the epoch, so the batches already consumed in that epoch are skipped.
+    """
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    skip *= grad_accum_steps
     while True:
         if hasattr(dataloader.sampler, "set_epoch"):
             dataloader.sampler.set_epoch(epoch)
         micro_batches = []
-        for batch in dataloader:
+        for index, batch in enumerate(dataloader):
+            if index < skip:
+                continue
             micro_batches.append(batch)
             if len(micro_batches) == grad_accum_steps:
                 yield epoch, micro_batches
                 micro_batches = []
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 @dataclass
@@ -143,10 +160,17 @@ class Run:
     device: torch.device
     num_microbatches: int  # pipeline only: micro-batches per step
     pad_to: int  # pipeline only: every batch is padded to this many tokens
+    lora_config: object  # peft LoraConfig when adapters (LoRA/QLoRA) are what trains and what checkpoints hold, else None
+    steps_per_epoch: int
+    faults: Faults
 
 
-def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
-    """One optimizer step over the micro-batches; returns (mean loss, non-pad tokens) of this rank."""
+def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, int]:
+    """One optimizer step over the micro-batches; returns (mean loss, non-pad tokens) of this rank.
+
+    Raises:
+        TrainingError: a rank's loss is not finite and train.on_nan=stop (no update is applied).
+    """
     cfg, booster, model, optimizer = run.cfg, run.booster, run.model, run.optimizer
     spec = PLUGINS[cfg.plugin.name]
     # Plugins that own precision cast the model themselves; for the others bf16 is autocast here.
@@ -166,6 +190,14 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
                 loss = model(**batch).loss / len(micro_batches)
             booster.backward(loss, optimizer)
         loss_sum += loss.item()
+    if run.faults.at("nan_at_step", step):
+        loss_sum = float("nan")
+    if not_finite_anywhere(loss_sum, run.device):
+        optimizer.zero_grad()
+        if cfg.train.on_nan == "stop":
+            raise TrainingError(f"step {step}: the loss is not finite; stopped before updating the weights (train.on_nan=skip drops such steps instead){last_checkpoint_note(cfg)}")
+        log(f"step {step}: the loss is not finite; this step's update is skipped (train.on_nan=skip)")
+        return loss_sum, tokens
     if cfg.train.max_grad_norm > 0 and spec.fsdp:
         model.module.clip_grad_norm_(cfg.train.max_grad_norm)  # FSDP's own: the norm over all shards
     elif cfg.train.max_grad_norm > 0 and not spec.takes_max_norm:
@@ -173,6 +205,18 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
     optimizer.step()
     optimizer.zero_grad()
     return loss_sum, tokens
+
+
+def not_finite_anywhere(loss: float, device) -> bool:
+    """Whether any rank's loss is NaN or infinite (all ranks must agree to skip or stop together)."""
+    flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def last_checkpoint_note(cfg: Config) -> str:
+    found = checkpoint.complete_checkpoints(cfg.output_dir)
+    return f"; the last good checkpoint is {found[-1]} (resume_from=latest)" if found else "; no checkpoint was written (checkpoint.every_steps)"
 
 
 def make_batch_loss(run: Run):
@@ -214,16 +258,22 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_token_id: int, profiler, outputs) -> dict:
-    """The training loop: step, log, evaluate every eval.every_steps. Returns the loss history and throughput."""
+def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_token_id: int, profiler, outputs, start_step: int = 0) -> dict:
+    """The training loop: step, log, evaluate every eval.every_steps, checkpoint every checkpoint.every_steps.
+
+    Returns the loss history (earlier steps of a resumed run included, from metrics.jsonl) and throughput.
+    """
     cfg = run.cfg
-    steps, losses, eval_history = [], [], []
+    steps, losses, eval_history = resumed_history(outputs, start_step) if is_main() else ([], [], [])
     train_tokens, train_s = 0, 0.0
-    progress = tqdm(total=total_steps, desc="train", disable=not is_main(), dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=not is_main(), dynamic_ncols=True)
     run.model.train()
-    for step, (epoch, micro_batches) in enumerate(batches_forever(dataloader, cfg.train.grad_accum_steps), start=1):
+    batches = batches_forever(dataloader, cfg.train.grad_accum_steps, run.steps_per_epoch, start_step)
+    for step, (epoch, micro_batches) in enumerate(batches, start=start_step + 1):
+        if step > total_steps:
+            break
         started = time.perf_counter()
-        loss, tokens = train_step(run, micro_batches)
+        loss, tokens = train_step(run, micro_batches, step)
         run.scheduler.step()
         elapsed = time.perf_counter() - started
         memory = profiler.record_step(step)
@@ -232,9 +282,13 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
         mean_loss = loss_sum / run.layout.dp_size
         train_tokens += int(token_sum)
         train_s += elapsed
-        steps.append(step)
-        losses.append(mean_loss)
-        if is_main() and (step % cfg.train.log_every == 0 or step == total_steps):
+        if not math.isfinite(mean_loss):  # skipped under train.on_nan=skip (stop raised in train_step)
+            if is_main():
+                outputs.log_metrics({"step": step, "epoch": epoch, "skipped": "non-finite loss"})
+        else:
+            steps.append(step)
+            losses.append(mean_loss)
+        if is_main() and math.isfinite(mean_loss) and (step % cfg.train.log_every == 0 or step == total_steps):
             outputs.log_metrics(
                 {
                     "step": step,
@@ -255,6 +309,11 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
             log(f"step {step}: eval loss {result['loss']:.4f}")
             if is_main():
                 outputs.log_metrics({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+        every = cfg.checkpoint.every_steps
+        if every and (step % every == 0 or step == total_steps):
+            saved = checkpoint.save_checkpoint(run, step, run.steps_per_epoch, run.lora_config, run.faults)
+            log(f"step {step}: checkpoint {saved}")
+        run.faults.maybe_kill("kill_after_step", step)
         if step == total_steps:
             break
     progress.close()
@@ -264,6 +323,14 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
         "eval_history": eval_history,
         "throughput": {"tokens_per_s": train_tokens / train_s if train_s else 0.0, "train_tokens": train_tokens, "train_s": train_s},
     }
+
+
+def resumed_history(outputs, start_step: int) -> tuple[list[int], list[float], list[dict]]:
+    """Steps, losses and evals a resumed run had logged before its checkpoint (empty for a new run)."""
+    records = [r for r in outputs.read_metrics() if 0 < r["step"] <= start_step] if start_step else []
+    train = [r for r in records if "loss" in r]
+    evals = [{"step": r["step"], "loss": r["eval_loss"], "perplexity": r["eval_perplexity"]} for r in records if "eval_loss" in r]
+    return [r["step"] for r in train], [r["loss"] for r in train], evals
 
 
 def save_final(run: Run, tokenizer, lora_config) -> Path:
@@ -374,6 +441,9 @@ def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int
         collate_fn=lambda batch: collate(batch, pad_token_id, pad_to=pad_to),
         # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
         distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
+        # Each new epoch iterator draws a seed; from its own generator it leaves the global RNG (dropout)
+        # alone, so a resumed run, which starts a new iterator mid-epoch, draws the same dropout masks.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
 
 
@@ -385,11 +455,17 @@ def main(argv: list[str]) -> None:
         print(__doc__ + "\nConfig keys (key=value overrides, --config FILE repeatable):\n" + help_text())
         return
     cfg = load_config(argv, has_cuda=torch.cuda.is_available())  # before any heavy work
+    problems = output_problems(cfg)
+    if problems:
+        raise ConfigError(problems[0])
+    resume = checkpoint.resolve_resume(cfg)  # verified complete and compatible before any model is built
+    resume_state = checkpoint.read_state(resume) if resume else None
+    changed = checkpoint.check_compatible(resume_state, cfg, int(os.environ.get("WORLD_SIZE", "1"))) if resume else []
     wall_start = time.perf_counter()
     device = launch(cfg)
-    outputs = RunOutputs(cfg.output_dir) if is_main() else None
-    if is_main():
-        outputs.write_config(to_dict(cfg))
+    outputs = start_outputs(cfg, resume_state) if is_main() else None
+    if resume:
+        log(f"resuming from {resume} (step {resume_state['step']})" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
     profiler = MemoryProfiler()
     log(profiler.format(profiler.record("start")))
 
@@ -429,7 +505,8 @@ def main(argv: list[str]) -> None:
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
     log(profiler.format(profiler.record("boosted")))
-    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to)
+    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to, lora_config, steps_per_epoch, Faults())
+    start_step = checkpoint.load_checkpoint(run, resume, lora=lora_config is not None)["step"] if resume else 0
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id)
@@ -437,7 +514,7 @@ def main(argv: list[str]) -> None:
     fingerprints_before = checks.fingerprints(module)
 
     profiler.reset_peak()
-    history = fit(run, dataloader, total_steps, data.eval, tokenizer.pad_token_id, profiler, outputs)
+    history = fit(run, dataloader, total_steps, data.eval, tokenizer.pad_token_id, profiler, outputs, start_step)
     profiler.record_train_peak()
     log(profiler.format(profiler.record("after_training")))
 
@@ -479,11 +556,26 @@ def main(argv: list[str]) -> None:
         "reload": reload,
         "data": {"train_samples": len(data.train), "eval_samples": len(data.eval), "truncated": data.truncated},
         "final_dir": str(final),
+        "resumed_from": {"checkpoint": str(resume), "step": start_step} if resume else None,
+        "checkpoints": [str(path) for path in checkpoint.complete_checkpoints(cfg.output_dir)],
         "wall_s": time.perf_counter() - wall_start,
     }
     summary["artifacts"] = outputs.artifacts()
     outputs.write_json("summary.json", summary)
     print_report(summary, generations, profiler)
+
+
+def start_outputs(cfg: Config, resume_state: dict | None) -> RunOutputs:
+    """Rank 0: the run dir, emptied of an overwritten run's results, cleared of half-written checkpoints."""
+    if cfg.overwrite_output_dir:
+        for name in ("final", "final.partial", checkpoint.CHECKPOINTS, "summary.json", "generations.json"):
+            path = Path(cfg.output_dir) / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for partial in checkpoint.remove_partial(cfg.output_dir):
+        log(f"removed the half-written checkpoint {partial}")
+    outputs = RunOutputs(cfg.output_dir, resume_state["step"] if resume_state else None)
+    outputs.write_config(to_dict(cfg))
+    return outputs
 
 
 def num_microbatches(cfg: Config) -> int:

@@ -1,0 +1,365 @@
+"""Checkpoints that survive crashes: periodic, atomic, exactly resumable, safe to load.
+
+    output_dir/checkpoints/step_00000040/
+        model/           full fine-tuning: the Booster's sharded model checkpoint (safetensors);
+                         (Q)LoRA: the adapter only, in peft layout (adapter_model.safetensors)
+        optimizer/       the Booster's sharded optimizer checkpoint; under tensor/pipeline parallelism
+                         each rank's own state (rank_N.pt), reloaded by the same layout
+        scheduler.pt     LR scheduler state
+        rng/rank_N.pt    every rank's torch / python / numpy RNG states
+        state.json       step, epoch, batches into the epoch, samples seen, what produced it, file sizes
+
+Atomicity: every rank writes into `step_N.partial/`; only when all ranks are done does rank 0 write
+state.json (the manifest, listing every file and its size) and rename the directory into place. A
+crash at any moment leaves the previous checkpoints untouched and at most a `.partial` directory,
+which is ignored and removed by the next run. `resume_from=latest` takes the newest complete one.
+
+Safe loading: safetensors for weights; everything pickled (optimizer, scheduler, RNG) is read with
+`torch.load(weights_only=True)`, ColossalAI's own loaders included, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from finetune.config import Config, to_dict
+
+CHECKPOINTS = "checkpoints"
+FORMAT_VERSION = 1
+# What a resumed run must share with the run that wrote the checkpoint: anything else (max_steps, lr,
+# eval and checkpoint settings, output paths) may change between the two.
+IDENTITY_KEYS = (
+    "task", "method", "model", "lora", "quantization", "plugin", "world_size",
+    "data.train_path", "data.eval_path", "data.eval_fraction", "data.max_length",
+    "train.seed", "train.batch_size", "train.grad_accum_steps", "train.precision",
+)  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, incomplete, unsafe, or from an incompatible run."""
+
+
+def checkpoint_dir(output_dir: str, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (directories with a manifest, never `.partial` ones)."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def identity(cfg: Config, world_size: int) -> dict:
+    """The settings a checkpoint records and a resume must match."""
+    tree = {**to_dict(cfg), "world_size": world_size}
+    return {key: functools.reduce(lambda node, part: node[part], key.split("."), tree) for key in IDENTITY_KEYS}
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint `resume_from` names (latest or a path), verified complete; None for a fresh run.
+
+    Raises:
+        CheckpointError: nothing to resume from, or the checkpoint is incomplete.
+    """
+    if not cfg.resume_from:
+        return None
+    if cfg.resume_from == "latest":
+        found = complete_checkpoints(cfg.output_dir)
+        if not found:
+            raise CheckpointError(f"resume_from=latest: no complete checkpoint in {Path(cfg.output_dir) / CHECKPOINTS}")
+        path = found[-1]
+    else:
+        path = Path(cfg.resume_from)
+    verify(path)
+    return path
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json."""
+    try:
+        return json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"resume_from={path}: not a complete checkpoint (no state.json); incomplete ones end in .partial") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"resume_from={path}: state.json is corrupt ({err.msg})") from None
+
+
+def verify(path: Path) -> dict:
+    """Check that a checkpoint holds every file of its manifest, at the recorded size."""
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from={path}: no such checkpoint directory")
+    state = read_state(path)
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"resume_from={path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
+    for name, size in state["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"resume_from={path}: {name} is missing; the checkpoint is incomplete")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"resume_from={path}: {name} has {file.stat().st_size} bytes, the manifest says {size}; the checkpoint is truncated or corrupt")
+    return state
+
+
+def check_compatible(state: dict, cfg: Config, world_size: int) -> list[str]:
+    """Refuse a checkpoint written by a run this one cannot continue; return the settings that changed harmlessly."""
+    mine = identity(cfg, world_size)
+    for key in IDENTITY_KEYS:
+        if state["identity"].get(key) != mine[key]:
+            raise CheckpointError(
+                f"resume_from: the checkpoint was written with {key}={_short(state['identity'].get(key))}, this run has {key}={_short(mine[key])}; "
+                f"resume with the same {key}, or start a new run in another output_dir"
+            )
+    saved = state.get("config", {})
+    return sorted(k for k in set(saved) | set(to_dict(cfg)) if saved.get(k) != to_dict(cfg).get(k))
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Within the block, every torch.load (ColossalAI's loaders too) refuses to unpickle arbitrary objects."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"refusing to load a checkpoint file that holds arbitrary Python objects (only tensors and plain data are read): {str(err).splitlines()[0][:200]}") from None
+    finally:
+        torch.load = original
+
+
+def rng_state() -> dict:
+    """Every RNG a training step can draw from (dropout, shuffling in user code), as plain data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def manifest(path: Path) -> dict[str, int]:
+    """Every file under a checkpoint with its size."""
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file() and p.name != "state.json"}
+
+
+def config_hash(cfg: Config, world_size: int) -> str:
+    return hashlib.sha256(json.dumps(identity(cfg, world_size), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remove_partial(output_dir: str) -> list[Path]:
+    """Delete half-written checkpoints a crash left behind (rank 0, before training)."""
+    partial = sorted((Path(output_dir) / CHECKPOINTS).glob("*.partial"))
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def prune(output_dir: str, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints (0 keeps all)."""
+    if keep_last > 0:
+        for path in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_adapter(state: dict[str, torch.Tensor], path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, path / "adapter_model.safetensors")
+
+
+def read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- writing and reading, collectively (every rank calls these) -----------------------------------
+
+
+def lora_key(name: str) -> str:
+    """peft's adapter-file key for a LoRA parameter, from a PeftModel or an injected model alike."""
+    prefix = "" if name.startswith("base_model.model.") else "base_model.model."
+    return prefix + name.replace(".default.", ".")
+
+
+def local_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's LoRA weights, keyed as in adapter_model.safetensors."""
+    return {lora_key(n): p.detach().cpu().clone() for n, p in module.named_parameters() if "lora_" in n}
+
+
+def gathered_adapter_state(module: torch.nn.Module, pipeline: bool) -> dict[str, torch.Tensor]:
+    """The whole adapter on rank 0: each pipeline stage holds its own layers' share; replicas hold it all."""
+    local = local_adapter_state(module)
+    if not pipeline:
+        return local
+    shares: list[dict] = [{}] * dist.get_world_size()
+    dist.all_gather_object(shares, local)
+    return {k: v for share in shares for k, v in share.items()}
+
+
+def rank_local_optimizer(run) -> bool:
+    """Whether each rank saves its own optimizer state (tensor/pipeline parallelism) instead of the Booster's.
+
+    ColossalAI 0.5.0's hybrid-parallel optimizer checkpoint cannot gather states of a vocabulary padded
+    for tensor parallelism ("isn't evenly distributed"). A resume needs the same layout anyway (the
+    checkpoint's identity pins plugin and world size), so every rank keeps its own shard, as is.
+    """
+    return run.cfg.plugin.name == "hybrid_parallel"
+
+
+def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, fault=None) -> Path:
+    """Write checkpoint `step` atomically; every rank takes part. Returns its directory.
+
+    Args:
+        lora_config: the run's peft LoraConfig: the checkpoint then holds the adapter, not the base.
+        fault: a finetune.faults.Faults, for crash tests.
+    """
+    cfg, rank = run.cfg, dist.get_rank()
+    final = checkpoint_dir(cfg.output_dir, step)
+    staging = final.with_name(final.name + ".partial")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    if lora_config is not None:
+        adapter = gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
+        if rank == 0:
+            write_adapter(adapter, staging / "model")
+            lora_config.base_model_name_or_path = cfg.model.name
+            lora_config.save_pretrained(staging / "model")  # adapter_config.json: the dir is a peft adapter
+    elif run.layout.replicated:  # every rank holds all weights: HF's writer (tied weights stored once, sharded by size)
+        if rank == 0:
+            run.model.unwrap().save_pretrained(staging / "model", safe_serialization=True)
+    else:  # sharded plugins gather their shards through their own checkpoint IO
+        run.booster.save_model(run.model, str(staging / "model"), shard=True, use_safetensors=True)
+    if rank_local_optimizer(run):
+        (staging / "optimizer").mkdir(exist_ok=True)
+        torch.save(run.optimizer.state_dict(), staging / "optimizer" / f"rank_{rank}.pt")
+    else:
+        run.booster.save_optimizer(run.optimizer, str(staging / "optimizer"), shard=True)
+    (staging / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), staging / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        torch.save(run.scheduler.state_dict(), staging / "scheduler.pt")
+    if fault:
+        fault.maybe_kill("kill_in_checkpoint", step)
+    barrier()  # every rank's files are on disk
+    if rank == 0:
+        world = dist.get_world_size()
+        state = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "steps_per_epoch": steps_per_epoch,
+            "epoch": step // steps_per_epoch,
+            "samples_seen": step * cfg.train.batch_size * cfg.train.grad_accum_steps * run.layout.dp_size,
+            "config_hash": config_hash(cfg, world),
+            "identity": identity(cfg, world),
+            "config": to_dict(cfg),
+            "files": manifest(staging),
+        }
+        (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # the checkpoint exists only once it is complete
+        prune(cfg.output_dir, cfg.checkpoint.keep_last)
+    barrier()
+    return final
+
+
+def load_checkpoint(run, path: Path, lora: bool) -> dict:
+    """Restore model (or adapter), optimizer, scheduler and this rank's RNG from a verified checkpoint."""
+    state = read_state(path)
+    with weights_only_loading():
+        if lora:
+            load_adapter(run, read_adapter(path / "model"))
+        elif run.layout.replicated:
+            load_replicated_model(run, path / "model")
+        else:
+            run.booster.load_model(run.model, str(path / "model"))
+        if rank_local_optimizer(run):
+            run.optimizer.load_state_dict(torch.load(path / "optimizer" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
+        else:
+            run.booster.load_optimizer(run.optimizer, str(path / "optimizer"))
+        run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu"))
+        set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
+    barrier()
+    return state
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained directory (one file, or shards listed in an index)."""
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state
+
+
+def load_replicated_model(run, path: Path) -> None:
+    """Load full weights into every replica (tied weights were stored once), then into master copies."""
+    module = run.model.unwrap()
+    missing, unexpected = module.load_state_dict(read_safetensors_dir(path), strict=False)
+    tied = set(getattr(module, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"resume_from: the checkpoint's weights do not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    module.tie_weights()
+    _update_master_params(run)
+
+
+def _update_master_params(run) -> None:
+    """Optimizers that keep fp32 master copies must see weights loaded into the model."""
+    if hasattr(run.model, "update_master_params"):  # LowLevelZero
+        run.model.update_master_params()
+    elif hasattr(run.optimizer, "update_master_params"):  # hybrid parallel's mixed-precision optimizers
+        run.optimizer.update_master_params(run.model)
+
+
+def load_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
+    """Copy saved LoRA weights into this rank's adapters, then into the optimizer's master copies."""
+    module = run.model.unwrap(unwrap_peft=False)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = lora_key(name)
+            if key not in adapter:
+                raise CheckpointError(f"resume_from: the checkpoint's adapter has no {key}; it was written for other LoRA targets")
+            param.copy_(adapter[key])
+    _update_master_params(run)

@@ -1,0 +1,107 @@
+"""Export a run or a checkpoint as a plain Hugging Face model directory.
+
+    python -m finetune.export outputs/run1 outputs/run1-merged                       # a run's final/
+    python -m finetune.export outputs/run1/checkpoints/step_00000040 outputs/merged  # one checkpoint
+
+A LoRA/QLoRA adapter is merged into a full-precision base (for QLoRA too: merging into 4/8-bit
+weights would round the update away), a full fine-tune's (sharded) checkpoint becomes one HF dir.
+Either way the result loads with `AutoModelForCausalLM.from_pretrained`, which the export checks: it
+reloads what it wrote and compares its logits with the in-memory merged model on a test input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from finetune import checkpoint
+from finetune.config import Config, ConfigError, build_config, from_dict, parse_args
+from finetune.model import ModelError, build_model
+
+LOGITS_TOLERANCE = 1e-4
+
+
+class ExportError(ValueError):
+    """The source cannot be exported as asked."""
+
+
+def locate(source: Path) -> tuple[Config, Path]:
+    """(the run's config, the directory holding its weights) for a run dir or a checkpoint dir."""
+    if (source / "state.json").is_file():  # a checkpoint
+        state = checkpoint.verify(source)
+        return from_dict(state["config"], f"{source}/state.json"), source / "model"
+    if (source / "config.yaml").is_file():  # a run dir: its final/, else its newest checkpoint
+        cfg = build_config(parse_args(["--config", str(source / "config.yaml")]))
+        if (source / "final").is_dir():
+            return cfg, source / "final"
+        found = checkpoint.complete_checkpoints(str(source))
+        if found:
+            return cfg, found[-1] / "model"
+        raise ExportError(f"{source}: the run has neither final/ nor a complete checkpoint to export")
+    raise ExportError(f"{source}: not a run directory (config.yaml) nor a checkpoint (state.json)")
+
+
+def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
+    """The fine-tuned model in full precision: base + merged adapter, or the full weights."""
+    base, tokenizer = build_model(cfg.model, cfg.train.seed)  # never quantized: merge into full precision
+    if (weights / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(weights)).merge_and_unload(), tokenizer
+    state = checkpoint.read_safetensors_dir(weights)
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    tied = set(getattr(base, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise ExportError(f"{weights}: the weights do not fit {cfg.model.name} (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    base.tie_weights()
+    return base, tokenizer
+
+
+def export(source: Path, out: Path) -> dict:
+    """Write the merged HF model dir `out` (atomically) and check it reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out}: exists and is not empty; choose a new output directory")
+    cfg, weights = locate(source)
+    model, tokenizer = merged_model(cfg, weights)
+    model.eval()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32).eval()
+    probe = torch.randint(0, min(1000, model.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
+    if difference > LOGITS_TOLERANCE:
+        shutil.rmtree(staging)
+        raise ExportError(f"the exported model's logits differ from the merged model's by {difference:.2e} (> {LOGITS_TOLERANCE}); nothing was written")
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    report = {"source": str(weights), "out": str(out), "merged_adapter": (weights / "adapter_config.json").is_file(), "max_logit_difference": difference}
+    (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        report = export(Path(argv[0]), Path(argv[1]))
+    except (ExportError, ConfigError, ModelError, checkpoint.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    what = "adapter merged into the full-precision base" if report["merged_adapter"] else "full weights"
+    print(f"exported {report['source']} ({what}) to {report['out']}; reloaded logits match within {report['max_logit_difference']:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,34 @@
+"""Fault injection for crash tests, driven by the environment variable FINETUNE_FAULT.
+
+    FINETUNE_FAULT=kill_after_step:6      every rank SIGKILLs itself once step 6 (and its checkpoint) is done
+    FINETUNE_FAULT=kill_in_checkpoint:6   every rank SIGKILLs itself while checkpoint 6 is half written
+    FINETUNE_FAULT=nan_at_step:3          the loss of step 3 becomes NaN (the NaN guard must react)
+
+Real kills, not simulated exits: nothing gets to clean up, exactly as when a node dies. Unset, this
+module does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+class Faults:
+    """The faults this process was asked to inject."""
+
+    def __init__(self, spec: str | None = None) -> None:
+        spec = os.environ.get("FINETUNE_FAULT", "") if spec is None else spec
+        self.points: dict[str, int] = {}
+        for item in filter(None, spec.split(",")):
+            name, _, step = item.partition(":")
+            self.points[name.strip()] = int(step)
+
+    def at(self, name: str, step: int) -> bool:
+        """Whether fault `name` is set for this step."""
+        return self.points.get(name) == step
+
+    def maybe_kill(self, name: str, step: int) -> None:
+        """SIGKILL this process if fault `name` is set for this step."""
+        if self.at(name, step):
+            os.kill(os.getpid(), signal.SIGKILL)

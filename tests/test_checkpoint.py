@@ -1,0 +1,245 @@
+"""Checkpoints: real 2-rank runs killed with SIGKILL and resumed must reproduce the uninterrupted run
+step by step; a crash while a checkpoint is written leaves the previous one usable; the NaN guard;
+safe loading; export to a plain Hugging Face directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune import checkpoint
+from tests.conftest import read_metrics, read_summary, run_train
+
+STEPS = 8
+
+
+def run_args(data: Path, out: Path, extra: list[str]) -> list[str]:
+    return [
+        *extra,
+        f"data.train_path={data}",
+        "data.eval_fraction=0.25",
+        f"output_dir={out}",
+        f"train.max_steps={STEPS}",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "eval.every_steps=3",
+        "eval.num_generation_prompts=1",
+        "eval.max_new_tokens=4",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+    ]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    final = out / "final"
+    if (final / "adapter_model.safetensors").is_file():
+        return load_file(final / "adapter_model.safetensors")
+    return checkpoint.read_safetensors_dir(final)  # one file, or shards under tensor/pipeline parallelism
+
+
+def launch(args: list[str], nproc: int, fault: str = "") -> object:
+    env_fault = {"FINETUNE_FAULT": fault} if fault else {}
+    os.environ.update(env_fault)
+    try:
+        return run_train(args, launcher="torchrun", nproc=nproc)
+    finally:
+        for key in env_fault:
+            os.environ.pop(key)
+
+
+def assert_same_run(reference: Path, resumed: Path, loss_tolerance: float, weight_tolerance: float) -> None:
+    """Same loss at every step (earlier ones kept from before the kill) and the same final weights."""
+    expected, got = train_losses(reference), train_losses(resumed)
+    assert sorted(got) == list(range(1, STEPS + 1)), f"steps logged: {sorted(got)}"
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= loss_tolerance * max(1.0, abs(expected[step])), f"step {step}: {got[step]} vs {expected[step]}"
+    a, b = final_weights(reference), final_weights(resumed)
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= weight_tolerance, f"final weights differ by {worst}"
+
+
+FP32 = (1e-5, 1e-5)
+# bf16 under hybrid ZeRO: ColossalAI's model checkpoint holds the bf16 working weights, from which the
+# fp32 master copies are restored, so the resumed run agrees to bf16 resolution, not bit for bit.
+BF16 = (1e-3, 2e-2)
+
+
+RESUME_CASES = {
+    "ddp_full": (2, ["model.name=tiny-gpt2", "method=full"], FP32),
+    "ddp_lora_dropout": (2, ["model.name=tiny-llama", "method=lora", "lora.dropout=0.1"], FP32),
+    "zero2_full": (2, ["--config", "booster_configs/zero2.yaml", "model.name=tiny-llama", "method=full"], FP32),
+    "tp2_full": (2, ["--config", "booster_configs/tp2.yaml", "model.name=tiny-llama", "method=full"], FP32),
+    "pp2_lora": (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-gpt2", "method=lora"], FP32),
+    "pp2_interleaved_full": (2, ["--config", "booster_configs/pp2_interleaved.yaml", "model.name=tiny-gpt2", "method=full", "plugin.num_microbatches=4"], FP32),
+    "pp2_zero1_bf16": (2, ["--config", "booster_configs/pp2_zero1.yaml", "model.name=tiny-llama", "method=full"], BF16),
+}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_kill_and_resume_reproduces_the_uninterrupted_run(case, instruction_file, tmp_path):
+    nproc, extra, tolerances = RESUME_CASES[case]
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    done = launch(run_args(instruction_file, reference, extra), nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = launch(run_args(instruction_file, crashed, extra), nproc, fault="kill_after_step:5")
+    assert killed.returncode != 0 and not (crashed / "final").exists()
+    assert [p.name for p in checkpoint.complete_checkpoints(str(crashed))] == ["step_00000002", "step_00000004"]
+    assert max(train_losses(crashed)) == 5  # step 5 ran and was logged, then the kill: it must be redone
+    resumed = launch(run_args(instruction_file, crashed, extra) + ["resume_from=latest"], nproc)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert_same_run(reference, crashed, *tolerances)
+    # keep_last=2: of the checkpoints 2, 4, 6, 8 the last two remain
+    assert [p.name for p in checkpoint.complete_checkpoints(str(crashed))] == ["step_00000006", "step_00000008"]
+
+
+@pytest.mark.timeout(600)
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(instruction_file, tmp_path):
+    extra = ["model.name=tiny-gpt2", "method=lora"]
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    assert launch(run_args(instruction_file, reference, extra), 2).returncode == 0
+    killed = launch(run_args(instruction_file, crashed, extra), 2, fault="kill_in_checkpoint:4")
+    assert killed.returncode != 0
+    assert (crashed / "checkpoints" / "step_00000004.partial").is_dir()  # half written, files and all
+    assert [p.name for p in checkpoint.complete_checkpoints(str(crashed))] == ["step_00000002"]
+    resumed = launch(run_args(instruction_file, crashed, extra) + ["resume_from=latest"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "removed the half-written checkpoint" in resumed.stdout + resumed.stderr
+    assert not list((crashed / "checkpoints").glob("*.partial"))
+    assert_same_run(reference, crashed, *FP32)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_guard(policy, instruction_file, tmp_path):
+    out = tmp_path / "run"
+    result = launch(run_args(instruction_file, out, ["model.name=tiny-gpt2", "method=full", f"train.on_nan={policy}"]), 2, fault="nan_at_step:3")
+    if policy == "stop":
+        assert result.returncode != 0  # train.py exits 2; torchrun reports any failed rank as 1
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "step 3: the loss is not finite" in errors[0] and "step_00000002" in errors[0], result.stderr[-2000:]
+        assert [p.name for p in checkpoint.complete_checkpoints(str(out))] == ["step_00000002"] and not (out / "final").exists()
+        checkpoint.verify(out / "checkpoints" / "step_00000002")  # the last good checkpoint is intact
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        records = read_metrics(out)
+        assert {"step": 3, "epoch": 0, "skipped": "non-finite loss"} in records
+        assert sorted(train_losses(out)) == [1, 2, 4, 5, 6, 7, 8]
+        assert read_summary(out)["reload"]["ok"]
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_loading_refuses_arbitrary_pickles(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "scheduler.pt"
+    evil.write_bytes(pickle.dumps({"state": _Payload(marker)}))
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load a checkpoint file that holds arbitrary Python objects"):
+        with checkpoint.weights_only_loading():
+            torch.load(evil)
+    assert not marker.exists()
+    torch.save({"step": 3, "lr": [0.1]}, tmp_path / "plain.pt")
+    with checkpoint.weights_only_loading():
+        assert torch.load(tmp_path / "plain.pt") == {"step": 3, "lr": [0.1]}  # plain data still loads
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = checkpoint.rng_state()
+    first = (torch.rand(3), random.random(), np.random.rand())
+    checkpoint.set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from tests.conftest import write_instruction_file
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_instruction_file(root / "train.jsonl")
+    out = root / "run"
+    result = launch(run_args(data, out, ["model.name=tiny-llama", "method=lora", "train.lr=1e-2"]), 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_export_merges_the_adapter_into_a_plain_hf_model(lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import ModelConfig
+    from finetune.export import main as export_main
+    from finetune.model import build_model
+
+    out = tmp_path / "merged"
+    assert export_main([str(lora_run), str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    base, _ = build_model(ModelConfig(name="tiny-llama"), seed=42)
+    in_memory = PeftModel.from_pretrained(base, str(lora_run / "final")).merge_and_unload().eval()
+    tokens = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        assert (exported(input_ids=tokens).logits - in_memory(input_ids=tokens).logits).abs().max() < 1e-4
+        plain, _ = build_model(ModelConfig(name="tiny-llama"), seed=42)
+        assert (exported(input_ids=tokens).logits - plain(input_ids=tokens).logits).abs().max() > 1e-3  # the adapter is in
+
+
+def test_export_of_a_checkpoint_and_refusals(lora_run, tmp_path):
+    from finetune.export import main as export_main
+
+    latest = checkpoint.complete_checkpoints(str(lora_run))[-1]
+    assert export_main([str(latest), str(tmp_path / "from_checkpoint")]) == 0
+    assert json.loads((tmp_path / "from_checkpoint" / "export.json").read_text())["merged_adapter"]
+    assert export_main([str(latest), str(tmp_path / "from_checkpoint")]) == 2  # exists: never overwritten
+    assert export_main([str(tmp_path), str(tmp_path / "x")]) == 2  # neither a run nor a checkpoint
+    truncated = tmp_path / "truncated"
+    shutil.copytree(latest, truncated)
+    weights = truncated / "model" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert export_main([str(truncated), str(tmp_path / "y")]) == 2 and not (tmp_path / "y").exists()
+
+
+@pytest.mark.timeout(600)
+def test_export_of_a_sharded_full_checkpoint(instruction_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.export import main as export_main
+
+    out = tmp_path / "run"
+    result = launch(run_args(instruction_file, out, ["--config", "booster_configs/tp2.yaml", "model.name=tiny-llama", "method=full"]), 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    latest = checkpoint.complete_checkpoints(str(out))[-1]  # step 8: the same weights as final/
+    assert export_main([str(latest), str(tmp_path / "plain")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    final = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    tokens = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        assert (exported(input_ids=tokens).logits - final(input_ids=tokens).logits).abs().max() < 1e-4
