@@ -266,57 +266,57 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
     cfg = run.cfg
     steps, losses, eval_history = resumed_history(outputs, start_step) if is_main() else ([], [], [])
     train_tokens, train_s = 0, 0.0
-    progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=not is_main(), dynamic_ncols=True)
     run.model.train()
     batches = batches_forever(dataloader, cfg.train.grad_accum_steps, run.steps_per_epoch, start_step)
-    for step, (epoch, micro_batches) in enumerate(batches, start=start_step + 1):
-        if step > total_steps:
-            break
-        started = time.perf_counter()
-        loss, tokens = train_step(run, micro_batches, step)
-        run.scheduler.step()
-        elapsed = time.perf_counter() - started
-        memory = profiler.record_step(step)
-        # One rank per data-parallel replica counts, so TP/PP ranks that share a batch count it once.
-        loss_sum, token_sum = all_reduce_sum([loss, tokens] if run.layout.counts else [0.0, 0.0], run.device)
-        mean_loss = loss_sum / run.layout.dp_size
-        train_tokens += int(token_sum)
-        train_s += elapsed
-        if not math.isfinite(mean_loss):  # skipped under train.on_nan=skip (stop raised in train_step)
-            if is_main():
-                outputs.log_metrics({"step": step, "epoch": epoch, "skipped": "non-finite loss"})
-        else:
-            steps.append(step)
-            losses.append(mean_loss)
-        if is_main() and math.isfinite(mean_loss) and (step % cfg.train.log_every == 0 or step == total_steps):
-            outputs.log_metrics(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": mean_loss,
-                    "lr": run.scheduler.get_last_lr()[0],
-                    "tokens": int(token_sum),
-                    "tokens_per_s": token_sum / elapsed,
-                    "step_s": elapsed,
-                    "memory": {"current_bytes": memory.current_bytes, "peak_bytes": memory.peak_bytes},
-                }
-            )
-        progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
-        progress.update()
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
-            result = run_eval(run, eval_samples, pad_token_id)
-            eval_history.append({"step": step, **result})
-            log(f"step {step}: eval loss {result['loss']:.4f}")
-            if is_main():
-                outputs.log_metrics({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
-        every = cfg.checkpoint.every_steps
-        if every and (step % every == 0 or step == total_steps):
-            saved = checkpoint.save_checkpoint(run, step, run.steps_per_epoch, run.lora_config, run.faults)
-            log(f"step {step}: checkpoint {saved}")
-        run.faults.maybe_kill("kill_after_step", step)
-        if step == total_steps:
-            break
-    progress.close()
+    # A context, so the bar's line is ended even when a step raises: an error line then stands alone.
+    with tqdm(total=total_steps, initial=start_step, desc="train", disable=not is_main(), dynamic_ncols=True) as progress:
+        for step, (epoch, micro_batches) in enumerate(batches, start=start_step + 1):
+            if step > total_steps:
+                break
+            started = time.perf_counter()
+            loss, tokens = train_step(run, micro_batches, step)
+            run.scheduler.step()
+            elapsed = time.perf_counter() - started
+            memory = profiler.record_step(step)
+            # One rank per data-parallel replica counts, so TP/PP ranks that share a batch count it once.
+            loss_sum, token_sum = all_reduce_sum([loss, tokens] if run.layout.counts else [0.0, 0.0], run.device)
+            mean_loss = loss_sum / run.layout.dp_size
+            train_tokens += int(token_sum)
+            train_s += elapsed
+            if not math.isfinite(mean_loss):  # skipped under train.on_nan=skip (stop raised in train_step)
+                if is_main():
+                    outputs.log_metrics({"step": step, "epoch": epoch, "skipped": "non-finite loss"})
+            else:
+                steps.append(step)
+                losses.append(mean_loss)
+            if is_main() and math.isfinite(mean_loss) and (step % cfg.train.log_every == 0 or step == total_steps):
+                outputs.log_metrics(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": mean_loss,
+                        "lr": run.scheduler.get_last_lr()[0],
+                        "tokens": int(token_sum),
+                        "tokens_per_s": token_sum / elapsed,
+                        "step_s": elapsed,
+                        "memory": {"current_bytes": memory.current_bytes, "peak_bytes": memory.peak_bytes},
+                    }
+                )
+            progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
+            progress.update()
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+                result = run_eval(run, eval_samples, pad_token_id)
+                eval_history.append({"step": step, **result})
+                log(f"step {step}: eval loss {result['loss']:.4f}")
+                if is_main():
+                    outputs.log_metrics({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+            every = cfg.checkpoint.every_steps
+            if every and (step % every == 0 or step == total_steps):
+                saved = checkpoint.save_checkpoint(run, step, run.steps_per_epoch, run.lora_config, run.faults)
+                log(f"step {step}: checkpoint {saved}")
+            run.faults.maybe_kill("kill_after_step", step)
+            if step == total_steps:
+                break
     return {
         "steps": steps,
         "losses": losses,
@@ -608,6 +608,9 @@ def print_report(summary: dict, generations: list[dict], profiler: MemoryProfile
     print(f"wall time: {summary['wall_s']:.0f} s")
 
 
+RANK_EXIT_GRACE_S = 3
+
+
 def cli() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
@@ -615,6 +618,9 @@ def cli() -> None:
     except USER_ERRORS as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
+        else:
+            # The launcher stops every rank as soon as one exits: leave rank 0 time to say why.
+            time.sleep(RANK_EXIT_GRACE_S)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():
