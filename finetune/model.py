@@ -64,35 +64,47 @@ def attention_for(model_type: str, requested: str, shardformer: bool) -> str:
     return "sdpa" if requested == "auto" else requested
 
 
-def build_model(cfg_model: ModelConfig, seed: int, shardformer: bool = False) -> tuple[nn.Module, object]:
-    """Build the float32 causal-LM base model and its tokenizer (random init for named configs).
+def build_model(cfg_model: ModelConfig, seed: int, shardformer: bool = False, labels: list[str] | None = None) -> tuple[nn.Module, object]:
+    """Build the float32 base model and its tokenizer (random init for named configs).
 
     Args:
         shardformer: the model will be sharded by ColossalAI's shardformer (HybridParallelPlugin).
+        labels: a sequence-classification head over these labels (class id = position); None: a causal LM.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    auto_model = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
     source = resolve_source(cfg_model.name)
     if source.kind == "named":
         model_type, overrides = NAMED_CONFIGS[source.name]
-        config = AutoConfig.for_model(model_type, **overrides)
+        tokenizer = assets.roberta_tokenizer() if model_type == "roberta" else assets.gpt2_tokenizer()
+        config = AutoConfig.for_model(model_type, **{**overrides, **head_config(labels, tokenizer)})
         torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
         attention = attention_for(model_type, cfg_model.attn_implementation, shardformer)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+        model = auto_model.from_config(config, attn_implementation=attention)
         model.config._name_or_path = source.name  # recorded as the base model in adapter configs
-        tokenizer = assets.gpt2_tokenizer()
     else:
-        config = AutoConfig.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
+        config = AutoConfig.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code, **head_config(labels, tokenizer))
+        torch.manual_seed(seed)  # a new classification head is initialised alike on every rank
+        model = auto_model.from_pretrained(
             source.name,
+            config=config,
             torch_dtype=torch.float32,
             attn_implementation=attention_for(config.model_type, cfg_model.attn_implementation, shardformer),
             trust_remote_code=cfg_model.trust_remote_code,
         )
-        tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def head_config(labels: list[str] | None, tokenizer) -> dict:
+    """Config entries of a classification head: label maps, and the pad id with which GPT-2/Llama heads find each row's last token."""
+    if labels is None:
+        return {}
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}, "pad_token_id": pad_token_id}
 
 
 def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
@@ -114,7 +126,9 @@ def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
         lora_dropout=cfg_lora.dropout,
         target_modules=list(targets),
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: peft trains the new classification head (`classifier` / `score`) in full beside the
+        # adapters and saves it with them.
+        task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
     )
 
 

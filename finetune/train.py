@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script (python finetune/train.py): mak
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -39,11 +40,13 @@ from finetune import checks, compat, patches
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, help_text, load_config, to_dict
-from finetune.data import DataError, build_data, collate, load_splits
-from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
+from finetune.data import DataError, build_data, collate, load_splits, model_inputs, non_pad_tokens
+from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
+from finetune.packing import collate_packed, pack, packed_attention
 from finetune.profiler import MemoryProfiler
+from finetune.tasks import build_task
 
 USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError, patches.PatchError)
 
@@ -140,6 +143,7 @@ class Run:
     device: torch.device
     num_microbatches: int  # pipeline only: micro-batches per step
     pad_to: int  # pipeline only: every batch is padded to this many tokens
+    labels: list[str] | None = None  # classification: the label set, class id = position
 
 
 def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
@@ -151,7 +155,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
     loss_sum, tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        tokens += int(batch["attention_mask"].sum())
+        tokens += non_pad_tokens(batch)
         if run.layout.pipeline:  # micro-batching happens inside the pipeline schedule
             out = booster.execute_pipeline(iter([batch]), model, criterion=lambda outputs, _: outputs.loss, optimizer=optimizer, return_loss=True)
             loss_sum += out["loss"].item() if out["loss"] is not None else 0.0  # the loss exists on the last stage
@@ -160,7 +164,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
         defer = i < len(micro_batches) - 1 and booster.plugin.support_no_sync()
         with booster.no_sync(model, optimizer) if defer else contextlib.nullcontext():
             with autocast:
-                loss = model(**batch).loss / len(micro_batches)
+                loss = model(**model_inputs(batch)).loss / len(micro_batches)
             booster.backward(loss, optimizer)
         loss_sum += loss.item()
     if cfg.train.max_grad_norm > 0 and spec.fsdp:
@@ -199,9 +203,17 @@ def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
     """Distributed eval of the boosted model (in eval mode) on samples."""
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size
     run.model.eval()
-    result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
+    if run.labels:
+        result = evaluate_classification(run.model, samples, batch_size, pad_token_id, run.device, run.layout, len(run.labels))
+    else:
+        result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
     run.model.train()
     return result
+
+
+def eval_metrics(step: int, result: dict) -> dict:
+    """A metrics.jsonl line of an eval result."""
+    return {"step": step, **{f"eval_{k}": v for k, v in result.items() if k not in ("tokens", "samples")}}
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -249,9 +261,9 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
             result = run_eval(run, eval_samples, pad_token_id)
             eval_history.append({"step": step, **result})
-            log(f"step {step}: eval loss {result['loss']:.4f}")
+            log(f"step {step}: eval {eval_line(result)}")
             if is_main():
-                outputs.log_metrics({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+                outputs.log_metrics(eval_metrics(step, result))
         if step == total_steps:
             break
     progress.close()
@@ -294,6 +306,8 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
             run.model.unwrap().config.save_pretrained(staging)
     if is_main():
         tokenizer.save_pretrained(staging)
+        if run.labels:  # the class ids of the head (an adapter dir has no config.json to hold them)
+            (staging / "labels.json").write_text(json.dumps(run.labels, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # only a complete save becomes final/
     dist.barrier()
@@ -311,24 +325,30 @@ def fsdp_full_state_dict(fsdp_module) -> dict:
         return fsdp_module.state_dict()
 
 
-def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe: list[dict], device) -> dict:
-    """Rank 0: load the base and then final/ the way a user would; generate with both, score the probe."""
-    from transformers import AutoModelForCausalLM
+def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe: list[dict], device, labels: list[str] | None) -> dict:
+    """Rank 0: load the base and then final/ the way a user would; generate with both (LM tasks), score the probe."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    base, _ = build_model(cfg.model, cfg.train.seed)  # named configs: the same seed gives the same base
+    task = build_task(cfg.task, cfg.data, labels or ())
+    prompt_ids = [task.prompt_ids(tokenizer, r) for r in prompts]
+    base, _ = build_model(cfg.model, cfg.train.seed, labels=labels)  # named configs: the same seed gives the same base
     base.to(device)
-    before = generate(base, tokenizer, prompts, cfg.eval.max_new_tokens, device)
+    before = generate(base, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
     if cfg.method == "lora":
         from peft import PeftModel
 
         reloaded, loader = PeftModel.from_pretrained(base, str(final)), "PeftModel.from_pretrained"
     else:
         del base
-        reloaded, loader = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32), "AutoModelForCausalLM.from_pretrained"
+        auto_model = AutoModelForSequenceClassification if labels else AutoModelForCausalLM
+        reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32), f"{auto_model.__name__}.from_pretrained"
     reloaded.to(device).eval()
-    after = generate(reloaded, tokenizer, prompts, cfg.eval.max_new_tokens, device)
-    probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
-    generations = [{"prompt": r["instruction"], "reference": r["output"], "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
+    after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
+    if labels:
+        probe_loss = evaluate_classification(reloaded, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None, len(labels))["loss"]
+    else:
+        probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
+    generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
     return {"loader": loader, "probe_loss": probe_loss, "generations": generations}
 
 
@@ -351,15 +371,20 @@ def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: L
     return booster.enable_lora(model, lora_config=lora_config), lora_config
 
 
-def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int):
-    """The plugin's distributed dataloader: shuffled by train.seed, full batches only."""
+def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed_attention: str = ""):
+    """The plugin's distributed dataloader: shuffled by train.seed, full batches only (of packed rows with packing)."""
+    if packed_attention:
+        samples = pack(samples, cfg.data.max_length)
+        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed_attention)
+    else:
+        collate_fn = functools.partial(collate, pad_token_id=pad_token_id, pad_to=pad_to)
     return plugin.prepare_dataloader(
         samples,
         batch_size=cfg.train.batch_size,
         shuffle=True,
         seed=cfg.train.seed,
         drop_last=True,
-        collate_fn=lambda batch: collate(batch, pad_token_id, pad_to=pad_to),
+        collate_fn=collate_fn,
         # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
         distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
     )
@@ -381,12 +406,14 @@ def main(argv: list[str]) -> None:
     profiler = MemoryProfiler()
     log(profiler.format(profiler.record("start")))
 
-    splits = load_splits(cfg.data, cfg.train.seed)  # bad rows fail here, before the model is built
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)  # bad rows fail here, before the model is built
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
-        model, tokenizer = build_model(cfg.model, cfg.train.seed, shardformer=cfg.plugin.name == "hybrid_parallel")
+        model, tokenizer = build_model(cfg.model, cfg.train.seed, shardformer=cfg.plugin.name == "hybrid_parallel", labels=splits.labels)
     log(profiler.format(profiler.record("model_loaded")))
-    data = build_data(cfg.data, tokenizer, splits)
-    log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated at {cfg.data.max_length} tokens)")
+    with main_rank_first():  # rank 0 tokenizes into the data cache; the others then read it
+        data = build_data(cfg.data, tokenizer, splits)
+    log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated, {data.dropped} dropped at {cfg.data.max_length} tokens; cache {data.cache})")
+    packed = packed_attention(model) if cfg.data.packing else ""  # before any wrapper hides the model
 
     booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)
     layout = parallel_layout(cfg.plugin.name, plugin)
@@ -400,10 +427,11 @@ def main(argv: list[str]) -> None:
     # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
     # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
     pad_to = cfg.data.max_length if layout.pipeline else 0
-    dataloader = build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, pad_to)
+    dataloader = build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, pad_to, packed)
     steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
     if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data.train_path}: {len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
+        rows = f"{len(dataloader.dataset)} packed rows of " if packed else ""
+        raise DataError(f"{cfg.data.train_path}: {rows}{len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
@@ -413,11 +441,13 @@ def main(argv: list[str]) -> None:
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
     log(profiler.format(profiler.record("boosted")))
-    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to)
+    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to, data.labels)
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id)
-    log(f"eval before training: loss {eval_before['loss']:.4f}, perplexity {eval_before['perplexity']:.2f}")
+    log(f"eval before training: {eval_line(eval_before)}")
+    if is_main():
+        outputs.log_metrics(eval_metrics(0, eval_before))
     fingerprints_before = checks.fingerprints(module)
 
     profiler.reset_peak()
@@ -426,7 +456,7 @@ def main(argv: list[str]) -> None:
     log(profiler.format(profiler.record("after_training")))
 
     eval_after = run_eval(run, data.eval, tokenizer.pad_token_id)
-    log(f"eval after training:  loss {eval_after['loss']:.4f}, perplexity {eval_after['perplexity']:.2f}")
+    log(f"eval after training:  {eval_line(eval_after)}")
     probe = data.eval[:PROBE_SAMPLES]
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
     parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
@@ -435,14 +465,16 @@ def main(argv: list[str]) -> None:
     final = save_final(run, tokenizer, lora_config)
     if not is_main():
         return
-    prompts = list({r["instruction"]: r for r in data.eval_records}.values())[: cfg.eval.num_generation_prompts]
-    reload = reload_final(final, cfg, tokenizer, prompts, probe, device)
+    prompts = generation_prompts(cfg, data.eval_records, data.labels)
+    reload = reload_final(final, cfg, tokenizer, prompts, probe, device, data.labels)
     tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
     reload.update(trained_probe_loss=probe_loss, ok=abs(reload["probe_loss"] - probe_loss) <= tolerance * max(1.0, abs(probe_loss)))
     generations = reload.pop("generations")
     outputs.write_json("generations.json", generations)
-    evals = [(0, eval_before["loss"])] + [(e["step"], e["loss"]) for e in history["eval_history"]] + [(total_steps, eval_after["loss"])]
-    outputs.plot_loss(history["steps"], history["losses"], evals)
+    all_evals = [{"step": 0, **eval_before}, *history["eval_history"], {"step": total_steps, **eval_after}]
+    best, last = best_eval(all_evals), all_evals[-1]
+    outputs.log_metrics({**eval_metrics(total_steps, eval_after), "eval_best": best})  # the last eval, and the best
+    outputs.plot_loss(history["steps"], history["losses"], [(e["step"], e["loss"]) for e in all_evals])
     summary = {
         "model": cfg.model.name,
         "task": cfg.task,
@@ -456,18 +488,34 @@ def main(argv: list[str]) -> None:
         "all_params": total,
         "steps": total_steps,
         "final_loss": history["losses"][-1],
-        "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"]},
+        "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"], "best": best, "last": last},
         "throughput": history["throughput"],
         "memory": profiler.summary(),
         "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1 if digests else None},
         "reload": reload,
-        "data": {"train_samples": len(data.train), "eval_samples": len(data.eval), "truncated": data.truncated},
+        "data": {
+            "train_samples": len(data.train),
+            "eval_samples": len(data.eval),
+            "truncated": data.truncated,
+            "dropped": data.dropped,
+            "packed_rows": len(dataloader.dataset) if packed else None,
+            "labels": data.labels,
+            "cache": data.cache,
+        },
         "final_dir": str(final),
         "wall_s": time.perf_counter() - wall_start,
     }
     summary["artifacts"] = outputs.artifacts()
     outputs.write_json("summary.json", summary)
     print_report(summary, generations, profiler)
+
+
+def generation_prompts(cfg: Config, eval_records: list[dict], labels: list[str] | None) -> list[dict]:
+    """The first eval.num_generation_prompts distinct held-out prompts (none for classification)."""
+    if labels:
+        return []
+    task = build_task(cfg.task, cfg.data)
+    return list({task.prompt_text(r): r for r in eval_records}.values())[: cfg.eval.num_generation_prompts]
 
 
 def num_microbatches(cfg: Config) -> int:
@@ -484,7 +532,7 @@ def print_report(summary: dict, generations: list[dict], profiler: MemoryProfile
     print("\n" + "=" * 78)
     print(f"{summary['method']} fine-tune of {summary['model']} with {summary['plugin']} on {summary['world_size']} rank(s), {summary['steps']} steps")
     print(trainable_line(summary["trainable_params"], summary["all_params"]))
-    print(f"eval loss: {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f}   perplexity: {ev['before']['perplexity']:.2f} -> {ev['after']['perplexity']:.2f}")
+    print(f"eval before: {eval_line(ev['before'])}\neval after:  {eval_line(ev['after'])}\neval best:   {eval_line(ev['best'])} (step {ev['best']['step']})")
     print(f"throughput: {summary['throughput']['tokens_per_s']:.0f} non-pad tokens/s over all ranks")
     print("memory:")
     for stage in profiler.stages:
