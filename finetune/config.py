@@ -71,7 +71,7 @@ class DataConfig:
     max_length: int = 128  # tokens per sample
     truncation: str = "truncate"  # samples longer than max_length: truncate | drop (both counted)
     packing: bool = False  # causal-LM tasks: several samples per row, attention kept inside each sample
-    max_eval_samples: int = 0  # 0: all
+    max_eval_samples: int = 0  # 0: all; else a seeded sample of this many eval records (kept in file order)
     labels: list[str] = field(default_factory=list)  # classification: the label set in class-id order; empty: the training file's labels
     text_field: str = "text"  # classification field names
     text_pair_field: str = "text_pair"

@@ -134,8 +134,9 @@ def load_splits(cfg_data: DataConfig, seed: int, task: str = "instruction") -> S
         train_records, eval_records = split_by_group(records, cfg_data.eval_fraction, seed, checker)
         eval_source = cfg_data.train_path
     train_records = select_slice(train_records, cfg_data.split_slice, cfg_data.train_path)
-    if cfg_data.max_eval_samples:
-        eval_records = eval_records[: cfg_data.max_eval_samples]
+    if 0 < cfg_data.max_eval_samples < len(eval_records):  # a seeded sample: files sorted by class stay represented
+        keep = sorted(random.Random(seed).sample(range(len(eval_records)), cfg_data.max_eval_samples))
+        eval_records = [eval_records[i] for i in keep]
     return Splits(task, train_records, eval_records, labels, cfg_data.train_path, eval_source)
 
 

@@ -95,12 +95,12 @@ def launch_command(launcher: str, nproc: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run finetune/train.py for real and return the finished process (output captured)."""
+def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = RUN_TIMEOUT_S, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run finetune/train.py for real and return the finished process (output captured); `env` adds variables."""
     return subprocess.run(
         launch_command(launcher, nproc) + args,
         cwd=REPO,
-        env=run_env(),
+        env={**run_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
