@@ -91,12 +91,25 @@ def launch(cfg: Config) -> torch.device:
 
 @contextlib.contextmanager
 def main_rank_first():
-    """Rank 0 runs the block first (e.g. converting a model into the cache), then the others."""
+    """Rank 0 runs the block first (e.g. converting a model into the cache), then the others.
+
+    A user error in rank 0's block is raised on every rank, so all stop with rank 0's one line
+    instead of the others dying in a barrier.
+    """
+    failure: list[Exception | None] = [None]
     if not is_main():
-        dist.barrier()
-    yield
-    if is_main():
-        dist.barrier()
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise failure[0]
+        yield
+        return
+    try:
+        yield
+    except USER_ERRORS as err:
+        failure[0] = err
+        raise
+    finally:
+        dist.broadcast_object_list(failure, src=0)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
