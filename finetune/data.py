@@ -31,9 +31,7 @@ import torch
 
 from finetune import assets, corpus
 from finetune.config import DataConfig, SliceBound, parse_split_slice
-from finetune.tasks import IGNORE_INDEX, DataError, LanguageModelingTask, Task, build_task
-
-__all__ = ["IGNORE_INDEX", "DataError", "SplitData", "Splits", "build_data", "collate", "load_records", "load_splits"]
+from finetune.tasks import IGNORE_INDEX, DataError, LanguageModelingTask, Task, build_task  # noqa: F401 (IGNORE_INDEX, DataError: re-exported)
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 NON_PAD_TOKENS = "non_pad_tokens"  # a batch entry that counts tokens for throughput; not a model input

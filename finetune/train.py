@@ -384,11 +384,16 @@ def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: L
     return booster.enable_lora(model, lora_config=lora_config), lora_config
 
 
-def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed_attention: str = ""):
-    """The plugin's distributed dataloader: shuffled by train.seed, full batches only (of packed rows with packing)."""
-    if packed_attention:
+def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
+    """The plugin's distributed dataloader: shuffled by train.seed, full batches only.
+
+    Args:
+        packed: with packing, how packed batches mark sample boundaries (finetune.packing.packed_attention);
+            the batches are then packed rows.
+    """
+    if packed:
         samples = pack(samples, cfg.data.max_length)
-        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed_attention)
+        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed)
     else:
         collate_fn = functools.partial(collate, pad_token_id=pad_token_id, pad_to=pad_to)
     return plugin.prepare_dataloader(

@@ -131,3 +131,20 @@ def test_defaults_and_task_sources_validate():
     for task, source in (("chat", "chatterbot-corpus:chat"), ("classification", "chatterbot-corpus:topics")):
         cfg = build_config([("c", "task", task), ("c", "data.train_path", source), ("c", "model.name", "tiny-roberta" if task == "classification" else "tiny-gpt2")])
         assert validate(cfg, 2, False) == []
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-roberta"])
+def test_classification_heads_read_the_last_real_token(name):
+    from finetune.config import ModelConfig
+    from finetune.data import collate
+    from finetune.model import build_model
+
+    model, tokenizer = build_model(ModelConfig(name=name), seed=0, labels=["a", "b", "c"])
+    assert model.config.num_labels == 3 and model.config.pad_token_id == tokenizer.pad_token_id and model.config.id2label[2] == "c"
+    task = build_task("classification", DataConfig(), labels=["a", "b", "c"])
+    samples = [task.tokenize(tokenizer, {"text": text, "text_pair": "", "label": "a"}, 64)[0] for text in ("a short one", "a much longer text than the first")]
+    model.eval()
+    with torch.no_grad():
+        padded = model(**collate(samples, tokenizer.pad_token_id)).logits[0]  # sample 0 is right-padded here
+        alone = model(**collate(samples[:1], tokenizer.pad_token_id)).logits[0]
+    assert torch.allclose(padded, alone, atol=1e-5)
