@@ -45,11 +45,11 @@ def test_summarization_two_ranks_packed(tmp_path):
 @pytest.mark.timeout(600)
 def test_chat_on_chatterbot_conversations_two_ranks_zero2_lora_packed(tmp_path):
     out = tmp_path / "run"
-    args = ["task=chat", "data.train_path=chatterbot-corpus:chat", "model.name=tiny-gpt2", "method=lora", "train.lr=5e-3", "lora.dropout=0"]
+    args = ["task=chat", "data.train_path=chatterbot-corpus:chat", "model.name=tiny-gpt2", "method=lora", "train.lr=2e-2", "lora.dropout=0"]
     args += ["--config", "booster_configs/zero2.yaml", "data.packing=true", "train.batch_size=4", "eval.every_steps=5", "data.max_eval_samples=48"]
     result = run_train(args + run_args(out, 10), launcher="torchrun", nproc=2)
     summary = check_task_run(result, out)
-    assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"], summary["eval"]
+    assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"] - 0.05, summary["eval"]
     assert summary["data"]["train_samples"] > 700 and summary["plugin"] == "low_level_zero"
     tokenizer_config = json.loads((out / "final" / "tokenizer_config.json").read_text())
     assert "### Assistant:" in tokenizer_config["chat_template"]  # the template trained with is saved with the adapter
