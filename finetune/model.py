@@ -67,57 +67,74 @@ def attention_for(model_type: str, requested: str, shardformer: bool) -> str:
 
 
 def build_model(
-    cfg_model: ModelConfig, seed: int, shardformer: bool = False, quantization: QuantizationConfig | None = None, precision: str = "fp32"
+    cfg_model: ModelConfig,
+    seed: int,
+    shardformer: bool = False,
+    labels: list[str] | None = None,
+    quantization: QuantizationConfig | None = None,
+    precision: str = "fp32",
 ) -> tuple[nn.Module, object]:
-    """Build the causal-LM base model and its tokenizer: float32, or quantized for QLoRA.
+    """Build the base model and its tokenizer: float32 (random init for named configs), or quantized for QLoRA.
 
     Args:
         seed: initial weights of named configs (random init), the same on every rank.
         shardformer: the model will be sharded by ColossalAI's shardformer (HybridParallelPlugin).
+        labels: a sequence-classification head over these labels (class id = position); None: a causal LM.
         quantization: quantize the base with bitsandbytes (method=qlora); None keeps float32.
         precision: train.precision, the compute dtype of quantized layers when it is `auto`.
 
     Raises:
         ModelError: the model cannot be found, or a requested quantization converted no layer.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    auto_model = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
     source = resolve_source(cfg_model.name)
     if source.kind == "named":
         model_type, overrides = NAMED_CONFIGS[source.name]
-        config = AutoConfig.for_model(model_type, **overrides)
+        tokenizer = assets.roberta_tokenizer() if model_type == "roberta" else assets.gpt2_tokenizer()
+        config = AutoConfig.for_model(model_type, **{**overrides, **head_config(labels, tokenizer)})
         torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
         attention = attention_for(model_type, cfg_model.attn_implementation, shardformer)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+        model = auto_model.from_config(config, attn_implementation=attention)
         model.config._name_or_path = source.name  # recorded as the base model in adapter configs
-        tokenizer = assets.gpt2_tokenizer()
         if quantization:  # transformers quantizes while loading weights: load this random init back
             with tempfile.TemporaryDirectory(prefix="finetune-qlora-") as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
-                model = load_quantized(tmp, attention, quantization, precision, trust_remote_code=False)
+                model = load_quantized(tmp, attention, quantization, precision, trust_remote_code=False, auto_class=auto_model)
             model.config._name_or_path = source.name
     else:
-        config = AutoConfig.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
-        attention = attention_for(config.model_type, cfg_model.attn_implementation, shardformer)
-        if quantization:
-            model = load_quantized(source.name, attention, quantization, precision, cfg_model.trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                source.name, torch_dtype=torch.float32, attn_implementation=attention, trust_remote_code=cfg_model.trust_remote_code
-            )
         tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
+        config = AutoConfig.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code, **head_config(labels, tokenizer))
+        attention = attention_for(config.model_type, cfg_model.attn_implementation, shardformer)
+        torch.manual_seed(seed)  # a new classification head is initialised alike on every rank
+        if quantization:
+            model = load_quantized(source.name, attention, quantization, precision, cfg_model.trust_remote_code, auto_class=auto_model, config=config)
+        else:
+            model = auto_model.from_pretrained(
+                source.name, config=config, torch_dtype=torch.float32, attn_implementation=attention, trust_remote_code=cfg_model.trust_remote_code
+            )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
+def head_config(labels: list[str] | None, tokenizer) -> dict:
+    """Config entries of a classification head: label maps, and the pad id with which GPT-2/Llama heads find each row's last token."""
+    if labels is None:
+        return {}
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}, "pad_token_id": pad_token_id}
+
+
 def load_quantized(
-    path: str, attention: str, cfg_quant: QuantizationConfig, precision: str, trust_remote_code: bool, auto_class: type | None = None
+    path: str, attention: str, cfg_quant: QuantizationConfig, precision: str, trust_remote_code: bool, auto_class: type | None = None, config=None
 ) -> nn.Module:
     """Load a model directory with its projections quantized by bitsandbytes, and check that they were.
 
     Args:
         auto_class: the transformers Auto class to load with (default AutoModelForCausalLM).
+        config: the model config to load with (e.g. with a classification head's labels); None: the directory's.
 
     Raises:
         ModelError: the quantization converted no layer.
@@ -128,6 +145,7 @@ def load_quantized(
     patches.apply_quantization_fixes()  # peft 0.13.2 reads a bitsandbytes attribute removed in 0.45
     model = (auto_class or AutoModelForCausalLM).from_pretrained(
         path,
+        **({"config": config} if config is not None else {}),
         quantization_config=quantization.bnb_config(cfg_quant, precision),
         torch_dtype=torch.float32,  # the layers left unquantized (None would make them fp16)
         device_map={"": _quantization_device()},
@@ -168,7 +186,9 @@ def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
         lora_dropout=cfg_lora.dropout,
         target_modules=list(targets),
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: peft trains the new classification head (`classifier` / `score`) in full beside the
+        # adapters and saves it with them.
+        task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
     )
 
 

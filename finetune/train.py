@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script (python finetune/train.py): mak
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -49,12 +50,14 @@ from finetune.faults import Faults
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, output_problems, to_dict
-from finetune.data import DataError, build_data, collate, load_splits
-from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
+from finetune.data import DataError, build_data, collate, load_splits, model_inputs, non_pad_tokens
+from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
+from finetune.packing import collate_packed, pack, packed_attention
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
+from finetune.tasks import build_task
 
 
 
@@ -101,12 +104,25 @@ def launch(cfg: Config) -> torch.device:
 
 @contextlib.contextmanager
 def main_rank_first():
-    """Rank 0 runs the block first (e.g. converting a model into the cache), then the others."""
+    """Rank 0 runs the block first (e.g. converting a model into the cache), then the others.
+
+    A user error in rank 0's block is raised on every rank, so all stop with rank 0's one line
+    instead of the others dying in a barrier.
+    """
+    failure: list[Exception | None] = [None]
     if not is_main():
-        dist.barrier()
-    yield
-    if is_main():
-        dist.barrier()
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise failure[0]
+        yield
+        return
+    try:
+        yield
+    except USER_ERRORS as err:
+        failure[0] = err
+        raise
+    finally:
+        dist.broadcast_object_list(failure, src=0)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -163,6 +179,7 @@ class Run:
     lora_config: object  # peft LoraConfig when adapters (LoRA/QLoRA) are what trains and what checkpoints hold, else None
     steps_per_epoch: int
     faults: Faults
+    labels: list[str] | None = None  # classification: the label set, class id = position
 
 
 def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, int]:
@@ -178,7 +195,7 @@ def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, i
     loss_sum, tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        tokens += int(batch["attention_mask"].sum())
+        tokens += non_pad_tokens(batch)
         if run.layout.pipeline:  # micro-batching happens inside the pipeline schedule
             out = booster.execute_pipeline(iter([batch]), model, criterion=lambda outputs, _: outputs.loss, optimizer=optimizer, return_loss=True)
             loss_sum += out["loss"].item() if out["loss"] is not None else 0.0  # the loss exists on the last stage
@@ -187,7 +204,7 @@ def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, i
         defer = i < len(micro_batches) - 1 and booster.plugin.support_no_sync()
         with booster.no_sync(model, optimizer) if defer else contextlib.nullcontext():
             with autocast:
-                loss = model(**batch).loss / len(micro_batches)
+                loss = model(**model_inputs(batch)).loss / len(micro_batches)
             booster.backward(loss, optimizer)
         loss_sum += loss.item()
     if run.faults.at("nan_at_step", step):
@@ -246,9 +263,17 @@ def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
     """Distributed eval of the boosted model (in eval mode) on samples."""
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size
     run.model.eval()
-    result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
+    if run.labels:
+        result = evaluate_classification(run.model, samples, batch_size, pad_token_id, run.device, run.layout, len(run.labels))
+    else:
+        result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
     run.model.train()
     return result
+
+
+def eval_metrics(step: int, result: dict) -> dict:
+    """A metrics.jsonl line of an eval result."""
+    return {"step": step, **{f"eval_{k}": v for k, v in result.items() if k not in ("tokens", "samples")}}
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -307,9 +332,9 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 result = run_eval(run, eval_samples, pad_token_id)
                 eval_history.append({"step": step, **result})
-                log(f"step {step}: eval loss {result['loss']:.4f}")
+                log(f"step {step}: eval {eval_line(result)}")
                 if is_main():
-                    outputs.log_metrics({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+                    outputs.log_metrics(eval_metrics(step, result))
             every = cfg.checkpoint.every_steps
             if every and (step % every == 0 or step == total_steps):
                 saved = checkpoint.save_checkpoint(run, step, run.steps_per_epoch, run.lora_config, run.faults)
@@ -329,7 +354,7 @@ def resumed_history(outputs, start_step: int) -> tuple[list[int], list[float], l
     """Steps, losses and evals a resumed run had logged before its checkpoint (empty for a new run)."""
     records = [r for r in outputs.read_metrics() if 0 < r["step"] <= start_step] if start_step else []
     train = [r for r in records if "loss" in r]
-    evals = [{"step": r["step"], "loss": r["eval_loss"], "perplexity": r["eval_perplexity"]} for r in records if "eval_loss" in r]
+    evals = [{"step": r["step"], **{k.removeprefix("eval_"): v for k, v in r.items() if k.startswith("eval_") and k != "eval_best"}} for r in records if "eval_loss" in r]
     return [r["step"] for r in train], [r["loss"] for r in train], evals
 
 
@@ -364,6 +389,8 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
             run.model.unwrap().config.save_pretrained(staging)
     if is_main():
         tokenizer.save_pretrained(staging)
+        if run.labels:  # the class ids of the head (an adapter dir has no config.json to hold them)
+            (staging / "labels.json").write_text(json.dumps(run.labels, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # only a complete save becomes final/
     dist.barrier()
@@ -381,28 +408,34 @@ def fsdp_full_state_dict(fsdp_module) -> dict:
         return fsdp_module.state_dict()
 
 
-def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe: list[dict], device) -> dict:
-    """Rank 0: load the base and then final/ the way a user would; generate with both, score the probe."""
-    from transformers import AutoModelForCausalLM
+def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe: list[dict], device, labels: list[str] | None) -> dict:
+    """Rank 0: load the base and then final/ the way a user would; generate with both (LM tasks), score the probe."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    task = build_task(cfg.task, cfg.data, labels or ())
+    prompt_ids = [task.prompt_ids(tokenizer, r) for r in prompts]
     # Named configs: the same seed gives the same base. QLoRA adapters go onto a freshly quantized base.
-    base, _ = build_model(cfg.model, cfg.train.seed, quantization=quantization_for(cfg), precision=cfg.train.precision)
+    base, _ = build_model(cfg.model, cfg.train.seed, labels=labels, quantization=quantization_for(cfg), precision=cfg.train.precision)
     if cfg.method != "qlora":  # a quantized model is loaded onto its device, and transformers refuses to move 8-bit ones
         base.to(device)
-    before = generate(base, tokenizer, prompts, cfg.eval.max_new_tokens, device)
+    before = generate(base, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
     if cfg.method in ("lora", "qlora"):
         from peft import PeftModel
 
         reloaded, loader = PeftModel.from_pretrained(base, str(final)), "PeftModel.from_pretrained"
     else:
         del base
-        reloaded, loader = AutoModelForCausalLM.from_pretrained(str(final), torch_dtype=torch.float32), "AutoModelForCausalLM.from_pretrained"
+        auto_model = AutoModelForSequenceClassification if labels else AutoModelForCausalLM
+        reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32), f"{auto_model.__name__}.from_pretrained"
     if cfg.method != "qlora":
         reloaded.to(device)
     reloaded.eval()
-    after = generate(reloaded, tokenizer, prompts, cfg.eval.max_new_tokens, device)
-    probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
-    generations = [{"prompt": r["instruction"], "reference": r["output"], "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
+    after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
+    if labels:
+        probe_loss = evaluate_classification(reloaded, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None, len(labels))["loss"]
+    else:
+        probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
+    generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
     return {"loader": loader, "probe_loss": probe_loss, "generations": generations}
 
 
@@ -430,15 +463,25 @@ def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: L
     return booster.enable_lora(model, lora_config=lora_config), lora_config
 
 
-def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int):
-    """The plugin's distributed dataloader: shuffled by train.seed, full batches only."""
+def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
+    """The plugin's distributed dataloader: shuffled by train.seed, full batches only.
+
+    Args:
+        packed: with packing, how packed batches mark sample boundaries (finetune.packing.packed_attention);
+            the batches are then packed rows.
+    """
+    if packed:
+        samples = pack(samples, cfg.data.max_length)
+        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed)
+    else:
+        collate_fn = functools.partial(collate, pad_token_id=pad_token_id, pad_to=pad_to)
     return plugin.prepare_dataloader(
         samples,
         batch_size=cfg.train.batch_size,
         shuffle=True,
         seed=cfg.train.seed,
         drop_last=True,
-        collate_fn=lambda batch: collate(batch, pad_token_id, pad_to=pad_to),
+        collate_fn=collate_fn,
         # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
         distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
         # Each new epoch iterator draws a seed; from its own generator it leaves the global RNG (dropout)
@@ -469,16 +512,23 @@ def main(argv: list[str]) -> None:
     profiler = MemoryProfiler()
     log(profiler.format(profiler.record("start")))
 
-    splits = load_splits(cfg.data, cfg.train.seed)  # bad rows fail here, before the model is built
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)  # bad rows fail here, before the model is built
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
         model, tokenizer = build_model(
-            cfg.model, cfg.train.seed, shardformer=cfg.plugin.name == "hybrid_parallel", quantization=quantization_for(cfg), precision=cfg.train.precision
+            cfg.model,
+            cfg.train.seed,
+            shardformer=cfg.plugin.name == "hybrid_parallel",
+            labels=splits.labels,
+            quantization=quantization_for(cfg),
+            precision=cfg.train.precision,
         )
     log(profiler.format(profiler.record("model_loaded")))
     model_weights = weight_bytes(model)
     log(format_weight_bytes(model_weights))
-    data = build_data(cfg.data, tokenizer, splits)
-    log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated at {cfg.data.max_length} tokens)")
+    with main_rank_first():  # rank 0 tokenizes into the data cache; the others then read it
+        data = build_data(cfg.data, tokenizer, splits)
+    log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated, {data.dropped} dropped at {cfg.data.max_length} tokens; cache {data.cache})")
+    packed = packed_attention(model) if cfg.data.packing else ""  # before any wrapper hides the model
 
     booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)
     layout = parallel_layout(cfg.plugin.name, plugin)
@@ -492,10 +542,11 @@ def main(argv: list[str]) -> None:
     # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
     # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
     pad_to = cfg.data.max_length if layout.pipeline else 0
-    dataloader = build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, pad_to)
+    dataloader = build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, pad_to, packed)
     steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
     if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data.train_path}: {len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
+        rows = f"{len(dataloader.dataset)} packed rows of " if packed else ""
+        raise DataError(f"{cfg.data.train_path}: {rows}{len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
@@ -505,12 +556,19 @@ def main(argv: list[str]) -> None:
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
     log(profiler.format(profiler.record("boosted")))
-    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to, lora_config, steps_per_epoch, Faults())
+    run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to, lora_config, steps_per_epoch, Faults(), data.labels)
     start_step = checkpoint.load_checkpoint(run, resume, lora=lora_config is not None)["step"] if resume else 0
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id)
-    log(f"eval before training: loss {eval_before['loss']:.4f}, perplexity {eval_before['perplexity']:.2f}")
+    log(f"eval {'at the resumed step' if start_step else 'before training'}: {eval_line(eval_before)}")
+    if is_main():
+        # A resumed run keeps the untrained model's eval that the first run logged as "before".
+        logged = [r for r in outputs.read_metrics() if r["step"] == 0 and "eval_loss" in r] if start_step else []
+        if logged:
+            eval_before = {k.removeprefix("eval_"): v for k, v in logged[0].items() if k.startswith("eval_")}
+        else:
+            outputs.log_metrics(eval_metrics(0, eval_before))
     fingerprints_before = checks.fingerprints(module)
 
     profiler.reset_peak()
@@ -519,7 +577,7 @@ def main(argv: list[str]) -> None:
     log(profiler.format(profiler.record("after_training")))
 
     eval_after = run_eval(run, data.eval, tokenizer.pad_token_id)
-    log(f"eval after training:  loss {eval_after['loss']:.4f}, perplexity {eval_after['perplexity']:.2f}")
+    log(f"eval after training:  {eval_line(eval_after)}")
     probe = data.eval[:PROBE_SAMPLES]
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
     parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
@@ -528,14 +586,16 @@ def main(argv: list[str]) -> None:
     final = save_final(run, tokenizer, lora_config)
     if not is_main():
         return
-    prompts = list({r["instruction"]: r for r in data.eval_records}.values())[: cfg.eval.num_generation_prompts]
-    reload = reload_final(final, cfg, tokenizer, prompts, probe, device)
+    prompts = generation_prompts(cfg, data.eval_records, data.labels)
+    reload = reload_final(final, cfg, tokenizer, prompts, probe, device, data.labels)
     tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
     reload.update(trained_probe_loss=probe_loss, ok=abs(reload["probe_loss"] - probe_loss) <= tolerance * max(1.0, abs(probe_loss)))
     generations = reload.pop("generations")
     outputs.write_json("generations.json", generations)
-    evals = [(0, eval_before["loss"])] + [(e["step"], e["loss"]) for e in history["eval_history"]] + [(total_steps, eval_after["loss"])]
-    outputs.plot_loss(history["steps"], history["losses"], evals)
+    all_evals = [{"step": 0, **eval_before}, *history["eval_history"], {"step": total_steps, **eval_after}]
+    best, last = best_eval(all_evals), all_evals[-1]
+    outputs.log_metrics({**eval_metrics(total_steps, eval_after), "eval_best": best})  # the last eval, and the best
+    outputs.plot_loss(history["steps"], history["losses"], [(e["step"], e["loss"]) for e in all_evals])
     summary = {
         "model": cfg.model.name,
         "task": cfg.task,
@@ -549,12 +609,20 @@ def main(argv: list[str]) -> None:
         "all_params": total,
         "steps": total_steps,
         "final_loss": history["losses"][-1],
-        "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"]},
+        "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"], "best": best, "last": last},
         "throughput": history["throughput"],
         "memory": {**profiler.summary(), "model_weights": model_weights.as_dict()},
         "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1 if digests else None},
         "reload": reload,
-        "data": {"train_samples": len(data.train), "eval_samples": len(data.eval), "truncated": data.truncated},
+        "data": {
+            "train_samples": len(data.train),
+            "eval_samples": len(data.eval),
+            "truncated": data.truncated,
+            "dropped": data.dropped,
+            "packed_rows": len(dataloader.dataset) if packed else None,
+            "labels": data.labels,
+            "cache": data.cache,
+        },
         "final_dir": str(final),
         "resumed_from": {"checkpoint": str(resume), "step": start_step} if resume else None,
         "checkpoints": [str(path) for path in checkpoint.complete_checkpoints(cfg.output_dir)],
@@ -578,6 +646,14 @@ def start_outputs(cfg: Config, resume_state: dict | None) -> RunOutputs:
     return outputs
 
 
+def generation_prompts(cfg: Config, eval_records: list[dict], labels: list[str] | None) -> list[dict]:
+    """The first eval.num_generation_prompts distinct held-out prompts (none for classification)."""
+    if labels:
+        return []
+    task = build_task(cfg.task, cfg.data)
+    return list({task.prompt_text(r): r for r in eval_records}.values())[: cfg.eval.num_generation_prompts]
+
+
 def num_microbatches(cfg: Config) -> int:
     """Micro-batches per pipeline step (1 without a pipeline)."""
     options = to_dict(cfg)["plugin"]
@@ -592,7 +668,7 @@ def print_report(summary: dict, generations: list[dict], profiler: MemoryProfile
     print("\n" + "=" * 78)
     print(f"{summary['method']} fine-tune of {summary['model']} with {summary['plugin']} on {summary['world_size']} rank(s), {summary['steps']} steps")
     print(trainable_line(summary["trainable_params"], summary["all_params"]))
-    print(f"eval loss: {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f}   perplexity: {ev['before']['perplexity']:.2f} -> {ev['after']['perplexity']:.2f}")
+    print(f"eval before: {eval_line(ev['before'])}\neval after:  {eval_line(ev['after'])}\neval best:   {eval_line(ev['best'])} (step {ev['best']['step']})")
     print(f"throughput: {summary['throughput']['tokens_per_s']:.0f} non-pad tokens/s over all ranks")
     print("memory:")
     for stage in profiler.stages:

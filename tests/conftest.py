@@ -34,6 +34,41 @@ def instruction_file(tmp_path: Path) -> Path:
     return write_instruction_file(tmp_path / "train.jsonl")
 
 
+def write_summarization_file(path: Path, n: int = 64) -> Path:
+    """A small SAMSum-style JSON array (id, dialogue, summary) with a learnable pattern."""
+    items = ["cake", "salad", "juice", "bread", "cheese", "fruit", "soup", "tea"]
+    people = ["Anna", "Ben", "Carl", "Dora"]
+    rows = []
+    for i in range(n):
+        a, b, item, hour = people[i % 4], people[(i + 1) % 4], items[i % 8], i % 5 + 3
+        rows.append({"id": f"d{i}", "dialogue": f"{a}: I will bring the {item}.\n{b}: Great, see you at {hour}.", "summary": f"{a} brings the {item} at {hour}."})
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def write_classification_file(path: Path, n: int = 96) -> Path:
+    """A small separable CSV (text, label): each text holds three words of its class and two shared fillers."""
+    import csv
+    import random
+
+    words = {
+        "sports": ["football", "tennis", "goal", "match", "team", "coach"],
+        "food": ["pizza", "pasta", "bread", "cheese", "soup", "salad"],
+        "weather": ["rain", "sunny", "cloud", "storm", "snow", "wind"],
+    }
+    filler = ["today", "really", "the", "was", "my", "friend", "said", "about", "again"]
+    rng = random.Random(0)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = list(words)[i % 3]
+            tokens = rng.sample(words[label], 3) + rng.sample(filler, 2)
+            rng.shuffle(tokens)
+            writer.writerow([" ".join(tokens), label])
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,12 +95,12 @@ def launch_command(launcher: str, nproc: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run finetune/train.py for real and return the finished process (output captured)."""
+def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = RUN_TIMEOUT_S, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run finetune/train.py for real and return the finished process (output captured); `env` adds variables."""
     return subprocess.run(
         launch_command(launcher, nproc) + args,
         cwd=REPO,
-        env=run_env(),
+        env={**run_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

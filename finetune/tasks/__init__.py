@@ -1,0 +1,30 @@
+"""The task registry: `task=` names -> Task classes (see finetune/tasks/base.py for the interface)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from finetune.tasks.base import IGNORE_INDEX, DataError, LanguageModelingTask, Task
+from finetune.tasks.chat import ChatTask
+from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.instruction import InstructionTask
+from finetune.tasks.summarization import SummarizationTask
+
+if TYPE_CHECKING:
+    from finetune.config import DataConfig
+
+TASKS: dict[str, type[Task]] = {
+    "instruction": InstructionTask,
+    "summarization": SummarizationTask,
+    "chat": ChatTask,
+    "classification": ClassificationTask,
+}
+
+__all__ = ["IGNORE_INDEX", "TASKS", "DataError", "LanguageModelingTask", "Task", "build_task"]
+
+
+def build_task(name: str, cfg_data: "DataConfig", labels: list[str] | tuple[str, ...] = ()) -> Task:
+    """The task for `task=name`; classification takes its field names and label set from the data config."""
+    if name == "classification":
+        return ClassificationTask(cfg_data.text_field, cfg_data.text_pair_field, cfg_data.label_field, tuple(labels or cfg_data.labels))
+    return TASKS[name]()

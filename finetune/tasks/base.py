@@ -1,0 +1,105 @@
+"""What every task shares: the DataError, the record-checking helpers and the Task interface.
+
+A task turns one checked record into one tokenized sample:
+  - causal-LM tasks: {input_ids, labels}, labels -100 wherever the loss must not look;
+  - classification: {input_ids, label}, label an index into the run's label set.
+Tasks import no torch: they work on token-id lists, so config validation can read the registry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad data: names the file, the row and what is wrong."""
+
+
+def text_field(row: dict, key: str, where: str, required: bool = True) -> str:
+    """A string field of a row; missing, non-string or blank values raise DataError (blank is fine when optional)."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # CSV reads an empty cell as NaN/None
+        if required:
+            raise DataError(f"{where}: missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+class Task:
+    """One fine-tuning task: how records are checked, split, tokenized and prompted."""
+
+    name: str = ""
+    classification: bool = False
+    fields: str = ""  # the record layout, for error messages and docs
+
+    def check(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+        """The clean record of a raw row, or DataError naming `where` (file and row) and the problem."""
+        raise NotImplementedError
+
+    def group_key(self, record: dict) -> Hashable:
+        """What may not appear on both sides of a held-out split (e.g. the prompt)."""
+        raise NotImplementedError
+
+    def tokenize(self, tokenizer, record: dict, max_length: int) -> tuple[dict, int]:
+        """(sample cut to max_length, the sample's full length in tokens)."""
+        raise NotImplementedError
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        """Give the tokenizer what this task needs before tokenizing (default: nothing)."""
+
+
+class LanguageModelingTask(Task):
+    """A causal-LM task: samples are token ids with per-token labels; generation prompts come from records."""
+
+    def tokenize(self, tokenizer, record: dict, max_length: int) -> tuple[dict, int]:
+        input_ids, labels = self.token_labels(tokenizer, record)
+        return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}, len(input_ids)
+
+    def token_labels(self, tokenizer, record: dict) -> tuple[list[int], list[int]]:
+        """Full-length (input_ids, labels) of a record."""
+        raise NotImplementedError
+
+    def prompt_ids(self, tokenizer, record: dict) -> list[int]:
+        """Token ids a model continues from to produce the record's reference answer."""
+        raise NotImplementedError
+
+    def prompt_text(self, record: dict) -> str:
+        """A short readable form of the prompt, for generations.json."""
+        raise NotImplementedError
+
+    def reference(self, record: dict) -> str:
+        """The answer the data holds for the prompt."""
+        raise NotImplementedError
+
+
+class PromptResponseTask(LanguageModelingTask):
+    """Prompt + response, loss on the response only, EOS appended.
+
+    The prompt is the tokenizer's chat template around `user_message` when it has one, else the plain
+    `plain_prompt` template (base models).
+    """
+
+    def user_message(self, record: dict) -> str:
+        raise NotImplementedError
+
+    def plain_prompt(self, record: dict) -> str:
+        raise NotImplementedError
+
+    def prompt_ids(self, tokenizer, record: dict) -> list[int]:
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template([{"role": "user", "content": self.user_message(record)}], add_generation_prompt=True)
+        return tokenizer(self.plain_prompt(record), add_special_tokens=False)["input_ids"]
+
+    def token_labels(self, tokenizer, record: dict) -> tuple[list[int], list[int]]:
+        prompt = self.prompt_ids(tokenizer, record)
+        # A chat template closes the assistant turn with EOS itself (plus a newline we leave out);
+        # the plain template needs it appended. Either way the response ends with EOS.
+        response = tokenizer(self.reference(record), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt + response, [IGNORE_INDEX] * len(prompt) + response
