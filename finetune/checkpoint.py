@@ -42,7 +42,8 @@ FORMAT_VERSION = 1
 # eval and checkpoint settings, output paths) may change between the two.
 IDENTITY_KEYS = (
     "task", "method", "model", "lora", "quantization", "plugin", "world_size",
-    "data.train_path", "data.eval_path", "data.eval_fraction", "data.max_length",
+    "data.train_path", "data.eval_path", "data.eval_fraction", "data.split_slice", "data.max_length", "data.truncation",
+    "data.packing", "data.labels", "data.text_field", "data.text_pair_field", "data.label_field",
     "train.seed", "train.batch_size", "train.grad_accum_steps", "train.precision",
 )  # fmt: skip
 

@@ -5,7 +5,6 @@ safe loading; export to a plain Hugging Face directory."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -15,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import checkpoint
-from tests.conftest import read_metrics, read_summary, run_train
+from tests.conftest import read_metrics, read_summary, run_train, write_classification_file
 
 STEPS = 8
 
 
 def run_args(data: Path, out: Path, extra: list[str]) -> list[str]:
+    """The run's settings; `extra` comes last, so it wins."""
     return [
-        *extra,
         f"data.train_path={data}",
         "data.eval_fraction=0.25",
         f"output_dir={out}",
@@ -34,6 +33,7 @@ def run_args(data: Path, out: Path, extra: list[str]) -> list[str]:
         "eval.max_new_tokens=4",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=2",
+        *extra,
     ]
 
 
@@ -49,13 +49,8 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def launch(args: list[str], nproc: int, fault: str = "") -> object:
-    env_fault = {"FINETUNE_FAULT": fault} if fault else {}
-    os.environ.update(env_fault)
-    try:
-        return run_train(args, launcher="torchrun", nproc=nproc)
-    finally:
-        for key in env_fault:
-            os.environ.pop(key)
+    """A real torchrun launch; `fault` goes to finetune.faults (e.g. kill_after_step:5)."""
+    return run_train(args, launcher="torchrun", nproc=nproc, env={"FINETUNE_FAULT": fault} if fault else None)
 
 
 def assert_same_run(reference: Path, resumed: Path, loss_tolerance: float, weight_tolerance: float) -> None:
@@ -84,6 +79,8 @@ RESUME_CASES = {
     "pp2_lora": (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-gpt2", "method=lora"], FP32),
     "pp2_interleaved_full": (2, ["--config", "booster_configs/pp2_interleaved.yaml", "model.name=tiny-gpt2", "method=full", "plugin.num_microbatches=4"], FP32),
     "pp2_zero1_bf16": (2, ["--config", "booster_configs/pp2_zero1.yaml", "model.name=tiny-llama", "method=full"], BF16),
+    # the adapter and the trained classification head (peft modules_to_save) both resume
+    "zero1_classification_lora": (2, ["--config", "booster_configs/zero1.yaml", "model.name=tiny-roberta", "method=lora", "task=classification"], FP32),
 }
 
 
@@ -91,6 +88,8 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_kill_and_resume_reproduces_the_uninterrupted_run(case, instruction_file, tmp_path):
     nproc, extra, tolerances = RESUME_CASES[case]
+    if "task=classification" in extra:
+        extra = [*extra, f"data.train_path={write_classification_file(tmp_path / 'classes.csv')}"]
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     done = launch(run_args(instruction_file, reference, extra), nproc)
     assert done.returncode == 0, done.stderr[-3000:]
