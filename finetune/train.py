@@ -40,10 +40,11 @@ from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, help_text, load_config, to_dict
 from finetune.data import DataError, build_data, collate, load_splits
+from finetune.estimate import compare_with_run
 from finetune.evaluation import evaluate, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
-from finetune.profiler import MemoryProfiler
+from finetune.profiler import GB, MemoryProfiler
 
 USER_ERRORS = (ConfigError, DataError, ModelError, AssetError, compat.CompatError, patches.PatchError)
 
@@ -443,6 +444,9 @@ def main(argv: list[str]) -> None:
     outputs.write_json("generations.json", generations)
     evals = [(0, eval_before["loss"])] + [(e["step"], e["loss"]) for e in history["eval_history"]] + [(total_steps, eval_after["loss"])]
     outputs.plot_loss(history["steps"], history["losses"], evals)
+    memory = profiler.summary()
+    # What finetune.estimate predicts for this very setup, for batches as long as the longest sample.
+    memory["estimate"] = compare_with_run(cfg, dist.get_world_size(), pad_to or max(len(s["input_ids"]) for s in data.train), memory)
     summary = {
         "model": cfg.model.name,
         "task": cfg.task,
@@ -458,7 +462,7 @@ def main(argv: list[str]) -> None:
         "final_loss": history["losses"][-1],
         "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"]},
         "throughput": history["throughput"],
-        "memory": profiler.summary(),
+        "memory": memory,
         "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1 if digests else None},
         "reload": reload,
         "data": {"train_samples": len(data.train), "eval_samples": len(data.eval), "truncated": data.truncated},
@@ -489,6 +493,9 @@ def print_report(summary: dict, generations: list[dict], profiler: MemoryProfile
     print("memory:")
     for stage in profiler.stages:
         print("  " + profiler.format(stage))
+    estimate = summary["memory"]["estimate"]
+    if estimate.get("ratio_measured_to_predicted"):
+        print(f"  predicted train_step_peak: {estimate['predicted_train_step_peak_bytes'] / GB:.2f}GB (measured/predicted {estimate['ratio_measured_to_predicted']:.2f})")
     for g in generations:
         print(f"\nprompt:    {g['prompt']}\nreference: {g['reference']}\nbefore:    {g['before']}\nafter:     {g['after']}")
     reload = summary["reload"]
