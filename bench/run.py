@@ -1,8 +1,10 @@
 """Benchmarks, measured on the machine that runs them: one command, `python bench/run.py` (or `make bench`).
 
 1. Framework overhead: step time of finetune/train.py (TorchDDP, one rank) against the hand-written
-   PyTorch loop in bench/plain_loop.py on the same model, batch and optimizer (median step time after
-   warm-up, runs alternated so that load from elsewhere hits both alike). Target: ratio <= 1.05.
+   PyTorch loop in bench/plain_loop.py on the same model, batch and optimizer, after warm-up, runs
+   alternated. The ratio of the fastest steps is the headline (other work on a shared machine only ever
+   adds time; timeit reports the minimum for the same reason), the ratio of medians is shown beside
+   it. Target: ratio <= 1.05.
 2. Plugins: each booster_configs/ setup trains the same model on 2 ranks for real (torchrun); non-pad
    tokens/s (after warm-up) and the train_step_peak memory come from the run's own metrics.jsonl and
    summary.json, next to what finetune.estimate predicted for that run. Every sample fills
@@ -25,13 +27,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from finetune import estimate  # noqa: E402  (after the path is set)
+from tests.conftest import write_fixed_length_file  # noqa: E402  (the same fixed-length data as the tests)
 
 RESULTS = REPO / "bench" / "results"
 MIB = 2**20
@@ -47,12 +50,12 @@ class Case:
     name: str
     args: list[str]
     nproc: int = 2
-    results: dict = field(default_factory=dict)
+    threads: int = 0  # OpenMP threads per rank; 0: the cores divided among the ranks
 
 
 def common_args(model: str, steps: int, batch_size: int, max_length: int) -> list[str]:
     """A short run on fixed-length data (same shapes under every setup): no mid-run eval, a small eval set."""
-    data = write_fixed_length_data(RESULTS / "fixed_length.jsonl")
+    data = write_fixed_length_file(RESULTS / "fixed_length.jsonl")
     return [
         f"model.name={model}",
         f"data.train_path={data}",
@@ -74,9 +77,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(nproc: int) -> dict[str, str]:
-    """One OpenMP thread per core per rank, offline, the venv's launchers on PATH."""
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+def child_env(threads: int) -> dict[str, str]:
+    """OpenMP threads per process, offline, the venv's launchers on PATH."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -85,7 +87,8 @@ def train(case: Case, out: Path) -> dict:
     launcher = [sys.executable] if case.nproc == 1 else ["torchrun", f"--nproc_per_node={case.nproc}", f"--master_port={free_port()}"]
     command = [*launcher, str(REPO / "finetune" / "train.py"), *case.args, f"output_dir={out}"]
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=child_env(case.nproc), capture_output=True, text=True)
+    threads = case.threads or max(1, (os.cpu_count() or 1) // case.nproc)  # one per core per rank
+    result = subprocess.run(command, cwd=REPO, env=child_env(threads), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{case.name}: train.py failed:\n{(result.stdout + result.stderr)[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -99,9 +102,10 @@ def timed(metrics: list[dict]) -> list[dict]:
 
 
 def case_row(case: Case, run: dict, on_cuda: bool) -> dict:
-    """What one run measured: tokens/s (non-pad, after warm-up), step time, train_step_peak, the estimate."""
+    """What one run measured: tokens/s (non-pad tokens per step over the median step time after warm-up,
+    robust to other work on a shared machine), train_step_peak, and the estimate for the run."""
     steps = timed(run["metrics"])
-    seconds = sum(m["step_s"] for m in steps)
+    median_step = statistics.median(m["step_s"] for m in steps)
     memory = run["summary"]["memory"]
     peak = next(s["peak_bytes"] for s in memory["stages"] if s["name"] == "train_step_peak")
     prediction = memory["estimate"]
@@ -109,8 +113,8 @@ def case_row(case: Case, run: dict, on_cuda: bool) -> dict:
     row = {
         "case": case.name,
         "ranks": world,
-        "tokens_per_s": sum(m["tokens"] for m in steps) / seconds,
-        "median_step_s": statistics.median(m["step_s"] for m in steps),
+        "tokens_per_s": statistics.median(m["tokens"] for m in steps) / median_step,
+        "median_step_s": median_step,
         "peak_bytes_rank0": peak,
         "predicted_bytes": prediction.get("predicted_train_step_peak_bytes"),
         "trainable_params": run["summary"]["trainable_params"],
@@ -146,39 +150,41 @@ def mfu(tokens_per_s_per_gpu: float, per_rank: dict, summary: dict) -> float | N
 # 1. Framework overhead
 
 
-def write_fixed_length_data(path: Path, n: int = 256) -> Path:
-    """Instruction records longer than any data.max_length used here: every batch has the same shape."""
-    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({"instruction": f"Repeat {words[i % 8]} {i}.", "input": "", "output": " ".join([words[i % 8]] * 300)}) + "\n")
-    return path
-
-
 def framework_overhead(model: str, steps: int, batch_size: int, max_length: int, rounds: int) -> dict:
-    """Median step time of train.py (TorchDDP, 1 rank) over that of the plain loop, alternating runs."""
+    """Step time of train.py (TorchDDP, 1 rank) over that of the plain loop, alternating runs."""
     args = [*common_args(model, steps, batch_size, max_length), "method=full", "plugin.name=torch_ddp"]
+    # One thread each: on a shared machine a two-thread step stalls at every OpenMP barrier whose other
+    # thread was descheduled, which would swamp the difference being measured.
     ours, plain = [], []
     for i in range(rounds):
         out = RESULTS / "runs" / f"overhead_plain_{i}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(REPO / "bench" / "plain_loop.py"), str(out), *args], cwd=REPO, env=child_env(1), check=True, capture_output=True)
         plain += json.loads(out.read_text())["step_s"][WARMUP_STEPS:]
-        run = train(Case("overhead", args, nproc=1), RESULTS / "runs" / f"overhead_ours_{i}")
+        run = train(Case("overhead", args, nproc=1, threads=1), RESULTS / "runs" / f"overhead_ours_{i}")
         ours += [m["step_s"] for m in timed(run["metrics"])]
-    ratio = statistics.median(ours) / statistics.median(plain)
-    return {"model": model, "batch": f"{batch_size} x {max_length}", "timed_steps": len(ours), "train_py_median_s": statistics.median(ours), "plain_median_s": statistics.median(plain), "ratio": ratio}
+    return {
+        "model": model,
+        "batch": f"{batch_size} x {max_length}",
+        "timed_steps": len(ours),
+        "train_py_min_s": min(ours),
+        "plain_min_s": min(plain),
+        "ratio": min(ours) / min(plain),
+        "train_py_median_s": statistics.median(ours),
+        "plain_median_s": statistics.median(plain),
+        "median_ratio": statistics.median(ours) / statistics.median(plain),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # 2-4. Plugins, methods, the CPU baseline
 
-PLUGIN_SETUPS = ["torch_ddp", "zero1", "zero2", "fsdp", "tp2", "pp2"]
+PLUGIN_SETUPS = {"torch_ddp": 1, "zero1": 1, "zero2": 1, "fsdp": 1, "tp2": 2, "pp2": 2}  # setup -> ranks it needs at least
 
 
 def plugin_cases(base: list[str], nproc: int) -> list[Case]:
-    """Full fine-tuning under each booster_configs/ setup."""
-    return [Case(setup, [*base, "method=full", "--config", f"booster_configs/{setup}.yaml"], nproc) for setup in PLUGIN_SETUPS]
+    """Full fine-tuning under each booster_configs/ setup that fits on nproc ranks."""
+    return [Case(setup, [*base, "method=full", "--config", f"booster_configs/{setup}.yaml"], nproc) for setup, need in PLUGIN_SETUPS.items() if nproc >= need]
 
 
 def method_cases(base: list[str], nproc: int) -> list[Case]:
@@ -222,15 +228,21 @@ def fmt_mib(n: float | None) -> str:
 def markdown(results: dict) -> str:
     """The results as markdown tables."""
     on_cuda = results["device"] == "cuda"
-    lines = [f"# Benchmarks: {results['machine']}", "", f"Measured {results['date']} in {results['wall_s'] / 60:.1f} min.", ""]
+    lines = [
+        f"# Benchmarks: {results['machine']}",
+        "",
+        f"Measured {results['date']} in {results['wall_s'] / 60:.1f} min (1-minute load average {results['load_before']:.1f} before, {results['load_after']:.1f} after).",
+        "",
+    ]
     if "overhead" in results:
         o = results["overhead"]
         lines += [
             "## Framework overhead (TorchDDP, 1 rank, full fine-tuning)",
             "",
-            "| model | batch | timed steps | finetune/train.py median step | plain PyTorch loop median step | ratio |",
+            "| model | batch | timed steps (each) | finetune/train.py step, fastest / median | plain PyTorch loop step, fastest / median | ratio, fastest / median |",
             "|---|---|---|---|---|---|",
-            f"| {o['model']} | {o['batch']} | {o['timed_steps']} | {o['train_py_median_s']:.3f} s | {o['plain_median_s']:.3f} s | {o['ratio']:.3f} |",
+            f"| {o['model']} | {o['batch']} | {o['timed_steps']} | {o['train_py_min_s']:.3f} / {o['train_py_median_s']:.3f} s "
+            f"| {o['plain_min_s']:.3f} / {o['plain_median_s']:.3f} s | {o['ratio']:.3f} / {o['median_ratio']:.3f} |",
             "",
         ]
     memory = "peak CUDA memory, rank 0 (MiB)" if on_cuda else "peak RSS, rank 0 (MiB)"
@@ -312,17 +324,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per plugin run (the first %d are warm-up)" % WARMUP_STEPS)
     parser.add_argument("--batch-size", type=int, default=2, help="per rank")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (every sample fills it)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the overhead comparison")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the overhead comparison")
     opts = parser.parse_args()
     started = time.perf_counter()
     RESULTS.mkdir(parents=True, exist_ok=True)
     description, device, nproc = machine()
-    results: dict = {"machine": description, "device": device, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M")}
+    results: dict = {"machine": description, "device": device, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
     print(f"bench on {description}", flush=True)
     if device == "cpu":
         results["baseline"] = cpu_process_baseline()
         print(f"CPU process baseline: {fmt_mib(results['baseline']['measured_bytes'])} MiB", flush=True)
-    results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 8, opts.batch_size, opts.max_length, opts.rounds)
+    results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 6, opts.batch_size, opts.max_length, opts.rounds)
     print(f"framework overhead ratio: {results['overhead']['ratio']:.3f}", flush=True)
     base = common_args(opts.model, opts.steps, opts.batch_size, opts.max_length)
     for key, cases in (("plugins", plugin_cases(base, nproc)), ("methods", method_cases(base, nproc))):
@@ -332,6 +344,7 @@ def main() -> None:
     for row in results["methods"]:
         row["base_bytes_per_param"] = base_bytes_per_param(opts.model, row["case"])
     results["wall_s"] = time.perf_counter() - started
+    results["load_after"] = os.getloadavg()[0]  # other work on the machine slows every timing alike
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "results.md").write_text(markdown(results) + "\n")
     chart(results, RESULTS / "plugins.png")

@@ -119,7 +119,9 @@ class ModelShape:
     vocab: int  # logits per token: the vocabulary, or a classifier's labels
     rms_norm: bool
     upcast_softmax: bool  # eager attention computes softmax in fp32 (Llama family)
-    mlp_saved: int  # ffn-sized tensors one MLP keeps for backward
+    mlp_saved: int  # ffn-sized tensors one MLP's activation function keeps for backward
+    saved_inputs: frozenset  # projection roles (qkv, o, up, down) whose input autograd keeps: trainable or adapted
+    norms_trainable: bool  # an RMSNorm keeps its normalized input only for its own weight's gradient
     attn_dropout: float
     hidden_dropout: float
     total_params: int
@@ -137,6 +139,9 @@ class ModelShape:
     output_projection: int  # the head's weight (the token embedding itself where tied)
     tied: bool
     largest_trainable: int
+    lora_inputs: int = 0  # input features of one layer's LoRA-adapted projections
+    lora_ranks: int = 0  # their ranks, summed
+    lora_dropout: float = 0.0
 
 
 def load_model_config(name: str):
@@ -209,12 +214,38 @@ def _projections(module) -> list:
 
 
 def _mlp_saved_tensors(config, layer) -> int:
-    """ffn-sized tensors an MLP keeps for backward, as transformers implements it."""
+    """ffn-sized tensors an MLP's activation keeps for backward, as transformers implements it."""
     if any(name.endswith("gate_proj") for name, _ in layer.named_modules()):
-        return 4  # act(gate) input and output, up output, down-projection input
+        return 3  # act(gate)'s input, and the product's factors act(gate) and up
     act = getattr(config, "activation_function", None) or getattr(config, "hidden_act", "gelu")
-    # gelu_new (GPT-2) is its tanh formula in Python: four intermediates, plus the output projection's input.
-    return 5 if act in ("gelu_new", "gelu_fast") else 2
+    # gelu_new (GPT-2) is its tanh formula in Python: four intermediates; torch's own GELU keeps its input.
+    return 4 if act in ("gelu_new", "gelu_fast") else 1
+
+
+# Which input a projection reads, by its name in the layer (GPT-2 / Llama family / BERT family); the
+# attention output ("o") is matched before the MLP output ("down") because RoBERTa names both *.output.dense.
+PROJECTION_ROLES = (
+    ("qkv", ("c_attn", "q_proj", "k_proj", "v_proj", "query", "key", "value")),
+    ("o", ("attn.c_proj", "o_proj", "attention.output.dense")),
+    ("up", ("c_fc", "gate_proj", "up_proj", "intermediate.dense")),
+    ("down", ("mlp.c_proj", "down_proj", "output.dense")),
+)
+
+
+def _saved_inputs(layer, lora_dropout: float) -> frozenset:
+    """Roles whose input tensor autograd keeps: a trainable projection needs it for its weight's
+    gradient, and so does LoRA's A matrix when it reads the input undropped."""
+    saved, known = set(), False
+    for name, module in layer.named_modules():
+        role = next((r for r, suffixes in PROJECTION_ROLES if name.endswith(suffixes)), None)
+        if role is None:
+            continue
+        known = True
+        base = getattr(module, "base_layer", module)
+        if base.weight.requires_grad or (hasattr(module, "lora_A") and lora_dropout == 0):
+            saved.add(role)
+    # An architecture whose projections are named otherwise: count every input (an upper bound).
+    return frozenset(saved) if known else frozenset(role for role, _ in PROJECTION_ROLES)
 
 
 def _config_float(config, *names: str) -> float:
@@ -243,6 +274,7 @@ def model_shape(config, method: str, cfg_lora=None) -> ModelShape:
     head = [p for p in outside if id(p) in after]
     embedding = [p for p in outside if id(p) not in after]
     layer_projections = _projections(layers[0])
+    adapted = [m for m in layers[0].modules() if hasattr(m, "lora_A")]  # peft's LoRA layers
     head_projections = [m for m in projections if m not in set(_projections(layers)) and m is not outputs]
     return ModelShape(
         model_type=config.model_type,
@@ -256,6 +288,8 @@ def model_shape(config, method: str, cfg_lora=None) -> ModelShape:
         rms_norm=any("RMSNorm" in type(m).__name__ for m in layers[0].modules()),
         upcast_softmax=config.model_type in ("llama", "mistral", "qwen2"),
         mlp_saved=_mlp_saved_tensors(config, layers[0]),
+        saved_inputs=_saved_inputs(layers[0], cfg_lora.dropout if adapted else 0.0),
+        norms_trainable=all(p.requires_grad for m in layers[0].modules() if "Norm" in type(m).__name__ for p in m.parameters()),
         attn_dropout=_config_float(config, "attn_pdrop", "attention_probs_dropout_prob", "attention_dropout"),
         hidden_dropout=_config_float(config, "resid_pdrop", "hidden_dropout_prob"),
         total_params=_numel(params),
@@ -273,6 +307,9 @@ def model_shape(config, method: str, cfg_lora=None) -> ModelShape:
         output_projection=(outputs.weight.numel() if outputs is not None else 0),
         tied=tied,
         largest_trainable=max((p.numel() for p in params if p.requires_grad), default=0),
+        lora_inputs=sum(m.in_features for m in adapted),
+        lora_ranks=sum(m.r["default"] for m in adapted),
+        lora_dropout=cfg_lora.dropout if adapted else 0.0,
     )
 
 
@@ -339,6 +376,12 @@ def _ddp(cfg: Config, world: int) -> Placement:
     return Placement(dp=world, compute_bytes=compute, autocast_copies=_half(cfg), grad_copies=1 if _options(cfg)["gradient_as_bucket_view"] else 2)
 
 
+def _cast(cfg: Config, **layout) -> Placement:
+    """A plugin that casts the model to the run's dtype: weights, gradients and activations in it."""
+    element = 2 if _half(cfg) else 4
+    return Placement(weight_bytes=element, compute_bytes=element, residual_bytes=element, eval_half=_half(cfg), grad_bytes=element, **layout)
+
+
 def _zero(cfg: Config, world: int, dp: int | None = None, stage: int | None = None, offload: bool | None = None, master: bool | None = None) -> Placement:
     """LowLevelZero: model cast to the run's dtype; fp32 master and optimizer states sharded (stage 2: gradients too)."""
     options = _options(cfg)
@@ -346,17 +389,12 @@ def _zero(cfg: Config, world: int, dp: int | None = None, stage: int | None = No
     stage = options["stage"] if stage is None else stage
     offload = options["cpu_offload"] if offload is None else offload
     master = options["master_weights"] if master is None else master
-    element = 2 if _half(cfg) else 4
-    return Placement(
+    return _cast(
+        cfg,
         dp=dp,
-        weight_bytes=element,
-        compute_bytes=element,
-        residual_bytes=element,
-        eval_half=_half(cfg),
-        grad_bytes=element,
         master_bytes=4 if master else 0,  # ColossalAI clones the master even in fp32
-        state_bytes=4 if master else element,
-        step_grad_bytes=4 if master and element == 2 else 0,
+        state_bytes=4 if master else (2 if _half(cfg) else 4),
+        step_grad_bytes=4 if master and _half(cfg) else 0,
         grad_shards=dp if stage == 2 else 1,
         optim_shards=dp,
         optim_offload=1.0 if offload else 0.0,
@@ -416,21 +454,10 @@ def _hybrid(cfg: Config, world: int) -> Placement:
     layout = dict(tp=tp, pp=pp, microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"], interleaved=options["pp_style"] == "interleaved")
     if options["zero_stage"]:
         return dataclasses.replace(_zero(cfg, world, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
-    element = 2 if _half(cfg) else 4
     # Without ZeRO and without a pipeline, data parallelism is torch DDP inside the plugin (buckets).
     ddp_buckets = 2 if dp > 1 and pp == 1 else 1
-    return Placement(
-        dp=dp,
-        **layout,
-        weight_bytes=element,
-        compute_bytes=element,
-        residual_bytes=element,
-        eval_half=_half(cfg),
-        grad_bytes=element,
-        grad_copies=ddp_buckets,
-        master_bytes=4 if element == 2 else 0,
-        step_grad_bytes=4 if element == 2 else 0,
-    )
+    master = 4 if _half(cfg) else 0
+    return _cast(cfg, dp=dp, **layout, grad_copies=ddp_buckets, master_bytes=master, step_grad_bytes=master)
 
 
 # plugin name -> its layout; booster_configs/ files are options of these five plugins.
@@ -453,40 +480,56 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     tensor with saved-tensor hooks in tests/test_estimate.py), in the spirit of Korthikanti et al.
     (2022), whose GPT layer saves s*b*h*(34 + 5*a*s/h) bytes in half precision with dropout. With
     h hidden, f ffn, a heads, s sequence, t tensor-parallel size, c/r the compute/residual dtype bytes:
-      norms       LayerNorm: input r*h + mean/rstd; Llama RMSNorm: fp32 input 4h + rsqrt + normalized r*h
-      attention   projections' input c*h, q/k/v 3c*h/t, output projection's input c*h/t, and the core:
+      norms       LayerNorm: input r*h + mean/rstd; Llama RMSNorm: fp32 input 4h + rsqrt, and the
+                  normalized r*h where its weight trains
+      inputs      each projection's input where its weight trains or LoRA reads it undropped: q/k/v c*h,
+                  output projection c*h/t, MLP in c*h, MLP out c*f/t
+      attention   q/k/v 3c*h/t and the core:
                   sdpa (memory-efficient/flash) c*h/t output + 4a/t logsumexp, or the s x s scores
                   a*s/t x (softmax + a half copy for the matmul where softmax ran in fp32 + dropout mask
                   and output) for eager attention, and for sdpa with dropout on CPU (its math fallback)
-      MLP         input c*h and k*f/t ffn-sized tensors (k: 5 for GPT-2's gelu_new, 4 for Llama's
-                  gated SiLU, 2 for plain GELU)
+      MLP         k*f/t ffn-sized tensors of the activation (k: 4 for GPT-2's gelu_new, 3 for Llama's
+                  gated SiLU, 1 for GELU)
       dropout     two residual masks of h (bool on CUDA; on CPU the mask has the input's dtype)
+      LoRA        per adapted projection, lora_B's input c*r, and with lora.dropout its dropped input
+                  c*h_in and the mask (without dropout lora_A reads the input the projection saved)
     """
     h, f, a, t = shape.hidden, shape.ffn, shape.heads, place.tp
     c, r = place.compute_bytes, place.residual_bytes
-    norm = (4 * h + 4 + r * h) if shape.rms_norm else (r * h + 2 * r)
+    norm = norm_bytes(shape, r)
     mask = 1 if device == "cuda" else c
-    core = c * 3 * h / t + c * h / t  # q, k, v and the output projection's input
+    sizes = {"qkv": h, "o": h / t, "up": h, "down": f / t}
+    inputs = c * sum(sizes[role] for role in shape.saved_inputs)
+    core = c * 3 * h / t  # q, k, v
     if attention == "eager" or (device == "cpu" and shape.attn_dropout > 0):
         softmax = 4 if (r == 4 or shape.upcast_softmax) else c
         per_score = softmax + (c if softmax != c else 0) + ((mask + softmax) if shape.attn_dropout > 0 else 0)
         core += a * seq / t * per_score
     else:
         core += c * h / t + 4 * a / t
-    mlp = c * h + shape.mlp_saved * c * f / t
+    mlp = shape.mlp_saved * c * f / t
     dropout = 2 * h * mask if shape.hidden_dropout > 0 else 0
-    return 2 * norm + c * h + core + mlp + dropout
+    lora = c * shape.lora_ranks + (shape.lora_inputs * (mask + c) if shape.lora_dropout > 0 else 0)
+    return 2 * norm + inputs + core + mlp + dropout + lora
+
+
+def norm_bytes(shape: ModelShape, residual: int) -> float:
+    """Per token, what one norm keeps: LayerNorm its input and mean/rstd; HF's RMSNorm its fp32 input,
+    the rsqrt, and the normalized input where its weight trains."""
+    h = shape.hidden
+    if shape.rms_norm:
+        return 4 * h + 4 + (residual * h if shape.norms_trainable else 0)
+    return residual * h + 2 * residual
 
 
 def outside_activation_bytes(shape: ModelShape, place: Placement, device: str, first: bool, last: bool) -> float:
-    """Bytes per token saved outside the layers: ids, embedding dropout, final norm, the head's input."""
+    """Bytes per token saved outside the layers: ids, embedding dropout, final norm, the head's input (if it trains)."""
     h, c, r = shape.hidden, place.compute_bytes, place.residual_bytes
     saved = 24.0  # input ids, labels, attention mask (int64)
     if first and shape.hidden_dropout > 0:
         saved += h * (1 if device == "cuda" else r)
     if last and shape.causal_lm:
-        norm = (4 * h + 4 + r * h) if shape.rms_norm else (r * h + 2 * r)
-        saved += norm + c * h
+        saved += norm_bytes(shape, r) + (c * h if shape.head_trainable or shape.tied and shape.embedding_trainable else 0)
     return saved
 
 
@@ -874,12 +917,13 @@ def format_table(est: Estimate) -> str:
     s = est.setup
     parallel = f"dp {s['dp']}" + (f" x tp {s['tp']}" if s["tp"] > 1 else "") + (f" x pp {s['pp']}" if s["pp"] > 1 else "")
     quant = s["quantization"]
-    method = f"qlora {quant['bits']}-bit {quant['quant_type']}" if quant else s["method"]
+    method = f"qlora {quant['bits']}-bit {quant['quant_type'] if quant['bits'] == 4 else 'int8'}" if quant else s["method"]
+    precision = f"compute {quant['compute_dtype']}" if quant else s["precision"]
     pct = 100 * est.trainable_params / est.params
     width = 44
     both = lambda name, value: f"  {name:<{width - 2}} {_gib(value):>16} {_gib(value):>14}"
     lines = [
-        f"{method} fine-tune of {s['model']} ({s['model_class']}) with {s['plugin']} on {s['world_size']} {s['device']} rank(s) ({parallel}), {s['precision']}, {s['optimizer']}",
+        f"{method} fine-tune of {s['model']} ({s['model_class']}) with {s['plugin']} on {s['world_size']} {s['device']} rank(s) ({parallel}), {precision}, {s['optimizer']}",
         f"batch {s['batch_size']} x {s['seq_len']} tokens per rank (eval batch {s['eval_batch_size']}); parameters {est.params:,d}, trainable {est.trainable_params:,d} ({pct:.2f}%)",
         "",
         f"{'per rank, GiB':<{width}} {'no checkpointing':>16} {'checkpointing':>14}",

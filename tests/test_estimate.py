@@ -13,7 +13,7 @@ import torch
 
 from finetune import estimate as est
 from finetune.config import build_config, parse_args
-from tests.conftest import REPO, read_summary, run_env, run_train
+from tests.conftest import REPO, read_summary, run_env, run_train, write_fixed_length_file
 
 LLAMA2_7B = 6_738_415_616
 
@@ -111,7 +111,7 @@ def test_qlora_base_bytes_per_param():
     assert int8.weights == pytest.approx(quantized + 4 * 32 * shape.layer_rows + rest * 2 + shape.trainable_params * 4, rel=1e-9)
 
 
-def saved_bytes_per_layer(config, autocast: bool, half_model: bool) -> float:
+def saved_bytes_per_layer(config, autocast: bool, half_model: bool, lora=None) -> float:
     """Bytes autograd saves per token for one layer: a 2-layer minus a 1-layer model (parameters and buffers aside)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -121,6 +121,12 @@ def saved_bytes_per_layer(config, autocast: bool, half_model: bool) -> float:
         factory = AutoModelForSequenceClassification if est.is_classifier(config) else AutoModelForCausalLM
         torch.manual_seed(0)
         model = factory.from_config(config, attn_implementation="sdpa").train()
+        if lora:
+            from peft import inject_adapter_in_model
+
+            from finetune.model import build_lora_config
+
+            model = inject_adapter_in_model(build_lora_config(model, lora), model)
         model = model.to(torch.bfloat16) if half_model else model
         owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         saved: dict[int, int] = {}
@@ -144,31 +150,34 @@ TINY = {
 
 
 @pytest.mark.parametrize(
-    "model_type, dropout, precision",
-    [("gpt2", 0.0, "fp32"), ("gpt2", 0.1, "fp32"), ("gpt2", 0.0, "autocast"), ("llama", 0.0, "fp32"), ("llama", 0.0, "bf16"), ("roberta", 0.1, "fp32")],
+    "model_type, dropout, precision, method",
+    [
+        ("gpt2", 0.0, "fp32", "full"),
+        ("gpt2", 0.1, "fp32", "full"),
+        ("gpt2", 0.0, "autocast", "full"),
+        ("gpt2", 0.0, "fp32", "lora"),
+        ("llama", 0.0, "fp32", "full"),
+        ("llama", 0.0, "bf16", "full"),
+        ("llama", 0.0, "fp32", "lora"),
+        ("llama", 0.0, "bf16", "lora-undropped"),
+        ("roberta", 0.1, "fp32", "full"),
+    ],
 )
-def test_layer_activation_formula_matches_saved_tensors(model_type, dropout, precision):
+def test_layer_activation_formula_matches_saved_tensors(model_type, dropout, precision, method):
     from transformers import AutoConfig
 
     drops = {"gpt2": dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout), "roberta": dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)}
     config = AutoConfig.for_model(model_type, num_hidden_layers=1, **TINY[model_type], **drops.get(model_type, {}))
-    shape = est.model_shape(config, "full")
+    # LoRA on the default targets (GPT-2 c_attn, Llama q/k/v/o), with and without lora.dropout.
+    lora = config_of(f"lora.dropout={0.0 if method == 'lora-undropped' else 0.1}").lora if method.startswith("lora") else None
+    shape = est.model_shape(config, "lora" if lora else "full", lora)
     half = precision != "fp32"
     place = est.Placement(compute_bytes=2 if half else 4, residual_bytes=2 if precision == "bf16" else 4)
     predicted = est.layer_activation_bytes(shape, place, seq=32, device="cpu", attention="sdpa")
-    measured = saved_bytes_per_layer(config, autocast=precision == "autocast", half_model=precision == "bf16")
+    measured = saved_bytes_per_layer(config, autocast=precision == "autocast", half_model=precision == "bf16", lora=lora)
     if precision == "autocast":  # autocast also saves half copies of the layer's weights (the estimator adds them per rank)
         predicted += 2 * shape.layer_matmul / (2 * 32)
     assert predicted == pytest.approx(measured, rel=0.03), (predicted, measured)
-
-
-def write_fixed_length_data(path: Path, n: int = 48) -> Path:
-    """Every sample is longer than data.max_length, so every batch is exactly that long (no padding)."""
-    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({"instruction": f"Repeat {words[i % 8]} {i}.", "input": "", "output": " ".join([words[i % 8]] * 200)}) + "\n")
-    return path
 
 
 @pytest.mark.timeout(300)
@@ -178,7 +187,7 @@ def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
     wrong bytes/param rule or activation formula shows; summary.json carries prediction and ratio."""
     out = tmp_path / "run"
     args = [
-        f"data.train_path={write_fixed_length_data(tmp_path / 'train.jsonl')}",
+        f"data.train_path={write_fixed_length_file(tmp_path / 'train.jsonl')}",
         "data.eval_fraction=0.25",
         "data.max_eval_samples=4",
         "data.max_length=64",
