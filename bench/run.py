@@ -251,15 +251,17 @@ def markdown(results: dict) -> str:
         rows = results.get(key, [])
         if not rows:
             continue
-        extra = " MFU |" if on_cuda else ""
+        header = ["setup", speed, "median step (s)", memory, "predicted (MiB)", "measured/predicted", "trainable params"]
+        header += ["base bytes/param"] if key == "methods" else []
+        header += ["MFU"] if on_cuda else []
         lines += [f"## {title}: {results['model']}, {rows[0]['ranks']} ranks, batch {results['batch']} per rank", ""]
-        lines += [f"| setup | {speed} | median step (s) | {memory} | predicted (MiB) | measured/predicted | trainable params | base bytes/param |{extra}", "|---|---|---|---|---|---|---|---|" + ("---|" if on_cuda else "")]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in rows:
             ratio = r["peak_bytes_rank0"] / r["predicted_bytes"] if r["predicted_bytes"] else float("nan")
             tokens = r["tokens_per_s_per_gpu"] if on_cuda else r["tokens_per_s"]
-            cells = [r["case"], f"{tokens:,.0f}", f"{r['median_step_s']:.2f}", fmt_mib(r["peak_bytes_rank0"]), fmt_mib(r["predicted_bytes"]), f"{ratio:.2f}", f"{r['trainable_params']:,d}", f"{r['base_bytes_per_param']:.2f}" if "base_bytes_per_param" in r else "-"]
-            if on_cuda:
-                cells.append(f"{r['mfu']:.1%}" if r.get("mfu") else "-")
+            cells = [r["case"], f"{tokens:,.0f}", f"{r['median_step_s']:.2f}", fmt_mib(r["peak_bytes_rank0"]), fmt_mib(r["predicted_bytes"]), f"{ratio:.2f}", f"{r['trainable_params']:,d}"]
+            cells += [f"{r['base_bytes_per_param']:.2f}"] if key == "methods" else []
+            cells += [f"{r['mfu']:.1%}" if r.get("mfu") else "-"] if on_cuda else []
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if "baseline" in results:
@@ -276,7 +278,7 @@ def chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["plugins"] + [r for r in results["methods"] if r["case"] != "full"]
-    names = [r["case"] for r in rows]
+    names = [r["case"] if r in results["plugins"] else f"{r['case']} (torch_ddp)" for r in rows]
     on_cuda = results["device"] == "cuda"
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     speed.bar(names, [r["tokens_per_s_per_gpu" if on_cuda else "tokens_per_s"] for r in rows], color="tab:blue")

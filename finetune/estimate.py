@@ -34,15 +34,15 @@ Per rank, in bytes (P = parameters and Pt = trainable ones, of this rank's tenso
                 ZeRO's flat gradient-reduce buffers
 
 Peak = weights + gradients + optimizer + overhead + max(training activations, eval activations, step
-temporaries): evaluation and the optimizer step run when backward has freed the activations. Mixed-precision full fine-tuning with AdamW is the
-familiar 16 bytes/param: 2 (bf16 weights) + 2 (grads) + 4 (fp32 master) + 4 (m) + 4 (v).
+temporaries): evaluation and the optimizer step run when backward has freed the activations.
+Mixed-precision full fine-tuning with AdamW is the familiar 16 bytes/param: 2 (bf16 weights) + 2
+(grads) + 4 (fp32 master) + 4 (m) + 4 (v).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
