@@ -79,7 +79,8 @@ def free_port() -> int:
 
 def child_env(threads: int) -> dict[str, str]:
     """OpenMP threads per process, offline, the venv's launchers on PATH."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def train(case: Case, out: Path) -> dict:
@@ -122,7 +123,7 @@ def case_row(case: Case, run: dict, on_cuda: bool) -> dict:
     }
     if on_cuda:
         row["tokens_per_s_per_gpu"] = row["tokens_per_s"] / world
-        row["mfu"] = mfu(row["tokens_per_s_per_gpu"], prediction["per_rank"], run["summary"])
+        row["mfu"] = mfu(row["tokens_per_s_per_gpu"], prediction["per_rank"]["setup"]["seq_len"], run["summary"]) if "per_rank" in prediction else None
     return row
 
 
@@ -133,7 +134,7 @@ def training_flops_per_token(params: int, layers: int, hidden: int, seq_len: int
     return 4 * params + weight_grads + 12 * layers * hidden * seq_len
 
 
-def mfu(tokens_per_s_per_gpu: float, per_rank: dict, summary: dict) -> float | None:
+def mfu(tokens_per_s_per_gpu: float, seq_len: int, summary: dict) -> float | None:
     """Model FLOPs utilisation of one GPU against its peak dense bf16 rate."""
     import torch
 
@@ -142,7 +143,7 @@ def mfu(tokens_per_s_per_gpu: float, per_rank: dict, summary: dict) -> float | N
     if not peak:
         return None
     shape = estimate.model_shape(estimate.load_model_config(summary["model"]), "full")
-    flops = training_flops_per_token(summary["all_params"], shape.layers, shape.hidden, per_rank["setup"]["seq_len"], summary["trainable_params"] / summary["all_params"])
+    flops = training_flops_per_token(summary["all_params"], shape.layers, shape.hidden, seq_len, summary["trainable_params"] / summary["all_params"])
     return tokens_per_s_per_gpu * flops / (peak * 1e12)
 
 
@@ -339,6 +340,7 @@ def main() -> None:
     results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 6, opts.batch_size, opts.max_length, opts.rounds)
     print(f"framework overhead ratio: {results['overhead']['ratio']:.3f}", flush=True)
     base = common_args(opts.model, opts.steps, opts.batch_size, opts.max_length)
+    base += ["train.precision=bf16"] if device == "cuda" else []  # MFU is against the bf16 peak
     for key, cases in (("plugins", plugin_cases(base, nproc)), ("methods", method_cases(base, nproc))):
         results[key] = [run_case(case, key, device) for case in cases]
     full = {**next(r for r in results["plugins"] if r["case"] == "torch_ddp"), "case": "full"}
