@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install into .venv, convert the offline quickstart model, fine-tune it (2 ranks)
 #   make test   install into .venv, run the test suite (what CI runs)
+#   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
 PYTHON ?= python3
 VENV ?= .venv
 NPROC ?= 2
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 THREADS = $$(( ($$(nproc) / $(NPROC)) > 0 ? ($$(nproc) / $(NPROC)) : 1 ))
 FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: install assets demo test clean
+.PHONY: install assets demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -33,5 +34,9 @@ demo: assets
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests
 
+# The benchmark launches its own ranks (torchrun) with one OpenMP thread per core per rank.
+bench: install
+	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache bench/results

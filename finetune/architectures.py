@@ -6,6 +6,55 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),  # GPT-2 124M: transformers' GPT2Config defaults are the public gpt2 config
     # Tiny configs have no dropout, so that runs under different plugins can be compared exactly.
     "tiny-gpt2": ("gpt2", {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
+    # Public configs (the Hugging Face config.json of meta-llama/Llama-2-{7,13}b-hf and roberta-large),
+    # e.g. for `python -m finetune.estimate`: 6,738,415,616 / 13,015,864,320 parameters, and RobertaModel
+    # 355,359,744 (with its pooler; fine-tuned as RobertaForSequenceClassification: no pooler, a head).
+    "llama2-7b": (
+        "llama",
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    ),
+    "llama2-13b": (
+        "llama",
+        {
+            "vocab_size": 32000,
+            "hidden_size": 5120,
+            "intermediate_size": 13824,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 40,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    ),
+    "roberta-large": (
+        "roberta",
+        {
+            "vocab_size": 50265,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "max_position_embeddings": 514,
+            "type_vocab_size": 1,
+            "layer_norm_eps": 1e-5,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+    ),
     "tiny-llama": (
         "llama",
         {

@@ -51,11 +51,12 @@ from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, output_problems, to_dict
 from finetune.data import DataError, build_data, collate, load_splits, model_inputs, non_pad_tokens
+from finetune.estimate import compare_with_run
 from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
 from finetune.packing import collate_packed, pack, packed_attention
-from finetune.profiler import MemoryProfiler
+from finetune.profiler import GB, MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
 from finetune.tasks import build_task
 
@@ -596,6 +597,10 @@ def main(argv: list[str]) -> None:
     best, last = best_eval(all_evals), all_evals[-1]
     outputs.log_metrics({**eval_metrics(total_steps, eval_after), "eval_best": best})  # the last eval, and the best
     outputs.plot_loss(history["steps"], history["losses"], [(e["step"], e["loss"]) for e in all_evals])
+    memory = {**profiler.summary(), "model_weights": model_weights.as_dict()}
+    # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
+    seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
+    memory["estimate"] = compare_with_run(cfg, dist.get_world_size(), seq_len, memory)
     summary = {
         "model": cfg.model.name,
         "task": cfg.task,
@@ -611,7 +616,7 @@ def main(argv: list[str]) -> None:
         "final_loss": history["losses"][-1],
         "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"], "best": best, "last": last},
         "throughput": history["throughput"],
-        "memory": {**profiler.summary(), "model_weights": model_weights.as_dict()},
+        "memory": memory,
         "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1 if digests else None},
         "reload": reload,
         "data": {
@@ -673,6 +678,9 @@ def print_report(summary: dict, generations: list[dict], profiler: MemoryProfile
     print("memory:")
     for stage in profiler.stages:
         print("  " + profiler.format(stage))
+    estimate = summary["memory"]["estimate"]
+    if estimate.get("ratio_measured_to_predicted"):
+        print(f"  predicted train_step_peak: {estimate['predicted_train_step_peak_bytes'] / GB:.2f}GB (measured/predicted {estimate['ratio_measured_to_predicted']:.2f})")
     for g in generations:
         print(f"\nprompt:    {g['prompt']}\nreference: {g['reference']}\nbefore:    {g['before']}\nafter:     {g['after']}")
     reload = summary["reload"]

@@ -29,6 +29,17 @@ def write_instruction_file(path: Path, n: int = 64) -> Path:
     return path
 
 
+def write_fixed_length_file(path: Path, n: int = 64, words_per_output: int = 300) -> Path:
+    """Instruction records longer than any data.max_length used in tests and benchmarks: truncation makes
+    every sample exactly max_length tokens, so every batch has the same shape and no padding."""
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
+    with path.open("w") as f:
+        for i in range(n):
+            word = words[i % len(words)]
+            f.write(json.dumps({"instruction": f"Repeat {word} {i}.", "input": "", "output": " ".join([word] * words_per_output)}) + "\n")
+    return path
+
+
 @pytest.fixture
 def instruction_file(tmp_path: Path) -> Path:
     return write_instruction_file(tmp_path / "train.jsonl")

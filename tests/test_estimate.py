@@ -1,0 +1,248 @@
+"""Memory estimator: public parameter counts, the bytes/param rules by hand, the activation formula
+against the tensors autograd really saves, real runs against their prediction, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune import estimate as est
+from finetune.config import build_config, parse_args
+from tests.conftest import REPO, read_summary, run_env, run_train, write_fixed_length_file
+
+LLAMA2_7B = 6_738_415_616
+
+
+def config_of(*args: str):
+    return build_config(parse_args(list(args)))
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@pytest.mark.parametrize(
+    "name, public",
+    [("gpt2", 124_439_808), ("llama2-7b", LLAMA2_7B), ("llama2-13b", 13_015_864_320)],
+)
+def test_named_causal_lm_counts_equal_public_figures(name, public):
+    model = est.build_meta_model(est.load_model_config(name))
+    assert all(p.device.type == "meta" for p in model.parameters())  # nothing was allocated
+    assert count(model) == public
+    assert est.estimate(config_of(f"model.name={name}", "method=full")).params == public
+
+
+def test_roberta_large_counts_encoder_and_classification_head():
+    from transformers import AutoModel
+
+    config = est.load_model_config("roberta-large")
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(config)  # RobertaModel, pooler included: the public 355M figure
+    assert count(encoder) == 355_359_744
+    classifier = est.build_meta_model(config)  # what fine-tuning trains: encoder (no pooler) + head
+    h, labels = 1024, config.num_labels
+    pooler, head = h * h + h, (h * h + h) + (h * labels + labels)
+    assert type(classifier).__name__ == "RobertaForSequenceClassification"
+    assert count(classifier) == 355_359_744 - pooler + head
+
+
+def test_any_hugging_face_config_json(tmp_path):
+    est.load_model_config("llama2-7b").save_pretrained(tmp_path)  # writes tmp_path/config.json
+    for name in (tmp_path, tmp_path / "config.json"):
+        assert est.estimate_request([f"model.name={name}", "method=full"]).params == LLAMA2_7B
+
+
+def test_sixteen_bytes_per_param_for_mixed_precision_adamw():
+    """bf16 weights 2 + grads 2 + fp32 master 4 + m 4 + v 4, on one rank and sharded by ZeRO."""
+    one = est.estimate(config_of("model.name=llama2-7b", "method=full", "plugin.name=low_level_zero", "train.precision=bf16"), world_size=1)
+    assert (one.weights, one.gradients, one.optimizer_states, one.master_weights) == (2 * LLAMA2_7B, 2 * LLAMA2_7B, 12 * LLAMA2_7B, 4 * LLAMA2_7B)
+    assert one.weights + one.gradients + one.optimizer_states == 16 * LLAMA2_7B
+    hybrid = est.estimate(config_of("model.name=llama2-7b", "method=full", "plugin.name=hybrid_parallel", "train.precision=bf16"), world_size=1)
+    assert hybrid.weights + hybrid.gradients + hybrid.optimizer_states == 16 * LLAMA2_7B
+    zero1 = est.estimate(config_of("model.name=llama2-7b", "method=full", "--config", "booster_configs/zero1.yaml", "train.precision=bf16"), world_size=8)
+    zero2 = est.estimate(config_of("model.name=llama2-7b", "method=full", "--config", "booster_configs/zero2.yaml", "train.precision=bf16"), world_size=8)
+    assert (zero1.weights, zero1.gradients, zero1.optimizer_states) == (2 * LLAMA2_7B, 2 * LLAMA2_7B, 12 * LLAMA2_7B // 8)
+    assert (zero2.weights, zero2.gradients, zero2.optimizer_states) == (2 * LLAMA2_7B, 2 * LLAMA2_7B // 8, 12 * LLAMA2_7B // 8)
+
+
+def test_plugin_semantics():
+    base = ("model.name=llama2-7b", "method=full", "train.precision=bf16")
+    per_rank = {name: est.estimate(config_of(*base, "--config", f"booster_configs/{name}.yaml"), world_size=8) for name in ("torch_ddp", "zero2_cpu_offload", "fsdp", "tp2", "pp2")}
+    ddp = per_rank["torch_ddp"]  # fp32 replica, bf16 autocast: 4 + 4 (param.grad) + 4 (bucket) + 8
+    assert (ddp.weights, ddp.gradients, ddp.optimizer_states, ddp.master_weights) == (4 * LLAMA2_7B, 8 * LLAMA2_7B, 8 * LLAMA2_7B, 0)
+    offload = per_rank["zero2_cpu_offload"]  # optimizer states and fp32 master in host memory
+    assert offload.optimizer_states == 0 and offload.host_offload >= 12 * LLAMA2_7B // 8
+    fsdp = per_rank["fsdp"]  # fp32 shards + grads + states over 8, and the whole model gathered in bf16 (one unit)
+    assert fsdp.optimizer_states == 8 * LLAMA2_7B // 8
+    assert fsdp.weights == pytest.approx(4 * LLAMA2_7B / 8 + 2 * LLAMA2_7B, abs=8)
+    tp = per_rank["tp2"]  # projections and vocabulary split in two, norms replicated
+    norms = 65 * 4096
+    assert tp.weights == pytest.approx(2 * ((LLAMA2_7B - norms) / 2 + norms), abs=8)
+    pp = per_rank["pp2"]  # 16 of 32 layers (+ an embedding or the head) per stage
+    layer = 202_383_360
+    assert pp.weights == 2 * (16 * layer + 32000 * 4096 + 4096)
+    sgd = est.estimate(config_of(*base, "plugin.name=low_level_zero", "train.optimizer=sgd"), world_size=1)
+    assert sgd.optimizer_states == (4 + 4) * LLAMA2_7B  # momentum + fp32 master
+
+
+def test_lora_counts_adapters_on_the_meta_model():
+    lora = est.estimate(config_of("model.name=llama2-7b", "method=lora", "lora.r=16"), world_size=1, device="cuda")
+    adapters = 32 * 4 * 16 * (4096 + 4096)  # q/k/v/o: A (r x h) + B (h x r) per projection
+    assert lora.trainable_params == adapters and lora.params == LLAMA2_7B + adapters
+    assert lora.optimizer_states == 8 * adapters  # AdamW m, v in fp32; no master under DDP
+    targeted = est.estimate(config_of("model.name=llama2-7b", "method=lora", "lora.r=16", "lora.target_modules=q_proj,v_proj"))
+    assert targeted.trainable_params == adapters // 2
+
+
+def test_qlora_base_bytes_per_param():
+    shape = est.model_shape(est.load_model_config("llama2-7b"), "qlora", config_of("method=lora").lora)
+    quantized = 32 * shape.layer_matmul  # every projection in the layers; embeddings and lm_head stay bf16
+    rest = LLAMA2_7B - quantized
+    nf4 = est.estimate(config_of("model.name=llama2-7b", "method=qlora"), quantization=est.Quantization(4, "nf4", True, "bf16"))
+    assert est.Quantization(4).bytes_per_weight() == pytest.approx(0.5159, abs=1e-4)
+    nf4_bytes = 4 / 8 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, an fp32 absmax per 256 blocks
+    assert nf4.weights == pytest.approx(quantized * nf4_bytes + rest * 2 + shape.trainable_params * 4, rel=1e-9)
+    int8 = est.estimate(config_of("model.name=llama2-7b", "method=qlora"), quantization=est.Quantization(8))
+    assert int8.weights == pytest.approx(quantized + 4 * 32 * shape.layer_rows + rest * 2 + shape.trainable_params * 4, rel=1e-9)
+
+
+def saved_bytes_per_layer(config, autocast: bool, half_model: bool, lora=None) -> float:
+    """Bytes autograd saves per token for one layer: a 2-layer minus a 1-layer model (parameters and buffers aside)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    totals = []
+    for layers in (1, 2):
+        config.num_hidden_layers = layers
+        factory = AutoModelForSequenceClassification if est.is_classifier(config) else AutoModelForCausalLM
+        torch.manual_seed(0)
+        model = factory.from_config(config, attn_implementation="sdpa").train()
+        if lora:
+            from peft import inject_adapter_in_model
+
+            from finetune.model import build_lora_config
+
+            model = inject_adapter_in_model(build_lora_config(model, lora), model)
+        model = model.to(torch.bfloat16) if half_model else model
+        owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        ids = torch.randint(0, 1000, (2, 32))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(input_ids=ids, labels=ids if not est.is_classifier(config) else torch.zeros(2, dtype=torch.long))
+        totals.append(sum(n for ptr, n in saved.items() if ptr not in owned))
+    return (totals[1] - totals[0]) / ids.numel()
+
+
+TINY = {
+    "gpt2": dict(n_embd=64, n_head=4, n_positions=64, vocab_size=1000),
+    "llama": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
+    "roberta": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, vocab_size=1000, max_position_embeddings=70),
+}
+
+
+@pytest.mark.parametrize(
+    "model_type, dropout, precision, method",
+    [
+        ("gpt2", 0.0, "fp32", "full"),
+        ("gpt2", 0.1, "fp32", "full"),
+        ("gpt2", 0.0, "autocast", "full"),
+        ("gpt2", 0.0, "fp32", "lora"),
+        ("llama", 0.0, "fp32", "full"),
+        ("llama", 0.0, "bf16", "full"),
+        ("llama", 0.0, "fp32", "lora"),
+        ("llama", 0.0, "bf16", "lora-undropped"),
+        ("roberta", 0.1, "fp32", "full"),
+    ],
+)
+def test_layer_activation_formula_matches_saved_tensors(model_type, dropout, precision, method):
+    from transformers import AutoConfig
+
+    drops = {"gpt2": dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout), "roberta": dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)}
+    config = AutoConfig.for_model(model_type, num_hidden_layers=1, **TINY[model_type], **drops.get(model_type, {}))
+    # LoRA on the default targets (GPT-2 c_attn, Llama q/k/v/o), with and without lora.dropout.
+    lora = config_of(f"lora.dropout={0.0 if method == 'lora-undropped' else 0.1}").lora if method.startswith("lora") else None
+    shape = est.model_shape(config, "lora" if lora else "full", lora)
+    half = precision != "fp32"
+    place = est.Placement(compute_bytes=2 if half else 4, residual_bytes=2 if precision == "bf16" else 4)
+    predicted = est.layer_activation_bytes(shape, place, seq=32, device="cpu", attention="sdpa")
+    measured = saved_bytes_per_layer(config, autocast=precision == "autocast", half_model=precision == "bf16", lora=lora)
+    if precision == "autocast":  # autocast also saves half copies of the layer's weights (the estimator adds them per rank)
+        predicted += 2 * shape.layer_matmul / (2 * 32)
+    assert predicted == pytest.approx(measured, rel=0.03), (predicted, measured)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
+    """GPT-2 124M under TorchDDP on CPU, one rank: the model state is most of the measured peak, so a
+    wrong bytes/param rule or activation formula shows; summary.json carries prediction and ratio."""
+    out = tmp_path / "run"
+    args = [
+        f"data.train_path={write_fixed_length_file(tmp_path / 'train.jsonl')}",
+        "data.eval_fraction=0.25",
+        "data.max_eval_samples=4",
+        "data.max_length=64",
+        f"output_dir={out}",
+        "model.name=gpt2",
+        f"method={method}",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "eval.batch_size=2",
+        "eval.every_steps=0",
+        "eval.num_generation_prompts=0",
+    ]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    memory = read_summary(out)["memory"]
+    predicted = memory["estimate"]["predicted_train_step_peak_bytes"]
+    measured = next(s["peak_bytes"] for s in memory["stages"] if s["name"] == "train_step_peak")
+    assert memory["estimate"]["measured_train_step_peak_bytes"] == measured
+    assert 0.85 <= measured / predicted <= 1.15, (method, measured / 2**20, predicted / 2**20)
+    per_rank = memory["estimate"]["per_rank"]
+    model_state = per_rank["weights"] + per_rank["gradients"] + per_rank["optimizer_states"]
+    assert model_state > (0.5 if method == "full" else 0.2) * measured  # not a prediction made of the process baseline
+    assert "predicted train_step_peak" in result.stdout
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune.estimate", *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_cli_table_and_json(capsys):
+    request = ["model=gpt2", "method=lora", "plugin=zero2", "world_size=8", "batch_size=4", "seq_len=1024", "precision=bf16"]
+    table = run_cli(*request)  # the real entry point, once
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("lora fine-tune of gpt2 (GPT2LMHeadModel) with low_level_zero on 8 cuda rank(s)")
+    for row in ("weights", "gradients", "optimizer states", "framework overhead", "activations of a training step", "peak"):
+        assert any(line.strip().startswith(row) for line in lines), row
+    assert est.main([*request, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["setup"]["plugin_options"]["stage"] == 2 and data["setup"]["seq_len"] == 1024
+    assert data["trainable_params"] == 294_912  # LoRA r=8 on GPT-2's c_attn (12 layers x 8 x (768 + 2304))
+    assert data["total_with_checkpointing"] < data["total_without_checkpointing"]
+    peak = f"{data['total_without_checkpointing'] / 2**30:,.2f}"  # the table shows the same numbers
+    assert any(line.strip().startswith("peak") and peak in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=gpt5"], "error: model.name: 'gpt5' is not a named model"),
+        (["train.batch_sise=4"], "error: command line: unknown config key 'train.batch_sise' (did you mean 'train.batch_size'?)"),
+        (["plugin=zero9"], "error: plugin=zero9: not a setup in booster_configs/"),
+        (["world_size=two"], "error: world_size: expected a whole number, got 'two'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(message), result.stderr
