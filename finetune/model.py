@@ -157,6 +157,8 @@ def load_quantized(
     except quantization.QuantizationError as err:
         raise ModelError(str(err)) from None
     compat.keep_4bit_weights_trainable(model)  # bitsandbytes' CPU inference repacking breaks training after eval
+    if _quantization_device() == "cpu":
+        quantization.own_unquantized_tensors(model)  # release the memory-mapped full-precision file
     return model
 
 

@@ -184,3 +184,12 @@ def test_qlora_pipeline_parallel(instruction_file, tmp_path):
     summary = read_summary(out)
     assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"]
     assert summary["checks"]["frozen_changed"] == 0 and summary["reload"]["ok"]
+
+
+def test_a_quantized_cpu_model_does_not_keep_the_full_precision_file_mapped():
+    code = (
+        "from finetune.config import ModelConfig, QuantizationConfig\nfrom finetune.model import build_model\n"
+        "m, _ = build_model(ModelConfig(name='tiny-llama'), 0, quantization=QuantizationConfig())\n"
+        "print(any('.safetensors' in line for line in open('/proc/self/maps')), m.lm_head.weight.dtype)\n"
+    )
+    assert run_fresh_python(code).split() == ["False", "torch.float32"]
