@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import ENCODER_TYPES, attention_heads, known_model_names, model_type, num_layers
+from finetune.architectures import ENCODER_TYPES, NAMED_CONFIGS, attention_heads, known_model_names, model_type, num_layers
 from finetune.booster import PLUGINS
 from finetune.corpus import BUILTIN_SOURCES
 from finetune.tasks import TASKS as TASK_REGISTRY
@@ -366,6 +366,10 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         problems.append(f"train.lr: must be positive, got {cfg.train.lr}")
     problems += _data_problems(cfg)
     name = cfg.model.name
+    # Named configs get the GPT-2 BPE tokenizer (50,257 tokens); a smaller vocabulary (Llama-2's 32,000)
+    # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
+    if name in NAMED_CONFIGS and NAMED_CONFIGS[name][1].get("vocab_size", 50257) < 50257:
+        problems.append(f"model.name: {name} is a public config for the memory estimator, with no tokenizer here; train it from a local Hugging Face directory (model.name=/path/to/{name})")
     if name not in known_model_names():
         path = Path(name)
         if not path.exists():

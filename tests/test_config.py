@@ -164,6 +164,7 @@ def test_impossible_plugin_combinations(config, argv, world, message):
         (["--lr", "3"], "unknown option '--lr'"),
         (["max_steps"], "expected key=value"),
         (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml: file not found"),
+        (["model.name=llama2-7b"], "model.name: llama2-7b is a public config for the memory estimator"),
         (["method=qlora", "quantization.bits=3"], "quantization.bits: unknown value '3'"),
         (["method=qlora", "quantization.quant_type=int4"], "quantization.quant_type: unknown value 'int4'"),
         (["method=qlora", "quantization.compute_dtype=fp16"], "quantization.compute_dtype=fp16: half-precision matmuls need a CUDA GPU"),
