@@ -232,11 +232,3 @@ def inject_lora(model: nn.Module, lora_config) -> nn.Module:
         param.requires_grad = "lora_" in name
     return model
 
-
-def injected_lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """This rank's LoRA weights of an injected model, keyed as peft's adapter_model files key them."""
-    return {
-        "base_model.model." + name.replace(f".{adapter_name}.", "."): param.detach().cpu().clone()
-        for name, param in model.named_parameters()
-        if "lora_" in name
-    }

@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 from peft import get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
-from safetensors.torch import save_file
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -53,7 +52,7 @@ from finetune.config import Config, ConfigError, QuantizationConfig, help_text, 
 from finetune.data import DataError, build_data, collate, load_splits, model_inputs, non_pad_tokens
 from finetune.estimate import compare_with_run
 from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, summed_loss
-from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, injected_lora_state_dict, trainable_line
+from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
 from finetune.packing import collate_packed, pack, packed_attention
 from finetune.profiler import GB, MemoryProfiler
@@ -368,11 +367,9 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
     if lora_config and run.layout.pipeline:  # injected adapters: gather every stage's share, write peft's layout
-        shares: list[dict] = [{}] * dist.get_world_size()
-        dist.all_gather_object(shares, injected_lora_state_dict(run.model.unwrap()))
+        adapter = checkpoint.gathered_adapter_state(run.model.unwrap(), pipeline=True)
         if is_main():
-            staging.mkdir(parents=True)
-            save_file({k: v for share in shares for k, v in share.items()}, staging / "adapter_model.safetensors")
+            checkpoint.write_adapter(adapter, staging)
             lora_config.base_model_name_or_path = cfg.model.name
             lora_config.save_pretrained(staging)
     elif PLUGINS[cfg.plugin.name].fsdp:  # gather the full state dict on rank 0, write it with HF / peft
