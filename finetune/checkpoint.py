@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from finetune.config import Config, to_dict
+from finetune.lora_tp import full_tensor, local_shard
 
 CHECKPOINTS = "checkpoints"
 FORMAT_VERSION = 1
@@ -230,11 +231,12 @@ def local_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     if isinstance(module, PeftModel):
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
-    return {lora_key(n): p.detach().cpu().clone() for n, p in module.named_parameters() if "lora_" in n}
+    # Under tensor parallelism an adapter matrix may be split: gathering it is a collective.
+    return {lora_key(n): full_tensor(p).detach().cpu().clone() for n, p in module.named_parameters() if "lora_" in n}
 
 
 def gathered_adapter_state(module: torch.nn.Module, pipeline: bool) -> dict[str, torch.Tensor]:
-    """The whole adapter on rank 0: each pipeline stage holds its own layers' share; replicas hold it all."""
+    """The whole adapter on rank 0: each pipeline stage holds its own layers' share (tensor-parallel splits gathered); replicas hold it all."""
     local = local_adapter_state(module)
     if not pipeline:
         return local
@@ -379,5 +381,5 @@ def load_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
             key = lora_key(name)
             if key not in adapter:
                 raise CheckpointError(f"resume_from: the checkpoint's adapter has no {key}; it was written for other LoRA targets")
-            param.copy_(adapter[key])
+            param.copy_(local_shard(param, adapter[key]))  # split again under tensor parallelism
     _update_master_params(run)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import ENCODER_TYPES, NAMED_CONFIGS, attention_heads, known_model_names, model_type, num_layers
+from finetune.architectures import DEFAULT_LORA_TARGETS, ENCODER_TYPES, LORA_TP_LAYERS, NAMED_CONFIGS, attention_heads, known_model_names, model_type, num_layers
 from finetune.booster import PLUGINS
 from finetune.corpus import BUILTIN_SOURCES
 from finetune.tasks import TASKS as TASK_REGISTRY
@@ -482,7 +482,7 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
     if tp > 1 and cfg.method == "qlora":
         problems.append("method=qlora with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
     if tp > 1 and cfg.method == "lora":
-        problems.append("method=lora with plugin.tp_size>1: ColossalAI 0.5.0 cannot shard LoRA adapters; use tp_size=1 (pipeline/data parallel) or method=full")
+        problems += _lora_tp_problems(cfg, options)
     if options["pp_style"] not in ("1f1b", "interleaved"):
         problems.append(f"plugin.pp_style: must be 1f1b or interleaved, got '{options['pp_style']}'")
     if (options["pp_style"] == "interleaved") != (options["num_model_chunks"] > 1):
@@ -508,6 +508,21 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
         if options[key] and not has_cuda:
             problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
     return problems
+
+
+def _lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
+    """What LoRA under tensor parallelism (finetune.lora_tp) cannot adapt in this config."""
+    kind = model_type(cfg.model.name)
+    if kind not in LORA_TP_LAYERS:
+        return [f"method=lora with plugin.tp_size>1 supports model types {', '.join(LORA_TP_LAYERS)}; {cfg.model.name} is {kind or 'of unknown type'}: use tp_size=1 (pipeline/data parallel) or method=full"]
+    layers = LORA_TP_LAYERS[kind]
+    targets = cfg.lora.target_modules or DEFAULT_LORA_TARGETS[kind]
+    unsupported = [t for t in targets if t not in layers]
+    if unsupported:
+        return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
+    if options["enable_sequence_parallelism"]:
+        return ["method=lora with plugin.tp_size>1 and plugin.enable_sequence_parallelism=true: adapters on sequence-parallel layers are not supported; turn sequence parallelism off"]
+    return []
 
 
 def load_config(argv: list[str], world_size: int | None = None, has_cuda: bool = False) -> Config:

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from finetune import checkpoint, checks, compat, patches
 from finetune.faults import Faults
+from finetune.lora_tp import lora_policy
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, output_problems, to_dict
@@ -366,8 +367,8 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
-    if lora_config and run.layout.pipeline:  # injected adapters: gather every stage's share, write peft's layout
-        adapter = checkpoint.gathered_adapter_state(run.model.unwrap(), pipeline=True)
+    if lora_config and cfg.plugin.name == "hybrid_parallel":  # injected adapters: gather every split and stage, write peft's layout
+        adapter = checkpoint.gathered_adapter_state(run.model.unwrap(), pipeline=run.layout.pipeline)
         if is_main():
             checkpoint.write_adapter(adapter, staging)
             lora_config.base_model_name_or_path = cfg.model.name
@@ -452,13 +453,22 @@ def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: L
         return model, None
     lora_config = build_lora_config(model, cfg.lora)
     torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
-    if layout.pipeline:  # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies
+    if cfg.plugin.name == "hybrid_parallel":
+        # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies, and it
+        # refuses tensor parallelism: adapters are injected, then sharded by finetune.lora_tp.
         return inject_lora(model, lora_config), lora_config
     if PLUGINS[cfg.plugin.name].fsdp:  # ColossalAI's FSDP plugin refuses LoRA; peft + FSDP's wrap policy work
         model = get_peft_model(model, lora_config)
         plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
         return model, lora_config
     return booster.enable_lora(model, lora_config=lora_config), lora_config
+
+
+def shard_policy(cfg: Config, model: torch.nn.Module):
+    """The shardformer policy of our own for this model and method under hybrid_parallel; None: ColossalAI's."""
+    if cfg.plugin.name != "hybrid_parallel" or cfg.method != "lora" or to_dict(cfg)["plugin"]["tp_size"] == 1:
+        return None
+    return lora_policy(model)  # shards each adapter with the layer it adapts
 
 
 def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
@@ -528,7 +538,7 @@ def main(argv: list[str]) -> None:
     log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated, {data.dropped} dropped at {cfg.data.max_length} tokens; cache {data.cache})")
     packed = packed_attention(model) if cfg.data.packing else ""  # before any wrapper hides the model
 
-    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, shard_policy(cfg, model))
     layout = parallel_layout(cfg.plugin.name, plugin)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
