@@ -53,8 +53,8 @@ CASES = {
     # GPT-2 under TP with clipping: right only with finetune.patches' gradient norm of fused q/k/v splits.
     "tp2-gpt2-full": ("tp2", "tiny-gpt2", "full", [], 1, FP32),
     # LoRA under TP (finetune.lora_tp) on every layer it can adapt: column, row and fused q/k/v splits.
-    "tp2-gpt2-lora": ("tp2", "tiny-gpt2", "lora", ["lora.target_modules=[c_attn,c_fc,c_proj]"], 1, LORA_TP),
-    "tp2-llama-lora": ("tp2", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),
+    "tp2-gpt2-lora": ("tp2_lora", "tiny-gpt2", "lora", ["lora.target_modules=[c_attn,c_fc,c_proj]"], 1, LORA_TP),
+    "tp2-llama-lora": ("tp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),
     "tp2_pp2-llama-lora": ("tp2_pp2", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # 4 ranks
     "fsdp-gpt2-full": ("fsdp", "tiny-gpt2", "full", [], 2, FP32),
     "fsdp-llama-full": ("fsdp", "tiny-llama", "full", [], 2, FP32),
