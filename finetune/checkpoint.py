@@ -362,15 +362,19 @@ def _update_master_params(run) -> None:
         run.optimizer.update_master_params(run.model)
 
 
-def load_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
-    """Copy saved adapter weights into this rank's adapters, then into the optimizer's master copies."""
+def load_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
+    """Copy saved adapter weights into this rank's adapters, then into the optimizer's master copies.
+
+    Args:
+        source: what the adapter is, for errors.
+    """
     from peft import PeftModel, set_peft_model_state_dict
 
     module = run.model.unwrap(unwrap_peft=False)
     if isinstance(module, PeftModel):
         missing = sorted(set(local_adapter_state(module)) - set(adapter))
         if missing:
-            raise CheckpointError(f"resume_from: the checkpoint's adapter has no {missing[0]}; it was written for other LoRA targets")
+            raise CheckpointError(f"{source} has no {missing[0]}; it was written for other LoRA targets")
         set_peft_model_state_dict(module, adapter)
         _update_master_params(run)
         return
@@ -380,6 +384,6 @@ def load_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
                 continue
             key = lora_key(name)
             if key not in adapter:
-                raise CheckpointError(f"resume_from: the checkpoint's adapter has no {key}; it was written for other LoRA targets")
+                raise CheckpointError(f"{source} has no {key}; it was written for other LoRA targets")
             param.copy_(local_shard(param, adapter[key]))  # split again under tensor parallelism
     _update_master_params(run)

@@ -54,6 +54,7 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
+    init_from: str = ""  # a peft adapter dir to start from (e.g. a finished run's final/), split to this run's layout; empty: a fresh adapter
 
 
 @dataclass
@@ -365,6 +366,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if cfg.train.lr <= 0:
         problems.append(f"train.lr: must be positive, got {cfg.train.lr}")
     problems += _data_problems(cfg)
+    problems += _init_adapter_problems(cfg)
     name = cfg.model.name
     # Named configs get the GPT-2 BPE tokenizer (50,257 tokens); a smaller vocabulary (Llama-2's 32,000)
     # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
@@ -381,6 +383,28 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if world_size < 1:
         problems.append(f"world size must be at least 1, got {world_size}")
     return problems
+
+
+def _init_adapter_problems(cfg: Config) -> list[str]:
+    """lora.init_from must be a peft adapter dir whose rank, alpha and targets are this run's."""
+    if not cfg.lora.init_from:
+        return []
+    if cfg.method not in ("lora", "qlora"):
+        return [f"lora.init_from is set but method={cfg.method} trains no adapter; use method=lora or drop lora.init_from"]
+    path = Path(cfg.lora.init_from)
+    missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (path / name).is_file()]
+    if missing:
+        return [f"lora.init_from: {path} is not a peft adapter dir (no {missing[0]})"]
+    import json
+
+    saved = json.loads((path / "adapter_config.json").read_text())
+    targets = cfg.lora.target_modules or DEFAULT_LORA_TARGETS.get(model_type(cfg.model.name) or "", [])
+    for key, theirs, ours in (("r", saved.get("r"), cfg.lora.r), ("alpha", saved.get("lora_alpha"), cfg.lora.alpha)):
+        if theirs != ours:
+            return [f"lora.init_from: the adapter in {path} has {key}={theirs}, this run lora.{key}={ours}; set lora.{key}={theirs}"]
+    if targets and sorted(saved.get("target_modules") or []) != sorted(targets):
+        return [f"lora.init_from: the adapter in {path} adapts {sorted(saved.get('target_modules') or [])}, this run {sorted(targets)}; set lora.target_modules to match"]
+    return []
 
 
 def output_problems(cfg: Config) -> list[str]:

@@ -221,3 +221,22 @@ def test_lora_with_tensor_parallelism_only_for_architectures_it_can_split(tmp_pa
     (tmp_path / "config.json").write_text('{"model_type": "mistral", "num_attention_heads": 8, "num_key_value_heads": 8, "num_hidden_layers": 2}')
     with pytest.raises(ConfigError, match="method=lora with plugin.tp_size>1 supports model types gpt2, llama; .* is mistral"):
         load_config(["--config", str(REPO / "booster_configs" / "tp2_lora.yaml"), f"model.name={tmp_path}"], world_size=2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["method=full"], "lora.init_from is set but method=full trains no adapter"),
+        (["lora.r=16"], "has r=8, this run lora.r=16; set lora.r=8"),
+        (["lora.target_modules=[q_proj]"], "adapts ['k_proj', 'o_proj', 'q_proj', 'v_proj'], this run ['q_proj']"),
+    ],
+)
+def test_init_adapter_must_fit_the_run(tmp_path, argv, message):
+    (tmp_path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}')
+    with pytest.raises(ConfigError, match="lora.init_from: .* is not a peft adapter dir"):
+        load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}"], world_size=1)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}"], world_size=1).lora.init_from == str(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}", *argv], world_size=1)
+    assert message in str(err.value)

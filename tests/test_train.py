@@ -69,19 +69,25 @@ def test_full_finetune_two_ranks_torchrun(instruction_file, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_lora_tensor_parallel_config_colossalai_run(instruction_file, tmp_path):
-    """booster_configs/tp2_lora.yaml end to end: LoRA adapters split over 2 tensor-parallel ranks."""
+    """booster_configs/tp2_lora.yaml end to end: LoRA adapters split over 2 tensor-parallel ranks,
+    starting from an adapter trained by a single process (split on loading)."""
     from peft import PeftModel
 
     from finetune.config import ModelConfig
     from finetune.model import build_model
 
+    lora = ["model.name=tiny-llama", "method=lora", "train.lr=5e-3", "lora.dropout=0"]
+    first = tmp_path / "single"
+    assert run_train(common_args(instruction_file, first) + lora + ["train.max_steps=2"]).returncode == 0
     out = tmp_path / "run"
     config = ["--config", str(REPO / "booster_configs" / "tp2_lora.yaml")]
-    args = config + common_args(instruction_file, out) + ["model.name=tiny-llama", "train.lr=5e-3", "lora.dropout=0"]
+    args = config + common_args(instruction_file, out) + lora + [f"lora.init_from={first / 'final'}"]
     result = run_train(args, launcher="colossalai", nproc=2)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     summary = check_run_contract(out, world_size=2, replicated=False)
     assert (summary["method"], summary["plugin_options"]["tp_size"]) == ("lora", 2)
+    # the split adapter computes what the single process's trained adapter did
+    assert abs(summary["eval"]["before"]["loss"] - read_summary(first)["eval"]["after"]["loss"]) < 1e-5
     checks = summary["checks"]
     assert checks["trainable_changed"] == checks["trainable_tensors"] == 2 * 2 * 4  # lora_A/B x 4 projections x 2 layers
     assert checks["frozen_tensors"] > 0 and checks["frozen_changed"] == 0
