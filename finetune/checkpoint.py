@@ -291,35 +291,10 @@ def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, faul
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    fsdp = PLUGINS[cfg.plugin.name].fsdp
-    if fsdp:  # gathered on rank 0 (the other ranks get empty dicts)
-        model_state, optimizer_state = fsdp_full_states(run)
-    if lora_config is not None:
-        if fsdp:
-            adapter = fsdp_adapter_state(run, model_state) if rank == 0 else {}
-        else:
-            adapter = gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
-        if rank == 0:
-            write_adapter(adapter, staging / "model")
-            lora_config.base_model_name_or_path = cfg.model.name
-            lora_config.save_pretrained(staging / "model")  # adapter_config.json: the dir is a peft adapter
-    elif fsdp:
-        if rank == 0:
-            fsdp_inner_module(run).save_pretrained(staging / "model", state_dict=model_state, safe_serialization=True)
-    elif run.layout.replicated:  # every rank holds all weights: HF's writer (tied weights stored once, sharded by size)
-        if rank == 0:
-            run.model.unwrap().save_pretrained(staging / "model", safe_serialization=True)
-    else:  # sharded plugins gather their shards through their own checkpoint IO
-        run.booster.save_model(run.model, str(staging / "model"), shard=True, use_safetensors=True)
-    if fsdp:
-        if rank == 0:
-            (staging / "optimizer").mkdir(exist_ok=True)
-            torch.save(optimizer_state, staging / "optimizer" / FSDP_OPTIMIZER_FILE)
-    elif rank_local_optimizer(run):
-        (staging / "optimizer").mkdir(exist_ok=True)
-        torch.save(run.optimizer.state_dict(), staging / "optimizer" / f"rank_{rank}.pt")
+    if PLUGINS[cfg.plugin.name].fsdp:
+        save_fsdp(run, staging, lora_config)  # model (or adapter) and optimizer
     else:
-        run.booster.save_optimizer(run.optimizer, str(staging / "optimizer"), shard=True)
+        save_model_and_optimizer(run, staging, lora_config)
     (staging / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), staging / "rng" / f"rank_{rank}.pt")
     if rank == 0:
@@ -346,6 +321,31 @@ def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, faul
         prune(cfg.output_dir, cfg.checkpoint.keep_last)
     barrier()
     return final
+
+
+def save_model_and_optimizer(run, staging: Path, lora_config) -> None:
+    """Weights (or the adapter) and optimizer state, for every plugin but FSDP; every rank takes part."""
+    if lora_config is not None:
+        adapter = gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
+        if dist.get_rank() == 0:
+            write_adapter_dir(adapter, lora_config, run.cfg.model.name, staging / "model")
+    elif run.layout.replicated:  # every rank holds all weights: HF's writer (tied weights stored once, sharded by size)
+        if dist.get_rank() == 0:
+            run.model.unwrap().save_pretrained(staging / "model", safe_serialization=True)
+    else:  # sharded plugins gather their shards through their own checkpoint IO
+        run.booster.save_model(run.model, str(staging / "model"), shard=True, use_safetensors=True)
+    if rank_local_optimizer(run):
+        (staging / "optimizer").mkdir(exist_ok=True)
+        torch.save(run.optimizer.state_dict(), staging / "optimizer" / f"rank_{dist.get_rank()}.pt")
+    else:
+        run.booster.save_optimizer(run.optimizer, str(staging / "optimizer"), shard=True)
+
+
+def write_adapter_dir(adapter: dict[str, torch.Tensor], lora_config, base_model: str, path: Path) -> None:
+    """A peft adapter directory: the weights and adapter_config.json naming the base model."""
+    write_adapter(adapter, path)
+    lora_config.base_model_name_or_path = base_model
+    lora_config.save_pretrained(path)
 
 
 def load_checkpoint(run, path: Path, lora: bool) -> dict:
@@ -482,6 +482,19 @@ def fsdp_adapter_state(run, model_state: dict) -> dict[str, torch.Tensor]:
 
     adapter = get_peft_model_state_dict(fsdp_inner_module(run), state_dict=model_state)
     return {k: v.detach().cpu().clone() for k, v in adapter.items()}
+
+
+def save_fsdp(run, staging: Path, lora_config) -> None:
+    """Gather the full weights (or the adapter) and optimizer state; rank 0 writes them."""
+    model_state, optimizer_state = fsdp_full_states(run)
+    if dist.get_rank() != 0:
+        return
+    if lora_config is not None:
+        write_adapter_dir(fsdp_adapter_state(run, model_state), lora_config, run.cfg.model.name, staging / "model")
+    else:
+        fsdp_inner_module(run).save_pretrained(staging / "model", state_dict=model_state, safe_serialization=True)
+    (staging / "optimizer").mkdir(exist_ok=True)
+    torch.save(optimizer_state, staging / "optimizer" / FSDP_OPTIMIZER_FILE)
 
 
 def load_fsdp(run, path: Path, lora: bool) -> None:

@@ -369,9 +369,7 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
     if lora_config and run.layout.pipeline:  # injected adapters: gather every stage's share, write peft's layout
         adapter = checkpoint.gathered_adapter_state(run.model.unwrap(), pipeline=True)
         if is_main():
-            checkpoint.write_adapter(adapter, staging)
-            lora_config.base_model_name_or_path = cfg.model.name
-            lora_config.save_pretrained(staging)
+            checkpoint.write_adapter_dir(adapter, lora_config, cfg.model.name, staging)
     elif PLUGINS[cfg.plugin.name].fsdp:  # gather the full state dict on rank 0, write it with HF / peft
         state = checkpoint.fsdp_full_state_dict(run.model.module)
         if is_main():
