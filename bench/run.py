@@ -86,7 +86,7 @@ def child_env(threads: int) -> dict[str, str]:
 def train(case: Case, out: Path) -> dict:
     """Run finetune/train.py for one case; return its summary and metrics."""
     launcher = [sys.executable] if case.nproc == 1 else ["torchrun", f"--nproc_per_node={case.nproc}", f"--master_port={free_port()}"]
-    command = [*launcher, str(REPO / "finetune" / "train.py"), *case.args, f"output_dir={out}"]
+    command = [*launcher, str(REPO / "finetune" / "train.py"), *case.args, f"output_dir={out}", "overwrite_output_dir=true"]  # a bench run again replaces its runs
     started = time.perf_counter()
     threads = case.threads or max(1, (os.cpu_count() or 1) // case.nproc)  # one per core per rank
     result = subprocess.run(command, cwd=REPO, env=child_env(threads), capture_output=True, text=True)
@@ -337,32 +337,37 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="per rank")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (every sample fills it)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the overhead comparison")
+    parser.add_argument("--only", default="", help="comma-separated case names (e.g. lora,qlora): just these rows, without the overhead comparison and baseline; written to results-NAMES.md/.json")
     opts = parser.parse_args()
+    only = set(filter(None, opts.only.split(",")))
     started = time.perf_counter()
     RESULTS.mkdir(parents=True, exist_ok=True)
     description, device, nproc = machine()
     results: dict = {"machine": description, "device": device, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
     print(f"bench on {description}", flush=True)
-    if device == "cpu":
+    if device == "cpu" and not only:
         results["baseline"] = cpu_process_baseline()
         print(f"CPU process baseline: {fmt_mib(results['baseline']['measured_bytes'])} MiB", flush=True)
-    results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 6, opts.batch_size, opts.max_length, opts.rounds)
-    print(f"framework overhead ratio: {results['overhead']['ratio']:.3f}", flush=True)
+    if not only:
+        results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 6, opts.batch_size, opts.max_length, opts.rounds)
+        print(f"framework overhead ratio: {results['overhead']['ratio']:.3f}", flush=True)
     base = common_args(opts.model, opts.steps, opts.batch_size, opts.max_length)
     base += ["train.precision=bf16"] if device == "cuda" else []  # MFU is against the bf16 peak
     for key, cases in (("plugins", plugin_cases(base, nproc)), ("methods", method_cases(base, nproc))):
-        results[key] = [run_case(case, key, device) for case in cases]
-    full = {**next(r for r in results["plugins"] if r["case"] == "torch_ddp"), "case": "full"}
-    results["methods"].insert(0, full)
+        results[key] = [run_case(case, key, device) for case in cases if not only or case.name in only]
+    ddp = [r for r in results["plugins"] if r["case"] == "torch_ddp"]
+    results["methods"][:0] = [{**ddp[0], "case": "full"}] if ddp else []  # full fine-tuning is the torch_ddp row
     for row in results["methods"]:
         row["base_bytes_per_param"] = base_bytes_per_param(opts.model, row["case"])
     results["wall_s"] = time.perf_counter() - started
     results["load_after"] = os.getloadavg()[0]  # other work on the machine slows every timing alike
-    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "results.md").write_text(markdown(results) + "\n")
-    chart(results, RESULTS / "plugins.png")
+    name = "results-" + "-".join(sorted(only)) if only else "results"  # a partial run never replaces the full one
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(results) + "\n")
+    if results["plugins"]:
+        chart(results, RESULTS / "plugins.png")
     print(markdown(results))
-    print(f"wrote {RESULTS}/results.md, results.json, plugins.png in {results['wall_s'] / 60:.1f} min")
+    print(f"wrote {RESULTS}/{name}.md, {name}.json in {results['wall_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
         model/           full fine-tuning: the Booster's sharded model checkpoint (safetensors);
                          (Q)LoRA: the adapter only, in peft layout (adapter_model.safetensors)
         optimizer/       the Booster's sharded optimizer checkpoint; under tensor/pipeline parallelism
-                         each rank's own state (rank_N.pt), reloaded by the same layout
+                         each rank's own state (rank_N.pt), reloaded by the same layout; under FSDP
+                         the full (unflattened) optimizer state, full_state.pt
         scheduler.pt     LR scheduler state
         rng/rank_N.pt    every rank's torch / python / numpy RNG states
         state.json       step, epoch, batches into the epoch, samples seen, what produced it, file sizes
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from finetune.booster import PLUGINS
 from finetune.config import Config, to_dict
 from finetune.lora_tp import full_tensor, local_shard
 
@@ -115,17 +117,39 @@ def verify(path: Path) -> dict:
     return state
 
 
-def check_compatible(state: dict, cfg: Config, world_size: int) -> list[str]:
+# Settings that decide how weights and optimizer states are split across ranks. Checkpoints hold
+# each plugin's own layout (e.g. per-rank optimizer shards under tensor/pipeline parallelism), and
+# they are not resharded: a resume must use the same layout.
+LAYOUT_KEYS = ("world_size", "plugin")
+
+
+def check_compatible(state: dict, cfg: Config, world_size: int, path: Path | str = "CHECKPOINT") -> list[str]:
     """Refuse a checkpoint written by a run this one cannot continue; return the settings that changed harmlessly."""
     mine = identity(cfg, world_size)
     for key in IDENTITY_KEYS:
         if state["identity"].get(key) != mine[key]:
-            raise CheckpointError(
-                f"resume_from: the checkpoint was written with {key}={_short(state['identity'].get(key))}, this run has {key}={_short(mine[key])}; "
-                f"resume with the same {key}, or start a new run in another output_dir"
-            )
+            name, theirs, ours = _first_difference(key, state["identity"].get(key), mine[key])
+            written = f"resume_from: the checkpoint was written with {name}={_short(theirs)}, this run has {name}={_short(ours)}"
+            if key in LAYOUT_KEYS:
+                raise CheckpointError(f"{written}; checkpoints are not resharded onto another world size or parallel layout: {_same_layout_hint(state, key)}, "
+                                      f"or export it (python -m finetune.export {path} OUT_DIR) and start a new run from model.name=OUT_DIR (fresh optimizer state and LR schedule)")
+            raise CheckpointError(f"{written}; resume with the same {key}, or start a new run in another output_dir")
     saved = state.get("config", {})
     return sorted(k for k in set(saved) | set(to_dict(cfg)) if saved.get(k) != to_dict(cfg).get(k))
+
+
+def _first_difference(key: str, theirs, ours) -> tuple[str, object, object]:
+    """The first setting that differs, down to a section's own key (its name first): plugin.tp_size, not plugin."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        sub = sorted((k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)), key=lambda k: (k != "name", k))[0]
+        return f"{key}.{sub}", theirs.get(sub), ours.get(sub)
+    return key, theirs, ours
+
+
+def _same_layout_hint(state: dict, key: str) -> str:
+    if key == "world_size":
+        return f"relaunch with {state['identity']['world_size']} processes as it was"
+    return "relaunch with the checkpoint's plugin settings (the plugin section of its state.json)"
 
 
 def _short(value) -> str:
@@ -269,22 +293,10 @@ def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, faul
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    if lora_config is not None:
-        adapter = gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
-        if rank == 0:
-            write_adapter(adapter, staging / "model")
-            lora_config.base_model_name_or_path = cfg.model.name
-            lora_config.save_pretrained(staging / "model")  # adapter_config.json: the dir is a peft adapter
-    elif run.layout.replicated:  # every rank holds all weights: HF's writer (tied weights stored once, sharded by size)
-        if rank == 0:
-            run.model.unwrap().save_pretrained(staging / "model", safe_serialization=True)
-    else:  # sharded plugins gather their shards through their own checkpoint IO
-        run.booster.save_model(run.model, str(staging / "model"), shard=True, use_safetensors=True)
-    if rank_local_optimizer(run):
-        (staging / "optimizer").mkdir(exist_ok=True)
-        torch.save(run.optimizer.state_dict(), staging / "optimizer" / f"rank_{rank}.pt")
+    if PLUGINS[cfg.plugin.name].fsdp:
+        save_fsdp(run, staging, lora_config)  # model (or adapter) and optimizer
     else:
-        run.booster.save_optimizer(run.optimizer, str(staging / "optimizer"), shard=True)
+        save_model_and_optimizer(run, staging, lora_config)
     (staging / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), staging / "rng" / f"rank_{rank}.pt")
     if rank == 0:
@@ -313,24 +325,57 @@ def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, faul
     return final
 
 
+def save_model_and_optimizer(run, staging: Path, lora_config) -> None:
+    """Weights (or the adapter) and optimizer state, for every plugin but FSDP; every rank takes part."""
+    if lora_config is not None:
+        adapter = gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
+        if dist.get_rank() == 0:
+            write_adapter_dir(adapter, lora_config, run.cfg.model.name, staging / "model")
+    elif run.layout.replicated:  # every rank holds all weights: HF's writer (tied weights stored once, sharded by size)
+        if dist.get_rank() == 0:
+            run.model.unwrap().save_pretrained(staging / "model", safe_serialization=True)
+    else:  # sharded plugins gather their shards through their own checkpoint IO
+        run.booster.save_model(run.model, str(staging / "model"), shard=True, use_safetensors=True)
+    if rank_local_optimizer(run):
+        (staging / "optimizer").mkdir(exist_ok=True)
+        torch.save(run.optimizer.state_dict(), staging / "optimizer" / f"rank_{dist.get_rank()}.pt")
+    else:
+        run.booster.save_optimizer(run.optimizer, str(staging / "optimizer"), shard=True)
+
+
+def write_adapter_dir(adapter: dict[str, torch.Tensor], lora_config, base_model: str, path: Path) -> None:
+    """A peft adapter directory: the weights and adapter_config.json naming the base model."""
+    write_adapter(adapter, path)
+    lora_config.base_model_name_or_path = base_model
+    lora_config.save_pretrained(path)
+
+
 def load_checkpoint(run, path: Path, lora: bool) -> dict:
     """Restore model (or adapter), optimizer, scheduler and this rank's RNG from a verified checkpoint."""
     state = read_state(path)
     with weights_only_loading():
-        if lora:
-            load_adapter(run, read_adapter(path / "model"))
-        elif run.layout.replicated:
-            load_replicated_model(run, path / "model")
+        if PLUGINS[run.cfg.plugin.name].fsdp:
+            load_fsdp(run, path, lora)  # model (or adapter) and optimizer
         else:
-            run.booster.load_model(run.model, str(path / "model"))
-        if rank_local_optimizer(run):
-            run.optimizer.load_state_dict(torch.load(path / "optimizer" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
-        else:
-            run.booster.load_optimizer(run.optimizer, str(path / "optimizer"))
+            load_model_and_optimizer(run, path, lora)
         run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu"))
         set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
     barrier()
     return state
+
+
+def load_model_and_optimizer(run, path: Path, lora: bool) -> None:
+    """Weights (or the adapter) and optimizer state, for every plugin but FSDP."""
+    if lora:
+        load_adapter(run, read_adapter(path / "model"))
+    elif run.layout.replicated:
+        load_replicated_model(run, path / "model")
+    else:
+        run.booster.load_model(run.model, str(path / "model"))
+    if rank_local_optimizer(run):
+        run.optimizer.load_state_dict(torch.load(path / "optimizer" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
+    else:
+        run.booster.load_optimizer(run.optimizer, str(path / "optimizer"))
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -347,11 +392,16 @@ def load_replicated_model(run, path: Path) -> None:
     """Load full weights into every replica (tied weights were stored once), then into master copies."""
     module = run.model.unwrap()
     missing, unexpected = module.load_state_dict(read_safetensors_dir(path), strict=False)
+    _check_fit(module, missing, unexpected)
+    module.tie_weights()
+    _update_master_params(run)
+
+
+def _check_fit(module: torch.nn.Module, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse weights that leave a parameter unset (tied ones are stored once) or name unknown ones."""
     tied = set(getattr(module, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"resume_from: the checkpoint's weights do not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-    module.tie_weights()
-    _update_master_params(run)
 
 
 def _update_master_params(run) -> None:
@@ -387,3 +437,97 @@ def load_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_fr
                 raise CheckpointError(f"{source} has no {key}; it was written for other LoRA targets")
             param.copy_(local_shard(param, adapter[key]))  # split again under tensor parallelism
     _update_master_params(run)
+
+
+# --- PyTorch FSDP: full state dicts, gathered on rank 0 to save, read by every rank to load --------
+#
+# ColossalAI's FSDP checkpoint IO gathers with offload_to_cpu=True, which fails on a CPU-only machine
+# in torch 2.5.1 (size-0 storages, then a hang), so the FSDP paths use torch's APIs directly. The
+# model is saved as a plain HF directory (or peft adapter), like the replicated plugins' checkpoints,
+# so finetune.export reads it unchanged.
+
+FSDP_OPTIMIZER_FILE = "full_state.pt"
+
+
+def fsdp_inner_module(run) -> torch.nn.Module:
+    """The model FSDP wraps: the HF model, or the PeftModel under LoRA."""
+    return run.model.module.module
+
+
+@contextlib.contextmanager
+def fsdp_full_state(fsdp_module, rank0_only: bool):
+    """FSDP's full-state-dict mode for model and optimizer; rank0_only: only rank 0 receives gathered dicts."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = torch.cuda.is_available()  # on CPU the tensors are there already, and offloading fails
+    model_options = FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only)
+    optimizer_options = FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only)
+    with FSDP.state_dict_type(fsdp_module, StateDictType.FULL_STATE_DICT, model_options, optimizer_options):
+        yield
+
+
+def fsdp_full_state_dict(fsdp_module) -> dict:
+    """Every rank takes part; rank 0 gets the whole model state dict, the others an empty one."""
+    with fsdp_full_state(fsdp_module, rank0_only=True):
+        return fsdp_module.state_dict()
+
+
+def fsdp_full_states(run) -> tuple[dict, dict]:
+    """(model, optimizer) full state dicts on rank 0, keyed by parameter names; every rank takes part."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = run.model.module
+    with fsdp_full_state(root, rank0_only=True):
+        return root.state_dict(), FSDP.optim_state_dict(root, run.optimizer.optim)
+
+
+def fsdp_adapter_state(run, model_state: dict) -> dict[str, torch.Tensor]:
+    """The adapter (peft's keys and selection) out of an FSDP-gathered full state dict."""
+    from peft import get_peft_model_state_dict
+
+    adapter = get_peft_model_state_dict(fsdp_inner_module(run), state_dict=model_state)
+    return {k: v.detach().cpu().clone() for k, v in adapter.items()}
+
+
+def save_fsdp(run, staging: Path, lora_config) -> None:
+    """Gather the full weights (or the adapter) and optimizer state; rank 0 writes them."""
+    model_state, optimizer_state = fsdp_full_states(run)
+    if dist.get_rank() != 0:
+        return
+    if lora_config is not None:
+        write_adapter_dir(fsdp_adapter_state(run, model_state), lora_config, run.cfg.model.name, staging / "model")
+    else:
+        fsdp_inner_module(run).save_pretrained(staging / "model", state_dict=model_state, safe_serialization=True)
+    (staging / "optimizer").mkdir(exist_ok=True)
+    torch.save(optimizer_state, staging / "optimizer" / FSDP_OPTIMIZER_FILE)
+
+
+def load_fsdp(run, path: Path, lora: bool) -> None:
+    """Load the full weights (or the adapter) and the full optimizer state into this rank's FSDP shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root, optimizer = run.model.module, run.optimizer.optim
+    with fsdp_full_state(root, rank0_only=False):
+        if lora:
+            load_fsdp_adapter(run, read_adapter(path / "model"))
+        else:
+            missing, unexpected = root.load_state_dict(read_safetensors_dir(path / "model"), strict=False)
+            _check_fit(fsdp_inner_module(run), missing, unexpected)
+        full_state = torch.load(path / "optimizer" / FSDP_OPTIMIZER_FILE, map_location="cpu")
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
+
+
+def load_fsdp_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
+    """peft's own key mapping (adapter file -> model), loaded through the FSDP root, which scatters the shards."""
+    import types
+
+    from peft import set_peft_model_state_dict
+
+    peft_model, root = fsdp_inner_module(run), run.model.module
+    # set_peft_model_state_dict only renames keys and calls model.load_state_dict: give it the FSDP
+    # root's, whose keys are the PeftModel's and which writes into every rank's flat shards.
+    view = types.SimpleNamespace(peft_config=peft_model.peft_config, modules_to_save=peft_model.modules_to_save, load_state_dict=root.load_state_dict)
+    missing = [k for k in set_peft_model_state_dict(view, adapter).missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        raise CheckpointError(f"resume_from: the checkpoint's adapter has no {missing[0]}; it was written for other LoRA targets")

@@ -340,8 +340,6 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         if spec.fsdp:
             for key, allowed in (("sharding_strategy", ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")), ("backward_prefetch", ("BACKWARD_PRE", "BACKWARD_POST"))):
                 problems += _choice(f"plugin.{key}", options[key], allowed)
-        if spec.fsdp and (cfg.checkpoint.every_steps or cfg.resume_from):
-            problems.append(f"checkpoint.every_steps / resume_from with plugin '{cfg.plugin.name}': FSDP checkpoints are not supported in this version; use torch_ddp or low_level_zero (ZeRO-2 shards optimizer states and gradients too)")
         if cfg.plugin.name == "gemini" and options["placement_policy"] not in ("static", "auto"):
             problems.append(f"plugin.placement_policy: must be static or auto, got '{options['placement_policy']}'")
         if cfg.plugin.name == "hybrid_parallel":

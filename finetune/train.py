@@ -370,11 +370,9 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
     if lora_config and cfg.plugin.name == "hybrid_parallel":  # injected adapters: gather every split and stage, write peft's layout
         adapter = checkpoint.gathered_adapter_state(run.model.unwrap(), pipeline=run.layout.pipeline)
         if is_main():
-            checkpoint.write_adapter(adapter, staging)
-            lora_config.base_model_name_or_path = cfg.model.name
-            lora_config.save_pretrained(staging)
+            checkpoint.write_adapter_dir(adapter, lora_config, cfg.model.name, staging)
     elif PLUGINS[cfg.plugin.name].fsdp:  # gather the full state dict on rank 0, write it with HF / peft
-        state = fsdp_full_state_dict(run.model.module)
+        state = checkpoint.fsdp_full_state_dict(run.model.module)
         if is_main():
             run.model.module.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
     elif lora_config:
@@ -394,17 +392,6 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
         staging.rename(final)  # only a complete save becomes final/
     dist.barrier()
     return final
-
-
-def fsdp_full_state_dict(fsdp_module) -> dict:
-    """Every rank takes part; rank 0 gets the whole state dict (on CPU), the others an empty one."""
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    # offload_to_cpu=True fails on a CPU-only machine in torch 2.5.1 (size-0 storages, then a hang).
-    options = FullStateDictConfig(offload_to_cpu=torch.cuda.is_available(), rank0_only=True)
-    with FSDP.state_dict_type(fsdp_module, StateDictType.FULL_STATE_DICT, options):
-        return fsdp_module.state_dict()
 
 
 def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe: list[dict], device, labels: list[str] | None) -> dict:
@@ -511,7 +498,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError(problems[0])
     resume = checkpoint.resolve_resume(cfg)  # verified complete and compatible before any model is built
     resume_state = checkpoint.read_state(resume) if resume else None
-    changed = checkpoint.check_compatible(resume_state, cfg, int(os.environ.get("WORLD_SIZE", "1"))) if resume else []
+    changed = checkpoint.check_compatible(resume_state, cfg, int(os.environ.get("WORLD_SIZE", "1")), resume) if resume else []
     wall_start = time.perf_counter()
     device = launch(cfg)
     outputs = start_outputs(cfg, resume_state) if is_main() else None

@@ -73,6 +73,10 @@ def damaged(world: dict, case: str) -> Path:
         state = json.loads((ckpt / "state.json").read_text())
         state["identity"]["world_size"] = 2
         (ckpt / "state.json").write_text(json.dumps(state))
+    elif case == "other_layout":
+        state = json.loads((ckpt / "state.json").read_text())
+        state["identity"]["plugin"] = {**state["identity"]["plugin"], "name": "hybrid_parallel", "tp_size": 2}
+        (ckpt / "state.json").write_text(json.dumps(state))
     return ckpt
 
 
@@ -112,8 +116,9 @@ TRAIN_CASES = {
     "resume_missing_file": (lambda w: [f"output_dir={w['root'] / 'fresh4'}", f"resume_from={damaged(w, 'missing_file')}"], "scheduler.pt is missing"),
     "resume_corrupt_state": (lambda w: [f"output_dir={w['root'] / 'fresh5'}", f"resume_from={damaged(w, 'corrupt_state')}"], "state.json is corrupt"),
     "resume_partial": (lambda w: [f"output_dir={w['root'] / 'fresh6'}", f"resume_from={w['run'] / 'checkpoints'}"], "not a complete checkpoint"),
-    "resume_other_model": (lambda w: [f"output_dir={w['root'] / 'fresh7'}", f"resume_from={damaged(w, 'other_model')}"], "written with model="),
-    "resume_other_world": (lambda w: [f"output_dir={w['root'] / 'fresh8'}", f"resume_from={damaged(w, 'other_world')}"], "written with world_size=2"),
+    "resume_other_model": (lambda w: [f"output_dir={w['root'] / 'fresh7'}", f"resume_from={damaged(w, 'other_model')}"], "written with model.name=\"tiny-llama\""),
+    "resume_other_world": (lambda w: [f"output_dir={w['root'] / 'fresh8'}", f"resume_from={damaged(w, 'other_world')}"], "written with world_size=2, this run has world_size=1; checkpoints are not resharded"),
+    "resume_other_layout": (lambda w: [f"output_dir={w['root'] / 'fresh9'}", f"resume_from={damaged(w, 'other_layout')}"], "written with plugin.name=\"hybrid_parallel\", this run has plugin.name=\"torch_ddp\"; checkpoints are not resharded"),
 }
 
 

@@ -81,6 +81,9 @@ RESUME_CASES = {
     "pp2_lora": (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-gpt2", "method=lora"], FP32),
     "pp2_interleaved_full": (2, ["--config", "booster_configs/pp2_interleaved.yaml", "model.name=tiny-gpt2", "method=full", "plugin.num_microbatches=4"], FP32),
     "pp2_zero1_bf16": (2, ["--config", "booster_configs/pp2_zero1.yaml", "model.name=tiny-llama", "method=full"], BF16),
+    # FSDP: full state dicts gathered on rank 0 and scattered back onto each rank's flat shards
+    "fsdp_full": (2, ["--config", "booster_configs/fsdp.yaml", "model.name=tiny-gpt2", "method=full"], FP32),
+    "fsdp_lora": (2, ["--config", "booster_configs/fsdp.yaml", "model.name=tiny-llama", "method=lora"], FP32),
     # the adapter and the trained classification head (peft modules_to_save) both resume
     "zero1_classification_lora": (2, ["--config", "booster_configs/zero1.yaml", "model.name=tiny-roberta", "method=lora", "task=classification"], FP32),
 }

@@ -180,10 +180,11 @@ def test_layer_activation_formula_matches_saved_tensors(model_type, dropout, pre
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
-    """GPT-2 124M under TorchDDP on CPU, one rank: the model state is most of the measured peak, so a
-    wrong bytes/param rule or activation formula shows; summary.json carries prediction and ratio."""
+    """GPT-2 124M under TorchDDP on CPU, one rank: the model state is a large part of the measured peak,
+    so a wrong bytes/param rule or activation formula shows; summary.json carries prediction and ratio.
+    QLoRA: 4-bit NF4 base (quantization section defaults)."""
     out = tmp_path / "run"
     args = [
         f"data.train_path={write_fixed_length_file(tmp_path / 'train.jsonl')}",
@@ -208,7 +209,8 @@ def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
     assert 0.85 <= measured / predicted <= 1.15, (method, measured / 2**20, predicted / 2**20)
     per_rank = memory["estimate"]["per_rank"]
     model_state = per_rank["weights"] + per_rank["gradients"] + per_rank["optimizer_states"]
-    assert model_state > (0.5 if method == "full" else 0.2) * measured  # not a prediction made of the process baseline
+    # not a prediction made of the process baseline (a 4-bit GPT-2 is ~200 MB of a ~1.3 GB process)
+    assert model_state > {"full": 0.5, "lora": 0.2, "qlora": 0.12}[method] * measured
     assert "predicted train_step_peak" in result.stdout
 
 
