@@ -412,6 +412,16 @@ def _update_master_params(run) -> None:
         run.optimizer.update_master_params(run.model)
 
 
+def init_adapter(run, path: Path) -> None:
+    """Start from the peft adapter in `path` (lora.init_from), under any plugin; every rank calls this."""
+    adapter, source = read_adapter(path), f"lora.init_from: the adapter in {path}"
+    if PLUGINS[run.cfg.plugin.name].fsdp:
+        with fsdp_full_state(run.model.module, rank0_only=False):
+            load_fsdp_adapter(run, adapter, source)
+    else:
+        load_adapter(run, adapter, source)
+
+
 def load_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
     """Copy saved adapter weights into this rank's adapters, then into the optimizer's master copies.
 
@@ -518,7 +528,7 @@ def load_fsdp(run, path: Path, lora: bool) -> None:
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
 
 
-def load_fsdp_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
+def load_fsdp_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
     """peft's own key mapping (adapter file -> model), loaded through the FSDP root, which scatters the shards."""
     import types
 
@@ -530,4 +540,4 @@ def load_fsdp_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
     view = types.SimpleNamespace(peft_config=peft_model.peft_config, modules_to_save=peft_model.modules_to_save, load_state_dict=root.load_state_dict)
     missing = [k for k in set_peft_model_state_dict(view, adapter).missing_keys if "lora_" in k or "modules_to_save" in k]
     if missing:
-        raise CheckpointError(f"resume_from: the checkpoint's adapter has no {missing[0]}; it was written for other LoRA targets")
+        raise CheckpointError(f"{source} has no {missing[0]}; it was written for other LoRA targets")

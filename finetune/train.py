@@ -553,7 +553,7 @@ def main(argv: list[str]) -> None:
     log(profiler.format(profiler.record("boosted")))
     run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to, lora_config, steps_per_epoch, Faults(), data.labels)
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
-        checkpoint.load_adapter(run, checkpoint.read_adapter(Path(cfg.lora.init_from)), source=f"lora.init_from: the adapter in {cfg.lora.init_from}")
+        checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")
     start_step = checkpoint.load_checkpoint(run, resume, lora=lora_config is not None)["step"] if resume else 0
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
