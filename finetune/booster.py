@@ -167,8 +167,12 @@ def plugin_kwargs(name: str, options: dict[str, Any], precision: str, max_grad_n
     return spec.translate(kwargs) if spec.translate else kwargs
 
 
-def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_norm: float):
+def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_norm: float, custom_policy=None):
     """Build the ColossalAI Booster for a plugin setup (the process group must already exist).
+
+    Args:
+        custom_policy: a shardformer Policy for HybridParallelPlugin (e.g. finetune.roberta_policy's),
+            for models ColossalAI has no policy of its own for; None lets it choose.
 
     Returns:
         (booster, plugin)
@@ -179,7 +183,10 @@ def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_n
     from colossalai.booster import plugin as plugins
 
     plugin_cls = getattr(plugins, PLUGINS[name].class_name)
-    plugin = plugin_cls(**plugin_kwargs(name, options, precision, max_grad_norm, on_cpu=not torch.cuda.is_available()))
+    kwargs = plugin_kwargs(name, options, precision, max_grad_norm, on_cpu=not torch.cuda.is_available())
+    if custom_policy is not None:
+        kwargs["custom_policy"] = custom_policy
+    plugin = plugin_cls(**kwargs)
     # fp16 for plugins that do not own precision goes through the Booster's torch AMP (CUDA only,
     # refused on CPU by config validation); bf16 there is autocast in the training step.
     mixed_precision = "fp16" if precision == "fp16" and not PLUGINS[name].takes_precision else None

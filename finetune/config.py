@@ -452,9 +452,10 @@ def _data_problems(cfg: Config) -> list[str]:
     if cfg.plugin.name == "hybrid_parallel":
         if data.packing:
             problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
-        if classification:
-            problems.append("task=classification with plugin hybrid_parallel is not supported yet; use torch_ddp, low_level_zero or torch_fsdp")
     kind = model_type(cfg.model.name)
+    if cfg.plugin.name == "hybrid_parallel" and classification and kind != "roberta":
+        # Only our RoBERTa shardformer policy (finetune.roberta_policy) is checked against a plain model.
+        problems.append(f"task=classification with plugin hybrid_parallel supports RoBERTa models only (model.name={cfg.model.name} is {kind or 'of unknown type'}); use torch_ddp, low_level_zero or torch_fsdp")
     if kind in ENCODER_TYPES and not classification:
         problems.append(f"model.name={cfg.model.name} is an encoder ({kind}) and only serves task=classification; pick a causal LM for task={cfg.task}")
     return problems

@@ -36,6 +36,9 @@ warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvm
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # bitsandbytes' 8-bit matmul computes in fp16 by design and says so on every layer's first call.
 warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+# Classification eval under pipeline parallelism asks for the last stage's logits (one eval batch at a
+# time); ColossalAI warns about the memory of kept outputs on every such call.
+logging.getLogger("colossalai").addFilter(lambda record: "return_outputs may lead" not in record.getMessage())
 
 import torch
 import torch.distributed as dist
@@ -51,7 +54,7 @@ from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, output_problems, to_dict
 from finetune.data import DataError, build_data, collate, load_splits, model_inputs, non_pad_tokens
 from finetune.estimate import compare_with_run
-from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, summed_loss
+from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, module_logits, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
 from finetune.packing import collate_packed, pack, packed_attention
@@ -236,22 +239,25 @@ def last_checkpoint_note(cfg: Config) -> str:
     return f"; the last good checkpoint is {found[-1]} (resume_from=latest)" if found else "; no checkpoint was written (checkpoint.every_steps)"
 
 
+def pipeline_eval_pass(run: Run, batch: dict, criterion, return_outputs: bool = False) -> dict:
+    """One batch through the pipeline schedule without training: loss (and outputs) on the last stage, None elsewhere."""
+    if to_dict(run.cfg)["plugin"].get("pp_style") == "interleaved":
+        # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
+        # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
+        with torch.enable_grad():
+            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=run.optimizer, return_loss=True, return_outputs=return_outputs)
+        run.optimizer.zero_grad()
+        return out
+    return run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=None, return_loss=True, return_outputs=return_outputs)
+
+
 def make_batch_loss(run: Run):
     """Summed eval loss of one batch under this plugin (through the pipeline schedule under PP)."""
     if not run.layout.pipeline:
         return module_batch_loss(run.model)
 
-    interleaved = to_dict(run.cfg)["plugin"].get("pp_style") == "interleaved"
-
     def batch_loss(batch: dict) -> torch.Tensor:
-        if interleaved:
-            # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
-            # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
-            with torch.enable_grad():
-                out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=run.optimizer, return_loss=True)
-            run.optimizer.zero_grad()
-        else:
-            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=None, return_loss=True)
+        out = pipeline_eval_pass(run, batch, summed_loss)
         if out["loss"] is None:  # not the last stage
             return torch.zeros((), device=run.device)
         return out["loss"] * run.num_microbatches  # the schedule averages over micro-batches
@@ -259,12 +265,25 @@ def make_batch_loss(run: Run):
     return batch_loss
 
 
+def make_batch_logits(run: Run):
+    """Class logits of one batch under this plugin; under PP they exist on the last stage only (None elsewhere)."""
+    if not run.layout.pipeline:
+        return module_logits(run.model)
+
+    def batch_logits(batch: dict) -> torch.Tensor | None:
+        # The loss is not used (computed from the logits instead): an all-filler micro-batch makes it NaN.
+        out = pipeline_eval_pass(run, batch, lambda outputs, _: outputs.loss, return_outputs=True)
+        return out["outputs"]["logits"] if out["outputs"] is not None else None
+
+    return batch_logits
+
+
 def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
     """Distributed eval of the boosted model (in eval mode) on samples."""
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size
     run.model.eval()
     if run.labels:
-        result = evaluate_classification(run.model, samples, batch_size, pad_token_id, run.device, run.layout, len(run.labels))
+        result = evaluate_classification(make_batch_logits(run), samples, batch_size, pad_token_id, run.device, run.layout, len(run.labels), run.pad_to)
     else:
         result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
     run.model.train()
@@ -430,7 +449,7 @@ def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe
     reloaded.eval()
     after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
     if labels:
-        probe_loss = evaluate_classification(reloaded, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None, len(labels))["loss"]
+        probe_loss = evaluate_classification(module_logits(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None, len(labels))["loss"]
     else:
         probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
     generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
@@ -440,6 +459,15 @@ def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe
 def quantization_for(cfg: Config) -> QuantizationConfig | None:
     """The base model's quantization: the quantization section under method=qlora, else none."""
     return cfg.quantization if cfg.method == "qlora" else None
+
+
+def custom_policy(cfg: Config, model: torch.nn.Module):
+    """Our shardformer policy for models ColossalAI has none for (RoBERTa), under hybrid_parallel; else None."""
+    if cfg.plugin.name != "hybrid_parallel":
+        return None
+    from finetune.roberta_policy import shard_policy  # imports ColossalAI's shardformer
+
+    return shard_policy(model)
 
 
 def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: Layout):
@@ -528,7 +556,7 @@ def main(argv: list[str]) -> None:
     log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated, {data.dropped} dropped at {cfg.data.max_length} tokens; cache {data.cache})")
     packed = packed_attention(model) if cfg.data.packing else ""  # before any wrapper hides the model
 
-    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, custom_policy(cfg, model))
     layout = parallel_layout(cfg.plugin.name, plugin)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
