@@ -36,9 +36,6 @@ warnings.filterwarnings("ignore", message=r"Please install (the latest tensornvm
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # bitsandbytes' 8-bit matmul computes in fp16 by design and says so on every layer's first call.
 warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
-# Classification eval under pipeline parallelism asks for the last stage's logits (one eval batch at a
-# time); ColossalAI warns about the memory of kept outputs on every such call.
-logging.getLogger("colossalai").addFilter(lambda record: "return_outputs may lead" not in record.getMessage())
 
 import torch
 import torch.distributed as dist
@@ -239,8 +236,27 @@ def last_checkpoint_note(cfg: Config) -> str:
     return f"; the last good checkpoint is {found[-1]} (resume_from=latest)" if found else "; no checkpoint was written (checkpoint.every_steps)"
 
 
+@contextlib.contextmanager
+def colossalai_errors_only():
+    """Silence ColossalAI's warnings in a block (its logger writes a warning as two records, caller and text)."""
+    logger = logging.getLogger("colossalai")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def pipeline_eval_pass(run: Run, batch: dict, criterion, return_outputs: bool = False) -> dict:
     """One batch through the pipeline schedule without training: loss (and outputs) on the last stage, None elsewhere."""
+    if return_outputs:  # ColossalAI warns on every such call that kept outputs cost memory (one eval batch here)
+        with colossalai_errors_only():
+            return _pipeline_eval_pass(run, batch, criterion, return_outputs)
+    return _pipeline_eval_pass(run, batch, criterion, return_outputs)
+
+
+def _pipeline_eval_pass(run: Run, batch: dict, criterion, return_outputs: bool) -> dict:
     if to_dict(run.cfg)["plugin"].get("pp_style") == "interleaved":
         # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
         # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
