@@ -306,6 +306,13 @@ def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
     return result
 
 
+def peak_bytes_per_rank(profiler: MemoryProfiler) -> list[int]:
+    """Every rank's highest memory peak over its recorded stages, on every rank (a collective)."""
+    peaks: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(peaks, max(stage.peak_bytes for stage in profiler.stages))
+    return peaks
+
+
 def eval_metrics(step: int, result: dict) -> dict:
     """A metrics.jsonl line of an eval result."""
     return {"step": step, **{f"eval_{k}": v for k, v in result.items() if k not in ("tokens", "samples")}}
@@ -325,7 +332,7 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
     """
     cfg = run.cfg
     steps, losses, eval_history = resumed_history(outputs, start_step) if is_main() else ([], [], [])
-    train_tokens, train_s = 0, 0.0
+    train_tokens, train_rows, train_s = 0, 0, 0.0
     run.model.train()
     batches = batches_forever(dataloader, cfg.train.grad_accum_steps, run.steps_per_epoch, start_step)
     # A context, so the bar's line is ended even when a step raises: an error line then stands alone.
@@ -339,9 +346,11 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
             elapsed = time.perf_counter() - started
             memory = profiler.record_step(step)
             # One rank per data-parallel replica counts, so TP/PP ranks that share a batch count it once.
-            loss_sum, token_sum = all_reduce_sum([loss, tokens] if run.layout.counts else [0.0, 0.0], run.device)
+            rows = sum(len(b["input_ids"]) for b in micro_batches)  # sequences (packed rows under packing)
+            loss_sum, token_sum, row_sum = all_reduce_sum([loss, tokens, rows] if run.layout.counts else [0.0, 0.0, 0.0], run.device)
             mean_loss = loss_sum / run.layout.dp_size
             train_tokens += int(token_sum)
+            train_rows += int(row_sum)
             train_s += elapsed
             if not math.isfinite(mean_loss):  # skipped under train.on_nan=skip (stop raised in train_step)
                 if is_main():
@@ -381,7 +390,12 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
         "steps": steps,
         "losses": losses,
         "eval_history": eval_history,
-        "throughput": {"tokens_per_s": train_tokens / train_s if train_s else 0.0, "train_tokens": train_tokens, "train_s": train_s},
+        "throughput": {
+            "tokens_per_s": train_tokens / train_s if train_s else 0.0,
+            "sequences_per_s": train_rows / train_s if train_s else 0.0,
+            "train_tokens": train_tokens,
+            "train_s": train_s,
+        },
     }
 
 
@@ -624,6 +638,7 @@ def main(argv: list[str]) -> None:
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
     parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
     digests = checks.replica_digests(module) if layout.replicated else []
+    peaks = peak_bytes_per_rank(profiler)  # pipeline stages and shards differ: every rank's, for reports
 
     final = save_final(run, tokenizer, lora_config)
     if not is_main():
@@ -638,7 +653,7 @@ def main(argv: list[str]) -> None:
     best, last = best_eval(all_evals), all_evals[-1]
     outputs.log_metrics({**eval_metrics(total_steps, eval_after), "eval_best": best})  # the last eval, and the best
     outputs.plot_loss(history["steps"], history["losses"], [(e["step"], e["loss"]) for e in all_evals])
-    memory = {**profiler.summary(), "model_weights": model_weights.as_dict()}
+    memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
     seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
     memory["estimate"] = compare_with_run(cfg, dist.get_world_size(), seq_len, memory)
@@ -654,6 +669,7 @@ def main(argv: list[str]) -> None:
         "trainable_params": trainable,
         "all_params": total,
         "steps": total_steps,
+        "epochs": total_steps / steps_per_epoch,
         "final_loss": history["losses"][-1],
         "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"], "best": best, "last": last},
         "throughput": history["throughput"],
