@@ -111,7 +111,7 @@ def test_macro_f1_matches_hand_computation():
         ({"task": "chat", "data.train_path": "chatterbot-corpus"}, "data.train_path=chatterbot-corpus holds instruction records, not chat records; use task=instruction or data.train_path=chatterbot-corpus:chat"),
         ({"task": "classification", "data.packing": True}, "data.packing=true: only for causal-LM tasks"),
         ({"data.packing": True, "plugin.name": "hybrid_parallel"}, "data.packing=true with plugin hybrid_parallel"),
-        ({"task": "classification", "data.train_path": "chatterbot-corpus:topics", "model.name": "tiny-gpt2", "plugin.name": "hybrid_parallel"}, "task=classification with plugin hybrid_parallel supports RoBERTa models only (model.name=tiny-gpt2 is gpt2)"),
+        ({"task": "classification", "data.train_path": "chatterbot-corpus:topics", "model.name": "tiny-llama", "plugin.name": "hybrid_parallel", "plugin.tp_size": 2}, "task=classification for Llama with plugin.tp_size>1"),
         ({"data.split_slice": "1:2:3"}, "data.split_slice=1:2:3: '1:2' is not a record count"),
         ({"data.split_slice": "120%"}, "data.split_slice=120%: '120%' is over 100%"),
         ({"data.truncation": "cut"}, "data.truncation: unknown value 'cut'"),
@@ -133,9 +133,17 @@ def test_defaults_and_task_sources_validate():
         assert validate(cfg, 2, False) == []
 
 
-@pytest.mark.parametrize("parallel", [{"plugin.tp_size": 2, "method": "full"}, {"plugin.pp_size": 2, "plugin.num_microbatches": 2, "method": "lora"}])
-def test_roberta_classification_validates_under_hybrid_parallel(parallel):
-    settings = {"task": "classification", "data.train_path": "chatterbot-corpus:topics", "model.name": "tiny-roberta", "plugin.name": "hybrid_parallel", **parallel}
+@pytest.mark.parametrize(
+    "model, parallel",
+    [
+        ("tiny-roberta", {"plugin.tp_size": 2, "method": "full"}),
+        ("tiny-roberta", {"plugin.pp_size": 2, "plugin.num_microbatches": 2, "method": "lora"}),
+        ("tiny-gpt2", {"plugin.tp_size": 2, "method": "full"}),
+        ("tiny-llama", {"plugin.pp_size": 2, "plugin.num_microbatches": 2, "method": "lora"}),
+    ],
+)
+def test_classification_validates_under_hybrid_parallel(model, parallel):
+    settings = {"task": "classification", "data.train_path": "chatterbot-corpus:topics", "model.name": model, "plugin.name": "hybrid_parallel", **parallel}
     assert validate(build_config([("c", k, v) for k, v in settings.items()]), 2, False) == []
 
 
