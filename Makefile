@@ -33,7 +33,7 @@ demo: assets
 		colossalai run --nproc_per_node=$(NPROC) --master_port $(FREE_PORT) finetune/train.py overwrite_output_dir=true $(ARGS)
 
 test: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests --durations=25
 
 # The benchmark launches its own ranks (torchrun) with one OpenMP thread per core per rank.
 bench: install

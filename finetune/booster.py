@@ -171,8 +171,7 @@ def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_n
     """Build the ColossalAI Booster for a plugin setup (the process group must already exist).
 
     Args:
-        custom_policy: a shardformer Policy for HybridParallelPlugin (e.g. finetune.roberta_policy's),
-            for models ColossalAI has no policy of its own for; None lets it choose.
+        custom_policy: hybrid_parallel only: the shardformer policy to shard the model with (None: ColossalAI's own).
 
     Returns:
         (booster, plugin)

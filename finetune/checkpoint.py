@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.config import Config, to_dict
 from finetune.model import trains_with_adapter
+from finetune.lora_tp import full_tensor, local_shard
 
 CHECKPOINTS = "checkpoints"
 FORMAT_VERSION = 1
@@ -231,11 +232,12 @@ def local_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     if isinstance(module, PeftModel):
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
-    return {lora_key(n): p.detach().cpu().clone() for n, p in module.named_parameters() if trains_with_adapter(n)}
+    # Under tensor parallelism an adapter matrix may be split: gathering it is a collective.
+    return {lora_key(n): full_tensor(p).detach().cpu().clone() for n, p in module.named_parameters() if trains_with_adapter(n)}
 
 
 def gathered_adapter_state(module: torch.nn.Module, pipeline: bool) -> dict[str, torch.Tensor]:
-    """The whole adapter on rank 0: each pipeline stage holds its own layers' share; replicas hold it all."""
+    """The whole adapter on rank 0: each pipeline stage holds its own layers' share (tensor-parallel splits gathered); replicas hold it all."""
     local = local_adapter_state(module)
     if not pipeline:
         return local
@@ -361,15 +363,19 @@ def _update_master_params(run) -> None:
         run.optimizer.update_master_params(run.model)
 
 
-def load_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
-    """Copy saved adapter weights into this rank's adapters, then into the optimizer's master copies."""
+def load_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
+    """Copy saved adapter weights into this rank's adapters, then into the optimizer's master copies.
+
+    Args:
+        source: what the adapter is, for errors.
+    """
     from peft import PeftModel, set_peft_model_state_dict
 
     module = run.model.unwrap(unwrap_peft=False)
     if isinstance(module, PeftModel):
         missing = sorted(set(local_adapter_state(module)) - set(adapter))
         if missing:
-            raise CheckpointError(f"resume_from: the checkpoint's adapter has no {missing[0]}; it was written for other LoRA targets")
+            raise CheckpointError(f"{source} has no {missing[0]}; it was written for other LoRA targets")
         set_peft_model_state_dict(module, adapter)
         _update_master_params(run)
         return
@@ -379,6 +385,6 @@ def load_adapter(run, adapter: dict[str, torch.Tensor]) -> None:
                 continue
             key = lora_key(name)
             if key not in adapter:
-                raise CheckpointError(f"resume_from: the checkpoint's adapter has no {key}; it was written for other LoRA targets")
-            param.copy_(adapter[key])
+                raise CheckpointError(f"{source} has no {key}; it was written for other LoRA targets")
+            param.copy_(local_shard(param, adapter[key]))  # split again under tensor parallelism
     _update_master_params(run)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import ENCODER_TYPES, NAMED_CONFIGS, attention_heads, known_model_names, model_type, num_layers
+from finetune.architectures import DEFAULT_LORA_TARGETS, ENCODER_TYPES, LORA_TP_LAYERS, NAMED_CONFIGS, attention_heads, known_model_names, model_type, num_layers
 from finetune.booster import PLUGINS
 from finetune.corpus import BUILTIN_SOURCES
 from finetune.tasks import TASKS as TASK_REGISTRY
@@ -54,6 +54,7 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
+    init_from: str = ""  # a peft adapter dir to start from (e.g. a finished run's final/), split to this run's layout; empty: a fresh adapter
 
 
 @dataclass
@@ -365,6 +366,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if cfg.train.lr <= 0:
         problems.append(f"train.lr: must be positive, got {cfg.train.lr}")
     problems += _data_problems(cfg)
+    problems += _init_adapter_problems(cfg)
     name = cfg.model.name
     # Named configs get the GPT-2 BPE tokenizer (50,257 tokens); a smaller vocabulary (Llama-2's 32,000)
     # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
@@ -381,6 +383,28 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if world_size < 1:
         problems.append(f"world size must be at least 1, got {world_size}")
     return problems
+
+
+def _init_adapter_problems(cfg: Config) -> list[str]:
+    """lora.init_from must be a peft adapter dir whose rank, alpha and targets are this run's."""
+    if not cfg.lora.init_from:
+        return []
+    if cfg.method not in ("lora", "qlora"):
+        return [f"lora.init_from is set but method={cfg.method} trains no adapter; use method=lora or drop lora.init_from"]
+    path = Path(cfg.lora.init_from)
+    missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (path / name).is_file()]
+    if missing:
+        return [f"lora.init_from: {path} is not a peft adapter dir (no {missing[0]})"]
+    import json
+
+    saved = json.loads((path / "adapter_config.json").read_text())
+    targets = cfg.lora.target_modules or DEFAULT_LORA_TARGETS.get(model_type(cfg.model.name) or "", [])
+    for key, theirs, ours in (("r", saved.get("r"), cfg.lora.r), ("alpha", saved.get("lora_alpha"), cfg.lora.alpha)):
+        if theirs != ours:
+            return [f"lora.init_from: the adapter in {path} has {key}={theirs}, this run lora.{key}={ours}; set lora.{key}={theirs}"]
+    if targets and sorted(saved.get("target_modules") or []) != sorted(targets):
+        return [f"lora.init_from: the adapter in {path} adapts {sorted(saved.get('target_modules') or [])}, this run {sorted(targets)}; set lora.target_modules to match"]
+    return []
 
 
 def output_problems(cfg: Config) -> list[str]:
@@ -497,7 +521,7 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
     if tp > 1 and cfg.method == "qlora":
         problems.append("method=qlora with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
     if tp > 1 and cfg.method == "lora":
-        problems.append("method=lora with plugin.tp_size>1: ColossalAI 0.5.0 cannot shard LoRA adapters; use tp_size=1 (pipeline/data parallel) or method=full")
+        problems += _lora_tp_problems(cfg, options)
     if options["pp_style"] not in ("1f1b", "interleaved"):
         problems.append(f"plugin.pp_style: must be 1f1b or interleaved, got '{options['pp_style']}'")
     if (options["pp_style"] == "interleaved") != (options["num_model_chunks"] > 1):
@@ -523,6 +547,21 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
         if options[key] and not has_cuda:
             problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
     return problems
+
+
+def _lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
+    """What LoRA under tensor parallelism (finetune.lora_tp) cannot adapt in this config."""
+    kind = model_type(cfg.model.name)
+    if kind not in LORA_TP_LAYERS:
+        return [f"method=lora with plugin.tp_size>1 supports model types {', '.join(LORA_TP_LAYERS)}; {cfg.model.name} is {kind or 'of unknown type'}: use tp_size=1 (pipeline/data parallel) or method=full"]
+    layers = LORA_TP_LAYERS[kind]
+    targets = cfg.lora.target_modules or DEFAULT_LORA_TARGETS[kind]
+    unsupported = [t for t in targets if t not in layers]
+    if unsupported:
+        return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
+    if options["enable_sequence_parallelism"]:
+        return ["method=lora with plugin.tp_size>1 and plugin.enable_sequence_parallelism=true: adapters on sequence-parallel layers are not supported; turn sequence parallelism off"]
+    return []
 
 
 def load_config(argv: list[str], world_size: int | None = None, has_cuda: bool = False) -> Config:

@@ -12,11 +12,15 @@ reloads what it wrote and compares its logits with the in-memory merged model on
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+# bitsandbytes' notice that the optional `kernels` package (a faster CPU 4-bit matmul) is missing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from finetune import checkpoint
 from finetune.config import Config, ConfigError, build_config, from_dict, parse_args

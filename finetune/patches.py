@@ -5,6 +5,11 @@
   pipeline pass (evaluation) and when the shared weight is frozen (LoRA), the gradient is None and
   torch.distributed raises TypeError. A None gradient is None on every stage alike, so skipping it is
   safe; the barrier that follows stays, so ranks stay in step.
+- The hybrid-parallel optimizers compute the gradient norm for clipping by asking
+  `is_distributed_tensor` whether a parameter is split over the tensor-parallel group; that says no
+  for the "customized" split of GPT-2's fused q/k/v weights (and LoRA's split B on them), whose norm
+  is then divided by tp_size as if it were replicated: clipping scales GPT-2's gradients wrongly under
+  tensor parallelism. The optimizers' module now asks whether a tensor is split either way.
 - peft 0.13.2 reads `MatmulLtState.memory_efficient_backward` when it puts LoRA on a bitsandbytes
   8-bit layer; bitsandbytes 0.45 removed that attribute (it was always False by then), so peft raises
   AttributeError. Fixed in peft 0.14; here the class attribute is given back with its old value.
@@ -30,12 +35,19 @@ def _sync_shared_params(self) -> None:
         dist.barrier()
 
 
+def _split_over_tensor_parallel(tensor) -> bool:
+    from colossalai.tensor.d_tensor.api import is_customized_distributed_tensor, is_distributed_tensor
+
+    return is_distributed_tensor(tensor) or is_customized_distributed_tensor(tensor)
+
+
 _applied: list[str] = []
 
 
 def apply(colossalai_version: str | None = None) -> list[str]:
     """Apply the fixes (once per process); return what was fixed."""
     import colossalai
+    from colossalai.booster.plugin import hybrid_parallel_plugin
     from colossalai.booster.plugin.hybrid_parallel_plugin import HybridParallelModule
 
     version = colossalai_version or colossalai.__version__
@@ -44,6 +56,8 @@ def apply(colossalai_version: str | None = None) -> list[str]:
     if not _applied:
         HybridParallelModule.sync_shared_params = _sync_shared_params
         _applied.append("HybridParallelModule.sync_shared_params")
+        hybrid_parallel_plugin.is_distributed_tensor = _split_over_tensor_parallel
+        _applied.append("hybrid_parallel_plugin.is_distributed_tensor (gradient norm of fused q/k/v splits)")
     return list(_applied)
 
 

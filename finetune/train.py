@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from finetune import checkpoint, checks, compat, patches
 from finetune.faults import Faults
+from finetune.lora_tp import lora_policy
 from finetune.assets import AssetError
 from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, output_problems, to_dict
@@ -415,8 +416,8 @@ def save_final(run: Run, tokenizer, lora_config) -> Path:
     if is_main():
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
-    if lora_config and run.layout.pipeline:  # injected adapters: gather every stage's share, write peft's layout
-        adapter = checkpoint.gathered_adapter_state(run.model.unwrap(), pipeline=True)
+    if lora_config and cfg.plugin.name == "hybrid_parallel":  # injected adapters: gather every split and stage, write peft's layout
+        adapter = checkpoint.gathered_adapter_state(run.model.unwrap(), pipeline=run.layout.pipeline)
         if is_main():
             checkpoint.write_adapter(adapter, staging)
             lora_config.base_model_name_or_path = cfg.model.name
@@ -491,15 +492,6 @@ def quantization_for(cfg: Config) -> QuantizationConfig | None:
     return cfg.quantization if cfg.method == "qlora" else None
 
 
-def custom_policy(cfg: Config, model: torch.nn.Module):
-    """Our shardformer policy for models ColossalAI has none for (RoBERTa), under hybrid_parallel; else None."""
-    if cfg.plugin.name != "hybrid_parallel":
-        return None
-    from finetune.roberta_policy import shard_policy  # imports ColossalAI's shardformer
-
-    return shard_policy(model)
-
-
 def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: Layout):
     """Full fine-tuning leaves the model as it is; (Q)LoRA adds adapters the way this plugin can hold them.
 
@@ -510,13 +502,31 @@ def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: L
         return model, None
     lora_config = build_lora_config(model, cfg.lora)
     torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
-    if layout.pipeline:  # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies
+    if cfg.plugin.name == "hybrid_parallel":
+        # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies, and it
+        # refuses tensor parallelism: adapters are injected, then sharded by finetune.lora_tp.
         return inject_lora(model, lora_config), lora_config
     if PLUGINS[cfg.plugin.name].fsdp:  # ColossalAI's FSDP plugin refuses LoRA; peft + FSDP's wrap policy work
         model = get_peft_model(model, lora_config)
         plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
         return model, lora_config
     return booster.enable_lora(model, lora_config=lora_config), lora_config
+
+
+def shard_policy(cfg: Config, model: torch.nn.Module):
+    """The shardformer policy of our own for this model and method under hybrid_parallel; None: ColossalAI's.
+
+    RoBERTa has no ColossalAI policy: ours (finetune.roberta_policy). LoRA with tensor parallelism wraps
+    the model's policy (ours or ColossalAI's) so each adapter is sharded with the layer it adapts.
+    """
+    if cfg.plugin.name != "hybrid_parallel":
+        return None
+    from finetune import roberta_policy  # imports ColossalAI's shardformer
+
+    own = roberta_policy.shard_policy(model)
+    if cfg.method != "lora" or to_dict(cfg)["plugin"]["tp_size"] == 1:
+        return own
+    return lora_policy(model, own)  # shards each adapter with the layer it adapts
 
 
 def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
@@ -586,7 +596,7 @@ def main(argv: list[str]) -> None:
     log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated, {data.dropped} dropped at {cfg.data.max_length} tokens; cache {data.cache})")
     packed = packed_attention(model) if cfg.data.packing else ""  # before any wrapper hides the model
 
-    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, custom_policy(cfg, model))
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, shard_policy(cfg, model))
     layout = parallel_layout(cfg.plugin.name, plugin)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -613,6 +623,9 @@ def main(argv: list[str]) -> None:
             group["lr"] = lr
     log(profiler.format(profiler.record("boosted")))
     run = Run(cfg, booster, layout, model, optimizer, scheduler, device, num_microbatches(cfg), pad_to, lora_config, steps_per_epoch, Faults(), data.labels)
+    if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
+        checkpoint.load_adapter(run, checkpoint.read_adapter(Path(cfg.lora.init_from)), source=f"lora.init_from: the adapter in {cfg.lora.init_from}")
+        log(f"adapter initialised from {cfg.lora.init_from}")
     start_step = checkpoint.load_checkpoint(run, resume, lora=lora_config is not None)["step"] if resume else 0
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 

@@ -76,6 +76,8 @@ RESUME_CASES = {
     "ddp_lora_dropout": (2, ["model.name=tiny-llama", "method=lora", "lora.dropout=0.1"], FP32),
     "zero2_full": (2, ["--config", "booster_configs/zero2.yaml", "model.name=tiny-llama", "method=full"], FP32),
     "tp2_full": (2, ["--config", "booster_configs/tp2.yaml", "model.name=tiny-llama", "method=full"], FP32),
+    # adapters split with GPT-2's fused q/k/v rows: gathered into the checkpoint, split again on resume
+    "tp2_lora": (2, ["--config", "booster_configs/tp2_lora.yaml", "model.name=tiny-gpt2", "lora.target_modules=[c_attn,c_proj]"], FP32),
     "pp2_lora": (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-gpt2", "method=lora"], FP32),
     "pp2_interleaved_full": (2, ["--config", "booster_configs/pp2_interleaved.yaml", "model.name=tiny-gpt2", "method=full", "plugin.num_microbatches=4"], FP32),
     "pp2_zero1_bf16": (2, ["--config", "booster_configs/pp2_zero1.yaml", "model.name=tiny-llama", "method=full"], BF16),
@@ -185,7 +187,9 @@ def lora_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = write_instruction_file(root / "train.jsonl")
     out = root / "run"
-    result = launch(run_args(data, out, ["model.name=tiny-llama", "method=lora", "train.lr=1e-2"]), 2)
+    # trained under tensor parallelism: export merges the gathered adapter (final/ and checkpoints alike)
+    tp2_lora = ["--config", "booster_configs/tp2_lora.yaml"]
+    result = launch(run_args(data, out, [*tp2_lora, "model.name=tiny-llama", "method=lora", "train.lr=1e-2"]), 2)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

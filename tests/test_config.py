@@ -62,6 +62,7 @@ BOOSTER_CONFIG_RUNS = {
     "pp2.yaml": ([], 2, False),
     "pp2_interleaved.yaml": ([], 2, False),  # the quickstart's 30 layers fill 4 chunks
     "tp2_pp2.yaml": (["method=full", "model.name=tiny-llama"], 4, False),
+    "tp2_lora.yaml": (["model.name=tiny-gpt2"], 2, False),
     "pp2_zero1.yaml": ([], 2, False),
 }
 
@@ -121,7 +122,8 @@ def test_tensor_parallel_must_divide_the_heads():
         ("gemini.yaml", ["method=full"], 2, "plugin.name=gemini: needs a CUDA GPU"),
         ("gemini.yaml", [], 2, "plugin 'gemini' cannot hold LoRA adapters"),
         ("tp2.yaml", ["method=full", "model.name=tiny-gpt2"], 3, "world size 3 is not divisible by tp_size*pp_size=2"),
-        ("tp2.yaml", ["model.name=tiny-gpt2"], 2, "method=lora with plugin.tp_size>1"),
+        ("tp2_lora.yaml", ["model.name=tiny-llama", "lora.target_modules=[q_proj,lm_head]"], 2, "lora.target_modules: ['lm_head'] cannot be adapted under tensor parallelism in llama; these can: q_proj, k_proj"),
+        ("tp2_lora.yaml", ["model.name=tiny-gpt2", "plugin.enable_sequence_parallelism=true"], 2, "adapters on sequence-parallel layers are not supported"),
         ("pp2.yaml", ["plugin.num_microbatches=0"], 2, "needs plugin.num_microbatches"),
         ("pp2.yaml", ["plugin.num_microbatches=3"], 2, "train.batch_size=4 must be divisible by plugin.num_microbatches=3"),
         ("pp2.yaml", ["plugin.num_microbatches=1"], 2, "at least pp_size=2 micro-batches"),
@@ -213,3 +215,28 @@ def test_qlora_is_one_line_from_the_quickstart():
     assert (cfg.method, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant) == ("qlora", 4, "nf4", True)
     eight = load_config(["method=qlora", "quantization.bits=8", "quantization.compute_dtype=bf16", "lora.r=16"], world_size=1)
     assert (eight.quantization.bits, eight.quantization.compute_dtype, eight.lora.r) == (8, "bf16", 16)
+
+
+def test_lora_with_tensor_parallelism_only_for_architectures_it_can_split(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "mistral", "num_attention_heads": 8, "num_key_value_heads": 8, "num_hidden_layers": 2}')
+    with pytest.raises(ConfigError, match="method=lora with plugin.tp_size>1 supports model types gpt2, llama; .* is mistral"):
+        load_config(["--config", str(REPO / "booster_configs" / "tp2_lora.yaml"), f"model.name={tmp_path}"], world_size=2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["method=full"], "lora.init_from is set but method=full trains no adapter"),
+        (["lora.r=16"], "has r=8, this run lora.r=16; set lora.r=8"),
+        (["lora.target_modules=[q_proj]"], "adapts ['k_proj', 'o_proj', 'q_proj', 'v_proj'], this run ['q_proj']"),
+    ],
+)
+def test_init_adapter_must_fit_the_run(tmp_path, argv, message):
+    (tmp_path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}')
+    with pytest.raises(ConfigError, match="lora.init_from: .* is not a peft adapter dir"):
+        load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}"], world_size=1)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}"], world_size=1).lora.init_from == str(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}", *argv], world_size=1)
+    assert message in str(err.value)
