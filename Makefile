@@ -2,6 +2,7 @@
 #   make demo   install into .venv, convert the offline quickstart model, fine-tune it (2 ranks)
 #   make test   install into .venv, run the test suite (what CI runs)
 #   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
+#   make roberta-study  the RoBERTa single / DDP / PP x full / LoRA study (bench/roberta_study.py; ~5 min)
 PYTHON ?= python3
 VENV ?= .venv
 NPROC ?= 2
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 THREADS = $$(( ($$(nproc) / $(NPROC)) > 0 ? ($$(nproc) / $(NPROC)) : 1 ))
 FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: install assets demo test bench clean
+.PHONY: install assets demo test bench roberta-study clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +38,9 @@ test: install
 # The benchmark launches its own ranks (torchrun) with one OpenMP thread per core per rank.
 bench: install
 	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(ARGS)
+
+roberta-study: install
+	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/roberta_study.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache bench/results

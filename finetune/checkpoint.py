@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.booster import PLUGINS
 from finetune.config import Config, to_dict
+from finetune.model import trains_with_adapter
 from finetune.lora_tp import full_tensor, local_shard
 
 CHECKPOINTS = "checkpoints"
@@ -249,14 +250,14 @@ def local_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's trained adapter weights, keyed as in adapter_model.safetensors.
 
     A PeftModel says itself what it saves (LoRA weights and modules_to_save, e.g. a classification
-    head); adapters injected for pipeline parallelism are the `lora_` parameters.
+    head); for adapters injected for pipeline parallelism, the parameters that train with them.
     """
     from peft import PeftModel, get_peft_model_state_dict
 
     if isinstance(module, PeftModel):
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
     # Under tensor parallelism an adapter matrix may be split: gathering it is a collective.
-    return {lora_key(n): full_tensor(p).detach().cpu().clone() for n, p in module.named_parameters() if "lora_" in n}
+    return {lora_key(n): full_tensor(p).detach().cpu().clone() for n, p in module.named_parameters() if trains_with_adapter(n)}
 
 
 def gathered_adapter_state(module: torch.nn.Module, pipeline: bool) -> dict[str, torch.Tensor]:
@@ -440,7 +441,7 @@ def load_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_fr
         return
     with torch.no_grad():
         for name, param in module.named_parameters():
-            if "lora_" not in name:
+            if not trains_with_adapter(name):
                 continue
             key = lora_key(name)
             if key not in adapter:

@@ -474,12 +474,27 @@ def _data_problems(cfg: Config) -> list[str]:
     if cfg.plugin.name == "hybrid_parallel":
         if data.packing:
             problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
-        if classification:
-            problems.append("task=classification with plugin hybrid_parallel is not supported yet; use torch_ddp, low_level_zero or torch_fsdp")
     kind = model_type(cfg.model.name)
+    if cfg.plugin.name == "hybrid_parallel" and classification:
+        problems += _hybrid_classification_problems(cfg, kind)
     if kind in ENCODER_TYPES and not classification:
         problems.append(f"model.name={cfg.model.name} is an encoder ({kind}) and only serves task=classification; pick a causal LM for task={cfg.task}")
     return problems
+
+
+# Sequence classification under hybrid_parallel, checked against a single process (tests/test_fidelity.py
+# and by hand): RoBERTa through our policy (finetune.roberta_policy), GPT-2 and Llama through ColossalAI's.
+HYBRID_CLASSIFIERS = ("roberta", "gpt2", "llama")
+
+
+def _hybrid_classification_problems(cfg: Config, kind: str | None) -> list[str]:
+    """Which classifiers tensor/pipeline parallelism serves."""
+    if kind not in HYBRID_CLASSIFIERS:
+        return [f"task=classification with plugin hybrid_parallel supports RoBERTa, GPT-2 and Llama models (model.name={cfg.model.name} is {kind or 'of unknown type'}); use torch_ddp, low_level_zero or torch_fsdp"]
+    if kind == "llama" and {**PLUGINS["hybrid_parallel"].options, **cfg.plugin.options}["tp_size"] > 1:
+        # ColossalAI's Llama policy splits the `score` head by columns, which fails unless tp_size divides num_labels.
+        return ["task=classification for Llama with plugin.tp_size>1: ColossalAI 0.5.0 splits the classification head across tensor-parallel ranks (fails for most label counts); use pp_size>1 with tp_size=1, or torch_ddp / low_level_zero"]
+    return []
 
 
 def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_cuda: bool) -> list[str]:

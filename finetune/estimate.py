@@ -316,7 +316,7 @@ def _add_lora(model, cfg_lora) -> None:
     """Inject the run's LoRA adapters (its targets, or the architecture's default) and freeze the rest."""
     from peft import inject_adapter_in_model
 
-    from finetune.model import ModelError, build_lora_config
+    from finetune.model import ModelError, build_lora_config, trains_with_adapter
 
     try:
         lora_config = build_lora_config(model, cfg_lora)
@@ -324,8 +324,7 @@ def _add_lora(model, cfg_lora) -> None:
         raise EstimateError(str(err)) from None
     inject_adapter_in_model(lora_config, model)
     for name, param in model.named_parameters():
-        # A classifier's head trains with its adapters (peft's modules_to_save for sequence classification).
-        param.requires_grad = "lora_" in name or name.split(".")[0] in ("classifier", "score")
+        param.requires_grad = trains_with_adapter(name)
 
 
 # ---------------------------------------------------------------------------------------------------

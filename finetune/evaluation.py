@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from finetune.booster import Layout
@@ -21,6 +22,8 @@ from finetune.data import IGNORE_INDEX, collate, masked
 
 # batch -> summed loss over its label tokens (a 0-dim tensor)
 BatchLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# batch -> its class logits [batch, labels]; None on a rank without them (pipeline stages before the last)
+BatchLogits = Callable[[dict[str, torch.Tensor]], "torch.Tensor | None"]
 
 
 def label_tokens(labels: torch.Tensor) -> int:
@@ -68,18 +71,22 @@ def evaluate(batch_loss: BatchLoss, samples: list[dict], batch_size: int, pad_to
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
 
 
-def evaluate_classification(model: nn.Module, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, num_labels: int) -> dict:
+def evaluate_classification(
+    batch_logits: BatchLogits, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, num_labels: int, pad_to: int = 0
+) -> dict:
     """Mean loss, accuracy and macro-F1 over `samples` (filler rows carry label -100 and count nowhere)."""
 
     def sums(batch: dict) -> torch.Tensor:
-        out = model(**batch)
+        logits = batch_logits(batch)
+        if logits is None:  # a pipeline stage without the head: runs the batch, adds nothing
+            return torch.zeros(1 + num_labels**2, dtype=torch.float64, device=device)
         labels = batch["labels"]
         kept = labels != IGNORE_INDEX
-        confusion = torch.bincount(labels[kept] * num_labels + out.logits.argmax(-1)[kept], minlength=num_labels**2)
-        loss_sum = torch.nan_to_num(out.loss.double(), nan=0.0) * kept.sum()  # HF's mean skips -100 labels
+        confusion = torch.bincount(labels[kept] * num_labels + logits.argmax(-1)[kept], minlength=num_labels**2)
+        loss_sum = F.cross_entropy(logits[kept].float(), labels[kept], reduction="sum").double()  # HF's loss, summed
         return torch.cat([loss_sum.reshape(1), confusion.double()])
 
-    totals = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout)
+    totals = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, pad_to)
     confusion = totals[1:].reshape(num_labels, num_labels)  # [true, predicted]
     count = confusion.sum().item()
     return {"loss": totals[0].item() / count, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
@@ -115,6 +122,11 @@ def module_batch_loss(model: nn.Module) -> BatchLoss:
         return summed_loss(model(**batch), batch)
 
     return batch_loss
+
+
+def module_logits(model: nn.Module) -> BatchLogits:
+    """Class logits of a plain (or data-parallel) classifier."""
+    return lambda batch: model(**batch).logits
 
 
 @torch.no_grad()

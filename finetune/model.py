@@ -242,6 +242,18 @@ def inject_lora(model: nn.Module, lora_config) -> nn.Module:
 
     model = inject_adapter_in_model(lora_config, model)
     for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name
+        param.requires_grad = trains_with_adapter(name)
     return model
+
+
+CLASSIFICATION_HEADS = ("classifier", "score")  # the new heads peft trains in full beside the adapters (SEQ_CLS)
+
+
+def trains_with_adapter(name: str) -> bool:
+    """Whether a parameter of a model with injected adapters trains: LoRA weights, and a classifier's new head.
+
+    peft's PeftModelForSequenceClassification trains the head as `modules_to_save`; an injected
+    model (no PeftModel wrapper) must do the same, or its head would stay at its random init.
+    """
+    return "lora_" in name or name.split(".")[0] in CLASSIFICATION_HEADS
 

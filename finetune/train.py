@@ -52,7 +52,7 @@ from finetune.booster import PLUGINS, Layout, build_booster, parallel_layout
 from finetune.config import Config, ConfigError, QuantizationConfig, help_text, load_config, output_problems, to_dict
 from finetune.data import DataError, build_data, collate, load_splits, model_inputs, non_pad_tokens
 from finetune.estimate import compare_with_run
-from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, summed_loss
+from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, generate, module_batch_loss, module_logits, summed_loss
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, inject_lora, trainable_line
 from finetune.outputs import RunOutputs, tee_rank_output
 from finetune.packing import collate_packed, pack, packed_attention
@@ -237,22 +237,44 @@ def last_checkpoint_note(cfg: Config) -> str:
     return f"; the last good checkpoint is {found[-1]} (resume_from=latest)" if found else "; no checkpoint was written (checkpoint.every_steps)"
 
 
+@contextlib.contextmanager
+def colossalai_errors_only():
+    """Silence ColossalAI's warnings in a block (its logger writes a warning as two records, caller and text)."""
+    logger = logging.getLogger("colossalai")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def pipeline_eval_pass(run: Run, batch: dict, criterion, return_outputs: bool = False) -> dict:
+    """One batch through the pipeline schedule without training: loss (and outputs) on the last stage, None elsewhere."""
+    if return_outputs:  # ColossalAI warns on every such call that kept outputs cost memory (one eval batch here)
+        with colossalai_errors_only():
+            return _pipeline_eval_pass(run, batch, criterion, return_outputs)
+    return _pipeline_eval_pass(run, batch, criterion, return_outputs)
+
+
+def _pipeline_eval_pass(run: Run, batch: dict, criterion, return_outputs: bool) -> dict:
+    if to_dict(run.cfg)["plugin"].get("pp_style") == "interleaved":
+        # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
+        # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
+        with torch.enable_grad():
+            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=run.optimizer, return_loss=True, return_outputs=return_outputs)
+        run.optimizer.zero_grad()
+        return out
+    return run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=None, return_loss=True, return_outputs=return_outputs)
+
+
 def make_batch_loss(run: Run):
     """Summed eval loss of one batch under this plugin (through the pipeline schedule under PP)."""
     if not run.layout.pipeline:
         return module_batch_loss(run.model)
 
-    interleaved = to_dict(run.cfg)["plugin"].get("pp_style") == "interleaved"
-
     def batch_loss(batch: dict) -> torch.Tensor:
-        if interleaved:
-            # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
-            # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
-            with torch.enable_grad():
-                out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=run.optimizer, return_loss=True)
-            run.optimizer.zero_grad()
-        else:
-            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=summed_loss, optimizer=None, return_loss=True)
+        out = pipeline_eval_pass(run, batch, summed_loss)
         if out["loss"] is None:  # not the last stage
             return torch.zeros((), device=run.device)
         return out["loss"] * run.num_microbatches  # the schedule averages over micro-batches
@@ -260,16 +282,36 @@ def make_batch_loss(run: Run):
     return batch_loss
 
 
+def make_batch_logits(run: Run):
+    """Class logits of one batch under this plugin; under PP they exist on the last stage only (None elsewhere)."""
+    if not run.layout.pipeline:
+        return module_logits(run.model)
+
+    def batch_logits(batch: dict) -> torch.Tensor | None:
+        # The loss is not used (computed from the logits instead): an all-filler micro-batch makes it NaN.
+        out = pipeline_eval_pass(run, batch, lambda outputs, _: outputs.loss, return_outputs=True)
+        return out["outputs"]["logits"] if out["outputs"] is not None else None
+
+    return batch_logits
+
+
 def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
     """Distributed eval of the boosted model (in eval mode) on samples."""
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size
     run.model.eval()
     if run.labels:
-        result = evaluate_classification(run.model, samples, batch_size, pad_token_id, run.device, run.layout, len(run.labels))
+        result = evaluate_classification(make_batch_logits(run), samples, batch_size, pad_token_id, run.device, run.layout, len(run.labels), run.pad_to)
     else:
         result = evaluate(make_batch_loss(run), samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
     run.model.train()
     return result
+
+
+def peak_bytes_per_rank(profiler: MemoryProfiler) -> list[int]:
+    """Every rank's highest memory peak over its recorded stages, on every rank (a collective)."""
+    peaks: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(peaks, max(stage.peak_bytes for stage in profiler.stages))
+    return peaks
 
 
 def eval_metrics(step: int, result: dict) -> dict:
@@ -291,7 +333,7 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
     """
     cfg = run.cfg
     steps, losses, eval_history = resumed_history(outputs, start_step) if is_main() else ([], [], [])
-    train_tokens, train_s = 0, 0.0
+    train_tokens, train_rows, train_s = 0, 0, 0.0
     run.model.train()
     batches = batches_forever(dataloader, cfg.train.grad_accum_steps, run.steps_per_epoch, start_step)
     # A context, so the bar's line is ended even when a step raises: an error line then stands alone.
@@ -305,9 +347,11 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
             elapsed = time.perf_counter() - started
             memory = profiler.record_step(step)
             # One rank per data-parallel replica counts, so TP/PP ranks that share a batch count it once.
-            loss_sum, token_sum = all_reduce_sum([loss, tokens] if run.layout.counts else [0.0, 0.0], run.device)
+            rows = sum(len(b["input_ids"]) for b in micro_batches)  # sequences (packed rows under packing)
+            loss_sum, token_sum, row_sum = all_reduce_sum([loss, tokens, rows] if run.layout.counts else [0.0, 0.0, 0.0], run.device)
             mean_loss = loss_sum / run.layout.dp_size
             train_tokens += int(token_sum)
+            train_rows += int(row_sum)
             train_s += elapsed
             if not math.isfinite(mean_loss):  # skipped under train.on_nan=skip (stop raised in train_step)
                 if is_main():
@@ -347,7 +391,12 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
         "steps": steps,
         "losses": losses,
         "eval_history": eval_history,
-        "throughput": {"tokens_per_s": train_tokens / train_s if train_s else 0.0, "train_tokens": train_tokens, "train_s": train_s},
+        "throughput": {
+            "tokens_per_s": train_tokens / train_s if train_s else 0.0,
+            "sequences_per_s": train_rows / train_s if train_s else 0.0,
+            "train_tokens": train_tokens,
+            "train_s": train_s,
+        },
     }
 
 
@@ -418,7 +467,7 @@ def reload_final(final: Path, cfg: Config, tokenizer, prompts: list[dict], probe
     reloaded.eval()
     after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
     if labels:
-        probe_loss = evaluate_classification(reloaded, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None, len(labels))["loss"]
+        probe_loss = evaluate_classification(module_logits(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None, len(labels))["loss"]
     else:
         probe_loss = evaluate(module_batch_loss(reloaded), probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, layout=None)["loss"]
     generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
@@ -452,10 +501,19 @@ def apply_method(cfg: Config, model: torch.nn.Module, booster, plugin, layout: L
 
 
 def shard_policy(cfg: Config, model: torch.nn.Module):
-    """The shardformer policy of our own for this model and method under hybrid_parallel; None: ColossalAI's."""
-    if cfg.plugin.name != "hybrid_parallel" or cfg.method != "lora" or to_dict(cfg)["plugin"]["tp_size"] == 1:
+    """The shardformer policy of our own for this model and method under hybrid_parallel; None: ColossalAI's.
+
+    RoBERTa has no ColossalAI policy: ours (finetune.roberta_policy). LoRA with tensor parallelism wraps
+    the model's policy (ours or ColossalAI's) so each adapter is sharded with the layer it adapts.
+    """
+    if cfg.plugin.name != "hybrid_parallel":
         return None
-    return lora_policy(model)  # shards each adapter with the layer it adapts
+    from finetune import roberta_policy  # imports ColossalAI's shardformer
+
+    own = roberta_policy.shard_policy(model)
+    if cfg.method != "lora" or to_dict(cfg)["plugin"]["tp_size"] == 1:
+        return own
+    return lora_policy(model, own)  # shards each adapter with the layer it adapts
 
 
 def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
@@ -580,6 +638,7 @@ def main(argv: list[str]) -> None:
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
     parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
     digests = checks.replica_digests(module) if layout.replicated else []
+    peaks = peak_bytes_per_rank(profiler)  # pipeline stages and shards differ: every rank's, for reports
 
     final = save_final(run, tokenizer, lora_config)
     if not is_main():
@@ -594,7 +653,7 @@ def main(argv: list[str]) -> None:
     best, last = best_eval(all_evals), all_evals[-1]
     outputs.log_metrics({**eval_metrics(total_steps, eval_after), "eval_best": best})  # the last eval, and the best
     outputs.plot_loss(history["steps"], history["losses"], [(e["step"], e["loss"]) for e in all_evals])
-    memory = {**profiler.summary(), "model_weights": model_weights.as_dict()}
+    memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
     seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
     memory["estimate"] = compare_with_run(cfg, dist.get_world_size(), seq_len, memory)
@@ -610,6 +669,7 @@ def main(argv: list[str]) -> None:
         "trainable_params": trainable,
         "all_params": total,
         "steps": total_steps,
+        "epochs": total_steps / steps_per_epoch,
         "final_loss": history["losses"][-1],
         "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"], "best": best, "last": last},
         "throughput": history["throughput"],

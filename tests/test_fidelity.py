@@ -8,7 +8,9 @@ user would, must match the reference model's.
 
 The data makes every sample exactly as long as every other (prompt and response alike), so a mean over
 any split of a batch (data-parallel shards, pipeline micro-batches) equals the mean over the whole
-batch: the reference needs no knowledge of how a plugin splits its batches.
+batch: the reference needs no knowledge of how a plugin splits its batches. RoBERTa cases classify
+equal-length three-word texts (task=classification): the reference is a plain
+RobertaForSequenceClassification (with peft's head-training LoRA) and its cross-entropy loss.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ CASES = {
     "pp2_interleaved-llama-full": ("pp2_interleaved", "tiny-llama", "full", [], 1, FP32),
     "tp2_pp2-llama-full": ("tp2_pp2", "tiny-llama", "full", [], 1, FP32),  # 4 ranks
     "pp2_zero1-llama-full-bf16": ("pp2_zero1", "tiny-llama", "full", ["train.lr=2e-2"], 1, BF16),
+    # RoBERTa through our shardformer policy (finetune/roberta_policy.py), on classification data.
+    "tp2-roberta-full": ("tp2", "tiny-roberta", "full", ["task=classification"], 1, FP32),
+    "pp2-roberta-full": ("pp2", "tiny-roberta", "full", ["task=classification"], 1, FP32),
+    "pp2-roberta-lora": ("pp2", "tiny-roberta", "lora", ["task=classification"], 1, FP32),
 }
 
 
@@ -80,6 +86,16 @@ def equal_length_data(tmp_path_factory) -> Path:
     with path.open("w") as f:
         for a, b, c in itertools.islice(itertools.permutations(WORDS, 3), 48):
             f.write(json.dumps({"instruction": f"Repeat: {a} {b} {c}", "output": f"{a} {b} {c}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def equal_length_classification_data(tmp_path_factory) -> Path:
+    """Three single-token words per text (5 RoBERTa tokens with <s> and </s>), labelled by the last word."""
+    path = tmp_path_factory.mktemp("fidelity") / "classify.jsonl"
+    with path.open("w") as f:
+        for a, b, c in itertools.islice(itertools.permutations(WORDS, 3), 48):
+            f.write(json.dumps({"text": f"{a} {b} {c}", "label": ("x", "y", "z")[WORDS.index(c) % 3]}) + "\n")
     return path
 
 
@@ -111,13 +127,15 @@ def reference(args: list[str], dp_size: int):
     from transformers import get_scheduler
 
     cfg = load_config(args, world_size=4)  # any size every setup here divides
-    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.labels)
     if cfg.method == "lora":
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(model, build_lora_config(model, cfg.lora))
-    data = build_data(cfg.data, tokenizer, load_splits(cfg.data, cfg.train.seed))
+    data = build_data(cfg.data, tokenizer, splits)
     assert len({len(s["input_ids"]) for s in data.train}) == 1, "fidelity data must be equal-length"
-    assert len({sum(label != -100 for label in s["labels"]) for s in data.train}) == 1
+    if "labels" in data.train[0]:  # causal LM: as many scored tokens in every sample
+        assert len({sum(label != -100 for label in s["labels"]) for s in data.train}) == 1
     shards = [list(DistributedSampler(data.train, num_replicas=dp_size, rank=r, shuffle=True, seed=cfg.train.seed)) for r in range(dp_size)]
     size = cfg.train.batch_size
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,9 +161,10 @@ def saved_weights(final: Path, method: str) -> dict[str, torch.Tensor]:
     """What the run saved, as a user loads it."""
     if method == "lora":
         return load_file(final / "adapter_model.safetensors")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForCausalLM.from_pretrained(final).state_dict()
+    auto_model = AutoModelForSequenceClassification if (final / "labels.json").exists() else AutoModelForCausalLM
+    return auto_model.from_pretrained(final).state_dict()
 
 
 def reference_weights(model, method: str) -> dict[str, torch.Tensor]:
@@ -158,10 +177,11 @@ def reference_weights(model, method: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_single_process_reference(case, equal_length_data, tmp_path):
+def test_matches_single_process_reference(case, equal_length_data, equal_length_classification_data, tmp_path):
     config, model_name, method, extra, dp_size, tolerance = CASES[case]
     out = tmp_path / "run"
-    args = run_args(config, model_name, method, extra, equal_length_data, out)
+    data = equal_length_classification_data if "task=classification" in extra else equal_length_data
+    args = run_args(config, model_name, method, extra, data, out)
     result = run_train(args, launcher="torchrun", nproc=RANKS.get(config, 2))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
@@ -195,9 +215,10 @@ def assert_adapter_reloads(final: Path, args: list[str], ref_model) -> None:
     from peft import PeftModel
 
     cfg = load_config(args, world_size=4)
-    base, tokenizer = build_model(cfg.model, cfg.train.seed)
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
+    base, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.labels)
     reloaded = PeftModel.from_pretrained(base, str(final)).eval()
-    data = build_data(cfg.data, tokenizer, load_splits(cfg.data, cfg.train.seed))
+    data = build_data(cfg.data, tokenizer, splits)
     batch = collate(data.train[:8], tokenizer.pad_token_id)
     ref_model.eval()
     with torch.no_grad():
@@ -210,7 +231,7 @@ def build_reference_init(args: list[str], method: str):
     from peft import get_peft_model
 
     cfg = load_config(args, world_size=4)  # any size every setup here divides
-    model, _ = build_model(cfg.model, cfg.train.seed)
+    model, _ = build_model(cfg.model, cfg.train.seed, labels=load_splits(cfg.data, cfg.train.seed, cfg.task).labels)
     if method == "lora":
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(model, build_lora_config(model, cfg.lora))

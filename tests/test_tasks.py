@@ -111,7 +111,7 @@ def test_macro_f1_matches_hand_computation():
         ({"task": "chat", "data.train_path": "chatterbot-corpus"}, "data.train_path=chatterbot-corpus holds instruction records, not chat records; use task=instruction or data.train_path=chatterbot-corpus:chat"),
         ({"task": "classification", "data.packing": True}, "data.packing=true: only for causal-LM tasks"),
         ({"data.packing": True, "plugin.name": "hybrid_parallel"}, "data.packing=true with plugin hybrid_parallel"),
-        ({"task": "classification", "data.train_path": "chatterbot-corpus:topics", "plugin.name": "hybrid_parallel"}, "task=classification with plugin hybrid_parallel is not supported yet"),
+        ({"task": "classification", "data.train_path": "chatterbot-corpus:topics", "model.name": "tiny-llama", "plugin.name": "hybrid_parallel", "plugin.tp_size": 2}, "task=classification for Llama with plugin.tp_size>1"),
         ({"data.split_slice": "1:2:3"}, "data.split_slice=1:2:3: '1:2' is not a record count"),
         ({"data.split_slice": "120%"}, "data.split_slice=120%: '120%' is over 100%"),
         ({"data.truncation": "cut"}, "data.truncation: unknown value 'cut'"),
@@ -131,6 +131,20 @@ def test_defaults_and_task_sources_validate():
     for task, source in (("chat", "chatterbot-corpus:chat"), ("classification", "chatterbot-corpus:topics")):
         cfg = build_config([("c", "task", task), ("c", "data.train_path", source), ("c", "model.name", "tiny-roberta" if task == "classification" else "tiny-gpt2")])
         assert validate(cfg, 2, False) == []
+
+
+@pytest.mark.parametrize(
+    "model, parallel",
+    [
+        ("tiny-roberta", {"plugin.tp_size": 2, "method": "full"}),
+        ("tiny-roberta", {"plugin.pp_size": 2, "plugin.num_microbatches": 2, "method": "lora"}),
+        ("tiny-gpt2", {"plugin.tp_size": 2, "method": "full"}),
+        ("tiny-llama", {"plugin.pp_size": 2, "plugin.num_microbatches": 2, "method": "lora"}),
+    ],
+)
+def test_classification_validates_under_hybrid_parallel(model, parallel):
+    settings = {"task": "classification", "data.train_path": "chatterbot-corpus:topics", "model.name": model, "plugin.name": "hybrid_parallel", **parallel}
+    assert validate(build_config([("c", k, v) for k, v in settings.items()]), 2, False) == []
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-roberta"])

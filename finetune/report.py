@@ -1,0 +1,191 @@
+"""Compare finished runs side by side: a markdown table and a PNG of bar charts.
+
+    python -m finetune.report RUN_DIR [RUN_DIR ...] [--out DIR] [--name STEM]
+
+Reads each run's summary.json (written by finetune/train.py at the end of a run) and writes
+DIR/STEM.md and DIR/STEM.png (default ./report.md, ./report.png). Works for every task: the best eval
+is accuracy (with macro-F1) for classification and loss (with perplexity) for language modelling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1024**3
+
+
+class ReportError(ValueError):
+    """A run directory cannot be reported on."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run, as the table shows it."""
+
+    run: str
+    setting: str
+    method: str
+    world_size: int
+    epochs: float | None
+    steps: int
+    metric_name: str  # "accuracy" or "eval loss"
+    metric: float
+    metric_detail: str  # macro-F1 or perplexity, and the step of the best eval
+    peak_gb_per_rank: list[float]  # one entry per rank; rank 0's alone for runs written before per-rank peaks
+    wall_s: float
+    tokens_per_s: float
+    sequences_per_s: float | None
+    trainable_params: int
+    artifact_mb: float
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A finished run's summary.json, or one clear error."""
+    path = run_dir / "summary.json"
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: not a directory")
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no summary.json (not a finished run of finetune/train.py)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def setting_name(summary: dict) -> str:
+    """The plugin and its layout in a few characters: 'single', 'ddp x2', 'zero2 x2', 'tp2', 'pp2 1f1b', ..."""
+    plugin, options, world = summary["plugin"], summary.get("plugin_options", {}), summary["world_size"]
+    if plugin == "hybrid_parallel":
+        parts = [f"tp{options['tp_size']}"] if options.get("tp_size", 1) > 1 else []
+        if options.get("pp_size", 1) > 1:
+            parts.append(f"pp{options['pp_size']} {options.get('pp_style', '1f1b')}")
+        if options.get("zero_stage"):
+            parts.append(f"zero{options['zero_stage']}")
+        if summary.get("data_parallel_size", 1) > 1:
+            parts.append(f"dp{summary['data_parallel_size']}")
+        return " ".join(parts) or "hybrid"
+    name = {"torch_ddp": "ddp", "torch_fsdp": "fsdp", "gemini": "gemini"}.get(plugin, plugin)
+    if plugin == "low_level_zero":
+        name = f"zero{options.get('stage', 1)}"
+    return "single" if world == 1 and plugin == "torch_ddp" else f"{name} x{world}"
+
+
+def best_metric(summary: dict) -> tuple[str, float, str]:
+    """(name, value, detail) of the run's best eval: accuracy for classification, loss for LM tasks."""
+    best = summary["eval"]["best"]
+    step = f"step {best['step']}" if "step" in best else ""
+    if "accuracy" in best:
+        return "accuracy", best["accuracy"], f"macro-F1 {best['macro_f1']:.3f}, {step}"
+    return "eval loss", best["loss"], f"ppl {best['perplexity']:.2f}, {step}"
+
+
+def row_of(run_dir: Path, summary: dict) -> Row:
+    """The table row of one run."""
+    try:
+        memory = summary["memory"]
+        peaks = memory.get("peak_bytes_per_rank") or [max(s["peak_bytes"] for s in memory["stages"])]  # older runs: rank 0's
+        metric_name, metric, detail = best_metric(summary)
+        throughput = summary["throughput"]
+        return Row(
+            run=run_dir.name,
+            setting=setting_name(summary),
+            method=summary["method"],
+            world_size=summary["world_size"],
+            epochs=summary.get("epochs"),
+            steps=summary["steps"],
+            metric_name=metric_name,
+            metric=metric,
+            metric_detail=detail,
+            peak_gb_per_rank=[p / GB for p in peaks],
+            wall_s=summary["wall_s"],
+            tokens_per_s=throughput["tokens_per_s"],
+            sequences_per_s=throughput.get("sequences_per_s"),
+            trainable_params=summary["trainable_params"],
+            artifact_mb=sum(size for name, size in summary.get("artifacts", {}).items() if name.startswith("final/")) / 1e6,
+        )
+    except KeyError as err:
+        raise ReportError(f"{run_dir / 'summary.json'}: missing {err}; was it written by finetune/train.py?") from None
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The comparison as a markdown table, one run per line."""
+    header = ["run", "setting", "method", "ranks", "epochs / steps", "best eval", "peak memory per rank (GB)", "wall (s)", "tokens/s", "seq/s", "trainable params", "artifact (MB)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        epochs = f"{r.epochs:.2f} / {r.steps}" if r.epochs is not None else f"- / {r.steps}"
+        cells = [
+            r.run,
+            r.setting,
+            r.method,
+            str(r.world_size),
+            epochs,
+            f"{r.metric_name} {r.metric:.4f} ({r.metric_detail})",
+            " / ".join(f"{gb:.2f}" for gb in r.peak_gb_per_rank) + (" (rank 0)" if len(r.peak_gb_per_rank) < r.world_size else ""),
+            f"{r.wall_s:.0f}",
+            f"{r.tokens_per_s:.0f}",
+            f"{r.sequences_per_s:.1f}" if r.sequences_per_s is not None else "-",
+            f"{r.trainable_params:,d}",
+            f"{r.artifact_mb:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Bar charts of the best eval, peak memory (highest rank), wall time and throughput per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.setting}\n{r.method}" for r in rows]
+    metric_names = sorted({r.metric_name for r in rows})
+    panels = [
+        (" / ".join(f"best {m}" for m in metric_names), [r.metric for r in rows]),
+        ("peak memory, highest rank (GB)", [max(r.peak_gb_per_rank) for r in rows]),
+        ("wall time (s)", [r.wall_s for r in rows]),
+        ("throughput (non-pad tokens/s)", [r.tokens_per_s for r in rows]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8 + 0.1 * len(rows)))
+    for ax, (title, values) in zip(axes, panels):
+        bars = ax.bar(range(len(rows)), values, color="tab:blue")
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, name: str = "report") -> tuple[Path, Path]:
+    """Read every run (all checked before anything is written), then write STEM.md and STEM.png."""
+    rows = [row_of(d, read_summary(d)) for d in run_dirs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table, image = out_dir / f"{name}.md", out_dir / f"{name}.png"
+    table.write_text(markdown_table(rows))
+    plot(rows, image)
+    return table, image
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.report", description="Compare finished runs (their summary.json) in a markdown table and a PNG.")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a finished run")
+    parser.add_argument("--out", type=Path, default=Path("."), help="directory for the report files (default: .)")
+    parser.add_argument("--name", default="report", help="file stem: writes STEM.md and STEM.png (default: report)")
+    args = parser.parse_args(argv)
+    try:
+        table, image = write_report(args.runs, args.out, args.name)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table.read_text(), end="")
+    print(f"wrote {table} and {image}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,57 @@
+"""finetune.report on synthetic summary.json files (no training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.report import main
+
+GB = 1024**3
+
+
+def write_run(path: Path, plugin: str, options: dict, world: int, eval_best: dict, peaks: list[int], method: str = "full") -> Path:
+    """A minimal summary.json with the fields train.py writes and the report reads."""
+    path.mkdir(parents=True)
+    summary = {
+        "task": "classification" if "accuracy" in eval_best else "instruction",
+        "method": method,
+        "plugin": plugin,
+        "plugin_options": {"name": plugin, **options},
+        "world_size": world,
+        "data_parallel_size": world // (options.get("tp_size", 1) * options.get("pp_size", 1)),
+        "steps": 40,
+        "epochs": 2.5,
+        "trainable_params": 1234567,
+        "eval": {"best": eval_best},
+        "throughput": {"tokens_per_s": 1500.0, "sequences_per_s": 12.5},
+        "memory": {"stages": [{"name": "start", "current_bytes": GB, "peak_bytes": GB}], "peak_bytes_per_rank": peaks},
+        "wall_s": 61.4,
+        "artifacts": {"final/model.safetensors": 3_000_000, "final/config.json": 500_000, "metrics.jsonl": 10_000_000},
+    }
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_report_table_and_png(tmp_path, capsys):
+    classification = write_run(tmp_path / "pp", "hybrid_parallel", {"tp_size": 1, "pp_size": 2, "pp_style": "1f1b"}, 2, {"step": 30, "loss": 0.5, "accuracy": 0.875, "macro_f1": 0.8, "samples": 64}, [2 * GB, GB])
+    lm = write_run(tmp_path / "single", "torch_ddp", {}, 1, {"step": 40, "loss": 2.0, "perplexity": 7.389}, [3 * GB], method="lora")
+    assert main([str(classification), str(lm), "--out", str(tmp_path / "out"), "--name", "cmp"]) == 0
+    table = (tmp_path / "out" / "cmp.md").read_text().splitlines()
+    assert len(table) == 4 and table[0].startswith("| run | setting | method |")
+    pp, single = (line.removesuffix(" |").split(" | ") for line in table[2:])
+    assert pp[1:5] == ["pp2 1f1b", "full", "2", "2.50 / 40"]
+    assert pp[5] == "accuracy 0.8750 (macro-F1 0.800, step 30)" and pp[6] == "2.00 / 1.00"
+    assert pp[7:12] == ["61", "1500", "12.5", "1,234,567", "3.5"]  # artifact: final/ files only, MB
+    assert single[1:4] == ["single", "lora", "1"] and single[5] == "eval loss 2.0000 (ppl 7.39, step 40)"
+    assert (tmp_path / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_report_refuses_a_dir_without_summary_in_one_line(tmp_path, capsys):
+    good = write_run(tmp_path / "good", "torch_ddp", {}, 2, {"step": 1, "loss": 1.0, "perplexity": 2.7}, [GB, GB])
+    (tmp_path / "unfinished").mkdir()
+    assert main([str(good), str(tmp_path / "unfinished"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'unfinished'}: no summary.json (not a finished run of finetune/train.py)\n"
+    assert not (tmp_path / "out").exists()  # nothing written before every run was read
