@@ -189,12 +189,16 @@ def plugin_cases(base: list[str], nproc: int) -> list[Case]:
 
 
 def method_cases(base: list[str], nproc: int) -> list[Case]:
-    """Methods other than full fine-tuning on the torch_ddp setup (full is that plugin row): LoRA and QLoRA
-    4-bit, with the same columns (base bytes/param, step time, tokens/s, peak memory)."""
-    return [
+    """Methods other than full fine-tuning (full is the torch_ddp plugin row): LoRA and QLoRA 4-bit on
+    torch_ddp, and LoRA with its adapters split over 2 tensor-parallel ranks (booster_configs/tp2_lora.yaml),
+    with the same columns (base bytes/param, step time, tokens/s, peak memory)."""
+    cases = [
         Case("lora", [*base, "method=lora", "plugin.name=torch_ddp"], nproc),
         Case("qlora", [*base, "method=qlora", "quantization.bits=4", "plugin.name=torch_ddp"], nproc),
     ]
+    if nproc >= 2:
+        cases.append(Case("lora_tp2", [*base, "method=lora", "--config", "booster_configs/tp2_lora.yaml"], nproc))
+    return cases
 
 
 def base_bytes_per_param(model_name: str, method: str) -> float:
@@ -257,7 +261,7 @@ def markdown(results: dict) -> str:
         ]
     memory = "peak CUDA memory, rank 0 (MiB)" if on_cuda else "peak RSS, rank 0 (MiB)"
     speed = "tokens/s per GPU" if on_cuda else "tokens/s (all ranks)"
-    for title, key in (("Plugins (full fine-tuning)", "plugins"), ("Methods (TorchDDP)", "methods")):
+    for title, key in (("Plugins (full fine-tuning)", "plugins"), ("Methods (TorchDDP; lora_tp2: tensor parallel)", "methods")):
         rows = results.get(key, [])
         if not rows:
             continue
@@ -288,7 +292,7 @@ def chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["plugins"] + [r for r in results["methods"] if r["case"] != "full"]
-    names = [r["case"] if r in results["plugins"] else f"{r['case']} (torch_ddp)" for r in rows]
+    names = [r["case"] if r in results["plugins"] or r["case"].endswith("tp2") else f"{r['case']} (torch_ddp)" for r in rows]
     on_cuda = results["device"] == "cuda"
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     speed.bar(names, [r["tokens_per_s_per_gpu" if on_cuda else "tokens_per_s"] for r in rows], color="tab:blue")
