@@ -78,6 +78,8 @@ RESUME_CASES = {
     "tp2_full": (2, ["--config", "booster_configs/tp2.yaml", "model.name=tiny-llama", "method=full"], FP32),
     # adapters split with GPT-2's fused q/k/v rows: gathered into the checkpoint, split again on resume
     "tp2_lora": (2, ["--config", "booster_configs/tp2_lora.yaml", "model.name=tiny-gpt2", "lora.target_modules=[c_attn,c_proj]"], FP32),
+    # 4 ranks: adapters split over 2 tensor-parallel ranks on each of 2 pipeline stages, per-rank optimizer shards
+    "tp2_pp2_lora": (4, ["--config", "booster_configs/tp2_pp2.yaml", "model.name=tiny-llama", "method=lora", "lora.target_modules=[q_proj,v_proj,o_proj,down_proj]"], FP32),
     "pp2_lora": (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-gpt2", "method=lora"], FP32),
     "pp2_interleaved_full": (2, ["--config", "booster_configs/pp2_interleaved.yaml", "model.name=tiny-gpt2", "method=full", "plugin.num_microbatches=4"], FP32),
     "pp2_zero1_bf16": (2, ["--config", "booster_configs/pp2_zero1.yaml", "model.name=tiny-llama", "method=full"], BF16),
