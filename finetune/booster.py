@@ -1,44 +1,288 @@
-"""Booster factory: config -> ColossalAI plugin + Booster, driven by a registry instead of an if-chain.
+"""Parallel strategies: one object per ColossalAI plugin that owns everything a run does differently under it.
 
-Each plugin is described once in PLUGINS: its ColossalAI class, the arguments users may set from
-YAML (with their defaults, which also give their types), and what it can do. Config validation reads
-this registry without importing ColossalAI, so bad input fails in a second, not after a 15 s import.
+A `Plugin` says what users may set (`options`, with defaults that fix their types), what it cannot do
+with a config (`problems`), the layout numbers it derives (`plan`), where its memory goes for the
+estimator (`placement`), and at run time how adapters are applied, how a step's forward/backward and
+clipping run, how an eval batch is scored, and how the model and optimizer are written and read (one
+writer for checkpoints and final/). train.py, checkpoint.py and estimate.py ask the run's plugin; none
+of them tests a plugin name.
+
+Adding a plugin is one class here and one entry in PLUGINS (or `register(MyPlugin())`). This module
+imports no torch at module level: config validation reads the registry and fails in a second.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from finetune.config import Config
+    from finetune.run import Run
 
 
 @dataclass(frozen=True)
-class PluginSpec:
-    """What one plugin is and can do."""
+class Plan:
+    """Layout numbers derived once from the config: tensor x pipeline x data parallel, micro-batches per step."""
 
-    class_name: str  # attribute of colossalai.booster.plugin
-    options: dict[str, Any]  # user-settable constructor arguments and their defaults (which fix their types)
-    summary: str
-    supports_lora: bool = True
-    supports_qlora: bool = True  # can hold a model whose frozen base weights are 4/8-bit integer tensors
-    qlora_refusal: str = ""  # why not, when it cannot
-    runs_on_cpu: bool = True
-    takes_precision: bool = False  # the plugin's own `precision=` receives train.precision
-    takes_max_norm: bool = False  # the plugin clips gradients itself, from train.max_grad_norm
-    replicated: bool = True  # after a step every rank holds the whole model (DDP, ZeRO-1/2)
-    cpu_options: dict[str, Any] = field(default_factory=dict)  # forced on CPU, each with a reason below
-    translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # YAML values -> constructor values
-    fsdp: bool = False  # PyTorch FSDP: LoRA through peft + FSDP's wrap policy, global-norm clipping, full-state saves
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    num_microbatches: int = 1  # pipeline only: micro-batches per step
+    chunks: int = 1  # pipeline only: model chunks per stage (interleaved schedule)
+
+    @property
+    def pipeline(self) -> bool:
+        return self.pp > 1
 
 
-def _hybrid_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dict(options)
-    for key in ("num_microbatches", "microbatch_size", "sequence_parallelism_mode"):
-        kwargs[key] = kwargs[key] or None  # 0 / "" in YAML: let ColossalAI decide
-    if kwargs["pp_size"] > 1 and kwargs["tp_size"] == 1:
-        # ColossalAI 0.5.0 cannot save a pipeline checkpoint whose vocabulary was padded without
-        # tensor parallelism ('_unpad_detach' missing); padding only matters for TP anyway.
-        kwargs["make_vocab_size_divisible_by"] = 1
-    return kwargs
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits in the built plugin's layout."""
+
+    dp_rank: int
+    dp_size: int
+    pipeline: bool  # steps go through booster.execute_pipeline
+    counts: bool  # this rank's loss and tokens enter the data-parallel sums (tp rank 0 on the last stage)
+    replicated: bool  # every rank holds the whole model: eval and saves may use the unwrapped module
+
+
+def _choice_problem(key: str, value: Any, allowed: tuple) -> list[str]:
+    return [] if value in allowed else [f"plugin.{key}: must be {' or '.join(map(str, allowed))}, got {value!r}"]
+
+
+class Plugin:
+    """A replicated data-parallel plugin (TorchDDP); subclasses override what they do differently."""
+
+    name = ""
+    short_name = ""  # in report labels
+    class_name = ""  # attribute of colossalai.booster.plugin
+    summary = ""
+    options: dict[str, Any] = {}  # user-settable constructor arguments and their defaults (which fix their types)
+    cpu_options: dict[str, Any] = {}  # forced on CPU (gloo), each with its reason at the subclass
+    runs_on_cpu = True
+    supports_lora = True
+    qlora_refusal = ""  # why the plugin cannot hold 4/8-bit weights; empty: it can
+    takes_precision = False  # the plugin's own `precision=` receives train.precision (it casts the model)
+    takes_max_norm = False  # the plugin clips gradients itself, from train.max_grad_norm
+    replicated = True  # after a step every rank holds the whole model
+    shardformer = False  # the model is sharded by ColossalAI's shardformer (attention choices depend on it)
+
+    # --- configuration (no torch) -----------------------------------------------------------------
+
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        """What this plugin cannot do with cfg, each a line naming the fix."""
+        return []
+
+    def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
+        """The layout numbers for these (effective) options."""
+        return Plan(dp=world_size)
+
+    def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
+        """The plugin class's arguments: the options, what CPU forces, and what we must set."""
+        kwargs = {**options, **(self.cpu_options if on_cpu else {})}
+        if self.takes_precision:
+            kwargs["precision"] = precision
+        if self.takes_max_norm:
+            kwargs["max_norm"] = max_grad_norm
+        return kwargs
+
+    def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
+        """The setup in a few characters for reports, e.g. 'ddp x2'."""
+        return f"{self.short_name} x{world_size}"
+
+    def placement(self, cfg: Config, world_size: int):
+        """Where weights, gradients and states live, for finetune.estimate."""
+        from finetune import estimate
+
+        return estimate.ddp_placement(cfg, world_size)
+
+    # --- building ---------------------------------------------------------------------------------
+
+    def shard_policy(self, cfg: Config, model):
+        """A shardformer policy of our own for this model (None: ColossalAI's, or no shardformer)."""
+        return None
+
+    def apply_adapters(self, model, lora_config, booster, plugin):
+        """The model with LoRA adapters the way this plugin can hold them (ColossalAI's enable_lora)."""
+        return booster.enable_lora(model, lora_config=lora_config)
+
+    def layout(self, plugin) -> Layout:
+        """This rank's layout under the built plugin."""
+        import torch.distributed as dist
+
+        return Layout(dist.get_rank(), dist.get_world_size(), pipeline=False, counts=True, replicated=self.replicated)
+
+    def after_boost(self, optimizer, scheduler) -> None:
+        """Repairs needed once booster.boost has wrapped model and optimizer (default: none)."""
+
+    # --- a training step --------------------------------------------------------------------------
+
+    def forward_backward(self, run: Run, micro_batches: list[dict]) -> float:
+        """Forward and backward over a step's micro-batches (gradients accumulate); returns the summed loss."""
+        import torch
+
+        from finetune.data import model_inputs
+
+        booster, model, optimizer = run.booster, run.model, run.optimizer
+        # Plugins that own precision cast the model themselves; for the others bf16 is autocast here.
+        autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.precision == "bf16" and not self.takes_precision)
+        loss_sum = 0.0
+        for i, batch in enumerate(micro_batches):
+            # Gradients are all-reduced only on the last micro-batch of the step, where the plugin can defer it.
+            defer = i < len(micro_batches) - 1 and booster.plugin.support_no_sync()
+            with booster.no_sync(model, optimizer) if defer else contextlib.nullcontext():
+                with autocast:
+                    loss = model(**model_inputs(batch)).loss / len(micro_batches)
+                booster.backward(loss, optimizer)
+            loss_sum += loss.item()
+        return loss_sum
+
+    def clip_gradients(self, run: Run, max_norm: float) -> None:
+        """Clip by the global gradient norm (plugins with takes_max_norm do it inside optimizer.step)."""
+        if not self.takes_max_norm:
+            run.optimizer.clip_grad_by_norm(max_norm)
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def eval_forward(self, run: Run, output: str) -> Callable:
+        """batch -> the summed loss ("loss") or the class logits ("logits") of the boosted model in eval mode."""
+        from finetune.evaluation import module_batch_loss, module_logits
+
+        return module_batch_loss(run.model) if output == "loss" else module_logits(run.model)
+
+    # --- writing and reading (every rank calls these) ---------------------------------------------
+
+    def write_model(self, run: Run, path: Path) -> None:
+        """The weights in Hugging Face layout, or the adapter in peft layout; checkpoints and final/ alike."""
+        import torch.distributed as dist
+
+        from finetune import checkpoint
+
+        if run.method.adapter:
+            adapter = checkpoint.gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
+            if dist.get_rank() == 0:
+                checkpoint.write_adapter_dir(adapter, run.lora_config, run.cfg.model.name, path)
+        elif dist.get_rank() == 0:  # a full replica on every rank: HF's writer (safetensors, tied weights once)
+            run.model.unwrap().save_pretrained(path, safe_serialization=True)
+
+    def read_model(self, run: Run, path: Path) -> None:
+        """Load what write_model wrote into this rank's model (and the optimizer's master copies)."""
+        from finetune import checkpoint
+
+        if run.method.adapter:
+            self.load_adapter(run, checkpoint.read_adapter(path), "resume_from: the checkpoint's adapter")
+        else:
+            checkpoint.load_replicated_model(run, path)
+
+    def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
+        """Copy a full (unsplit) peft adapter into this rank's adapters; `source` names it in errors."""
+        from finetune import checkpoint
+
+        checkpoint.load_adapter(run, adapter, source)
+
+    def write_optimizer(self, run: Run, path: Path) -> None:
+        """The optimizer state, through the Booster's sharded checkpoint IO."""
+        run.booster.save_optimizer(run.optimizer, str(path), shard=True)
+
+    def read_optimizer(self, run: Run, path: Path) -> None:
+        run.booster.load_optimizer(run.optimizer, str(path))
+
+
+class TorchDDP(Plugin):
+    name = "torch_ddp"
+    short_name = "ddp"
+    class_name = "TorchDDPPlugin"
+    summary = "PyTorch DDP: a full replica per rank, gradients all-reduced. The simplest and most robust."
+    options = {
+        "broadcast_buffers": True,
+        "bucket_cap_mb": 25,
+        "find_unused_parameters": False,
+        "gradient_as_bucket_view": False,
+        "static_graph": False,
+    }
+
+    def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
+        return "single" if world_size == 1 else super().setting_label(options, world_size, dp_size)
+
+
+class LowLevelZero(Plugin):
+    name = "low_level_zero"
+    class_name = "LowLevelZeroPlugin"
+    summary = "ZeRO stage 1 (optimizer states sharded) or 2 (+ gradients sharded), optional CPU offload."
+    options = {
+        "stage": 1,
+        "initial_scale": 2.0**16,  # fp16 loss scale start (2**32, ColossalAI's default, overflows for many steps)
+        "reduce_bucket_size_in_m": 12,
+        "overlap_communication": True,
+        "cpu_offload": False,
+        "master_weights": True,
+    }
+    # gloo cannot overlap communication on side streams (record_stream on a CPU tensor fails).
+    cpu_options = {"overlap_communication": False}
+    takes_precision = True
+    takes_max_norm = True
+
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        return _choice_problem("stage", cfg.plugin.options["stage"], (1, 2))
+
+    def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
+        return f"zero{options.get('stage', 1)} x{world_size}"
+
+    def placement(self, cfg: Config, world_size: int):
+        from finetune import estimate
+
+        return estimate.zero_placement(cfg, world_size)
+
+
+class Gemini(Plugin):
+    name = "gemini"
+    short_name = "gemini"
+    class_name = "GeminiPlugin"
+    summary = "Gemini: chunked ZeRO-3 with heterogeneous (GPU/CPU) placement and offload fractions. CUDA only."
+    options = {
+        "placement_policy": "static",
+        "shard_param_frac": 1.0,
+        "offload_optim_frac": 0.0,
+        "offload_param_frac": 0.0,
+        "warmup_non_model_data_ratio": 0.8,
+        "steady_cuda_cap_ratio": 0.9,
+        "initial_scale": 2.0**16,
+        "pin_memory": False,
+    }
+    runs_on_cpu = False
+    supports_lora = False
+    qlora_refusal = "Gemini manages parameters in floating-point chunks"
+    takes_precision = True
+    takes_max_norm = True
+    replicated = False
+
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        return _choice_problem("placement_policy", cfg.plugin.options["placement_policy"], ("static", "auto"))
+
+    def placement(self, cfg: Config, world_size: int):
+        from finetune import estimate
+
+        return estimate.gemini_placement(cfg, world_size)
+
+    def write_model(self, run: Run, path: Path) -> None:
+        """Sharded weights: every rank takes part in gathering them into HF layout."""
+        _write_sharded_model(run, path)
+
+    def read_model(self, run: Run, path: Path) -> None:
+        run.booster.load_model(run.model, str(path))
+
+
+def _write_sharded_model(run: Run, path: Path) -> None:
+    """Every rank takes part in the Booster's gathering of sharded weights into HF layout; rank 0 adds config.json."""
+    import torch.distributed as dist
+
+    run.booster.save_model(run.model, str(path), shard=True, use_safetensors=True)
+    if dist.get_rank() == 0:
+        run.model.unwrap().config.save_pretrained(path)
 
 
 def _fsdp_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -50,164 +294,204 @@ def _fsdp_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     kwargs["sharding_strategy"] = ShardingStrategy[kwargs["sharding_strategy"]]
     kwargs["backward_prefetch"] = BackwardPrefetch[kwargs["backward_prefetch"]]
     kwargs["cpu_offload"] = CPUOffload(offload_params=kwargs["cpu_offload"])
-    if precision == "bf16":  # bf16 compute and communication, fp32 sharded master weights
-        kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
-    elif precision == "fp16":
-        kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.float16, reduce_dtype=torch.float16, buffer_dtype=torch.float16)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is not None:  # half-precision compute and communication, fp32 sharded master weights
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=half, reduce_dtype=half, buffer_dtype=half)
     return kwargs
 
 
+class TorchFSDP(Plugin):
+    """PyTorch FSDP. ColossalAI's FSDP checkpoint IO gathers with offload_to_cpu=True, which fails on a
+    CPU-only machine in torch 2.5.1 (size-0 storages, then a hang): weights and optimizer go through
+    torch's full-state-dict APIs here (finetune.checkpoint's fsdp_* functions)."""
 
-PLUGINS: dict[str, PluginSpec] = {
-    "torch_ddp": PluginSpec(
-        class_name="TorchDDPPlugin",
-        summary="PyTorch DDP: a full replica per rank, gradients all-reduced. The simplest and most robust.",
-        options={
-            "broadcast_buffers": True,
-            "bucket_cap_mb": 25,
-            "find_unused_parameters": False,
-            "gradient_as_bucket_view": False,
-            "static_graph": False,
-        },
-    ),
-    "low_level_zero": PluginSpec(
-        class_name="LowLevelZeroPlugin",
-        summary="ZeRO stage 1 (optimizer states sharded) or 2 (+ gradients sharded), optional CPU offload.",
-        options={
-            "stage": 1,
-            "initial_scale": 2.0**16,  # fp16 loss scale start (2**32, ColossalAI's default, overflows for many steps)
-            "reduce_bucket_size_in_m": 12,
-            "overlap_communication": True,
-            "cpu_offload": False,
-            "master_weights": True,
-        },
-        takes_precision=True,
-        takes_max_norm=True,
-        # gloo cannot overlap communication on side streams (record_stream on a CPU tensor fails).
-        cpu_options={"overlap_communication": False},
-    ),
-    "gemini": PluginSpec(
-        class_name="GeminiPlugin",
-        summary="Gemini: chunked ZeRO-3 with heterogeneous (GPU/CPU) placement and offload fractions. CUDA only.",
-        options={
-            "placement_policy": "static",
-            "shard_param_frac": 1.0,
-            "offload_optim_frac": 0.0,
-            "offload_param_frac": 0.0,
-            "warmup_non_model_data_ratio": 0.8,
-            "steady_cuda_cap_ratio": 0.9,
-            "initial_scale": 2.0**16,
-            "pin_memory": False,
-        },
-        supports_lora=False,
-        supports_qlora=False,
-        qlora_refusal="Gemini manages parameters in floating-point chunks",
-        runs_on_cpu=False,
-        takes_precision=True,
-        takes_max_norm=True,
-        replicated=False,
-    ),
-    "torch_fsdp": PluginSpec(
-        class_name="TorchFSDPPlugin",
-        summary="PyTorch FSDP: parameters, gradients and optimizer states sharded (ZeRO-3 style), optional CPU offload.",
-        options={
-            "sharding_strategy": "FULL_SHARD",  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
-            "backward_prefetch": "BACKWARD_PRE",  # BACKWARD_PRE | BACKWARD_POST
-            "cpu_offload": False,
-            "sync_module_states": False,
-        },
-        takes_precision=True,  # turned into FSDP MixedPrecision by _fsdp_kwargs
-        replicated=False,
-        supports_qlora=False,
-        qlora_refusal="FSDP flattens each unit's parameters into one tensor of one floating dtype; 4/8-bit weights are integer tensors",
-        fsdp=True,
-        translate=_fsdp_kwargs,
-    ),
-    "hybrid_parallel": PluginSpec(
-        class_name="HybridParallelPlugin",
-        summary="Tensor (tp_size) x pipeline (pp_size) x data parallel, with optional ZeRO-1 (zero_stage).",
-        options={
-            "tp_size": 1,
-            "pp_size": 1,
-            "zero_stage": 0,
-            "num_microbatches": 0,
-            "microbatch_size": 0,
-            "pp_style": "1f1b",
-            "num_model_chunks": 1,
-            "overlap_p2p": True,
-            # Batches are padded to their longest sample, so tensor shapes change between steps; the
-            # pipeline's p2p metadata cache assumes they do not (gloo then fails on a size mismatch).
-            "enable_metadata_cache": True,
-            "enable_flash_attention": False,
-            "enable_fused_normalization": False,
-            "enable_sequence_parallelism": False,
-            "sequence_parallelism_mode": "",
-            "make_vocab_size_divisible_by": 64,
-            "initial_scale": 2.0**16,
-            "overlap_communication": True,
-        },
-        takes_precision=True,
-        takes_max_norm=True,
-        replicated=False,
-        # gloo: no side-stream overlap (as ZeRO), and overlapped p2p hangs the interleaved schedule.
-        cpu_options={"overlap_communication": False, "overlap_p2p": False},
-        translate=_hybrid_kwargs,
-    ),
-}
+    name = "torch_fsdp"
+    short_name = "fsdp"
+    class_name = "TorchFSDPPlugin"
+    summary = "PyTorch FSDP: parameters, gradients and optimizer states sharded (ZeRO-3 style), optional CPU offload."
+    options = {
+        "sharding_strategy": "FULL_SHARD",  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
+        "backward_prefetch": "BACKWARD_PRE",  # BACKWARD_PRE | BACKWARD_POST
+        "cpu_offload": False,
+        "sync_module_states": False,
+    }
+    takes_precision = True  # turned into FSDP MixedPrecision by constructor_kwargs
+    replicated = False
+    qlora_refusal = "FSDP flattens each unit's parameters into one tensor of one floating dtype; 4/8-bit weights are integer tensors"
+
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        from finetune.config import choice_problems
+
+        options = cfg.plugin.options
+        return choice_problems("plugin.sharding_strategy", options["sharding_strategy"], ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")) + choice_problems(
+            "plugin.backward_prefetch", options["backward_prefetch"], ("BACKWARD_PRE", "BACKWARD_POST")
+        )
+
+    def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
+        return _fsdp_kwargs(super().constructor_kwargs(options, precision, max_grad_norm, on_cpu))
+
+    def placement(self, cfg: Config, world_size: int):
+        from finetune import estimate
+
+        return estimate.fsdp_placement(cfg, world_size)
+
+    def apply_adapters(self, model, lora_config, booster, plugin):
+        """ColossalAI's FSDP plugin refuses LoRA; peft + FSDP's wrap policy (a unit per adapted layer) work."""
+        from peft import get_peft_model
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        model = get_peft_model(model, lora_config)
+        plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
+        return model
+
+    def after_boost(self, optimizer, scheduler) -> None:
+        # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,
+        # dropping the lr the scheduler had set (0 during warmup): put the scheduled lr back.
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    def clip_gradients(self, run: Run, max_norm: float) -> None:
+        run.model.module.clip_grad_norm_(max_norm)  # FSDP's own: the norm over all shards
+
+    def write_model(self, run: Run, path: Path) -> None:
+        """Gather the full state dict on rank 0; write it with HF's writer, or its adapter in peft layout."""
+        import torch.distributed as dist
+
+        from finetune import checkpoint
+
+        state = checkpoint.fsdp_full_state_dict(run.model.module)
+        if dist.get_rank() != 0:
+            return
+        if run.method.adapter:
+            checkpoint.write_adapter_dir(checkpoint.fsdp_adapter_state(run, state), run.lora_config, run.cfg.model.name, path)
+        else:
+            checkpoint.fsdp_inner_module(run).save_pretrained(path, state_dict=state, safe_serialization=True)
+
+    def read_model(self, run: Run, path: Path) -> None:
+        from finetune import checkpoint
+
+        if run.method.adapter:
+            self.load_adapter(run, checkpoint.read_adapter(path), "resume_from: the checkpoint's adapter")
+        else:
+            checkpoint.load_fsdp_model(run, path)
+
+    def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
+        from finetune import checkpoint
+
+        with checkpoint.fsdp_full_state(run.model.module, rank0_only=False):
+            checkpoint.load_fsdp_adapter(run, adapter, source)
+
+    def write_optimizer(self, run: Run, path: Path) -> None:
+        from finetune import checkpoint
+
+        checkpoint.save_fsdp_optimizer(run, path)
+
+    def read_optimizer(self, run: Run, path: Path) -> None:
+        from finetune import checkpoint
+
+        checkpoint.load_fsdp_optimizer(run, path)
 
 
-def plugin_kwargs(name: str, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
-    """Constructor arguments for the named plugin: defaults, the user's options, then what we must set."""
-    spec = PLUGINS[name]
-    kwargs = {**spec.options, **options, **(spec.cpu_options if on_cpu else {})}
-    if spec.takes_precision:
-        kwargs["precision"] = precision
-    if spec.takes_max_norm:
-        kwargs["max_norm"] = max_grad_norm
-    return spec.translate(kwargs) if spec.translate else kwargs
+@contextlib.contextmanager
+def _colossalai_errors_only():
+    """Silence ColossalAI's warnings in a block (its logger writes a warning as two records, caller and text)."""
+    logger = logging.getLogger("colossalai")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_norm: float, custom_policy=None):
-    """Build the ColossalAI Booster for a plugin setup (the process group must already exist).
+class HybridParallel(Plugin):
+    name = "hybrid_parallel"
+    class_name = "HybridParallelPlugin"
+    summary = "Tensor (tp_size) x pipeline (pp_size) x data parallel, with optional ZeRO-1 (zero_stage)."
+    options = {
+        "tp_size": 1,
+        "pp_size": 1,
+        "zero_stage": 0,
+        "num_microbatches": 0,
+        "microbatch_size": 0,
+        "pp_style": "1f1b",
+        "num_model_chunks": 1,
+        "overlap_p2p": True,
+        # Batches are padded to their longest sample, so tensor shapes change between steps; the
+        # pipeline's p2p metadata cache assumes they do not (gloo then fails on a size mismatch).
+        "enable_metadata_cache": True,
+        "enable_flash_attention": False,
+        "enable_fused_normalization": False,
+        "enable_sequence_parallelism": False,
+        "sequence_parallelism_mode": "",
+        "make_vocab_size_divisible_by": 64,
+        "initial_scale": 2.0**16,
+        "overlap_communication": True,
+    }
+    # gloo: no side-stream overlap (as ZeRO), and overlapped p2p hangs the interleaved schedule.
+    cpu_options = {"overlap_communication": False, "overlap_p2p": False}
+    takes_precision = True
+    takes_max_norm = True
+    replicated = False
+    shardformer = True
 
-    Args:
-        custom_policy: hybrid_parallel only: the shardformer policy to shard the model with (None: ColossalAI's own).
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        from finetune.config import hybrid_problems
 
-    Returns:
-        (booster, plugin)
-    """
-    # Imported here, not at module level: importing colossalai costs 10-20 s on a small CPU machine.
-    import torch
-    from colossalai.booster import Booster
-    from colossalai.booster import plugin as plugins
+        return hybrid_problems(cfg, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size), world_size, has_cuda)
 
-    plugin_cls = getattr(plugins, PLUGINS[name].class_name)
-    kwargs = plugin_kwargs(name, options, precision, max_grad_norm, on_cpu=not torch.cuda.is_available())
-    if custom_policy is not None:
-        kwargs["custom_policy"] = custom_policy
-    plugin = plugin_cls(**kwargs)
-    # fp16 for plugins that do not own precision goes through the Booster's torch AMP (CUDA only,
-    # refused on CPU by config validation); bf16 there is autocast in the training step.
-    mixed_precision = "fp16" if precision == "fp16" and not PLUGINS[name].takes_precision else None
-    return Booster(plugin=plugin, mixed_precision=mixed_precision), plugin
+    def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
+        parts = [f"tp{options['tp_size']}"] if options.get("tp_size", 1) > 1 else []
+        if options.get("pp_size", 1) > 1:
+            parts.append(f"pp{options['pp_size']} {options.get('pp_style', '1f1b')}")
+        if options.get("zero_stage"):
+            parts.append(f"zero{options['zero_stage']}")
+        if dp_size > 1:
+            parts.append(f"dp{dp_size}")
+        return " ".join(parts) or "hybrid"
 
+    def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
+        tp, pp = options["tp_size"], options["pp_size"]
+        micro = options["num_microbatches"] or (batch_size // options["microbatch_size"] if options["microbatch_size"] else 0)
+        return Plan(tp=tp, pp=pp, dp=max(1, world_size // max(1, tp * pp)), num_microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"])
 
-@dataclass(frozen=True)
-class Layout:
-    """Where this rank sits in the parallel layout, for the parts of the loop that differ by plugin."""
+    def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
+        kwargs = super().constructor_kwargs(options, precision, max_grad_norm, on_cpu)
+        for key in ("num_microbatches", "microbatch_size", "sequence_parallelism_mode"):
+            kwargs[key] = kwargs[key] or None  # 0 / "" in YAML: let ColossalAI decide
+        if kwargs["pp_size"] > 1 and kwargs["tp_size"] == 1:
+            # ColossalAI 0.5.0 cannot save a pipeline checkpoint whose vocabulary was padded without
+            # tensor parallelism ('_unpad_detach' missing); padding only matters for TP anyway.
+            kwargs["make_vocab_size_divisible_by"] = 1
+        return kwargs
 
-    dp_rank: int
-    dp_size: int
-    pipeline: bool  # steps go through booster.execute_pipeline
-    counts: bool  # this rank's loss and tokens enter the data-parallel sums (tp rank 0 on the last stage)
-    replicated: bool  # every rank holds the whole model: eval and saves may use the unwrapped module
+    def placement(self, cfg: Config, world_size: int):
+        from finetune import estimate
 
+        return estimate.hybrid_placement(cfg, world_size)
 
-def parallel_layout(name: str, plugin) -> Layout:
-    """The layout of this rank under a built plugin."""
-    import torch.distributed as dist
+    def shard_policy(self, cfg: Config, model):
+        """RoBERTa has no ColossalAI policy: ours. LoRA with tensor parallelism wraps the model's policy
+        (ours or ColossalAI's) so each adapter is sharded with the layer it adapts."""
+        from finetune import roberta_policy  # imports ColossalAI's shardformer
+        from finetune.lora_tp import lora_policy
+        from finetune.methods import method_named
 
-    if hasattr(plugin, "pg_mesh"):  # HybridParallelPlugin
+        own = roberta_policy.shard_policy(model)
+        if not method_named(cfg.method).adapter or cfg.plugin.options["tp_size"] == 1:
+            return own
+        return lora_policy(model, own)
+
+    def apply_adapters(self, model, lora_config, booster, plugin):
+        # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies, and it
+        # refuses tensor parallelism: adapters are injected, then sharded by finetune.lora_tp.
+        from finetune.model import inject_lora
+
+        return inject_lora(model, lora_config)
+
+    def layout(self, plugin) -> Layout:
+        import torch.distributed as dist
+
         last_stage = plugin.stage_manager is None or plugin.stage_manager.is_last_stage(ignore_chunk=True)
         return Layout(
             dp_rank=dist.get_rank(plugin.dp_group),
@@ -216,4 +500,114 @@ def parallel_layout(name: str, plugin) -> Layout:
             counts=last_stage and dist.get_rank(plugin.tp_group) == 0,
             replicated=False,
         )
-    return Layout(dist.get_rank(), dist.get_world_size(), False, True, PLUGINS[name].replicated)
+
+    def forward_backward(self, run: Run, micro_batches: list[dict]) -> float:
+        if not run.layout.pipeline:
+            return super().forward_backward(run, micro_batches)
+        loss_sum = 0.0
+        for batch in micro_batches:  # micro-batching happens inside the pipeline schedule
+            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=lambda outputs, _: outputs.loss, optimizer=run.optimizer, return_loss=True)
+            loss_sum += out["loss"].item() if out["loss"] is not None else 0.0  # the loss exists on the last stage
+        return loss_sum
+
+    def eval_forward(self, run: Run, output: str) -> Callable:
+        """Under a pipeline the batch goes through the schedule; loss and logits exist on the last stage only."""
+        if not run.layout.pipeline:
+            return super().eval_forward(run, output)
+        import torch
+
+        from finetune.evaluation import summed_loss
+
+        def batch_loss(batch: dict) -> torch.Tensor:
+            out = self._eval_pass(run, batch, summed_loss)
+            if out["loss"] is None:  # not the last stage
+                return torch.zeros((), device=run.device)
+            return out["loss"] * run.plan.num_microbatches  # the schedule averages over micro-batches
+
+        def batch_logits(batch: dict):
+            # The loss is not used (computed from the logits instead): an all-filler micro-batch makes it NaN.
+            # ColossalAI warns on every such call that kept outputs cost memory (one eval batch here).
+            with _colossalai_errors_only():
+                out = self._eval_pass(run, batch, lambda outputs, _: outputs.loss, return_outputs=True)
+            return out["outputs"]["logits"] if out["outputs"] is not None else None
+
+        return batch_loss if output == "loss" else batch_logits
+
+    @staticmethod
+    def _eval_pass(run: Run, batch: dict, criterion, return_outputs: bool = False) -> dict:
+        """One batch through the pipeline schedule without training."""
+        import torch
+
+        if run.cfg.plugin.options["pp_style"] == "interleaved":
+            # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
+            # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
+            with torch.enable_grad():
+                out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=run.optimizer, return_loss=True, return_outputs=return_outputs)
+            run.optimizer.zero_grad()
+            return out
+        return run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=None, return_loss=True, return_outputs=return_outputs)
+
+    def write_model(self, run: Run, path: Path) -> None:
+        """Adapters: every split gathered and every stage's share collected, written in peft layout; full: the Booster's sharded save."""
+        if run.method.adapter:
+            super().write_model(run, path)
+        else:
+            _write_sharded_model(run, path)
+
+    def read_model(self, run: Run, path: Path) -> None:
+        if run.method.adapter:
+            super().read_model(run, path)
+        else:
+            run.booster.load_model(run.model, str(path))
+
+    def write_optimizer(self, run: Run, path: Path) -> None:
+        """Each rank's own state, as is: ColossalAI 0.5.0's hybrid optimizer checkpoint cannot gather the
+        states of a vocabulary padded for tensor parallelism ("isn't evenly distributed")."""
+        from finetune import checkpoint
+
+        checkpoint.save_rank_optimizer(run, path)
+
+    def read_optimizer(self, run: Run, path: Path) -> None:
+        from finetune import checkpoint
+
+        checkpoint.load_rank_optimizer(run, path)
+
+
+PLUGINS: dict[str, Plugin] = {p.name: p for p in (TorchDDP(), LowLevelZero(), Gemini(), TorchFSDP(), HybridParallel())}
+
+
+def register(plugin: Plugin) -> Plugin:
+    """Add (or replace) a plugin in the registry; returns it."""
+    PLUGINS[plugin.name] = plugin
+    return plugin
+
+
+def plugin_kwargs(name: str, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
+    """Constructor arguments for the named plugin: defaults, the user's options, then what we must set."""
+    plugin = PLUGINS[name]
+    return plugin.constructor_kwargs({**plugin.options, **options}, precision, max_grad_norm, on_cpu)
+
+
+def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_norm: float, custom_policy=None):
+    """Build the ColossalAI Booster for a plugin setup (the process group must already exist).
+
+    Args:
+        custom_policy: a shardformer policy to shard the model with (None: ColossalAI's own).
+
+    Returns:
+        (booster, the ColossalAI plugin)
+    """
+    # Imported here, not at module level: importing colossalai costs 10-20 s on a small CPU machine.
+    import torch
+    from colossalai.booster import Booster
+    from colossalai.booster import plugin as plugins
+
+    spec = PLUGINS[name]
+    kwargs = plugin_kwargs(name, options, precision, max_grad_norm, on_cpu=not torch.cuda.is_available())
+    if custom_policy is not None:
+        kwargs["custom_policy"] = custom_policy
+    plugin = getattr(plugins, spec.class_name)(**kwargs)
+    # fp16 for plugins that do not own precision goes through the Booster's torch AMP (CUDA only,
+    # refused on CPU by config validation); bf16 there is autocast in the training step.
+    mixed_precision = "fp16" if precision == "fp16" and not spec.takes_precision else None
+    return Booster(plugin=plugin, mixed_precision=mixed_precision), plugin

@@ -29,16 +29,20 @@ import pickle
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from finetune.booster import PLUGINS
 from finetune.config import Config, to_dict
+from finetune.errors import FinetuneError
 from finetune.model import trains_with_adapter
 from finetune.lora_tp import full_tensor, local_shard
+
+if TYPE_CHECKING:
+    from finetune.run import Run
 
 CHECKPOINTS = "checkpoints"
 FORMAT_VERSION = 1
@@ -52,7 +56,7 @@ IDENTITY_KEYS = (
 )  # fmt: skip
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FinetuneError):
     """A checkpoint cannot be used: missing, incomplete, unsafe, or from an incompatible run."""
 
 
@@ -270,22 +274,11 @@ def gathered_adapter_state(module: torch.nn.Module, pipeline: bool) -> dict[str,
     return {k: v for share in shares for k, v in share.items()}
 
 
-def rank_local_optimizer(run) -> bool:
-    """Whether each rank saves its own optimizer state (tensor/pipeline parallelism) instead of the Booster's.
-
-    ColossalAI 0.5.0's hybrid-parallel optimizer checkpoint cannot gather states of a vocabulary padded
-    for tensor parallelism ("isn't evenly distributed"). A resume needs the same layout anyway (the
-    checkpoint's identity pins plugin and world size), so every rank keeps its own shard, as is.
-    """
-    return run.cfg.plugin.name == "hybrid_parallel"
-
-
-def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, fault=None) -> Path:
+def save_checkpoint(run: Run, step: int) -> Path:
     """Write checkpoint `step` atomically; every rank takes part. Returns its directory.
 
-    Args:
-        lora_config: the run's peft LoraConfig: the checkpoint then holds the adapter, not the base.
-        fault: a finetune.faults.Faults, for crash tests.
+    model/ holds what the run trains (the weights, or the adapter in peft layout) and optimizer/ its
+    state, each written by the run's plugin (the same writer as final/).
     """
     cfg, rank = run.cfg, dist.get_rank()
     final = checkpoint_dir(cfg.output_dir, step)
@@ -294,24 +287,21 @@ def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, faul
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    if PLUGINS[cfg.plugin.name].fsdp:
-        save_fsdp(run, staging, lora_config)  # model (or adapter) and optimizer
-    else:
-        save_model_and_optimizer(run, staging, lora_config)
+    run.plugin.write_model(run, staging / "model")
+    run.plugin.write_optimizer(run, staging / "optimizer")
     (staging / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), staging / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         torch.save(run.scheduler.state_dict(), staging / "scheduler.pt")
-    if fault:
-        fault.maybe_kill("kill_in_checkpoint", step)
+    run.faults.maybe_kill("kill_in_checkpoint", step)
     barrier()  # every rank's files are on disk
     if rank == 0:
         world = dist.get_world_size()
         state = {
             "format": FORMAT_VERSION,
             "step": step,
-            "steps_per_epoch": steps_per_epoch,
-            "epoch": step // steps_per_epoch,
+            "steps_per_epoch": run.steps_per_epoch,
+            "epoch": step // run.steps_per_epoch,
             "samples_seen": step * cfg.train.batch_size * cfg.train.grad_accum_steps * run.layout.dp_size,
             "config_hash": config_hash(cfg, world),
             "identity": identity(cfg, world),
@@ -326,22 +316,21 @@ def save_checkpoint(run, step: int, steps_per_epoch: int, lora_config=None, faul
     return final
 
 
-def save_model_and_optimizer(run, staging: Path, lora_config) -> None:
-    """Weights (or the adapter) and optimizer state, for every plugin but FSDP; every rank takes part."""
-    if lora_config is not None:
-        adapter = gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
-        if dist.get_rank() == 0:
-            write_adapter_dir(adapter, lora_config, run.cfg.model.name, staging / "model")
-    elif run.layout.replicated:  # every rank holds all weights: HF's writer (tied weights stored once, sharded by size)
-        if dist.get_rank() == 0:
-            run.model.unwrap().save_pretrained(staging / "model", safe_serialization=True)
-    else:  # sharded plugins gather their shards through their own checkpoint IO
-        run.booster.save_model(run.model, str(staging / "model"), shard=True, use_safetensors=True)
-    if rank_local_optimizer(run):
-        (staging / "optimizer").mkdir(exist_ok=True)
-        torch.save(run.optimizer.state_dict(), staging / "optimizer" / f"rank_{dist.get_rank()}.pt")
-    else:
-        run.booster.save_optimizer(run.optimizer, str(staging / "optimizer"), shard=True)
+def write_final(run: Run, tokenizer) -> Path:
+    """final/: a peft adapter dir or a HF model dir (the plugin's writer), tokenizer and task files, renamed into place complete."""
+    final = Path(run.cfg.output_dir) / "final"
+    staging = final.with_name("final.partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    run.plugin.write_model(run, staging)
+    if dist.get_rank() == 0:
+        tokenizer.save_pretrained(staging)
+        run.task.write_artifacts(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # only a complete save becomes final/
+    barrier()
+    return final
 
 
 def write_adapter_dir(adapter: dict[str, torch.Tensor], lora_config, base_model: str, path: Path) -> None:
@@ -351,32 +340,29 @@ def write_adapter_dir(adapter: dict[str, torch.Tensor], lora_config, base_model:
     lora_config.save_pretrained(path)
 
 
-def load_checkpoint(run, path: Path, lora: bool) -> dict:
+def load_checkpoint(run: Run, path: Path) -> dict:
     """Restore model (or adapter), optimizer, scheduler and this rank's RNG from a verified checkpoint."""
     state = read_state(path)
     with weights_only_loading():
-        if PLUGINS[run.cfg.plugin.name].fsdp:
-            load_fsdp(run, path, lora)  # model (or adapter) and optimizer
-        else:
-            load_model_and_optimizer(run, path, lora)
+        run.plugin.read_model(run, path / "model")
+        run.plugin.read_optimizer(run, path / "optimizer")
         run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu"))
         set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
     barrier()
     return state
 
 
-def load_model_and_optimizer(run, path: Path, lora: bool) -> None:
-    """Weights (or the adapter) and optimizer state, for every plugin but FSDP."""
-    if lora:
-        load_adapter(run, read_adapter(path / "model"))
-    elif run.layout.replicated:
-        load_replicated_model(run, path / "model")
-    else:
-        run.booster.load_model(run.model, str(path / "model"))
-    if rank_local_optimizer(run):
-        run.optimizer.load_state_dict(torch.load(path / "optimizer" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
-    else:
-        run.booster.load_optimizer(run.optimizer, str(path / "optimizer"))
+RANK_OPTIMIZER = "rank_{}.pt"
+
+
+def save_rank_optimizer(run: Run, path: Path) -> None:
+    """This rank's own optimizer state, as is (reloaded by the same layout)."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(run.optimizer.state_dict(), path / RANK_OPTIMIZER.format(dist.get_rank()))
+
+
+def load_rank_optimizer(run: Run, path: Path) -> None:
+    run.optimizer.load_state_dict(torch.load(path / RANK_OPTIMIZER.format(dist.get_rank()), map_location="cpu"))
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -389,7 +375,7 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_replicated_model(run, path: Path) -> None:
+def load_replicated_model(run: Run, path: Path) -> None:
     """Load full weights into every replica (tied weights were stored once), then into master copies."""
     module = run.model.unwrap()
     missing, unexpected = module.load_state_dict(read_safetensors_dir(path), strict=False)
@@ -405,7 +391,7 @@ def _check_fit(module: torch.nn.Module, missing: list[str], unexpected: list[str
         raise CheckpointError(f"resume_from: the checkpoint's weights do not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
 
 
-def _update_master_params(run) -> None:
+def _update_master_params(run: Run) -> None:
     """Optimizers that keep fp32 master copies must see weights loaded into the model."""
     if hasattr(run.model, "update_master_params"):  # LowLevelZero
         run.model.update_master_params()
@@ -413,17 +399,12 @@ def _update_master_params(run) -> None:
         run.optimizer.update_master_params(run.model)
 
 
-def init_adapter(run, path: Path) -> None:
+def init_adapter(run: Run, path: Path) -> None:
     """Start from the peft adapter in `path` (lora.init_from), under any plugin; every rank calls this."""
-    adapter, source = read_adapter(path), f"lora.init_from: the adapter in {path}"
-    if PLUGINS[run.cfg.plugin.name].fsdp:
-        with fsdp_full_state(run.model.module, rank0_only=False):
-            load_fsdp_adapter(run, adapter, source)
-    else:
-        load_adapter(run, adapter, source)
+    run.plugin.load_adapter(run, read_adapter(path), f"lora.init_from: the adapter in {path}")
 
 
-def load_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
+def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
     """Copy saved adapter weights into this rank's adapters, then into the optimizer's master copies.
 
     Args:
@@ -460,7 +441,7 @@ def load_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_fr
 FSDP_OPTIMIZER_FILE = "full_state.pt"
 
 
-def fsdp_inner_module(run) -> torch.nn.Module:
+def fsdp_inner_module(run: Run) -> torch.nn.Module:
     """The model FSDP wraps: the HF model, or the PeftModel under LoRA."""
     return run.model.module.module
 
@@ -484,16 +465,7 @@ def fsdp_full_state_dict(fsdp_module) -> dict:
         return fsdp_module.state_dict()
 
 
-def fsdp_full_states(run) -> tuple[dict, dict]:
-    """(model, optimizer) full state dicts on rank 0, keyed by parameter names; every rank takes part."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    root = run.model.module
-    with fsdp_full_state(root, rank0_only=True):
-        return root.state_dict(), FSDP.optim_state_dict(root, run.optimizer.optim)
-
-
-def fsdp_adapter_state(run, model_state: dict) -> dict[str, torch.Tensor]:
+def fsdp_adapter_state(run: Run, model_state: dict) -> dict[str, torch.Tensor]:
     """The adapter (peft's keys and selection) out of an FSDP-gathered full state dict."""
     from peft import get_peft_model_state_dict
 
@@ -501,35 +473,37 @@ def fsdp_adapter_state(run, model_state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in adapter.items()}
 
 
-def save_fsdp(run, staging: Path, lora_config) -> None:
-    """Gather the full weights (or the adapter) and optimizer state; rank 0 writes them."""
-    model_state, optimizer_state = fsdp_full_states(run)
-    if dist.get_rank() != 0:
-        return
-    if lora_config is not None:
-        write_adapter_dir(fsdp_adapter_state(run, model_state), lora_config, run.cfg.model.name, staging / "model")
-    else:
-        fsdp_inner_module(run).save_pretrained(staging / "model", state_dict=model_state, safe_serialization=True)
-    (staging / "optimizer").mkdir(exist_ok=True)
-    torch.save(optimizer_state, staging / "optimizer" / FSDP_OPTIMIZER_FILE)
+def save_fsdp_optimizer(run: Run, path: Path) -> None:
+    """The full (unflattened) optimizer state, keyed by parameter names, gathered and written by rank 0."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = run.model.module
+    with fsdp_full_state(root, rank0_only=True):
+        state = FSDP.optim_state_dict(root, run.optimizer.optim)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path / FSDP_OPTIMIZER_FILE)
 
 
-def load_fsdp(run, path: Path, lora: bool) -> None:
-    """Load the full weights (or the adapter) and the full optimizer state into this rank's FSDP shards."""
+def load_fsdp_optimizer(run: Run, path: Path) -> None:
+    """The full optimizer state, scattered into this rank's FSDP shards."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     root, optimizer = run.model.module, run.optimizer.optim
     with fsdp_full_state(root, rank0_only=False):
-        if lora:
-            load_fsdp_adapter(run, read_adapter(path / "model"))
-        else:
-            missing, unexpected = root.load_state_dict(read_safetensors_dir(path / "model"), strict=False)
-            _check_fit(fsdp_inner_module(run), missing, unexpected)
-        full_state = torch.load(path / "optimizer" / FSDP_OPTIMIZER_FILE, map_location="cpu")
+        full_state = torch.load(path / FSDP_OPTIMIZER_FILE, map_location="cpu")
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
 
 
-def load_fsdp_adapter(run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
+def load_fsdp_model(run: Run, path: Path) -> None:
+    """Full weights, read by every rank through the FSDP root, which keeps each rank's shard."""
+    root = run.model.module
+    with fsdp_full_state(root, rank0_only=False):
+        missing, unexpected = root.load_state_dict(read_safetensors_dir(path), strict=False)
+    _check_fit(fsdp_inner_module(run), missing, unexpected)
+
+
+def load_fsdp_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
     """peft's own key mapping (adapter file -> model), loaded through the FSDP root, which scatters the shards."""
     import types
 

@@ -27,10 +27,12 @@ from pathlib import Path
 import psutil
 import torch
 
+from finetune.errors import FinetuneError
+
 SUPPORTED_COLOSSALAI = "0.5.0"
 
 
-class CompatError(RuntimeError):
+class CompatError(FinetuneError):
     """ColossalAI is not the version these repairs were written for."""
 
 

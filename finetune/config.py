@@ -22,12 +22,14 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import DEFAULT_LORA_TARGETS, ENCODER_TYPES, LORA_TP_LAYERS, NAMED_CONFIGS, attention_heads, known_model_names, model_type, num_layers
-from finetune.booster import PLUGINS
+from finetune.architectures import NAMED_CONFIGS, architecture, attention_heads, known_model_names, model_type, num_layers
+from finetune.booster import PLUGINS, Plan
+from finetune.errors import FinetuneError
+from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.corpus import BUILTIN_SOURCES
 from finetune.tasks import TASKS as TASK_REGISTRY
 
-METHODS = ("full", "lora", "qlora")
+METHODS = tuple(METHOD_RECORDS)
 TASKS = tuple(TASK_REGISTRY)
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 TRUNCATION = ("truncate", "drop")
@@ -37,7 +39,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
 
 
-class ConfigError(ValueError):
+class ConfigError(FinetuneError):
     """A configuration problem, stated in one line."""
 
 
@@ -272,6 +274,8 @@ def build_config(settings: list[tuple[str, str, Any]]) -> Config:
         if opt not in spec.options:
             raise ConfigError(f"plugin.{opt}: not an option of plugin '{cfg.plugin.name}' (its options: {', '.join(spec.options)})")
         cfg.plugin.options[opt] = _coerce(f"plugin.{opt}", value, type(spec.options[opt]))
+    if spec:  # resolved once: from here on plugin.options holds every option of the plugin, defaults included
+        cfg.plugin.options = {**spec.options, **cfg.plugin.options}
     return cfg
 
 
@@ -310,7 +314,8 @@ def parse_split_slice(spec: str) -> tuple[SliceBound | None, SliceBound | None]:
     return bounds[0], bounds[1]
 
 
-def _choice(key: str, value: str, allowed) -> list[str]:
+def choice_problems(key: str, value: str, allowed) -> list[str]:
+    """A problem line when value is not one of allowed (with the closest one), else none."""
     if value in allowed:
         return []
     return [f"{key}: unknown value '{value}'{_closest(value, allowed)}; choose from {', '.join(allowed)}"]
@@ -318,32 +323,25 @@ def _choice(key: str, value: str, allowed) -> list[str]:
 
 def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     """Every problem with the configuration for this launch, each a line that names the fix."""
-    problems = _choice("task", cfg.task, TASKS) + _choice("method", cfg.method, METHODS)
+    problems = choice_problems("task", cfg.task, TASKS) + choice_problems("method", cfg.method, METHODS)
     problems += _quantization_problems(cfg, has_cuda)
-    problems += _choice("train.precision", cfg.train.precision, PRECISIONS)
-    problems += _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
-    problems += _choice("train.lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS)
-    problems += _choice("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
+    problems += choice_problems("train.precision", cfg.train.precision, PRECISIONS)
+    problems += choice_problems("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
+    problems += choice_problems("train.lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS)
+    problems += choice_problems("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
     spec = PLUGINS.get(cfg.plugin.name)
+    method = METHOD_RECORDS.get(cfg.method)
     if spec is None:
-        problems += _choice("plugin.name", cfg.plugin.name, sorted(PLUGINS))
+        problems += choice_problems("plugin.name", cfg.plugin.name, sorted(PLUGINS))
     else:
-        if cfg.method in ("lora", "qlora") and not spec.supports_lora:
+        if method and method.adapter and not spec.supports_lora:
             problems.append(f"method={cfg.method}: plugin '{cfg.plugin.name}' cannot hold LoRA adapters; use method=full or plugin.name=torch_ddp")
-        elif cfg.method == "qlora" and not spec.supports_qlora:
-            problems.append(f"method=qlora: plugin '{cfg.plugin.name}' cannot hold quantized weights ({spec.qlora_refusal}); use torch_ddp, low_level_zero or hybrid_parallel with pp_size>1")
+        elif method and method.quantized_base and spec.qlora_refusal:
+            problems.append(f"method={cfg.method}: plugin '{cfg.plugin.name}' cannot hold quantized weights ({spec.qlora_refusal}); use torch_ddp, low_level_zero or hybrid_parallel with pp_size>1")
         if not has_cuda and not spec.runs_on_cpu:
             problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; on CPU use low_level_zero (stage 1/2) or torch_ddp")
-        options = {**spec.options, **cfg.plugin.options}
-        if cfg.plugin.name == "low_level_zero" and options["stage"] not in (1, 2):
-            problems.append(f"plugin.stage: must be 1 or 2, got {options['stage']}")
-        if spec.fsdp:
-            for key, allowed in (("sharding_strategy", ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")), ("backward_prefetch", ("BACKWARD_PRE", "BACKWARD_POST"))):
-                problems += _choice(f"plugin.{key}", options[key], allowed)
-        if cfg.plugin.name == "gemini" and options["placement_policy"] not in ("static", "auto"):
-            problems.append(f"plugin.placement_policy: must be static or auto, got '{options['placement_policy']}'")
-        if cfg.plugin.name == "hybrid_parallel":
-            problems += _hybrid_problems(cfg, options, world_size, has_cuda)
+        if method:
+            problems += spec.problems(cfg, world_size, has_cuda)
     if not has_cuda and cfg.train.precision == "fp16":
         problems.append("train.precision=fp16: needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
     if not has_cuda and cfg.model.attn_implementation == "flash_attention_2":
@@ -352,7 +350,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
-    problems += _choice("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
+    problems += choice_problems("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
     for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
@@ -387,7 +385,7 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     """lora.init_from must be a peft adapter dir whose rank, alpha and targets are this run's."""
     if not cfg.lora.init_from:
         return []
-    if cfg.method not in ("lora", "qlora"):
+    if cfg.method in METHOD_RECORDS and not METHOD_RECORDS[cfg.method].adapter:
         return [f"lora.init_from is set but method={cfg.method} trains no adapter; use method=lora or drop lora.init_from"]
     path = Path(cfg.lora.init_from)
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (path / name).is_file()]
@@ -396,7 +394,7 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     import json
 
     saved = json.loads((path / "adapter_config.json").read_text())
-    targets = cfg.lora.target_modules or DEFAULT_LORA_TARGETS.get(model_type(cfg.model.name) or "", [])
+    targets = cfg.lora.target_modules or list(architecture(model_type(cfg.model.name)).lora_targets)
     for key, theirs, ours in (("r", saved.get("r"), cfg.lora.r), ("alpha", saved.get("lora_alpha"), cfg.lora.alpha)):
         if theirs != ours:
             return [f"lora.init_from: the adapter in {path} has {key}={theirs}, this run lora.{key}={ours}; set lora.{key}={theirs}"]
@@ -430,13 +428,13 @@ def output_problems(cfg: Config) -> list[str]:
 def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:
     """What is wrong with the quantization section, or with setting it for a method that does not quantize."""
     quant = cfg.quantization
-    if cfg.method != "qlora":
+    if cfg.method not in METHOD_RECORDS or not METHOD_RECORDS[cfg.method].quantized_base:
         if quant != QuantizationConfig():
             return [f"quantization.* is set but method={cfg.method} does not quantize; use method=qlora or drop the quantization keys"]
         return []
-    problems = _choice("quantization.bits", str(quant.bits), ("4", "8"))
-    problems += _choice("quantization.quant_type", quant.quant_type, ("nf4", "fp4"))
-    problems += _choice("quantization.compute_dtype", quant.compute_dtype, ("auto", *PRECISIONS))
+    problems = choice_problems("quantization.bits", str(quant.bits), ("4", "8"))
+    problems += choice_problems("quantization.quant_type", quant.quant_type, ("nf4", "fp4"))
+    problems += choice_problems("quantization.compute_dtype", quant.compute_dtype, ("auto", *PRECISIONS))
     if quant.bits == 8 and (quant.quant_type, quant.double_quant) != ("nf4", True):
         problems.append("quantization.quant_type and quantization.double_quant apply to 4-bit only; drop them with quantization.bits=8")
     if not has_cuda and quant.compute_dtype == "fp16":
@@ -447,7 +445,7 @@ def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:
 def _data_problems(cfg: Config) -> list[str]:
     """What is wrong with the data settings for this task, model and plugin."""
     data = cfg.data
-    problems = _choice("data.truncation", data.truncation, TRUNCATION)
+    problems = choice_problems("data.truncation", data.truncation, TRUNCATION)
     for key, path in (("data.train_path", data.train_path), ("data.eval_path", data.eval_path)):
         if not path:
             continue
@@ -464,45 +462,48 @@ def _data_problems(cfg: Config) -> list[str]:
             parse_split_slice(data.split_slice)
         except ValueError as err:
             problems.append(f"data.split_slice={data.split_slice}: {err}; use e.g. 500, 10% or 100:300")
-    classification = cfg.task == "classification"
+    classification = cfg.task in TASK_REGISTRY and TASK_REGISTRY[cfg.task].classification
     if data.labels and not classification:
         problems.append("data.labels: only for task=classification; remove it")
     if len(set(data.labels)) != len(data.labels):
         problems.append(f"data.labels: lists a label twice: {data.labels}")
     if data.packing and classification:
         problems.append("data.packing=true: only for causal-LM tasks (instruction, summarization, chat); set it to false")
-    if cfg.plugin.name == "hybrid_parallel":
-        if data.packing:
-            problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
     kind = model_type(cfg.model.name)
-    if cfg.plugin.name == "hybrid_parallel" and classification:
-        problems += _hybrid_classification_problems(cfg, kind)
-    if kind in ENCODER_TYPES and not classification:
+    if architecture(kind).encoder and not classification:
         problems.append(f"model.name={cfg.model.name} is an encoder ({kind}) and only serves task=classification; pick a causal LM for task={cfg.task}")
     return problems
 
 
-# Sequence classification under hybrid_parallel, checked against a single process (tests/test_fidelity.py
-# and by hand): RoBERTa through our policy (finetune.roberta_policy), GPT-2 and Llama through ColossalAI's.
-HYBRID_CLASSIFIERS = ("roberta", "gpt2", "llama")
-
-
-def _hybrid_classification_problems(cfg: Config, kind: str | None) -> list[str]:
-    """Which classifiers tensor/pipeline parallelism serves."""
-    if kind not in HYBRID_CLASSIFIERS:
-        return [f"task=classification with plugin hybrid_parallel supports RoBERTa, GPT-2 and Llama models (model.name={cfg.model.name} is {kind or 'of unknown type'}); use torch_ddp, low_level_zero or torch_fsdp"]
-    if kind == "llama" and {**PLUGINS["hybrid_parallel"].options, **cfg.plugin.options}["tp_size"] > 1:
-        # ColossalAI's Llama policy splits the `score` head by columns, which fails unless tp_size divides num_labels.
-        return ["task=classification for Llama with plugin.tp_size>1: ColossalAI 0.5.0 splits the classification head across tensor-parallel ranks (fails for most label counts); use pp_size>1 with tp_size=1, or torch_ddp / low_level_zero"]
+def _hybrid_classification_problems(cfg: Config, plan: Plan) -> list[str]:
+    """Which classifiers tensor/pipeline parallelism serves (checked against a single process: tests/test_fidelity.py)."""
+    kind = model_type(cfg.model.name)
+    served = architecture(kind).hybrid_classification
+    if not served:
+        fits = ", ".join(k for k, a in sorted(_architectures().items()) if a.hybrid_classification)
+        return [f"task=classification with plugin hybrid_parallel supports model types {fits} (model.name={cfg.model.name} is {kind or 'of unknown type'}); use torch_ddp, low_level_zero or torch_fsdp"]
+    if served == "pp" and plan.tp > 1:
+        return [f"task=classification for {architecture(kind).title} with plugin.tp_size>1: ColossalAI 0.5.0 splits the classification head across tensor-parallel ranks (fails for most label counts); use pp_size>1 with tp_size=1, or torch_ddp / low_level_zero"]
     return []
 
 
-def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_cuda: bool) -> list[str]:
+def _architectures():
+    from finetune.architectures import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+def hybrid_problems(cfg: Config, plan: Plan, world_size: int, has_cuda: bool) -> list[str]:
     """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
-    tp, pp = options["tp_size"], options["pp_size"]
+    options = cfg.plugin.options
+    tp, pp = plan.tp, plan.pp
     if tp < 1 or pp < 1:
         return [f"plugin.tp_size and plugin.pp_size must be at least 1, got {tp} and {pp}"]
     problems = []
+    if cfg.data.packing:
+        problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
+    if TASK_REGISTRY[cfg.task].classification:
+        problems += _hybrid_classification_problems(cfg, plan)
     if world_size % (tp * pp):
         problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
     heads = attention_heads(cfg.model.name)
@@ -516,9 +517,10 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
         problems.append(f"plugin.zero_stage: must be 0, 1 or 2, got {options['zero_stage']}")
     elif options["zero_stage"] and cfg.train.precision == "fp32":
         problems.append("plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16 (or fp16 on CUDA); ColossalAI's hybrid ZeRO has no fp32 mode")
-    if tp > 1 and cfg.method == "qlora":
-        problems.append("method=qlora with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
-    if tp > 1 and cfg.method == "lora":
+    method = METHOD_RECORDS[cfg.method]
+    if tp > 1 and method.quantized_base:
+        problems.append(f"method={cfg.method} with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
+    elif tp > 1 and method.adapter:
         problems += _lora_tp_problems(cfg, options)
     if options["pp_style"] not in ("1f1b", "interleaved"):
         problems.append(f"plugin.pp_style: must be 1f1b or interleaved, got '{options['pp_style']}'")
@@ -530,12 +532,12 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
             problems.append("plugin.pp_size>1 needs plugin.num_microbatches (or plugin.microbatch_size) for the pipeline schedule")
         elif cfg.train.batch_size % (micro or size):
             problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.{'num_microbatches' if micro else 'microbatch_size'}={micro or size}")
-        elif (micro or cfg.train.batch_size // size) < pp:
+        elif plan.num_microbatches < pp:
             problems.append(f"the pipeline schedule needs at least pp_size={pp} micro-batches per step; raise plugin.num_microbatches or train.batch_size")
-        elif options["pp_style"] == "interleaved" and (micro or cfg.train.batch_size // size) % pp:
+        elif options["pp_style"] == "interleaved" and plan.num_microbatches % pp:
             problems.append(f"the interleaved schedule needs a multiple of pp_size={pp} micro-batches per step")
-        layers, chunks = num_layers(cfg.model.name), pp * options["num_model_chunks"]
-        if layers and cfg.method in ("lora", "qlora") and layers < chunks:
+        layers, chunks = num_layers(cfg.model.name), pp * plan.chunks
+        if layers and method.adapter and layers < chunks:
             problems.append(f"method={cfg.method} with {chunks} pipeline chunks: {cfg.model.name} has {layers} layers, so some chunk would hold no adapter to train; use fewer chunks or stages")
         if options["zero_stage"] == 2:
             problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
@@ -550,10 +552,11 @@ def _hybrid_problems(cfg: Config, options: dict[str, Any], world_size: int, has_
 def _lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
     """What LoRA under tensor parallelism (finetune.lora_tp) cannot adapt in this config."""
     kind = model_type(cfg.model.name)
-    if kind not in LORA_TP_LAYERS:
-        return [f"method=lora with plugin.tp_size>1 supports model types {', '.join(LORA_TP_LAYERS)}; {cfg.model.name} is {kind or 'of unknown type'}: use tp_size=1 (pipeline/data parallel) or method=full"]
-    layers = LORA_TP_LAYERS[kind]
-    targets = cfg.lora.target_modules or DEFAULT_LORA_TARGETS[kind]
+    layers = architecture(kind).lora_tp_layers
+    if not layers:
+        served = ", ".join(sorted(k for k, a in _architectures().items() if a.lora_tp_layers))
+        return [f"method=lora with plugin.tp_size>1 supports model types {served}; {cfg.model.name} is {kind or 'of unknown type'}: use tp_size=1 (pipeline/data parallel) or method=full"]
+    targets = cfg.lora.target_modules or list(architecture(kind).lora_targets)
     unsupported = [t for t in targets if t not in layers]
     if unsupported:
         return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
@@ -576,8 +579,13 @@ def load_config(argv: list[str], world_size: int | None = None, has_cuda: bool =
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data, plugin options written flat as in the YAML files."""
     tree = dataclasses.asdict(cfg)
-    tree["plugin"] = {"name": cfg.plugin.name, **PLUGINS[cfg.plugin.name].options, **cfg.plugin.options}
+    tree["plugin"] = {"name": cfg.plugin.name, **cfg.plugin.options}
     return tree
+
+
+def parallel_plan(cfg: Config, world_size: int) -> Plan:
+    """tp / pp / dp and micro-batches per step of this config on world_size processes (the one place they are derived)."""
+    return PLUGINS[cfg.plugin.name].plan(cfg.plugin.options, cfg.train.batch_size, world_size)
 
 
 def help_text() -> str:

@@ -41,7 +41,7 @@ NON_PAD_TOKENS = "non_pad_tokens"  # a batch entry that counts tokens for throug
 class Splits:
     """Checked records of a run, before tokenization (cheap: built before the model)."""
 
-    task: str
+    task: Task  # built once, with what it learned from the training records (its label set)
     train: list[dict]
     eval: list[dict]
     labels: list[str] | None  # classification: the label set, class id = position
@@ -121,12 +121,7 @@ def load_splits(cfg_data: DataConfig, seed: int, task: str = "instruction") -> S
     """Train and eval records, checked row by row (cheap: run it before building the model)."""
     checker = build_task(task, cfg_data)
     records = load_records(cfg_data.train_path, checker)
-    labels = None
-    if checker.classification:
-        from finetune.tasks.classification import label_set
-
-        labels = label_set(records, cfg_data.labels, cfg_data.train_path)
-        checker = checker.with_labels(labels)
+    checker = checker.with_records(records, cfg_data.train_path)  # e.g. classification's label set
     if cfg_data.eval_path:
         train_records, eval_records, eval_source = records, load_records(cfg_data.eval_path, checker), cfg_data.eval_path
     else:
@@ -136,7 +131,7 @@ def load_splits(cfg_data: DataConfig, seed: int, task: str = "instruction") -> S
     if 0 < cfg_data.max_eval_samples < len(eval_records):  # a seeded sample: files sorted by class stay represented
         keep = sorted(random.Random(seed).sample(range(len(eval_records)), cfg_data.max_eval_samples))
         eval_records = [eval_records[i] for i in keep]
-    return Splits(task, train_records, eval_records, labels, cfg_data.train_path, eval_source)
+    return Splits(checker, train_records, eval_records, checker.labels_or_none, cfg_data.train_path, eval_source)
 
 
 def tokenize_records(task: Task, tokenizer, records: list[dict], cfg_data: DataConfig, source: str, split: str) -> tuple[list[dict], int, int]:
@@ -168,7 +163,7 @@ def tokenize_records(task: Task, tokenizer, records: list[dict], cfg_data: DataC
 
 def build_data(cfg_data: DataConfig, tokenizer, splits: Splits) -> SplitData:
     """Tokenize the splits, or load them from the cache when the same files, tokenizer and settings were seen before."""
-    task = build_task(splits.task, cfg_data, splits.labels or ())
+    task = splits.task
     task.prepare_tokenizer(tokenizer)
     path = cache_path(cfg_data, splits, tokenizer) if cfg_data.cache else None
     if path is not None and path.is_file():
@@ -215,7 +210,7 @@ def cache_path(cfg_data: DataConfig, splits: Splits, tokenizer) -> Path:
     key = {
         "format": CACHE_FORMAT,
         "code": hashlib.sha256(b"".join(p.read_bytes() for p in _CODE)).hexdigest(),
-        "task": splits.task,
+        "task": splits.task.name,
         "labels": splits.labels,
         "rows": [[r["_row"] for r in splits.train], [r["_row"] for r in splits.eval]],  # which records, after split and slice
         "settings": settings,
@@ -224,7 +219,7 @@ def cache_path(cfg_data: DataConfig, splits: Splits, tokenizer) -> Path:
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return assets.cache_dir() / "data" / f"{splits.task}-{digest}.npz"
+    return assets.cache_dir() / "data" / f"{splits.task.name}-{digest}.npz"
 
 
 def _flat(samples: list[dict], prefix: str) -> dict[str, np.ndarray]:
@@ -301,3 +296,25 @@ def non_pad_tokens(batch: dict[str, torch.Tensor]) -> int:
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch the model takes."""
     return {k: v for k, v in batch.items() if k != NON_PAD_TOKENS}
+
+
+def batches_forever(dataloader, grad_accum_steps: int, steps_per_epoch: int, start_step: int = 0):
+    """Yield (epoch, micro-batches of one optimizer step), reshuffling each epoch.
+
+    Resuming after `start_step` steps continues with the next unseen batch: the sampler's order depends
+    only on train.seed and the epoch, so the batches already consumed in that epoch are skipped.
+    """
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    skip *= grad_accum_steps
+    while True:
+        if hasattr(dataloader.sampler, "set_epoch"):
+            dataloader.sampler.set_epoch(epoch)
+        micro_batches = []
+        for index, batch in enumerate(dataloader):
+            if index < skip:
+                continue
+            micro_batches.append(batch)
+            if len(micro_batches) == grad_accum_steps:
+                yield epoch, micro_batches
+                micro_batches = []
+        epoch, skip = epoch + 1, 0

@@ -49,9 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL
+from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL, architecture
 from finetune.booster import PLUGINS
-from finetune.config import Config, ConfigError, build_config, parse_args, to_dict, validate
+from finetune.config import Config, ConfigError, build_config, parallel_plan, parse_args, validate
+from finetune.errors import FinetuneError
+from finetune.methods import method_named
 
 GIB = 1024**3
 MIB = 1024**2
@@ -76,10 +78,9 @@ CUDA_CONTEXT_BYTES = 512 * MIB
 ESTIMATOR_KEYS = {"world_size": int, "seq_len": int, "device": str}
 SHORT_KEYS = {"model": "model.name", "batch_size": "train.batch_size", "precision": "train.precision", "optimizer": "train.optimizer"}
 DEVICES = ("cuda", "cpu")
-ENCODER_TYPES = ("roberta", "bert", "xlm-roberta", "distilbert")  # fine-tuned as classifiers, not causal LMs
 
 
-class EstimateError(ValueError):
+class EstimateError(FinetuneError):
     """The estimate cannot be made as asked, stated in one line."""
 
 
@@ -175,7 +176,7 @@ def load_model_config(name: str):
 
 def is_classifier(config) -> bool:
     """Encoder-only models are fine-tuned as sequence classifiers (encoder + classification head)."""
-    return config.model_type in ENCODER_TYPES
+    return architecture(config.model_type).encoder
 
 
 def build_meta_model(config):
@@ -261,7 +262,7 @@ def model_shape(config, method: str, cfg_lora=None) -> ModelShape:
     model = build_meta_model(config)
     layers = _layer_list(model)
     projections = _projections(model)  # before adapters: the base model's own
-    if method in ("lora", "qlora"):
+    if method_named(method).adapter:
         _add_lora(model, cfg_lora)
     params = _unique(model.parameters())
     layer0 = _unique(layers[0].parameters())
@@ -290,7 +291,7 @@ def model_shape(config, method: str, cfg_lora=None) -> ModelShape:
         layers=len(layers),
         vocab=config.vocab_size if not is_classifier(config) else config.num_labels,
         rms_norm=any("RMSNorm" in type(m).__name__ for m in layers[0].modules()),
-        upcast_softmax=config.model_type in ("llama", "mistral", "qwen2"),
+        upcast_softmax=architecture(config.model_type).upcast_softmax,
         mlp_saved=_mlp_saved_tensors(config, layers[0]),
         saved_inputs=_saved_inputs(layers[0], cfg_lora.dropout if adapted else 0.0),
         norms_trainable=all(p.requires_grad for m in layers[0].modules() if "Norm" in type(m).__name__ for p in m.parameters()),
@@ -365,18 +366,14 @@ class Placement:
     reduce_bucket: int = 0  # elements of ZeRO's flat gradient-reduce bucket
 
 
-def _options(cfg: Config) -> dict[str, Any]:
-    return to_dict(cfg)["plugin"]
-
-
 def _half(cfg: Config) -> bool:
     return cfg.train.precision in ("bf16", "fp16")
 
 
-def _ddp(cfg: Config, world: int) -> Placement:
+def ddp_placement(cfg: Config, world: int) -> Placement:
     """TorchDDP: a full fp32 replica; bf16/fp16 is autocast in the training step."""
     compute = 2 if _half(cfg) else 4
-    return Placement(dp=world, compute_bytes=compute, autocast_copies=_half(cfg), grad_copies=1 if _options(cfg)["gradient_as_bucket_view"] else 2)
+    return Placement(dp=world, compute_bytes=compute, autocast_copies=_half(cfg), grad_copies=1 if cfg.plugin.options["gradient_as_bucket_view"] else 2)
 
 
 def _cast(cfg: Config, **layout) -> Placement:
@@ -385,9 +382,9 @@ def _cast(cfg: Config, **layout) -> Placement:
     return Placement(weight_bytes=element, compute_bytes=element, residual_bytes=element, eval_half=_half(cfg), grad_bytes=element, **layout)
 
 
-def _zero(cfg: Config, world: int, dp: int | None = None, stage: int | None = None, offload: bool | None = None, master: bool | None = None) -> Placement:
+def zero_placement(cfg: Config, world: int, dp: int | None = None, stage: int | None = None, offload: bool | None = None, master: bool | None = None) -> Placement:
     """LowLevelZero: model cast to the run's dtype; fp32 master and optimizer states sharded (stage 2: gradients too)."""
-    options = _options(cfg)
+    options = cfg.plugin.options
     dp = world if dp is None else dp
     stage = options["stage"] if stage is None else stage
     offload = options["cpu_offload"] if offload is None else offload
@@ -405,9 +402,9 @@ def _zero(cfg: Config, world: int, dp: int | None = None, stage: int | None = No
     )
 
 
-def _gemini(cfg: Config, world: int) -> Placement:
+def gemini_placement(cfg: Config, world: int) -> Placement:
     """Gemini: half-precision chunks sharded by shard_param_frac; gradients reuse the parameter chunks."""
-    options = _options(cfg)
+    options = cfg.plugin.options
     shard = options["shard_param_frac"]
     return Placement(
         dp=world,
@@ -425,13 +422,13 @@ def _gemini(cfg: Config, world: int) -> Placement:
     )
 
 
-def _fsdp(cfg: Config, world: int) -> Placement:
+def fsdp_placement(cfg: Config, world: int) -> Placement:
     """FSDP: fp32 flat shards (the master), gathered in the compute dtype one unit at a time.
 
     train.py wraps full fine-tuning as one FSDP unit (no auto-wrap policy) and LoRA with peft's policy
     (a unit per transformer layer), so full fine-tuning gathers the whole model for compute.
     """
-    options = _options(cfg)
+    options = cfg.plugin.options
     sharded = world if options["sharding_strategy"] != "NO_SHARD" else 1
     element = 2 if _half(cfg) else 4
     return Placement(
@@ -444,32 +441,26 @@ def _fsdp(cfg: Config, world: int) -> Placement:
         optim_shards=sharded,
         optim_offload=1.0 if options["cpu_offload"] else 0.0,
         param_offload=1.0 if options["cpu_offload"] else 0.0,
-        gathered="model" if cfg.method == "full" else "layers",
+        gathered="layers" if method_named(cfg.method).adapter else "model",
     )
 
 
-def _hybrid(cfg: Config, world: int) -> Placement:
+def hybrid_placement(cfg: Config, world: int) -> Placement:
     """HybridParallel: tp x pp x dp; half precision keeps an fp32 master (zero_stage 1: ZeRO over dp)."""
-    options = _options(cfg)
-    tp, pp = options["tp_size"], options["pp_size"]
-    dp = max(1, world // (tp * pp))
-    micro = options["num_microbatches"] or (cfg.train.batch_size // options["microbatch_size"] if options["microbatch_size"] else 1)
-    layout = dict(tp=tp, pp=pp, microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"], interleaved=options["pp_style"] == "interleaved")
+    options, plan = cfg.plugin.options, parallel_plan(cfg, world)
+    tp, pp, dp = plan.tp, plan.pp, plan.dp
+    layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved")
     if options["zero_stage"]:
-        return dataclasses.replace(_zero(cfg, world, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
+        return dataclasses.replace(zero_placement(cfg, world, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
     # Without ZeRO and without a pipeline, data parallelism is torch DDP inside the plugin (buckets).
     ddp_buckets = 2 if dp > 1 and pp == 1 else 1
     master = 4 if _half(cfg) else 0
     return _cast(cfg, dp=dp, **layout, grad_copies=ddp_buckets, master_bytes=master, step_grad_bytes=master)
 
 
-# plugin name -> its layout; booster_configs/ files are options of these five plugins.
-PLACEMENTS = {"torch_ddp": _ddp, "low_level_zero": _zero, "gemini": _gemini, "torch_fsdp": _fsdp, "hybrid_parallel": _hybrid}
-
-
 def placement(cfg: Config, world_size: int) -> Placement:
-    """The per-rank layout of cfg's plugin on world_size processes."""
-    return PLACEMENTS[cfg.plugin.name](cfg, world_size)
+    """Where this config's plugin puts weights, gradients and states (the plugin object says)."""
+    return PLUGINS[cfg.plugin.name].placement(cfg, world_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,7 +611,7 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
     place = placement(cfg, world_size)
     if device == "cpu":  # host memory is the device: offloading moves nothing
         place = dataclasses.replace(place, optim_offload=0.0, param_offload=0.0)
-    quant = (quantization or Quantization()) if cfg.method == "qlora" else None
+    quant = (quantization or Quantization()) if method_named(cfg.method).quantized_base else None
     per_rank_layers = pipeline_layers(shape.layers, place.pp, place.chunks if place.interleaved else 1)
     seq = seq_len or cfg.data.max_length
     setup = {
@@ -628,7 +619,7 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
         "model_class": shape.model_class,
         "method": cfg.method,
         "plugin": cfg.plugin.name,
-        "plugin_options": _options(cfg),
+        "plugin_options": cfg.plugin.options,
         "world_size": world_size,
         "dp": place.dp,
         "tp": place.tp,
@@ -722,8 +713,8 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     on this rank still saved; checkpointing keeps only each layer's input and recomputes one layer.
     """
     tokens = cfg.train.batch_size // place.microbatches * seq
-    gpt2_under_shardformer = shape.model_type == "gpt2" and cfg.plugin.name == "hybrid_parallel"  # see model.attention_for
-    attention = "eager" if cfg.model.attn_implementation == "eager" or gpt2_under_shardformer else "sdpa"
+    eager_under_shardformer = PLUGINS[cfg.plugin.name].shardformer and not architecture(shape.model_type).sdpa_under_shardformer  # see model.attention_for
+    attention = "eager" if cfg.model.attn_implementation == "eager" or eager_under_shardformer else "sdpa"
     layer = layer_activation_bytes(shape, place, seq, device, attention)
     outside = outside_activation_bytes(shape, place, device, share.first, share.last)
     layers_held = in_flight(place, rank) * share.layers / (place.chunks if place.interleaved else 1)
@@ -745,7 +736,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
             place, weight_bytes=compute, compute_bytes=compute, residual_bytes=compute, eval_half=compute == 2, autocast_copies=False,
             grad_bytes=4, master_bytes=0, state_bytes=4, step_grad_bytes=0,
         )
-    share = rank_share(shape, place, cfg.method == "full", rank, layers)
+    share = rank_share(shape, place, method_named(cfg.method).full, rank, layers)
     state = state_bytes(shape, place, share, cfg.train.optimizer, device, quant)
     train, checkpointed, evaluation = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank)
     process = CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
@@ -943,7 +934,7 @@ def main(argv: list[str]) -> int:
     as_json = "--json" in argv
     try:
         est = estimate_request([a for a in argv if a != "--json"])
-    except (ConfigError, EstimateError) as err:
+    except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(est.to_dict(), indent=2) if as_json else format_table(est))

@@ -148,3 +148,39 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
         texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     model.train(was_training)
     return texts
+
+
+def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe: list[dict], device) -> dict:
+    """Rank 0: load the base and then final/ the way a user would; generate with both (generating tasks), score the probe.
+
+    Args:
+        method: the run's finetune.methods.Method (adapter dirs load onto a fresh base; full ones alone).
+        task: the run's task (its model head, metrics and prompts).
+    """
+    import transformers
+
+    from finetune.model import base_quantization, build_model
+
+    prompt_ids = [task.prompt_ids(tokenizer, r) for r in prompts]
+    # Named configs: the same seed gives the same base. QLoRA adapters go onto a freshly quantized base.
+    base, _ = build_model(cfg.model, cfg.train.seed, labels=task.labels_or_none, quantization=base_quantization(cfg), precision=cfg.train.precision)
+    movable = not method.quantized_base  # a quantized model is loaded onto its device, and transformers refuses to move 8-bit ones
+    if movable:
+        base.to(device)
+    before = generate(base, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
+    if method.adapter:
+        from peft import PeftModel
+
+        reloaded, loader = PeftModel.from_pretrained(base, str(final)), "PeftModel.from_pretrained"
+    else:
+        auto_model = getattr(transformers, task.auto_model)
+        del base
+        reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32), f"{auto_model.__name__}.from_pretrained"
+    if movable:
+        reloaded.to(device)
+    reloaded.eval()
+    after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
+    forward = module_batch_loss(reloaded) if task.eval_output == "loss" else module_logits(reloaded)
+    probe_loss = task.evaluate(forward, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None)["loss"]
+    generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
+    return {"loader": loader, "probe_loss": probe_loss, "generations": generations}

@@ -23,13 +23,14 @@ import torch
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from finetune import checkpoint
-from finetune.config import Config, ConfigError, build_config, from_dict, parse_args
-from finetune.model import ModelError, build_model
+from finetune.config import Config, build_config, from_dict, parse_args
+from finetune.errors import FinetuneError
+from finetune.model import build_model
 
 LOGITS_TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(FinetuneError):
     """The source cannot be exported as asked."""
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         report = export(Path(argv[0]), Path(argv[1]))
-    except (ExportError, ConfigError, ModelError, checkpoint.CheckpointError) as err:
+    except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     what = "adapter merged into the full-precision base" if report["merged_adapter"] else "full weights"

@@ -19,11 +19,13 @@ import socket
 import sys
 from pathlib import Path
 
+from finetune.errors import FinetuneError
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "finetune/train.py"
 
 
-class LaunchError(ValueError):
+class LaunchError(FinetuneError):
     """A launch that cannot work, said in one line."""
 
 

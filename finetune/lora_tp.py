@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.errors import FinetuneError
+
 ADAPTER = "default"  # peft's adapter name; one adapter per model here
 
 
-class LoraTensorParallelError(ValueError):
+class LoraTensorParallelError(FinetuneError):
     """A LoRA layer cannot be sharded for tensor parallelism."""
 
 

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from finetune import assets, compat, patches, quantization
-from finetune.architectures import DEFAULT_LORA_TARGETS, NAMED_CONFIGS
-from finetune.config import LoraConfig, ModelConfig, QuantizationConfig
+from finetune.architectures import NAMED_CONFIGS, architecture
+from finetune.config import Config, LoraConfig, ModelConfig, QuantizationConfig
+from finetune.errors import FinetuneError
 
 
-class ModelError(ValueError):
+class ModelError(FinetuneError):
     """The model cannot be built as configured."""
 
 
@@ -54,14 +55,10 @@ def resolve_source(name: str) -> ModelSource:
 
 
 def attention_for(model_type: str, requested: str, shardformer: bool) -> str:
-    """The attention implementation to build with.
-
-    Under ColossalAI's shardformer, GPT-2 receives a 2-D padding mask with which transformers' sdpa
-    path runs NON-causal attention (a silent 4.5e-3 loss error even at tp=1): use eager there.
-    """
-    if model_type == "gpt2" and shardformer:
+    """The attention implementation to build with (the architecture record says where sdpa is wrong)."""
+    if shardformer and not architecture(model_type).sdpa_under_shardformer:
         if requested == "sdpa":
-            raise ModelError("model.attn_implementation=sdpa is wrong for GPT-2 under hybrid_parallel (non-causal attention); use auto or eager")
+            raise ModelError(f"model.attn_implementation=sdpa is wrong for {architecture(model_type).title} under hybrid_parallel (non-causal attention); use auto or eager")
         return "eager"
     return "sdpa" if requested == "auto" else requested
 
@@ -92,7 +89,8 @@ def build_model(
     source = resolve_source(cfg_model.name)
     if source.kind == "named":
         model_type, overrides = NAMED_CONFIGS[source.name]
-        tokenizer = assets.roberta_tokenizer() if model_type == "roberta" else assets.gpt2_tokenizer()
+        # Named configs use GPT-2's BPE; encoders get it laid out the RoBERTa way (<s>, <pad>, </s>, <unk>).
+        tokenizer = assets.roberta_tokenizer() if architecture(model_type).encoder else assets.gpt2_tokenizer()
         config = AutoConfig.for_model(model_type, **{**overrides, **head_config(labels, tokenizer)})
         torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
         attention = attention_for(model_type, cfg_model.attn_implementation, shardformer)
@@ -122,6 +120,13 @@ def build_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def base_quantization(cfg: Config) -> QuantizationConfig | None:
+    """How the frozen base is quantized: the quantization section for a method with a quantized base, else not at all."""
+    from finetune.methods import method_named
+
+    return cfg.quantization if method_named(cfg.method).quantized_base else None
 
 
 def head_config(labels: list[str] | None, tokenizer) -> dict:
@@ -187,7 +192,8 @@ def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
     model_type = model.config.model_type
-    targets = cfg_lora.target_modules or DEFAULT_LORA_TARGETS.get(model_type)
+    arch = architecture(model_type)
+    targets = cfg_lora.target_modules or list(arch.lora_targets)
     if not targets:
         raise ModelError(f"lora.target_modules: no default for model type '{model_type}'; set it, e.g. lora.target_modules=[q_proj,v_proj]")
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -200,7 +206,7 @@ def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
         lora_alpha=cfg_lora.alpha,
         lora_dropout=cfg_lora.dropout,
         target_modules=list(targets),
-        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
+        fan_in_fan_out=arch.conv1d,  # e.g. GPT-2 stores its projections as Conv1D (in, out)
         # SEQ_CLS: peft trains the new classification head (`classifier` / `score`) in full beside the
         # adapters and saves it with them.
         task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from finetune.config import Config
+    from finetune.run import Run
 
 
 class RunOutputs:
@@ -110,3 +116,150 @@ def tee_rank_output(output_dir: str, rank: int) -> Path:
     log = path.open("w", buffering=1)
     sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
     return path
+
+
+# --- the run's records, written by rank 0 --------------------------------------------------------
+
+
+def start_outputs(cfg: Config, resume_state: dict | None) -> RunOutputs:
+    """Rank 0: the run dir, emptied of an overwritten run's results, with the resolved config written."""
+    from finetune import checkpoint
+    from finetune.config import to_dict
+
+    if cfg.overwrite_output_dir:
+        for name in ("final", "final.partial", checkpoint.CHECKPOINTS, "summary.json", "generations.json"):
+            path = Path(cfg.output_dir) / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    writer = RunOutputs(cfg.output_dir, resume_state["step"] if resume_state else None)
+    writer.write_config(to_dict(cfg))
+    return writer
+
+
+def resumed_history(writer: RunOutputs, start_step: int) -> tuple[list[int], list[float], list[dict]]:
+    """Steps, losses and evals a resumed run had logged before its checkpoint (empty for a new run)."""
+    records = [r for r in writer.read_metrics() if 0 < r["step"] <= start_step] if start_step else []
+    train = [r for r in records if "loss" in r]
+    evals = [{"step": r["step"], **{k.removeprefix("eval_"): v for k, v in r.items() if k.startswith("eval_") and k != "eval_best"}} for r in records if "eval_loss" in r]
+    return [r["step"] for r in train], [r["loss"] for r in train], evals
+
+
+def step_metrics(step: int, epoch: int, loss: float, lr: float, tokens: int, elapsed: float, memory) -> dict:
+    """A metrics.jsonl line of a training step (a step skipped for a non-finite loss says so)."""
+    import math
+
+    if not math.isfinite(loss):
+        return {"step": step, "epoch": epoch, "skipped": "non-finite loss"}
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "step_s": elapsed,
+        "memory": {"current_bytes": memory.current_bytes, "peak_bytes": memory.peak_bytes},
+    }
+
+
+def eval_metrics(step: int, result: dict) -> dict:
+    """A metrics.jsonl line of an eval result."""
+    return {"step": step, **{f"eval_{k}": v for k, v in result.items() if k not in ("tokens", "samples")}}
+
+
+def first_eval(writer: RunOutputs, result: dict, start_step: int) -> dict:
+    """The eval "before training": logged now for a new run; a resumed run keeps the one its first launch logged."""
+    logged = [r for r in writer.read_metrics() if r["step"] == 0 and "eval_loss" in r] if start_step else []
+    if logged:
+        return {k.removeprefix("eval_"): v for k, v in logged[0].items() if k.startswith("eval_")}
+    writer.log_metrics(eval_metrics(0, result))
+    return result
+
+
+def finish(writer: RunOutputs, run: Run, data, history: dict, evals: tuple[dict, dict], memory: dict, reload: dict, parameter_changes: dict, digests: list, final: Path, facts: dict, profiler, packed_dataloader) -> None:
+    """Rank 0 after training: generations.json, the last and best eval, loss.png, summary.json and the closing report."""
+    import torch.distributed as dist
+
+    from finetune.config import to_dict
+    from finetune.estimate import compare_with_run
+    from finetune.evaluation import best_eval
+
+    cfg = run.cfg
+    eval_before, eval_after = evals
+    generations = reload.pop("generations")
+    writer.write_json("generations.json", generations)
+    all_evals = [{"step": 0, **eval_before}, *history["eval_history"], {"step": facts["total_steps"], **eval_after}]
+    best, last = best_eval(all_evals), all_evals[-1]
+    writer.log_metrics({**eval_metrics(facts["total_steps"], eval_after), "eval_best": best})  # the last eval, and the best
+    writer.plot_loss(history["steps"], history["losses"], [(e["step"], e["loss"]) for e in all_evals])
+    memory["estimate"] = compare_with_run(cfg, dist.get_world_size(), facts["seq_len"], memory)
+    summary = {
+        "model": cfg.model.name,
+        "task": cfg.task,
+        "method": cfg.method,
+        "plugin": cfg.plugin.name,
+        "plugin_options": to_dict(cfg)["plugin"],
+        "world_size": dist.get_world_size(),
+        "data_parallel_size": run.layout.dp_size,
+        "precision": cfg.train.precision,
+        "trainable_params": facts["trainable"],
+        "all_params": facts["total"],
+        "steps": facts["total_steps"],
+        "epochs": facts["total_steps"] / facts["steps_per_epoch"],
+        "final_loss": history["losses"][-1],
+        "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"], "best": best, "last": last},
+        "throughput": history["throughput"],
+        "memory": memory,
+        "checks": {**parameter_changes, "replica_digests": digests, "replicas_identical": len(set(digests)) == 1 if digests else None},
+        "reload": reload,
+        "data": {
+            "train_samples": len(data.train),
+            "eval_samples": len(data.eval),
+            "truncated": data.truncated,
+            "dropped": data.dropped,
+            "packed_rows": len(packed_dataloader.dataset) if packed_dataloader is not None else None,
+            "labels": data.labels,
+            "cache": data.cache,
+        },
+        "final_dir": str(final),
+        "resumed_from": {"checkpoint": str(facts["resume"]), "step": facts["start_step"]} if facts["resume"] else None,
+        "checkpoints": [str(path) for path in _complete_checkpoints(cfg.output_dir)],
+        "wall_s": time.perf_counter() - facts["wall_start"],
+    }
+    summary["artifacts"] = writer.artifacts()
+    writer.write_json("summary.json", summary)
+    print_report(summary, generations, profiler)
+
+
+def _complete_checkpoints(output_dir: str) -> list[Path]:
+    from finetune.checkpoint import complete_checkpoints
+
+    return complete_checkpoints(output_dir)
+
+
+def print_report(summary: dict, generations: list[dict], profiler) -> None:
+    """The closing report on rank 0."""
+    from finetune.evaluation import eval_line
+    from finetune.model import trainable_line
+    from finetune.profiler import GB
+
+    ev = summary["eval"]
+    print("\n" + "=" * 78)
+    print(f"{summary['method']} fine-tune of {summary['model']} with {summary['plugin']} on {summary['world_size']} rank(s), {summary['steps']} steps")
+    print(trainable_line(summary["trainable_params"], summary["all_params"]))
+    print(f"eval before: {eval_line(ev['before'])}\neval after:  {eval_line(ev['after'])}\neval best:   {eval_line(ev['best'])} (step {ev['best']['step']})")
+    print(f"throughput: {summary['throughput']['tokens_per_s']:.0f} non-pad tokens/s over all ranks")
+    print("memory:")
+    for stage in profiler.stages:
+        print("  " + profiler.format(stage))
+    estimate = summary["memory"]["estimate"]
+    if estimate.get("ratio_measured_to_predicted"):
+        print(f"  predicted train_step_peak: {estimate['predicted_train_step_peak_bytes'] / GB:.2f}GB (measured/predicted {estimate['ratio_measured_to_predicted']:.2f})")
+    for g in generations:
+        print(f"\nprompt:    {g['prompt']}\nreference: {g['reference']}\nbefore:    {g['before']}\nafter:     {g['after']}")
+    reload = summary["reload"]
+    size = sum(v for k, v in summary["artifacts"].items() if k.startswith("final/"))
+    print(f"\nsaved: {summary['final_dir']} ({size / 1e6:.1f} MB)")
+    verdict = "ok" if reload["ok"] else "MISMATCH"
+    print(f"reloaded with {reload['loader']}: probe loss {reload['probe_loss']:.6f} vs trained {reload['trained_probe_loss']:.6f} ({verdict})")
+    print(f"outputs: {Path(summary['final_dir']).parent}/ (summary.json, metrics.jsonl, loss.png, generations.json, config.yaml)")
+    print(f"wall time: {summary['wall_s']:.0f} s")

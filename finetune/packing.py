@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from finetune.data import IGNORE_INDEX, NON_PAD_TOKENS
+from finetune.architectures import ARCHITECTURES, architecture
 
-NATIVE_BLOCK_MASK = ("llama", "mistral", "qwen2")  # model types whose 4.51 code uses a 4-D attention mask as given
 GPT2_PACKED = "gpt2_packed"
 
 
@@ -101,16 +101,17 @@ def packed_attention(model) -> str:
     from finetune.model import ModelError
 
     model_type, implementation = model.config.model_type, model.config._attn_implementation
-    if model_type in NATIVE_BLOCK_MASK:
+    kind = architecture(model_type).packed_attention
+    if kind == "native":  # the model's code uses a 4-D attention mask as given
         return "position_ids" if implementation == "flash_attention_2" else "additive_mask"
-    if model_type == "gpt2" and hasattr(model, "transformer") and hasattr(model.transformer, "_attn_implementation"):
+    if kind == "gpt2" and hasattr(model, "transformer") and hasattr(model.transformer, "_attn_implementation"):
         from transformers.modeling_utils import AttentionInterface
 
         AttentionInterface.register(GPT2_PACKED, _gpt2_packed_attention)
         # GPT2Attention reads the shared config, GPT2Model its own copy taken at init.
         model.config._attn_implementation = model.transformer._attn_implementation = GPT2_PACKED
         return "binary_mask"
-    supported = ", ".join((*NATIVE_BLOCK_MASK, "gpt2"))
+    supported = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.packed_attention))
     raise ModelError(f"data.packing=true: no packed attention for model type '{model_type}' here (supported: {supported}); set data.packing=false")
 
 

@@ -17,10 +17,12 @@
 
 from __future__ import annotations
 
+from finetune.errors import FinetuneError
+
 SUPPORTED_COLOSSALAI = "0.5.0"
 
 
-class PatchError(RuntimeError):
+class PatchError(FinetuneError):
     """ColossalAI is not the version these fixes were written for."""
 
 

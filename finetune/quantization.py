@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from finetune.config import QuantizationConfig
+from finetune.errors import FinetuneError
 
 # Kept in full precision unless quantization.skip_modules says otherwise: the LM head (often tied to
 # the embeddings, which bitsandbytes never quantizes) and classification heads, which are trained.
@@ -25,7 +26,7 @@ DEFAULT_SKIP_MODULES = ["lm_head", "score", "classifier"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class QuantizationError(ValueError):
+class QuantizationError(FinetuneError):
     """A requested quantization did not happen."""
 
 

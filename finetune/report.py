@@ -15,10 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.errors import FinetuneError
+
 GB = 1024**3
 
 
-class ReportError(ValueError):
+class ReportError(FinetuneError):
     """A run directory cannot be reported on."""
 
 
@@ -57,21 +59,13 @@ def read_summary(run_dir: Path) -> dict:
 
 
 def setting_name(summary: dict) -> str:
-    """The plugin and its layout in a few characters: 'single', 'ddp x2', 'zero2 x2', 'tp2', 'pp2 1f1b', ..."""
+    """The plugin and its layout in a few characters: 'single', 'ddp x2', 'zero2 x2', 'tp2', 'pp2 1f1b', ... (the plugin says)."""
+    from finetune.booster import PLUGINS
+
     plugin, options, world = summary["plugin"], summary.get("plugin_options", {}), summary["world_size"]
-    if plugin == "hybrid_parallel":
-        parts = [f"tp{options['tp_size']}"] if options.get("tp_size", 1) > 1 else []
-        if options.get("pp_size", 1) > 1:
-            parts.append(f"pp{options['pp_size']} {options.get('pp_style', '1f1b')}")
-        if options.get("zero_stage"):
-            parts.append(f"zero{options['zero_stage']}")
-        if summary.get("data_parallel_size", 1) > 1:
-            parts.append(f"dp{summary['data_parallel_size']}")
-        return " ".join(parts) or "hybrid"
-    name = {"torch_ddp": "ddp", "torch_fsdp": "fsdp", "gemini": "gemini"}.get(plugin, plugin)
-    if plugin == "low_level_zero":
-        name = f"zero{options.get('stage', 1)}"
-    return "single" if world == 1 and plugin == "torch_ddp" else f"{name} x{world}"
+    if plugin not in PLUGINS:
+        return f"{plugin} x{world}"
+    return PLUGINS[plugin].setting_label(options, world, summary.get("data_parallel_size", 1))
 
 
 def best_metric(summary: dict) -> tuple[str, float, str]:

@@ -24,7 +24,6 @@ __all__ = ["IGNORE_INDEX", "TASKS", "DataError", "LanguageModelingTask", "Task",
 
 
 def build_task(name: str, cfg_data: "DataConfig", labels: list[str] | tuple[str, ...] = ()) -> Task:
-    """The task for `task=name`; classification takes its field names and label set from the data config."""
-    if name == "classification":
-        return ClassificationTask(cfg_data.text_field, cfg_data.text_pair_field, cfg_data.label_field, tuple(labels or cfg_data.labels))
-    return TASKS[name]()
+    """The task for `task=name`, set up from the data config (classification: field names and label set)."""
+    task = TASKS[name].from_config(cfg_data)
+    return task.with_labels(list(labels)) if labels else task

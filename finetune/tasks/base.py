@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from typing import Any, Hashable
 
+from finetune.errors import FinetuneError
+
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(FinetuneError):
     """Bad data: names the file, the row and what is wrong."""
 
 
@@ -39,6 +41,15 @@ class Task:
     classification: bool = False
     fields: str = ""  # the record layout, for error messages and docs
 
+    @classmethod
+    def from_config(cls, cfg_data) -> "Task":
+        """The task as the data config sets it up (default: nothing to set)."""
+        return cls()
+
+    def with_labels(self, labels: list[str]) -> "Task":
+        """This task with a fixed label set (only classification has one)."""
+        return self
+
     def check(self, row: dict[str, Any], where: str) -> dict[str, Any]:
         """The clean record of a raw row, or DataError naming `where` (file and row) and the problem."""
         raise NotImplementedError
@@ -53,6 +64,32 @@ class Task:
 
     def prepare_tokenizer(self, tokenizer) -> None:
         """Give the tokenizer what this task needs before tokenizing (default: nothing)."""
+
+    def with_records(self, records: list[dict], where: str) -> "Task":
+        """This task with whatever it learns from the training records (classification: its label set)."""
+        return self
+
+    @property
+    def labels_or_none(self) -> list[str] | None:
+        """The class labels a classification head is built over; None: a causal LM head."""
+        return None
+
+    # What an eval batch must yield for this task: "loss" (summed over label tokens) or "logits".
+    eval_output = "loss"
+    auto_model = "AutoModelForCausalLM"  # the transformers class that loads a trained model dir
+
+    def evaluate(self, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout, pad_to: int = 0) -> dict:
+        """Eval metrics over samples, from `forward` (batch -> eval_output) of the model under its plugin."""
+        from finetune.evaluation import evaluate
+
+        return evaluate(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
+
+    def generation_prompts(self, records: list[dict], count: int) -> list[dict]:
+        """The first `count` distinct held-out prompts to generate from (none for tasks that do not generate)."""
+        return []
+
+    def write_artifacts(self, path) -> None:
+        """Files a trained model dir needs besides weights and tokenizer (default: none)."""
 
 
 class LanguageModelingTask(Task):
@@ -77,6 +114,9 @@ class LanguageModelingTask(Task):
     def reference(self, record: dict) -> str:
         """The answer the data holds for the prompt."""
         raise NotImplementedError
+
+    def generation_prompts(self, records: list[dict], count: int) -> list[dict]:
+        return list({self.prompt_text(r): r for r in records}.values())[:count]
 
 
 class PromptResponseTask(LanguageModelingTask):

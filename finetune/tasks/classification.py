@@ -41,9 +41,36 @@ class ClassificationTask(Task):
     def group_key(self, record: dict) -> tuple[str, str]:
         return record["text"], record["text_pair"]
 
+    @classmethod
+    def from_config(cls, cfg_data) -> "ClassificationTask":
+        return cls(cfg_data.text_field, cfg_data.text_pair_field, cfg_data.label_field, tuple(cfg_data.labels))
+
     def with_labels(self, labels: list[str]) -> "ClassificationTask":
         """This task with its label set fixed."""
         return dataclasses.replace(self, labels=tuple(labels))
+
+    def with_records(self, records: list[dict], where: str) -> "ClassificationTask":
+        """The label set: data.labels when given, else the training records' labels."""
+        return self.with_labels(label_set(records, list(self.labels), where))
+
+    @property
+    def labels_or_none(self) -> list[str]:
+        return list(self.labels)
+
+    eval_output = "logits"
+    auto_model = "AutoModelForSequenceClassification"
+
+    def evaluate(self, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout, pad_to: int = 0) -> dict:
+        from finetune.evaluation import evaluate_classification
+
+        return evaluate_classification(forward, samples, batch_size, pad_token_id, device, layout, len(self.labels), pad_to)
+
+    def write_artifacts(self, path) -> None:
+        """labels.json: the class ids of the head (an adapter dir has no config.json to hold them)."""
+        import json
+        from pathlib import Path
+
+        (Path(path) / "labels.json").write_text(json.dumps(list(self.labels), indent=2) + "\n")
 
     def tokenize(self, tokenizer, record: dict, max_length: int) -> tuple[dict, int]:
         full = self._encode(tokenizer, record)

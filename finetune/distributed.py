@@ -1,0 +1,86 @@
+"""The process group and rank-0 helpers every entry script shares."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from finetune import compat, patches
+from finetune.errors import FinetuneError
+from finetune.outputs import tee_rank_output
+
+
+def is_main() -> bool:
+    """Whether this is rank 0 (the rank that prints and writes the run's files)."""
+    return dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only."""
+    if is_main():
+        print(message, flush=True)
+
+
+def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch.device:
+    """Create the process group (gloo on CPU, nccl on CUDA) under torchrun, or alone for plain python."""
+    if "RANK" not in os.environ:  # plain `python finetune/train.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if rank_logs:
+        tee_rank_output(output_dir, int(os.environ["RANK"]))
+    compat.apply()  # before colossalai touches its CPU accelerator; a no-op on CUDA
+    patches.apply()  # ColossalAI bugs that bite on every device
+    from colossalai.accelerator import get_accelerator
+    from colossalai.utils import set_seed
+
+    # What colossalai.launch_from_torch does, plus the collective timeout it cannot take.
+    accelerator = get_accelerator()
+    dist.init_process_group(backend=accelerator.communication_backend, timeout=timedelta(seconds=timeout_s))
+    if accelerator.support_set_device:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    set_seed(seed)
+    return accelerator.get_current_device()
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Rank 0 runs the block first (e.g. converting a model into the cache), then the others.
+
+    A user error in rank 0's block is raised on every rank, so all stop with rank 0's one line
+    instead of the others dying in a barrier.
+    """
+    failure: list[Exception | None] = [None]
+    if not is_main():
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise failure[0]
+        yield
+        return
+    try:
+        yield
+    except FinetuneError as err:
+        failure[0] = err
+        raise
+    finally:
+        dist.broadcast_object_list(failure, src=0)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over all ranks."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def peak_bytes_per_rank(peak: int) -> list[int]:
+    """Every rank's memory peak, on every rank (a collective)."""
+    peaks: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak)
+    return peaks

@@ -1,0 +1,39 @@
+"""Fine-tuning methods (`method=`): one record each, read wherever a method matters; importable without torch.
+
+Adding a method is one record in METHODS. The LoRA hyper-parameters (rank, alpha, targets, ...) are the
+`lora` config section; a method says whether adapters train and whether the frozen base is quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method trains and what it holds frozen."""
+
+    name: str
+    adapter: bool  # LoRA adapters train (what checkpoints and final/ hold); the base stays frozen
+    quantized_base: bool  # the frozen base is 4/8-bit (bitsandbytes; the `quantization` section)
+    summary: str
+
+    @property
+    def full(self) -> bool:
+        """Every weight trains (no adapter)."""
+        return not self.adapter
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("full", adapter=False, quantized_base=False, summary="every weight trains"),
+        Method("lora", adapter=True, quantized_base=False, summary="LoRA adapters on a frozen base"),
+        Method("qlora", adapter=True, quantized_base=True, summary="LoRA adapters on a frozen 4/8-bit base (bitsandbytes)"),
+    )
+}
+
+
+def method_named(name: str) -> Method:
+    """The record of `method=name` (config validation has refused unknown names before this is asked)."""
+    return METHODS[name]
