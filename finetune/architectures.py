@@ -91,6 +91,7 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+LEARNED_POSITIONS = ("gpt2", "roberta", "bert")  # model types whose position embeddings are a fixed table
 ENCODER_TYPES = ("roberta", "bert")  # bidirectional encoders: classification only
 
 # LoRA targets when lora.target_modules is empty, by model_type. GPT-2's c_attn is its fused qkv
@@ -134,6 +135,8 @@ _QUICKSTART_HEADS = (9, 3)  # SmolLM2-135M: 9 attention heads, 3 key/value heads
 
 
 _QUICKSTART_LAYERS = 30
+_QUICKSTART_CONFIG = {"max_position_embeddings": 8192, "hidden_size": 576}  # SmolLM2-135M
+_TYPE_DEFAULTS = {"gpt2": {"n_positions": 1024, "n_embd": 768}}  # transformers' GPT2Config defaults (named "gpt2" sets none)
 
 
 def model_type(model_name: str) -> str | None:
@@ -183,3 +186,34 @@ def attention_heads(model_name: str) -> tuple[int, int] | None:
     config = json.loads(config_file.read_text())
     heads = config.get("num_attention_heads", config.get("n_head"))
     return (heads, config.get("num_key_value_heads", heads)) if heads else None
+
+
+def config_value(model_name: str, keys: tuple[str, ...]) -> int | None:
+    """The first of `keys` in a model's config (named, quickstart or a local dir's config.json), read without torch; None when unknown."""
+    import json
+    from pathlib import Path
+
+    if model_name == QUICKSTART_MODEL:
+        config = _QUICKSTART_CONFIG
+    elif model_name in NAMED_CONFIGS:
+        kind, overrides = NAMED_CONFIGS[model_name]
+        config = {**_TYPE_DEFAULTS.get(kind, {}), **overrides}
+    elif (Path(model_name) / "config.json").is_file():
+        config = json.loads((Path(model_name) / "config.json").read_text())
+    else:
+        return None
+    return next((config[k] for k in keys if isinstance(config.get(k), int)), None)
+
+
+def max_positions(model_name: str) -> int | None:
+    """Tokens a model with a learned position table can take in one sequence, read without torch; None when unknown or unbounded.
+
+    Rotary models (Llama, Mistral, Qwen2) compute positions past max_position_embeddings and run
+    there (past their trained context), so only learned tables, which fail with an index error, bound it.
+    """
+    kind = model_type(model_name)
+    if kind not in LEARNED_POSITIONS:
+        return None
+    limit = config_value(model_name, ("max_position_embeddings", "n_positions"))
+    # RoBERTa numbers positions from padding_idx + 1, so two rows of its table are never used.
+    return limit - 2 if limit and kind == "roberta" else limit
