@@ -121,6 +121,9 @@ class Architecture:
     # Sequence classification under hybrid_parallel, checked against a single process: "tp+pp", "pp"
     # (ColossalAI 0.5.0 splits Llama's `score` head by columns, which fails for most label counts), "".
     hybrid_classification: str = ""
+    learned_positions: bool = False  # position embeddings are a fixed table: data.max_length may not pass its size
+    position_offset: int = 0  # rows of that table never used (RoBERTa numbers positions from padding_idx + 1)
+    config_defaults: dict = field(default_factory=dict)  # transformers' config defaults a named config relies on
     layers_key: str = "num_hidden_layers"  # config keys, for reading a config without torch
     heads_key: str = "num_attention_heads"
 
@@ -154,6 +157,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             lora_targets=("c_attn",),
             lora_tp_layers={"c_attn": "column (fused q/k/v)", "c_fc": "column", "c_proj": "row"},
             conv1d=True,
+            learned_positions=True,
+            config_defaults={"n_positions": 1024, "n_embd": 768},  # GPT2Config's (the named "gpt2" sets none)
             packed_attention="gpt2",
             sdpa_under_shardformer=False,
             hybrid_classification="tp+pp",
@@ -171,10 +176,12 @@ ARCHITECTURES: dict[str, Architecture] = {
             lora_targets=("query", "key", "value"),
             lora_tp_layers={"query": "column", "key": "column", "value": "column"},
             encoder=True,
+            learned_positions=True,
+            position_offset=2,
             hybrid_classification="tp+pp",
         ),
-        Architecture("bert", lora_targets=("query", "key", "value"), encoder=True),
-        Architecture("xlm-roberta", lora_targets=("query", "key", "value"), encoder=True),
+        Architecture("bert", lora_targets=("query", "key", "value"), encoder=True, learned_positions=True),
+        Architecture("xlm-roberta", lora_targets=("query", "key", "value"), encoder=True, learned_positions=True, position_offset=2),
         Architecture("distilbert", lora_targets=("q_lin", "k_lin", "v_lin"), encoder=True, layers_key="n_layers", heads_key="n_heads"),
     )
 }
@@ -203,6 +210,7 @@ _QUICKSTART_HEADS = (9, 3)  # SmolLM2-135M: 9 attention heads, 3 key/value heads
 
 
 _QUICKSTART_LAYERS = 30
+_QUICKSTART_CONFIG = {"max_position_embeddings": 8192, "hidden_size": 576}  # SmolLM2-135M
 
 
 def model_type(model_name: str) -> str | None:
@@ -252,3 +260,33 @@ def attention_heads(model_name: str) -> tuple[int, int] | None:
     config = json.loads(config_file.read_text())
     heads = config.get("num_attention_heads", config.get("n_head"))
     return (heads, config.get("num_key_value_heads", heads)) if heads else None
+
+
+def config_value(model_name: str, keys: tuple[str, ...]) -> int | None:
+    """The first of `keys` in a model's config (named, quickstart or a local dir's config.json), read without torch; None when unknown."""
+    import json
+    from pathlib import Path
+
+    if model_name == QUICKSTART_MODEL:
+        config = _QUICKSTART_CONFIG
+    elif model_name in NAMED_CONFIGS:
+        kind, overrides = NAMED_CONFIGS[model_name]
+        config = {**architecture(kind).config_defaults, **overrides}
+    elif (Path(model_name) / "config.json").is_file():
+        config = json.loads((Path(model_name) / "config.json").read_text())
+    else:
+        return None
+    return next((config[k] for k in keys if isinstance(config.get(k), int)), None)
+
+
+def max_positions(model_name: str) -> int | None:
+    """Tokens a model with a learned position table can take in one sequence, read without torch; None when unknown or unbounded.
+
+    Rotary models (Llama, Mistral, Qwen2) compute positions past max_position_embeddings and run
+    there (past their trained context), so only learned tables, which fail with an index error, bound it.
+    """
+    arch = architecture(model_type(model_name))
+    if not arch.learned_positions:
+        return None
+    limit = config_value(model_name, ("max_position_embeddings", "n_positions"))
+    return limit - arch.position_offset if limit else limit

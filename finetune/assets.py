@@ -136,6 +136,32 @@ def tokenizer_from_gguf(gguf_path: Path):
     return tokenizer
 
 
+def check_gguf(gguf_path: Path) -> None:
+    """AssetError unless a GGUF file's metadata names an architecture transformers converts and a tokenizer we rebuild.
+
+    Reads only the header (memory-mapped), so a file we cannot use is refused before any weight is dequantized.
+    """
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        fields = gguf.GGUFReader(str(gguf_path)).fields
+    except Exception as err:  # the reader raises ValueError, struct and numpy errors on damaged headers
+        raise AssetError(f"{gguf_path}: not a readable GGUF file ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'truncated'})") from None
+    architecture = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise AssetError(f"{gguf_path}: GGUF architecture {architecture!r} cannot be converted by transformers {_version('transformers')}; supported: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}")
+    tokenizer = fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in fields else None
+    if tokenizer != "gpt2":
+        raise AssetError(f"{gguf_path}: only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {tokenizer!r}; convert the model with its Hugging Face tokenizer instead")
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(package)
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file into a float32 Hugging Face model dir (weights + tokenizer), atomically."""
     import torch

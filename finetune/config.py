@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import NAMED_CONFIGS, architecture, attention_heads, known_model_names, model_type, num_layers
+from finetune.architectures import NAMED_CONFIGS, architecture, attention_heads, config_value, known_model_names, max_positions, model_type, num_layers
 from finetune.booster import PLUGINS, Plan
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS as METHOD_RECORDS
@@ -192,7 +192,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if hint is int:
-            if number != int(number):
+            if not math.isfinite(number) or number != int(number):
                 raise ConfigError(f"{key}: expected a whole number, got {value!r}")
             return int(number)
         return number
@@ -362,6 +362,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if cfg.train.lr <= 0:
         problems.append(f"train.lr: must be positive, got {cfg.train.lr}")
     problems += _data_problems(cfg)
+    problems += _number_problems(cfg)
+    problems += _model_file_problems(cfg)
     problems += _init_adapter_problems(cfg)
     name = cfg.model.name
     # Named configs get the GPT-2 BPE tokenizer (50,257 tokens); a smaller vocabulary (Llama-2's 32,000)
@@ -393,7 +395,12 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
         return [f"lora.init_from: {path} is not a peft adapter dir (no {missing[0]})"]
     import json
 
-    saved = json.loads((path / "adapter_config.json").read_text())
+    try:
+        saved = json.loads((path / "adapter_config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return [f"lora.init_from: {path / 'adapter_config.json'} is not valid JSON ({err}); point lora.init_from at an intact adapter dir"]
+    if not isinstance(saved, dict):
+        return [f"lora.init_from: {path / 'adapter_config.json'} holds a {type(saved).__name__}, not a peft adapter config; point lora.init_from at an intact adapter dir"]
     targets = cfg.lora.target_modules or list(architecture(model_type(cfg.model.name)).lora_targets)
     for key, theirs, ours in (("r", saved.get("r"), cfg.lora.r), ("alpha", saved.get("lora_alpha"), cfg.lora.alpha)):
         if theirs != ours:
@@ -411,10 +418,14 @@ def output_problems(cfg: Config) -> list[str]:
     """
     out = Path(cfg.output_dir)
     existing = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
+    if existing == out and not out.is_dir():
+        return [f"output_dir: {out} is a file, not a directory; choose another output_dir"]
     if not existing.is_dir():
         return [f"output_dir: {existing} is a file, so {out} cannot be created; choose another output_dir"]
-    if not os.access(existing, os.W_OK):
-        return [f"output_dir: {existing} is not writable; choose another output_dir"]
+    # The run writes into these later (a checkpoint after many steps): refuse now, not at the first save.
+    for path in (existing, *(out / name for name in ("checkpoints", "logs", "final"))):
+        if path.is_dir() and not os.access(path, os.W_OK):
+            return [f"output_dir: {path} is not writable; fix its permissions or choose another output_dir"]
     if cfg.resume_from and cfg.overwrite_output_dir:
         return ["resume_from and overwrite_output_dir=true contradict each other; drop one"]
     if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).is_dir():
@@ -422,6 +433,51 @@ def output_problems(cfg: Config) -> list[str]:
     previous = [name for name in ("summary.json", "checkpoints", "final") if (out / name).exists()]
     if previous and not cfg.resume_from and not cfg.overwrite_output_dir:
         return [f"output_dir: {out} holds another run ({', '.join(previous)}); use resume_from=latest to continue it, overwrite_output_dir=true to replace it, or another output_dir"]
+    return []
+
+
+LORA_MAX_RANK = 4096  # above any hidden size trained here: a larger lora.r is a typo, not a choice
+
+
+def _number_problems(cfg: Config) -> list[str]:
+    """Numbers that pass their type check but make no sense: not finite, or out of range (each would fail late or silently)."""
+    train, problems = cfg.train, []
+    for key, value in (("train.lr", train.lr), ("train.max_grad_norm", train.max_grad_norm), ("train.weight_decay", train.weight_decay)):
+        if not math.isfinite(value):
+            problems.append(f"{key}: must be a finite number, got {value}")
+    if train.max_grad_norm < 0:  # a negative norm would silently turn clipping off: 0 is the way to say so
+        problems.append(f"train.max_grad_norm: must not be negative, got {train.max_grad_norm}; use 0 for no clipping")
+    if train.weight_decay < 0:
+        problems.append(f"train.weight_decay: must not be negative, got {train.weight_decay}")
+    for key, value in (("train.seed", train.seed), ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if value < 0:
+            problems.append(f"{key}: must not be negative, got {value}")
+    if train.seed >= 2**32:  # numpy's seed range
+        problems.append(f"train.seed: must be below 2**32, got {train.seed}")
+    if cfg.lora.alpha <= 0:
+        problems.append(f"lora.alpha: must be positive, got {cfg.lora.alpha} (the adapter's scale is alpha/r)")
+    hidden = config_value(cfg.model.name, ("hidden_size", "n_embd"))
+    limit = min(LORA_MAX_RANK, hidden or LORA_MAX_RANK)
+    if cfg.method in METHOD_RECORDS and METHOD_RECORDS[cfg.method].adapter and cfg.lora.r > limit:
+        what = f"{cfg.model.name}'s hidden size" if hidden and hidden < LORA_MAX_RANK else "the largest rank accepted"
+        problems.append(f"lora.r={cfg.lora.r}: above {what} ({limit}); use a rank such as 8 to 64")
+    if not cfg.output_dir.strip():
+        problems.append("output_dir: is empty; give the directory the run writes to")
+    return problems
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _model_file_problems(cfg: Config) -> list[str]:
+    """What a model's own files say against this run: no tokenizer beside the weights, or data.max_length past its positions."""
+    path = Path(cfg.model.name)
+    if cfg.model.name not in known_model_names() and path.is_dir() and (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            return [f"model.name: {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer into it (tokenizer.save_pretrained)"]
+    limit = max_positions(cfg.model.name)
+    if limit and cfg.data.max_length > limit:
+        return [f"data.max_length={cfg.data.max_length}: above the {limit} positions of {cfg.model.name}; set data.max_length={limit} or less"]
     return []
 
 
@@ -457,6 +513,9 @@ def _data_problems(cfg: Config) -> list[str]:
             problems.append(f"{key}: file not found: {path}")
         elif Path(path).suffix.lower() not in DATA_SUFFIXES:
             problems.append(f"{key}: {path} is not a {', '.join(DATA_SUFFIXES)} file (or one of {', '.join(BUILTIN_SOURCES)})")
+    if data.eval_path and Path(data.eval_path).is_file() and Path(data.train_path).is_file() and Path(data.eval_path).resolve() == Path(data.train_path).resolve():
+        # every eval record would also be trained on, so eval loss would measure memorisation
+        problems.append(f"data.eval_path: is data.train_path ({data.train_path}); give a separate eval file, or leave data.eval_path empty to hold out data.eval_fraction")
     if data.split_slice:
         try:
             parse_split_slice(data.split_slice)

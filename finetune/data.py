@@ -69,15 +69,39 @@ def read_rows(path: str) -> list[dict]:
     kind = FORMATS.get(Path(path).suffix.lower())
     if kind is None:
         raise DataError(f"{path}: expected a {', '.join(FORMATS)} file")
+    if kind != "parquet" and not _has_content(path):
+        raise DataError(f"{path}: the file is empty (no records)")
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot parse is reported below, in one line
     try:
-        rows = datasets.load_dataset(kind, data_files=path, split="train")
+        return datasets.load_dataset(kind, data_files=path, split="train").to_list()  # pyarrow decodes strings here
     except Exception as err:  # datasets wraps parser errors in several exception types
+        if kind != "parquet":
+            _check_utf8(path)  # the usual cause, which datasets reports without a line number
+        if "corresponds to no data" in str(err):  # a CSV header alone, or an empty JSON array
+            raise DataError(f"{path}: no records") from None
         raise DataError(f"{path}: cannot be read as {kind.upper()} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    return rows.to_list()
+
+
+def _has_content(path: str) -> bool:
+    """Whether a text file holds anything besides whitespace and a UTF-8 byte-order mark."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.replace(b"\xef\xbb\xbf", b"").strip():
+                return True
+    return False
+
+
+def _check_utf8(path: str) -> None:
+    """DataError naming the first line of a text file that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):  # a newline byte never occurs inside a UTF-8 sequence
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); re-save the file as UTF-8") from None
 
 
 def load_records(path: str, task: Task) -> list[dict]:
@@ -134,15 +158,35 @@ def load_splits(cfg_data: DataConfig, seed: int, task: str = "instruction") -> S
     return Splits(checker, train_records, eval_records, checker.labels_or_none, cfg_data.train_path, eval_source)
 
 
+# No tokenizer here packs more characters into one token (runs of spaces in code vocabularies come
+# closest), so a text cut at max_length * this still fills max_length tokens.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def cap_text(value, limit: int):
+    """A record (or any of its values) with every string cut to `limit` characters."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, list):
+        return [cap_text(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {k: cap_text(v, limit) for k, v in value.items()}
+    return value
+
+
 def tokenize_records(task: Task, tokenizer, records: list[dict], cfg_data: DataConfig, source: str, split: str) -> tuple[list[dict], int, int]:
     """(samples, truncated, dropped) of one split; DataError when no sample is left."""
     samples, truncated, dropped = [], 0, 0
     shortest = None  # (length, row) of the shortest sample, for the every-sample-too-long error
     for record in records:
+        # A multi-megabyte row would otherwise be tokenized in full only to be cut to max_length.
+        capped = cap_text(record, cfg_data.max_length * MAX_CHARS_PER_TOKEN)
         try:
-            sample, length = task.tokenize(tokenizer, record, cfg_data.max_length)
+            sample, length = task.tokenize(tokenizer, capped, cfg_data.max_length)
         except DataError as err:
             raise DataError(f"{source} row {record['_row']}: {err}") from None
+        if capped != record:  # its full length is unknown, but longer than max_length: counted as cut
+            length = max(length, cfg_data.max_length + 1)
         shortest = min(shortest or (length, record["_row"]), (length, record["_row"]))
         if length > cfg_data.max_length and cfg_data.truncation == "drop":
             dropped += 1

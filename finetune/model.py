@@ -44,6 +44,7 @@ def resolve_source(name: str) -> ModelSource:
             raise ModelError(f"model.name: GGUF file not found: {name}")
         target = assets.converted_gguf_dir(path)
         if not (target / "config.json").exists():
+            assets.check_gguf(path)  # before dequantizing: a tokenizer we cannot rebuild would fail only after it
             assets.convert_gguf(path, target)
         return ModelSource("dir", str(target))
     if path.is_dir():

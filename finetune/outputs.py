@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -37,10 +39,16 @@ class RunOutputs:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The records of metrics.jsonl (none if it does not exist)."""
+        """The records of metrics.jsonl (none if it does not exist), less a torn last line, which is reported."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        try:
+            last = [json.loads(lines[-1])] if lines else []
+        except json.JSONDecodeError:  # the process died mid-write; every earlier line was complete
+            print(f"{self.metrics_path}: ignored a torn last line (a run stopped while writing it): {lines[-1][:80]!r}", flush=True)
+            last = []
+        return [json.loads(line) for line in lines[:-1]] + last
 
     def write_config(self, config: dict[str, Any]) -> None:
         """config.yaml: the resolved config, reusable as --config."""
@@ -110,10 +118,14 @@ class _Tee(io.TextIOBase):
 
 
 def tee_rank_output(output_dir: str, rank: int) -> Path:
-    """Copy this rank's stdout and stderr into output_dir/logs/rank_N.log (every rank, not only rank 0)."""
+    """Copy this rank's stdout and stderr into output_dir/logs/rank_N.log (every rank, not only rank 0).
+
+    Appended, with a header line per launch: a resumed run keeps the log of the launch that crashed.
+    """
     path = Path(output_dir) / "logs" / f"rank_{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    log = path.open("w", buffering=1)
+    log = path.open("a", buffering=1)
+    log.write(f"===== launch {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()} pid {os.getpid()}: {' '.join(sys.argv)}\n")
     sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
     return path
 

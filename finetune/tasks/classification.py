@@ -86,6 +86,17 @@ class ClassificationTask(Task):
         return tokenizer(text, **kwargs)["input_ids"]
 
 
+def _check_label_types(records: list[dict], where: str) -> None:
+    """DataError naming the first row whose label is not of the first row's type: 1 and "1" would be two classes."""
+    first = records[0]
+    for record in records:
+        if type(record["label"]) is not type(first["label"]):
+            raise DataError(
+                f"{where} row {record['_row']}: label {record['label']!r} is a {type(record['label']).__name__} but row {first['_row']}'s label "
+                f"{first['label']!r} is a {type(first['label']).__name__}; make the label column all strings or all integers, or set data.labels"
+            )
+
+
 def _label(value, key: str, where: str) -> str | int:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise DataError(f"{where}: missing field '{key}'")
@@ -103,6 +114,7 @@ def label_set(records: list[dict], declared: list[str], where: str) -> list[str]
     if declared:
         labels = list(declared)
     else:
+        _check_label_types(records, where)
         values = {r["label"] for r in records}
         numeric = all(isinstance(v, int) for v in values)
         labels = [str(v) for v in sorted(values, key=lambda v: v if numeric else str(v))]
