@@ -138,48 +138,48 @@ _QUICKSTART_LAYERS = 30
 
 def model_type(model_name: str) -> str | None:
     """The HF model_type of a model, read without torch; None when unknown (e.g. GGUF)."""
-    import json
-    from pathlib import Path
-
     if model_name == QUICKSTART_MODEL:
         return "llama"
     if model_name in NAMED_CONFIGS:
         return NAMED_CONFIGS[model_name][0]
-    config_file = Path(model_name) / "config.json"
-    return json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    config = _local_config(model_name)
+    return config.get("model_type") if config else None
 
 
 def num_layers(model_name: str) -> int | None:
     """Decoder layers of a model, read without torch; None when unknown (e.g. GGUF)."""
-    import json
-    from pathlib import Path
-
     if model_name == QUICKSTART_MODEL:
         return _QUICKSTART_LAYERS
     if model_name in NAMED_CONFIGS:
         model_type, overrides = NAMED_CONFIGS[model_name]
         return overrides.get("n_layer" if model_type == "gpt2" else "num_hidden_layers", 12)
-    config_file = Path(model_name) / "config.json"
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    return config.get("num_hidden_layers", config.get("n_layer"))
+    config = _local_config(model_name)
+    return config.get("num_hidden_layers", config.get("n_layer")) if config else None
 
 
 def attention_heads(model_name: str) -> tuple[int, int] | None:
     """(attention heads, key/value heads) of a model, read without torch; None when unknown (e.g. GGUF)."""
-    import json
-    from pathlib import Path
-
     if model_name == QUICKSTART_MODEL:
         return _QUICKSTART_HEADS
     if model_name in NAMED_CONFIGS:
         model_type, overrides = NAMED_CONFIGS[model_name]
         heads = overrides.get("n_head" if model_type == "gpt2" else "num_attention_heads", 12)
         return heads, overrides.get("num_key_value_heads", heads)
-    config_file = Path(model_name) / "config.json"
-    if not config_file.is_file():
+    config = _local_config(model_name)
+    if not config:
         return None
-    config = json.loads(config_file.read_text())
     heads = config.get("num_attention_heads", config.get("n_head"))
     return (heads, config.get("num_key_value_heads", heads)) if heads else None
+
+
+def _local_config(model_name: str) -> dict | None:
+    """config.json of a model dir, or of a hub id's snapshot in the local hub cache (main); None when neither."""
+    import json
+    from pathlib import Path
+
+    from finetune.sources import cached_config_file, is_hub_id
+
+    config_file = Path(model_name) / "config.json"
+    if not config_file.is_file() and is_hub_id(model_name):
+        config_file = cached_config_file(model_name) or config_file
+    return json.loads(config_file.read_text()) if config_file.is_file() else None

@@ -228,7 +228,10 @@ def write_adapter(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(state, path / "adapter_model.safetensors")
 
 
-def read_adapter(path: Path) -> dict[str, torch.Tensor]:
+def read_adapter(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    if allow_pickle and not (path / "adapter_model.safetensors").is_file():
+        # lora.init_from of a pickle-only adapter, which the user opted into (model.allow_pickle=true)
+        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     return load_file(path / "adapter_model.safetensors")
 
 
@@ -415,7 +418,7 @@ def _update_master_params(run) -> None:
 
 def init_adapter(run, path: Path) -> None:
     """Start from the peft adapter in `path` (lora.init_from), under any plugin; every rank calls this."""
-    adapter, source = read_adapter(path), f"lora.init_from: the adapter in {path}"
+    adapter, source = read_adapter(path, run.cfg.model.allow_pickle), f"lora.init_from: the adapter in {path}"
     if PLUGINS[run.cfg.plugin.name].fsdp:
         with fsdp_full_state(run.model.module, rank0_only=False):
             load_fsdp_adapter(run, adapter, source)
