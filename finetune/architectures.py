@@ -215,67 +215,51 @@ _QUICKSTART_CONFIG = {"max_position_embeddings": 8192, "hidden_size": 576}  # Sm
 
 def model_type(model_name: str) -> str | None:
     """The HF model_type of a model, read without torch; None when unknown (e.g. GGUF)."""
-    import json
-    from pathlib import Path
-
     if model_name == QUICKSTART_MODEL:
         return "llama"
     if model_name in NAMED_CONFIGS:
         return NAMED_CONFIGS[model_name][0]
-    config_file = Path(model_name) / "config.json"
-    return json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    config = _local_config(model_name)
+    return config.get("model_type") if config else None
 
 
 def num_layers(model_name: str) -> int | None:
     """Decoder layers of a model, read without torch; None when unknown (e.g. GGUF)."""
-    import json
-    from pathlib import Path
-
     if model_name == QUICKSTART_MODEL:
         return _QUICKSTART_LAYERS
     if model_name in NAMED_CONFIGS:
         kind, overrides = NAMED_CONFIGS[model_name]
         return overrides.get(architecture(kind).layers_key, 12)
-    config_file = Path(model_name) / "config.json"
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    return config.get("num_hidden_layers", config.get("n_layer"))
+    config = _local_config(model_name)
+    return config.get("num_hidden_layers", config.get("n_layer")) if config else None
 
 
 def attention_heads(model_name: str) -> tuple[int, int] | None:
     """(attention heads, key/value heads) of a model, read without torch; None when unknown (e.g. GGUF)."""
-    import json
-    from pathlib import Path
-
     if model_name == QUICKSTART_MODEL:
         return _QUICKSTART_HEADS
     if model_name in NAMED_CONFIGS:
         kind, overrides = NAMED_CONFIGS[model_name]
         heads = overrides.get(architecture(kind).heads_key, 12)
         return heads, overrides.get("num_key_value_heads", heads)
-    config_file = Path(model_name) / "config.json"
-    if not config_file.is_file():
+    config = _local_config(model_name)
+    if not config:
         return None
-    config = json.loads(config_file.read_text())
     heads = config.get("num_attention_heads", config.get("n_head"))
     return (heads, config.get("num_key_value_heads", heads)) if heads else None
 
 
 def config_value(model_name: str, keys: tuple[str, ...]) -> int | None:
-    """The first of `keys` in a model's config (named, quickstart or a local dir's config.json), read without torch; None when unknown."""
-    import json
-    from pathlib import Path
-
+    """The first of `keys` in a model's config (named, quickstart, a local dir's or a cached hub id's config.json), read without torch; None when unknown."""
     if model_name == QUICKSTART_MODEL:
         config = _QUICKSTART_CONFIG
     elif model_name in NAMED_CONFIGS:
         kind, overrides = NAMED_CONFIGS[model_name]
         config = {**architecture(kind).config_defaults, **overrides}
-    elif (Path(model_name) / "config.json").is_file():
-        config = json.loads((Path(model_name) / "config.json").read_text())
     else:
-        return None
+        config = _local_config(model_name)
+        if not config:
+            return None
     return next((config[k] for k in keys if isinstance(config.get(k), int)), None)
 
 
@@ -290,3 +274,16 @@ def max_positions(model_name: str) -> int | None:
         return None
     limit = config_value(model_name, ("max_position_embeddings", "n_positions"))
     return limit - arch.position_offset if limit else limit
+
+
+def _local_config(model_name: str) -> dict | None:
+    """config.json of a model dir, or of a hub id's snapshot in the local hub cache (main); None when neither."""
+    import json
+    from pathlib import Path
+
+    from finetune.sources import cached_config_file, is_hub_id
+
+    config_file = Path(model_name) / "config.json"
+    if not config_file.is_file() and is_hub_id(model_name):
+        config_file = cached_config_file(model_name) or config_file
+    return json.loads(config_file.read_text()) if config_file.is_file() else None

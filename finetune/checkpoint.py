@@ -232,7 +232,10 @@ def write_adapter(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(state, path / "adapter_model.safetensors")
 
 
-def read_adapter(path: Path) -> dict[str, torch.Tensor]:
+def read_adapter(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    if allow_pickle and not (path / "adapter_model.safetensors").is_file():
+        # lora.init_from of a pickle-only adapter, which the user opted into (model.allow_pickle=true)
+        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     return load_file(path / "adapter_model.safetensors")
 
 
@@ -401,7 +404,7 @@ def _update_master_params(run: Run) -> None:
 
 def init_adapter(run: Run, path: Path) -> None:
     """Start from the peft adapter in `path` (lora.init_from), under any plugin; every rank calls this."""
-    run.plugin.load_adapter(run, read_adapter(path), f"lora.init_from: the adapter in {path}")
+    run.plugin.load_adapter(run, read_adapter(path, run.cfg.model.allow_pickle), f"lora.init_from: the adapter in {path}")
 
 
 def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:

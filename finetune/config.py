@@ -27,6 +27,7 @@ from finetune.booster import PLUGINS, Plan
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.corpus import BUILTIN_SOURCES
+from finetune.sources import cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, pickle_only_problem
 from finetune.tasks import TASKS as TASK_REGISTRY
 
 METHODS = tuple(METHOD_RECORDS)
@@ -45,9 +46,11 @@ class ConfigError(FinetuneError):
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m-instruct"  # a named config (see finetune/model.py), a local HF dir, or a .gguf file
+    name: str = "smollm2-135m-instruct"  # a named config (see finetune/model.py), a local HF dir, a .gguf file, or a hub id (org/name)
+    revision: str = ""  # hub ids: the branch, tag or commit to load; empty: main
     attn_implementation: str = "auto"  # auto (sdpa; eager where sdpa is wrong) | eager | sdpa | flash_attention_2 (CUDA only)
     trust_remote_code: bool = False  # only for local dirs whose code you trust
+    allow_pickle: bool = False  # load model/adapter dirs with only pickle weights (pytorch_model.bin): they can run code (CVE-2025-32434)
 
 
 @dataclass
@@ -370,17 +373,33 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
     if name in NAMED_CONFIGS and NAMED_CONFIGS[name][1].get("vocab_size", 50257) < 50257:
         problems.append(f"model.name: {name} is a public config for the memory estimator, with no tokenizer here; train it from a local Hugging Face directory (model.name=/path/to/{name})")
-    if name not in known_model_names():
-        path = Path(name)
-        if not path.exists():
-            problems.append(f"model.name: '{name}' is not a named model ({', '.join(known_model_names())}) nor an existing directory or .gguf file")
-        elif path.is_dir() and not (path / "config.json").exists():
-            problems.append(f"model.name: {name} has no config.json; expected a Hugging Face model directory")
-        elif path.is_file() and path.suffix != ".gguf":
-            problems.append(f"model.name: {name} is a file but not a .gguf; give a model directory or a GGUF file")
+    problems += _model_source_problems(cfg.model)
     if world_size < 1:
         problems.append(f"world size must be at least 1, got {world_size}")
     return problems
+
+
+def _model_source_problems(cfg_model: ModelConfig) -> list[str]:
+    """model.name given as a path or a hub id: it must exist (a hub id: cached, or fetched at build time) and not be pickle-only."""
+    name, path = cfg_model.name, Path(cfg_model.name)
+    if cfg_model.revision and not is_hub_id(name):
+        return [f"model.revision: only for hub ids (org/name), and model.name={name} is not one; drop model.revision"]
+    if name in known_model_names():
+        return []
+    if is_hub_id(name):
+        config_file = cached_config_file(name, cfg_model.revision)
+        if config_file is None:  # build_model downloads it, or refuses with the ways out when it cannot
+            return [hub_unavailable_line(name, cfg_model.revision, "")] if hub_offline() else []
+        path = config_file.parent
+    elif not path.exists():
+        known = known_model_names()
+        return [f"model.name: '{name}' is not a named model{_closest(name, known)} ({', '.join(known)}), an existing directory or .gguf file, nor a hub id (org/name)"]
+    elif path.is_dir() and not (path / "config.json").exists():
+        return [f"model.name: {name} has no config.json; expected a Hugging Face model directory"]
+    elif path.is_file() and path.suffix != ".gguf":
+        return [f"model.name: {name} is a file but not a .gguf; give a model directory or a GGUF file"]
+    problem = pickle_only_problem(path, cfg_model.allow_pickle, "model.name")
+    return [problem] if problem else []
 
 
 def _init_adapter_problems(cfg: Config) -> list[str]:
@@ -390,9 +409,13 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     if cfg.method in METHOD_RECORDS and not METHOD_RECORDS[cfg.method].adapter:
         return [f"lora.init_from is set but method={cfg.method} trains no adapter; use method=lora or drop lora.init_from"]
     path = Path(cfg.lora.init_from)
-    missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (path / name).is_file()]
-    if missing:
-        return [f"lora.init_from: {path} is not a peft adapter dir (no {missing[0]})"]
+    if not (path / "adapter_config.json").is_file():
+        return [f"lora.init_from: {path} is not a peft adapter dir (no adapter_config.json)"]
+    if not (path / "adapter_model.safetensors").is_file():
+        pickled = (path / "adapter_model.bin").is_file()
+        problem = pickle_only_problem(path, cfg.model.allow_pickle, "lora.init_from") if pickled else f"lora.init_from: {path} is not a peft adapter dir (no adapter_model.safetensors)"
+        if problem:
+            return [problem]
     import json
 
     try:

@@ -2,15 +2,21 @@
 
     python -m finetune.export outputs/run1 outputs/run1-merged                       # a run's final/
     python -m finetune.export outputs/run1/checkpoints/step_00000040 outputs/merged  # one checkpoint
+    python -m finetune.export RUN_DIR OUT_DIR --trust-remote-code --allow-pickle      # opt-ins, see below
 
 A LoRA/QLoRA adapter is merged into a full-precision base (for QLoRA too: merging into 4/8-bit
 weights would round the update away), a full fine-tune's (sharded) checkpoint becomes one HF dir.
 Either way the result loads with `AutoModelForCausalLM.from_pretrained`, which the export checks: it
 reloads what it wrote and compares its logits with the in-memory merged model on a test input.
+
+A run dir may come from someone else, so its config.yaml cannot opt into running code: its
+model.trust_remote_code and model.allow_pickle are ignored (with a note), and only this command's own
+--trust-remote-code (the base model's code) and --allow-pickle (pickle-only weights, CVE-2025-32434) apply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,8 +28,8 @@ import torch
 # bitsandbytes' notice that the optional `kernels` package (a faster CPU 4-bit matmul) is missing.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from finetune import checkpoint
-from finetune.config import Config, build_config, from_dict, parse_args
+from finetune import checkpoint, sources
+from finetune.config import Config, ModelConfig, build_config, from_dict, parse_args
 from finetune.errors import FinetuneError
 from finetune.model import build_model
 
@@ -50,8 +56,24 @@ def locate(source: Path) -> tuple[Config, Path]:
     raise ExportError(f"{source}: not a run directory (config.yaml) nor a checkpoint (state.json)")
 
 
+OPT_INS = {"--trust-remote-code": "trust_remote_code", "--allow-pickle": "allow_pickle"}  # flag: the model.* key it sets
+
+
+def with_opt_ins(cfg_model: ModelConfig, flags: set[str]) -> tuple[ModelConfig, list[str]]:
+    """The run's model config with its code/pickle opt-ins taken from this command's flags, and a note per ignored one."""
+    notes = [
+        f"note: the run's config sets model.{key}=true, ignored: export takes it only from its own {flag} flag"
+        for flag, key in OPT_INS.items()
+        if getattr(cfg_model, key) and flag not in flags
+    ]
+    return dataclasses.replace(cfg_model, **{key: flag in flags for flag, key in OPT_INS.items()}), notes
+
+
 def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
     """The fine-tuned model in full precision: base + merged adapter, or the full weights."""
+    problem = sources.pickle_only_problem(weights, cfg.model.allow_pickle, "export", opt_in="pass --allow-pickle")
+    if problem:
+        raise ExportError(problem)
     base, tokenizer = build_model(cfg.model, cfg.train.seed)  # never quantized: merge into full precision
     if (weights / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -66,20 +88,27 @@ def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
     return base, tokenizer
 
 
-def export(source: Path, out: Path) -> dict:
-    """Write the merged HF model dir `out` (atomically) and check it reloads to the same logits."""
+def export(source: Path, out: Path, flags: set[str] = frozenset()) -> dict:
+    """Write the merged HF model dir `out` (atomically) and check it reloads to the same logits.
+
+    Args:
+        flags: this command's opt-ins (OPT_INS); the run's own config cannot set them.
+    """
     from transformers import AutoModelForCausalLM
 
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; choose a new output directory")
     cfg, weights = locate(source)
-    model, tokenizer = merged_model(cfg, weights)
+    cfg_model, notes = with_opt_ins(cfg.model, flags)
+    for note in notes:
+        print(note, file=sys.stderr)
+    model, tokenizer = merged_model(dataclasses.replace(cfg, model=cfg_model), weights)
     model.eval()
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32, use_safetensors=True).eval()
     probe = torch.randint(0, min(1000, model.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         difference = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
@@ -95,11 +124,16 @@ def export(source: Path, out: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+    if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0
+    paths, flags = [a for a in argv if not a.startswith("-")], {a for a in argv if a.startswith("-")}
+    if len(paths) != 2 or flags - set(OPT_INS):
+        unknown = sorted(flags - set(OPT_INS))
+        print(f"error: unknown option {unknown[0]} (options: {', '.join(OPT_INS)})" if unknown else __doc__, file=sys.stderr)
+        return 2
     try:
-        report = export(Path(argv[0]), Path(argv[1]))
+        report = export(Path(paths[0]), Path(paths[1]), flags)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

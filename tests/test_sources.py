@@ -1,0 +1,183 @@
+"""Model sources: hub ids read from a hub-cache layout built here (offline), and pickle-only weights refused.
+
+No test touches the network: HF_HUB_OFFLINE=1 and HF_HUB_CACHE point at a tmp cache, both in the
+environment and in huggingface_hub's constants (read once at its import).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+
+from finetune import export
+from finetune.checkpoint import read_adapter
+from finetune.config import ConfigError, ModelConfig, load_config
+from finetune.model import ModelError, build_model
+from tests.conftest import REPO, TRAIN, run_env, run_train, write_instruction_file
+
+REV_A, REV_B = "a" * 40, "b" * 40
+CVE = "CVE-2025-32434"
+
+
+class Payload:
+    """Unpickling this creates the marker file: what a planted pytorch_model.bin could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def save(model, tokenizer, path: Path, safe: bool = True) -> Path:
+    model.save_pretrained(path, safe_serialization=safe)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def snapshot(cache: Path, repo_id: str, rev: str) -> Path:
+    """A snapshot dir of the hub cache layout, with refs/main naming the first one written."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    if not (repo / "refs" / "main").exists():
+        (repo / "refs" / "main").write_text(rev)
+    return repo / "snapshots" / rev
+
+
+def plant_pickle(model_dir: Path, name: str, marker: Path) -> None:
+    """Replace a dir's weights by a pickle file whose loading would create `marker`."""
+    for file in model_dir.glob("*.safetensors"):
+        file.unlink()
+    torch.save({"weight": Payload(marker)}, model_dir / name)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sources")
+    cache = root / "hub"
+    a, tokenizer = build_model(ModelConfig(name="tiny-llama"), seed=1)
+    b, _ = build_model(ModelConfig(name="tiny-llama"), seed=2)
+    save(a, tokenizer, snapshot(cache, "acme/tiny-llama", REV_A))
+    save(b, tokenizer, snapshot(cache, "acme/tiny-llama", REV_B))
+    plant_pickle(save(a, tokenizer, snapshot(cache, "acme/pickled", REV_A)), "pytorch_model.bin", root / "hub_marker")
+    plant_pickle(save(a, tokenizer, root / "pickled"), "pytorch_model.bin", root / "marker")
+    save(a, tokenizer, root / "benign", safe=False)  # a real state dict, as pytorch_model.bin
+    return {"root": root, "cache": cache, "a": a, "b": b, "tokenizer": tokenizer}
+
+
+@pytest.fixture
+def offline_hub(world, monkeypatch) -> Path:
+    monkeypatch.setenv("HF_HUB_CACHE", str(world["cache"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(world["cache"]))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return world["cache"]
+
+
+def same_weights(x, y) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+
+
+def test_hub_id_loads_the_cached_snapshot_and_its_revision(world, offline_hub):
+    main, tokenizer = build_model(ModelConfig(name="acme/tiny-llama"), seed=99)
+    assert same_weights(main, world["a"]) and len(tokenizer) == len(world["tokenizer"])
+    pinned, _ = build_model(ModelConfig(name="acme/tiny-llama", revision=REV_B), seed=99)
+    assert same_weights(pinned, world["b"]) and not same_weights(pinned, world["a"])
+
+
+def test_hub_id_neither_cached_nor_reachable_names_both_ways_out(offline_hub):
+    with pytest.raises(ModelError) as built:
+        build_model(ModelConfig(name="acme/missing"), seed=0)
+    with pytest.raises(ConfigError) as validated:  # refused by validation too, before any model work
+        load_config(["model.name=acme/missing"], world_size=1)
+    for line in (str(built.value), str(validated.value)):
+        assert "\n" not in line and "'acme/missing'" in line and "HF_HUB_OFFLINE is set" in line
+        assert "huggingface-cli login" in line and "download it to a local dir and pass that dir as model.name" in line
+    with pytest.raises(ModelError, match="at revision v9"):
+        build_model(ModelConfig(name="acme/tiny-llama", revision="v9"), seed=0)
+
+
+def test_validation_accepts_hub_ids_but_not_misspelt_names(offline_hub):
+    cfg = load_config(["model.name=acme/tiny-llama", f"model.revision={REV_B}"], world_size=1)
+    assert cfg.model.name == "acme/tiny-llama"
+    with pytest.raises(ConfigError, match=r"'tiny-lama' is not a named model \(did you mean 'tiny-llama'\?\)"):
+        load_config(["model.name=tiny-lama"], world_size=1)
+    with pytest.raises(ConfigError, match="model.revision: only for hub ids"):
+        load_config(["model.name=tiny-llama", "model.revision=main"], world_size=1)
+
+
+def test_pickle_only_hub_snapshot_is_refused(world, offline_hub):
+    with pytest.raises(ModelError, match=f"holds only pickle weights \\(pytorch_model.bin\\).*{CVE}.*model.allow_pickle=true"):
+        build_model(ModelConfig(name="acme/pickled"), seed=0)
+    assert not (world["root"] / "hub_marker").exists()
+
+
+def refused_run(args: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_pickle_only_model_and_adapter_dirs_are_refused_without_running_them(world, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    torch.save({"weight": Payload(tmp_path / "marker")}, adapter / "adapter_model.bin")
+    data = write_instruction_file(tmp_path / "train.jsonl")
+    common = [f"data.train_path={data}", f"output_dir={tmp_path / 'out'}", "train.max_steps=1"]
+    line = refused_run([f"model.name={world['root'] / 'pickled'}", *common])
+    assert "model.name:" in line and "pytorch_model.bin" in line and CVE in line and "model.allow_pickle=true" in line
+    line = refused_run(["model.name=tiny-llama", f"lora.init_from={adapter}", *common])
+    assert "lora.init_from:" in line and "adapter_model.bin" in line and CVE in line and "model.allow_pickle=true" in line
+    assert not (world["root"] / "marker").exists() and not (tmp_path / "marker").exists()
+
+
+def test_allow_pickle_loads_benign_pickle_weights(world, tmp_path):
+    with pytest.raises(ModelError, match=CVE):
+        build_model(ModelConfig(name=str(world["root"] / "benign")), seed=0)
+    model, _ = build_model(ModelConfig(name=str(world["root"] / "benign"), allow_pickle=True), seed=0)
+    assert same_weights(model, world["a"])
+    state = {"base_model.model.lm_head.lora_A.weight": torch.arange(6.0).reshape(2, 3)}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    torch.save(state, tmp_path / "adapter_model.bin")
+    load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}", "model.allow_pickle=true"], world_size=1)
+    assert torch.equal(read_adapter(tmp_path, allow_pickle=True)["base_model.model.lm_head.lora_A.weight"], state["base_model.model.lm_head.lora_A.weight"])
+
+
+def test_export_ignores_the_runs_trust_remote_code(world, tmp_path, capsys):
+    """A shared run dir whose config trusts the code of a model dir it ships: export must not run that code."""
+    marker = tmp_path / "code_ran"
+    base = save(world["a"], world["tokenizer"], tmp_path / "base")
+    (base / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w')\nfrom transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    pass\n")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    run = tmp_path / "run"
+    world["a"].save_pretrained(run / "final", safe_serialization=True)
+    (run / "config.yaml").write_text(f"method: full\nmodel:\n  name: {base}\n  trust_remote_code: true\n")
+    report = export.export(run, tmp_path / "out")
+    assert report["max_logit_difference"] <= export.LOGITS_TOLERANCE
+    assert not marker.exists()
+    assert "model.trust_remote_code=true, ignored: export takes it only from its own --trust-remote-code flag" in capsys.readouterr().err
+    assert export.main([str(run), str(tmp_path / "out2"), "--trust-remote-kode"]) == 2
+
+
+def test_training_from_a_hub_id_end_to_end(world, offline_hub, tmp_path):
+    """One real run (1 process, 2 LoRA steps) from `org/name`, then its export and a lora.init_from on that base."""
+    data = write_instruction_file(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    args = ["model.name=acme/tiny-llama", "method=lora", "train.max_steps=2", f"data.train_path={data}", f"output_dir={out}"]
+    args += ["eval.every_steps=0", "eval.num_generation_prompts=0"]
+    result = run_train(args, env={**run_env(), "HF_HUB_CACHE": str(offline_hub)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = out / "final"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny-llama"
+    load_config(["model.name=acme/tiny-llama", f"lora.init_from={adapter}"], world_size=1)  # targets read from the cached config
+    report = export.export(out, tmp_path / "merged")
+    assert report["merged_adapter"] and report["max_logit_difference"] <= export.LOGITS_TOLERANCE
