@@ -2,11 +2,13 @@
 
     python -m finetune.export outputs/run1 outputs/run1-merged                       # a run's final/
     python -m finetune.export outputs/run1/checkpoints/step_00000040 outputs/merged  # one checkpoint
+    python -m finetune.export outputs/run1 --gguf run1.gguf [--gguf-type f16|q8_0]   # one GGUF file (Llama)
 
 A LoRA/QLoRA adapter is merged into a full-precision base (for QLoRA too: merging into 4/8-bit
 weights would round the update away), a full fine-tune's (sharded) checkpoint becomes one HF dir.
 Either way the result loads with `AutoModelForCausalLM.from_pretrained`, which the export checks: it
 reloads what it wrote and compares its logits with the in-memory merged model on a test input.
+With --gguf, a Llama-architecture run becomes one GGUF file for llama.cpp instead (finetune.gguf_export).
 """
 
 from __future__ import annotations
@@ -93,17 +95,39 @@ def export(source: Path, out: Path) -> dict:
     return report
 
 
+def parse_cli(argv: list[str]):
+    """The export command line: SOURCE OUT_DIR, or SOURCE --gguf OUT.gguf [--gguf-type f16|q8_0]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="a run directory or a checkpoint directory")
+    parser.add_argument("out", type=Path, nargs="?", help="the new HF model directory")
+    parser.add_argument("--gguf", type=Path, metavar="OUT.gguf", help="write one GGUF file instead (Llama-architecture causal LMs)")
+    parser.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16", help="the GGUF weight type (default f16)")
+    args = parser.parse_args(argv)
+    if (args.out is None) == (args.gguf is None):
+        parser.error("give either OUT_DIR or --gguf OUT.gguf")
+    if args.gguf is None and "--gguf-type" in " ".join(argv):
+        parser.error("--gguf-type goes with --gguf")
+    return args
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    args = parse_cli(argv)
     try:
-        report = export(Path(argv[0]), Path(argv[1]))
+        if args.gguf is not None:
+            from finetune.gguf_export import export_gguf
+
+            report = export_gguf(args.source, args.gguf, args.gguf_type)
+        else:
+            report = export(args.source, args.out)
     except (ExportError, ConfigError, ModelError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     what = "adapter merged into the full-precision base" if report["merged_adapter"] else "full weights"
-    print(f"exported {report['source']} ({what}) to {report['out']}; reloaded logits match within {report['max_logit_difference']:.1e}")
+    form = f"GGUF {report['gguf_type']} " if "gguf_type" in report else ""
+    scale = f" (largest logit {report['max_logit']:.2f})" if "max_logit" in report else ""
+    print(f"exported {report['source']} ({what}) to {form}{report['out']}; reloaded logits match within {report['max_logit_difference']:.1e}{scale}")
     return 0
 
 
