@@ -93,20 +93,28 @@ def test_llama_run_exports_to_gguf_and_reads_back(smollm_tokenized_llama, tmp_pa
         assert (got - base(input_ids=tokens).logits).abs().max() / want.abs().max() > 5 * tolerance  # the adapter is merged in
 
 
-def test_gpt2_tokenized_tiny_llama_and_an_existing_output(tmp_path):
-    from finetune import assets
-    from finetune.config import ModelConfig
-    from finetune.model import build_model
+def test_gpt2_tokenizer_round_trips_and_an_existing_output_is_kept(tmp_path):
+    """tiny-llama's tokenizer (GPT-2's BPE, no digit splitting) written alone, read back by finetune.assets."""
+    import gguf
 
-    run = write_run(tmp_path, "tiny-llama")
-    out = tmp_path / "tiny.gguf"
-    assert export_main([str(run), "--gguf", str(out)]) == 0
-    _, tokenizer = build_model(ModelConfig(name="tiny-llama"), seed=42)
+    from finetune import assets
+    from finetune.gguf_export import add_tokenizer
+
+    tokenizer = assets.gpt2_tokenizer()
+    writer = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    add_tokenizer(writer, tokenizer, vocab_size=50260)  # 3 embedding rows beyond the tokenizer: placeholders
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(str(tmp_path / "vocab.gguf")).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2" and fields["tokenizer.ggml.tokens"].contents()[-1] == "[PAD50259]"
     text = "GGUF out: 12 tokens, <|endoftext|> and café"
-    assert assets.tokenizer_from_gguf(out)(text).input_ids == tokenizer(text).input_ids
-    before = out.stat().st_mtime_ns
-    assert export_main([str(run), "--gguf", str(out)]) == 2  # never overwritten
-    assert out.stat().st_mtime_ns == before
+    assert assets.tokenizer_from_gguf(tmp_path / "vocab.gguf")(text).input_ids == tokenizer(text).input_ids
+    out = tmp_path / "taken.gguf"
+    out.write_bytes(b"mine")
+    assert export_main([str(tmp_path), "--gguf", str(out)]) == 2  # never overwritten (checked first)
+    assert out.read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("model_name, task, reason", [("tiny-gpt2", "instruction", "gpt2 model"), ("tiny-roberta", "classification", "classification head")])
