@@ -99,15 +99,17 @@ def parse_cli(argv: list[str]):
     """The export command line: SOURCE OUT_DIR, or SOURCE --gguf OUT.gguf [--gguf-type f16|q8_0]."""
     import argparse
 
+    from finetune.gguf_export import GGUF_TYPES
+
     parser = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a run directory or a checkpoint directory")
     parser.add_argument("out", type=Path, nargs="?", help="the new HF model directory")
     parser.add_argument("--gguf", type=Path, metavar="OUT.gguf", help="write one GGUF file instead (Llama-architecture causal LMs)")
-    parser.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16", help="the GGUF weight type (default f16)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, help="the GGUF weight type (default f16)")
     args = parser.parse_args(argv)
     if (args.out is None) == (args.gguf is None):
         parser.error("give either OUT_DIR or --gguf OUT.gguf")
-    if args.gguf is None and "--gguf-type" in " ".join(argv):
+    if args.gguf is None and args.gguf_type is not None:
         parser.error("--gguf-type goes with --gguf")
     return args
 
@@ -118,7 +120,7 @@ def main(argv: list[str]) -> int:
         if args.gguf is not None:
             from finetune.gguf_export import export_gguf
 
-            report = export_gguf(args.source, args.gguf, args.gguf_type)
+            report = export_gguf(args.source, args.gguf, args.gguf_type or "f16")
         else:
             report = export(args.source, args.out)
     except (ExportError, ConfigError, ModelError, checkpoint.CheckpointError) as err:

@@ -145,6 +145,7 @@ def test_cli_usage_errors(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         export_main([str(tmp_path), "--gguf", str(tmp_path / "a.gguf"), "--gguf-type", "q4_0"])
     assert exit_info.value.code == 2
-    with pytest.raises(SystemExit):
-        export_main([str(tmp_path), str(tmp_path / "dir"), "--gguf", str(tmp_path / "a.gguf")])
+    for argv in ([str(tmp_path), str(tmp_path / "dir"), "--gguf", str(tmp_path / "a.gguf")], [str(tmp_path), str(tmp_path / "dir"), "--gguf-type", "f16"]):
+        with pytest.raises(SystemExit):
+            export_main(argv)
     assert export_main([str(tmp_path), "--gguf", str(tmp_path / "a.txt")]) == 2
