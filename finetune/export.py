@@ -2,12 +2,14 @@
 
     python -m finetune.export outputs/run1 outputs/run1-merged                       # a run's final/
     python -m finetune.export outputs/run1/checkpoints/step_00000040 outputs/merged  # one checkpoint
+    python -m finetune.export outputs/run1 --gguf run1.gguf [--gguf-type f16|q8_0]   # one GGUF file (Llama)
     python -m finetune.export RUN_DIR OUT_DIR --trust-remote-code --allow-pickle      # opt-ins, see below
 
 A LoRA/QLoRA adapter is merged into a full-precision base (for QLoRA too: merging into 4/8-bit
 weights would round the update away), a full fine-tune's (sharded) checkpoint becomes one HF dir.
 Either way the result loads with `AutoModelForCausalLM.from_pretrained`, which the export checks: it
 reloads what it wrote and compares its logits with the in-memory merged model on a test input.
+With --gguf, a Llama-architecture run becomes one GGUF file for llama.cpp instead (finetune.gguf_export).
 
 A run dir may come from someone else, so its config.yaml cannot opt into running code: its
 model.trust_remote_code and model.allow_pickle are ignored (with a note), and only this command's own
@@ -40,8 +42,21 @@ class ExportError(FinetuneError):
     """The source cannot be exported as asked."""
 
 
-def locate(source: Path) -> tuple[Config, Path]:
-    """(the run's config, the directory holding its weights) for a run dir or a checkpoint dir."""
+def locate(source: Path, flags: set[str] = frozenset()) -> tuple[Config, Path]:
+    """(the run's config, the directory holding its weights) for a run dir or a checkpoint dir.
+
+    Args:
+        flags: this command's opt-ins (OPT_INS): the config's own model.trust_remote_code and
+            model.allow_pickle are replaced by them (a run dir may come from someone else).
+    """
+    cfg, weights = _run_config_and_weights(source)
+    cfg_model, notes = with_opt_ins(cfg.model, flags)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return dataclasses.replace(cfg, model=cfg_model), weights
+
+
+def _run_config_and_weights(source: Path) -> tuple[Config, Path]:
     if (source / "state.json").is_file():  # a checkpoint
         state = checkpoint.verify(source)
         return from_dict(state["config"], f"{source}/state.json"), source / "model"
@@ -98,11 +113,8 @@ def export(source: Path, out: Path, flags: set[str] = frozenset()) -> dict:
 
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; choose a new output directory")
-    cfg, weights = locate(source)
-    cfg_model, notes = with_opt_ins(cfg.model, flags)
-    for note in notes:
-        print(note, file=sys.stderr)
-    model, tokenizer = merged_model(dataclasses.replace(cfg, model=cfg_model), weights)
+    cfg, weights = locate(source, flags)
+    model, tokenizer = merged_model(cfg, weights)
     model.eval()
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -123,22 +135,47 @@ def export(source: Path, out: Path, flags: set[str] = frozenset()) -> dict:
     return report
 
 
+def parse_cli(argv: list[str]):
+    """The export command line: SOURCE OUT_DIR, or SOURCE --gguf OUT.gguf [--gguf-type f16|q8_0]."""
+    import argparse
+
+    from finetune.gguf_export import GGUF_TYPES
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="a run directory or a checkpoint directory")
+    parser.add_argument("out", type=Path, nargs="?", help="the new HF model directory")
+    parser.add_argument("--gguf", type=Path, metavar="OUT.gguf", help="write one GGUF file instead (Llama-architecture causal LMs)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, help="the GGUF weight type (default f16)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (never taken from the run's config)")
+    parser.add_argument("--allow-pickle", action="store_true", help="read pickle-only weights (CVE-2025-32434; never taken from the run's config)")
+    args = parser.parse_args(argv)
+    if (args.out is None) == (args.gguf is None):
+        parser.error("give either OUT_DIR or --gguf OUT.gguf")
+    if args.gguf is None and args.gguf_type is not None:
+        parser.error("--gguf-type goes with --gguf")
+    args.flags = {flag for flag in OPT_INS if getattr(args, flag.lstrip("-").replace("-", "_"))}
+    return args
+
+
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    paths, flags = [a for a in argv if not a.startswith("-")], {a for a in argv if a.startswith("-")}
-    if len(paths) != 2 or flags - set(OPT_INS):
-        unknown = sorted(flags - set(OPT_INS))
-        print(f"error: unknown option {unknown[0]} (options: {', '.join(OPT_INS)})" if unknown else __doc__, file=sys.stderr)
-        return 2
     try:
-        report = export(Path(paths[0]), Path(paths[1]), flags)
+        args = parse_cli(argv)
+    except SystemExit as exit:  # argparse: usage errors exit 2 (printed), --help exits 0
+        return int(exit.code or 0)
+    try:
+        if args.gguf is not None:
+            from finetune.gguf_export import export_gguf
+
+            report = export_gguf(args.source, args.gguf, args.gguf_type or "f16", args.flags)
+        else:
+            report = export(args.source, args.out, args.flags)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     what = "adapter merged into the full-precision base" if report["merged_adapter"] else "full weights"
-    print(f"exported {report['source']} ({what}) to {report['out']}; reloaded logits match within {report['max_logit_difference']:.1e}")
+    form = f"GGUF {report['gguf_type']} " if "gguf_type" in report else ""
+    scale = f" (largest logit {report['max_logit']:.2f})" if "max_logit" in report else ""
+    print(f"exported {report['source']} ({what}) to {form}{report['out']}; reloaded logits match within {report['max_logit_difference']:.1e}{scale}")
     return 0
 
 
