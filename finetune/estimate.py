@@ -17,10 +17,12 @@ name), batch_size=, precision=, optimizer=. Parameters are counted on a meta-dev
 allocated); LoRA adapters are injected into it with the run's own targets.
 
 Per rank, in bytes (P = parameters and Pt = trainable ones, of this rank's tensor/pipeline share):
-  weights       P x bytes of the stored dtype (fp32 4; plugins that cast to bf16/fp16 2; QLoRA 4-bit
-                0.5 + block absmax on the quantized Linear layers, the rest in the compute dtype),
-                divided by the plugin's parameter sharding (FSDP, Gemini), plus the unsharded working
-                copy FSDP gathers for compute
+  weights       P x bytes of the stored dtype (fp32 4; plugins that cast to bf16/fp16 2; LoRA with
+                bf16/fp16: the frozen base 2 under every plugin but Gemini, adapters as the plugin keeps
+                them; QLoRA 4-bit 0.5 + block absmax on the quantized Linear layers, the rest in the
+                compute dtype), divided by the plugin's parameter sharding (FSDP, Gemini), plus the
+                unsharded working copy FSDP gathers for compute (the whole model as one unit with
+                plugin.auto_wrap=none; with `block`, the default, the root unit and two blocks)
   gradients     Pt x gradient bytes, divided by gradient sharding (ZeRO-2, FSDP, Gemini); DDP holds
                 each gradient twice (param.grad and its all-reduce bucket) unless gradient_as_bucket_view
   optimizer     AdamW m + v (2 states), SGD momentum (1 state; train.py builds SGD with momentum 0.9),
@@ -29,7 +31,8 @@ Per rank, in bytes (P = parameters and Pt = trainable ones, of this rank's tenso
   activations   the peak of a training step (see `layer_activation_bytes`), with and without per-layer
                 gradient checkpointing, and the peak of an eval batch's forward (its logits)
   step temporaries  what the optimizer step allocates and frees: fp32 gradient copies of half-precision
-                plugins and AdamW's sqrt(v) buffer (foreach on CUDA: all of Pt; per tensor on CPU)
+                plugins and AdamW's per-tensor temporaries (fused kernel on CUDA, per-tensor loop on
+                CPU): twice the largest optimizer tensor
   framework overhead  the process itself (CPU: a measured constant; CUDA: the context, assumed) and
                 ZeRO's flat gradient-reduce buffers
 
@@ -342,6 +345,7 @@ class Placement:
     chunks: int = 1  # model chunks per pipeline rank (interleaved schedule)
     interleaved: bool = False
     weight_bytes: float = 4  # stored bytes per weight element
+    frozen_bytes: float = 0  # stored bytes per frozen weight element where it differs (a half-precision LoRA base); 0: weight_bytes
     compute_bytes: int = 4  # dtype of matmul inputs/outputs in activations
     residual_bytes: int = 4  # dtype of the residual stream and norm inputs
     eval_half: bool = False  # eval runs in half precision too (DDP's autocast covers training only)
@@ -356,7 +360,7 @@ class Placement:
     optim_shards: int = 1
     optim_offload: float = 0.0  # fraction of optimizer states, master and step gradients in host memory
     param_offload: float = 0.0  # fraction of the sharded weights in host memory
-    gathered: str = ""  # FSDP working copy during compute: "model" (one unit) or "layers" (a unit per layer)
+    gathered: str = ""  # FSDP working copy during compute: "model" (one unit) or "layers" (a unit per block)
     reduce_bucket: int = 0  # elements of ZeRO's flat gradient-reduce bucket
 
 
@@ -423,10 +427,11 @@ def _gemini(cfg: Config, world: int) -> Placement:
 def _fsdp(cfg: Config, world: int) -> Placement:
     """FSDP: fp32 flat shards (the master), gathered in the compute dtype one unit at a time.
 
-    train.py wraps full fine-tuning as one FSDP unit (no auto-wrap policy) and LoRA with peft's policy
-    (a unit per transformer layer), so full fine-tuning gathers the whole model for compute.
+    Full fine-tuning is wrapped per transformer block (plugin.auto_wrap=block, the default) or as one
+    unit (none: the whole model gathered for compute); LoRA with peft's policy (a unit per layer).
     """
     options = _options(cfg)
+    one_unit = cfg.method == "full" and options.get("auto_wrap", "block") == "none"  # read with a default: older configs lack the key
     sharded = world if options["sharding_strategy"] != "NO_SHARD" else 1
     element = 2 if _half(cfg) else 4
     return Placement(
@@ -439,7 +444,7 @@ def _fsdp(cfg: Config, world: int) -> Placement:
         optim_shards=sharded,
         optim_offload=1.0 if options["cpu_offload"] else 0.0,
         param_offload=1.0 if options["cpu_offload"] else 0.0,
-        gathered="model" if cfg.method == "full" else "layers",
+        gathered="model" if one_unit else "layers",
     )
 
 
@@ -464,7 +469,12 @@ PLACEMENTS = {"torch_ddp": _ddp, "low_level_zero": _zero, "gemini": _gemini, "to
 
 def placement(cfg: Config, world_size: int) -> Placement:
     """The per-rank layout of cfg's plugin on world_size processes."""
-    return PLACEMENTS[cfg.plugin.name](cfg, world_size)
+    place = PLACEMENTS[cfg.plugin.name](cfg, world_size)
+    if cfg.method in ("lora", "qlora") and _half(cfg) and cfg.plugin.name != "gemini":
+        # The frozen base is held in the compute dtype (Gemini keeps its own rules): the residual stream
+        # and eval run in it too, and autocast has no weight copies to cache.
+        place = dataclasses.replace(place, frozen_bytes=2, residual_bytes=2, eval_half=True, autocast_copies=False)
+    return place
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -679,7 +689,7 @@ class StateBytes:
     host: float
 
 
-def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: str, device: str, quant: Quantization | None) -> StateBytes:
+def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: str, quant: Quantization | None) -> StateBytes:
     """Weights, gradients, optimizer states and the optimizer step's temporaries of one rank."""
     stored = _weight_bytes(shape, place, share, quant) / place.param_shards
     weights = stored * (1 - place.param_offload) + _gathered_elements(shape, place, share) * place.compute_bytes
@@ -690,11 +700,11 @@ def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: st
     states = shard * (2 if optimizer == "adamw" else 1) * place.state_bytes + master
     step = shard * place.step_grad_bytes
     if optimizer == "adamw":
-        # AdamW's sqrt(v) buffer: torch's foreach kernels (CUDA) make it for all states at once; on CPU
-        # the per-tensor loop makes two temporaries of its largest tensor (ZeRO splits every tensor over
-        # the ranks; FSDP's one unit is one flat tensor).
+        # AdamW works tensor by tensor: the fused kernel on CUDA (train.py builds it with fused=True),
+        # the per-tensor loop on CPU, each with two temporaries of its largest tensor at most (ZeRO
+        # splits every tensor over the ranks; FSDP's one unit is one flat tensor).
         largest = shard if place.gathered == "model" else min(shape.largest_trainable / place.optim_shards / place.tp, shard)
-        step += (2 * largest if device == "cpu" or place.optim_offload else shard) * place.state_bytes
+        step += 2 * largest * place.state_bytes
     # ZeRO flattens gradients into a reduce bucket (a tensor larger than the bucket goes alone) and
     # receives the reduced copy: two buffers of the larger of the two.
     buffers = 2 * max(place.reduce_bucket, shape.largest_trainable) * place.grad_bytes if place.reduce_bucket else 0
@@ -741,7 +751,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
             grad_bytes=4, master_bytes=0, state_bytes=4, step_grad_bytes=0,
         )
     share = rank_share(shape, place, cfg.method == "full", rank, layers)
-    state = state_bytes(shape, place, share, cfg.train.optimizer, device, quant)
+    state = state_bytes(shape, place, share, cfg.train.optimizer, quant)
     train, checkpointed, evaluation = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank)
     process = CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     return Estimate(
@@ -765,7 +775,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
 def _weight_bytes(shape: ModelShape, place: Placement, share: Share, quant: Quantization | None) -> float:
     """Stored bytes of this rank's weights (before parameter sharding)."""
     if not quant:
-        return share.params * place.weight_bytes
+        return (share.params - share.trainable) * (place.frozen_bytes or place.weight_bytes) + share.trainable * place.weight_bytes
     quantized = (share.layers * shape.layer_matmul + share.last * shape.head_quantizable) / place.tp
     scales = 4 * share.layers * shape.layer_rows / place.tp if quant.bits == 8 else 0  # LLM.int8: an fp32 scale per output row
     frozen_rest = share.params - quantized - share.trainable
