@@ -13,7 +13,9 @@ The estimate is asked for with exactly the run config a user would launch (`--co
     quantization.compute_dtype=bf16|fp16|fp32   QLoRA's base-weight layout (method=qlora)
 
 and short forms of common keys: model=, plugin= (a booster_configs/ setup such as zero2, or a plugin
-name), batch_size=, precision=, optimizer=. Parameters are counted on a meta-device model (nothing is
+name), batch_size=, precision=, optimizer=. With `--fit GiB`, it prints instead whether the run fits
+in that many GiB per rank and, when it does not, the cheapest changes that do, ranked (see
+`fitting_alternatives`). Parameters are counted on a meta-device model (nothing is
 allocated); LoRA adapters are injected into it with the run's own targets.
 
 Per rank, in bytes (P = parameters and Pt = trainable ones, of this rank's tensor/pipeline share):
@@ -45,6 +47,7 @@ Mixed-precision full fine-tuning with AdamW is the familiar 16 bytes/param: 2 (b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -54,7 +57,7 @@ from typing import Any
 
 from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL
 from finetune.booster import PLUGINS
-from finetune.config import Config, ConfigError, build_config, parse_args, to_dict, validate
+from finetune.config import Config, ConfigError, LoraConfig, _flatten, build_config, parse_args, to_dict, validate
 
 GIB = 1024**3
 MIB = 1024**2
@@ -621,7 +624,7 @@ class Estimate:
 
 def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "cuda", quantization: Quantization | None = None) -> Estimate:
     """Predict the peak memory per rank of the run cfg describes (the rank that needs the most)."""
-    shape = model_shape(load_model_config(cfg.model.name), cfg.method, cfg.lora)
+    shape = _cached_shape(cfg.model.name, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True))
     place = placement(cfg, world_size)
     if device == "cpu":  # host memory is the device: offloading moves nothing
         place = dataclasses.replace(place, optim_offload=0.0, param_offload=0.0)
@@ -648,6 +651,12 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
     }
     ranks = [_rank_estimate(shape, place, cfg, setup, rank, layers, quant) for rank, layers in enumerate(per_rank_layers)]
     return max(ranks, key=lambda e: e.total())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_shape(name: str, method: str, lora: str) -> ModelShape:
+    """model_shape by value: a fit check estimates a dozen variants of one model (a 7B meta model takes a second)."""
+    return model_shape(load_model_config(name), method, LoraConfig(**json.loads(lora)))
 
 
 @dataclass(frozen=True)
@@ -805,6 +814,105 @@ def _gathered_trainable(shape: ModelShape, place: Placement, share: Share) -> fl
 
 
 # ---------------------------------------------------------------------------------------------------
+# Will it fit? The cheapest changes that make it
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A change to the run (config overrides a user can paste) and its predicted peak per rank."""
+
+    overrides: tuple[str, ...]
+    cost: float  # how much the change costs the run: lower first (see fitting_alternatives)
+    peak_bytes: int
+
+    def describe(self) -> str:
+        """'train.gradient_checkpointing=true (14.60 GiB)'."""
+        return f"{' '.join(self.overrides)} ({_gib(self.peak_bytes)} GiB)"
+
+
+def with_overrides(cfg: Config, overrides: tuple[str, ...]) -> Config:
+    """cfg with `key=value` / `--config file` overrides applied; a new plugin drops the old one's options."""
+    settings = parse_args(list(overrides))
+    tree = to_dict(cfg)
+    if any(key == "plugin.name" for _, key, _ in settings):
+        del tree["plugin"]
+    return build_config([("fit check", key, value) for key, value in _flatten(tree).items()] + settings)
+
+
+def _candidate_changes(cfg: Config, world_size: int) -> list[tuple[tuple[str, ...], float]]:
+    """(overrides, cost) of each change worth trying. Costs rank what a user gives up: recomputing the
+    forward (checkpointing, 1), a halved micro-batch (1 per halving, same global batch), sharding over
+    the same ranks (zero2 2, fsdp 2, tp 3: more communication), and the method (qlora 4: another model)."""
+    train = cfg.train
+    singles: list[tuple[tuple[str, ...], float]] = []
+    micro, halvings = train.batch_size // 2, 1
+    while micro >= 1:
+        if train.batch_size % micro == 0:
+            singles.append(((f"train.batch_size={micro}", f"train.grad_accum_steps={train.grad_accum_steps * train.batch_size // micro}"), halvings))
+        micro, halvings = micro // 2, halvings + 1
+    if world_size > 1:
+        singles += [(("plugin.name=low_level_zero", "plugin.stage=2"), 2), (("plugin.name=torch_fsdp",), 2)]
+        singles.append((("plugin.name=hybrid_parallel", f"plugin.tp_size={world_size}"), 3))
+    if cfg.method == "lora":
+        singles.append((("method=qlora",), 4))
+    if train.gradient_checkpointing:
+        return singles
+    checkpointing = ("train.gradient_checkpointing=true",)
+    return [(checkpointing, 1)] + singles + [(checkpointing + overrides, 1 + cost) for overrides, cost in singles]
+
+
+def fitting_alternatives(cfg: Config, world_size: int, available_bytes: float, device: str = "cuda", seq_len: int = 0) -> list[Alternative]:
+    """The changes to cfg whose predicted per-rank peak fits in available_bytes, cheapest first (then
+    lowest peak). Of the micro-batch halvings only the largest micro-batch that fits is kept, and a
+    combination is left out when a part of it fits alone."""
+    fitting: list[Alternative] = []
+    for overrides, cost in _candidate_changes(cfg, world_size):
+        try:
+            changed = with_overrides(cfg, overrides)
+        except ConfigError:
+            continue
+        problems = [p for p in validate(changed, world_size, has_cuda=device == "cuda") if not p.startswith(IGNORED_PROBLEMS)]
+        if problems or to_dict(changed) == to_dict(cfg):
+            continue  # a change the run cannot take, or what it already has
+        peak = estimate(changed, world_size, seq_len, device, quantization_of(changed)).total()
+        if peak <= available_bytes:
+            fitting.append(Alternative(overrides, cost, peak))
+    fitting.sort(key=lambda a: (a.cost, a.peak_bytes))
+    kept: list[Alternative] = []
+    for alt in fitting:
+        kind = [o.split("=")[0] for o in alt.overrides]
+        if all([o.split("=")[0] for o in k.overrides] != kind and not set(k.overrides) <= set(alt.overrides) for k in kept):
+            kept.append(alt)
+    return kept
+
+
+def fit_check_line(cfg: Config, world_size: int, available_bytes: float, device: str = "cuda", seq_len: int = 0) -> str | None:
+    """None when the run's predicted per-rank peak fits in available_bytes; else the one line that says
+    by how much it does not and the three cheapest changes that fit, each with its predicted peak."""
+    peak = estimate(cfg, world_size, seq_len, device, quantization_of(cfg)).total()
+    if peak <= available_bytes:
+        return None
+    alternatives = fitting_alternatives(cfg, world_size, available_bytes, device, seq_len)[:3]
+    changes = "; ".join(a.describe() for a in alternatives) if alternatives else "none of checkpointing, a smaller micro-batch, qlora or sharding over these ranks fits"
+    return (
+        f"predicted peak {_gib(peak)} GiB per rank does not fit the {_gib(available_bytes)} GiB available on {device}; "
+        f"changes that fit: {changes} (train.fit_check=warn or off to launch anyway)"
+    )
+
+
+def format_fit(cfg: Config, world_size: int, available_bytes: float, device: str, seq_len: int) -> str:
+    """--fit: the verdict for the run as configured, then every change that fits, ranked."""
+    peak = estimate(cfg, world_size, seq_len, device, quantization_of(cfg)).total()
+    verdict = "fits" if peak <= available_bytes else "does not fit"
+    lines = [f"as configured: {_gib(peak)} GiB per rank, {verdict} in {_gib(available_bytes)} GiB"]
+    if peak > available_bytes:
+        alternatives = fitting_alternatives(cfg, world_size, available_bytes, device, seq_len)
+        lines.append("changes that fit, cheapest first (predicted peak per rank):" if alternatives else "no change tried fits (checkpointing, micro-batch, qlora, zero2/fsdp/tp)")
+        lines += [f"  {i}. {' '.join(a.overrides):<72} {_gib(a.peak_bytes):>8} GiB" for i, a in enumerate(alternatives, 1)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Command line
 
 # Problems of finetune.config.validate that do not concern an estimate, each with why:
@@ -944,12 +1052,35 @@ def main(argv: list[str]) -> int:
         return 0
     as_json = "--json" in argv
     try:
-        est = estimate_request([a for a in argv if a != "--json"])
+        argv, fit_gib = _fit_flag([a for a in argv if a != "--json"])
+        if fit_gib is not None:
+            cfg, extra = parse_request(argv)
+            print(format_fit(cfg, extra.get("world_size", 1), fit_gib * GIB, extra.get("device", "cuda"), extra.get("seq_len", 0)))
+            return 0
+        est = estimate_request(argv)
     except (ConfigError, EstimateError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(est.to_dict(), indent=2) if as_json else format_table(est))
     return 0
+
+
+def _fit_flag(argv: list[str]) -> tuple[list[str], float | None]:
+    """Take `--fit GiB` (or `--fit=GiB`) out of argv."""
+    rest, value = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--fit" or arg.startswith("--fit="):
+            raw = arg.partition("=")[2] if "=" in arg else next(args, "")
+            try:
+                value = float(raw)
+            except ValueError:
+                value = -1.0
+            if not value > 0:
+                raise EstimateError(f"--fit: expected the memory per rank in GiB (a positive number), got {raw!r}")
+        else:
+            rest.append(arg)
+    return rest, value
 
 
 if __name__ == "__main__":

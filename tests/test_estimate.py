@@ -288,3 +288,50 @@ def test_adamw_step_temporaries_are_per_tensor_not_all_at_once():
     embedding = 32000 * 4096  # the largest trainable tensor
     assert adamw.step_temporaries - sgd.step_temporaries == 2 * 4 * embedding
     assert adamw.step_temporaries - sgd.step_temporaries < 0.1 * adamw.optimizer_states
+
+
+def test_fitting_alternatives_are_ranked_and_each_fits():
+    """--fit / train.fit_check: the cheapest changes that fit, each with the estimator's own peak."""
+    cfg = config_of("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=4")
+    available = 16 * est.GIB
+    assert est.estimate(cfg, 1, 512).total() > available
+    alternatives = est.fitting_alternatives(cfg, 1, available, seq_len=512)
+    assert alternatives[0].overrides == ("train.gradient_checkpointing=true",)
+    assert [a.cost for a in alternatives] == sorted(a.cost for a in alternatives)
+    for alt in alternatives:
+        changed = est.with_overrides(cfg, alt.overrides)
+        assert alt.peak_bytes == est.estimate(changed, 1, 512, "cuda", est.quantization_of(changed)).total() <= available
+    # Over 4 ranks, full fine-tuning under DDP: sharding and a smaller micro-batch (same global batch) enter.
+    full = config_of("model.name=llama2-7b", "method=full", "train.precision=fp16", "train.optimizer=sgd", "train.batch_size=4")
+    ranked = est.fitting_alternatives(full, 4, 30 * est.GIB, seq_len=512)
+    assert any("plugin.name=torch_fsdp" in a.overrides for a in ranked)
+    roomy = est.fitting_alternatives(cfg, 1, 20 * est.GIB, seq_len=512)
+    micro = next(a for a in roomy if a.overrides[0].startswith("train.batch_size="))
+    batch, accum = (int(o.split("=")[1]) for o in micro.overrides)
+    assert batch < 4 and batch * accum == 4
+
+
+def test_fit_check_line_names_peak_available_and_three_changes():
+    cfg = config_of("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=4")
+    assert est.fit_check_line(cfg, 1, 80 * est.GIB, seq_len=512) is None
+    line = est.fit_check_line(cfg, 1, 20 * est.GIB, seq_len=512)
+    peak = est.estimate(cfg, 1, 512).total()
+    assert line.startswith(f"predicted peak {peak / est.GIB:,.2f} GiB per rank does not fit the 20.00 GiB available")
+    three = est.fitting_alternatives(cfg, 1, 20 * est.GIB, seq_len=512)[:3]
+    assert len(three) == 3 and "\n" not in line
+    assert all(a.describe() in line for a in three)
+
+
+def test_cli_fit_prints_the_ranked_list(capsys):
+    assert est.main(["model=llama2-7b", "method=lora", "precision=bf16", "seq_len=512", "--fit", "20"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("does not fit in 20.00 GiB") and out[2].strip().startswith("1. train.gradient_checkpointing=true")
+    assert est.main(["model=gpt2", "--fit=lots"]) == 2
+    assert capsys.readouterr().err.startswith("error: --fit: expected the memory per rank in GiB")
+
+
+def test_train_fit_check_values():
+    from finetune.config import validate
+
+    assert config_of().train.fit_check == "error"
+    assert any(p.startswith("train.fit_check: unknown value 'maybe'") for p in validate(config_of("train.fit_check=maybe"), 1, False))
