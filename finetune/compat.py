@@ -15,6 +15,9 @@ torch.cuda.current_device() to FSDP. Each is repaired by the smallest wrapper th
 `apply()` is a no-op when a CUDA device is present, and refuses to run on a ColossalAI version these
 repairs were not written for (their line-level assumptions would be unchecked).
 Measured facts behind each repair: shared/notes/colossalai-cpu.md.
+
+On every device, importing this module stops torch inductor's compile workers from starting (see
+`stop_compile_workers`): import it before the first `import colossalai`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 from pathlib import Path
 
 import psutil
@@ -30,6 +34,32 @@ import torch
 from finetune.errors import FinetuneError
 
 SUPPORTED_COLOSSALAI = "0.5.0"
+# The torch whose inductor this module reads (torch/_inductor/config.py and async_compile.py of 2.5.1).
+SUPPORTED_TORCH = "2.5."
+COMPILE_THREADS = "TORCHINDUCTOR_COMPILE_THREADS"
+
+
+def stop_compile_workers() -> bool:
+    """Keep torch inductor from starting its compile-worker pool; False where the user chose a thread count.
+
+    ColossalAI's fp8 module decorates functions with torch.compile at import, which imports
+    torch._inductor.async_compile; with triton installed that module warms a pool of compile_threads
+    worker processes (about 640 MB resident each) at import. Nothing in this tool compiles. One
+    compile thread makes inductor compile in-process and skip the pool (AsyncCompile.warm_pool). `import
+    torch` has already read the variable into torch._inductor.config, hence the config assignment;
+    the variable itself reaches child processes.
+    """
+    if COMPILE_THREADS in os.environ:
+        return False
+    os.environ[COMPILE_THREADS] = "1"
+    if torch.__version__.startswith(SUPPORTED_TORCH):  # the config attribute this was checked against
+        from torch._inductor import config as inductor_config
+
+        inductor_config.compile_threads = 1
+    return True
+
+
+stop_compile_workers()
 
 
 class CompatError(FinetuneError):

@@ -113,6 +113,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     on_nan: str = "stop"  # a non-finite loss: stop (the last checkpoint stays good) | skip (drop that step's update)
+    fit_check: str = "error"  # before weights load, the estimated per-rank peak vs free memory: error (stop, naming changes that fit) | warn | off
 
 
 @dataclass
@@ -354,6 +355,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
     problems += choice_problems("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
+    problems += choice_problems("train.fit_check", cfg.train.fit_check, ("error", "warn", "off"))
     for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:

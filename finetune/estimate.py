@@ -13,14 +13,18 @@ The estimate is asked for with exactly the run config a user would launch (`--co
     quantization.compute_dtype=bf16|fp16|fp32   QLoRA's base-weight layout (method=qlora)
 
 and short forms of common keys: model=, plugin= (a booster_configs/ setup such as zero2, or a plugin
-name), batch_size=, precision=, optimizer=. Parameters are counted on a meta-device model (nothing is
+name), batch_size=, precision=, optimizer=. With `--fit GiB`, it prints instead whether the run fits
+in that many GiB per rank and, when it does not, the cheapest changes that do, ranked (see
+`fitting_alternatives`). Parameters are counted on a meta-device model (nothing is
 allocated); LoRA adapters are injected into it with the run's own targets.
 
 Per rank, in bytes (P = parameters and Pt = trainable ones, of this rank's tensor/pipeline share):
-  weights       P x bytes of the stored dtype (fp32 4; plugins that cast to bf16/fp16 2; QLoRA 4-bit
-                0.5 + block absmax on the quantized Linear layers, the rest in the compute dtype),
-                divided by the plugin's parameter sharding (FSDP, Gemini), plus the unsharded working
-                copy FSDP gathers for compute
+  weights       P x bytes of the stored dtype (fp32 4; plugins that cast to bf16/fp16 2; LoRA with
+                bf16/fp16: the frozen base 2 under every plugin but Gemini, adapters as the plugin keeps
+                them; QLoRA 4-bit 0.5 + block absmax on the quantized Linear layers, the rest in the
+                compute dtype), divided by the plugin's parameter sharding (FSDP, Gemini), plus the
+                unsharded working copy FSDP gathers for compute (the whole model as one unit with
+                plugin.auto_wrap=none; with `block`, the default, the root unit and two blocks)
   gradients     Pt x gradient bytes, divided by gradient sharding (ZeRO-2, FSDP, Gemini); DDP holds
                 each gradient twice (param.grad and its all-reduce bucket) unless gradient_as_bucket_view
   optimizer     AdamW m + v (2 states), SGD momentum (1 state; train.py builds SGD with momentum 0.9),
@@ -29,7 +33,8 @@ Per rank, in bytes (P = parameters and Pt = trainable ones, of this rank's tenso
   activations   the peak of a training step (see `layer_activation_bytes`), with and without per-layer
                 gradient checkpointing, and the peak of an eval batch's forward (its logits)
   step temporaries  what the optimizer step allocates and frees: fp32 gradient copies of half-precision
-                plugins and AdamW's sqrt(v) buffer (foreach on CUDA: all of Pt; per tensor on CPU)
+                plugins and AdamW's per-tensor temporaries (fused kernel on CUDA, per-tensor loop on
+                CPU): twice the largest optimizer tensor
   framework overhead  the process itself (CPU: a measured constant; CUDA: the context, assumed) and
                 ZeRO's flat gradient-reduce buffers
 
@@ -42,6 +47,7 @@ Mixed-precision full fine-tuning with AdamW is the familiar 16 bytes/param: 2 (b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -51,7 +57,7 @@ from typing import Any
 
 from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL, architecture
 from finetune.booster import PLUGINS
-from finetune.config import Config, ConfigError, build_config, parallel_plan, parse_args, validate
+from finetune.config import Config, ConfigError, LoraConfig, _flatten, build_config, parallel_plan, parse_args, to_dict, validate
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
 
@@ -348,6 +354,7 @@ class Placement:
     chunks: int = 1  # model chunks per pipeline rank (interleaved schedule)
     interleaved: bool = False
     weight_bytes: float = 4  # stored bytes per weight element
+    frozen_bytes: float = 0  # stored bytes per frozen weight element where it differs (a half-precision LoRA base); 0: weight_bytes
     compute_bytes: int = 4  # dtype of matmul inputs/outputs in activations
     residual_bytes: int = 4  # dtype of the residual stream and norm inputs
     eval_half: bool = False  # eval runs in half precision too (DDP's autocast covers training only)
@@ -362,7 +369,7 @@ class Placement:
     optim_shards: int = 1
     optim_offload: float = 0.0  # fraction of optimizer states, master and step gradients in host memory
     param_offload: float = 0.0  # fraction of the sharded weights in host memory
-    gathered: str = ""  # FSDP working copy during compute: "model" (one unit) or "layers" (a unit per layer)
+    gathered: str = ""  # FSDP working copy during compute: "model" (one unit) or "layers" (a unit per block)
     reduce_bucket: int = 0  # elements of ZeRO's flat gradient-reduce bucket
 
 
@@ -425,10 +432,11 @@ def gemini_placement(cfg: Config, world: int) -> Placement:
 def fsdp_placement(cfg: Config, world: int) -> Placement:
     """FSDP: fp32 flat shards (the master), gathered in the compute dtype one unit at a time.
 
-    train.py wraps full fine-tuning as one FSDP unit (no auto-wrap policy) and LoRA with peft's policy
-    (a unit per transformer layer), so full fine-tuning gathers the whole model for compute.
+    Full fine-tuning is wrapped per transformer block (plugin.auto_wrap=block, the default) or as one
+    unit (none: the whole model gathered for compute); LoRA with peft's policy (a unit per layer).
     """
     options = cfg.plugin.options
+    one_unit = method_named(cfg.method).full and options.get("auto_wrap", "block") == "none"  # read with a default: older configs lack the key
     sharded = world if options["sharding_strategy"] != "NO_SHARD" else 1
     element = 2 if _half(cfg) else 4
     return Placement(
@@ -441,7 +449,7 @@ def fsdp_placement(cfg: Config, world: int) -> Placement:
         optim_shards=sharded,
         optim_offload=1.0 if options["cpu_offload"] else 0.0,
         param_offload=1.0 if options["cpu_offload"] else 0.0,
-        gathered="layers" if method_named(cfg.method).adapter else "model",
+        gathered="model" if one_unit else "layers",
     )
 
 
@@ -459,8 +467,13 @@ def hybrid_placement(cfg: Config, world: int) -> Placement:
 
 
 def placement(cfg: Config, world_size: int) -> Placement:
-    """Where this config's plugin puts weights, gradients and states (the plugin object says)."""
-    return PLUGINS[cfg.plugin.name].placement(cfg, world_size)
+    """The per-rank layout of cfg's plugin on world_size processes (the plugin object says)."""
+    place = PLUGINS[cfg.plugin.name].placement(cfg, world_size)
+    if method_named(cfg.method).adapter and _half(cfg):
+        # The frozen base is held in the compute dtype: the residual stream and eval run in it too, and
+        # autocast has no weight copies to cache. (Gemini, which has its own rules, holds no adapters.)
+        place = dataclasses.replace(place, frozen_bytes=2, residual_bytes=2, eval_half=True, autocast_copies=False)
+    return place
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -607,7 +620,7 @@ class Estimate:
 
 def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "cuda", quantization: Quantization | None = None) -> Estimate:
     """Predict the peak memory per rank of the run cfg describes (the rank that needs the most)."""
-    shape = model_shape(load_model_config(cfg.model.name), cfg.method, cfg.lora)
+    shape = _cached_shape(cfg.model.name, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True))
     place = placement(cfg, world_size)
     if device == "cpu":  # host memory is the device: offloading moves nothing
         place = dataclasses.replace(place, optim_offload=0.0, param_offload=0.0)
@@ -634,6 +647,12 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
     }
     ranks = [_rank_estimate(shape, place, cfg, setup, rank, layers, quant) for rank, layers in enumerate(per_rank_layers)]
     return max(ranks, key=lambda e: e.total())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_shape(name: str, method: str, lora: str) -> ModelShape:
+    """model_shape by value: a fit check estimates a dozen variants of one model (a 7B meta model takes a second)."""
+    return model_shape(load_model_config(name), method, LoraConfig(**json.loads(lora)))
 
 
 @dataclass(frozen=True)
@@ -675,7 +694,7 @@ class StateBytes:
     host: float
 
 
-def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: str, device: str, quant: Quantization | None) -> StateBytes:
+def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: str, quant: Quantization | None) -> StateBytes:
     """Weights, gradients, optimizer states and the optimizer step's temporaries of one rank."""
     stored = _weight_bytes(shape, place, share, quant) / place.param_shards
     weights = stored * (1 - place.param_offload) + _gathered_elements(shape, place, share) * place.compute_bytes
@@ -686,11 +705,11 @@ def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: st
     states = shard * (2 if optimizer == "adamw" else 1) * place.state_bytes + master
     step = shard * place.step_grad_bytes
     if optimizer == "adamw":
-        # AdamW's sqrt(v) buffer: torch's foreach kernels (CUDA) make it for all states at once; on CPU
-        # the per-tensor loop makes two temporaries of its largest tensor (ZeRO splits every tensor over
-        # the ranks; FSDP's one unit is one flat tensor).
+        # AdamW works tensor by tensor: the fused kernel on CUDA (train.py builds it with fused=True),
+        # the per-tensor loop on CPU, each with two temporaries of its largest tensor at most (ZeRO
+        # splits every tensor over the ranks; FSDP's one unit is one flat tensor).
         largest = shard if place.gathered == "model" else min(shape.largest_trainable / place.optim_shards / place.tp, shard)
-        step += (2 * largest if device == "cpu" or place.optim_offload else shard) * place.state_bytes
+        step += 2 * largest * place.state_bytes
     # ZeRO flattens gradients into a reduce bucket (a tensor larger than the bucket goes alone) and
     # receives the reduced copy: two buffers of the larger of the two.
     buffers = 2 * max(place.reduce_bucket, shape.largest_trainable) * place.grad_bytes if place.reduce_bucket else 0
@@ -737,7 +756,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
             grad_bytes=4, master_bytes=0, state_bytes=4, step_grad_bytes=0,
         )
     share = rank_share(shape, place, method_named(cfg.method).full, rank, layers)
-    state = state_bytes(shape, place, share, cfg.train.optimizer, device, quant)
+    state = state_bytes(shape, place, share, cfg.train.optimizer, quant)
     train, checkpointed, evaluation = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank)
     process = CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     return Estimate(
@@ -761,7 +780,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
 def _weight_bytes(shape: ModelShape, place: Placement, share: Share, quant: Quantization | None) -> float:
     """Stored bytes of this rank's weights (before parameter sharding)."""
     if not quant:
-        return share.params * place.weight_bytes
+        return (share.params - share.trainable) * (place.frozen_bytes or place.weight_bytes) + share.trainable * place.weight_bytes
     quantized = (share.layers * shape.layer_matmul + share.last * shape.head_quantizable) / place.tp
     scales = 4 * share.layers * shape.layer_rows / place.tp if quant.bits == 8 else 0  # LLM.int8: an fp32 scale per output row
     frozen_rest = share.params - quantized - share.trainable
@@ -788,6 +807,106 @@ def _gathered_trainable(shape: ModelShape, place: Placement, share: Share) -> fl
     if place.gathered == "layers":
         return share.trainable - (share.layers - min(2, share.layers)) * shape.layer_trainable
     return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Will it fit? The cheapest changes that make it
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A change to the run (config overrides a user can paste) and its predicted peak per rank."""
+
+    overrides: tuple[str, ...]
+    cost: float  # how much the change costs the run: lower first (see fitting_alternatives)
+    peak_bytes: int
+
+    def describe(self) -> str:
+        """'train.gradient_checkpointing=true (14.60 GiB)'."""
+        return f"{' '.join(self.overrides)} ({_gib(self.peak_bytes)} GiB)"
+
+
+def with_overrides(cfg: Config, overrides: tuple[str, ...]) -> Config:
+    """cfg with `key=value` / `--config file` overrides applied; a new plugin drops the old one's options."""
+    settings = parse_args(list(overrides))
+    tree = to_dict(cfg)
+    if any(key == "plugin.name" for _, key, _ in settings):
+        del tree["plugin"]
+    return build_config([("fit check", key, value) for key, value in _flatten(tree).items()] + settings)
+
+
+def _candidate_changes(cfg: Config, world_size: int) -> list[tuple[tuple[str, ...], float]]:
+    """(overrides, cost) of each change worth trying. Costs rank what a user gives up: recomputing the
+    forward (checkpointing, 1), a halved micro-batch (1 per halving, same global batch), sharding over
+    the same ranks (zero2 2, fsdp 2, tp 3: more communication), and the method (qlora 4: another model)."""
+    train = cfg.train
+    singles: list[tuple[tuple[str, ...], float]] = []
+    micro, halvings = train.batch_size // 2, 1
+    while micro >= 1:
+        if train.batch_size % micro == 0:
+            singles.append(((f"train.batch_size={micro}", f"train.grad_accum_steps={train.grad_accum_steps * train.batch_size // micro}"), halvings))
+        micro, halvings = micro // 2, halvings + 1
+    if world_size > 1:
+        singles += [(("plugin.name=low_level_zero", "plugin.stage=2"), 2), (("plugin.name=torch_fsdp",), 2)]
+        singles.append((("plugin.name=hybrid_parallel", f"plugin.tp_size={world_size}"), 3))
+    method = method_named(cfg.method)
+    if method.adapter and not method.quantized_base:
+        singles.append((("method=qlora",), 4))
+    if train.gradient_checkpointing:
+        return singles
+    checkpointing = ("train.gradient_checkpointing=true",)
+    return [(checkpointing, 1)] + singles + [(checkpointing + overrides, 1 + cost) for overrides, cost in singles]
+
+
+def fitting_alternatives(cfg: Config, world_size: int, available_bytes: float, device: str = "cuda", seq_len: int = 0) -> list[Alternative]:
+    """The changes to cfg whose predicted per-rank peak fits in available_bytes, cheapest first (then
+    lowest peak). Of the micro-batch halvings only the largest micro-batch that fits is kept, and a
+    combination is left out when a part of it fits alone."""
+    fitting: list[Alternative] = []
+    for overrides, cost in _candidate_changes(cfg, world_size):
+        try:
+            changed = with_overrides(cfg, overrides)
+        except ConfigError:
+            continue
+        problems = [p for p in validate(changed, world_size, has_cuda=device == "cuda") if not p.startswith(IGNORED_PROBLEMS)]
+        if problems or to_dict(changed) == to_dict(cfg):
+            continue  # a change the run cannot take, or what it already has
+        peak = estimate(changed, world_size, seq_len, device, quantization_of(changed)).total()
+        if peak <= available_bytes:
+            fitting.append(Alternative(overrides, cost, peak))
+    fitting.sort(key=lambda a: (a.cost, a.peak_bytes))
+    kept: list[Alternative] = []
+    for alt in fitting:
+        kind = [o.split("=")[0] for o in alt.overrides]
+        if all([o.split("=")[0] for o in k.overrides] != kind and not set(k.overrides) <= set(alt.overrides) for k in kept):
+            kept.append(alt)
+    return kept
+
+
+def fit_check_line(cfg: Config, world_size: int, available_bytes: float, device: str = "cuda", seq_len: int = 0) -> str | None:
+    """None when the run's predicted per-rank peak fits in available_bytes; else the one line that says
+    by how much it does not and the three cheapest changes that fit, each with its predicted peak."""
+    peak = estimate(cfg, world_size, seq_len, device, quantization_of(cfg)).total()
+    if peak <= available_bytes:
+        return None
+    alternatives = fitting_alternatives(cfg, world_size, available_bytes, device, seq_len)[:3]
+    changes = "; ".join(a.describe() for a in alternatives) if alternatives else "none of checkpointing, a smaller micro-batch, qlora or sharding over these ranks fits"
+    return (
+        f"predicted peak {_gib(peak)} GiB per rank does not fit the {_gib(available_bytes)} GiB available on {device}; "
+        f"changes that fit: {changes} (train.fit_check=warn or off to launch anyway)"
+    )
+
+
+def format_fit(cfg: Config, world_size: int, available_bytes: float, device: str, seq_len: int) -> str:
+    """--fit: the verdict for the run as configured, then every change that fits, ranked."""
+    peak = estimate(cfg, world_size, seq_len, device, quantization_of(cfg)).total()
+    verdict = "fits" if peak <= available_bytes else "does not fit"
+    lines = [f"as configured: {_gib(peak)} GiB per rank, {verdict} in {_gib(available_bytes)} GiB"]
+    if peak > available_bytes:
+        alternatives = fitting_alternatives(cfg, world_size, available_bytes, device, seq_len)
+        lines.append("changes that fit, cheapest first (predicted peak per rank):" if alternatives else "no change tried fits (checkpointing, micro-batch, qlora, zero2/fsdp/tp)")
+        lines += [f"  {i}. {' '.join(a.overrides):<72} {_gib(a.peak_bytes):>8} GiB" for i, a in enumerate(alternatives, 1)]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -933,12 +1052,35 @@ def main(argv: list[str]) -> int:
         return 0
     as_json = "--json" in argv
     try:
-        est = estimate_request([a for a in argv if a != "--json"])
+        argv, fit_gib = _fit_flag([a for a in argv if a != "--json"])
+        if fit_gib is not None:
+            cfg, extra = parse_request(argv)
+            print(format_fit(cfg, extra.get("world_size", 1), fit_gib * GIB, extra.get("device", "cuda"), extra.get("seq_len", 0)))
+            return 0
+        est = estimate_request(argv)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(est.to_dict(), indent=2) if as_json else format_table(est))
     return 0
+
+
+def _fit_flag(argv: list[str]) -> tuple[list[str], float | None]:
+    """Take `--fit GiB` (or `--fit=GiB`) out of argv."""
+    rest, value = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--fit" or arg.startswith("--fit="):
+            raw = arg.partition("=")[2] if "=" in arg else next(args, "")
+            try:
+                value = float(raw)
+            except ValueError:
+                value = -1.0
+            if not value > 0:
+                raise EstimateError(f"--fit: expected the memory per rank in GiB (a positive number), got {raw!r}")
+        else:
+            rest.append(arg)
+    return rest, value
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Memory profiler that asks ColossalAI's accelerator where the run lives and what it uses.
 
-On CUDA it reports allocated / peak-allocated memory from torch.cuda; on CPU the accelerator (with the
-repairs in finetune.compat) reports the process's resident set and its high-water mark. Stages are
+On CUDA it reports allocated / peak-allocated memory from torch.cuda and, beside them, what a GPU user
+needs to read an out-of-memory (torch.cuda.memory_stats): reserved memory and its peak (fragmentation
+shows only there), the allocator's retries and OOM count, and the process's host RSS (CPU offload lives
+in host memory). On CPU the accelerator (with the repairs in finetune.compat) reports the process's
+resident set and its high-water mark, and nothing else. Stages are
 named points of the run (start, model_loaded, boosted, train_step_peak, after_training); each stage's
 peak is the highest use since the previous stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -21,6 +25,43 @@ class MemoryStage:
     name: str
     current_bytes: int
     peak_bytes: int
+    # CUDA only (None on CPU, and left out of summary.json there):
+    reserved_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    num_alloc_retries: int | None = None
+    num_ooms: int | None = None
+    host_rss_bytes: int | None = None
+
+
+def cuda_memory_fields(stats: dict, host_rss_bytes: int) -> dict:
+    """MemoryStage's CUDA fields from a torch.cuda.memory_stats() dict and the process's RSS."""
+    return {
+        "reserved_bytes": stats.get("reserved_bytes.all.current", 0),
+        "peak_reserved_bytes": stats.get("reserved_bytes.all.peak", 0),
+        "num_alloc_retries": stats.get("num_alloc_retries", 0),
+        "num_ooms": stats.get("num_ooms", 0),
+        "host_rss_bytes": host_rss_bytes,
+    }
+
+
+def stage_dict(stage: MemoryStage) -> dict:
+    """A stage as summary.json holds it: the CUDA fields only where they were measured."""
+    return {key: value for key, value in asdict(stage).items() if value is not None}
+
+
+def format_stage(stage: MemoryStage, device: str, capacity_bytes: int) -> str:
+    """One line a person reads at a glance: 'boosted: memory usage: 0.94GB/23.40GB, max: 1.20GB (cpu process RSS)'."""
+    what = "allocated" if device == "cuda" else "process RSS"
+    line = (
+        f"{stage.name}: memory usage: {stage.current_bytes / GB:.2f}GB/{capacity_bytes / GB:.2f}GB, "
+        f"max: {stage.peak_bytes / GB:.2f}GB ({device} {what})"
+    )
+    if stage.reserved_bytes is None:
+        return line
+    return (
+        f"{line}; reserved {stage.reserved_bytes / GB:.2f}GB, max: {stage.peak_reserved_bytes / GB:.2f}GB; "
+        f"alloc retries {stage.num_alloc_retries}, OOMs {stage.num_ooms}; host RSS {stage.host_rss_bytes / GB:.2f}GB"
+    )
 
 
 class MemoryProfiler:
@@ -46,18 +87,21 @@ class MemoryProfiler:
         """Start a new peak window."""
         self.accelerator.reset_peak_memory_stats()
 
+    def _stage(self, name: str) -> MemoryStage:
+        current, peak = self.measure()
+        extra = cuda_memory_fields(torch.cuda.memory_stats(), psutil.Process().memory_info().rss) if self.device == "cuda" else {}
+        return MemoryStage(name, current, max(peak, current), **extra)
+
     def record(self, name: str) -> MemoryStage:
         """Record a named stage (its peak covers everything since the previous reset) and reset the peak."""
-        current, peak = self.measure()
-        stage = MemoryStage(name, current, max(peak, current))
+        stage = self._stage(name)
         self.stages.append(stage)
-        self.reset_peak()
+        self.reset_peak()  # torch.cuda.reset_peak_memory_stats: allocated and reserved peaks both
         return stage
 
     def record_step(self, step: int) -> MemoryStage:
         """Record one training step's peak (kept out of the stage list; its maximum becomes a stage)."""
-        current, peak = self.measure()
-        stage = MemoryStage(f"step_{step}", current, max(peak, current))
+        stage = self._stage(f"step_{step}")
         self._step_peaks.append(stage)
         self.reset_peak()
         return stage
@@ -67,23 +111,19 @@ class MemoryProfiler:
         if not self._step_peaks:
             return None
         top = max(self._step_peaks, key=lambda s: s.peak_bytes)
-        stage = MemoryStage("train_step_peak", top.current_bytes, top.peak_bytes)
+        stage = dataclasses.replace(top, name="train_step_peak")
         self.stages.append(stage)
         return stage
 
     def format(self, stage: MemoryStage) -> str:
-        """One line a person reads at a glance: 'boosted: memory usage: 0.94GB/23.40GB, max: 1.20GB'."""
-        what = "allocated" if self.device == "cuda" else "process RSS"
-        return (
-            f"{stage.name}: memory usage: {stage.current_bytes / GB:.2f}GB/{self.capacity_bytes / GB:.2f}GB, "
-            f"max: {stage.peak_bytes / GB:.2f}GB ({self.device} {what})"
-        )
+        """The stage's report line (format_stage)."""
+        return format_stage(stage, self.device, self.capacity_bytes)
 
     def summary(self) -> dict:
         """The memory section of summary.json."""
         return {
             "device": self.device,
-            "measure": "torch.cuda allocated" if self.device == "cuda" else "process RSS / VmHWM",
+            "measure": "torch.cuda allocated (+ reserved, allocator retries and OOMs, host RSS)" if self.device == "cuda" else "process RSS / VmHWM",
             "capacity_bytes": self.capacity_bytes,
-            "stages": [asdict(s) for s in self.stages],
+            "stages": [stage_dict(s) for s in self.stages],
         }

@@ -50,3 +50,41 @@ def test_report_line_and_summary():
     summary = profiler.summary()
     assert summary["device"] == profiler.device
     assert summary["stages"] == [{"name": "boosted", "current_bytes": stage.current_bytes, "peak_bytes": stage.peak_bytes}]
+
+
+# A torch.cuda.memory_stats() dict in torch 2.5's key layout (the keys the profiler reads, plus one it
+# ignores); values chosen to print round GiB. The live path runs where a GPU is present.
+RECORDED_CUDA_STATS = {
+    "allocated_bytes.all.current": 2_004_418_560,
+    "allocated_bytes.all.peak": 5_368_709_120,
+    "reserved_bytes.all.current": 6_442_450_944,
+    "reserved_bytes.all.peak": 7_516_192_768,
+    "num_alloc_retries": 3,
+    "num_ooms": 1,
+    "num_device_alloc": 211,
+}
+
+
+def test_cuda_report_line_and_summary_from_recorded_memory_stats():
+    from finetune.profiler import MemoryStage, cuda_memory_fields, format_stage, stage_dict
+
+    fields = cuda_memory_fields(RECORDED_CUDA_STATS, host_rss_bytes=3 * GB)
+    stage = MemoryStage("train_step_peak", RECORDED_CUDA_STATS["allocated_bytes.all.current"], RECORDED_CUDA_STATS["allocated_bytes.all.peak"], **fields)
+    line = format_stage(stage, "cuda", 80 * GB)
+    assert line == (
+        "train_step_peak: memory usage: 1.87GB/80.00GB, max: 5.00GB (cuda allocated); "
+        "reserved 6.00GB, max: 7.00GB; alloc retries 3, OOMs 1; host RSS 3.00GB"
+    )
+    assert stage_dict(stage) == {
+        "name": "train_step_peak",
+        "current_bytes": 2_004_418_560,
+        "peak_bytes": 5_368_709_120,
+        "reserved_bytes": 6_442_450_944,
+        "peak_reserved_bytes": 7_516_192_768,
+        "num_alloc_retries": 3,
+        "num_ooms": 1,
+        "host_rss_bytes": 3 * GB,
+    }
+    cpu = MemoryStage("boosted", 2 * GB, 3 * GB)  # the CPU report keeps its fields and line
+    assert stage_dict(cpu) == {"name": "boosted", "current_bytes": 2 * GB, "peak_bytes": 3 * GB}
+    assert format_stage(cpu, "cpu", 16 * GB) == "boosted: memory usage: 2.00GB/16.00GB, max: 3.00GB (cpu process RSS)"
