@@ -116,9 +116,13 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
     from colossalai.accelerator import get_accelerator
 
     from finetune import train
-    from finetune.booster import build_booster, parallel_layout
-    from finetune.config import load_config
-    from finetune.data import build_data, load_splits
+    from finetune.booster import PLUGINS, build_booster
+    from finetune.config import load_config, parallel_plan
+    from finetune.data import batches_forever, build_data, load_splits
+    from finetune.distributed import launch
+    from finetune.faults import Faults
+    from finetune.methods import method_named
+    from finetune.run import Run
     from finetune.model import build_model
     from finetune.packing import packed_attention
 
@@ -127,7 +131,7 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
         + [f"train.batch_size={batch_size}", "train.warmup_steps=0", "train.lr_scheduler=constant", "launch.rank_logs=false", "output_dir=/tmp/bench-packing"],
         world_size=1,
     )
-    device = get_accelerator().get_current_device() if dist.is_initialized() else train.launch(cfg)
+    device = get_accelerator().get_current_device() if dist.is_initialized() else launch(cfg.output_dir, False, cfg.launch.timeout_s, cfg.train.seed)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
     model, tokenizer = build_model(cfg.model, cfg.train.seed)
     data = build_data(cfg.data, tokenizer, splits)
@@ -137,17 +141,18 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
         "padded": train.build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, 0),
         "packed": train.build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, 0, attention),
     }
-    optimizer = train.build_optimizer(model, cfg)
+    spec = PLUGINS[cfg.plugin.name]
+    optimizer = spec.build_optimizer(list(model.parameters()), cfg, device.type == "cuda")
     model, optimizer, *_ = booster.boost(model.to(device), optimizer)
-    run = train.Run(cfg, booster, parallel_layout(cfg.plugin.name, plugin), model, optimizer, None, device, 1, 0)
-    batches = {name: train.batches_forever(loader, 1) for name, loader in loaders.items()}
+    run = Run(cfg, spec, method_named(cfg.method), splits.task, parallel_plan(cfg, 1), spec.layout(plugin), booster, model, optimizer, None, device, 0, None, 1, Faults(""))
+    batches = {name: batches_forever(loader, 1, len(loader)) for name, loader in loaders.items()}
     totals = {name: {"steps": args.steps, "tokens": 0, "computed": 0, "seconds": 0.0, "rows": len(loader.dataset), "samples": len(data.train)} for name, loader in loaders.items()}
     model.train()
     for step in range(WARMUP_STEPS + args.steps):
         for name in ("padded", "packed"):
             micro_batches = next(batches[name])[1]
             started = time.perf_counter()
-            _, tokens = train.train_step(run, micro_batches)
+            _, tokens = train.train_step(run, micro_batches, step + 1)
             if step >= WARMUP_STEPS:
                 totals[name]["tokens"] += tokens
                 totals[name]["computed"] += sum(b["input_ids"].numel() for b in micro_batches)  # pad included

@@ -110,6 +110,23 @@ class Plugin:
         """The model with LoRA adapters the way this plugin can hold them (ColossalAI's enable_lora)."""
         return booster.enable_lora(model, lora_config=lora_config)
 
+    def before_boost(self, cfg: Config, model, plugin) -> None:
+        """Last changes to the plugin for this model, once adapters are applied (default: none)."""
+
+    def fused_optimizer(self, cfg: Config, on_cuda: bool) -> bool:
+        """Whether AdamW takes torch's fused CUDA kernel: one tensor's temporaries at a time instead of a
+        copy of every state at once (foreach). Not where optimizer states live in host memory."""
+        return on_cuda
+
+    def build_optimizer(self, params: list, cfg: Config, on_cuda: bool):
+        """The optimizer over the trainable parameters: AdamW (fused on CUDA where the states are on the GPU) or SGD."""
+        import torch
+
+        if cfg.train.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+        fused = {"fused": True} if self.fused_optimizer(cfg, on_cuda) else {}
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **fused)
+
     def layout(self, plugin) -> Layout:
         """This rank's layout under the built plugin."""
         import torch.distributed as dist
@@ -232,6 +249,9 @@ class LowLevelZero(Plugin):
     def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
         return f"zero{options.get('stage', 1)} x{world_size}"
 
+    def fused_optimizer(self, cfg: Config, on_cuda: bool) -> bool:
+        return on_cuda and not cfg.plugin.options["cpu_offload"]
+
     def placement(self, cfg: Config, world_size: int):
         from finetune import estimate
 
@@ -268,6 +288,14 @@ class Gemini(Plugin):
 
         return estimate.gemini_placement(cfg, world_size)
 
+    def build_optimizer(self, params: list, cfg: Config, on_cuda: bool):
+        """Gemini places optimizer states on GPU or CPU by chunk: ColossalAI's HybridAdam steps either (AdamW semantics)."""
+        if cfg.train.optimizer == "sgd":
+            return super().build_optimizer(params, cfg, on_cuda)
+        from colossalai.nn.optimizer import HybridAdam
+
+        return HybridAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
+
     def write_model(self, run: Run, path: Path) -> None:
         """Sharded weights: every rank takes part in gathering them into HF layout."""
         _write_sharded_model(run, path)
@@ -291,12 +319,15 @@ def _fsdp_kwargs(options: dict[str, Any]) -> dict[str, Any]:
 
     kwargs = dict(options)
     precision = kwargs.pop("precision")
+    kwargs.pop("auto_wrap")  # ours: applied as an auto_wrap_policy by TorchFSDP.before_boost
     kwargs["sharding_strategy"] = ShardingStrategy[kwargs["sharding_strategy"]]
     kwargs["backward_prefetch"] = BackwardPrefetch[kwargs["backward_prefetch"]]
     kwargs["cpu_offload"] = CPUOffload(offload_params=kwargs["cpu_offload"])
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if half is not None:  # half-precision compute and communication, fp32 sharded master weights
-        kwargs["mixed_precision"] = MixedPrecision(param_dtype=half, reduce_dtype=half, buffer_dtype=half)
+        # Every unit casts its inputs too: peft casts a LoRA layer's input to its (fp32, unsharded view)
+        # weight dtype, which the unit's bf16 compute copy would not match.
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=half, reduce_dtype=half, buffer_dtype=half, cast_forward_inputs=True)
     return kwargs
 
 
@@ -314,6 +345,10 @@ class TorchFSDP(Plugin):
         "backward_prefetch": "BACKWARD_PRE",  # BACKWARD_PRE | BACKWARD_POST
         "cpu_offload": False,
         "sync_module_states": False,
+        # Full fine-tuning: "block" makes every transformer block (the model's _no_split_modules) its
+        # own FSDP unit, so one block is gathered at a time; "none" gathers the whole model for compute.
+        # (LoRA always wraps per adapted layer and block, peft's policy.)
+        "auto_wrap": "block",
     }
     takes_precision = True  # turned into FSDP MixedPrecision by constructor_kwargs
     replicated = False
@@ -323,8 +358,10 @@ class TorchFSDP(Plugin):
         from finetune.config import choice_problems
 
         options = cfg.plugin.options
-        return choice_problems("plugin.sharding_strategy", options["sharding_strategy"], ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")) + choice_problems(
-            "plugin.backward_prefetch", options["backward_prefetch"], ("BACKWARD_PRE", "BACKWARD_POST")
+        return (
+            choice_problems("plugin.sharding_strategy", options["sharding_strategy"], ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"))
+            + choice_problems("plugin.backward_prefetch", options["backward_prefetch"], ("BACKWARD_PRE", "BACKWARD_POST"))
+            + choice_problems("plugin.auto_wrap", options["auto_wrap"], ("block", "none"))
         )
 
     def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
@@ -343,6 +380,22 @@ class TorchFSDP(Plugin):
         model = get_peft_model(model, lora_config)
         plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
         return model
+
+    def before_boost(self, cfg: Config, model, plugin) -> None:
+        """Full fine-tuning with auto_wrap=block: a unit per transformer block (LoRA got peft's policy in apply_adapters)."""
+        if "auto_wrap_policy" in plugin.fsdp_kwargs or cfg.plugin.options["auto_wrap"] != "block":
+            return
+        import functools
+
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        blocks = {type(m) for m in model.modules() if type(m).__name__ in names}
+        if blocks:
+            plugin.fsdp_kwargs["auto_wrap_policy"] = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=blocks)
+
+    def fused_optimizer(self, cfg: Config, on_cuda: bool) -> bool:
+        return on_cuda and not cfg.plugin.options["cpu_offload"]
 
     def after_boost(self, optimizer, scheduler) -> None:
         # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,

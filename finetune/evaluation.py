@@ -163,7 +163,7 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
 
     prompt_ids = [task.prompt_ids(tokenizer, r) for r in prompts]
     # Named configs: the same seed gives the same base. QLoRA adapters go onto a freshly quantized base.
-    base, _ = build_model(cfg.model, cfg.train.seed, labels=task.labels_or_none, quantization=base_quantization(cfg), precision=cfg.train.precision)
+    base, _ = build_model(cfg.model, cfg.train.seed, labels=task.labels_or_none, quantization=base_quantization(cfg), precision=cfg.train.precision, dtype=method.frozen_dtype(cfg.train.precision))
     movable = not method.quantized_base  # a quantized model is loaded onto its device, and transformers refuses to move 8-bit ones
     if movable:
         base.to(device)

@@ -23,6 +23,12 @@ class Method:
         """Every weight trains (no adapter)."""
         return not self.adapter
 
+    def frozen_dtype(self, precision: str) -> str:
+        """The dtype the model's unquantized weights are loaded in: the compute dtype (bf16/fp16) for a frozen
+        base under LoRA, as peft and the other tools hold it (the adapters keep float32 for the update);
+        float32 when the weights train (each plugin keeps its own master copies) or are quantized."""
+        return precision if self.adapter and not self.quantized_base else "fp32"
+
 
 METHODS: dict[str, Method] = {
     m.name: m

@@ -108,8 +108,9 @@ def build_model(
     labels: list[str] | None = None,
     quantization: QuantizationConfig | None = None,
     precision: str = "fp32",
+    dtype: str = "fp32",
 ) -> tuple[nn.Module, object]:
-    """Build the base model and its tokenizer: float32 (random init for named configs), or quantized for QLoRA.
+    """Build the base model and its tokenizer (random init for named configs), in `dtype` or quantized for QLoRA.
 
     Args:
         seed: initial weights of named configs (random init), the same on every rank.
@@ -117,6 +118,8 @@ def build_model(
         labels: a sequence-classification head over these labels (class id = position); None: a causal LM.
         quantization: quantize the base with bitsandbytes (method=qlora); None keeps float32.
         precision: train.precision, the compute dtype of quantized layers when it is `auto`.
+        dtype: fp32, bf16 or fp16: what unquantized weights are held in (Method.frozen_dtype); a
+            classification head stays float32, since it trains beside the adapters.
 
     Raises:
         ModelError: the model cannot be found, or a requested quantization converted no layer.
@@ -132,7 +135,7 @@ def build_model(
         config = AutoConfig.for_model(model_type, **{**overrides, **head_config(labels, tokenizer)})
         torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
         attention = attention_for(model_type, cfg_model.attn_implementation, shardformer)
-        model = auto_model.from_config(config, attn_implementation=attention)
+        model = auto_model.from_config(config, attn_implementation=attention)  # initialised in float32, then cast: the same values at any dtype
         model.config._name_or_path = source.name  # recorded as the base model in adapter configs
         if quantization:  # transformers quantizes while loading weights: load this random init back
             with tempfile.TemporaryDirectory(prefix="finetune-qlora-") as tmp:
@@ -153,13 +156,15 @@ def build_model(
             model = auto_model.from_pretrained(
                 source.name,
                 config=config,
-                torch_dtype=torch.float32,
+                torch_dtype=DTYPES[dtype],
                 attn_implementation=attention,
                 trust_remote_code=cfg_model.trust_remote_code,
                 use_safetensors=_safetensors_only(source.name),
             )
         if sources.is_hub_id(cfg_model.name):  # adapter configs name the hub id as their base, not this machine's cache path
             model.name_or_path = model.config._name_or_path = cfg_model.name
+    if not quantization and dtype != "fp32":
+        hold_in(model, DTYPES[dtype])
     if quantization:
         # The full-precision weights the quantizer read (a named config's random-init model, or the
         # loader's temporaries) are freed now, but glibc keeps most of their heap pages resident
@@ -168,6 +173,18 @@ def build_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hold_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model to dtype, all but a classification head (it trains in full beside the adapters: float32)."""
+    model.to(dtype)
+    for name in CLASSIFICATION_HEADS:
+        head = getattr(model, name, None)
+        if head is not None:
+            head.float()
 
 
 def base_quantization(cfg: Config) -> QuantizationConfig | None:

@@ -57,14 +57,6 @@ class TrainingError(FinetuneError):
     """Training cannot go on (a non-finite loss under train.on_nan=stop)."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
     """Warmup, then constant, linear or cosine decay over total_steps."""
     from transformers import get_scheduler
@@ -98,6 +90,38 @@ def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int
         # alone, so a resumed run, which starts a new iterator mid-epoch, draws the same dropout masks.
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
+
+
+def check_fit(cfg: Config, world_size: int, device: torch.device) -> None:
+    """Before any weights load: the estimator's per-rank peak for this run against this rank's free memory.
+
+    Free memory: CUDA's mem_get_info on GPU; on CPU the available RAM shared by this node's ranks.
+    FINETUNE_AVAILABLE_BYTES overrides it (to keep headroom for other work, and for tests).
+
+    Raises:
+        ConfigError: the run does not fit and train.fit_check=error (the line names changes that fit).
+    """
+    from finetune.estimate import fit_check_line
+
+    if cfg.train.fit_check == "off":
+        return
+    if "FINETUNE_AVAILABLE_BYTES" in os.environ:
+        available = float(os.environ["FINETUNE_AVAILABLE_BYTES"])
+    elif device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        available = psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        line = fit_check_line(cfg, world_size, available, device.type)
+    except FinetuneError as err:  # e.g. a GGUF or hub model whose config is not on this machine yet
+        log(f"fit check skipped: {err}")
+        return
+    if line and cfg.train.fit_check == "error":
+        raise ConfigError(line)
+    if line:
+        log(f"warning: {line}")
 
 
 def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, int]:
@@ -212,6 +236,7 @@ def main(argv: list[str]) -> None:
     changed = checkpoint.check_compatible(resume_state, cfg, world_size, resume) if resume else []
     wall_start = time.perf_counter()
     device = launch(cfg.output_dir, cfg.launch.rank_logs, cfg.launch.timeout_s, cfg.train.seed)
+    check_fit(cfg, world_size, device)  # before any weights load
     writer = outputs.start_outputs(cfg, resume_state) if is_main() else None
     for partial in checkpoint.remove_partial(cfg.output_dir) if is_main() else []:
         log(f"removed the half-written checkpoint {partial}")
@@ -223,7 +248,9 @@ def main(argv: list[str]) -> None:
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)  # bad rows fail here, before the model is built
     task = splits.task  # with what it learned from the training records (a classifier's labels)
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
-        model, tokenizer = build_model(cfg.model, cfg.train.seed, shardformer=plugin_spec.shardformer, labels=task.labels_or_none, quantization=base_quantization(cfg), precision=cfg.train.precision)
+        model, tokenizer = build_model(
+            cfg.model, cfg.train.seed, plugin_spec.shardformer, task.labels_or_none, base_quantization(cfg), cfg.train.precision, method.frozen_dtype(cfg.train.precision)
+        )
     log(profiler.format(profiler.record("model_loaded")))
     model_weights = weight_bytes(model)
     log(format_weight_bytes(model_weights))
@@ -240,10 +267,11 @@ def main(argv: list[str]) -> None:
     if lora_config:
         torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
         model = plugin_spec.apply_adapters(model, lora_config, booster, plugin)
+    plugin_spec.before_boost(cfg, model, plugin)
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = plugin_spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device.type == "cuda")
     # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
     # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
     pad_to = cfg.data.max_length if layout.pipeline else 0

@@ -1,0 +1,145 @@
+"""One place per choice: plugins, methods, tasks and architectures are records that the rest of the code asks.
+
+These tests keep it so: every registered plugin provides every hook the loop, the checkpointer and the
+estimator call; no module outside the records tests a plugin name, a method string, a task name or a
+model type; and a plugin or an architecture registered from a test is picked up everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from finetune import booster
+from finetune.architectures import ARCHITECTURES, Architecture, architecture, register as register_architecture
+from finetune.booster import PLUGINS, Plan, Plugin, TorchDDP, register as register_plugin
+from finetune.config import build_config, parallel_plan, parse_args, validate
+from finetune.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every hook train.py, checkpoint.py, evaluation and estimate.py call on the run's plugin.
+PLUGIN_HOOKS = (
+    "problems", "plan", "constructor_kwargs", "placement", "setting_label", "shard_policy", "apply_adapters", "before_boost", "layout",
+    "build_optimizer", "fused_optimizer",
+    "after_boost", "forward_backward", "clip_gradients", "eval_forward", "write_model", "read_model", "load_adapter",
+    "write_optimizer", "read_optimizer",
+)  # fmt: skip
+
+
+def config_for(plugin: str, *extra: str):
+    return build_config(parse_args([f"plugin.name={plugin}", "model.name=tiny-llama", *extra]))
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_every_registered_plugin_provides_every_hook(name):
+    plugin = PLUGINS[name]
+    assert isinstance(plugin, Plugin) and plugin.name == name and plugin.class_name.endswith("Plugin")
+    for hook in PLUGIN_HOOKS:
+        assert callable(getattr(plugin, hook, None)), (name, hook)
+    extra = ("plugin.pp_size=2", "plugin.num_microbatches=2") if "pp_size" in plugin.options else ()
+    cfg = config_for(name, *extra)
+    assert set(plugin.options) <= set(cfg.plugin.options)  # resolved once, defaults included
+    assert isinstance(validate(cfg, world_size=2, has_cuda=True), list)
+    assert isinstance(parallel_plan(cfg, 2), Plan)
+    from finetune.estimate import Placement
+
+    assert isinstance(plugin.placement(cfg, 2), Placement)
+    assert isinstance(plugin.setting_label(cfg.plugin.options, 2, 1), str)
+
+
+def test_registered_plugins_name_colossalai_classes():
+    from colossalai.booster import plugin as colossalai_plugins
+
+    for plugin in PLUGINS.values():
+        assert hasattr(colossalai_plugins, plugin.class_name), plugin.class_name
+
+
+# Lines in these modules may not decide by a plugin's, method's or task's name, or by a model type.
+ASKING_MODULES = ("train.py", "checkpoint.py", "evaluation.py", "outputs.py", "estimate.py", "data.py", "export.py", "run.py", "distributed.py", "report.py")
+NAME_TESTS = [
+    re.compile(r"""["'](torch_ddp|low_level_zero|gemini|torch_fsdp|hybrid_parallel)["']"""),
+    re.compile(r"""(==|!=|\bin\b)\s*\(?["'](full|lora|qlora)["']"""),
+    re.compile(r"""["'](classification|instruction|summarization|chat)["']\s*(==|!=)|(==|!=)\s*["'](classification|instruction|summarization|chat)["']"""),
+    re.compile(r"labels is (not )?None|run\.labels|\bif labels\b"),
+    re.compile(r"model_type\s*(==|!=|in\b)"),
+    re.compile(r"(\]|spec|plugin)\.fsdp\b"),  # the old capability flag that branches read
+]
+
+
+def test_no_module_tests_a_plugin_method_task_or_model_name():
+    found = []
+    for name in ASKING_MODULES:
+        for number, line in enumerate((REPO / "finetune" / name).read_text().splitlines(), start=1):
+            code = line.split("#", 1)[0]
+            if any(pattern.search(code) for pattern in NAME_TESTS):
+                found.append(f"finetune/{name}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_train_py_stays_a_short_recipe():
+    assert len((REPO / "finetune" / "train.py").read_text().splitlines()) < 400
+
+
+class MirrorDDP(TorchDDP):
+    """A plugin registered by a test: TorchDDP under another name, with one option of its own forced off."""
+
+    name = "test_mirror_ddp"
+    short_name = "mirror"
+
+    def problems(self, cfg, world_size, has_cuda):
+        return ["plugin.static_graph: the mirror plugin refuses it"] if cfg.plugin.options["static_graph"] else []
+
+
+@pytest.fixture
+def mirror_plugin():
+    plugin = register_plugin(MirrorDDP())
+    yield plugin
+    del PLUGINS[plugin.name]
+
+
+def test_a_plugin_is_one_record(mirror_plugin):
+    cfg = config_for("test_mirror_ddp", "plugin.bucket_cap_mb=10")
+    assert cfg.plugin.options["bucket_cap_mb"] == 10 and validate(cfg, world_size=2, has_cuda=False) == []
+    assert validate(config_for("test_mirror_ddp", "plugin.static_graph=true"), world_size=2, has_cuda=False) == ["plugin.static_graph: the mirror plugin refuses it"]
+    assert booster.plugin_kwargs("test_mirror_ddp", cfg.plugin.options, "fp32", 1.0, on_cpu=True)["bucket_cap_mb"] == 10
+    from finetune import estimate
+
+    ours = estimate.estimate(cfg, world_size=2, seq_len=32, device="cpu")
+    ddp = estimate.estimate(config_for("torch_ddp", "plugin.bucket_cap_mb=10"), world_size=2, seq_len=32, device="cpu")
+    assert ours.total() == ddp.total() and ours.setup["plugin"] == "test_mirror_ddp"
+    from finetune.report import setting_name
+
+    assert setting_name({"plugin": "test_mirror_ddp", "plugin_options": cfg.plugin.options, "world_size": 2}) == "mirror x2"
+
+
+@pytest.fixture
+def neox_architecture():
+    record = register_architecture(Architecture("gpt_neox", display="GPT-NeoX", lora_targets=("query_key_value",), packed_attention=""))
+    yield record
+    del ARCHITECTURES[record.model_type]
+
+
+def test_an_architecture_is_one_record(neox_architecture, tmp_path):
+    """GPT-NeoX (Pythia) gets default LoRA targets from its record alone; LoRA under TP stays refused (no TP layers in it)."""
+    from transformers import GPTNeoXConfig
+
+    from finetune.config import LoraConfig
+    from finetune.model import build_lora_config
+
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    assert build_lora_config(model, LoraConfig()).target_modules == {"query_key_value"}
+    assert architecture("gpt_neox").title == "GPT-NeoX"
+    cfg = build_config(parse_args([f"model.name={tmp_path}", "plugin.name=hybrid_parallel", "plugin.tp_size=2"]))
+    problems = validate(cfg, world_size=2, has_cuda=False)
+    assert any(p.startswith("method=lora with plugin.tp_size>1 supports model types gpt2, llama, roberta; ") and "is gpt_neox" in p for p in problems), problems
+
+
+def test_methods_are_records():
+    assert {name: (m.adapter, m.quantized_base) for name, m in METHODS.items()} == {"full": (False, False), "lora": (True, False), "qlora": (True, True)}
