@@ -119,6 +119,7 @@ def case_row(case: Case, run: dict, on_cuda: bool) -> dict:
         "peak_bytes_rank0": peak,
         "predicted_bytes": prediction.get("predicted_train_step_peak_bytes"),
         "trainable_params": run["summary"]["trainable_params"],
+        "base_bytes_per_param": base_bytes_per_param(run["summary"]),
         "wall_s": run["wall_s"],
     }
     if on_cuda:
@@ -184,8 +185,10 @@ PLUGIN_SETUPS = {"torch_ddp": 1, "zero1": 1, "zero2": 1, "fsdp": 1, "tp2": 2, "p
 
 
 def plugin_cases(base: list[str], nproc: int) -> list[Case]:
-    """Full fine-tuning under each booster_configs/ setup that fits on nproc ranks."""
-    return [Case(setup, [*base, "method=full", "--config", f"booster_configs/{setup}.yaml"], nproc) for setup, need in PLUGIN_SETUPS.items() if nproc >= need]
+    """Full fine-tuning under each booster_configs/ setup that fits on nproc ranks, and FSDP as one unit
+    (plugin.auto_wrap=none, what it was before per-block wrapping) beside the per-block default."""
+    cases = [Case(setup, [*base, "method=full", "--config", f"booster_configs/{setup}.yaml"], nproc) for setup, need in PLUGIN_SETUPS.items() if nproc >= need]
+    return cases + [Case("fsdp_one_unit", [*base, "method=full", "--config", "booster_configs/fsdp.yaml", "plugin.auto_wrap=none"], nproc)]
 
 
 def method_cases(base: list[str], nproc: int) -> list[Case]:
@@ -194,6 +197,8 @@ def method_cases(base: list[str], nproc: int) -> list[Case]:
     with the same columns (base bytes/param, step time, tokens/s, peak memory)."""
     cases = [
         Case("lora", [*base, "method=lora", "plugin.name=torch_ddp"], nproc),
+        # bf16 on CPU too: the frozen base is then held in bf16 (2 bytes/param) instead of float32.
+        Case("lora_bf16", [*base, "method=lora", "plugin.name=torch_ddp", "train.precision=bf16"], nproc),
         Case("qlora", [*base, "method=qlora", "quantization.bits=4", "plugin.name=torch_ddp"], nproc),
     ]
     if nproc >= 2:
@@ -201,23 +206,12 @@ def method_cases(base: list[str], nproc: int) -> list[Case]:
     return cases
 
 
-def base_bytes_per_param(model_name: str, method: str) -> float:
-    """Bytes per parameter of the frozen/base weights as built (storage counted, shared tensors once)."""
-    from finetune.config import LoraConfig, ModelConfig
-    from finetune.model import build_lora_config, build_model, inject_lora
-
-    from finetune.config import QuantizationConfig
-    from finetune.quantization import weight_bytes
-
-    model, _ = build_model(ModelConfig(name=model_name), seed=0, quantization=QuantizationConfig() if method == "qlora" else None)
-    if method == "qlora":  # packed 4-bit data and its quantization state, over the logical parameter count
-        weights = weight_bytes(model)
-        params = weights.quantized_params + sum(d["params"] for d in weights.unquantized.values())
-        return weights.as_dict()["total_bytes"] / params
-    if method != "full":
-        model = inject_lora(model, build_lora_config(model, LoraConfig()))
-    base = {id(p): p for name, p in model.named_parameters() if "lora_" not in name}.values()
-    return sum(p.untyped_storage().nbytes() for p in base) / sum(p.numel() for p in base)
+def base_bytes_per_param(summary: dict) -> float:
+    """Bytes per parameter of the base weights as the run built them (summary.json's model_weights, taken
+    before adapters exist): for QLoRA the packed 4-bit data and its quantization state over the logical count."""
+    weights = summary["memory"]["model_weights"]
+    params = weights["quantized"]["params"] + sum(d["params"] for d in weights["unquantized"].values())
+    return weights["total_bytes"] / params
 
 
 def cpu_process_baseline() -> dict:
@@ -361,8 +355,6 @@ def main() -> None:
         results[key] = [run_case(case, key, device) for case in cases if not only or case.name in only]
     ddp = [r for r in results["plugins"] if r["case"] == "torch_ddp"]
     results["methods"][:0] = [{**ddp[0], "case": "full"}] if ddp else []  # full fine-tuning is the torch_ddp row
-    for row in results["methods"]:
-        row["base_bytes_per_param"] = base_bytes_per_param(opts.model, row["case"])
     results["wall_s"] = time.perf_counter() - started
     results["load_after"] = os.getloadavg()[0]  # other work on the machine slows every timing alike
     name = "results-" + "-".join(sorted(only)) if only else "results"  # a partial run never replaces the full one
