@@ -142,7 +142,7 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
         "packed": train.build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, 0, attention),
     }
     spec = PLUGINS[cfg.plugin.name]
-    optimizer = spec.build_optimizer(list(model.parameters()), cfg, device.type == "cuda")
+    optimizer = spec.build_optimizer(list(model.parameters()), cfg)
     model, optimizer, *_ = booster.boost(model.to(device), optimizer)
     run = Run(cfg, spec, method_named(cfg.method), splits.task, parallel_plan(cfg, 1), spec.layout(plugin), booster, model, optimizer, None, device, 0, None, 1, Faults(""))
     batches = {name: batches_forever(loader, 1, len(loader)) for name, loader in loaders.items()}

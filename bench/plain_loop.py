@@ -29,7 +29,7 @@ def main(out: str, argv: list[str]) -> None:
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = build_model(cfg.model, cfg.train.seed)
     data = build_data(cfg.data, tokenizer, load_splits(cfg.data, cfg.train.seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)  # as train.py builds it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (cfg.train.warmup_steps + 1)))
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
     size = cfg.train.batch_size

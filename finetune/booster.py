@@ -113,19 +113,18 @@ class Plugin:
     def before_boost(self, cfg: Config, model, plugin) -> None:
         """Last changes to the plugin for this model, once adapters are applied (default: none)."""
 
-    def fused_optimizer(self, cfg: Config, on_cuda: bool) -> bool:
-        """Whether AdamW takes torch's fused CUDA kernel: one tensor's temporaries at a time instead of a
-        copy of every state at once (foreach). Not where optimizer states live in host memory."""
-        return on_cuda
+    def build_optimizer(self, params: list, cfg: Config):
+        """The optimizer over the trainable parameters: AdamW or SGD (momentum 0.9).
 
-    def build_optimizer(self, params: list, cfg: Config, on_cuda: bool):
-        """The optimizer over the trainable parameters: AdamW (fused on CUDA where the states are on the GPU) or SGD."""
+        AdamW is torch's fused kernel, on CUDA and CPU alike: it steps one tensor at a time, where the
+        default multi-tensor path allocates a copy of every state at once (GPT-2 124M on 2 CPU ranks:
+        about 1 GB more at the step), and on CPU it is about 4x faster.
+        """
         import torch
 
         if cfg.train.optimizer == "sgd":
             return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
-        fused = {"fused": True} if self.fused_optimizer(cfg, on_cuda) else {}
-        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
 
     def layout(self, plugin) -> Layout:
         """This rank's layout under the built plugin."""
@@ -249,9 +248,6 @@ class LowLevelZero(Plugin):
     def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
         return f"zero{options.get('stage', 1)} x{world_size}"
 
-    def fused_optimizer(self, cfg: Config, on_cuda: bool) -> bool:
-        return on_cuda and not cfg.plugin.options["cpu_offload"]
-
     def placement(self, cfg: Config, world_size: int):
         from finetune import estimate
 
@@ -288,10 +284,10 @@ class Gemini(Plugin):
 
         return estimate.gemini_placement(cfg, world_size)
 
-    def build_optimizer(self, params: list, cfg: Config, on_cuda: bool):
+    def build_optimizer(self, params: list, cfg: Config):
         """Gemini places optimizer states on GPU or CPU by chunk: ColossalAI's HybridAdam steps either (AdamW semantics)."""
         if cfg.train.optimizer == "sgd":
-            return super().build_optimizer(params, cfg, on_cuda)
+            return super().build_optimizer(params, cfg)
         from colossalai.nn.optimizer import HybridAdam
 
         return HybridAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
@@ -383,7 +379,7 @@ class TorchFSDP(Plugin):
 
     def before_boost(self, cfg: Config, model, plugin) -> None:
         """Full fine-tuning with auto_wrap=block: a unit per transformer block (LoRA got peft's policy in apply_adapters)."""
-        if "auto_wrap_policy" in plugin.fsdp_kwargs or cfg.plugin.options["auto_wrap"] != "block":
+        if plugin.fsdp_kwargs.get("auto_wrap_policy") is not None or cfg.plugin.options["auto_wrap"] != "block":
             return
         import functools
 
@@ -393,9 +389,6 @@ class TorchFSDP(Plugin):
         blocks = {type(m) for m in model.modules() if type(m).__name__ in names}
         if blocks:
             plugin.fsdp_kwargs["auto_wrap_policy"] = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=blocks)
-
-    def fused_optimizer(self, cfg: Config, on_cuda: bool) -> bool:
-        return on_cuda and not cfg.plugin.options["cpu_offload"]
 
     def after_boost(self, optimizer, scheduler) -> None:
         # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from finetune import checkpoint, checks, outputs
+from finetune import checkpoint, checks, compat, outputs
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
 from finetune.data import DataError, batches_forever, build_data, collate, load_splits, non_pad_tokens
@@ -271,7 +271,7 @@ def main(argv: list[str]) -> None:
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
 
-    optimizer = plugin_spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device.type == "cuda")
+    optimizer = plugin_spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
     # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
     pad_to = cfg.data.max_length if layout.pipeline else 0
@@ -284,6 +284,9 @@ def main(argv: list[str]) -> None:
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     plugin_spec.after_boost(optimizer, scheduler)
+    # The full model each rank built before the plugin sharded or cast it is freed now; glibc would keep
+    # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
+    compat.release_freed_heap()
     log(profiler.format(profiler.record("boosted")))
     run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults())
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
