@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.config import Config, to_dict
 from finetune.errors import FinetuneError
+from finetune.methods import method_named
 from finetune.model import trains_with_adapter
 from finetune.lora_tp import full_tensor, local_shard
 
@@ -137,8 +138,6 @@ def check_owner(path: Path, state: dict, cfg: Config) -> None:
     Raises:
         CheckpointError: the checkpoint is not under output_dir/checkpoints (says how to start a new run from it).
     """
-    from finetune.methods import method_named
-
     mine = (Path(cfg.output_dir) / CHECKPOINTS).resolve()
     if path.resolve().parent == mine:
         return
