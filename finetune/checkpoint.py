@@ -8,12 +8,16 @@
                          the full (unflattened) optimizer state, full_state.pt
         scheduler.pt     LR scheduler state
         rng/rank_N.pt    every rank's torch / python / numpy RNG states
-        state.json       step, epoch, batches into the epoch, samples seen, what produced it, file sizes
+        state.json       step, epoch, batches into the epoch, samples seen, what produced it, file sizes and sha256
 
 Atomicity: every rank writes into `step_N.partial/`; only when all ranks are done does rank 0 write
-state.json (the manifest, listing every file and its size) and rename the directory into place. A
-crash at any moment leaves the previous checkpoints untouched and at most a `.partial` directory,
-which is ignored and removed by the next run. `resume_from=latest` takes the newest complete one.
+state.json (the manifest, listing every file with its size and sha256), fsync every file and
+directory, and rename the directory into place. A crash or a power loss at any moment leaves the
+previous checkpoints untouched and at most a `.partial` directory, which is ignored and removed by
+the next run. `resume_from=latest` takes the newest complete one; a resume verifies sizes and hashes.
+
+Lineage: a checkpoint is resumed only into the run that wrote it (its output_dir), and a run resumed
+from an older checkpoint moves the newer ones of the abandoned branch into `checkpoints/abandoned-TIME/`.
 
 Safe loading: safetensors for weights; everything pickled (optimizer, scheduler, RNG) is read with
 `torch.load(weights_only=True)`, ColossalAI's own loaders included, so a checkpoint cannot run code.
@@ -25,9 +29,11 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.config import Config, to_dict
 from finetune.errors import FinetuneError
+from finetune.methods import method_named
 from finetune.model import trains_with_adapter
 from finetune.lora_tp import full_tensor, local_shard
 
@@ -107,7 +114,7 @@ def read_state(path: Path) -> dict:
 
 
 def verify(path: Path) -> dict:
-    """Check that a checkpoint holds every file of its manifest, at the recorded size."""
+    """Check that a checkpoint holds every file of its manifest, at the recorded size and sha256 (read once)."""
     if not path.is_dir():
         raise CheckpointError(f"resume_from={path}: no such checkpoint directory")
     state = read_state(path)
@@ -119,7 +126,65 @@ def verify(path: Path) -> dict:
             raise CheckpointError(f"resume_from={path}: {name} is missing; the checkpoint is incomplete")
         if file.stat().st_size != size:
             raise CheckpointError(f"resume_from={path}: {name} has {file.stat().st_size} bytes, the manifest says {size}; the checkpoint is truncated or corrupt")
+    for name, digest in state.get("sha256", {}).items():  # checkpoints written before hashes were recorded have none
+        if file_sha256(path / name) != digest:
+            raise CheckpointError(f"resume_from={path}: {name} does not match the sha256 of its manifest; the checkpoint is corrupt (use an earlier one)")
     return state
+
+
+def check_owner(path: Path, state: dict, cfg: Config) -> None:
+    """A checkpoint resumes only into the run that wrote it: another run's would see its final/ replaced and its checkpoints pruned.
+
+    Raises:
+        CheckpointError: the checkpoint is not under output_dir/checkpoints (says how to start a new run from it).
+    """
+    mine = (Path(cfg.output_dir) / CHECKPOINTS).resolve()
+    if path.resolve().parent == mine:
+        return
+    start = f"lora.init_from={path / 'model'}" if method_named(state["identity"]["method"]).adapter else f"python -m finetune.export {path} OUT_DIR, then model.name=OUT_DIR"
+    raise CheckpointError(f"resume_from={path}: the checkpoint belongs to another run ({path.resolve().parent.parent}), not to output_dir={cfg.output_dir}; "
+                          f"resume it with output_dir set to that run, or start a new run from it with {start}")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sync_tree(path: Path, hash_files: bool = True) -> dict[str, str]:
+    """fsync every file and directory under path (and path); returns each file's sha256 (hash_files), read while syncing."""
+    hashes = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if hash_files:
+            hashes[str(file.relative_to(path))] = file_sha256(file)
+        _fsync(file)
+    for directory in [*sorted(p for p in path.rglob("*") if p.is_dir()), path]:
+        _fsync(directory)
+    return hashes
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fence_newer(output_dir: str, step: int) -> Path | None:
+    """A run resumed at `step` owns its lineage: move the abandoned branch's newer checkpoints aside (rank 0). Returns where."""
+    newer = [p for p in complete_checkpoints(output_dir) if int(p.name.removeprefix("step_")) > step]
+    if not newer:
+        return None
+    fence = Path(output_dir) / CHECKPOINTS / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    fence.mkdir()
+    for path in newer:
+        path.rename(fence / path.name)
+    return fence
 
 
 # Settings that decide how weights and optimizer states are split across ranks. Checkpoints hold
@@ -204,7 +269,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def manifest(path: Path) -> dict[str, int]:
-    """Every file under a checkpoint with its size."""
+    """Every file under a checkpoint with its size (its sha256 come from sync_tree)."""
     return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file() and p.name != "state.json"}
 
 
@@ -310,10 +375,14 @@ def save_checkpoint(run: Run, step: int) -> Path:
             "identity": identity(cfg, world),
             "config": to_dict(cfg),
             "files": manifest(staging),
+            "sha256": sync_tree(staging),  # every file on disk before the manifest that vouches for it
         }
         (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        _fsync(staging / "state.json")
+        _fsync(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # the checkpoint exists only once it is complete
+        _fsync(final.parent)  # the rename itself survives a power loss
         prune(cfg.output_dir, cfg.checkpoint.keep_last)
     barrier()
     return final
@@ -330,8 +399,10 @@ def write_final(run: Run, tokenizer) -> Path:
     if dist.get_rank() == 0:
         tokenizer.save_pretrained(staging)
         run.task.write_artifacts(staging)
+        sync_tree(staging, hash_files=False)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # only a complete save becomes final/
+        _fsync(final.parent)
     barrier()
     return final
 

@@ -3,6 +3,7 @@
     FINETUNE_FAULT=kill_after_step:6      every rank SIGKILLs itself once step 6 (and its checkpoint) is done
     FINETUNE_FAULT=kill_in_checkpoint:6   every rank SIGKILLs itself while checkpoint 6 is half written
     FINETUNE_FAULT=nan_at_step:3          the loss of step 3 becomes NaN (the NaN guard must react)
+    FINETUNE_FAULT=reload_mismatch:0      the reload check of final/ sees a probe loss off by 1.0 (the run must fail)
 
 Real kills, not simulated exits: nothing gets to clean up, exactly as when a node dies. Unset, this
 module does nothing.

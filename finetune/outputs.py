@@ -6,10 +6,13 @@
     generations.json fixed held-out prompts, before and after training
     loss.png         training loss (and eval loss) over steps
     final/           a peft adapter dir (LoRA) or a Hugging Face model dir (full fine-tuning)
+    .lock            the host and pid of the run writing here (refuses a second run; removed at exit)
+    .previous-run/   with overwrite_output_dir=true, the replaced run's results until this run's final/ is written
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -18,9 +21,11 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
+
+from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -67,7 +72,8 @@ class RunOutputs:
 
     def artifacts(self) -> dict[str, int]:
         """Every file of the run dir with its size in bytes."""
-        return {str(p.relative_to(self.dir)): p.stat().st_size for p in sorted(self.dir.rglob("*")) if p.is_file()}
+        files = (p for p in sorted(self.dir.rglob("*")) if p.is_file() and not p.relative_to(self.dir).parts[0].startswith("."))  # not .lock
+        return {str(p.relative_to(self.dir)): p.stat().st_size for p in files}
 
     def plot_loss(self, steps: list[int], losses: list[float], evals: list[tuple[int, float]]) -> Path:
         """loss.png: training loss per step, eval loss as points."""
@@ -133,15 +139,120 @@ def tee_rank_output(output_dir: str, rank: int) -> Path:
 # --- the run's records, written by rank 0 --------------------------------------------------------
 
 
+class OutputDirInUse(FinetuneError):
+    """Another live run writes into this output_dir."""
+
+
+LOCK = ".lock"
+PREVIOUS = ".previous-run"
+# What a run writes at the top of output_dir (logs/ is appended to, never replaced).
+RESULTS = ("final", "final.partial", "checkpoints", "summary.json", "generations.json", "metrics.jsonl", "loss.png", "config.yaml")
+
+
+@contextlib.contextmanager
+def own_output_dir(cfg: Config) -> Iterator[None]:
+    """Rank 0, before anything is written: lock output_dir; with overwrite_output_dir=true set the old run aside.
+
+    The old run's results come back if this run fails before its final/ is written (drop_previous).
+    The lock goes at exit, errors included; a SIGKILLed run leaves it, and the next run takes it over.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _take_lock(out / LOCK)
+    set_aside = False
+    try:
+        if cfg.overwrite_output_dir:
+            set_aside = _set_previous_aside(out)
+        yield
+    except BaseException:
+        if set_aside and (out / PREVIOUS).is_dir():
+            _restore_previous(out)
+        raise
+    finally:
+        (out / LOCK).unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path) -> None:
+    """Create the lock file naming this host and pid; a stale one (its pid gone on this host) is taken over."""
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                owner = {}  # torn by a crash while it was written: nobody can be named as its owner
+            if owner and (owner.get("host") != mine["host"] or _alive(owner.get("pid"))):
+                raise OutputDirInUse(f"output_dir: {lock.parent} is in use by the run of host {owner.get('host')} pid {owner.get('pid')} (since {owner.get('since')}); "
+                                     f"wait for it to end or choose another output_dir (if that run is gone, delete {lock})") from None
+            print(f"{lock}: taking over the lock of a run that is gone (host {owner.get('host')} pid {owner.get('pid')})", flush=True)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(mine) + "\n")
+        return
+
+
+def _alive(pid: Any) -> bool:
+    """Whether a process with this pid runs on this host (another user's counts)."""
+    try:
+        if int(pid) <= 0:  # 0 and negatives address process groups, not a run
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (TypeError, ValueError):
+        return False  # not a pid: a lock no run can own
+    return True
+
+
+def _set_previous_aside(out: Path) -> bool:
+    """Move the results of the run being replaced into .previous-run/; whether this run set any aside.
+
+    A .previous-run/ already there was left by an overwrite run that never finished: what lies next to
+    it is that unfinished run's, and the finished one stays set aside.
+    """
+    previous = out / PREVIOUS
+    if previous.is_dir():
+        _remove_results(out)
+        return True
+    found = [out / name for name in RESULTS if (out / name).exists()]
+    if not found:
+        return False
+    previous.mkdir()
+    for path in found:
+        path.rename(previous / path.name)
+    print(f"overwrite_output_dir: the previous run's results are in {previous} until this run's final/ is written", flush=True)
+    return True
+
+
+def _remove_results(out: Path) -> None:
+    for name in RESULTS:
+        path = out / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _restore_previous(out: Path) -> None:
+    """This run failed: put the replaced run's results back."""
+    _remove_results(out)
+    for path in (out / PREVIOUS).iterdir():
+        path.rename(out / path.name)
+    (out / PREVIOUS).rmdir()
+    print(f"this run failed: the previous run's results are back in {out}", flush=True)
+
+
+def drop_previous(output_dir: str) -> None:
+    """Rank 0, once final/ is written: the replaced run's results go for good."""
+    shutil.rmtree(Path(output_dir) / PREVIOUS, ignore_errors=True)
+
+
 def start_outputs(cfg: Config, resume_state: dict | None) -> RunOutputs:
-    """Rank 0: the run dir, emptied of an overwritten run's results, with the resolved config written."""
-    from finetune import checkpoint
+    """Rank 0: the run dir (an overwritten run's results already set aside by own_output_dir), with the resolved config written."""
     from finetune.config import to_dict
 
-    if cfg.overwrite_output_dir:
-        for name in ("final", "final.partial", checkpoint.CHECKPOINTS, "summary.json", "generations.json"):
-            path = Path(cfg.output_dir) / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     writer = RunOutputs(cfg.output_dir, resume_state["step"] if resume_state else None)
     writer.write_config(to_dict(cfg))
     return writer

@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python finetune/train.py): make `finetune` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib
 import functools
 import logging
 import math
@@ -55,6 +56,10 @@ from finetune.run import Run
 
 class TrainingError(FinetuneError):
     """Training cannot go on (a non-finite loss under train.on_nan=stop)."""
+
+
+class ReloadMismatch(FinetuneError):
+    """final/, reloaded, does not reproduce the trained model's probe loss."""
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
@@ -230,10 +235,19 @@ def main(argv: list[str]) -> None:
     if problems:
         raise ConfigError(problems[0])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    plugin_spec, method, plan = PLUGINS[cfg.plugin.name], method_named(cfg.method), parallel_plan(cfg, world_size)
     resume = checkpoint.resolve_resume(cfg)  # verified complete and compatible before any model is built
     resume_state = checkpoint.read_state(resume) if resume else None
     changed = checkpoint.check_compatible(resume_state, cfg, world_size, resume) if resume else []
+    if resume:
+        checkpoint.check_owner(resume, resume_state, cfg)
+    # Rank 0 locks output_dir before anything is written there, and holds it to the end, errors included.
+    with outputs.own_output_dir(cfg) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        train(cfg, world_size, resume, resume_state, changed)
+
+
+def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict | None, changed: list[str]) -> None:
+    """The run itself, on every rank: process group, data, model, booster, fit, final/, reload check, summary."""
+    plugin_spec, method, plan = PLUGINS[cfg.plugin.name], method_named(cfg.method), parallel_plan(cfg, world_size)
     wall_start = time.perf_counter()
     device = launch(cfg.output_dir, cfg.launch.rank_logs, cfg.launch.timeout_s, cfg.train.seed)
     check_fit(cfg, world_size, device)  # before any weights load
@@ -242,6 +256,9 @@ def main(argv: list[str]) -> None:
         log(f"removed the half-written checkpoint {partial}")
     if resume:
         log(f"resuming from {resume} (step {resume_state['step']})" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
+        fence = checkpoint.fence_newer(cfg.output_dir, resume_state["step"]) if is_main() else None
+        if fence:
+            log(f"the newer checkpoints of the branch this resume abandons moved to {fence} (resume_from=latest and keep_last no longer see them)")
     profiler = MemoryProfiler()
     log(profiler.format(profiler.record("start")))
 
@@ -317,15 +334,20 @@ def main(argv: list[str]) -> None:
     final = checkpoint.write_final(run, tokenizer)
     if not is_main():
         return
+    outputs.drop_previous(cfg.output_dir)  # this run's final/ is written: an overwritten run's results go
     prompts = task.generation_prompts(data.eval_records, cfg.eval.num_generation_prompts)
     reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, device)
     tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
+    if run.faults.at("reload_mismatch", 0):
+        reload["probe_loss"] += 1.0
     reload.update(trained_probe_loss=probe_loss, ok=abs(reload["probe_loss"] - probe_loss) <= tolerance * max(1.0, abs(probe_loss)))
     memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
     seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
     facts = {"trainable": trainable, "total": total, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len}
     outputs.finish(writer, run, data, history, (eval_before, eval_after), memory, reload, parameter_changes, digests, final, facts, profiler, dataloader if packed else None)
+    if not reload["ok"]:  # raised after summary.json is written: the evidence stays
+        raise ReloadMismatch(f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")
 
 
 def cli() -> None:

@@ -1,0 +1,127 @@
+"""Output safety (issue 17): an overwrite that fails keeps the old run, one run per output_dir (a lock),
+checkpoints verified by sha256, resume only into the owning run, a resumed run owns its lineage, and a
+reload mismatch fails the run. Two real training launches (one run, one resume) serve every test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import checkpoint
+from finetune.outputs import LOCK, OutputDirInUse, own_output_dir
+from tests.conftest import read_summary, run_train, write_instruction_file
+
+
+def run_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.train_path={data}", "data.eval_fraction=0.25", f"output_dir={out}", "model.name=tiny-gpt2", "method=lora", "train.max_steps=4",
+            "train.batch_size=4", "checkpoint.every_steps=2", "checkpoint.keep_last=0", "eval.every_steps=0", "eval.num_generation_prompts=1", "eval.max_new_tokens=2", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished tiny LoRA run with checkpoints at steps 2 and 4: (data file, run dir). Tests work on copies."""
+    root = tmp_path_factory.mktemp("safety")
+    data = write_instruction_file(root / "train.jsonl", n=32)
+    out = root / "run"
+    result = run_train(run_args(data, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, out
+
+
+def copy_run(first_run: tuple[Path, Path], target: Path) -> Path:
+    shutil.copytree(first_run[1], target)
+    return target
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_failed_overwrite_keeps_the_previous_run_and_takes_over_a_stale_lock(first_run, tmp_path):
+    out = copy_run(first_run, tmp_path / "run")
+    final, summary = tree(out / "final"), (out / "summary.json").read_bytes()
+    checkpoints = [p.name for p in checkpoint.complete_checkpoints(str(out))]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (out / LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead)}))  # a run that is gone
+    bad = tmp_path / "bad_row.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    result = run_train(run_args(bad, out, "overwrite_output_dir=true"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(error_lines(result)) == 1, result.stderr[-2000:]
+    assert "taking over the lock" in result.stdout
+    assert "previous run's results are back" in result.stdout
+    assert tree(out / "final") == final and (out / "summary.json").read_bytes() == summary
+    assert [p.name for p in checkpoint.complete_checkpoints(str(out))] == checkpoints
+    assert not (out / ".previous-run").exists() and not (out / LOCK).exists()  # released on the error too
+
+
+def test_a_second_run_on_a_locked_output_dir_is_refused(first_run, tmp_path):
+    out = copy_run(first_run, tmp_path / "run")
+    (out / LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))  # this test process: alive
+    before = tree(out)
+    result = run_train(run_args(first_run[0], out, "overwrite_output_dir=true"))
+    assert result.returncode == 2
+    lines = error_lines(result)
+    assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0] and os.uname().nodename in lines[0], result.stderr[-2000:]
+    assert tree(out) == before  # nothing moved, the lock left to its owner
+
+
+def test_the_lock_is_taken_and_released_in_process(tmp_path):
+    from finetune.config import Config
+
+    cfg = Config(output_dir=str(tmp_path / "out"))
+    with own_output_dir(cfg):
+        owner = json.loads((tmp_path / "out" / LOCK).read_text())
+        assert owner["pid"] == os.getpid()
+        with pytest.raises(OutputDirInUse, match=f"pid {os.getpid()}"), own_output_dir(cfg):
+            pass
+    assert not (tmp_path / "out" / LOCK).exists()
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_named(first_run, tmp_path):
+    step = shutil.copytree(checkpoint.complete_checkpoints(str(first_run[1]))[0], tmp_path / "step")
+    state = checkpoint.verify(step)
+    assert set(state["sha256"]) == set(state["files"])  # every file hashed, sizes kept
+    shard = step / "model" / "adapter_model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="model/adapter_model.safetensors does not match the sha256"):
+        checkpoint.verify(step)
+
+
+def test_resume_from_another_runs_checkpoint_is_refused(first_run, tmp_path):
+    from finetune.train import main
+
+    ckpt = checkpoint.complete_checkpoints(str(first_run[1]))[0]
+    with pytest.raises(checkpoint.CheckpointError, match=f"belongs to another run.*lora.init_from={ckpt}/model"):
+        main(run_args(first_run[0], tmp_path / "other", f"resume_from={ckpt}"))
+    assert not (tmp_path / "other").exists()  # refused before anything was written
+
+
+def test_a_resume_from_an_older_checkpoint_fences_the_newer_ones_and_a_reload_mismatch_fails(first_run, tmp_path):
+    out = copy_run(first_run, tmp_path / "run")
+    step_2, old_step_4 = checkpoint.complete_checkpoints(str(out))
+    old_state = (old_step_4 / "state.json").read_text()
+    # resumed from step 2 to a new end at step 3: the old branch's step 4 must not stay "latest"
+    result = run_train(run_args(first_run[0], out, f"resume_from={step_2}", "train.max_steps=3"), env={"FINETUNE_FAULT": "reload_mismatch:0"})
+    assert "the newer checkpoints of the branch this resume abandons moved to" in result.stdout, result.stdout[-2000:]
+    assert [p.name for p in checkpoint.complete_checkpoints(str(out))] == ["step_00000002", "step_00000003"]
+    fenced = list((out / "checkpoints").glob("abandoned-*/step_00000004"))
+    assert len(fenced) == 1 and (fenced[0] / "state.json").read_text() == old_state  # kept, out of the lineage
+    # the forced reload mismatch: exit 2 with one error line, after summary.json was written
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = error_lines(result)
+    assert len(lines) == 1 and "not the trained model" in lines[0], result.stderr[-2000:]
+    summary = read_summary(out)
+    assert summary["reload"]["ok"] is False and summary["steps"] == 3
