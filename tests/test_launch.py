@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from finetune.launch import LaunchError, build_command, parse, read_hostfile, slurm_torchrun_command
+from finetune.launch_output import OutputFilter
 from tests.conftest import REPO, free_port, read_summary, run_env
 
 SCRIPTS = ["launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch"]
@@ -56,7 +57,7 @@ def test_bad_hostfiles(tmp_path, text, message):
 def test_single_node_command(tmp_path):
     port = free_port()
     args = parse(["single", "--nproc_per_node", "2", "--master_port", str(port), "--", "model.name=tiny-gpt2", "train.max_steps=3"])
-    assert build_command(args, {}) == ["colossalai", "run", "--nproc_per_node", "2", "--master_port", str(port), "finetune/train.py", "model.name=tiny-gpt2", "train.max_steps=3"]
+    assert build_command(args, {}).command == ["colossalai", "run", "--nproc_per_node", "2", "--master_port", str(port), "finetune/train.py", "model.name=tiny-gpt2", "train.max_steps=3"]
 
 
 def test_busy_port_and_bad_config_fail_before_launch(tmp_path):
@@ -104,8 +105,8 @@ def test_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True).returncode == 0
 
 
-def run_script(*args: str, port: int | None = None) -> subprocess.CompletedProcess:
-    env = run_env()
+def run_script(*args: str, port: int | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**run_env(), **(env or {})}
     env["MASTER_PORT"] = str(port or free_port())
     return subprocess.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
 
@@ -117,6 +118,18 @@ def test_scripts_explain_bad_input(tmp_path):
     assert missing.returncode != 0 and missing.stderr.strip() == "error: --config /missing.yaml: file not found"
     usage = run_script("launch/multi_node.sh")
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_user_error_on_the_ranks_is_the_last_line(tmp_path):
+    # resume_from=latest in an empty output_dir passes the launcher's checks and fails on each rank at start.
+    result = run_script("launch/single_node.sh", "2", "model.name=tiny-gpt2", "resume_from=latest", f"output_dir={tmp_path}", env={"HF_TOKEN": "hf_do_not_show"})
+    error = f"error: resume_from=latest: no complete checkpoint in {tmp_path / 'checkpoints'}"
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == error
+    output = result.stdout + result.stderr
+    assert "export " not in output and "hf_do_not_show" not in output and "ChildFailedError" not in output
+    assert "not forwarded to the hosts (not in launch.forward_env): " in result.stdout and "HF_TOKEN" in result.stdout
 
 
 @pytest.mark.timeout(600)
@@ -142,4 +155,64 @@ def test_environment_colossalai_run_cannot_forward():
     # make exports MAKEOVERRIDES='${-*-command-variables-*-}'; colossalai run's shell export then fails.
     env = {"MAKEOVERRIDES": "${-*-command-variables-*-}", "PATH": "/usr/bin", "EMPTY": "", "MULTI": "a\n$b"}
     with pytest.raises(LaunchError, match="cannot forward the environment variable\\(s\\) MAKEOVERRIDES "):
-        build_command(parse(["single", "--master_port", str(free_port())]), env)
+        build_command(parse(["single", "--master_port", str(free_port()), "--", "launch.forward_env=[PATH,MAKEOVERRIDES]"]), env)
+    # Not in launch.forward_env (the default): held back, so it cannot break the export.
+    assert "MAKEOVERRIDES" in build_command(parse(["single", "--master_port", str(free_port())]), env).held_back
+
+
+def test_secrets_are_not_forwarded_to_the_hosts(tmp_path):
+    env = {"PATH": "/usr/bin", "HF_TOKEN": "hf_secret", "AWS_SECRET_ACCESS_KEY": "aws_secret", "NCCL_DEBUG": "INFO", "HF_HOME": "/cache", "CUDA_VISIBLE_DEVICES": "0,1"}
+    launch = build_command(parse(["single", "--master_port", str(free_port())]), env)
+    assert launch.env == {"PATH": "/usr/bin", "NCCL_DEBUG": "INFO", "HF_HOME": "/cache", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert launch.held_back == ["AWS_SECRET_ACCESS_KEY", "HF_TOKEN"]
+    assert "hf_secret" not in " ".join(launch.command)
+    # Forwarding a secret is a choice written in the config.
+    chosen = build_command(parse(["single", "--master_port", str(free_port()), "--", "launch.forward_env=[PATH,HF_TOKEN]"]), env)
+    assert chosen.env == {"PATH": "/usr/bin", "HF_TOKEN": "hf_secret"} and chosen.held_back == ["AWS_SECRET_ACCESS_KEY", "CUDA_VISIBLE_DEVICES", "HF_HOME", "NCCL_DEBUG"]
+    with pytest.raises(LaunchError, match="launch.forward_env: 'HF TOKEN' is not a variable name or glob"):
+        (tmp_path / "env.yaml").write_text("launch:\n  forward_env: [PATH, HF TOKEN]\n")
+        build_command(parse(["single", "--master_port", str(free_port()), "--", "--config", str(tmp_path / "env.yaml")]), env)
+
+
+CONFIG_FILE = "put such values .* in a --config FILE"
+
+
+@pytest.mark.parametrize(
+    "arg, named, fix",
+    [
+        ("lora.target_modules=[q_proj, v_proj]", "a space", "write the list without spaces: lora.target_modules=\\[q_proj,v_proj\\]"),
+        ("output_dir=/data/my runs", "a space", CONFIG_FILE),
+        ("output_dir=/tmp/x;touch /tmp/pwned", "a space, ';'", CONFIG_FILE),
+        ("output_dir=$(id)", "'\\$', '\\(', '\\)'", CONFIG_FILE),
+        ("output_dir=`id`", "'`'", CONFIG_FILE),
+        ("output_dir=/tmp/*", "'\\*'", CONFIG_FILE),
+        ("model.name=a|b", "'\\|'", CONFIG_FILE),
+        ("model.name=a&", "'&'", CONFIG_FILE),
+        ("model.name=a>b", "'>'", CONFIG_FILE),
+        ("model.name='a'", "\"'\"", CONFIG_FILE),
+        ("output_dir=~/runs", "'~'", CONFIG_FILE),
+        ("lora.target_modules={q,v}", "'\\{', '\\}'", CONFIG_FILE),
+        ("launch.forward_env=[PATH, HF HOME]", "a space", CONFIG_FILE),
+    ],
+)
+def test_arguments_a_shell_would_change_are_refused(arg, named, fix):
+    with pytest.raises(LaunchError, match=f"^argument '.*' holds {named}, which the shell on every host would change .*; {fix}"):
+        build_command(parse(["single", "--master_port", str(free_port()), "--", "model.name=tiny-gpt2", arg]), {})
+    with pytest.raises(LaunchError, match="an empty argument would vanish .*; drop it, or write key= for an empty value"):
+        build_command(parse(["single", "--master_port", str(free_port()), "--", "model.name=tiny-gpt2", ""]), {})
+    # The spelling that works passes.
+    build_command(parse(["single", "--master_port", str(free_port()), "--", "lora.target_modules=[c_attn]", "output_dir=/tmp/a_b-1.x", "model.name=tiny-gpt2"]), {})
+
+
+def test_output_filter_keeps_the_ranks_tracebacks_and_drops_the_launchers():
+    log = OutputFilter()
+    rank_traceback = ["Traceback (most recent call last):\n", '  File "finetune/train.py", line 9, in <module>\n', "RuntimeError: a bug\n"]
+    torchrun_report = [
+        "E1125 17:31:18.641000 20616 torch/distributed/elastic/multiprocessing/api.py:869] failed (exitcode: -9) local_rank: 1 (pid: 1) of binary: python\n",
+        "Traceback (most recent call last):\n", '  File "/venv/bin/torchrun", line 6, in <module>\n', "    sys.exit(main())\n",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n", "=" * 60 + "\n", "Root Cause (first observed failure):\n",
+        "  exitcode  : -9 (pid: 1)\n", "=" * 60 + "\n",
+    ]
+    shown = [out for line in rank_traceback + torchrun_report + ["after\n"] for out in log.feed(line)] + log.finish()
+    assert shown == rank_traceback + ["after\n"]
+    assert log.exit_code == 137  # SIGKILL, as a shell reports it
