@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 from datetime import timedelta
 
@@ -40,13 +41,35 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed
 
-    # What colossalai.launch_from_torch does, plus the collective timeout it cannot take.
+    # What colossalai.launch_from_torch does, plus the collective timeout it cannot take; the plugin's
+    # TP/PP/DP groups, created later without a timeout, get it as torch's default.
     accelerator = get_accelerator()
+    patches.set_group_timeout(timedelta(seconds=timeout_s))
     dist.init_process_group(backend=accelerator.communication_backend, timeout=timedelta(seconds=timeout_s))
     if accelerator.support_set_device:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     set_seed(seed)
     return accelerator.get_current_device()
+
+
+class CollectiveTimeout(FinetuneError):
+    """A collective waited longer than launch.timeout_s for another rank; said by the rank that waited."""
+
+
+# gloo: "Timed out waiting 20000ms for recv operation to complete"; NCCL: "... Timeout(ms)=20000)".
+_TIMEOUT_MS = re.compile(r"Timed out waiting (\d+)ms|Timeout\(ms\)=(\d+)")
+
+
+def collective_timeout(err: Exception) -> CollectiveTimeout | None:
+    """The one-line user error for a collective's timeout, or None when err is something else."""
+    match = _TIMEOUT_MS.search(str(err))
+    if not match:
+        return None
+    seconds = int(match.group(1) or match.group(2)) // 1000
+    return CollectiveTimeout(
+        f"collective timed out after {seconds}s (launch.timeout_s): another rank stopped responding; its log in output_dir/logs/ "
+        "says why (stalled, killed, out of memory, network); raise launch.timeout_s only if a step is that slow"
+    )
 
 
 @contextlib.contextmanager

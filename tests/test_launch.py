@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 
 import pytest
 
 from finetune.launch import LaunchError, build_command, parse, read_hostfile, slurm_torchrun_command
 from finetune.launch_output import OutputFilter
-from tests.conftest import REPO, free_port, read_summary, run_env
+from tests.conftest import REPO, free_port, read_summary, run_env, run_train
 
 SCRIPTS = ["launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch"]
 
@@ -216,3 +217,26 @@ def test_output_filter_keeps_the_ranks_tracebacks_and_drops_the_launchers():
     shown = [out for line in rank_traceback + torchrun_report + ["after\n"] for out in log.feed(line)] + log.finish()
     assert shown == rank_traceback + ["after\n"]
     assert log.exit_code == 137  # SIGKILL, as a shell reports it
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_stalled_in_a_tensor_parallel_collective_fails_the_other_in_time(tmp_path, instruction_file):
+    # Rank 1 stops before step 1; rank 0 then waits inside a TP all-reduce (ColossalAI's sub-group, which
+    # got torch's 30-minute default before launch.timeout_s was made the default of every group).
+    started = time.monotonic()
+    result = run_train(
+        ["--config", "booster_configs/tp2.yaml", "model.name=tiny-gpt2", "method=full", f"data.train_path={instruction_file}", "data.eval_fraction=0.25",
+         "train.max_steps=2", "eval.num_generation_prompts=0", "launch.timeout_s=20", f"output_dir={tmp_path / 'run'}"],
+        launcher="torchrun", nproc=2, env={"FINETUNE_FAULT": "stall_in_tp:1"}, timeout=240,
+    )
+    wall = time.monotonic() - started
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and errors, result.stderr[-3000:]
+    assert errors == ["error: collective timed out after 20s (launch.timeout_s): another rank stopped responding; its log in output_dir/logs/ "
+                      "says why (stalled, killed, out of memory, network); raise launch.timeout_s only if a step is that slow"]
+    # Rank 1's log last changed when it stalled, rank 0's when it gave up: timeout_s apart, plus a margin.
+    logs = tmp_path / "run" / "logs"
+    assert "fault: rank 1 stalls before step 1" in (logs / "rank_1.log").read_text()
+    waited = (logs / "rank_0.log").stat().st_mtime - (logs / "rank_1.log").stat().st_mtime
+    assert 15 <= waited < 45, f"rank 0 waited {waited:.0f}s"
+    assert wall < 200, f"took {wall:.0f}s"
