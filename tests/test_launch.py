@@ -3,6 +3,8 @@ scripts, and a real 2-"node" run through `colossalai run --hostfile` on this mac
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -11,7 +13,7 @@ import pytest
 
 from finetune.launch import LaunchError, build_command, parse, read_hostfile, slurm_torchrun_command
 from finetune.launch_output import OutputFilter
-from tests.conftest import REPO, free_port, read_summary, run_env, run_train
+from tests.conftest import REPO, free_port, launch_command, read_summary, run_env
 
 SCRIPTS = ["launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch"]
 
@@ -223,12 +225,18 @@ def test_output_filter_keeps_the_ranks_tracebacks_and_drops_the_launchers():
 def test_a_rank_stalled_in_a_tensor_parallel_collective_fails_the_other_in_time(tmp_path, instruction_file):
     # Rank 1 stops before step 1; rank 0 then waits inside a TP all-reduce (ColossalAI's sub-group, which
     # got torch's 30-minute default before launch.timeout_s was made the default of every group).
+    args = ["--config", "booster_configs/tp2.yaml", "model.name=tiny-gpt2", "method=full", f"data.train_path={instruction_file}", "data.eval_fraction=0.25",
+            "train.max_steps=2", "eval.num_generation_prompts=0", "launch.timeout_s=20", f"output_dir={tmp_path / 'run'}"]
     started = time.monotonic()
-    result = run_train(
-        ["--config", "booster_configs/tp2.yaml", "model.name=tiny-gpt2", "method=full", f"data.train_path={instruction_file}", "data.eval_fraction=0.25",
-         "train.max_steps=2", "eval.num_generation_prompts=0", "launch.timeout_s=20", f"output_dir={tmp_path / 'run'}"],
-        launcher="torchrun", nproc=2, env={"FINETUNE_FAULT": "stall_in_tp:1"}, timeout=240,
-    )
+    # A session of its own: if the timeout does not work, the hung ranks are stopped with their launcher.
+    with subprocess.Popen(launch_command("torchrun", 2) + args, cwd=REPO, env={**run_env(), "FINETUNE_FAULT": "stall_in_tp:1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     wall = time.monotonic() - started
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and errors, result.stderr[-3000:]
