@@ -6,12 +6,15 @@ import contextlib
 import os
 import re
 import socket
+import time
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from finetune import compat, patches
+from finetune import assets, compat, patches
 from finetune.errors import FinetuneError
 from finetune.outputs import tee_rank_output
 
@@ -49,7 +52,45 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
     if accelerator.support_set_device:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     set_seed(seed)
+    check_shared_dirs({"output_dir": Path(output_dir), "the cache $FINETUNE_CACHE": assets.cache_dir()})
     return accelerator.get_current_device()
+
+
+SHARED_WAIT_S = 5.0  # a network filesystem may show another node's new file a moment late
+
+
+def check_shared_dirs(dirs: dict[str, Path]) -> None:
+    """When the world spans several nodes, check that each node sees the files rank 0 writes into dirs.
+
+    Rank 0 alone writes the run's outputs and fills the cache that the other ranks then read, so a
+    multi-node run needs these directories on a filesystem every node mounts at the same path. Rank 0
+    writes a token file into each, the first rank of every other node looks for it; all ranks fail
+    with one line naming what is not shared, instead of failing later on a missing file.
+    """
+    if int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())) >= dist.get_world_size():
+        return  # one node
+    name = [f".shared_check_{uuid.uuid4().hex}" if is_main() else ""]
+    dist.broadcast_object_list(name, src=0)
+    tokens = {label: path / name[0] for label, path in dirs.items()}
+    if is_main():
+        for token in tokens.values():
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.touch()
+    dist.barrier()
+    unseen: list[str] = []
+    if os.environ.get("LOCAL_RANK") == "0" and not is_main():
+        deadline = time.monotonic() + SHARED_WAIT_S
+        while any(not t.exists() for t in tokens.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        unseen = [label for label, token in tokens.items() if not token.exists()]
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (socket.gethostname(), os.environ.get("GROUP_RANK", "?"), unseen))
+    if is_main():
+        for token in tokens.values():
+            token.unlink(missing_ok=True)
+    missing = [f"node {node} ({host}) does not see the files rank 0 writes into {', '.join(f'{label} {dirs[label]}' for label in labels)}" for host, node, labels in reports if labels]
+    if missing:
+        raise FinetuneError(f"{'; '.join(missing)}: a multi-node run needs {' and '.join(dirs)} on a filesystem every node mounts at the same path (NFS, Lustre, ...)")
 
 
 class CollectiveTimeout(FinetuneError):

@@ -248,3 +248,32 @@ def test_a_rank_stalled_in_a_tensor_parallel_collective_fails_the_other_in_time(
     waited = (logs / "rank_0.log").stat().st_mtime - (logs / "rank_1.log").stat().st_mtime
     assert 15 <= waited < 45, f"rank 0 waited {waited:.0f}s"
     assert wall < 200, f"took {wall:.0f}s"
+
+
+@pytest.mark.timeout(300)
+def test_nodes_that_do_not_share_output_dir_are_told_at_start(tmp_path, instruction_file):
+    # Two "nodes" on this machine (two torchrun agents, node_rank 0 and 1); node 1 gets its own output_dir,
+    # as a node without the shared filesystem would see an output_dir path that is not rank 0's.
+    port = free_port()
+    common = ["model.name=tiny-gpt2", "method=full", f"data.train_path={instruction_file}", "data.eval_fraction=0.25", "train.max_steps=1", "eval.num_generation_prompts=0"]
+    nodes = [
+        subprocess.Popen(
+            ["torchrun", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+             "finetune/train.py", *common, f"output_dir={tmp_path / f'node{node}' / 'run'}"],
+            cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        results = [node.communicate(timeout=200) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert all(node.returncode != 0 for node in nodes)
+    errors = [line for line in results[0][1].splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: node 1 ({socket.gethostname()}) does not see the files rank 0 writes into output_dir {tmp_path / 'node0' / 'run'}: "
+        "a multi-node run needs output_dir and the cache $FINETUNE_CACHE on a filesystem every node mounts at the same path (NFS, Lustre, ...)"
+    ], results[0][1][-3000:]
+    assert not list((tmp_path / "node0" / "run").glob(".shared_check_*"))  # the token is cleaned up
