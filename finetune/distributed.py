@@ -88,7 +88,7 @@ def check_shared_dirs(dirs: dict[str, Path]) -> None:
     if is_main():
         for token in tokens.values():
             token.unlink(missing_ok=True)
-    missing = [f"node {node} ({host}) does not see the files rank 0 writes into {', '.join(f'{label} {dirs[label]}' for label in labels)}" for host, node, labels in reports if labels]
+    missing = [f"node {node} ({host}) does not see the files rank 0 writes into {', '.join(f'{label} {dirs[label]}' for label in absent)}" for host, node, absent in reports if absent]
     if missing:
         raise FinetuneError(f"{'; '.join(missing)}: a multi-node run needs {' and '.join(dirs)} on a filesystem every node mounts at the same path (NFS, Lustre, ...)")
 

@@ -24,9 +24,13 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
 from finetune.launch_output import run_filtered
+
+if TYPE_CHECKING:
+    from finetune.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "finetune/train.py"
@@ -81,7 +85,7 @@ class Launch:
     held_back: list[str] = field(default_factory=list)
 
 
-def check_train_args(train_args: list[str], world_size: int):
+def check_train_args(train_args: list[str], world_size: int) -> Config:
     """Parse and validate the training config now, so a typo fails here and not on every node; return it."""
     from finetune.config import ConfigError, load_config
 
@@ -184,7 +188,7 @@ def build_command(args: argparse.Namespace, env: dict[str, str]) -> Launch:
     forwarded, held_back = forwarded_environment(env, cfg.launch.forward_env)
     bad = unforwardable_environment(forwarded)
     if bad:
-        raise LaunchError(f"colossalai run cannot forward the environment variable(s) {', '.join(bad)} (their values hold $, `, \" or \\); unset them for the launch")
+        raise LaunchError(f"colossalai run cannot forward the environment variable(s) {', '.join(bad)} (their values hold $, `, \" or \\); unset them for the launch or leave them out of launch.forward_env")
     command = colossalai_run_command(args.nproc_per_node, args.master_port, args.train_args, args.hostfile, args.master_addr)
     return Launch(command, forwarded, held_back)
 
