@@ -277,3 +277,12 @@ def test_nodes_that_do_not_share_output_dir_are_told_at_start(tmp_path, instruct
         "a multi-node run needs output_dir and the cache $FINETUNE_CACHE on a filesystem every node mounts at the same path (NFS, Lustre, ...)"
     ], results[0][1][-3000:]
     assert not list((tmp_path / "node0" / "run").glob(".shared_check_*"))  # the token is cleaned up
+
+
+def test_the_group_timeout_patch_is_tied_to_its_torch_version():
+    from datetime import timedelta
+
+    from finetune.patches import PatchError, set_group_timeout
+
+    with pytest.raises(PatchError, match="sub-group timeouts for torch 2.5.1, found 2.6.0"):
+        set_group_timeout(timedelta(seconds=20), torch_version="2.6.0")
