@@ -318,6 +318,12 @@ def lora_key(name: str) -> str:
     return prefix + name.replace(".default.", ".")
 
 
+# peft's default ("auto") asks the hub for the base's config.json whenever the base is not a local
+# directory (a named config, a hub id), at every save, to see whether the vocabulary was resized. It
+# never is here (LoRA's own embedding factors are saved either way): no lookup, offline means offline.
+NO_EMBEDDINGS = False
+
+
 def local_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """This rank's trained adapter weights, keyed as in adapter_model.safetensors.
 
@@ -327,7 +333,7 @@ def local_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from peft import PeftModel, get_peft_model_state_dict
 
     if isinstance(module, PeftModel):
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module, save_embedding_layers=NO_EMBEDDINGS).items()}
     # Under tensor parallelism an adapter matrix may be split: gathering it is a collective.
     return {lora_key(n): full_tensor(p).detach().cpu().clone() for n, p in module.named_parameters() if trains_with_adapter(n)}
 
@@ -543,7 +549,7 @@ def fsdp_adapter_state(run: Run, model_state: dict) -> dict[str, torch.Tensor]:
     """The adapter (peft's keys and selection) out of an FSDP-gathered full state dict."""
     from peft import get_peft_model_state_dict
 
-    adapter = get_peft_model_state_dict(fsdp_inner_module(run), state_dict=model_state)
+    adapter = get_peft_model_state_dict(fsdp_inner_module(run), state_dict=model_state, save_embedding_layers=NO_EMBEDDINGS)
     return {k: v.detach().cpu().clone() for k, v in adapter.items()}
 
 

@@ -130,10 +130,22 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept; 0: keep all
 
 
+# What training needs on every host; secrets (HF_TOKEN, AWS_*, ...) are left out on purpose.
+FORWARD_ENV_DEFAULT = (
+    "PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "HOME", "USER", "LOGNAME", "LANG", "LC_*", "TZ", "TMPDIR",
+    "SSH_AUTH_SOCK", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_*", "NCCL_*", "GLOO_*", "TORCH_*", "PYTORCH_*",
+    "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT",
+    "TRANSFORMERS_*", "TOKENIZERS_PARALLELISM", "FINETUNE_*",
+)
+_ENV_PATTERN = re.compile(r"^[A-Za-z_*?][A-Za-z0-9_*?]*$")
+
+
 @dataclass
 class LaunchConfig:
     timeout_s: int = 1800  # collective timeout: a rank that waits longer on the others fails instead of hanging
     rank_logs: bool = True  # copy each rank's stdout/stderr into output_dir/logs/rank_N.log
+    # What `colossalai run` may export to every host (names or globs): it puts them on each host's command line.
+    forward_env: list[str] = field(default_factory=lambda: list(FORWARD_ENV_DEFAULT))
 
 
 @dataclass
@@ -355,6 +367,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
     problems += choice_problems("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
+    problems += [f"launch.forward_env: '{p}' is not a variable name or glob (letters, digits, _, *, ?)" for p in cfg.launch.forward_env if not _ENV_PATTERN.match(p)]
     problems += choice_problems("train.fit_check", cfg.train.fit_check, ("error", "warn", "off"))
     for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
+import time
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from finetune import compat, patches
+from finetune import assets, compat, patches
 from finetune.errors import FinetuneError
 from finetune.outputs import tee_rank_output
 
@@ -40,13 +44,73 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed
 
-    # What colossalai.launch_from_torch does, plus the collective timeout it cannot take.
+    # What colossalai.launch_from_torch does, plus the collective timeout it cannot take; the plugin's
+    # TP/PP/DP groups, created later without a timeout, get it as torch's default.
     accelerator = get_accelerator()
+    patches.set_group_timeout(timedelta(seconds=timeout_s))
     dist.init_process_group(backend=accelerator.communication_backend, timeout=timedelta(seconds=timeout_s))
     if accelerator.support_set_device:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     set_seed(seed)
+    check_shared_dirs({"output_dir": Path(output_dir), "the cache $FINETUNE_CACHE": assets.cache_dir()})
     return accelerator.get_current_device()
+
+
+SHARED_WAIT_S = 5.0  # a network filesystem may show another node's new file a moment late
+
+
+def check_shared_dirs(dirs: dict[str, Path]) -> None:
+    """When the world spans several nodes, check that each node sees the files rank 0 writes into dirs.
+
+    Rank 0 alone writes the run's outputs and fills the cache that the other ranks then read, so a
+    multi-node run needs these directories on a filesystem every node mounts at the same path. Rank 0
+    writes a token file into each, the first rank of every other node looks for it; all ranks fail
+    with one line naming what is not shared, instead of failing later on a missing file.
+    """
+    if int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())) >= dist.get_world_size():
+        return  # one node
+    name = [f".shared_check_{uuid.uuid4().hex}" if is_main() else ""]
+    dist.broadcast_object_list(name, src=0)
+    tokens = {label: path / name[0] for label, path in dirs.items()}
+    if is_main():
+        for token in tokens.values():
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.touch()
+    dist.barrier()
+    unseen: list[str] = []
+    if os.environ.get("LOCAL_RANK") == "0" and not is_main():
+        deadline = time.monotonic() + SHARED_WAIT_S
+        while any(not t.exists() for t in tokens.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        unseen = [label for label, token in tokens.items() if not token.exists()]
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (socket.gethostname(), os.environ.get("GROUP_RANK", "?"), unseen))
+    if is_main():
+        for token in tokens.values():
+            token.unlink(missing_ok=True)
+    missing = [f"node {node} ({host}) does not see the files rank 0 writes into {', '.join(f'{label} {dirs[label]}' for label in absent)}" for host, node, absent in reports if absent]
+    if missing:
+        raise FinetuneError(f"{'; '.join(missing)}: a multi-node run needs {' and '.join(dirs)} on a filesystem every node mounts at the same path (NFS, Lustre, ...)")
+
+
+class CollectiveTimeout(FinetuneError):
+    """A collective waited longer than launch.timeout_s for another rank; said by the rank that waited."""
+
+
+# gloo: "Timed out waiting 20000ms for recv operation to complete"; NCCL: "... Timeout(ms)=20000)".
+_TIMEOUT_MS = re.compile(r"Timed out waiting (\d+)ms|Timeout\(ms\)=(\d+)")
+
+
+def collective_timeout(err: Exception) -> CollectiveTimeout | None:
+    """The one-line user error for a collective's timeout, or None when err is something else."""
+    match = _TIMEOUT_MS.search(str(err))
+    if not match:
+        return None
+    seconds = int(match.group(1) or match.group(2)) // 1000
+    return CollectiveTimeout(
+        f"collective timed out after {seconds}s (launch.timeout_s): another rank stopped responding; its log in output_dir/logs/ "
+        "says why (stalled, killed, out of memory, network); raise launch.timeout_s only if a step is that slow"
+    )
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@
     FINETUNE_FAULT=kill_in_checkpoint:6   every rank SIGKILLs itself while checkpoint 6 is half written
     FINETUNE_FAULT=nan_at_step:3          the loss of step 3 becomes NaN (the NaN guard must react)
     FINETUNE_FAULT=reload_mismatch:0      the reload check of final/ sees a probe loss off by 1.0 (the run must fail)
+    FINETUNE_FAULT=stall_in_tp:1          rank 1 stops responding before step 1 (under tensor parallelism
+                                          rank 0 then waits inside a TP collective until launch.timeout_s)
 
 Real kills, not simulated exits: nothing gets to clean up, exactly as when a node dies. Unset, this
 module does nothing.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 class Faults:
@@ -33,3 +36,9 @@ class Faults:
         """SIGKILL this process if fault `name` is set for this step."""
         if self.at(name, step):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_stall(self, name: str, step: int) -> None:
+        """On rank 1, stop responding (sleep for an hour) if fault `name` is set for this step."""
+        if self.at(name, step) and os.environ.get("RANK") == "1":
+            print(f"fault: rank 1 stalls before step {step}", flush=True)
+            time.sleep(3600)

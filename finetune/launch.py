@@ -7,19 +7,30 @@
 The first two run ColossalAI's own launcher (`colossalai run`, which starts torchrun on every host, over
 SSH for remote ones); the third builds the torchrun rendezvous command every Slurm task runs. Each checks
 what it can before anything starts: the files exist, hosts are unique, the port is free, torchrun is on
-PATH, and the config parses. It prints the command, then replaces itself with it.
+PATH, the config parses, and no argument would be changed by the shell `colossalai run` passes it through.
+It prints the command, then runs it with only the environment `launch.forward_env` allows (colossalai run
+writes every variable it gets into each host's command line), its output filtered so that the ranks' own
+lines come last and the environment is never echoed, and exits with the ranks' exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import re
 import shutil
 import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
+from finetune.launch_output import run_filtered
+
+if TYPE_CHECKING:
+    from finetune.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "finetune/train.py"
@@ -65,14 +76,52 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def check_train_args(train_args: list[str], world_size: int) -> None:
-    """Parse and validate the training config now, so a typo fails here and not on every node."""
+@dataclass
+class Launch:
+    """A checked launch: the command, the environment it runs with, and the variables held back from it."""
+
+    command: list[str]
+    env: dict[str, str]
+    held_back: list[str] = field(default_factory=list)
+
+
+def check_train_args(train_args: list[str], world_size: int) -> Config:
+    """Parse and validate the training config now, so a typo fails here and not on every node; return it."""
     from finetune.config import ConfigError, load_config
 
     try:
-        load_config(train_args, world_size=world_size, has_cuda=_has_cuda())
+        return load_config(train_args, world_size=world_size, has_cuda=_has_cuda())
     except ConfigError as err:
         raise LaunchError(str(err)) from None
+
+
+# Characters a shell leaves alone in a word. `[` and `]` are glob characters, but a list such as
+# [q_proj,v_proj] only changes if a file of a matching one-letter name exists: accepted, it is the list syntax.
+_SHELL_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./\[\]-]+$")
+
+
+def check_shell_safe(train_args: list[str]) -> None:
+    """Refuse arguments the shell on every host would change: `colossalai run` joins them with spaces."""
+    for arg in train_args:
+        if _SHELL_SAFE.match(arg):
+            continue
+        if not arg:
+            raise LaunchError("an empty argument would vanish in the shell on every host (colossalai run joins the arguments with spaces); drop it, or write key= for an empty value")
+        bad = sorted({c for c in arg if not _SHELL_SAFE.match(c)})
+        key, sep, value = arg.partition("=")
+        compact = re.sub(r"\s*,\s*", ",", value)
+        if sep and value.startswith("[") and value.endswith("]") and _SHELL_SAFE.match(compact):
+            fix = f"write the list without spaces: {key}={compact}"
+        else:
+            fix = "put such values (paths with spaces, ...) in a --config FILE, whose values reach the ranks unchanged"
+        shown = ", ".join(repr(c) if c != " " else "a space" for c in bad)
+        raise LaunchError(f"argument '{arg}' holds {shown}, which the shell on every host would change (colossalai run joins the arguments with spaces); {fix}")
+
+
+def forwarded_environment(env: dict[str, str], patterns: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split env into what launch.forward_env lets colossalai run export to the hosts and the names held back."""
+    allowed = {k: v for k, v in env.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    return allowed, sorted(k for k in env if k not in allowed)
 
 
 def _has_cuda() -> bool:
@@ -117,15 +166,15 @@ def slurm_torchrun_command(env: dict[str, str], nproc_per_node: int, train_args:
     ]
 
 
-def build_command(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
-    """Validate a launch request and return the command that carries it out."""
+def build_command(args: argparse.Namespace, env: dict[str, str]) -> Launch:
+    """Validate a launch request and return the command that carries it out, with its environment."""
     if args.nproc_per_node < 1:
         raise LaunchError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
     require_torchrun()
     if args.mode == "slurm":
         command = slurm_torchrun_command(env, args.nproc_per_node, args.train_args)
         check_train_args(args.train_args, int(env["SLURM_NNODES"]) * args.nproc_per_node)
-        return command
+        return Launch(command, env)  # srun hands the environment over itself, not on a command line
     nodes = 1
     if args.mode == "hostfile":
         if not args.hostfile or not args.master_addr:
@@ -134,11 +183,14 @@ def build_command(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
     local_master = args.mode == "single" or args.master_addr in ("127.0.0.1", "localhost", socket.gethostname())
     if local_master and not port_is_free(args.master_port):
         raise LaunchError(f"port {args.master_port} is in use on this machine: pass another --master_port")
-    check_train_args(args.train_args, nodes * args.nproc_per_node)
-    bad = unforwardable_environment(env)
+    check_shell_safe(args.train_args)
+    cfg = check_train_args(args.train_args, nodes * args.nproc_per_node)
+    forwarded, held_back = forwarded_environment(env, cfg.launch.forward_env)
+    bad = unforwardable_environment(forwarded)
     if bad:
-        raise LaunchError(f"colossalai run cannot forward the environment variable(s) {', '.join(bad)} (their values hold $, `, \" or \\); unset them for the launch")
-    return colossalai_run_command(args.nproc_per_node, args.master_port, args.train_args, args.hostfile, args.master_addr)
+        raise LaunchError(f"colossalai run cannot forward the environment variable(s) {', '.join(bad)} (their values hold $, `, \" or \\); unset them for the launch or leave them out of launch.forward_env")
+    command = colossalai_run_command(args.nproc_per_node, args.master_port, args.train_args, args.hostfile, args.master_addr)
+    return Launch(command, forwarded, held_back)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -159,13 +211,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     try:
-        command = build_command(args, dict(os.environ))
+        launch = build_command(args, dict(os.environ))
     except LaunchError as err:
         sys.exit(f"error: {err}")
-    print(" ".join(command), flush=True)
+    print(" ".join(launch.command), flush=True)
+    if launch.held_back:
+        print(f"not forwarded to the hosts (not in launch.forward_env): {', '.join(launch.held_back)}", flush=True)
     if not args.dry_run:
         os.chdir(REPO)
-        os.execvp(command[0], command)
+        sys.exit(run_filtered(launch.command, launch.env))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,18 @@
   for the "customized" split of GPT-2's fused q/k/v weights (and LoRA's split B on them), whose norm
   is then divided by tp_size as if it were replicated: clipping scales GPT-2's gradients wrongly under
   tensor parallelism. The optimizers' module now asks whether a tensor is split either way.
+- torch 2.5.1's `new_group` gives a group created without a timeout (ColossalAI's ProcessGroupMesh makes
+  its TP/PP/DP/SP groups so) torch's default, 30 minutes for gloo and 10 for NCCL, whatever the world
+  group got: `launch.timeout_s` is made that default, so a rank stalled in a sub-group's collective
+  fails the others in time too.
 - peft 0.13.2 reads `MatmulLtState.memory_efficient_backward` when it puts LoRA on a bitsandbytes
   8-bit layer; bitsandbytes 0.45 removed that attribute (it was always False by then), so peft raises
   AttributeError. Fixed in peft 0.14; here the class attribute is given back with its old value.
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from finetune.errors import FinetuneError
 
@@ -61,6 +67,22 @@ def apply(colossalai_version: str | None = None) -> list[str]:
         hybrid_parallel_plugin.is_distributed_tensor = _split_over_tensor_parallel
         _applied.append("hybrid_parallel_plugin.is_distributed_tensor (gradient norm of fused q/k/v splits)")
     return list(_applied)
+
+
+SUPPORTED_TORCH = "2.5.1"
+
+
+def set_group_timeout(timeout: timedelta, torch_version: str | None = None) -> None:
+    """Make `timeout` the default of every process group created from now on (torch 2.5.1's _get_default_timeout reads these)."""
+    import torch
+    from torch.distributed import distributed_c10d
+
+    version = (torch_version or torch.__version__).split("+")[0]
+    if version != SUPPORTED_TORCH or not hasattr(distributed_c10d, "_get_default_timeout"):
+        raise PatchError(f"finetune.patches sets sub-group timeouts for torch {SUPPORTED_TORCH}, found {version}: install the pinned stack")
+    distributed_c10d.default_pg_timeout = timeout
+    if distributed_c10d.default_pg_nccl_timeout is not None:  # None: torch built without NCCL
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 SUPPORTED_PEFT = "0.13.2"

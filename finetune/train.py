@@ -42,7 +42,7 @@ from finetune import checkpoint, checks, compat, outputs
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
 from finetune.data import DataError, batches_forever, build_data, collate, load_splits, non_pad_tokens
-from finetune.distributed import all_reduce_sum, is_main, launch, log, main_rank_first, peak_bytes_per_rank
+from finetune.distributed import CollectiveTimeout, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, reload_final
 from finetune.faults import Faults
@@ -191,6 +191,7 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
             if step > total_steps:
                 break
             started = time.perf_counter()
+            run.faults.maybe_stall("stall_in_tp", step)
             loss, tokens = train_step(run, micro_batches, step)
             run.scheduler.step()
             elapsed = time.perf_counter() - started
@@ -353,9 +354,12 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
 def cli() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
-        main(sys.argv[1:])
+        try:
+            main(sys.argv[1:])
+        except RuntimeError as err:
+            raise collective_timeout(err) or err
     except FinetuneError as err:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or isinstance(err, CollectiveTimeout):  # only the waiting rank knows
             print(f"error: {err}", file=sys.stderr, flush=True)
         else:
             # The launcher stops every rank as soon as one exits: leave rank 0 time to say why.

@@ -251,3 +251,36 @@ def test_export_of_a_sharded_full_checkpoint(instruction_file, tmp_path):
     tokens = torch.randint(0, 1000, (2, 10))
     with torch.no_grad():
         assert (exported(input_ids=tokens).logits - final(input_ids=tokens).logits).abs().max() < 1e-4
+
+
+def test_saving_an_adapter_of_a_named_config_looks_nothing_up_on_the_hub(monkeypatch, tmp_path):
+    # peft's "auto" check for resized embeddings asks the hub for the base's config.json when the base
+    # (here the name tiny-llama, recorded by the first save) is not a directory: at every later
+    # checkpoint, and behind a firewall it hangs until its timeout.
+    import socket
+    import time
+    import warnings
+
+    from peft import get_peft_model
+
+    from finetune.config import LoraConfig, ModelConfig
+    from finetune.model import build_lora_config, build_model
+
+    base, _ = build_model(ModelConfig(name="tiny-llama"), seed=42)
+    lora_config = build_lora_config(base, LoraConfig())
+    model = get_peft_model(base, lora_config)
+    checkpoint.write_adapter_dir(checkpoint.local_adapter_state(model), lora_config, "tiny-llama", tmp_path / "step_1")  # the first checkpoint
+    assert model.peft_config["default"].base_model_name_or_path == "tiny-llama"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what a run on a hub model has
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    lookups: list = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: lookups.append(a) or (_ for _ in ()).throw(OSError("no network in this test")))
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: lookups.append(address) or (_ for _ in ()).throw(OSError("no network in this test")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.perf_counter()
+        adapter = checkpoint.local_adapter_state(model)
+        elapsed = time.perf_counter() - started
+    assert adapter and all("lora_" in k for k in adapter)
+    assert lookups == [] and elapsed < 1
+    assert not [w for w in caught if "remote file" in str(w.message) or "config file" in str(w.message)]
