@@ -1,0 +1,85 @@
+"""Experiment tracking (logging.tensorboard / logging.wandb), grad_norm in metrics.jsonl, and the LoRA
+variants (lora.use_dora / use_rslora / init) on real tiny runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.config import build_config, parse_args, validate
+from tests.conftest import read_metrics, read_summary, run_train
+
+TINY = ["model.name=tiny-gpt2", "method=lora", "train.max_steps=6", "train.batch_size=4", "train.warmup_steps=1", "train.lr=5e-3", "data.eval_fraction=0.25", "eval.every_steps=3", "eval.num_generation_prompts=1", "eval.max_new_tokens=4"]
+
+
+def event_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files in log_dir, read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def problems_for(*overrides: str) -> list[str]:
+    return validate(build_config(parse_args(["model.name=tiny-gpt2", *overrides])), world_size=1, has_cuda=False)
+
+
+@pytest.mark.timeout(600)
+def test_tensorboard_curves_equal_metrics_and_dora_reloads(instruction_file, tmp_path):
+    """One DoRA run with TensorBoard: the event file's loss curve is metrics.jsonl's, grad_norm is logged,
+    the held-out loss falls, and the adapter (magnitude vectors included) reloads to the same probe loss."""
+    out = tmp_path / "run"
+    result = run_train([f"data.train_path={instruction_file}", f"output_dir={out}", *TINY, "logging.tensorboard=true", "lora.use_dora=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    steps = [m for m in metrics if "loss" in m]
+    assert all(m["grad_norm"] > 0 for m in steps)
+    scalars = event_scalars(out / "tensorboard")
+    assert scalars["train/loss"] == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in steps]
+    assert scalars["train/grad_norm"] == [(m["step"], pytest.approx(m["grad_norm"], rel=1e-6)) for m in steps]
+    assert [s for s, _ in scalars["train/lr"]] == [m["step"] for m in steps] and "train/tokens_per_s" in scalars
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [s for s, _ in scalars["eval/loss"]] == [m["step"] for m in evals]
+    assert "memory/boosted/peak_gib" in scalars and "train/memory_peak_gib" in scalars
+    summary = read_summary(out)
+    assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"]
+    assert summary["reload"]["ok"] and summary["reload"]["loader"] == "PeftModel.from_pretrained", summary["reload"]
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True
+    from safetensors.torch import load_file
+
+    assert any("lora_magnitude_vector" in key for key in load_file(out / "final" / "adapter_model.safetensors"))
+
+
+@pytest.mark.timeout(600)
+def test_pissa_run_converts_final_to_plain_lora(instruction_file, tmp_path):
+    """PiSSA trains against a residual base; final/ is converted (rank 2r) so the original base + adapter reproduce the model."""
+    out = tmp_path / "run"
+    result = run_train([f"data.train_path={instruction_file}", f"output_dir={out}", *TINY, "lora.init=pissa", "lora.use_rslora=true", "train.max_grad_norm=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(out)
+    assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"]
+    assert summary["reload"]["ok"], summary["reload"]
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["init_lora_weights"] is True and adapter["use_rslora"] is True
+    assert all(m["grad_norm"] is None for m in read_metrics(out) if "loss" in m)  # no clipping, no norm
+
+
+def test_variant_and_tracker_refusals():
+    assert any("wandb package is not installed" in p for p in problems_for("logging.wandb=true"))
+    assert any("DoRA's magnitude vector" in p for p in problems_for("plugin.name=hybrid_parallel", "plugin.tp_size=2", "model.name=tiny-llama", "lora.use_dora=true"))
+    assert any("lora.init: unknown value 'loftq'" in p for p in problems_for("lora.init=loftq"))
+    assert not problems_for("lora.init=pissa_niter_4", "lora.use_dora=true", "lora.use_rslora=true")
+    assert any("trains no adapter" in p for p in problems_for("method=full", "lora.use_dora=true"))
+    assert any("4/8-bit base" in p for p in problems_for("method=qlora", "lora.init=olora"))
+
+
+def test_estimator_counts_dora_magnitude():
+    from finetune.estimate import model_shape
+
+    plain = model_shape(build_config(parse_args(["model.name=tiny-gpt2"])))
+    dora = model_shape(build_config(parse_args(["model.name=tiny-gpt2", "lora.use_dora=true"])))
+    assert dora.trainable_params - plain.trainable_params == plain.layers * dora.lora_outputs_per_layer if hasattr(dora, "lora_outputs_per_layer") else dora.trainable_params > plain.trainable_params
