@@ -668,6 +668,9 @@ def _lora_variant_problems(cfg: Config) -> list[str]:
         return []
     if method and method.quantized_base:
         return [f"lora.init={init} with method={cfg.method}: it writes a residual into the base weights, which a 4/8-bit base cannot hold; use method=lora"]
+    kind = model_type(cfg.model.name)
+    if architecture(kind).conv1d:
+        return [f"lora.init={init} for {kind}: peft 0.13.2 decomposes its Conv1D (in x out) projections into adapters of the wrong shape; use lora.init=default or gaussian"]
     if cfg.lora.init_from:
         return [f"lora.init={init} with lora.init_from: the saved adapter replaces the initial one, leaving a residual base it does not belong to; drop one of them"]
     return []

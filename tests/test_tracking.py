@@ -58,7 +58,7 @@ def test_tensorboard_curves_equal_metrics_and_dora_reloads(instruction_file, tmp
 def test_pissa_run_converts_final_to_plain_lora(instruction_file, tmp_path):
     """PiSSA trains against a residual base; final/ is converted (rank 2r) so the original base + adapter reproduce the model."""
     out = tmp_path / "run"
-    result = run_train([f"data.train_path={instruction_file}", f"output_dir={out}", *TINY, "lora.init=pissa", "lora.use_rslora=true", "train.max_grad_norm=0"])
+    result = run_train([f"data.train_path={instruction_file}", f"output_dir={out}", *TINY, "model.name=tiny-llama", "lora.init=pissa", "lora.use_rslora=true", "train.max_grad_norm=0"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_summary(out)
     assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"]
@@ -72,14 +72,23 @@ def test_variant_and_tracker_refusals():
     assert any("wandb package is not installed" in p for p in problems_for("logging.wandb=true"))
     assert any("DoRA's magnitude vector" in p for p in problems_for("plugin.name=hybrid_parallel", "plugin.tp_size=2", "model.name=tiny-llama", "lora.use_dora=true"))
     assert any("lora.init: unknown value 'loftq'" in p for p in problems_for("lora.init=loftq"))
-    assert not problems_for("lora.init=pissa_niter_4", "lora.use_dora=true", "lora.use_rslora=true")
+    assert not problems_for("model.name=tiny-llama", "lora.init=pissa_niter_4", "lora.use_dora=true", "lora.use_rslora=true")
     assert any("trains no adapter" in p for p in problems_for("method=full", "lora.use_dora=true"))
     assert any("4/8-bit base" in p for p in problems_for("method=qlora", "lora.init=olora"))
+    assert any("Conv1D" in p for p in problems_for("lora.init=pissa"))  # tiny-gpt2
 
 
 def test_estimator_counts_dora_magnitude():
-    from finetune.estimate import model_shape
+    """DoRA adds one trained magnitude per output row of each adapted projection (tiny-llama's attention projections)."""
+    from finetune import estimate
 
-    plain = model_shape(build_config(parse_args(["model.name=tiny-gpt2"])))
-    dora = model_shape(build_config(parse_args(["model.name=tiny-gpt2", "lora.use_dora=true"])))
-    assert dora.trainable_params - plain.trainable_params == plain.layers * dora.lora_outputs_per_layer if hasattr(dora, "lora_outputs_per_layer") else dora.trainable_params > plain.trainable_params
+    config = estimate.load_model_config("tiny-llama")
+    lora = lambda *o: build_config(parse_args(["model.name=tiny-llama", *o])).lora  # noqa: E731
+    plain, dora = (estimate.model_shape(config, "lora", lora(*o)) for o in ((), ("lora.use_dora=true",)))
+    from finetune.architectures import architecture
+
+    kv_rows = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    out_rows = {"q_proj": config.hidden_size, "k_proj": kv_rows, "v_proj": kv_rows, "o_proj": config.hidden_size}
+    rows = sum(out_rows[t] for t in architecture("llama").lora_targets)
+    assert dora.trainable_params - plain.trainable_params == config.num_hidden_layers * rows
+    assert estimate.model_shape(config, "lora", lora("lora.init=pissa")).trainable_params == plain.trainable_params
