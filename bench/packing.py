@@ -152,7 +152,7 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
         for name in ("padded", "packed"):
             micro_batches = next(batches[name])[1]
             started = time.perf_counter()
-            _, tokens = train.train_step(run, micro_batches, step + 1)
+            _, tokens, _ = train.train_step(run, micro_batches, step + 1)
             if step >= WARMUP_STEPS:
                 totals[name]["tokens"] += tokens
                 totals[name]["computed"] += sum(b["input_ids"].numel() for b in micro_batches)  # pad included

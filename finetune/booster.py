@@ -157,10 +157,19 @@ class Plugin:
             loss_sum += loss.item()
         return loss_sum
 
-    def clip_gradients(self, run: Run, max_norm: float) -> None:
-        """Clip by the global gradient norm (plugins with takes_max_norm do it inside optimizer.step)."""
-        if not self.takes_max_norm:
-            run.optimizer.clip_grad_by_norm(max_norm)
+    def clip_gradients(self, run: Run, max_norm: float) -> float | None:
+        """Clip by the global gradient norm; returns that norm (None: takes_max_norm plugins clip inside optimizer.step)."""
+        if self.takes_max_norm:
+            return None
+        return float(run.optimizer.clip_grad_by_norm(max_norm))
+
+    def step(self, run: Run, max_norm: float) -> float | None:
+        """Clip (max_norm > 0) and apply the update; returns the global gradient norm the clipping saw, else None."""
+        norm = self.clip_gradients(run, max_norm) if max_norm > 0 else None
+        run.optimizer.step()
+        if self.takes_max_norm and max_norm > 0:
+            norm = _unscaled_grad_norm(run.optimizer)
+        return norm
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -206,6 +215,18 @@ class Plugin:
 
     def read_optimizer(self, run: Run, path: Path) -> None:
         run.booster.load_optimizer(run.optimizer, str(path))
+
+
+def _unscaled_grad_norm(optimizer) -> float | None:
+    """The norm a ColossalAI optimizer clipped by in its last step (get_grad_norm), less the fp16 loss scale it includes."""
+    norm = optimizer.get_grad_norm()
+    # Each optimizer family names its precision mixin differently (ZeRO, Gemini, hybrid's naive AMP).
+    names = ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision")
+    mixin = next((m for m in (getattr(optimizer, n, None) for n in names) if m is not None), None)
+    if norm is None:
+        return None
+    # fp16 only (bf16 has no loss_scale). Not get_grad_div_scale(): it asserts the grads are still scaled.
+    return float(norm) / float(getattr(mixin, "loss_scale", 1.0))
 
 
 class TorchDDP(Plugin):
@@ -396,8 +417,8 @@ class TorchFSDP(Plugin):
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
 
-    def clip_gradients(self, run: Run, max_norm: float) -> None:
-        run.model.module.clip_grad_norm_(max_norm)  # FSDP's own: the norm over all shards
+    def clip_gradients(self, run: Run, max_norm: float) -> float | None:
+        return float(run.model.module.clip_grad_norm_(max_norm))  # FSDP's own: the norm over all shards
 
     def write_model(self, run: Run, path: Path) -> None:
         """Gather the full state dict on rank 0; write it with HF's writer, or its adapter in peft layout."""

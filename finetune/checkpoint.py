@@ -42,10 +42,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from finetune.config import Config, to_dict
+from finetune.config import Config, mutates_base, to_dict
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
-from finetune.model import trains_with_adapter
+from finetune.model import trains_with_adapter, write_as_plain_lora
 from finetune.lora_tp import full_tensor, local_shard
 
 if TYPE_CHECKING:
@@ -403,6 +403,8 @@ def write_final(run: Run, tokenizer) -> Path:
     barrier()
     run.plugin.write_model(run, staging)
     if dist.get_rank() == 0:
+        if run.lora_config is not None and mutates_base(run.cfg.lora.init):  # final/ goes onto the original base
+            write_as_plain_lora(run.cfg, run.lora_config, staging, run.task.labels_or_none, run.method.frozen_dtype(run.cfg.train.precision))
         tokenizer.save_pretrained(staging)
         run.task.write_artifacts(staging)
         sync_tree(staging, hash_files=False)

@@ -29,6 +29,7 @@ from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.corpus import BUILTIN_SOURCES
 from finetune.sources import cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, pickle_only_problem
 from finetune.tasks import TASKS as TASK_REGISTRY
+from finetune.tracking import tracking_problems
 
 METHODS = tuple(METHOD_RECORDS)
 TASKS = tuple(TASK_REGISTRY)
@@ -60,6 +61,9 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
     init_from: str = ""  # a peft adapter dir to start from (e.g. a finished run's final/), split to this run's layout; empty: a fresh adapter
+    use_dora: bool = False  # DoRA: a trained magnitude vector per adapted layer beside the low-rank update (peft use_dora)
+    use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) instead of alpha/r (peft use_rslora)
+    init: str = "default"  # adapter init (peft init_lora_weights): default | gaussian | pissa | pissa_niter_N | olora | loftq
 
 
 @dataclass
@@ -149,6 +153,13 @@ class LaunchConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # scalars (loss, lr, grad norm, tokens/s, eval, memory) under output_dir/tensorboard/
+    wandb: bool = False  # the same through wandb (installed separately; WANDB_MODE=offline needs no network)
+    wandb_project: str = "colossal-finetune"
+
+
+@dataclass
 class Config:
     task: str = "instruction"
     method: str = "lora"
@@ -164,6 +175,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
@@ -383,6 +395,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     problems += _number_problems(cfg)
     problems += _model_file_problems(cfg)
     problems += _init_adapter_problems(cfg)
+    problems += _lora_variant_problems(cfg)
+    problems += tracking_problems(cfg)
     name = cfg.model.name
     # Named configs get the GPT-2 BPE tokenizer (50,257 tokens); a smaller vocabulary (Llama-2's 32,000)
     # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
@@ -646,8 +660,41 @@ def hybrid_problems(cfg: Config, plan: Plan, world_size: int, has_cuda: bool) ->
     return problems
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")  # peft's init_lora_weights (loftq needs a quantization config)
+
+
+def mutates_base(init: str) -> bool:
+    """Whether a lora.init moves part of each adapted weight into the adapter (PiSSA, OLoRA): the base left is a residual."""
+    return init.startswith("pissa") or init == "olora"
+
+
+def _lora_variant_problems(cfg: Config) -> list[str]:
+    """lora.use_dora / use_rslora / init: set only with an adapter method, init one peft accepts, PiSSA/OLoRA on a float base."""
+    variants = [f"lora.{key}" for key, on in (("use_dora", cfg.lora.use_dora), ("use_rslora", cfg.lora.use_rslora), ("init", cfg.lora.init != "default")) if on]
+    method = METHOD_RECORDS.get(cfg.method)
+    if variants and method and not method.adapter:
+        return [f"{', '.join(variants)} set but method={cfg.method} trains no adapter; use method=lora or drop them"]
+    init = cfg.lora.init
+    if init not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
+        return [f"lora.init: unknown value '{init}'; choose from {', '.join(LORA_INITS)} (N: power iterations, e.g. pissa_niter_4)"]
+    if not mutates_base(init):
+        return []
+    if method and method.quantized_base:
+        return [f"lora.init={init} with method={cfg.method}: it writes a residual into the base weights, which a 4/8-bit base cannot hold; use method=lora"]
+    kind = model_type(cfg.model.name)
+    if architecture(kind).conv1d:
+        return [f"lora.init={init} for {kind}: peft 0.13.2 decomposes its Conv1D (in x out) projections into adapters of the wrong shape; use lora.init=default or gaussian"]
+    if cfg.lora.init_from:
+        return [f"lora.init={init} with lora.init_from: the saved adapter replaces the initial one, leaving a residual base it does not belong to; drop one of them"]
+    return []
+
+
 def _lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
     """What LoRA under tensor parallelism (finetune.lora_tp) cannot adapt in this config."""
+    if cfg.lora.use_dora:
+        # DoRA's magnitude is the norm of each output row of W + BA: a row-parallel split holds part of
+        # every row, so each rank's norm would be wrong without an all-reduce finetune.lora_tp does not do.
+        return ["lora.use_dora=true with plugin.tp_size>1: DoRA's magnitude vector needs whole weight rows, which tensor parallelism splits; use tp_size=1 (pipeline/data parallel) or lora.use_dora=false"]
     kind = model_type(cfg.model.name)
     layers = architecture(kind).lora_tp_layers
     if not layers:

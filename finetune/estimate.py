@@ -334,6 +334,9 @@ def _add_lora(model, cfg_lora) -> None:
         lora_config = build_lora_config(model, cfg_lora)
     except ModelError as err:
         raise EstimateError(str(err)) from None
+    # The shapes are what matter (DoRA's magnitude vector per adapted layer included): PiSSA/OLoRA's
+    # decompositions of the weights would need real values, and give the same shapes as the default init.
+    lora_config.init_lora_weights = True
     inject_adapter_in_model(lora_config, model)
     for name, param in model.named_parameters():
         param.requires_grad = trains_with_adapter(name)

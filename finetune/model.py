@@ -282,7 +282,41 @@ def build_lora_config(model: nn.Module, cfg_lora: LoraConfig):
         # SEQ_CLS: peft trains the new classification head (`classifier` / `score`) in full beside the
         # adapters and saves it with them.
         task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
+        use_dora=cfg_lora.use_dora,
+        use_rslora=cfg_lora.use_rslora,
+        init_lora_weights=True if cfg_lora.init == "default" else cfg_lora.init,
     )
+
+
+def write_as_plain_lora(cfg: Config, lora_config, path: Path, labels: list[str] | None, dtype: torch.dtype | None) -> None:
+    """Rewrite the PiSSA/OLoRA adapter in path as a plain LoRA adapter for the original base (peft's own conversion).
+
+    Trained on a residual base W - B0 A0, the adapter B A only reproduces the model beside that residual.
+    As peft's save_pretrained(path_initial_model_for_weight_conversion=...) does: [A; A0] and [B, -B0] at
+    rank 2r (alpha doubled) give W + B A - B0 A0 on the untouched base. The initial B0, A0 are rebuilt on a
+    fresh base with the run's seed (the decompositions are deterministic given it).
+    """
+    import copy
+
+    from peft import get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    base, _ = build_model(cfg.model, cfg.train.seed, labels=labels, precision=cfg.train.precision, dtype=dtype)  # the run's base dtype: the same decomposition
+    torch.manual_seed(cfg.train.seed)  # as train.py before apply_adapters: pissa_niter_N draws random projections
+    initial = get_peft_model_state_dict(get_peft_model(base, copy.deepcopy(lora_config)))
+    trained = load_file(path / "adapter_model.safetensors")
+    converted = {}
+    for key, value in trained.items():
+        if ".lora_A." in key:
+            value = torch.cat([value, initial[key].to(value.dtype)], dim=0)
+        elif ".lora_B." in key:
+            value = torch.cat([value, -initial[key].to(value.dtype)], dim=1)
+        converted[key] = value.contiguous()
+    save_file(converted, path / "adapter_model.safetensors")
+    plain = copy.deepcopy(lora_config)
+    plain.init_lora_weights, plain.r = True, 2 * lora_config.r
+    plain.lora_alpha = lora_config.lora_alpha * (2**0.5 if lora_config.use_rslora else 2)  # the same scale at rank 2r
+    plain.save_pretrained(path)
 
 
 def _is_projection(module: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """The output contract under output_dir, written by rank 0 only.
 
     config.yaml      the resolved config
-    metrics.jsonl    one line per logged step: step, loss, lr, tokens_per_s, memory
+    metrics.jsonl    one line per logged step: step, loss, lr, grad_norm, tokens_per_s, memory
+    tensorboard/     the same records as TensorBoard scalars (logging.tensorboard=true; finetune.tracking)
     summary.json     parameters, plugin, method, world size, memory stages, throughput, eval, artifacts
     generations.json fixed held-out prompts, before and after training
     loss.png         training loss (and eval loss) over steps
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import yaml
 
 from finetune.errors import FinetuneError
+from finetune.tracking import Tracker
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -35,8 +37,13 @@ if TYPE_CHECKING:
 class RunOutputs:
     """Writes one run's files. Create it on rank 0 only."""
 
-    def __init__(self, output_dir: str, resume_step: int | None = None) -> None:
-        """A new run starts a new metrics log; a resumed one keeps its records up to the resumed step."""
+    def __init__(self, output_dir: str, resume_step: int | None = None, tracker: Tracker | None = None) -> None:
+        """A new run starts a new metrics log; a resumed one keeps its records up to the resumed step.
+
+        Args:
+            tracker: gets every record appended to metrics.jsonl (TensorBoard, wandb).
+        """
+        self.tracker = tracker
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -60,9 +67,11 @@ class RunOutputs:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        """Append one line to metrics.jsonl."""
+        """Append one line to metrics.jsonl (and hand it to the trackers)."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def write_json(self, name: str, data: Any) -> Path:
         """Write a JSON file into the run dir."""
@@ -253,7 +262,8 @@ def start_outputs(cfg: Config, resume_state: dict | None) -> RunOutputs:
     """Rank 0: the run dir (an overwritten run's results already set aside by own_output_dir), with the resolved config written."""
     from finetune.config import to_dict
 
-    writer = RunOutputs(cfg.output_dir, resume_state["step"] if resume_state else None)
+    resume_step = resume_state["step"] if resume_state else None
+    writer = RunOutputs(cfg.output_dir, resume_step, Tracker(cfg, resume_step))
     writer.write_config(to_dict(cfg))
     return writer
 
@@ -266,8 +276,11 @@ def resumed_history(writer: RunOutputs, start_step: int) -> tuple[list[int], lis
     return [r["step"] for r in train], [r["loss"] for r in train], evals
 
 
-def step_metrics(step: int, epoch: int, loss: float, lr: float, tokens: int, elapsed: float, memory) -> dict:
-    """A metrics.jsonl line of a training step (a step skipped for a non-finite loss says so)."""
+def step_metrics(step: int, epoch: int, loss: float, lr: float, tokens: int, elapsed: float, memory, grad_norm: float | None = None) -> dict:
+    """A metrics.jsonl line of a training step (a step skipped for a non-finite loss says so).
+
+    grad_norm: the global gradient norm clipping saw (before clipping); None without clipping (train.max_grad_norm=0).
+    """
     import math
 
     if not math.isfinite(loss):
@@ -277,6 +290,7 @@ def step_metrics(step: int, epoch: int, loss: float, lr: float, tokens: int, ela
         "epoch": epoch,
         "loss": loss,
         "lr": lr,
+        "grad_norm": grad_norm,
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
         "step_s": elapsed,
@@ -350,6 +364,9 @@ def finish(writer: RunOutputs, run: Run, data, history: dict, evals: tuple[dict,
     }
     summary["artifacts"] = writer.artifacts()
     writer.write_json("summary.json", summary)
+    if writer.tracker is not None:
+        writer.tracker.log_memory(profiler.stages, facts["total_steps"])
+        writer.tracker.close()
     print_report(summary, generations, profiler)
 
 

@@ -129,8 +129,8 @@ def check_fit(cfg: Config, world_size: int, device: torch.device) -> None:
         log(f"warning: {line}")
 
 
-def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, int]:
-    """One optimizer step over the micro-batches; returns (mean loss, non-pad tokens) of this rank.
+def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, int, float | None]:
+    """One optimizer step over the micro-batches; returns (mean loss, non-pad tokens) of this rank and the clipped gradient norm.
 
     Raises:
         TrainingError: a rank's loss is not finite and train.on_nan=stop (no update is applied).
@@ -145,12 +145,10 @@ def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, i
         if run.cfg.train.on_nan == "stop":
             raise TrainingError(f"step {step}: the loss is not finite; stopped before updating the weights (train.on_nan=skip drops such steps instead){last_checkpoint_note(run.cfg)}")
         log(f"step {step}: the loss is not finite; this step's update is skipped (train.on_nan=skip)")
-        return loss, tokens
-    if run.cfg.train.max_grad_norm > 0:
-        run.plugin.clip_gradients(run, run.cfg.train.max_grad_norm)
-    run.optimizer.step()
+        return loss, tokens, None
+    grad_norm = run.plugin.step(run, run.cfg.train.max_grad_norm)
     run.optimizer.zero_grad()
-    return loss, tokens
+    return loss, tokens, grad_norm
 
 
 def not_finite_anywhere(loss: float, device) -> bool:
@@ -192,7 +190,7 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
                 break
             started = time.perf_counter()
             run.faults.maybe_stall("stall_in_tp", step)
-            loss, tokens = train_step(run, micro_batches, step)
+            loss, tokens, grad_norm = train_step(run, micro_batches, step)
             run.scheduler.step()
             elapsed = time.perf_counter() - started
             memory = profiler.record_step(step)
@@ -205,7 +203,7 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
                 steps.append(step)
                 losses.append(mean_loss)
             if is_main() and (not math.isfinite(mean_loss) or step % cfg.train.log_every == 0 or step == total_steps):
-                writer.log_metrics(outputs.step_metrics(step, epoch, mean_loss, run.scheduler.get_last_lr()[0], int(token_sum), elapsed, memory))
+                writer.log_metrics(outputs.step_metrics(step, epoch, mean_loss, run.scheduler.get_last_lr()[0], int(token_sum), elapsed, memory, grad_norm))
             progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
             progress.update()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:

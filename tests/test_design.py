@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN_HOOKS = (
     "problems", "plan", "constructor_kwargs", "placement", "setting_label", "shard_policy", "apply_adapters", "before_boost", "layout",
     "build_optimizer",
-    "after_boost", "forward_backward", "clip_gradients", "eval_forward", "write_model", "read_model", "load_adapter",
+    "after_boost", "forward_backward", "clip_gradients", "step", "eval_forward", "write_model", "read_model", "load_adapter",
     "write_optimizer", "read_optimizer",
 )  # fmt: skip
 
