@@ -3,6 +3,7 @@
     FINETUNE_FAULT=kill_after_step:6      every rank SIGKILLs itself once step 6 (and its checkpoint) is done
     FINETUNE_FAULT=kill_in_checkpoint:6   every rank SIGKILLs itself while checkpoint 6 is half written
     FINETUNE_FAULT=nan_at_step:3          the loss of step 3 becomes NaN (the NaN guard must react)
+    FINETUNE_FAULT=sigterm_after_step:3   rank 0 sends itself SIGTERM once step 3 is done (preemption)
 
 Real kills, not simulated exits: nothing gets to clean up, exactly as when a node dies. Unset, this
 module does nothing.
@@ -32,3 +33,8 @@ class Faults:
         """SIGKILL this process if fault `name` is set for this step."""
         if self.at(name, step):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_signal(self, name: str, step: int) -> None:
+        """Rank 0 sends itself SIGTERM if fault `name` is set for this step: a preemption only one rank hears."""
+        if self.at(name, step) and os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -165,6 +166,10 @@ def main(argv: list[str]) -> None:
     print(" ".join(command), flush=True)
     if not args.dry_run:
         os.chdir(REPO)
+        # Slurm's --signal reaches every process of the step: the launcher (torchrun, after exec) must
+        # outlive the ranks' checkpoint, and an ignored signal stays ignored across exec. The ranks set
+        # their own handler (finetune.preemption).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         os.execvp(command[0], command)
 
 
