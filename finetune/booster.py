@@ -210,11 +210,16 @@ class Plugin:
         checkpoint.load_adapter(run, adapter, source)
 
     def write_optimizer(self, run: Run, path: Path) -> None:
-        """The optimizer state, through the Booster's sharded checkpoint IO."""
-        run.booster.save_optimizer(run.optimizer, str(path), shard=True)
+        """The whole optimizer state by parameter name, as safetensors + JSON (never the Booster's
+        optimizer IO: its loader unpickles metadata a checkpoint carries)."""
+        from finetune import checkpoint
+
+        checkpoint.save_optimizer(run, path)
 
     def read_optimizer(self, run: Run, path: Path) -> None:
-        run.booster.load_optimizer(run.optimizer, str(path))
+        from finetune import checkpoint
+
+        checkpoint.load_optimizer(run, path)
 
 
 def _unscaled_grad_norm(optimizer) -> float | None:
@@ -318,7 +323,7 @@ class Gemini(Plugin):
         _write_sharded_model(run, path)
 
     def read_model(self, run: Run, path: Path) -> None:
-        run.booster.load_model(run.model, str(path))
+        _read_sharded_model(run, path)
 
 
 def _write_sharded_model(run: Run, path: Path) -> None:
@@ -328,6 +333,14 @@ def _write_sharded_model(run: Run, path: Path) -> None:
     run.booster.save_model(run.model, str(path), shard=True, use_safetensors=True)
     if dist.get_rank() == 0:
         run.model.unwrap().config.save_pretrained(path)
+
+
+def _read_sharded_model(run: Run, path: Path) -> None:
+    """The Booster's sharded weights reader, once the index names only safetensors files (it would torch.load others)."""
+    from finetune import checkpoint
+
+    checkpoint.check_weight_files(path)
+    run.booster.load_model(run.model, str(path))
 
 
 def _fsdp_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -625,10 +638,10 @@ class HybridParallel(Plugin):
         if run.method.adapter:
             super().read_model(run, path)
         else:
-            run.booster.load_model(run.model, str(path))
+            _read_sharded_model(run, path)
 
     def write_optimizer(self, run: Run, path: Path) -> None:
-        """Each rank's own state, as is: ColossalAI 0.5.0's hybrid optimizer checkpoint cannot gather the
+        """Each rank's own state by its local parameter names: ColossalAI 0.5.0's hybrid optimizer checkpoint cannot gather the
         states of a vocabulary padded for tensor parallelism ("isn't evenly distributed")."""
         from finetune import checkpoint
 

@@ -3,11 +3,12 @@
     output_dir/checkpoints/step_00000040/
         model/           full fine-tuning: the Booster's sharded model checkpoint (safetensors);
                          (Q)LoRA: the adapter only, in peft layout (adapter_model.safetensors)
-        optimizer/       the Booster's sharded optimizer checkpoint; under tensor/pipeline parallelism
-                         each rank's own state (rank_N.pt), reloaded by the same layout; under FSDP
-                         the full (unflattened) optimizer state, full_state.pt
-        scheduler.pt     LR scheduler state
-        rng/rank_N.pt    every rank's torch / python / numpy RNG states
+        optimizer/       state.safetensors + state.json: the full optimizer state, its tensors keyed by
+                         parameter name ("state/<name>/exp_avg"), step counters and hyper-parameters in
+                         JSON; under tensor/pipeline parallelism each rank's own (rank_N.*, keyed by its
+                         local parameter names), reloaded by the same layout
+        scheduler.json   LR scheduler state (plain data)
+        rng/rank_N.*     every rank's torch / numpy RNG states (tensors) and python's (JSON)
         state.json       step, epoch, batches into the epoch, samples seen, what produced it, file sizes and sha256
 
 Atomicity: every rank writes into `step_N.partial/`; only when all ranks are done does rank 0 write
@@ -19,8 +20,10 @@ the next run. `resume_from=latest` takes the newest complete one; a resume verif
 Lineage: a checkpoint is resumed only into the run that wrote it (its output_dir), and a run resumed
 from an older checkpoint moves the newer ones of the abandoned branch into `checkpoints/abandoned-TIME/`.
 
-Safe loading: safetensors for weights; everything pickled (optimizer, scheduler, RNG) is read with
-`torch.load(weights_only=True)`, ColossalAI's own loaders included, so a checkpoint cannot run code.
+Safe loading: nothing in a checkpoint is unpickled. This project writes and reads every file itself as
+safetensors + JSON (never torch.load, pickle, or a ColossalAI loader that unpickles); the sharded full
+weights that ColossalAI reads back (Gemini, tensor/pipeline parallelism) must be safetensors files
+listed in their index. Format 1 checkpoints (pickled optimizer, scheduler and RNG) are refused at resume.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import functools
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 import time
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finetune.config import Config, mutates_base, to_dict
@@ -52,7 +55,8 @@ if TYPE_CHECKING:
     from finetune.run import Run
 
 CHECKPOINTS = "checkpoints"
-FORMAT_VERSION = 1
+READABLE_FORMATS = (1, 2)  # format 1's weights (safetensors) can still be exported; only 2 resumes
+FORMAT_VERSION = 2  # 2: no pickle anywhere (1 pickled optimizer, scheduler and RNG states)
 # What a resumed run must share with the run that wrote the checkpoint: anything else (max_steps, lr,
 # eval and checkpoint settings, output paths) may change between the two.
 IDENTITY_KEYS = (
@@ -99,7 +103,10 @@ def resolve_resume(cfg: Config) -> Path | None:
         path = found[-1]
     else:
         path = Path(cfg.resume_from)
-    verify(path)
+    state = verify(path)
+    if state["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"resume_from={path}: checkpoint format {state['format']} keeps optimizer, scheduler and RNG states as pickle, which this version never loads; "
+                              f"start a new run from its weights: model.name=<python -m finetune.export {path} OUT_DIR> (full) or lora.init_from={path / 'model'} (LoRA)")
     return path
 
 
@@ -118,7 +125,7 @@ def verify(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"resume_from={path}: no such checkpoint directory")
     state = read_state(path)
-    if state.get("format") != FORMAT_VERSION:
+    if state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"resume_from={path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
     for name, size in state["files"].items():
         file = path / name
@@ -227,22 +234,64 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-@contextlib.contextmanager
-def weights_only_loading():
-    """Within the block, every torch.load (ColossalAI's loaders too) refuses to unpickle arbitrary objects."""
-    original = torch.load
+# --- plain data: tensors in a safetensors file, everything else in JSON (never pickle) -------------
 
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
 
-    torch.load = safe_load
+def split_tensors(tree, prefix: str = "") -> tuple[object, dict[str, torch.Tensor]]:
+    """A nested dict/list with tensors -> (JSON-able tree with {"tensor": key} in their place, tensors by key)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node, key: str):
+        if isinstance(node, torch.Tensor):
+            tensors[key] = node.detach().cpu().contiguous()
+            return {"tensor": key}
+        if isinstance(node, dict):
+            if not all(isinstance(k, str) for k in node):
+                raise TypeError(f"{key or 'tree'}: only string keys survive JSON, got {sorted(map(repr, node))[:3]}")
+            return {"dict": {k: walk(v, f"{key}/{k}" if key else k) for k, v in node.items()}}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{key}/{i}") for i, v in enumerate(node)]
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"{key}: {type(node).__name__} is not plain data")
+
+    return walk(tree, prefix), tensors
+
+
+def join_tensors(tree, tensors: dict[str, torch.Tensor]):
+    """The inverse of split_tensors (tuples come back as lists)."""
+    if isinstance(tree, list):
+        return [join_tensors(v, tensors) for v in tree]
+    if isinstance(tree, dict) and "tensor" in tree:
+        return tensors[tree["tensor"]]
+    if isinstance(tree, dict):
+        return {k: join_tensors(v, tensors) for k, v in tree["dict"].items()}
+    return tree
+
+
+def write_tree(tree, stem: Path) -> None:
+    """`stem`.safetensors (its tensors) and `stem`.json (the rest)."""
+    plain, tensors = split_tensors(tree)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, stem.with_name(stem.name + ".safetensors"))
+    stem.with_name(stem.name + ".json").write_text(json.dumps(plain) + "\n")
+
+
+def read_json(file: Path):
+    """A checkpoint's JSON file; anything else (a pickle, say) is a CheckpointError, never unpickled."""
     try:
-        yield
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"refusing to load a checkpoint file that holds arbitrary Python objects (only tensors and plain data are read): {str(err).splitlines()[0][:200]}") from None
-    finally:
-        torch.load = original
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"resume_from: {file} is not a JSON file of this checkpoint format ({type(err).__name__})") from None
+
+
+def read_tree(stem: Path):
+    """What write_tree wrote; an unreadable or malformed file is a CheckpointError (nothing is unpickled)."""
+    try:
+        plain = json.loads(stem.with_name(stem.name + ".json").read_text())
+        return join_tensors(plain, load_file(stem.with_name(stem.name + ".safetensors")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"resume_from: {stem}.json/.safetensors is not a checkpoint file of this format ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
 
 
 def rng_state() -> dict:
@@ -250,8 +299,8 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss): JSON
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -259,6 +308,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what rng_state returned (tuples may come back as lists from JSON)."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -301,7 +351,10 @@ def read_adapter(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     if allow_pickle and not (path / "adapter_model.safetensors").is_file():
         # lora.init_from of a pickle-only adapter, which the user opted into (model.allow_pickle=true)
         return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    return load_file(path / "adapter_model.safetensors")
+    try:
+        return load_file(path / "adapter_model.safetensors")
+    except SafetensorError as err:
+        raise CheckpointError(f"{path / 'adapter_model.safetensors'} is not a safetensors file ({err})") from None
 
 
 def barrier() -> None:
@@ -363,10 +416,9 @@ def save_checkpoint(run: Run, step: int) -> Path:
     barrier()
     run.plugin.write_model(run, staging / "model")
     run.plugin.write_optimizer(run, staging / "optimizer")
-    (staging / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), staging / "rng" / f"rank_{rank}.pt")
+    write_tree(rng_state(), staging / "rng" / f"rank_{rank}")
     if rank == 0:
-        torch.save(run.scheduler.state_dict(), staging / "scheduler.pt")
+        (staging / "scheduler.json").write_text(json.dumps(run.scheduler.state_dict()) + "\n")  # plain data
     run.faults.maybe_kill("kill_in_checkpoint", step)
     barrier()  # every rank's files are on disk
     if rank == 0:
@@ -425,26 +477,83 @@ def write_adapter_dir(adapter: dict[str, torch.Tensor], lora_config, base_model:
 def load_checkpoint(run: Run, path: Path) -> dict:
     """Restore model (or adapter), optimizer, scheduler and this rank's RNG from a verified checkpoint."""
     state = read_state(path)
-    with weights_only_loading():
-        run.plugin.read_model(run, path / "model")
-        run.plugin.read_optimizer(run, path / "optimizer")
-        run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu"))
-        set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank()}.pt", map_location="cpu"))
+    run.plugin.read_model(run, path / "model")
+    run.plugin.read_optimizer(run, path / "optimizer")
+    run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
+    set_rng_state(read_tree(path / "rng" / f"rank_{dist.get_rank()}"))
     barrier()
     return state
 
 
-RANK_OPTIMIZER = "rank_{}.pt"
+def optimizer_param_names(run: Run) -> list[str]:
+    """The name of each parameter in the optimizer's state-dict order (its param groups, in order).
+
+    Mixed-precision and ZeRO optimizers hold fp32 master copies: their map leads back to the model's
+    (working) parameter, whose name the model knows.
+    """
+    names = {id(p): n for n, p in run.model.unwrap(unwrap_peft=False).named_parameters()}
+    master_to_working = getattr(run.optimizer, "get_master_to_working_map", lambda: None)() or {}
+    real = getattr(run.optimizer, "id_to_real_params", None)  # Gemini: its groups hold placeholders
+    order = [real[i] for i in sorted(real)] if real else [p for group in run.optimizer.param_groups for p in group["params"]]
+    return [names[id(master_to_working.get(id(p), p))] for p in order]
+
+
+def named_optimizer_state(state: dict, names: list[str]) -> dict:
+    """A torch optimizer state dict with parameter indices replaced by parameter names."""
+    return {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def indexed_optimizer_state(named: dict, names: list[str]) -> dict:
+    """The inverse of named_optimizer_state, for this optimizer's parameter order."""
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(named["state"]) - set(index))
+    if unknown:
+        raise CheckpointError(f"resume_from: the optimizer state names {unknown[0]}, which this model does not train")
+    return {
+        "state": {index[n]: s for n, s in named["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+    }
+
+
+OPTIMIZER_STEM = "state"  # optimizer/state.safetensors + state.json
+RANK_OPTIMIZER_STEM = "rank_{}"
+
+
+def save_optimizer(run: Run, path: Path) -> None:
+    """The whole optimizer state by parameter name, written by rank 0 (under ZeRO every rank takes part in gathering it)."""
+    state = named_optimizer_state(run.optimizer.state_dict(), optimizer_param_names(run))
+    if dist.get_rank() == 0:
+        write_tree(state, path / OPTIMIZER_STEM)
+
+
+def load_optimizer(run: Run, path: Path, stem: str = OPTIMIZER_STEM) -> None:
+    """Every rank reads the whole state; the optimizer keeps its own share (ZeRO splits it)."""
+    run.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem), optimizer_param_names(run)))
 
 
 def save_rank_optimizer(run: Run, path: Path) -> None:
-    """This rank's own optimizer state, as is (reloaded by the same layout)."""
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(run.optimizer.state_dict(), path / RANK_OPTIMIZER.format(dist.get_rank()))
+    """This rank's own optimizer state, keyed by its local parameter names (reloaded by the same layout)."""
+    write_tree(named_optimizer_state(run.optimizer.state_dict(), optimizer_param_names(run)), path / RANK_OPTIMIZER_STEM.format(dist.get_rank()))
 
 
 def load_rank_optimizer(run: Run, path: Path) -> None:
-    run.optimizer.load_state_dict(torch.load(path / RANK_OPTIMIZER.format(dist.get_rank()), map_location="cpu"))
+    load_optimizer(run, path, RANK_OPTIMIZER_STEM.format(dist.get_rank()))
+
+
+def check_weight_files(path: Path) -> None:
+    """Before ColossalAI reads sharded weights: its index may list only safetensors files in this directory
+    (ColossalAI's loader would torch.load any other file an edited index names)."""
+    for index in path.glob("*.index.json"):
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"resume_from: {index} is not a weight index") from None
+        bad = sorted(f for f in files if not isinstance(f, str) or not f.endswith(".safetensors") or "/" in f or "\\" in f)
+        if bad:
+            raise CheckpointError(f"resume_from: {index} names {bad[0]!r}; only safetensors files in {path} are read")
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -520,7 +629,7 @@ def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resu
 # model is saved as a plain HF directory (or peft adapter), like the replicated plugins' checkpoints,
 # so finetune.export reads it unchanged.
 
-FSDP_OPTIMIZER_FILE = "full_state.pt"
+FSDP_OPTIMIZER_STEM = "full_state"
 
 
 def fsdp_inner_module(run: Run) -> torch.nn.Module:
@@ -563,8 +672,7 @@ def save_fsdp_optimizer(run: Run, path: Path) -> None:
     with fsdp_full_state(root, rank0_only=True):
         state = FSDP.optim_state_dict(root, run.optimizer.optim)
     if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path / FSDP_OPTIMIZER_FILE)
+        write_tree(state, path / FSDP_OPTIMIZER_STEM)  # keyed by parameter names already
 
 
 def load_fsdp_optimizer(run: Run, path: Path) -> None:
@@ -573,7 +681,7 @@ def load_fsdp_optimizer(run: Run, path: Path) -> None:
 
     root, optimizer = run.model.module, run.optimizer.optim
     with fsdp_full_state(root, rank0_only=False):
-        full_state = torch.load(path / FSDP_OPTIMIZER_FILE, map_location="cpu")
+        full_state = read_tree(path / FSDP_OPTIMIZER_STEM)
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
 
 

@@ -6,6 +6,7 @@
     FINETUNE_FAULT=reload_mismatch:0      the reload check of final/ sees a probe loss off by 1.0 (the run must fail)
     FINETUNE_FAULT=stall_in_tp:1          rank 1 stops responding before step 1 (under tensor parallelism
                                           rank 0 then waits inside a TP collective until launch.timeout_s)
+    FINETUNE_FAULT=sigterm_after_step:3   rank 0 sends itself SIGTERM once step 3 is done (preemption)
 
 Real kills, not simulated exits: nothing gets to clean up, exactly as when a node dies. Unset, this
 module does nothing.
@@ -42,3 +43,8 @@ class Faults:
         if self.at(name, step) and os.environ.get("RANK") == "1":
             print(f"fault: rank 1 stalls before step {step}", flush=True)
             time.sleep(3600)
+
+    def maybe_signal(self, name: str, step: int) -> None:
+        """Rank 0 sends itself SIGTERM if fault `name` is set for this step: a preemption only one rank hears."""
+        if self.at(name, step) and os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -20,6 +20,7 @@ import fnmatch
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -219,6 +220,10 @@ def main(argv: list[str]) -> None:
         print(f"not forwarded to the hosts (not in launch.forward_env): {', '.join(launch.held_back)}", flush=True)
     if not args.dry_run:
         os.chdir(REPO)
+        # Slurm's --signal reaches every process of the step: the launcher must outlive the ranks'
+        # checkpoint, and an ignored signal stays ignored in the launcher it starts. The ranks set
+        # their own handler (finetune.preemption).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         sys.exit(run_filtered(launch.command, launch.env))
 
 

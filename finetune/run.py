@@ -11,6 +11,7 @@ from finetune.booster import Layout, Plan, Plugin
 from finetune.config import Config
 from finetune.faults import Faults
 from finetune.methods import Method
+from finetune.preemption import Preemption
 from finetune.tasks import Task
 
 
@@ -33,3 +34,4 @@ class Run:
     lora_config: Any  # peft LoraConfig when adapters train, else None
     steps_per_epoch: int
     faults: Faults
+    preemption: Preemption  # SIGTERM / SIGUSR1: stop after the current step with a checkpoint

@@ -49,6 +49,7 @@ from finetune.faults import Faults
 from finetune.methods import method_named
 from finetune.model import base_quantization, build_lora_config, build_model, count_parameters, trainable_line
 from finetune.packing import collate_packed, pack, packed_attention
+from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
 from finetune.run import Run
@@ -213,9 +214,13 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
                 if is_main():
                     writer.log_metrics(outputs.eval_metrics(step, result))
             every = cfg.checkpoint.every_steps
-            if every and (step % every == 0 or step == total_steps):
+            saved = every and (step % every == 0 or step == total_steps)
+            if saved:
                 log(f"step {step}: checkpoint {checkpoint.save_checkpoint(run, step)}")
             run.faults.maybe_kill("kill_after_step", step)
+            run.faults.maybe_signal("sigterm_after_step", step)
+            if run.preemption.agreed(run.device):  # every rank stops after the same step
+                raise Preempted(step, checkpoint.checkpoint_dir(cfg.output_dir, step) if saved else checkpoint.save_checkpoint(run, step))
             if step == total_steps:
                 break
     throughput = {"tokens_per_s": train_tokens / train_s if train_s else 0.0, "sequences_per_s": train_rows / train_s if train_s else 0.0, "train_tokens": train_tokens, "train_s": train_s}
@@ -304,7 +309,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
     compat.release_freed_heap()
     log(profiler.format(profiler.record("boosted")))
-    run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults())
+    run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults(), Preemption())
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")
@@ -363,6 +368,9 @@ def cli() -> None:
             # The launcher stops every rank as soon as one exits: leave rank 0 time to say why.
             time.sleep(RANK_EXIT_GRACE_S)
         sys.exit(2)
+    except Preempted as stop:
+        log(str(stop))
+        sys.exit(PREEMPTED_EXIT_CODE)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -70,7 +70,7 @@ def damaged(world: dict, case: str) -> Path:
         weights = ckpt / "model" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
     elif case == "missing_file":
-        (ckpt / "scheduler.pt").unlink()
+        (ckpt / "scheduler.json").unlink()
     elif case == "corrupt_state":
         (ckpt / "state.json").write_text("{not json")
     elif case == "other_model":
@@ -121,7 +121,7 @@ TRAIN_CASES = {
     "resume_nothing": (lambda w: [f"output_dir={w['root'] / 'fresh'}", "resume_from=latest"], "no complete checkpoint"),
     "resume_missing_dir": (lambda w: [f"output_dir={w['root'] / 'fresh2'}", f"resume_from={w['root'] / 'nope'}"], "no such checkpoint directory"),
     "resume_truncated": (lambda w: [f"output_dir={w['root'] / 'fresh3'}", f"resume_from={damaged(w, 'truncated')}"], "truncated or corrupt"),
-    "resume_missing_file": (lambda w: [f"output_dir={w['root'] / 'fresh4'}", f"resume_from={damaged(w, 'missing_file')}"], "scheduler.pt is missing"),
+    "resume_missing_file": (lambda w: [f"output_dir={w['root'] / 'fresh4'}", f"resume_from={damaged(w, 'missing_file')}"], "scheduler.json is missing"),
     "resume_corrupt_state": (lambda w: [f"output_dir={w['root'] / 'fresh5'}", f"resume_from={damaged(w, 'corrupt_state')}"], "state.json is corrupt"),
     "resume_partial": (lambda w: [f"output_dir={w['root'] / 'fresh6'}", f"resume_from={w['run'] / 'checkpoints'}"], "not a complete checkpoint"),
     "resume_other_model": (lambda w: [f"output_dir={w['root'] / 'fresh7'}", f"resume_from={damaged(w, 'other_model')}"], "written with model.name=\"tiny-llama\""),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,17 +159,86 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_loading_refuses_arbitrary_pickles(tmp_path):
+def test_plain_data_round_trip_keeps_tensors_and_refuses_non_string_keys(tmp_path):
+    state = {"state": {"h.0.w": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3)}}, "param_groups": [{"betas": (0.9, 0.99), "params": ["h.0.w"]}]}
+    checkpoint.write_tree(state, tmp_path / "optimizer" / "state")
+    back = checkpoint.read_tree(tmp_path / "optimizer" / "state")
+    assert set(load_file(tmp_path / "optimizer" / "state.safetensors")) == {"state/h.0.w/step", "state/h.0.w/exp_avg"}  # keyed by name
+    assert torch.equal(back["state"]["h.0.w"]["exp_avg"], torch.ones(2, 3)) and back["param_groups"] == [{"betas": [0.9, 0.99], "params": ["h.0.w"]}]
+    with pytest.raises(TypeError, match="only string keys"):
+        checkpoint.write_tree({"state": {0: {}}}, tmp_path / "x")
+
+
+PLANTED = ["optimizer/state.json", "optimizer/state.safetensors", "scheduler.json", "rng/rank_0.json", "rng/rank_0.safetensors", "model/adapter_model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_checkpoint(tmp_path_factory):
+    """A real single-process LoRA run with a checkpoint at step 2 (shared by the planted-payload tests)."""
+    from tests.conftest import write_instruction_file
+
+    root = tmp_path_factory.mktemp("planted")
+    args = [f"data.train_path={write_instruction_file(root / 'train.jsonl')}", "model.name=tiny-gpt2", "method=lora", "train.max_steps=2",
+            "train.batch_size=4", "checkpoint.every_steps=2", "eval.num_generation_prompts=0"]  # fmt: skip
+    result = run_train([*args, f"output_dir={root / 'run'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run" / "checkpoints" / "step_00000002", args
+
+
+def _plant(ckpt: Path, relative: str, marker: Path) -> None:
+    """Replace (or add) a file with a pickle that would create `marker`, and update the manifest as an attacker would."""
+    (ckpt / relative).parent.mkdir(parents=True, exist_ok=True)
+    (ckpt / relative).write_bytes(pickle.dumps({"state": _Payload(marker)}))
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"] = checkpoint.manifest(ckpt)
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.timeout(900)
+def test_planted_pickles_never_run(one_rank_checkpoint, tmp_path):
+    """Where the new format has its files: refused with one line; where format 1 had .pt/.bin files: never read."""
+    original, args = one_rank_checkpoint
     marker = tmp_path / "pwned"
-    evil = tmp_path / "scheduler.pt"
-    evil.write_bytes(pickle.dumps({"state": _Payload(marker)}))
-    with pytest.raises(checkpoint.CheckpointError, match="refusing to load a checkpoint file that holds arbitrary Python objects"):
-        with checkpoint.weights_only_loading():
-            torch.load(evil)
+    for relative in PLANTED:  # each file alone, read in-process exactly as a resume reads it
+        ckpt = tmp_path / relative.replace("/", "_")
+        shutil.copytree(original, ckpt)
+        _plant(ckpt, relative, marker)
+        checkpoint.verify(ckpt)  # the manifest matches: only the reader stands between the payload and a resume
+        with pytest.raises(checkpoint.CheckpointError):
+            if relative.startswith(("optimizer", "rng")):
+                checkpoint.read_tree(ckpt / relative.rsplit(".", 1)[0])
+            elif relative == "scheduler.json":
+                checkpoint.read_json(ckpt / relative)
+            else:
+                checkpoint.read_adapter(ckpt / "model")
+    # end to end: the old format's pickle files beside the new ones are never opened; an edited
+    # weight index naming a pickle file is refused; a format-1 checkpoint is refused with the way on
+    ckpt = tmp_path / "old_names"
+    shutil.copytree(original, ckpt)
+    for relative in ["scheduler.pt", "rng/rank_0.pt", "optimizer/pytorch_optim.bin", "optimizer/pytorch_optim.bin.index.json", "model/adapter_model.bin"]:
+        _plant(ckpt, relative, marker)
+    resumed = run_train([*args, "train.max_steps=3", f"output_dir={tmp_path / 'resumed'}", f"resume_from={ckpt}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    _plant(ckpt, "rng/rank_0.json", marker)
+    refused = run_train([*args, "train.max_steps=3", f"output_dir={tmp_path / 'refused'}", f"resume_from={ckpt}"])
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "rng/rank_0" in errors[0], refused.stderr[-2000:]
     assert not marker.exists()
-    torch.save({"step": 3, "lr": [0.1]}, tmp_path / "plain.pt")
-    with checkpoint.weights_only_loading():
-        assert torch.load(tmp_path / "plain.pt") == {"step": 3, "lr": [0.1]}  # plain data still loads
+
+
+def test_weight_index_naming_a_pickle_file_and_format_1_are_refused(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model-00001.bin"}}))
+    with pytest.raises(checkpoint.CheckpointError, match="only safetensors files"):
+        checkpoint.check_weight_files(tmp_path)
+    old = tmp_path / "step_00000004"
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps({"format": 1, "files": {}}))
+    from finetune.config import load_config
+
+    cfg = load_config([f"resume_from={old}"], has_cuda=False)
+    with pytest.raises(checkpoint.CheckpointError, match=r"format 1 keeps optimizer.*lora.init_from=.*step_00000004/model"):
+        checkpoint.resolve_resume(cfg)
 
 
 def test_rng_state_round_trip():
@@ -284,3 +355,40 @@ def test_saving_an_adapter_of_a_named_config_looks_nothing_up_on_the_hub(monkeyp
     assert adapter and all("lora_" in k for k in adapter)
     assert lookups == [] and elapsed < 1
     assert not [w for w in caught if "remote file" in str(w.message) or "config file" in str(w.message)]
+
+
+# --- preemption ------------------------------------------------------------------------------------
+
+
+def launch_ranks(args: list[str], nproc: int, fault: str, logs: Path) -> list[subprocess.CompletedProcess]:
+    """The ranks started directly, without torchrun (which reports only the first rank's exit code);
+    their output goes to files in `logs` (a full pipe would block a rank inside a collective)."""
+    from tests.conftest import REPO, TRAIN, free_port, run_env
+
+    env = {**run_env(), "FINETUNE_FAULT": fault, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    logs.mkdir(parents=True, exist_ok=True)
+    ranks = []
+    for r in range(nproc):
+        with (logs / f"{r}.out").open("w") as out, (logs / f"{r}.err").open("w") as err:
+            ranks.append(subprocess.Popen([sys.executable, TRAIN, *args], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err))
+    codes = [r.wait(timeout=420) for r in ranks]
+    return [subprocess.CompletedProcess(r.args, code, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i, (r, code) in enumerate(zip(ranks, codes))]
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_stops_every_rank_at_a_step_boundary_with_a_checkpoint(instruction_file, tmp_path):
+    """Rank 0 alone receives SIGTERM after step 3: both ranks stop after step 3, checkpoint it, exit 3;
+    resume_from=latest then ends where the uninterrupted run ends."""
+    from finetune.preemption import PREEMPTED_EXIT_CODE
+
+    extra = ["model.name=tiny-gpt2", "method=full", "checkpoint.every_steps=0"]  # the only checkpoint is the preemption's
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert launch(run_args(instruction_file, reference, extra), 2).returncode == 0
+    ranks = launch_ranks(run_args(instruction_file, stopped, extra), 2, "sigterm_after_step:3", tmp_path / "logs")
+    assert [r.returncode for r in ranks] == [PREEMPTED_EXIT_CODE] * 2, ranks[0].stderr[-3000:]
+    assert "preempted: stopped after step 3" in ranks[0].stdout and not (stopped / "final").exists()
+    assert [p.name for p in checkpoint.complete_checkpoints(str(stopped))] == ["step_00000003"]
+    assert max(train_losses(stopped)) == 3
+    resumed = launch(run_args(instruction_file, stopped, extra) + ["resume_from=latest"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(reference, stopped, *FP32)
