@@ -273,8 +273,20 @@ def write_tree(tree, stem: Path) -> None:
     """`stem`.safetensors (its tensors) and `stem`.json (the rest)."""
     plain, tensors = split_tensors(tree)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, stem.with_name(stem.name + ".safetensors"))
+    save_file(_unshared(tensors), stem.with_name(stem.name + ".safetensors"))
     stem.with_name(stem.name + ".json").write_text(json.dumps(plain) + "\n")
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory: copy all but the first of each (FSDP's unflattened
+    optimizer state shares one `step` counter among a unit's parameters)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        out[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out
 
 
 def read_json(file: Path):

@@ -191,6 +191,7 @@ def _plant(ckpt: Path, relative: str, marker: Path) -> None:
     (ckpt / relative).write_bytes(pickle.dumps({"state": _Payload(marker)}))
     state = json.loads((ckpt / "state.json").read_text())
     state["files"] = checkpoint.manifest(ckpt)
+    state["sha256"] = {name: checkpoint.file_sha256(ckpt / name) for name in state["files"]}  # the hashes are the attacker's to write too
     (ckpt / "state.json").write_text(json.dumps(state))
 
 
@@ -213,15 +214,18 @@ def test_planted_pickles_never_run(one_rank_checkpoint, tmp_path):
                 checkpoint.read_adapter(ckpt / "model")
     # end to end: the old format's pickle files beside the new ones are never opened; an edited
     # weight index naming a pickle file is refused; a format-1 checkpoint is refused with the way on
-    ckpt = tmp_path / "old_names"
+    # (a checkpoint resumes only into its own run: each copy goes into the output_dir that resumes it)
+    ckpt = tmp_path / "resumed" / "checkpoints" / original.name
     shutil.copytree(original, ckpt)
     for relative in ["scheduler.pt", "rng/rank_0.pt", "optimizer/pytorch_optim.bin", "optimizer/pytorch_optim.bin.index.json", "model/adapter_model.bin"]:
         _plant(ckpt, relative, marker)
+    planted = tmp_path / "refused" / "checkpoints" / original.name
+    shutil.copytree(ckpt, planted)
     resumed = run_train([*args, "train.max_steps=3", f"output_dir={tmp_path / 'resumed'}", f"resume_from={ckpt}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
-    _plant(ckpt, "rng/rank_0.json", marker)
-    refused = run_train([*args, "train.max_steps=3", f"output_dir={tmp_path / 'refused'}", f"resume_from={ckpt}"])
+    _plant(planted, "rng/rank_0.json", marker)
+    refused = run_train([*args, "train.max_steps=3", f"output_dir={tmp_path / 'refused'}", f"resume_from={planted}"])
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(errors) == 1 and "rng/rank_0" in errors[0], refused.stderr[-2000:]
     assert not marker.exists()
