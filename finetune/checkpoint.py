@@ -332,7 +332,8 @@ def set_rng_state(state: dict) -> None:
 
 def manifest(path: Path) -> dict[str, int]:
     """Every file under a checkpoint with its size (its sha256 come from sync_tree)."""
-    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file() and p.name != "state.json"}
+    # Every file but the manifest itself (optimizer/state.json is a file of the checkpoint like any other).
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file() and p != path / "state.json"}
 
 
 def config_hash(cfg: Config, world_size: int) -> str:
