@@ -29,6 +29,7 @@ listed in their index. Format 1 checkpoints (pickled optimizer, scheduler and RN
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -414,6 +415,24 @@ def gathered_adapter_state(module: torch.nn.Module, pipeline: bool) -> dict[str,
     return {k: v for share in shares for k, v in share.items()}
 
 
+OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def out_of_space_is_an_error(what: str, output_dir: str):
+    """A full disk (or quota, or file-size limit) while writing `what` becomes one line. Nothing complete is
+    lost: writes go to a .partial dir, so the last complete checkpoint and final/ stay as they were."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        full = err.errno in OUT_OF_SPACE if isinstance(err, OSError) else any(f"os error {code}" in str(err) for code in OUT_OF_SPACE)
+        if not full:
+            raise
+        found = complete_checkpoints(output_dir)
+        last = f"the last complete checkpoint, {found[-1]}, and final/ are untouched" if found else "no complete checkpoint exists yet; final/ is untouched"
+        raise CheckpointError(f"out of space writing {what} ({str(err).splitlines()[0][:120]}): it stays a .partial dir; {last}. Free space, then resume_from=latest") from None
+
+
 def save_checkpoint(run: Run, step: int) -> Path:
     """Write checkpoint `step` atomically; every rank takes part. Returns its directory.
 
@@ -427,11 +446,12 @@ def save_checkpoint(run: Run, step: int) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    run.plugin.write_model(run, staging / "model")
-    run.plugin.write_optimizer(run, staging / "optimizer")
-    write_tree(rng_state(), staging / "rng" / f"rank_{rank}")
-    if rank == 0:
-        (staging / "scheduler.json").write_text(json.dumps(run.scheduler.state_dict()) + "\n")  # plain data
+    with out_of_space_is_an_error(f"checkpoint {step}", cfg.output_dir):
+        run.plugin.write_model(run, staging / "model")
+        run.plugin.write_optimizer(run, staging / "optimizer")
+        write_tree(rng_state(), staging / "rng" / f"rank_{rank}")
+        if rank == 0:
+            (staging / "scheduler.json").write_text(json.dumps(run.scheduler.state_dict()) + "\n")  # plain data
     run.faults.maybe_kill("kill_in_checkpoint", step)
     barrier()  # every rank's files are on disk
     if rank == 0:
@@ -466,12 +486,14 @@ def write_final(run: Run, tokenizer) -> Path:
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
     barrier()
-    run.plugin.write_model(run, staging)
+    with out_of_space_is_an_error("final/", run.cfg.output_dir):
+        run.plugin.write_model(run, staging)
+        if dist.get_rank() == 0:
+            if run.lora_config is not None and mutates_base(run.cfg.lora.init):  # final/ goes onto the original base
+                write_as_plain_lora(run.cfg, run.lora_config, staging, run.task.labels_or_none, run.method.frozen_dtype(run.cfg.train.precision))
+            tokenizer.save_pretrained(staging)
+            run.task.write_artifacts(staging)
     if dist.get_rank() == 0:
-        if run.lora_config is not None and mutates_base(run.cfg.lora.init):  # final/ goes onto the original base
-            write_as_plain_lora(run.cfg, run.lora_config, staging, run.task.labels_or_none, run.method.frozen_dtype(run.cfg.train.precision))
-        tokenizer.save_pretrained(staging)
-        run.task.write_artifacts(staging)
         sync_tree(staging, hash_files=False)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # only a complete save becomes final/

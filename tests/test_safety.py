@@ -125,3 +125,28 @@ def test_a_resume_from_an_older_checkpoint_fences_the_newer_ones_and_a_reload_mi
     assert len(lines) == 1 and "not the trained model" in lines[0], result.stderr[-2000:]
     summary = read_summary(out)
     assert summary["reload"]["ok"] is False and summary["steps"] == 3
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one_and_final(first_run, tmp_path):
+    """The resumed run may write no file over 12 kB (RLIMIT_FSIZE, as a full disk fails a write): its
+    checkpoint at step 6 cannot be written. One line says so; step 4 and final/ are as they were."""
+    import resource
+    import signal
+
+    from tests.conftest import REPO, TRAIN, run_env
+
+    out = copy_run(first_run, tmp_path / "run")
+    final, step_4 = tree(out / "final"), checkpoint.complete_checkpoints(str(out))[-1]
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
+
+    args = run_args(first_run[0], out, "resume_from=latest", "train.max_steps=6", "launch.rank_logs=false")
+    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=420, preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = error_lines(result)
+    assert len(errors) == 1 and errors[0].startswith("error: out of space writing checkpoint 6") and str(step_4) in errors[0], result.stderr[-2000:]
+    assert checkpoint.complete_checkpoints(str(out))[-1] == step_4
+    checkpoint.verify(step_4)  # every file at its size and sha256
+    assert tree(out / "final") == final
