@@ -201,7 +201,13 @@ class Plugin:
         if run.method.adapter:
             self.load_adapter(run, checkpoint.read_adapter(path), "resume_from: the checkpoint's adapter")
         else:
-            checkpoint.load_replicated_model(run, path)
+            self.read_weights(run, path)
+
+    def read_weights(self, run: Run, path: Path) -> None:
+        """Full weights into every replica (tied weights were stored once), then into master copies."""
+        from finetune import checkpoint
+
+        checkpoint.load_replicated_model(run, path)
 
     def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
         """Copy a full (unsplit) peft adapter into this rank's adapters; `source` names it in errors."""
@@ -322,7 +328,7 @@ class Gemini(Plugin):
         """Sharded weights: every rank takes part in gathering them into HF layout."""
         _write_sharded_model(run, path)
 
-    def read_model(self, run: Run, path: Path) -> None:
+    def read_weights(self, run: Run, path: Path) -> None:
         _read_sharded_model(run, path)
 
 
@@ -447,13 +453,10 @@ class TorchFSDP(Plugin):
         else:
             checkpoint.fsdp_inner_module(run).save_pretrained(path, state_dict=state, safe_serialization=True)
 
-    def read_model(self, run: Run, path: Path) -> None:
+    def read_weights(self, run: Run, path: Path) -> None:
         from finetune import checkpoint
 
-        if run.method.adapter:
-            self.load_adapter(run, checkpoint.read_adapter(path), "resume_from: the checkpoint's adapter")
-        else:
-            checkpoint.load_fsdp_model(run, path)
+        checkpoint.load_fsdp_model(run, path)
 
     def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
         from finetune import checkpoint
@@ -634,11 +637,8 @@ class HybridParallel(Plugin):
         else:
             _write_sharded_model(run, path)
 
-    def read_model(self, run: Run, path: Path) -> None:
-        if run.method.adapter:
-            super().read_model(run, path)
-        else:
-            _read_sharded_model(run, path)
+    def read_weights(self, run: Run, path: Path) -> None:
+        _read_sharded_model(run, path)
 
     def write_optimizer(self, run: Run, path: Path) -> None:
         """Each rank's own state by its local parameter names: ColossalAI 0.5.0's hybrid optimizer checkpoint cannot gather the
