@@ -70,6 +70,9 @@ class Plugin:
     takes_max_norm = False  # the plugin clips gradients itself, from train.max_grad_norm
     replicated = True  # after a step every rank holds the whole model
     shardformer = False  # the model is sharded by ColossalAI's shardformer (attention choices depend on it)
+    # Why this plugin's checkpoints resume only on the layout that wrote them, and why it cannot read
+    # another layout's; empty: its weights and optimizer states are full and by parameter name, any layout.
+    resume_layout_refusal = ""
 
     # --- configuration (no torch) -----------------------------------------------------------------
 
@@ -517,6 +520,7 @@ class HybridParallel(Plugin):
     takes_max_norm = True
     replicated = False
     shardformer = True
+    resume_layout_refusal = "their optimizer states are saved per rank, keyed by each rank's tensor/pipeline-split parameters"
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         from finetune.config import hybrid_problems

@@ -9,7 +9,13 @@
                          local parameter names), reloaded by the same layout
         scheduler.json   LR scheduler state (plain data)
         rng/rank_N.*     every rank's torch / numpy RNG states (tensors) and python's (JSON)
-        state.json       step, epoch, batches into the epoch, samples seen, what produced it, file sizes and sha256
+        state.json       step, epoch, steps an epoch, global batch, samples seen, what produced it, file sizes and sha256
+
+Any layout: weights (or the adapter) and optimizer states are full tensors by parameter name, so a checkpoint
+resumes under another plugin, world size or split of the global batch (batch_size x grad_accum_steps x
+data-parallel ranks; tensor/pipeline parallelism excepted, see Plugin.resume_layout_refusal). The data
+position is a global sample index: the same global batch continues the same batch sequence; another one
+continues at the nearest step boundary, said in one line (resume_position).
 
 Atomicity: every rank writes into `step_N.partial/`; only when all ranks are done does rank 0 write
 state.json (the manifest, listing every file with its size and sha256), fsync every file and
@@ -195,25 +201,86 @@ def fence_newer(output_dir: str, step: int) -> Path | None:
     return fence
 
 
-# Settings that decide how weights and optimizer states are split across ranks. Checkpoints hold
-# each plugin's own layout (e.g. per-rank optimizer shards under tensor/pipeline parallelism), and
-# they are not resharded: a resume must use the same layout.
+# Settings that may differ between the run that wrote a checkpoint and the one resuming it, because they
+# change only how the same training is laid out: the parallel layout (plugin, world size), whose weights
+# and optimizer states are stored full and by parameter name (each plugin splits them afresh), and the
+# split of the global batch (its data position is a global sample index: resume_position).
 LAYOUT_KEYS = ("world_size", "plugin")
+BATCH_KEYS = ("train.batch_size", "train.grad_accum_steps")
 
 
 def check_compatible(state: dict, cfg: Config, world_size: int, path: Path | str = "CHECKPOINT") -> list[str]:
     """Refuse a checkpoint written by a run this one cannot continue; return the settings that changed harmlessly."""
     mine = identity(cfg, world_size)
     for key in IDENTITY_KEYS:
-        if state["identity"].get(key) != mine[key]:
-            name, theirs, ours = _first_difference(key, state["identity"].get(key), mine[key])
-            written = f"resume_from: the checkpoint was written with {name}={_short(theirs)}, this run has {name}={_short(ours)}"
-            if key in LAYOUT_KEYS:
-                raise CheckpointError(f"{written}; checkpoints are not resharded onto another world size or parallel layout: {_same_layout_hint(state, key)}, "
-                                      f"or export it (python -m finetune.export {path} OUT_DIR) and start a new run from model.name=OUT_DIR (fresh optimizer state and LR schedule)")
+        if state["identity"].get(key) == mine[key] or key in BATCH_KEYS:
+            continue
+        name, theirs, ours = _first_difference(key, state["identity"].get(key), mine[key])
+        written = f"resume_from: the checkpoint was written with {name}={_short(theirs)}, this run has {name}={_short(ours)}"
+        if key not in LAYOUT_KEYS:
             raise CheckpointError(f"{written}; resume with the same {key}, or start a new run in another output_dir")
+        bound = _layout_bound(state["identity"]["plugin"]["name"], cfg.plugin.name)
+        if bound:
+            raise CheckpointError(f"{written}; {bound}: {_same_layout_hint(state, key)}, "
+                                  f"or export it (python -m finetune.export {path} OUT_DIR) and start a new run from model.name=OUT_DIR (fresh optimizer state and LR schedule)")
     saved = state.get("config", {})
     return sorted(k for k in set(saved) | set(to_dict(cfg)) if saved.get(k) != to_dict(cfg).get(k))
+
+
+def _layout_bound(theirs: str, ours: str) -> str:
+    """Why a checkpoint of plugin `theirs` cannot resume under another layout of plugin `ours` (empty: it can)."""
+    from finetune.booster import PLUGINS
+
+    for name in (theirs, ours):
+        plugin = PLUGINS.get(name)
+        if plugin is not None and plugin.resume_layout_refusal:
+            return f"{name} checkpoints are not resharded onto another world size or parallel layout ({plugin.resume_layout_refusal})"
+    return ""
+
+
+def layout_label(ident: dict) -> str:
+    """A checkpoint identity's (or this run's) parallel layout in a few characters, e.g. 'zero2 x2'."""
+    from finetune.booster import PLUGINS
+
+    options = {k: v for k, v in ident["plugin"].items() if k != "name"}
+    plugin = PLUGINS.get(ident["plugin"]["name"])
+    if plugin is None:  # a plugin registered by the run that wrote it, not by this one
+        return f"{ident['plugin']['name']} x{ident['world_size']}"
+    dp = plugin.plan({**plugin.options, **options}, ident["train.batch_size"], ident["world_size"]).dp
+    return plugin.setting_label(options, ident["world_size"], dp)
+
+
+def layout_change_line(state: dict, cfg: Config, world_size: int) -> str:
+    """One line when the checkpoint was written under another plugin, plugin settings or world size (empty otherwise)."""
+    theirs, ours = state["identity"], identity(cfg, world_size)
+    if all(theirs[k] == ours[k] for k in LAYOUT_KEYS):
+        return ""
+    return (f"resuming a {layout_label(theirs)} checkpoint under {layout_label(ours)}: weights and optimizer states are stored full, "
+            f"by parameter name, and split afresh for this layout")
+
+
+def resume_position(state: dict, global_batch: int, steps_per_epoch: int) -> tuple[int, str]:
+    """The step a resumed run continues after, and one line when the checkpoint's data position is not one
+    of this run's step boundaries (empty: the batch sequence continues exactly).
+
+    The position is a global sample index: an epoch, then samples into it (the sampler's order depends on
+    train.seed, the epoch and the data only, not on the layout). Under another global batch the run goes
+    on from the nearest of its own step boundaries; its step counter, max_steps and LR schedule count its
+    own steps from there.
+    """
+    step, theirs_per_epoch = state["step"], state["steps_per_epoch"]
+    theirs = state.get("global_batch") or state["samples_seen"] // step
+    if (theirs, theirs_per_epoch) == (global_batch, steps_per_epoch):
+        return step, ""
+    epoch, into = divmod(step, theirs_per_epoch)
+    samples = into * theirs
+    boundary = min(steps_per_epoch, (2 * samples + global_batch) // (2 * global_batch))  # the nearest; halfway rounds up
+    start = epoch * steps_per_epoch + boundary
+    gap = boundary * global_batch - samples
+    drift = "exactly there" if gap == 0 else f"{gap} samples of the epoch skipped" if gap > 0 else f"{-gap} samples of the epoch seen again"
+    return start, (f"resuming at step {start}, not {step}: the checkpoint's global batch is {theirs} samples ({theirs_per_epoch} steps an epoch), this run's "
+                   f"{global_batch} ({steps_per_epoch} steps an epoch); its data position, {samples} samples into epoch {epoch}, continues at this run's "
+                   f"nearest step boundary ({drift}); step numbers, max_steps and the LR schedule count this run's steps from there")
 
 
 def _first_difference(key: str, theirs, ours) -> tuple[str, object, object]:
@@ -461,7 +528,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
             "step": step,
             "steps_per_epoch": run.steps_per_epoch,
             "epoch": step // run.steps_per_epoch,
-            "samples_seen": step * cfg.train.batch_size * cfg.train.grad_accum_steps * run.layout.dp_size,
+            "global_batch": global_batch(run),
+            "samples_seen": step * global_batch(run),
             "config_hash": config_hash(cfg, world),
             "identity": identity(cfg, world),
             "config": to_dict(cfg),
@@ -509,15 +577,27 @@ def write_adapter_dir(adapter: dict[str, torch.Tensor], lora_config, base_model:
     lora_config.save_pretrained(path)
 
 
-def load_checkpoint(run: Run, path: Path) -> dict:
-    """Restore model (or adapter), optimizer, scheduler and this rank's RNG from a verified checkpoint."""
+def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
+    """Restore model (or adapter), optimizer, scheduler and this rank's RNG from a verified checkpoint.
+
+    Returns the step to continue after and resume_position's line (empty when the batch sequence continues exactly).
+    """
     state = read_state(path)
     run.plugin.read_model(run, path / "model")
     run.plugin.read_optimizer(run, path / "optimizer")
     run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
     set_rng_state(read_tree(path / "rng" / f"rank_{dist.get_rank()}"))
+    start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
+    if start != state["step"]:  # the schedule follows this run's step count (its lr set on the optimizer too)
+        run.scheduler.last_epoch = start - 1
+        run.scheduler.step()
     barrier()
-    return state
+    return start, line
+
+
+def global_batch(run: Run) -> int:
+    """Samples per optimizer step over all data-parallel ranks."""
+    return run.cfg.train.batch_size * run.cfg.train.grad_accum_steps * run.layout.dp_size
 
 
 def optimizer_param_names(run: Run) -> list[str]:
@@ -547,9 +627,11 @@ def indexed_optimizer_state(named: dict, names: list[str]) -> dict:
     unknown = sorted(set(named["state"]) - set(index))
     if unknown:
         raise CheckpointError(f"resume_from: the optimizer state names {unknown[0]}, which this model does not train")
+    # torch pairs a group's saved params with its own by position: list them in this optimizer's order
+    # (another plugin's writer may have listed them in its own).
     return {
         "state": {index[n]: s for n, s in named["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+        "param_groups": [{**g, "params": sorted(index[n] for n in g["params"])} for g in named["param_groups"]],
     }
 
 

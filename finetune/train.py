@@ -260,6 +260,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         log(f"removed the half-written checkpoint {partial}")
     if resume:
         log(f"resuming from {resume} (step {resume_state['step']})" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
+        if layout_line := checkpoint.layout_change_line(resume_state, cfg, world_size):
+            log(layout_line)
         fence = checkpoint.fence_newer(cfg.output_dir, resume_state["step"]) if is_main() else None
         if fence:
             log(f"the newer checkpoints of the branch this resume abandons moved to {fence} (resume_from=latest and keep_last no longer see them)")
@@ -313,7 +315,9 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")
-    start_step = checkpoint.load_checkpoint(run, resume)["step"] if resume else 0
+    start_step, position_line = checkpoint.load_checkpoint(run, resume) if resume else (0, "")
+    if position_line:  # another global batch: the batch sequence cannot continue exactly
+        log(position_line)
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id)

@@ -125,8 +125,9 @@ TRAIN_CASES = {
     "resume_corrupt_state": (lambda w: [f"output_dir={w['root'] / 'fresh5'}", f"resume_from={damaged(w, 'corrupt_state')}"], "state.json is corrupt"),
     "resume_partial": (lambda w: [f"output_dir={w['root'] / 'fresh6'}", f"resume_from={w['run'] / 'checkpoints'}"], "not a complete checkpoint"),
     "resume_other_model": (lambda w: [f"output_dir={w['root'] / 'fresh7'}", f"resume_from={damaged(w, 'other_model')}"], "written with model.name=\"tiny-llama\""),
-    "resume_other_world": (lambda w: [f"output_dir={w['root'] / 'fresh8'}", f"resume_from={damaged(w, 'other_world')}"], "written with world_size=2, this run has world_size=1; checkpoints are not resharded"),
-    "resume_other_layout": (lambda w: [f"output_dir={w['root'] / 'fresh9'}", f"resume_from={damaged(w, 'other_layout')}"], "written with plugin.name=\"hybrid_parallel\", this run has plugin.name=\"torch_ddp\"; checkpoints are not resharded"),
+    # another world size is no refusal (checkpoints are resharded): this copy then fails only as another run's
+    "resume_other_world": (lambda w: [f"output_dir={w['root'] / 'fresh8'}", f"resume_from={damaged(w, 'other_world')}"], "the checkpoint belongs to another run"),
+    "resume_other_layout": (lambda w: [f"output_dir={w['root'] / 'fresh9'}", f"resume_from={damaged(w, 'other_layout')}"], "written with plugin.name=\"hybrid_parallel\", this run has plugin.name=\"torch_ddp\"; hybrid_parallel checkpoints are not resharded"),
 }
 
 
