@@ -255,8 +255,9 @@ def layout_change_line(state: dict, cfg: Config, world_size: int) -> str:
     theirs, ours = state["identity"], identity(cfg, world_size)
     if all(theirs[k] == ours[k] for k in LAYOUT_KEYS):
         return ""
+    rng = "" if theirs["world_size"] == ours["world_size"] else "; random streams (dropout) are per rank and do not carry over to another world size"
     return (f"resuming a {layout_label(theirs)} checkpoint under {layout_label(ours)}: weights and optimizer states are stored full, "
-            f"by parameter name, and split afresh for this layout")
+            f"by parameter name, and split afresh for this layout{rng}")
 
 
 def resume_position(state: dict, global_batch: int, steps_per_epoch: int) -> tuple[int, str]:
@@ -586,13 +587,19 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     run.plugin.read_model(run, path / "model")
     run.plugin.read_optimizer(run, path / "optimizer")
     run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
-    set_rng_state(read_tree(path / "rng" / f"rank_{dist.get_rank()}"))
+    set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
     start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
     if start != state["step"]:  # the schedule follows this run's step count (its lr set on the optimizer too)
         run.scheduler.last_epoch = start - 1
         run.scheduler.step()
     barrier()
     return start, line
+
+
+def rng_stem(path: Path, rank: int) -> Path:
+    """This rank's RNG state in a checkpoint; a rank the writing run did not have takes rank 0's (a fresh run seeds every rank alike)."""
+    own = path / "rng" / f"rank_{rank}"
+    return own if own.with_name(own.name + ".json").is_file() else path / "rng" / "rank_0"
 
 
 def global_batch(run: Run) -> int:
@@ -646,9 +653,15 @@ def save_optimizer(run: Run, path: Path) -> None:
         write_tree(state, path / OPTIMIZER_STEM)
 
 
-def load_optimizer(run: Run, path: Path, stem: str = OPTIMIZER_STEM) -> None:
+def load_optimizer(run: Run, path: Path, stem: str = "") -> None:
     """Every rank reads the whole state; the optimizer keeps its own share (ZeRO splits it)."""
-    run.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem), optimizer_param_names(run)))
+    run.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem if stem else full_optimizer_stem(path)), optimizer_param_names(run)))
+
+
+def full_optimizer_stem(path: Path) -> Path:
+    """The whole optimizer state by parameter name, whichever plugin wrote it (FSDP's was `full_state` before format 2 unified it)."""
+    old = path / FSDP_OPTIMIZER_STEM
+    return old if not (path / f"{OPTIMIZER_STEM}.json").is_file() and old.with_name(old.name + ".json").is_file() else path / OPTIMIZER_STEM
 
 
 def save_rank_optimizer(run: Run, path: Path) -> None:
@@ -746,7 +759,7 @@ def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resu
 # model is saved as a plain HF directory (or peft adapter), like the replicated plugins' checkpoints,
 # so finetune.export reads it unchanged.
 
-FSDP_OPTIMIZER_STEM = "full_state"
+FSDP_OPTIMIZER_STEM = "full_state"  # where checkpoints before any-layout resume kept it; now OPTIMIZER_STEM
 
 
 def fsdp_inner_module(run: Run) -> torch.nn.Module:
@@ -789,7 +802,7 @@ def save_fsdp_optimizer(run: Run, path: Path) -> None:
     with fsdp_full_state(root, rank0_only=True):
         state = FSDP.optim_state_dict(root, run.optimizer.optim)
     if dist.get_rank() == 0:
-        write_tree(state, path / FSDP_OPTIMIZER_STEM)  # keyed by parameter names already
+        write_tree(state, path / OPTIMIZER_STEM)  # keyed by parameter names already, as every plugin's
 
 
 def load_fsdp_optimizer(run: Run, path: Path) -> None:
@@ -798,7 +811,7 @@ def load_fsdp_optimizer(run: Run, path: Path) -> None:
 
     root, optimizer = run.model.module, run.optimizer.optim
     with fsdp_full_state(root, rank0_only=False):
-        full_state = read_tree(path / FSDP_OPTIMIZER_STEM)
+        full_state = read_tree(full_optimizer_stem(path))
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
 
 
