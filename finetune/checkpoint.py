@@ -86,7 +86,16 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
     """Complete checkpoints of a run, oldest first (directories with a manifest, never `.partial` ones)."""
     root = Path(output_dir) / CHECKPOINTS
     found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=training_order)
+
+
+def training_order(path: Path) -> tuple[int, str]:
+    """A checkpoint's place in its run: samples trained on, then name (after a resume under another global
+    batch, step numbers count steps of another size)."""
+    try:
+        return int(json.loads((path / "state.json").read_text())["samples_seen"]), path.name
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, path.name  # an unreadable manifest: verify() names the problem if it is ever resumed
 
 
 def identity(cfg: Config, world_size: int) -> dict:
@@ -189,9 +198,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def fence_newer(output_dir: str, step: int) -> Path | None:
-    """A run resumed at `step` owns its lineage: move the abandoned branch's newer checkpoints aside (rank 0). Returns where."""
-    newer = [p for p in complete_checkpoints(output_dir) if int(p.name.removeprefix("step_")) > step]
+def fence_newer(output_dir: str, resumed: Path) -> Path | None:
+    """A run resumed from `resumed` owns its lineage: move the abandoned branch's newer checkpoints aside (rank 0). Returns where."""
+    newer = [p for p in complete_checkpoints(output_dir) if training_order(p) > training_order(resumed)]
     if not newer:
         return None
     fence = Path(output_dir) / CHECKPOINTS / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -589,11 +598,17 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
     set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
     start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
-    if start != state["step"]:  # the schedule follows this run's step count (its lr set on the optimizer too)
-        run.scheduler.last_epoch = start - 1
-        run.scheduler.step()
+    move_scheduler(run.scheduler, start)
     barrier()
     return start, line
+
+
+def move_scheduler(scheduler, step: int) -> None:
+    """Put a restored LR scheduler at `step` of this run's schedule (its lr set on the optimizer too): a
+    resume under another global batch counts its own steps."""
+    if scheduler.last_epoch != step:
+        scheduler.last_epoch = step - 1
+        scheduler.step()  # the schedule's closed form at `step`; _step_count > 1 after a restore: no ordering warning
 
 
 def rng_stem(path: Path, rank: int) -> Path:
