@@ -265,7 +265,9 @@ def layout_change_line(state: dict, cfg: Config, world_size: int) -> str:
     if all(theirs[k] == ours[k] for k in LAYOUT_KEYS):
         return ""
     rng = "" if theirs["world_size"] == ours["world_size"] else "; random streams (dropout) are per rank and do not carry over to another world size"
-    return (f"resuming a {layout_label(theirs)} checkpoint under {layout_label(ours)}: weights and optimizer states are stored full, "
+    before, now = layout_label(theirs), layout_label(ours)
+    now += " with other plugin settings" if before == now else ""
+    return (f"resuming a {before} checkpoint under {now}: weights and optimizer states are stored full, "
             f"by parameter name, and split afresh for this layout{rng}")
 
 
@@ -674,7 +676,7 @@ def load_optimizer(run: Run, path: Path, stem: str = "") -> None:
 
 
 def full_optimizer_stem(path: Path) -> Path:
-    """The whole optimizer state by parameter name, whichever plugin wrote it (FSDP's was `full_state` before format 2 unified it)."""
+    """The whole optimizer state by parameter name, whichever plugin wrote it (FSDP's was `full_state` until resume on any layout unified the names)."""
     old = path / FSDP_OPTIMIZER_STEM
     return old if not (path / f"{OPTIMIZER_STEM}.json").is_file() and old.with_name(old.name + ".json").is_file() else path / OPTIMIZER_STEM
 

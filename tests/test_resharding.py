@@ -136,6 +136,8 @@ def test_layout_and_batch_split_changes_resume_with_one_line():
         assert line.startswith(label) and "\n" not in line, line
     same = load_config(["--config", "booster_configs/zero2.yaml", *DDP, "train.batch_size=2"], world_size=2)
     assert checkpoint.layout_change_line(state, same, 2) == ""  # only the batch split changed: resume_position says that
+    bigger_buckets = load_config(["--config", "booster_configs/zero2.yaml", *DDP, "plugin.reduce_bucket_size_in_m=24"], world_size=2)
+    assert checkpoint.layout_change_line(state, bigger_buckets, 2).startswith("resuming a zero2 x2 checkpoint under zero2 x2 with other plugin settings:")
 
 
 def test_what_is_trained_must_still_match_and_hybrid_parallel_keeps_its_layout():
