@@ -221,3 +221,23 @@ def test_gemini_layout_changes_are_refused_in_one_line():
     with pytest.raises(checkpoint.CheckpointError, match=r"gemini checkpoints are not resharded .*\(Gemini runs on CUDA only") as err:
         checkpoint.check_compatible(state, load_config(DDP, world_size=2), 2)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.timeout(600)
+def test_another_global_batch_goes_on_at_the_nearest_step_and_schedule(uninterrupted, equal_length_data, tmp_path):  # noqa: F811
+    """ddp x2 at 8 a step, resumed on one process at 4 a step: its step 3 (24 samples) is step 6 there, and the LR schedule follows."""
+    from finetune.train import build_scheduler
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted("ddp2"), run)
+    args = layout_args("single", equal_length_data, run) + ["train.grad_accum_steps=1", "train.max_steps=8", f"resume_from={checkpoint.checkpoint_dir(str(run), RESUME_AT)}"]
+    result = launch("single", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [text for text in (result.stdout + result.stderr).splitlines() if "resuming at step" in text]
+    assert len(said) == 1 and said[0].startswith("resuming at step 6, not 3:") and "24 samples into epoch 0" in said[0] and "exactly there" in said[0], said
+    logged = {m["step"]: m["lr"] for m in read_metrics(run) if "lr" in m and m["step"] > RESUME_AT}
+    assert sorted(logged) == [7, 8]
+    cfg = load_config(args, world_size=1)
+    scheduler = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr), cfg, total_steps=8)
+    expected = {step: cfg.train.lr * scheduler.lr_lambdas[0](step) for step in (7, 8)}
+    assert logged == pytest.approx(expected, rel=1e-6) and expected[7] != expected[8]
