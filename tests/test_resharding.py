@@ -100,6 +100,13 @@ def test_another_global_batch_goes_on_at_the_nearest_step_boundary(batch, per_ep
     assert "16 samples into epoch 1" in line and drift in line and "LR schedule" in line
 
 
+def test_the_same_global_batch_with_other_steps_an_epoch_keeps_the_epoch_and_its_offset():
+    # e.g. 43 samples: 2 ranks x 4 pad to 44 (5 steps of 8), 8 ranks x 1 pad to 48 (6 steps of 8)
+    got, line = checkpoint.resume_position({"step": 7, "steps_per_epoch": 5, "global_batch": 8}, 8, 6)
+    assert got == 8  # epoch 1, 2 steps in
+    assert "(5 steps an epoch)" in line and "8 (6 steps an epoch)" in line and "16 samples into epoch 1" in line and "exactly there" in line
+
+
 def test_a_batch_past_the_epoch_end_goes_on_with_the_next_epoch():
     # 3 steps of 8 into a 4-step epoch = 24 samples; at 32 a step (1 step an epoch) the nearest boundary is the epoch's end
     got, line = checkpoint.resume_position({"step": 3, "steps_per_epoch": 4, "global_batch": 8}, 32, 1)
