@@ -1,9 +1,11 @@
 """The data module: records from local files (or the offline chatterbot corpus) -> checked, split, tokenized samples.
 
-    rows (datasets: .json array, .jsonl, .csv, .parquet)  -> task.check: records, bad rows named by file and row
-    -> eval split (data.eval_path, else a seeded data.eval_fraction of train_path's prompts)
+    rows of each source (datasets: .json array, .jsonl, .csv, .parquet) -> task.check: records, bad rows named by file and row
+    -> eval split (data.eval_path, else a seeded data.eval_fraction of each source's prompts)
     -> data.split_slice of the training records -> task.tokenize, truncate or drop at data.max_length
+       (each rank a share, meeting in the cache directory outside any collective: tokenize_shared)
     -> cached under $FINETUNE_CACHE/data, keyed by the data files, tokenizer and settings
+    -> a mixture's training set drawn by data.weights and train.seed (mixture_order)
 
 What a record holds and how it becomes a sample is the task's business (finetune/tasks/). Row numbers
 count records from 1 in file order (for CSV: data lines after the header).

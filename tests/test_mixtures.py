@@ -15,6 +15,7 @@ from torch.utils.data import DistributedSampler
 from finetune.assets import gpt2_tokenizer
 from finetune.config import ConfigError, DataConfig, load_config, train_sources
 from finetune.data import build_data, load_splits, mixture_order
+from finetune.report import best_metric
 from tests.conftest import read_metrics, read_summary, write_instruction_file
 from tests.test_checkpoint import assert_same_run, launch, run_args
 
@@ -101,6 +102,7 @@ def test_a_mixture_run_logs_per_source_eval_loss_outlasts_the_timeout_while_toke
         assert {"loss", "loss/a", "loss/b"} <= set(ev) and min(ev["loss/a"], ev["loss/b"]) <= ev["loss"] <= max(ev["loss/a"], ev["loss/b"])
     assert [s["name"] for s in summary["data"]["sources"]] == ["a", "b"]
     assert any("eval_loss/b" in m for m in read_metrics(reference))
+    assert "; a loss " in best_metric(summary)[2] and "eval after:" in done.stdout and ", b loss " in done.stdout  # the comparison table, the closing report
     killed = launch(run_args(a, crashed, extra), 2, fault="kill_after_step:5")
     assert killed.returncode != 0 and not (crashed / "final").exists()
     resumed = launch([*run_args(a, crashed, extra), "resume_from=latest"], 2)
