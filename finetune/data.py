@@ -350,6 +350,7 @@ def tokenize_shared(task: Task, tokenizer, splits: Splits, cfg_data: DataConfig,
     while not all(p.is_file() for p in parts):
         failed = [p.with_suffix(".error") for p in parts if p.with_suffix(".error").is_file()]
         if failed:
+            parts[rank].unlink(missing_ok=True)
             raise DataError(failed[0].read_text())
         time.sleep(POLL_S)
     done = Tokenized.merge([read_cache(p) for p in parts])

@@ -4,6 +4,7 @@ loss; bad mixture settings refused in one line; tokenization shared among ranks 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -108,3 +109,50 @@ def test_a_mixture_run_logs_per_source_eval_loss_outlasts_the_timeout_while_toke
     resumed = launch([*run_args(a, crashed, extra), "resume_from=latest"], 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(reference, crashed, 1e-5, 1e-5)
+
+
+def _share_tokenization(rank: int, port: int, files: list[str], cache: str, bad_row: int, out: str) -> None:
+    """One rank of a 2-process group: build_data with shared tokenization, then again with a row of the last share
+    failing (cache off, so it tokenizes again); the train samples and the error go to `out`."""
+    import os
+
+    import torch.distributed as dist
+
+    from finetune.data import DataError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", FINETUNE_CACHE=cache)
+    dist.init_process_group("gloo")
+    cfg = DataConfig(train_path=files, weights=[3, 1], eval_fraction=0.25)
+    splits = load_splits(cfg, seed=0)
+    result = {"train": build_data(cfg, gpt2_tokenizer(), splits).train}
+    tokenize = splits.task.tokenize
+
+    def failing(tokenizer, record, max_length):
+        if record["_source"] == 1 and record["_row"] == bad_row:
+            raise DataError("planted failure")
+        return tokenize(tokenizer, record, max_length)
+
+    splits.task.tokenize = failing
+    try:
+        build_data(dataclasses.replace(cfg, cache=False), gpt2_tokenizer(), splits)
+    except DataError as err:
+        result["error"] = str(err)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_ranks_share_the_tokenization_as_if_one_did_it_and_a_failing_share_stops_every_rank(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    files = [str(write_rows(tmp_path / "a.jsonl", "alpha", 40)), str(write_rows(tmp_path / "b.jsonl", "beta", 24))]
+    bad_row = 18  # in rank 1's share: the units are a's and b's training records, then their eval records
+    mp.spawn(_share_tokenization, args=(free_port(), files, str(tmp_path / "cache"), bad_row, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["error"] == results[1]["error"] == f"{files[1]} row {bad_row}: planted failure"  # rank 0 read rank 1's line
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "alone"))
+    cfg = DataConfig(train_path=files, weights=[3, 1], eval_fraction=0.25)
+    alone = build_data(cfg, gpt2_tokenizer(), load_splits(cfg, seed=0))
+    assert results[0]["train"] == results[1]["train"] == alone.train
+    left = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "cache" / "data").iterdir())
+    assert left == ["npz", "part1of2.error"], left  # the whole is cached, the shares are gone; the failed share's line stays
