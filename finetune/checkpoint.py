@@ -68,10 +68,11 @@ FORMAT_VERSION = 2  # 2: no pickle anywhere (1 pickled optimizer, scheduler and 
 # eval and checkpoint settings, output paths) may change between the two.
 IDENTITY_KEYS = (
     "task", "method", "model", "lora", "quantization", "plugin", "world_size",
-    "data.train_path", "data.eval_path", "data.eval_fraction", "data.split_slice", "data.max_length", "data.truncation",
+    "data.train_path", "data.weights", "data.eval_path", "data.eval_fraction", "data.split_slice", "data.max_length", "data.truncation",
     "data.packing", "data.labels", "data.text_field", "data.text_pair_field", "data.label_field",
     "train.seed", "train.batch_size", "train.grad_accum_steps", "train.precision",
 )  # fmt: skip
+ADDED_IDENTITY = {"data.weights": []}  # identity keys added later: a checkpoint written before had them at this value
 
 
 class CheckpointError(FinetuneError):
@@ -222,9 +223,10 @@ def check_compatible(state: dict, cfg: Config, world_size: int, path: Path | str
     """Refuse a checkpoint written by a run this one cannot continue; return the settings that changed harmlessly."""
     mine = identity(cfg, world_size)
     for key in IDENTITY_KEYS:
-        if state["identity"].get(key) == mine[key] or key in BATCH_KEYS:
+        theirs = state["identity"].get(key, ADDED_IDENTITY.get(key))
+        if theirs == mine[key] or key in BATCH_KEYS:
             continue
-        name, theirs, ours = _first_difference(key, state["identity"].get(key), mine[key])
+        name, theirs, ours = _first_difference(key, theirs, mine[key])
         written = f"resume_from: the checkpoint was written with {name}={_short(theirs)}, this run has {name}={_short(ours)}"
         if key not in LAYOUT_KEYS:
             raise CheckpointError(f"{written}; resume with the same {key}, or start a new run in another output_dir")

@@ -83,9 +83,15 @@ class PluginConfig:
     options: dict[str, Any] = field(default_factory=dict)  # written flat in YAML: plugin.bucket_cap_mb=50
 
 
+# data.train_path: one source (a path), or a mixture: a list of paths, or in YAML a list of {path, weight, name}.
+TrainPath = typing.Union[str, list]
+SOURCE_KEYS = ("path", "weight", "name")
+
+
 @dataclass
 class DataConfig:
-    train_path: str = "chatterbot-corpus"  # .json/.jsonl/.csv/.parquet file, or chatterbot-corpus[:chat|:topics] (finetune/corpus.py)
+    train_path: TrainPath = "chatterbot-corpus"  # .json/.jsonl/.csv/.parquet file, or chatterbot-corpus[:chat|:topics] (finetune/corpus.py); a list: a mixture
+    weights: list[float] = field(default_factory=list)  # a mixture's sampling weights, one per train_path entry; empty: equal
     eval_path: str = ""  # empty: hold out eval_fraction of train_path, split so no prompt (or text) is on both sides
     eval_fraction: float = 0.1
     split_slice: str = ""  # part of the training records: "500" (first 500), "10%" (first 10%), "100:300" (a range); empty: all
@@ -98,6 +104,27 @@ class DataConfig:
     text_pair_field: str = "text_pair"
     label_field: str = "label"
     cache: bool = True  # tokenized splits cached under $FINETUNE_CACHE/data (keyed by files, tokenizer, settings)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source of a run: its file, its sampling weight and the name its eval loss is logged under."""
+
+    path: str
+    weight: float
+    name: str
+
+
+def train_sources(cfg_data: DataConfig) -> list[Source]:
+    """data.train_path (and data.weights) as the run's sources, in the order given; the name is the file's stem unless set."""
+    entries = cfg_data.train_path if isinstance(cfg_data.train_path, list) else [cfg_data.train_path]
+    entries = [e if isinstance(e, dict) else {"path": e} for e in entries]
+    weights = cfg_data.weights or [e.get("weight", 1.0) for e in entries]
+    return [Source(str(e["path"]), float(w), str(e.get("name") or _source_name(str(e["path"])))) for e, w in zip(entries, weights)]
+
+
+def _source_name(path: str) -> str:
+    return path if path in BUILTIN_SOURCES else Path(path).stem
 
 
 @dataclass
@@ -202,10 +229,17 @@ def _closest(key: str, candidates) -> str:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the declared type, converting the forms YAML and the shell produce."""
     origin = typing.get_origin(hint)
+    if hint == TrainPath:
+        return _coerce_train_path(key, value)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        if item is not str:
+            return [_coerce(key, v, item) for v in value]
+        if not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of names, got {value!r}")
         return value
     if hint is bool:
@@ -229,6 +263,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise AssertionError(f"unhandled type {hint} for {key}")
+
+
+def _coerce_train_path(key: str, value: Any) -> str | list:
+    """data.train_path: a path, a list of paths, or a list of {path, weight, name} mappings (kept as given)."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a path or a list of paths (or of {{path, weight}} in YAML), got {value!r}")
+    for entry in value:
+        if isinstance(entry, dict):
+            unknown = sorted(set(entry) - set(SOURCE_KEYS))
+            if unknown or "path" not in entry:
+                raise ConfigError(f"{key}: each mapping needs a path and may have {', '.join(SOURCE_KEYS[1:])}; got {entry!r}")
+            _coerce(f"{key} weight", entry.get("weight", 1.0), float)
+        elif not isinstance(entry, str):
+            raise ConfigError(f"{key}: expected paths (or {{path, weight}} mappings), got {entry!r}")
+    return value
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -553,8 +604,9 @@ def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:
 def _data_problems(cfg: Config) -> list[str]:
     """What is wrong with the data settings for this task, model and plugin."""
     data = cfg.data
-    problems = choice_problems("data.truncation", data.truncation, TRUNCATION)
-    for key, path in (("data.train_path", data.train_path), ("data.eval_path", data.eval_path)):
+    problems = choice_problems("data.truncation", data.truncation, TRUNCATION) + _mixture_problems(data)
+    sources = train_sources(data)
+    for key, path in [("data.train_path", s.path) for s in sources] + [("data.eval_path", data.eval_path)]:
         if not path:
             continue
         if path in BUILTIN_SOURCES:
@@ -565,9 +617,9 @@ def _data_problems(cfg: Config) -> list[str]:
             problems.append(f"{key}: file not found: {path}")
         elif Path(path).suffix.lower() not in DATA_SUFFIXES:
             problems.append(f"{key}: {path} is not a {', '.join(DATA_SUFFIXES)} file (or one of {', '.join(BUILTIN_SOURCES)})")
-    if data.eval_path and Path(data.eval_path).is_file() and Path(data.train_path).is_file() and Path(data.eval_path).resolve() == Path(data.train_path).resolve():
+    if data.eval_path and Path(data.eval_path).is_file() and Path(sources[0].path).is_file() and Path(data.eval_path).resolve() == Path(sources[0].path).resolve():
         # every eval record would also be trained on, so eval loss would measure memorisation
-        problems.append(f"data.eval_path: is data.train_path ({data.train_path}); give a separate eval file, or leave data.eval_path empty to hold out data.eval_fraction")
+        problems.append(f"data.eval_path: is data.train_path ({sources[0].path}); give a separate eval file, or leave data.eval_path empty to hold out data.eval_fraction")
     if data.split_slice:
         try:
             parse_split_slice(data.split_slice)
@@ -583,6 +635,23 @@ def _data_problems(cfg: Config) -> list[str]:
     kind = model_type(cfg.model.name)
     if architecture(kind).encoder and not classification:
         problems.append(f"model.name={cfg.model.name} is an encoder ({kind}) and only serves task=classification; pick a causal LM for task={cfg.task}")
+    return problems
+
+
+def _mixture_problems(data: DataConfig) -> list[str]:
+    """What is wrong with a mixture of training sources: weights against sources, names, one eval file for all."""
+    paths = data.train_path if isinstance(data.train_path, list) else [data.train_path]
+    if any(isinstance(p, dict) and "weight" in p for p in paths) and data.weights:
+        return ["data.weights: the data.train_path entries carry weights already; give them in one place"]
+    if data.weights and len(data.weights) != len(paths):
+        return [f"data.weights: {len(data.weights)} weight(s) for {len(paths)} data.train_path source(s); give one weight per source, in the same order"]
+    sources = train_sources(data)
+    problems = [f"data.weights: the weight of {s.path} is {s.weight:g}; weights must be positive (drop a source by removing it)" for s in sources if not (s.weight > 0 and math.isfinite(s.weight))]
+    names = [s.name for s in sources]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"data.train_path: two sources are named '{name}' (a file listed twice, or files with the same stem); give each a name in YAML: {{path: ..., name: ...}}")
+    if len(sources) > 1 and data.eval_path:
+        problems.append("data.eval_path: one eval file cannot be split among the mixture's sources; leave it empty (each source holds out data.eval_fraction)")
     return problems
 
 

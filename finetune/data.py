@@ -1,9 +1,11 @@
 """The data module: records from local files (or the offline chatterbot corpus) -> checked, split, tokenized samples.
 
-    rows (datasets: .json array, .jsonl, .csv, .parquet)  -> task.check: records, bad rows named by file and row
-    -> eval split (data.eval_path, else a seeded data.eval_fraction of train_path's prompts)
+    rows of each source (datasets: .json array, .jsonl, .csv, .parquet) -> task.check: records, bad rows named by file and row
+    -> eval split (data.eval_path, else a seeded data.eval_fraction of each source's prompts)
     -> data.split_slice of the training records -> task.tokenize, truncate or drop at data.max_length
+       (each rank a share, meeting in the cache directory outside any collective: tokenize_shared)
     -> cached under $FINETUNE_CACHE/data, keyed by the data files, tokenizer and settings
+    -> a mixture's training set drawn by data.weights and train.seed (mixture_order)
 
 What a record holds and how it becomes a sample is the task's business (finetune/tasks/). Row numbers
 count records from 1 in file order (for CSV: data lines after the header).
@@ -22,15 +24,18 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from finetune import assets, corpus
-from finetune.config import DataConfig, SliceBound, parse_split_slice
+from finetune.faults import Faults
+from finetune.config import DataConfig, SliceBound, Source, parse_split_slice, train_sources
 from finetune.tasks import IGNORE_INDEX, DataError, LanguageModelingTask, Task, build_task  # noqa: F401 (IGNORE_INDEX, DataError: re-exported)
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -42,22 +47,29 @@ class Splits:
     """Checked records of a run, before tokenization (cheap: built before the model)."""
 
     task: Task  # built once, with what it learned from the training records (its label set)
-    train: list[dict]
+    train: list[dict]  # every source's training records, source by source; each carries its source's index as `_source`
     eval: list[dict]
     labels: list[str] | None  # classification: the label set, class id = position
-    train_source: str  # where the records came from, for error messages
-    eval_source: str
+    sources: list[Source]  # data.train_path's sources (one, or a mixture's)
+    eval_path: str  # data.eval_path (one source only), or empty: each source's eval records are held out of it
+    seed: int  # train.seed: the eval hold-out and the mixture are drawn with it
+
+    def where(self, split: int, source: int) -> str:
+        """The file a record of this split (TRAIN or EVAL) and source came from, for error messages."""
+        return self.eval_path if split == EVAL and self.eval_path else self.sources[source].path
 
 
 @dataclass
 class SplitData:
-    train: list[dict]  # tokenized samples: {input_ids, labels} or {input_ids, label}
-    eval: list[dict]
+    train: list[dict]  # tokenized samples: {input_ids, labels} or {input_ids, label}; a mixture's drawn by data.weights
+    eval: list[dict]  # every source's eval samples
     eval_records: list[dict]  # raw held-out records, for generation prompts
     truncated: int  # samples cut at data.max_length (train + eval)
     dropped: int  # samples left out: too long under data.truncation=drop, or nothing left to learn after the cut
     labels: list[str] | None
     cache: str  # "off", "built" or "hit", and where
+    eval_by_source: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # a mixture: each source's eval samples, by name
+    sources: list[dict] = dataclasses.field(default_factory=list)  # a mixture: per source, its weight and sample counts (summary.json)
 
 
 def read_rows(path: str) -> list[dict]:
@@ -141,21 +153,56 @@ def select_slice(records: list[dict], spec: str, source: str) -> list[dict]:
     return records[start:stop]
 
 
+TRAIN, EVAL = 0, 1  # a tokenized sample's split; its group is 2 * source + split
+
+
 def load_splits(cfg_data: DataConfig, seed: int, task: str = "instruction") -> Splits:
-    """Train and eval records, checked row by row (cheap: run it before building the model)."""
+    """Train and eval records of every source, checked row by row (cheap: run it before building the model).
+
+    Each source holds out its own eval split (data.eval_fraction of its prompts) and gets data.split_slice
+    and data.max_eval_samples on its own, so every source of a mixture has its own eval loss.
+    """
+    sources = train_sources(cfg_data)
     checker = build_task(task, cfg_data)
-    records = load_records(cfg_data.train_path, checker)
-    checker = checker.with_records(records, cfg_data.train_path)  # e.g. classification's label set
-    if cfg_data.eval_path:
-        train_records, eval_records, eval_source = records, load_records(cfg_data.eval_path, checker), cfg_data.eval_path
-    else:
-        train_records, eval_records = split_by_group(records, cfg_data.eval_fraction, seed, checker)
-        eval_source = cfg_data.train_path
-    train_records = select_slice(train_records, cfg_data.split_slice, cfg_data.train_path)
-    if 0 < cfg_data.max_eval_samples < len(eval_records):  # a seeded sample: files sorted by class stay represented
-        keep = sorted(random.Random(seed).sample(range(len(eval_records)), cfg_data.max_eval_samples))
-        eval_records = [eval_records[i] for i in keep]
-    return Splits(checker, train_records, eval_records, checker.labels_or_none, cfg_data.train_path, eval_source)
+    loaded = [[{**r, "_source": i} for r in load_records(source.path, checker)] for i, source in enumerate(sources)]
+    checker = checker.with_records([r for records in loaded for r in records], ", ".join(s.path for s in sources))  # e.g. classification's label set
+    train, evals = [], []
+    for i, records in enumerate(loaded):
+        if cfg_data.eval_path:  # one source only (config check)
+            held = [{**r, "_source": i} for r in load_records(cfg_data.eval_path, checker)]
+        else:
+            records, held = split_by_group(records, cfg_data.eval_fraction, seed, checker)
+        train += select_slice(records, cfg_data.split_slice, sources[i].path)
+        if 0 < cfg_data.max_eval_samples < len(held):  # a seeded sample: files sorted by class stay represented
+            held = [held[k] for k in sorted(random.Random(seed).sample(range(len(held)), cfg_data.max_eval_samples))]
+        evals += held
+    return Splits(checker, train, evals, checker.labels_or_none, sources, cfg_data.eval_path, seed)
+
+
+def mixture_order(sizes: list[int], weights: list[float], seed: int) -> list[tuple[int, int]]:
+    """(source, sample) pairs of a mixture's training set, drawn by weight and seed.
+
+    The mixture is as long as all sources together (sum of sizes): source i gets that length times
+    w_i / sum(w) places, rounded by largest remainder, so the ratio is exact up to one sample. A source
+    with more places than samples repeats them, each pass in a new seeded order (upsampling); one with
+    fewer places contributes a seeded subset (downsampling). The places are then shuffled by seed. The
+    set is the same every epoch (the sampler reshuffles its order), so a resumed run sees the same data.
+    """
+    total, weight_sum = sum(sizes), sum(weights)
+    exact = [total * w / weight_sum for w in weights]
+    places = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: places[i] - exact[i])[: total - sum(places)]:
+        places[i] += 1
+    rng = random.Random(seed)
+    order: list[tuple[int, int]] = []
+    for source, (size, count) in enumerate(zip(sizes, places)):
+        picks: list[int] = []
+        while len(picks) < count:
+            rng.shuffle(batch := list(range(size)))
+            picks += batch
+        order += [(source, k) for k in picks[:count]]
+    rng.shuffle(order)
+    return order
 
 
 # No tokenizer here packs more characters into one token (runs of spaces in code vocabularies come
@@ -174,57 +221,160 @@ def cap_text(value, limit: int):
     return value
 
 
-def tokenize_records(task: Task, tokenizer, records: list[dict], cfg_data: DataConfig, source: str, split: str) -> tuple[list[dict], int, int]:
-    """(samples, truncated, dropped) of one split; DataError when no sample is left."""
-    samples, truncated, dropped = [], 0, 0
-    shortest = None  # (length, row) of the shortest sample, for the every-sample-too-long error
-    for record in records:
+@dataclass
+class Tokenized:
+    """Tokenized samples of some records, each with its group (2 * source + split), and per group
+    [truncated, dropped, shortest length, its row] (-1 while the group has no record): what the cache holds."""
+
+    samples: list[dict]
+    groups: list[int]
+    stats: np.ndarray
+
+    @staticmethod
+    def merge(parts: list[Tokenized]) -> Tokenized:
+        """Parts tokenized from consecutive slices of the records, as if tokenized in one go."""
+        stats = parts[0].stats.copy()
+        for part in parts[1:]:
+            stats[:, :2] += part.stats[:, :2]
+            shorter = (part.stats[:, 2] >= 0) & ((stats[:, 2] < 0) | (part.stats[:, 2] < stats[:, 2]))
+            stats[shorter, 2:] = part.stats[shorter, 2:]
+        return Tokenized([s for p in parts for s in p.samples], [g for p in parts for g in p.groups], stats)
+
+
+def _tokenize(task: Task, tokenizer, units: list[tuple[int, dict]], cfg_data: DataConfig, groups: int, where, progress: bool = False) -> Tokenized:
+    """Tokenize (group, record) units; `where(group)` names the file in a bad row's error."""
+    result = Tokenized([], [], np.full((groups, 4), -1, dtype=np.int64))
+    result.stats[:, :2] = 0
+    for group, record in tqdm(units, desc="tokenize", disable=not progress, mininterval=2, dynamic_ncols=True):
         # A multi-megabyte row would otherwise be tokenized in full only to be cut to max_length.
         capped = cap_text(record, cfg_data.max_length * MAX_CHARS_PER_TOKEN)
         try:
             sample, length = task.tokenize(tokenizer, capped, cfg_data.max_length)
         except DataError as err:
-            raise DataError(f"{source} row {record['_row']}: {err}") from None
+            raise DataError(f"{where(group)} row {record['_row']}: {err}") from None
         if capped != record:  # its full length is unknown, but longer than max_length: counted as cut
             length = max(length, cfg_data.max_length + 1)
-        shortest = min(shortest or (length, record["_row"]), (length, record["_row"]))
+        stats = result.stats[group]
+        if stats[2] < 0 or (length, record["_row"]) < (stats[2], stats[3]):
+            stats[2:] = length, record["_row"]
         if length > cfg_data.max_length and cfg_data.truncation == "drop":
-            dropped += 1
+            stats[1] += 1
         elif isinstance(task, LanguageModelingTask) and all(label == IGNORE_INDEX for label in sample["labels"][1:]):
-            dropped += 1  # the cut left no token to learn (a causal LM never predicts the first one)
+            stats[1] += 1  # the cut left no token to learn (a causal LM never predicts the first one)
         else:
-            truncated += length > cfg_data.max_length
-            samples.append(sample)
-    if not samples:
-        fix = "raise data.max_length" + (" or set data.truncation=truncate" if cfg_data.truncation == "drop" else "")
-        raise DataError(
-            f"{source}: every {split} sample is longer than data.max_length={cfg_data.max_length} tokens"
-            f"{' with nothing left to learn after the cut' if cfg_data.truncation == 'truncate' else ''}"
-            f" (the shortest, row {shortest[1]}, has {shortest[0]}); {fix}"
-        )
-    return samples, truncated, dropped
+            stats[0] += length > cfg_data.max_length
+            result.samples.append(sample)
+            result.groups.append(group)
+    return result
+
+
+def _check_left(samples: list[dict], stats: np.ndarray, cfg_data: DataConfig, source: str, split: str) -> None:
+    """DataError when a split of a source has no sample left after truncation/dropping."""
+    if samples:
+        return
+    fix = "raise data.max_length" + (" or set data.truncation=truncate" if cfg_data.truncation == "drop" else "")
+    raise DataError(
+        f"{source}: every {split} sample is longer than data.max_length={cfg_data.max_length} tokens"
+        f"{' with nothing left to learn after the cut' if cfg_data.truncation == 'truncate' else ''}"
+        f" (the shortest, row {stats[3]}, has {stats[2]}); {fix}"
+    )
+
+
+def tokenize_records(task: Task, tokenizer, records: list[dict], cfg_data: DataConfig, source: str, split: str) -> tuple[list[dict], int, int]:
+    """(samples, truncated, dropped) of one split of one file; DataError when no sample is left."""
+    done = _tokenize(task, tokenizer, [(0, r) for r in records], cfg_data, 1, lambda group: source)
+    _check_left(done.samples, done.stats[0], cfg_data, source, split)
+    return done.samples, int(done.stats[0, 0]), int(done.stats[0, 1])
 
 
 def build_data(cfg_data: DataConfig, tokenizer, splits: Splits) -> SplitData:
-    """Tokenize the splits, or load them from the cache when the same files, tokenizer and settings were seen before."""
+    """Tokenize the splits (shared among the ranks), or load them from the cache when the same files, tokenizer
+    and settings were seen before; then draw a mixture's training set (mixture_order)."""
     task = splits.task
     task.prepare_tokenizer(tokenizer)
-    path = cache_path(cfg_data, splits, tokenizer) if cfg_data.cache else None
-    if path is not None and path.is_file():
-        train, evals, truncated, dropped = read_cache(path)
-        return SplitData(train, evals, splits.eval, truncated, dropped, splits.labels, f"hit {path}")
-    train, train_cut, train_dropped = tokenize_records(task, tokenizer, splits.train, cfg_data, splits.train_source, "training")
-    evals, eval_cut, eval_dropped = tokenize_records(task, tokenizer, splits.eval, cfg_data, splits.eval_source, "eval")
-    truncated, dropped = train_cut + eval_cut, train_dropped + eval_dropped
+    path = cache_path(cfg_data, splits, tokenizer)
+    if cfg_data.cache and path.is_file():
+        done, cache = read_cache(path), f"hit {path}"
+    else:
+        done, cache = tokenize_shared(task, tokenizer, splits, cfg_data, path)
+    names = [s.name for s in splits.sources]
+    per_group: list[list[dict]] = [[] for _ in range(2 * len(names))]
+    for sample, group in zip(done.samples, done.groups):
+        per_group[group].append(sample)
+    for group, samples in enumerate(per_group):
+        _check_left(samples, done.stats[group], cfg_data, splits.where(group % 2, group // 2), "training" if group % 2 == TRAIN else "eval")
+    train_sets, eval_sets = per_group[TRAIN::2], per_group[EVAL::2]
+    truncated, dropped = (int(x) for x in done.stats[:, :2].sum(axis=0))
+    evals = [s for samples in eval_sets for s in samples]
+    if len(names) == 1:
+        return SplitData(train_sets[0], evals, splits.eval, truncated, dropped, splits.labels, cache)
+    order = mixture_order([len(t) for t in train_sets], [s.weight for s in splits.sources], splits.seed)
+    drawn = [sum(1 for source, _ in order if source == i) for i in range(len(names))]
+    sources = [{"name": s.name, "path": s.path, "weight": s.weight, "train_samples": len(t), "drawn": n, "eval_samples": len(e)} for s, t, n, e in zip(splits.sources, train_sets, drawn, eval_sets)]
+    train = [train_sets[source][k] for source, k in order]
+    return SplitData(train, evals, splits.eval, truncated, dropped, splits.labels, cache, dict(zip(names, eval_sets)), sources)
+
+
+# Ranks poll for each other's tokenized parts (outside any collective, so launch.timeout_s does not bound
+# tokenization); a rank that fails leaves its error line in place of its part.
+POLL_S = 0.2
+PROGRESS_MIN_RECORDS = 2000  # smaller data tokenizes in a moment: no progress bar
+
+
+def tokenize_shared(task: Task, tokenizer, splits: Splits, cfg_data: DataConfig, path: Path) -> tuple[Tokenized, str]:
+    """Tokenize the records, each rank of the world a consecutive slice, then every rank reads every part.
+
+    The parts meet in the cache directory (which a multi-node run shares: distributed.check_shared_dirs);
+    rank 0 also writes the whole as the cache file when data.cache is on. Without a process group, or with
+    an unwritable cache directory, this rank tokenizes everything itself.
+    """
+    import torch.distributed as dist
+
+    units = [(2 * r["_source"] + TRAIN, r) for r in splits.train] + [(2 * r["_source"] + EVAL, r) for r in splits.eval]
+    groups, where = 2 * len(splits.sources), lambda group: splits.where(group % 2, group // 2)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    progress = rank == 0 and len(units) >= PROGRESS_MIN_RECORDS
+    if world == 1 or not _writable(path.parent):
+        done = _tokenize(task, tokenizer, units, cfg_data, groups, where, progress)
+        if not cfg_data.cache:
+            return done, "off"
+        return done, f"built {path}" if write_cache(path, done) else "off (cache dir not writable)"
+    parts = [path.with_name(f"{path.stem}.part{k}of{world}.npz") for k in range(world)]
+    try:
+        mine = _tokenize(task, tokenizer, units[len(units) * rank // world : len(units) * (rank + 1) // world], cfg_data, groups, where, progress)
+    except DataError as err:
+        parts[rank].with_suffix(".error").write_text(str(err))
+        raise
+    Faults().delay("slow_tokenize")
+    write_cache(parts[rank], mine)
+    while not all(p.is_file() for p in parts):
+        failed = [p.with_suffix(".error") for p in parts if p.with_suffix(".error").is_file()]
+        if failed:
+            parts[rank].unlink(missing_ok=True)
+            raise DataError(failed[0].read_text())
+        time.sleep(POLL_S)
+    done = Tokenized.merge([read_cache(p) for p in parts])
     cache = "off"
-    if path is not None:
-        cache = f"built {path}" if write_cache(path, train, evals, truncated, dropped) else "off (cache dir not writable)"
-    return SplitData(train, evals, splits.eval, truncated, dropped, splits.labels, cache)
+    if cfg_data.cache:  # rank 0 writes it; the others only say so
+        cache = f"built {path}" if rank != 0 or write_cache(path, done) else "off (cache dir not writable)"
+    dist.barrier()  # every rank has read every part (all arrive together: reading is quick)
+    if rank == 0:
+        for part in parts:
+            part.unlink(missing_ok=True)
+    return done, cache
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
 
 
 # --- cache: one .npz per (files, tokenizer, settings); flat int arrays, no pickle ---------------------------------
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: samples of every source and split in one list, with their group and per-group counts
 _CODE = [Path(__file__), Path(corpus.__file__), *sorted((Path(__file__).parent / "tasks").glob("*.py"))]
 
 
@@ -249,16 +399,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_path(cfg_data: DataConfig, splits: Splits, tokenizer) -> Path:
-    """Where the tokenized splits of these files, records, tokenizer and settings are cached."""
+    """Where the tokenized splits of these files, records, tokenizer and settings (a mixture's sources and weights included) are cached."""
     settings = {k: v for k, v in dataclasses.asdict(cfg_data).items() if k != "cache"}
     key = {
         "format": CACHE_FORMAT,
         "code": hashlib.sha256(b"".join(p.read_bytes() for p in _CODE)).hexdigest(),
         "task": splits.task.name,
         "labels": splits.labels,
-        "rows": [[r["_row"] for r in splits.train], [r["_row"] for r in splits.eval]],  # which records, after split and slice
+        # which records, after split and slice, of which source
+        "rows": [[(r["_source"], r["_row"]) for r in splits.train], [(r["_source"], r["_row"]) for r in splits.eval]],
         "settings": settings,
-        "train": _source_stamp(cfg_data.train_path),
+        "sources": [(s.name, s.weight, _source_stamp(s.path)) for s in splits.sources],
         "eval": _source_stamp(cfg_data.eval_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
@@ -266,43 +417,42 @@ def cache_path(cfg_data: DataConfig, splits: Splits, tokenizer) -> Path:
     return assets.cache_dir() / "data" / f"{splits.task.name}-{digest}.npz"
 
 
-def _flat(samples: list[dict], prefix: str) -> dict[str, np.ndarray]:
-    arrays = {f"{prefix}_lengths": np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)}
-    arrays[f"{prefix}_input_ids"] = np.array([t for s in samples for t in s["input_ids"]], dtype=np.int64)
+def _flat(samples: list[dict]) -> dict[str, np.ndarray]:
+    arrays = {"lengths": np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)}
+    arrays["input_ids"] = np.array([t for s in samples for t in s["input_ids"]], dtype=np.int64)
     if samples and "label" in samples[0]:
-        arrays[f"{prefix}_label"] = np.array([s["label"] for s in samples], dtype=np.int64)
+        arrays["label"] = np.array([s["label"] for s in samples], dtype=np.int64)
     else:
-        arrays[f"{prefix}_labels"] = np.array([t for s in samples for t in s["labels"]], dtype=np.int64)
+        arrays["labels"] = np.array([t for s in samples for t in s["labels"]], dtype=np.int64)
     return arrays
 
 
-def _unflat(arrays, prefix: str) -> list[dict]:
-    offsets = np.concatenate([[0], np.cumsum(arrays[f"{prefix}_lengths"])]).tolist()
-    ids = arrays[f"{prefix}_input_ids"].tolist()
-    if f"{prefix}_label" in arrays:
-        labels = arrays[f"{prefix}_label"].tolist()
+def _unflat(arrays) -> list[dict]:
+    offsets = np.concatenate([[0], np.cumsum(arrays["lengths"])]).tolist()
+    ids = arrays["input_ids"].tolist()
+    if "label" in arrays:
+        labels = arrays["label"].tolist()
         return [{"input_ids": ids[a:b], "label": label} for a, b, label in zip(offsets, offsets[1:], labels)]
-    token_labels = arrays[f"{prefix}_labels"].tolist()
+    token_labels = arrays["labels"].tolist()
     return [{"input_ids": ids[a:b], "labels": token_labels[a:b]} for a, b in zip(offsets, offsets[1:])]
 
 
-def write_cache(path: Path, train: list[dict], evals: list[dict], truncated: int, dropped: int) -> bool:
-    """Write the tokenized splits beside and rename into place (readers never see half a file); False if not writable."""
+def write_cache(path: Path, done: Tokenized) -> bool:
+    """Write tokenized samples beside and rename into place (readers never see half a file); False if not writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
-        np.savez(staging, **_flat(train, "train"), **_flat(evals, "eval"), counts=np.array([truncated, dropped]))
+        np.savez(staging, **_flat(done.samples), groups=np.array(done.groups, dtype=np.int64), stats=done.stats)
         staging.replace(path)
         return True
     except OSError:
         return False
 
 
-def read_cache(path: Path) -> tuple[list[dict], list[dict], int, int]:
-    """(train, eval, truncated, dropped) from a cache file."""
+def read_cache(path: Path) -> Tokenized:
+    """The tokenized samples, their groups and per-group counts of a cache file (or of one rank's part)."""
     with np.load(path, allow_pickle=False) as arrays:
-        truncated, dropped = arrays["counts"].tolist()
-        return _unflat(arrays, "train"), _unflat(arrays, "eval"), truncated, dropped
+        return Tokenized(_unflat(arrays), arrays["groups"].tolist(), arrays["stats"])
 
 
 # --- batches ------------------------------------------------------------------------------------------------------

@@ -103,9 +103,10 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 def eval_line(result: dict) -> str:
     """One readable line of an eval result."""
+    by_source = "".join(f", {key.removeprefix('loss/')} loss {value:.4f}" for key, value in result.items() if key.startswith("loss/"))  # a mixture's sources
     if "accuracy" in result:
-        return f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
-    return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
+        return f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{by_source}"
+    return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{by_source}"
 
 
 def best_eval(results: list[dict]) -> dict:

@@ -7,6 +7,7 @@
     FINETUNE_FAULT=stall_in_tp:1          rank 1 stops responding before step 1 (under tensor parallelism
                                           rank 0 then waits inside a TP collective until launch.timeout_s)
     FINETUNE_FAULT=sigterm_after_step:3   rank 0 sends itself SIGTERM once step 3 is done (preemption)
+    FINETUNE_FAULT=slow_tokenize:20       rank 1 takes 20 s longer over its share of the tokenization
 
 Real kills, not simulated exits: nothing gets to clean up, exactly as when a node dies. Unset, this
 module does nothing.
@@ -43,6 +44,12 @@ class Faults:
         if self.at(name, step) and os.environ.get("RANK") == "1":
             print(f"fault: rank 1 stalls before step {step}", flush=True)
             time.sleep(3600)
+
+    def delay(self, name: str) -> None:
+        """On rank 1, sleep the seconds fault `name` gives (slow work that is not a stall)."""
+        if name in self.points and os.environ.get("RANK") == "1":
+            print(f"fault: rank 1 is slowed by {self.points[name]} s", flush=True)
+            time.sleep(self.points[name])
 
     def maybe_signal(self, name: str, step: int) -> None:
         """Rank 0 sends itself SIGTERM if fault `name` is set for this step: a preemption only one rank hears."""

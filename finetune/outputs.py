@@ -356,6 +356,7 @@ def finish(writer: RunOutputs, run: Run, data, history: dict, evals: tuple[dict,
             "packed_rows": len(packed_dataloader.dataset) if packed_dataloader is not None else None,
             "labels": data.labels,
             "cache": data.cache,
+            "sources": data.sources or None,  # a mixture: per source, its weight, training samples, how many were drawn, eval samples
         },
         "final_dir": str(final),
         "resumed_from": {"checkpoint": str(facts["resume"]), "step": facts["start_step"]} if facts["resume"] else None,

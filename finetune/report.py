@@ -72,6 +72,7 @@ def best_metric(summary: dict) -> tuple[str, float, str]:
     """(name, value, detail) of the run's best eval: accuracy for classification, loss for LM tasks."""
     best = summary["eval"]["best"]
     step = f"step {best['step']}" if "step" in best else ""
+    step += "".join(f"; {key.removeprefix('loss/')} loss {value:.3f}" for key, value in best.items() if key.startswith("loss/"))  # a mixture's sources
     if "accuracy" in best:
         return "accuracy", best["accuracy"], f"macro-F1 {best['macro_f1']:.3f}, {step}"
     return "eval loss", best["loss"], f"ppl {best['perplexity']:.2f}, {step}"

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from finetune import checkpoint, checks, compat, outputs
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
-from finetune.data import DataError, batches_forever, build_data, collate, load_splits, non_pad_tokens
+from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, reload_final
@@ -164,17 +164,22 @@ def last_checkpoint_note(cfg: Config) -> str:
     return f"; the last good checkpoint is {found[-1]} (resume_from=latest)" if found else "; no checkpoint was written (checkpoint.every_steps)"
 
 
-def run_eval(run: Run, samples: list[dict], pad_token_id: int) -> dict:
-    """Distributed eval of the boosted model (in eval mode) on samples: the task's metrics through the plugin's forward."""
+def run_eval(run: Run, samples: list[dict], pad_token_id: int, by_source: dict[str, list[dict]] | None = None) -> dict:
+    """Distributed eval of the boosted model (in eval mode) on samples: the task's metrics through the plugin's forward.
+
+    A mixture's eval also gives each source's own loss, as loss/<source name>.
+    """
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size  # pipelines evaluate at the train batch
     run.model.eval()
     forward = run.plugin.eval_forward(run, run.task.eval_output)
     result = run.task.evaluate(forward, samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
+    for name, part in (by_source or {}).items():
+        result[f"loss/{name}"] = run.task.evaluate(forward, part, batch_size, pad_token_id, run.device, run.layout, run.pad_to)["loss"]
     run.model.train()
     return result
 
 
-def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_token_id: int, profiler, writer, start_step: int = 0) -> dict:
+def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: int, profiler, writer, start_step: int = 0) -> dict:
     """The training loop: step, log, evaluate every eval.every_steps, checkpoint every checkpoint.every_steps.
 
     Returns the loss history (earlier steps of a resumed run included, from metrics.jsonl) and throughput.
@@ -208,7 +213,7 @@ def fit(run: Run, dataloader, total_steps: int, eval_samples: list[dict], pad_to
             progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
             progress.update()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
-                result = run_eval(run, eval_samples, pad_token_id)
+                result = run_eval(run, data.eval, pad_token_id, data.eval_by_source)
                 eval_history.append({"step": step, **result})
                 log(f"step {step}: eval {eval_line(result)}")
                 if is_main():
@@ -277,9 +282,10 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     log(profiler.format(profiler.record("model_loaded")))
     model_weights = weight_bytes(model)
     log(format_weight_bytes(model_weights))
-    with main_rank_first():  # rank 0 tokenizes into the data cache; the others then read it
-        data = build_data(cfg.data, tokenizer, splits)
+    data = build_data(cfg.data, tokenizer, splits)  # every rank tokenizes a share; they meet in the cache, outside any collective
     log(f"data: {len(data.train)} train / {len(data.eval)} eval samples ({data.truncated} truncated, {data.dropped} dropped at {cfg.data.max_length} tokens; cache {data.cache})")
+    if data.sources:
+        log("data mixture (weight: samples drawn of the source's training samples): " + ", ".join(f"{s['name']} {s['weight']:g}: {s['drawn']} of {s['train_samples']}" for s in data.sources))
     packed = packed_attention(model) if cfg.data.packing else ""  # before any wrapper hides the model
 
     booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, plugin_spec.shard_policy(cfg, model))
@@ -320,18 +326,18 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         log(position_line)
     module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
 
-    eval_before = run_eval(run, data.eval, tokenizer.pad_token_id)
+    eval_before = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval {'at the resumed step' if start_step else 'before training'}: {eval_line(eval_before)}")
     if is_main():
         eval_before = outputs.first_eval(writer, eval_before, start_step)  # a resumed run keeps the untrained model's
     fingerprints_before = checks.fingerprints(module)
 
     profiler.reset_peak()
-    history = fit(run, dataloader, total_steps, data.eval, tokenizer.pad_token_id, profiler, writer, start_step)
+    history = fit(run, dataloader, total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
     profiler.record_train_peak()
     log(profiler.format(profiler.record("after_training")))
 
-    eval_after = run_eval(run, data.eval, tokenizer.pad_token_id)
+    eval_after = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval after training:  {eval_line(eval_after)}")
     probe = data.eval[:PROBE_SAMPLES]
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
