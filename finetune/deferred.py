@@ -1,0 +1,142 @@
+"""Pretrained weights loaded after the plugin has sharded the model, so that no rank holds the whole model.
+
+A plugin that shards the model says how it wants the model built (`Plugin.model_init`):
+  - "lazy": under ColossalAI's LazyInitContext (its Llama examples build models so for Gemini and
+    HybridParallel): parameters are LazyTensors, and `booster.boost` materializes only this rank's shard;
+    the checkpoint's tensors are then read one at a time (safetensors, by name) into the shards.
+  - "meta": parameters on the meta device (buffers real); FSDP materializes each wrapped unit with
+    `param_init_fn` straight from the checkpoint, shards it, and frees the rest before the next unit.
+Only safetensors are read (never torch.load: a model directory is user-supplied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from finetune.errors import FinetuneError
+
+
+class DeferredWeightsError(FinetuneError):
+    """The checkpoint cannot fill the model that was built from its config."""
+
+
+class Checkpoint:
+    """The tensors of a save_pretrained directory (one safetensors file, or the shards its index lists), read by name."""
+
+    def __init__(self, path: Path) -> None:
+        from finetune.checkpoint import check_weight_files
+
+        self.path = Path(path)
+        check_weight_files(self.path, "model.name")  # an index may name safetensors files in this directory only
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = dict(json.loads(index.read_text())["weight_map"])
+        else:
+            from safetensors import safe_open
+
+            with safe_open(self.path / "model.safetensors", framework="pt") as f:
+                self.files = {key: "model.safetensors" for key in f.keys()}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor, copied out of its memory-mapped file; the file is unmapped again, so its pages leave
+        this process's resident set (kept mapped, every page read would count in it until the end)."""
+        from safetensors import safe_open
+
+        with safe_open(self.path / self.files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def key_for(self, names: list[str]) -> str:
+        """The stored key of a parameter known by these names (tied weights are stored once, under one of them)."""
+        key = next((n for n in names if n in self.files), None)
+        if key is None:
+            raise DeferredWeightsError(f"model.name: {self.path} has no weight for {names[0]}; the checkpoint does not fit its own config.json")
+        return key
+
+
+def build_context(init: str):
+    """The context to build a model in for `init` ("lazy" | "meta"; "eager": none)."""
+    if init == "lazy":
+        from colossalai.lazy import LazyInitContext
+
+        return LazyInitContext()
+    if init == "meta":
+        from transformers.integrations.accelerate import init_empty_weights
+
+        return init_empty_weights(include_buffers=False)  # buffers (rotary tables, masks) are computed for real: small
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A model built without its weights: where they are, and every name of each parameter (tied weights
+    have several, stored once), taken before wrapping hides the model."""
+
+    path: Path
+    names: dict[str, list[str]]
+
+
+def pending(model: nn.Module) -> Pending | None:
+    """The weights a model built by build_model(init="lazy"|"meta") still needs; None: it has them."""
+    return getattr(model, PENDING_ATTR, None)
+
+
+def defer(model: nn.Module, path: Path) -> nn.Module:
+    """Record on the model that its weights are to be read from path once the plugin has sharded it."""
+    by_object: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_object.setdefault(id(param), []).append(name)
+    names = {name: by_object[id(param)] for name, param in model.named_parameters(remove_duplicate=False)}
+    setattr(model, PENDING_ATTR, Pending(Path(path), names))
+    return model
+
+
+PENDING_ATTR = "finetune_pending_weights"
+
+
+def load_into_shards(module: nn.Module, checkpoint: Checkpoint, names: dict[str, list[str]]) -> int:
+    """Copy the checkpoint into this rank's materialized shards of a shardformer model; returns the tensors read.
+
+    ColossalAI's loader slices each full tensor for its tensor-parallel shard (and pads a padded
+    vocabulary); fed one tensor at a time, a rank never holds more than one full weight. Parameters of
+    other pipeline stages are gone from this rank's module and are not read.
+
+    Args:
+        names: every name of each parameter, by its name in the built model (Pending.names).
+    """
+    from colossalai.checkpoint_io.utils import load_state_dict_into_model
+
+    count = 0
+    for name, _ in module.named_parameters():
+        key = checkpoint.key_for(names.get(name, [name]))
+        load_state_dict_into_model(module, {name: checkpoint.tensor(key)}, missing_keys=[], strict=False, load_sub_module=True)
+        count += 1
+    return count
+
+
+def fsdp_param_init_fn(model: nn.Module, checkpoint: Checkpoint, names: dict[str, list[str]]) -> Callable[[nn.Module], None]:
+    """FSDP's param_init_fn for a model built on the meta device: each module's own parameters from the checkpoint.
+
+    FSDP calls it on every module of a unit before sharding that unit; tied parameters (one object under
+    several modules) are materialized once and shared again.
+    """
+    prefixes = {id(m): f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
+    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta param) -> (meta param, loaded param)
+
+    def init(module: nn.Module) -> None:
+        for attr, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            if id(param) not in done:
+                name = prefixes[id(module)] + attr
+                tensor = checkpoint.tensor(checkpoint.key_for(names.get(name, [name])))
+                done[id(param)] = (param, nn.Parameter(tensor.to(param.dtype), requires_grad=param.requires_grad))
+            module._parameters[attr] = done[id(param)][1]
+
+    return init
