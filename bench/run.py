@@ -117,6 +117,8 @@ def case_row(case: Case, run: dict, on_cuda: bool) -> dict:
         "tokens_per_s": statistics.median(m["tokens"] for m in steps) / median_step,
         "median_step_s": median_step,
         "peak_bytes_rank0": peak,
+        # The node's host memory for building the model: each rank's highest use up to `boosted` above its `start`, summed.
+        "build_bytes_sum": sum(memory.get("build_bytes_per_rank") or [0]) or None,
         "predicted_bytes": prediction.get("predicted_train_step_peak_bytes"),
         "trainable_params": run["summary"]["trainable_params"],
         "base_bytes_per_param": base_bytes_per_param(run["summary"]),
@@ -259,7 +261,7 @@ def markdown(results: dict) -> str:
         rows = results.get(key, [])
         if not rows:
             continue
-        header = ["setup", speed, "median step (s)", memory, "predicted (MiB)", "measured/predicted", "trainable params"]
+        header = ["setup", speed, "median step (s)", memory, "predicted (MiB)", "measured/predicted", "building the model, all ranks (MiB)", "trainable params"]
         header += ["base bytes/param"] if key == "methods" else []
         header += ["MFU"] if on_cuda else []
         lines += [f"## {title}: {results['model']}, {rows[0]['ranks']} ranks, batch {results['batch']} per rank", ""]
@@ -267,7 +269,7 @@ def markdown(results: dict) -> str:
         for r in rows:
             ratio = r["peak_bytes_rank0"] / r["predicted_bytes"] if r["predicted_bytes"] else float("nan")
             tokens = r["tokens_per_s_per_gpu"] if on_cuda else r["tokens_per_s"]
-            cells = [r["case"], f"{tokens:,.0f}", f"{r['median_step_s']:.2f}", fmt_mib(r["peak_bytes_rank0"]), fmt_mib(r["predicted_bytes"]), f"{ratio:.2f}", f"{r['trainable_params']:,d}"]
+            cells = [r["case"], f"{tokens:,.0f}", f"{r['median_step_s']:.2f}", fmt_mib(r["peak_bytes_rank0"]), fmt_mib(r["predicted_bytes"]), f"{ratio:.2f}", fmt_mib(r.get("build_bytes_sum")), f"{r['trainable_params']:,d}"]
             cells += [f"{r['base_bytes_per_param']:.2f}"] if key == "methods" else []
             cells += [f"{r['mfu']:.1%}" if r.get("mfu") else "-"] if on_cuda else []
             lines.append("| " + " | ".join(cells) + " |")
