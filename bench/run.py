@@ -208,6 +208,20 @@ def method_cases(base: list[str], nproc: int) -> list[Case]:
     return cases
 
 
+def pretrained_copy(name: str) -> str:
+    """A named (random-init) model saved once as a safetensors model directory: trained from there, it is a
+    pretrained checkpoint to the plugins that load weights per shard (finetune.deferred)."""
+    target = RESULTS / "runs" / f"{name}-pretrained"
+    if not (target / "model.safetensors").exists():
+        from finetune.config import ModelConfig
+        from finetune.model import build_model
+
+        model, tokenizer = build_model(ModelConfig(name=name), seed=0)
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+    return str(target)
+
+
 def base_bytes_per_param(summary: dict) -> float:
     """Bytes per parameter of the base weights as the run built them (summary.json's model_weights, taken
     before adapters exist): for QLoRA the packed 4-bit data and its quantization state over the logical count."""
@@ -338,12 +352,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (every sample fills it)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the overhead comparison")
     parser.add_argument("--only", default="", help="comma-separated case names (e.g. lora,qlora): just these rows, without the overhead comparison and baseline; written to results-NAMES.md/.json")
+    parser.add_argument("--as-pretrained", action="store_true", help="save the named --model as a safetensors model directory first and train from it (as from a pretrained checkpoint)")
     opts = parser.parse_args()
     only = set(filter(None, opts.only.split(",")))
     started = time.perf_counter()
     RESULTS.mkdir(parents=True, exist_ok=True)
     description, device, nproc = machine()
-    results: dict = {"machine": description, "device": device, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
+    results: dict = {"machine": description, "device": device, "model": opts.model + (" (saved as a pretrained directory)" if opts.as_pretrained else ""), "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
     print(f"bench on {description}", flush=True)
     if device == "cpu" and not only:
         results["baseline"] = cpu_process_baseline()
@@ -351,7 +366,7 @@ def main() -> None:
     if not only:
         results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 6, opts.batch_size, opts.max_length, opts.rounds)
         print(f"framework overhead ratio: {results['overhead']['ratio']:.3f}", flush=True)
-    base = common_args(opts.model, opts.steps, opts.batch_size, opts.max_length)
+    base = common_args(pretrained_copy(opts.model) if opts.as_pretrained else opts.model, opts.steps, opts.batch_size, opts.max_length)
     base += ["train.precision=bf16"] if device == "cuda" else []  # MFU is against the bf16 peak
     for key, cases in (("plugins", plugin_cases(base, nproc)), ("methods", method_cases(base, nproc))):
         results[key] = [run_case(case, key, device) for case in cases if not only or case.name in only]

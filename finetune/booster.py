@@ -122,11 +122,16 @@ class Plugin:
         """
 
     def load_deferred(self, run: Run, pending) -> None:
-        """Read the pretrained weights of a model built without them into this rank's shards, after boost."""
-        from finetune import checkpoint, deferred
+        """Read the pretrained weights of a model built without them into this rank's shards, after boost
+        (plugins whose model_init is not "eager"): ColossalAI's shardformer loader, then the master copies."""
+        from finetune import deferred
 
-        deferred.load_into_shards(run.model.unwrap(), deferred.Checkpoint(pending.path), pending.names)
-        checkpoint.update_master_params(run)  # precision plugins made their fp32 master copies at boost
+        module = run.model.unwrap()
+        deferred.load_into_shards(module, deferred.Checkpoint(pending.path), pending.names)
+        # The optimizer made its fp32 master copies (bf16/fp16, ZeRO) from the weights boost materialized:
+        # copy the loaded ones in (the model's own update_master_params is a no-op under HybridParallel).
+        if hasattr(run.optimizer, "update_master_params"):
+            run.optimizer.update_master_params(module)
 
     def build_optimizer(self, params: list, cfg: Config):
         """The optimizer over the trainable parameters: AdamW or SGD (momentum 0.9).

@@ -62,15 +62,25 @@ class Checkpoint:
 
 def build_context(init: str):
     """The context to build a model in for `init` ("lazy" | "meta"; "eager": none)."""
+    # transformers' no_init_weights: the random init would be overwritten by the checkpoint anyway (and,
+    # lazily recorded, replayed at materialization), as ColossalAI's own lazy from_pretrained builds.
+    from transformers.modeling_utils import no_init_weights
+
     if init == "lazy":
         from colossalai.lazy import LazyInitContext
 
-        return LazyInitContext()
+        return _both(LazyInitContext(), no_init_weights())
     if init == "meta":
         from transformers.integrations.accelerate import init_empty_weights
 
-        return init_empty_weights(include_buffers=False)  # buffers (rotary tables, masks) are computed for real: small
+        return _both(init_empty_weights(include_buffers=False), no_init_weights())  # buffers (rotary tables, masks) are real: small
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 @dataclass(frozen=True)
@@ -127,16 +137,25 @@ def fsdp_param_init_fn(model: nn.Module, checkpoint: Checkpoint, names: dict[str
     several modules) are materialized once and shared again.
     """
     prefixes = {id(m): f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
-    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta param) -> (meta param, loaded param)
+    # Tied parameters only (kept for their other modules, all in one unit); the others' full tensors must
+    # go once FSDP has sharded their unit.
+    tied: dict[int, list] = {}  # id(meta param) -> [meta param, loaded param, modules still to get it]
 
     def init(module: nn.Module) -> None:
         for attr, param in list(module.named_parameters(recurse=False)):
             if not param.is_meta:
                 continue
-            if id(param) not in done:
-                name = prefixes[id(module)] + attr
-                tensor = checkpoint.tensor(checkpoint.key_for(names.get(name, [name])))
-                done[id(param)] = (param, nn.Parameter(tensor.to(param.dtype), requires_grad=param.requires_grad))
-            module._parameters[attr] = done[id(param)][1]
+            name = prefixes[id(module)] + attr
+            if id(param) in tied:
+                entry = tied[id(param)]
+                module._parameters[attr], entry[2] = entry[1], entry[2] - 1
+                if entry[2] == 0:
+                    del tied[id(param)]
+                continue
+            aliases = names.get(name, [name])
+            tensor = checkpoint.tensor(checkpoint.key_for(aliases))
+            module._parameters[attr] = nn.Parameter(tensor.to(param.dtype), requires_grad=param.requires_grad)
+            if len(aliases) > 1:
+                tied[id(param)] = [param, module._parameters[attr], len(aliases) - 1]
 
     return init
