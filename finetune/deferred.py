@@ -52,6 +52,15 @@ class Checkpoint:
         with safe_open(self.path / self.files[key], framework="pt") as f:
             return f.get_tensor(key)
 
+    def part(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor along dim (clipped to its stored length), reading those bytes alone."""
+        from safetensors import safe_open
+
+        with safe_open(self.path / self.files[key], framework="pt") as f:
+            stored = f.get_slice(key)
+            length = stored.get_shape()[dim]
+            return stored[(slice(None),) * dim + (slice(min(start, length), min(stop, length)),)]
+
     def key_for(self, names: list[str]) -> str:
         """The stored key of a parameter known by these names (tied weights are stored once, under one of them)."""
         key = next((n for n in names if n in self.files), None)
@@ -123,11 +132,38 @@ def load_into_shards(module: nn.Module, checkpoint: Checkpoint, names: dict[str,
     from colossalai.checkpoint_io.utils import load_state_dict_into_model
 
     count = 0
-    for name, _ in module.named_parameters():
+    for name, param in module.named_parameters():
         key = checkpoint.key_for(names.get(name, [name]))
-        load_state_dict_into_model(module, {name: checkpoint.tensor(key)}, missing_keys=[], strict=False, load_sub_module=True)
+        split = tensor_parallel_split(param)
+        if split is None:
+            load_state_dict_into_model(module, {name: checkpoint.tensor(key)}, missing_keys=[], strict=False, load_sub_module=True)
+        else:  # only this rank's rows are read; past the stored length (a padded vocabulary) zeros, as ColossalAI pads
+            dim, start, stop = split
+            with torch.no_grad():
+                rows = checkpoint.part(key, dim, start, stop)
+                param.data.narrow(dim, 0, rows.shape[dim]).copy_(rows)
+                param.data.narrow(dim, rows.shape[dim], param.shape[dim] - rows.shape[dim]).zero_()
         count += 1
     return count
+
+
+def tensor_parallel_split(param: torch.Tensor) -> tuple[int, int, int] | None:
+    """(dim, start, stop): the rows of the whole tensor this rank's shard of a parameter holds, for a plain
+    split along one dim over one process group (ColossalAI's chunking); None for anything else (replicated,
+    or a customized split such as GPT-2's fused q/k/v), which ColossalAI's loader then slices."""
+    import torch.distributed as dist
+    from colossalai.tensor.d_tensor.api import get_device_mesh, get_global_shape, get_sharding_spec, is_distributed_tensor
+
+    if not is_distributed_tensor(param):
+        return None
+    partition = get_sharding_spec(param).dim_partition_dict
+    if len(partition) != 1 or len(next(iter(partition.values()))) != 1:
+        return None
+    (dim, (axis,)), = partition.items()
+    group = get_device_mesh(param).get_process_group(axis)
+    chunk = -(-get_global_shape(param)[dim] // dist.get_world_size(group))  # torch.chunk's size: the last may be shorter
+    start = dist.get_rank(group) * chunk
+    return dim, start, start + param.shape[dim]
 
 
 def fsdp_param_init_fn(model: nn.Module, checkpoint: Checkpoint, names: dict[str, list[str]]) -> Callable[[nn.Module], None]:
