@@ -3,7 +3,8 @@
 A plugin that shards the model says how it wants the model built (`Plugin.model_init`):
   - "lazy": under ColossalAI's LazyInitContext (its Llama examples build models so for Gemini and
     HybridParallel): parameters are LazyTensors, and `booster.boost` materializes only this rank's shard;
-    the checkpoint's tensors are then read one at a time (safetensors, by name) into the shards.
+    the checkpoint's tensors are then read one at a time (safetensors, by name) into the shards: of a
+    tensor split over tensor-parallel ranks only this rank's rows.
   - "meta": parameters on the meta device (buffers real); FSDP materializes each wrapped unit with
     `param_init_fn` straight from the checkpoint, shards it, and frees the rest before the next unit.
 Only safetensors are read (never torch.load: a model directory is user-supplied).
@@ -88,6 +89,7 @@ def build_context(init: str):
 
 @contextlib.contextmanager
 def _both(first, second):
+    """Two contexts as one."""
     with first, second:
         yield
 
@@ -122,9 +124,10 @@ PENDING_ATTR = "finetune_pending_weights"
 def load_into_shards(module: nn.Module, checkpoint: Checkpoint, names: dict[str, list[str]]) -> int:
     """Copy the checkpoint into this rank's materialized shards of a shardformer model; returns the tensors read.
 
-    ColossalAI's loader slices each full tensor for its tensor-parallel shard (and pads a padded
-    vocabulary); fed one tensor at a time, a rank never holds more than one full weight. Parameters of
-    other pipeline stages are gone from this rank's module and are not read.
+    A plain split along one dim (most tensor-parallel weights, a padded vocabulary included) reads only
+    this rank's rows; anything else goes through ColossalAI's loader, which slices the full tensor, fed one
+    tensor at a time, so a rank never holds more than one full weight. Parameters of other pipeline
+    stages are gone from this rank's module and are not read.
 
     Args:
         names: every name of each parameter, by its name in the built model (Pending.names).
