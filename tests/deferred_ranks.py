@@ -1,6 +1,7 @@
 """Run by tests/test_deferred.py under torchrun (2 ranks): each pretrained model directory built the way
 a sharding plugin asks (Plugin.model_init), boosted, its weights loaded per shard (load_deferred), and its
-logits compared with the unsharded model's. Rank 0 writes {"<model> <setup>": max |difference|} as JSON.
+logits compared with the unsharded model's; and a bf16 ZeRO-1 pipeline step from a deferred build against
+one from an eager build. Rank 0 writes {"<model> <setup>": max |difference|} as JSON.
 
     torchrun --nproc_per_node=2 tests/deferred_ranks.py OUT.json MODEL_DIR [MODEL_DIR ...]
 """
@@ -63,6 +64,34 @@ def check(model_dir: str, setup: str, batch: dict, reference: torch.Tensor) -> f
     return None if logits is None else (logits - reference).abs().max().item()
 
 
+def losses_after_a_step(model_dir: str, init: str, batch: dict) -> list[float]:
+    """The pipeline loss before and after one bf16 ZeRO-1 step (pp2): the optimizer's fp32 master copies,
+    made at boost, must hold the loaded weights, or the step writes the unloaded ones back."""
+    cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=bf16", "train.lr=2e-2", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2", "plugin.zero_stage=1"]))
+    spec = PLUGINS[cfg.plugin.name]
+    model, _ = build_model(cfg.model, 0, spec.shardformer, init=init)
+    pending = deferred.pending(model)
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, "bf16", 0.0)
+    optimizer = spec.build_optimizer(list(model.parameters()), cfg)
+    boosted, optimizer, *_ = booster.boost(model, optimizer)
+    if pending:
+        spec.load_deferred(types.SimpleNamespace(model=boosted, optimizer=optimizer, booster=booster, plugin=plugin), pending)
+    losses = []
+    for _ in range(2):
+        out = booster.execute_pipeline(iter([batch]), boosted, criterion=lambda o, _: o.loss, optimizer=optimizer, return_loss=True)
+        optimizer.step()
+        optimizer.zero_grad()
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, None if out["loss"] is None else out["loss"].item())
+        losses.append(next(x for x in found if x is not None))
+    return losses
+
+
+def nan_max(values: torch.Tensor) -> float:
+    """The largest |value|, NaN if any is (Python's max would skip a NaN)."""
+    return values.abs().max().item()
+
+
 def main(out: str, model_dirs: list[str]) -> None:
     launch(str(Path(out).parent), False, 300, 0)
     from transformers import AutoModelForCausalLM
@@ -77,7 +106,9 @@ def main(out: str, model_dirs: list[str]) -> None:
         for setup in SETUPS:
             diffs = [None] * dist.get_world_size()
             dist.all_gather_object(diffs, check(model_dir, setup, batch, expected))
-            results[f"{Path(model_dir).name} {setup}"] = max(d for d in diffs if d is not None)
+            results[f"{Path(model_dir).name} {setup}"] = nan_max(torch.tensor([d for d in diffs if d is not None]))
+    deferred_losses, eager_losses = (losses_after_a_step(model_dirs[0], init, batch) for init in ("lazy", "eager"))
+    results["pp2 zero1 bf16 step"] = nan_max(torch.tensor(deferred_losses) - torch.tensor(eager_losses))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
