@@ -117,6 +117,8 @@ def case_row(case: Case, run: dict, on_cuda: bool) -> dict:
         "tokens_per_s": statistics.median(m["tokens"] for m in steps) / median_step,
         "median_step_s": median_step,
         "peak_bytes_rank0": peak,
+        # The node's host memory for building the model: each rank's highest use up to `boosted` above its `start`, summed.
+        "build_bytes_sum": sum(memory.get("build_bytes_per_rank") or [0]) or None,
         "predicted_bytes": prediction.get("predicted_train_step_peak_bytes"),
         "trainable_params": run["summary"]["trainable_params"],
         "base_bytes_per_param": base_bytes_per_param(run["summary"]),
@@ -206,6 +208,20 @@ def method_cases(base: list[str], nproc: int) -> list[Case]:
     return cases
 
 
+def pretrained_copy(name: str) -> str:
+    """A named (random-init) model saved once as a safetensors model directory: trained from there, it is a
+    pretrained checkpoint to the plugins that load weights per shard (finetune.deferred)."""
+    target = RESULTS / "runs" / f"{name}-pretrained"
+    if not (target / "model.safetensors").exists():
+        from finetune.config import ModelConfig
+        from finetune.model import build_model
+
+        model, tokenizer = build_model(ModelConfig(name=name), seed=0)
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+    return str(target)
+
+
 def base_bytes_per_param(summary: dict) -> float:
     """Bytes per parameter of the base weights as the run built them (summary.json's model_weights, taken
     before adapters exist): for QLoRA the packed 4-bit data and its quantization state over the logical count."""
@@ -259,7 +275,7 @@ def markdown(results: dict) -> str:
         rows = results.get(key, [])
         if not rows:
             continue
-        header = ["setup", speed, "median step (s)", memory, "predicted (MiB)", "measured/predicted", "trainable params"]
+        header = ["setup", speed, "median step (s)", memory, "predicted (MiB)", "measured/predicted", "building the model, all ranks (MiB)", "trainable params"]
         header += ["base bytes/param"] if key == "methods" else []
         header += ["MFU"] if on_cuda else []
         lines += [f"## {title}: {results['model']}, {rows[0]['ranks']} ranks, batch {results['batch']} per rank", ""]
@@ -267,7 +283,7 @@ def markdown(results: dict) -> str:
         for r in rows:
             ratio = r["peak_bytes_rank0"] / r["predicted_bytes"] if r["predicted_bytes"] else float("nan")
             tokens = r["tokens_per_s_per_gpu"] if on_cuda else r["tokens_per_s"]
-            cells = [r["case"], f"{tokens:,.0f}", f"{r['median_step_s']:.2f}", fmt_mib(r["peak_bytes_rank0"]), fmt_mib(r["predicted_bytes"]), f"{ratio:.2f}", f"{r['trainable_params']:,d}"]
+            cells = [r["case"], f"{tokens:,.0f}", f"{r['median_step_s']:.2f}", fmt_mib(r["peak_bytes_rank0"]), fmt_mib(r["predicted_bytes"]), f"{ratio:.2f}", fmt_mib(r.get("build_bytes_sum")), f"{r['trainable_params']:,d}"]
             cells += [f"{r['base_bytes_per_param']:.2f}"] if key == "methods" else []
             cells += [f"{r['mfu']:.1%}" if r.get("mfu") else "-"] if on_cuda else []
             lines.append("| " + " | ".join(cells) + " |")
@@ -336,12 +352,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (every sample fills it)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the overhead comparison")
     parser.add_argument("--only", default="", help="comma-separated case names (e.g. lora,qlora): just these rows, without the overhead comparison and baseline; written to results-NAMES.md/.json")
+    parser.add_argument("--as-pretrained", action="store_true", help="save the named --model as a safetensors model directory first and train from it (as from a pretrained checkpoint)")
     opts = parser.parse_args()
     only = set(filter(None, opts.only.split(",")))
     started = time.perf_counter()
     RESULTS.mkdir(parents=True, exist_ok=True)
     description, device, nproc = machine()
-    results: dict = {"machine": description, "device": device, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
+    results: dict = {"machine": description, "device": device, "model": opts.model + (" (saved as a pretrained directory)" if opts.as_pretrained else ""), "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
     print(f"bench on {description}", flush=True)
     if device == "cpu" and not only:
         results["baseline"] = cpu_process_baseline()
@@ -349,7 +366,7 @@ def main() -> None:
     if not only:
         results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 6, opts.batch_size, opts.max_length, opts.rounds)
         print(f"framework overhead ratio: {results['overhead']['ratio']:.3f}", flush=True)
-    base = common_args(opts.model, opts.steps, opts.batch_size, opts.max_length)
+    base = common_args(pretrained_copy(opts.model) if opts.as_pretrained else opts.model, opts.steps, opts.batch_size, opts.max_length)
     base += ["train.precision=bf16"] if device == "cuda" else []  # MFU is against the bf16 peak
     for key, cases in (("plugins", plugin_cases(base, nproc)), ("methods", method_cases(base, nproc))):
         results[key] = [run_case(case, key, device) for case in cases if not only or case.name in only]

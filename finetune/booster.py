@@ -73,6 +73,10 @@ class Plugin:
     # Why this plugin's checkpoints resume only on the layout that wrote them, and why it cannot read
     # another layout's; empty: its weights and optimizer states are full and by parameter name, any layout.
     resume_layout_refusal = ""
+    # How a pretrained model is built for this plugin (finetune.deferred): "eager" (every rank loads the
+    # whole model), "lazy" (ColossalAI's LazyInitContext: boost materializes this rank's shard, then
+    # load_deferred reads its weights) or "meta" (the plugin materializes each unit from the checkpoint).
+    model_init = "eager"
 
     # --- configuration (no torch) -----------------------------------------------------------------
 
@@ -113,8 +117,24 @@ class Plugin:
         """The model with LoRA adapters the way this plugin can hold them (ColossalAI's enable_lora)."""
         return booster.enable_lora(model, lora_config=lora_config)
 
-    def before_boost(self, cfg: Config, model, plugin) -> None:
-        """Last changes to the plugin for this model, once adapters are applied (default: none)."""
+    def before_boost(self, cfg: Config, model, plugin, pending=None) -> None:
+        """Last changes to the plugin for this model, once adapters are applied (default: none).
+
+        Args:
+            pending: the weights a model built without them still needs (finetune.deferred.Pending), or None.
+        """
+
+    def load_deferred(self, run: Run, pending) -> None:
+        """Read the pretrained weights of a model built without them into this rank's shards, after boost
+        (plugins whose model_init is not "eager"): ColossalAI's shardformer loader, then the master copies."""
+        from finetune import deferred
+
+        module = run.model.unwrap()
+        deferred.load_into_shards(module, deferred.Checkpoint(pending.path), pending.names)
+        # The optimizer made its fp32 master copies (bf16/fp16, ZeRO) from the weights boost materialized:
+        # copy the loaded ones in (the model's own update_master_params is a no-op under HybridParallel).
+        if hasattr(run.optimizer, "update_master_params"):
+            run.optimizer.update_master_params(module)
 
     def build_optimizer(self, params: list, cfg: Config):
         """The optimizer over the trainable parameters: AdamW or SGD (momentum 0.9).
@@ -313,6 +333,7 @@ class Gemini(Plugin):
     takes_precision = True
     takes_max_norm = True
     replicated = False
+    model_init = "lazy"  # as ColossalAI's own examples build models for Gemini
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         return _choice_problem("placement_policy", cfg.plugin.options["placement_policy"], ("static", "auto"))
@@ -329,6 +350,15 @@ class Gemini(Plugin):
         from colossalai.nn.optimizer import HybridAdam
 
         return HybridAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
+
+    def load_deferred(self, run: Run, pending) -> None:
+        """ColossalAI's own loader into Gemini's chunks, as its examples do (booster.load_model), given the
+        safetensors file or index only (it would torch.load anything else). Reads a whole weight file at a time."""
+        from finetune import checkpoint
+
+        checkpoint.check_weight_files(pending.path, "model.name")
+        index = pending.path / "model.safetensors.index.json"
+        run.booster.load_model(run.model, str(index if index.is_file() else pending.path / "model.safetensors"), strict=False)
 
     def write_model(self, run: Run, path: Path) -> None:
         """Sharded weights: every rank takes part in gathering them into HF layout."""
@@ -394,6 +424,7 @@ class TorchFSDP(Plugin):
     }
     takes_precision = True  # turned into FSDP MixedPrecision by constructor_kwargs
     replicated = False
+    model_init = "meta"  # FSDP materializes each unit (param_init_fn): from the checkpoint, see before_boost
     qlora_refusal = "FSDP flattens each unit's parameters into one tensor of one floating dtype; 4/8-bit weights are integer tensors"
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
@@ -423,8 +454,13 @@ class TorchFSDP(Plugin):
         plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
         return model
 
-    def before_boost(self, cfg: Config, model, plugin) -> None:
-        """Full fine-tuning with auto_wrap=block: a unit per transformer block (LoRA got peft's policy in apply_adapters)."""
+    def before_boost(self, cfg: Config, model, plugin, pending=None) -> None:
+        """Full fine-tuning with auto_wrap=block: a unit per transformer block (LoRA got peft's policy in apply_adapters).
+        A model built on the meta device gets each unit's weights from the checkpoint as FSDP wraps it."""
+        if pending is not None:
+            from finetune import deferred
+
+            plugin.fsdp_kwargs["param_init_fn"] = deferred.fsdp_param_init_fn(model, deferred.Checkpoint(pending.path), pending.names)
         if plugin.fsdp_kwargs.get("auto_wrap_policy") is not None or cfg.plugin.options["auto_wrap"] != "block":
             return
         import functools
@@ -435,6 +471,10 @@ class TorchFSDP(Plugin):
         blocks = {type(m) for m in model.modules() if type(m).__name__ in names}
         if blocks:
             plugin.fsdp_kwargs["auto_wrap_policy"] = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=blocks)
+
+    def load_deferred(self, run: Run, pending) -> None:
+        """Nothing left to read: FSDP filled each unit from the checkpoint while wrapping it (before_boost)."""
+        run.booster.plugin.fsdp_kwargs.pop("param_init_fn", None)
 
     def after_boost(self, optimizer, scheduler) -> None:
         # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,
@@ -522,6 +562,7 @@ class HybridParallel(Plugin):
     takes_precision = True
     takes_max_norm = True
     replicated = False
+    model_init = "lazy"  # shardformer materializes only the layers (and TP slices) this rank holds
     shardformer = True
     resume_layout_refusal = "their optimizer states are saved per rank, keyed by each rank's tensor/pipeline-split parameters"
 

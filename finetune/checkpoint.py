@@ -692,17 +692,17 @@ def load_rank_optimizer(run: Run, path: Path) -> None:
     load_optimizer(run, path, RANK_OPTIMIZER_STEM.format(dist.get_rank()))
 
 
-def check_weight_files(path: Path) -> None:
+def check_weight_files(path: Path, key: str = "resume_from") -> None:
     """Before ColossalAI reads sharded weights: its index may list only safetensors files in this directory
-    (ColossalAI's loader would torch.load any other file an edited index names)."""
+    (ColossalAI's loader would torch.load any other file an edited index names); `key` names the setting in errors."""
     for index in path.glob("*.index.json"):
         try:
             files = set(json.loads(index.read_text())["weight_map"].values())
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"resume_from: {index} is not a weight index") from None
+            raise CheckpointError(f"{key}: {index} is not a weight index") from None
         bad = sorted(f for f in files if not isinstance(f, str) or not f.endswith(".safetensors") or "/" in f or "\\" in f)
         if bad:
-            raise CheckpointError(f"resume_from: {index} names {bad[0]!r}; only safetensors files in {path} are read")
+            raise CheckpointError(f"{key}: {index} names {bad[0]!r}; only safetensors files in {path} are read")
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -721,7 +721,7 @@ def load_replicated_model(run: Run, path: Path) -> None:
     missing, unexpected = module.load_state_dict(read_safetensors_dir(path), strict=False)
     _check_fit(module, missing, unexpected)
     module.tie_weights()
-    _update_master_params(run)
+    update_master_params(run)
 
 
 def _check_fit(module: torch.nn.Module, missing: list[str], unexpected: list[str]) -> None:
@@ -731,7 +731,7 @@ def _check_fit(module: torch.nn.Module, missing: list[str], unexpected: list[str
         raise CheckpointError(f"resume_from: the checkpoint's weights do not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
 
 
-def _update_master_params(run: Run) -> None:
+def update_master_params(run: Run) -> None:
     """Optimizers that keep fp32 master copies must see weights loaded into the model."""
     if hasattr(run.model, "update_master_params"):  # LowLevelZero
         run.model.update_master_params()
@@ -758,7 +758,7 @@ def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resu
         if missing:
             raise CheckpointError(f"{source} has no {missing[0]}; it was written for other LoRA targets")
         set_peft_model_state_dict(module, adapter)
-        _update_master_params(run)
+        update_master_params(run)
         return
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -768,7 +768,7 @@ def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resu
             if key not in adapter:
                 raise CheckpointError(f"{source} has no {key}; it was written for other LoRA targets")
             param.copy_(local_shard(param, adapter[key]))  # split again under tensor parallelism
-    _update_master_params(run)
+    update_master_params(run)
 
 
 # --- PyTorch FSDP: full state dicts, gathered on rank 0 to save, read by every rank to load --------

@@ -17,6 +17,11 @@ class Method:
     adapter: bool  # LoRA adapters train (what checkpoints and final/ hold); the base stays frozen
     quantized_base: bool  # the frozen base is 4/8-bit (bitsandbytes; the `quantization` section)
     summary: str
+    # The model may be built without its weights for a sharding plugin to load per shard (Plugin.model_init).
+    # Not under LoRA: peft would create adapters beside lazy or meta weights (on the meta device under FSDP),
+    # and PiSSA/OLoRA initialise from the base weights themselves. QLoRA: bitsandbytes quantizes while loading.
+    # Both hold the frozen base in the compute dtype or 4/8 bits instead.
+    deferred_weights: bool = False
 
     @property
     def full(self) -> bool:
@@ -29,11 +34,15 @@ class Method:
         float32 when the weights train (each plugin keeps its own master copies) or are quantized."""
         return precision if self.adapter and not self.quantized_base else "fp32"
 
+    def model_init(self, plugin_init: str) -> str:
+        """How to build the model under a plugin that asks for `plugin_init` (Plugin.model_init): eager where this method cannot defer."""
+        return plugin_init if self.deferred_weights else "eager"
+
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("full", adapter=False, quantized_base=False, summary="every weight trains"),
+        Method("full", adapter=False, quantized_base=False, summary="every weight trains", deferred_weights=True),
         Method("lora", adapter=True, quantized_base=False, summary="LoRA adapters on a frozen base"),
         Method("qlora", adapter=True, quantized_base=True, summary="LoRA adapters on a frozen 4/8-bit base (bitsandbytes)"),
     )

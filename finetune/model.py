@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune import assets, compat, patches, quantization, sources
+from finetune import assets, compat, deferred, patches, quantization, sources
 from finetune.architectures import NAMED_CONFIGS, architecture
 from finetune.config import Config, LoraConfig, ModelConfig, QuantizationConfig
 from finetune.errors import FinetuneError
@@ -109,6 +109,7 @@ def build_model(
     quantization: QuantizationConfig | None = None,
     precision: str = "fp32",
     dtype: str = "fp32",
+    init: str = "eager",
 ) -> tuple[nn.Module, object]:
     """Build the base model and its tokenizer (random init for named configs), in `dtype` or quantized for QLoRA.
 
@@ -120,6 +121,11 @@ def build_model(
         precision: train.precision, the compute dtype of quantized layers when it is `auto`.
         dtype: fp32, bf16 or fp16: what unquantized weights are held in (Method.frozen_dtype); a
             classification head stays float32, since it trains beside the adapters.
+        init: how the run's plugin wants a pretrained model built (Plugin.model_init): "eager" loads the
+            weights here; "lazy" (LazyInitContext) and "meta" build it without them and record where they
+            are (finetune.deferred.pending), for the plugin to load each rank's share after sharding.
+            Random-init named configs, quantized bases, classifiers (a new head) and directories
+            without safetensors are always built eagerly.
 
     Raises:
         ModelError: the model cannot be found, or a requested quantization converted no layer.
@@ -152,6 +158,12 @@ def build_model(
         torch.manual_seed(seed)  # a new classification head is initialised alike on every rank
         if quantization:
             model = load_quantized(source.name, attention, quantization, precision, cfg_model.trust_remote_code, auto_class=auto_model, config=config)
+        elif init != "eager" and labels is None and sources.has_safetensors(Path(source.name)):
+            with deferred.build_context(init):
+                model = auto_model.from_config(config, attn_implementation=attention, torch_dtype=DTYPES[dtype], trust_remote_code=cfg_model.trust_remote_code)
+            model.tie_weights()  # again outside the context: on the meta device each tied weight was registered as a copy
+            deferred.defer(model, Path(source.name))
+            model.name_or_path = model.config._name_or_path = source.name
         else:
             model = auto_model.from_pretrained(
                 source.name,

@@ -115,6 +115,13 @@ class MemoryProfiler:
         self.stages.append(stage)
         return stage
 
+    def build_bytes(self) -> int:
+        """What building the model took: the highest use from `start` through `boosted` (built, sharded,
+        weights loaded) above `start`'s (the process before any model existed)."""
+        names = [s.name for s in self.stages]
+        upto = self.stages[: names.index("boosted") + 1] if "boosted" in names else self.stages
+        return max(s.peak_bytes for s in upto) - self.stages[0].current_bytes
+
     def format(self, stage: MemoryStage) -> str:
         """The stage's report line (format_stage)."""
         return format_stage(stage, self.device, self.capacity_bytes)

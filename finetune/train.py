@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from finetune import checkpoint, checks, compat, outputs
+from finetune import checkpoint, checks, compat, deferred, outputs
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
@@ -277,8 +277,10 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     task = splits.task  # with what it learned from the training records (a classifier's labels)
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
         model, tokenizer = build_model(
-            cfg.model, cfg.train.seed, plugin_spec.shardformer, task.labels_or_none, base_quantization(cfg), cfg.train.precision, method.frozen_dtype(cfg.train.precision)
+            cfg.model, cfg.train.seed, plugin_spec.shardformer, task.labels_or_none, base_quantization(cfg), cfg.train.precision, method.frozen_dtype(cfg.train.precision),
+            method.model_init(plugin_spec.model_init),
         )
+    pending = deferred.pending(model)  # built without its weights: the plugin loads each rank's share after sharding
     log(profiler.format(profiler.record("model_loaded")))
     model_weights = weight_bytes(model)
     log(format_weight_bytes(model_weights))
@@ -296,7 +298,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     if lora_config:
         torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
         model = plugin_spec.apply_adapters(model, lora_config, booster, plugin)
-    plugin_spec.before_boost(cfg, model, plugin)
+    plugin_spec.before_boost(cfg, model, plugin, pending)
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
 
@@ -313,11 +315,13 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     plugin_spec.after_boost(optimizer, scheduler)
+    run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults(), Preemption())
+    if pending:
+        plugin_spec.load_deferred(run, pending)
     # The full model each rank built before the plugin sharded or cast it is freed now; glibc would keep
     # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
     compat.release_freed_heap()
     log(profiler.format(profiler.record("boosted")))
-    run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults(), Preemption())
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")
@@ -344,6 +348,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
     digests = checks.replica_digests(module) if layout.replicated else []
     peaks = peak_bytes_per_rank(max(stage.peak_bytes for stage in profiler.stages))  # pipeline stages and shards differ
+    builds = peak_bytes_per_rank(profiler.build_bytes())  # each rank's memory for building the model: the node's is their sum
 
     final = checkpoint.write_final(run, tokenizer)
     if not is_main():
@@ -355,7 +360,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     if run.faults.at("reload_mismatch", 0):
         reload["probe_loss"] += 1.0
     reload.update(trained_probe_loss=probe_loss, ok=abs(reload["probe_loss"] - probe_loss) <= tolerance * max(1.0, abs(probe_loss)))
-    memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "model_weights": model_weights.as_dict()}
+    memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "build_bytes_per_rank": builds, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
     seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
     facts = {"trainable": trainable, "total": total, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len}

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Every hook train.py, checkpoint.py, evaluation and estimate.py call on the run's plugin.
 PLUGIN_HOOKS = (
     "problems", "plan", "constructor_kwargs", "placement", "setting_label", "shard_policy", "apply_adapters", "before_boost", "layout",
-    "build_optimizer",
+    "build_optimizer", "load_deferred",
     "after_boost", "forward_backward", "clip_gradients", "step", "eval_forward", "write_model", "read_model", "load_adapter",
     "read_weights", "write_optimizer", "read_optimizer",
 )  # fmt: skip

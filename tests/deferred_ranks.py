@@ -1,0 +1,118 @@
+"""Run by tests/test_deferred.py under torchrun (2 ranks): each pretrained model directory built the way
+a sharding plugin asks (Plugin.model_init), boosted, its weights loaded per shard (load_deferred), and its
+logits compared with the unsharded model's; and a bf16 ZeRO-1 pipeline step from a deferred build against
+one from an eager build. Rank 0 writes {"<model> <setup>": max |difference|} as JSON.
+
+    torchrun --nproc_per_node=2 tests/deferred_ranks.py OUT.json MODEL_DIR [MODEL_DIR ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from finetune import deferred  # noqa: E402
+from finetune.booster import PLUGINS, build_booster  # noqa: E402
+from finetune.config import build_config, parse_args  # noqa: E402
+from finetune.distributed import launch  # noqa: E402
+from finetune.methods import method_named  # noqa: E402
+from finetune.model import build_model  # noqa: E402
+
+SETUPS = {
+    "tp2": ["plugin.name=hybrid_parallel", "plugin.tp_size=2"],
+    "pp2": ["plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=1"],
+    "fsdp": ["plugin.name=torch_fsdp"],
+}
+
+
+def logits_of(run, batch: dict, vocab: int) -> torch.Tensor | None:
+    """The boosted model's logits for batch (None on pipeline stages without them), vocabulary shards gathered."""
+    with torch.no_grad():
+        if getattr(run.plugin, "pp_size", 1) > 1:
+            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=lambda o, _: o.loss, optimizer=None, return_loss=True, return_outputs=True)
+            return out["outputs"]["logits"] if out["outputs"] is not None else None
+        logits = run.model(**batch).logits
+    if logits.shape[-1] != vocab:  # tensor parallel: each rank holds a slice of the vocabulary
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, logits)
+        logits = torch.cat(parts, dim=-1)
+    return logits
+
+
+def check(model_dir: str, setup: str, batch: dict, reference: torch.Tensor) -> float | None:
+    """Max |logits - reference| of the model built, boosted and loaded as train.py does under setup."""
+    cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=fp32", *SETUPS[setup]]))
+    spec, method = PLUGINS[cfg.plugin.name], method_named(cfg.method)
+    model, _ = build_model(cfg.model, 0, spec.shardformer, init=method.model_init(spec.model_init))
+    pending = deferred.pending(model)
+    assert pending is not None and all(p.is_meta for p in model.parameters()), "built with its weights"  # LazyTensors are meta too
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, "fp32", 0.0)
+    spec.before_boost(cfg, model, plugin, pending)
+    optimizer = spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    boosted, optimizer, *_ = booster.boost(model, optimizer)
+    run = types.SimpleNamespace(model=boosted, optimizer=optimizer, booster=booster, plugin=plugin)
+    spec.load_deferred(run, pending)
+    boosted.eval()
+    logits = logits_of(run, batch, reference.shape[-1])
+    return None if logits is None else (logits - reference).abs().max().item()
+
+
+def losses_after_a_step(model_dir: str, init: str, batch: dict) -> list[float]:
+    """The pipeline loss before and after one bf16 ZeRO-1 step (pp2): the optimizer's fp32 master copies,
+    made at boost, must hold the loaded weights, or the step writes the unloaded ones back."""
+    cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=bf16", "train.lr=2e-2", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2", "plugin.zero_stage=1"]))
+    spec = PLUGINS[cfg.plugin.name]
+    model, _ = build_model(cfg.model, 0, spec.shardformer, init=init)
+    pending = deferred.pending(model)
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, "bf16", 0.0)
+    optimizer = spec.build_optimizer(list(model.parameters()), cfg)
+    boosted, optimizer, *_ = booster.boost(model, optimizer)
+    if pending:
+        spec.load_deferred(types.SimpleNamespace(model=boosted, optimizer=optimizer, booster=booster, plugin=plugin), pending)
+    losses = []
+    for _ in range(2):
+        out = booster.execute_pipeline(iter([batch]), boosted, criterion=lambda o, _: o.loss, optimizer=optimizer, return_loss=True)
+        optimizer.step()
+        optimizer.zero_grad()
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, None if out["loss"] is None else out["loss"].item())
+        losses.append(next(x for x in found if x is not None))
+    return losses
+
+
+def nan_max(values: torch.Tensor) -> float:
+    """The largest |value|, NaN if any is (Python's max would skip a NaN)."""
+    return values.abs().max().item()
+
+
+def main(out: str, model_dirs: list[str]) -> None:
+    launch(str(Path(out).parent), False, 300, 0)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}  # shardformer's GPT-2 needs labels and a mask
+    results = {}
+    for model_dir in model_dirs:
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+        with torch.no_grad():
+            expected = reference(**batch).logits
+        for setup in SETUPS:
+            diffs = [None] * dist.get_world_size()
+            dist.all_gather_object(diffs, check(model_dir, setup, batch, expected))
+            results[f"{Path(model_dir).name} {setup}"] = nan_max(torch.tensor([d for d in diffs if d is not None]))
+    deferred_losses, eager_losses = (losses_after_a_step(model_dirs[0], init, batch) for init in ("lazy", "eager"))
+    results["pp2 zero1 bf16 step"] = nan_max(torch.tensor(deferred_losses) - torch.tensor(eager_losses))
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

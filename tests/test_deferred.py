@@ -1,0 +1,77 @@
+"""Pretrained weights loaded per shard (finetune.deferred): no rank builds the whole model under
+hybrid_parallel (TP/PP) or FSDP, and the sharded model is still exactly the checkpoint's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import deferred
+from finetune.booster import PLUGINS
+from finetune.checkpoint import CheckpointError
+from finetune.config import ModelConfig
+from finetune.methods import METHODS
+from finetune.model import build_model
+from tests.conftest import REPO, free_port, run_env
+
+
+@pytest.fixture(scope="module")
+def pretrained_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Real (saved, reloaded) tiny weights: a Llama with tied embeddings, as SmolLM2, and GPT-2 (tied, fused q/k/v)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    dirs = {}
+    for name in ("tiny-llama", "tiny-gpt2"):
+        model, tokenizer = build_model(ModelConfig(name=name), seed=7)
+        if not model.config.tie_word_embeddings:
+            model.config.tie_word_embeddings = True
+            model.tie_weights()
+        model.save_pretrained(root / name, safe_serialization=True)
+        tokenizer.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def test_sharded_logits_equal_the_unsharded_models(pretrained_dirs, tmp_path):
+    """tp2, pp2 and fsdp (2 gloo ranks) built lazily / on meta, loaded per shard: the logits of the checkpoint (fp32);
+    and under bf16 ZeRO-1 the optimizer's master copies hold the loaded weights (a step equals an eager build's)."""
+    out = tmp_path / "diffs.json"
+    command = ["torchrun", "--nproc_per_node=2", f"--master_port={free_port()}", str(REPO / "tests" / "deferred_ranks.py"), str(out), *map(str, pretrained_dirs.values())]
+    result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    diffs = json.loads(out.read_text())
+    assert set(diffs) == {f"{m} {s}" for m in pretrained_dirs for s in ("tp2", "pp2", "fsdp")} | {"pp2 zero1 bf16 step"}
+    assert all(d <= 1e-5 for d in diffs.values()), diffs  # the bf16 step: the same losses as from an eager build
+
+
+@pytest.mark.parametrize("init", ["lazy", "meta"])
+def test_a_deferred_build_holds_no_weights_and_knows_where_they_are(pretrained_dirs, init):
+    model, _ = build_model(ModelConfig(name=str(pretrained_dirs["tiny-llama"])), seed=0, init=init)
+    assert all(p.is_meta for p in model.parameters())  # LazyTensors are meta-backed until materialized
+    pending = deferred.pending(model)
+    assert pending.path == pretrained_dirs["tiny-llama"]
+    assert pending.names["lm_head.weight"] == ["model.embed_tokens.weight", "lm_head.weight"]  # tied: stored once
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_what_is_always_built_with_its_weights(pretrained_dirs):
+    """Random-init named configs (seeded, the same under every plugin), classifiers (a new head) and
+    LoRA/QLoRA (peft needs the real base) load eagerly even where the plugin defers."""
+    named, _ = build_model(ModelConfig(name="tiny-llama"), seed=0, init="lazy")
+    classifier, _ = build_model(ModelConfig(name=str(pretrained_dirs["tiny-llama"])), seed=0, labels=["a", "b"], init="meta")
+    for model in (named, classifier):
+        assert deferred.pending(model) is None and not any(p.is_meta for p in model.parameters())
+    assert {name: m.model_init("lazy") for name, m in METHODS.items()} == {"full": "lazy", "lora": "eager", "qlora": "eager"}
+    assert {p.model_init for p in PLUGINS.values()} >= {"eager", "lazy", "meta"}
+
+
+def test_a_checkpoint_that_does_not_fill_the_model_is_one_clear_error(pretrained_dirs, tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "pytorch_model.bin"}}))
+    with pytest.raises(CheckpointError, match=r"^model.name: .* names 'pytorch_model.bin'; only safetensors"):
+        deferred.Checkpoint(tmp_path)
+    checkpoint = deferred.Checkpoint(pretrained_dirs["tiny-llama"])
+    with pytest.raises(deferred.DeferredWeightsError, match=r"has no weight for model.norm.bias"):
+        checkpoint.key_for(["model.norm.bias"])
