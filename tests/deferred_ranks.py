@@ -1,6 +1,6 @@
 """Run by tests/test_deferred.py under torchrun (2 ranks): each pretrained model directory built the way
 a sharding plugin asks (Plugin.model_init), boosted, its weights loaded per shard (load_deferred), and its
-logits compared with the unsharded model's; and a bf16 ZeRO-1 pipeline step from a deferred build against
+logits compared with the unsharded model's; and bf16 pipeline steps (ZeRO-0 and -1) from a deferred build against
 one from an eager build. Rank 0 writes {"<model> <setup>": max |difference|} as JSON.
 
     torchrun --nproc_per_node=2 tests/deferred_ranks.py OUT.json MODEL_DIR [MODEL_DIR ...]
@@ -64,10 +64,10 @@ def check(model_dir: str, setup: str, batch: dict, reference: torch.Tensor) -> f
     return None if logits is None else (logits - reference).abs().max().item()
 
 
-def losses_after_a_step(model_dir: str, init: str, batch: dict) -> list[float]:
-    """The pipeline loss before and after one bf16 ZeRO-1 step (pp2): the optimizer's fp32 master copies,
-    made at boost, must hold the loaded weights, or the step writes the unloaded ones back."""
-    cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=bf16", "train.lr=2e-2", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2", "plugin.zero_stage=1"]))
+def losses_after_a_step(model_dir: str, init: str, batch: dict, zero_stage: int) -> list[float]:
+    """The pipeline loss before and after one bf16 step (pp2, ZeRO-1 or plain mixed precision): the optimizer's
+    fp32 master copies, made at boost, must hold the loaded weights, or the step writes the unloaded ones back."""
+    cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=bf16", "train.lr=2e-2", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2", f"plugin.zero_stage={zero_stage}"]))
     spec = PLUGINS[cfg.plugin.name]
     model, _ = build_model(cfg.model, 0, spec.shardformer, init=init)
     pending = deferred.pending(model)
@@ -107,8 +107,9 @@ def main(out: str, model_dirs: list[str]) -> None:
             diffs = [None] * dist.get_world_size()
             dist.all_gather_object(diffs, check(model_dir, setup, batch, expected))
             results[f"{Path(model_dir).name} {setup}"] = nan_max(torch.tensor([d for d in diffs if d is not None]))
-    deferred_losses, eager_losses = (losses_after_a_step(model_dirs[0], init, batch) for init in ("lazy", "eager"))
-    results["pp2 zero1 bf16 step"] = nan_max(torch.tensor(deferred_losses) - torch.tensor(eager_losses))
+    for zero_stage in (0, 1):  # the master copies live in ZeRO's optimizer, or in the mixed-precision one
+        deferred_losses, eager_losses = (losses_after_a_step(model_dirs[0], init, batch, zero_stage) for init in ("lazy", "eager"))
+        results[f"pp2 zero{zero_stage} bf16 step"] = nan_max(torch.tensor(deferred_losses) - torch.tensor(eager_losses))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
