@@ -206,6 +206,36 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     return gather_distributed_param(param)
 
 
+def full_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The whole, unpadded tensor of `local`, a tensor split (and padded) the way `param` is, e.g. its Adam
+    moment; a collective over the tensor-parallel group for split parameters."""
+    from colossalai.tensor.d_tensor import Layout, ShardingSpec, get_global_shape, get_layout, is_customized_distributed_tensor, is_distributed_tensor
+    from colossalai.tensor.d_tensor.api import layout_converter
+    from colossalai.tensor.padded_tensor import is_padded_tensor
+
+    if is_distributed_tensor(param):
+        layout = get_layout(param)
+        whole = Layout(device_mesh=layout.device_mesh, sharding_spec=ShardingSpec(local.dim(), {}), global_shape=get_global_shape(param))
+        local = layout_converter.apply(local, layout, whole)
+    elif is_customized_distributed_tensor(param):
+        local = param.gather_fn(local)
+    if is_padded_tensor(param):  # a vocabulary padded to split evenly: the padding rows are no one's
+        local = local.narrow(param._padding_dim, 0, param._origin_length)
+    return local
+
+
+def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's split of a whole, unpadded tensor (full_like's inverse): padded and split the way `param` is."""
+    from colossalai.tensor.padded_tensor import is_padded_tensor
+
+    if is_padded_tensor(param) and full.shape[param._padding_dim] < param._current_length:
+        shape = list(full.shape)
+        shape[param._padding_dim] = param._current_length - shape[param._padding_dim]
+        full = torch.cat([full, full.new_zeros(shape)], dim=param._padding_dim)
+    local = local_shard(param, full)
+    return torch.empty(local.shape, dtype=local.dtype, device=local.device).copy_(local)  # a plain tensor: no layout attributes
+
+
 def local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's split of a whole tensor, split the way `param` is."""
     from colossalai.tensor.d_tensor import distribute_tensor, get_device_mesh, get_sharding_spec, is_customized_distributed_tensor, is_distributed_tensor

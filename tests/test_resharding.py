@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from finetune import checkpoint
+from finetune.booster import PLUGINS, TorchDDP, register
 from finetune.config import load_config, parallel_plan
 
 
@@ -63,15 +64,34 @@ def test_layout_and_batch_split_changes_resume_with_one_line():
     assert checkpoint.layout_change_line(state, same, 2) == ""  # only the batch split changed: resume_position says that
 
 
-def test_what_is_trained_must_still_match_and_hybrid_parallel_keeps_its_layout():
+def test_what_is_trained_must_still_match_and_tensor_pipeline_layouts_reshard():
     state = state_of(DDP, 2)
     with pytest.raises(checkpoint.CheckpointError, match=r'model.name="tiny-gpt2", this run has model.name="tiny-llama"; resume with the same model'):
         checkpoint.check_compatible(state, load_config(["model.name=tiny-llama", "method=full"], world_size=2), 2)
     with pytest.raises(checkpoint.CheckpointError, match="train.seed=.*; resume with the same train.seed"):
         checkpoint.check_compatible(state, load_config([*DDP, "train.seed=7"], world_size=2), 2)
-    # tensor/pipeline-parallel optimizer states are per rank: no other layout reads them, and they read no other
+    # tensor/pipeline parallelism writes and reads full tensors by name too: both ways resume
     tp2 = load_config(["--config", "booster_configs/tp2.yaml", *DDP], world_size=2)
-    with pytest.raises(checkpoint.CheckpointError, match=r"plugin.name=\"torch_ddp\", this run has plugin.name=\"hybrid_parallel\"; hybrid_parallel checkpoints are not resharded") as err:
-        checkpoint.check_compatible(state, tp2, 2)
-    assert "\n" not in str(err.value)
-    checkpoint.check_compatible(state_of(["--config", "booster_configs/tp2.yaml", *DDP], 2), tp2, 2)  # its own layout resumes
+    checkpoint.check_compatible(state, tp2, 2)
+    assert checkpoint.layout_change_line(state, tp2, 2).startswith("resuming a ddp x2 checkpoint under tp2:")
+    tp2_pp2 = state_of(["--config", "booster_configs/tp2_pp2.yaml", *DDP], 4)
+    checkpoint.check_compatible(tp2_pp2, load_config(DDP, world_size=1), 1)
+
+
+class PinnedDDP(TorchDDP):
+    """A plugin registered by a test whose checkpoints resume only on the layout that wrote them."""
+
+    name = "test_pinned_ddp"
+    resume_layout_refusal = "its optimizer states are saved per rank"
+
+
+def test_a_plugin_bound_to_its_layout_says_why_in_one_line():
+    register(PinnedDDP())
+    try:
+        pinned = load_config(["plugin.name=test_pinned_ddp", *DDP], world_size=2)
+        with pytest.raises(checkpoint.CheckpointError, match=r'plugin.name="torch_ddp", this run has plugin.name="test_pinned_ddp"; test_pinned_ddp checkpoints are not resharded') as err:
+            checkpoint.check_compatible(state_of(DDP, 2), pinned, 2)
+        assert "\n" not in str(err.value)
+        checkpoint.check_compatible(state_of(["plugin.name=test_pinned_ddp", *DDP], 2), pinned, 2)  # its own layout resumes
+    finally:
+        del PLUGINS[PinnedDDP.name]
