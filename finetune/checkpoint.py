@@ -86,7 +86,16 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
     """Complete checkpoints of a run, oldest first (directories with a manifest, never `.partial` ones)."""
     root = Path(output_dir) / CHECKPOINTS
     found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=training_order)
+
+
+def training_order(path: Path) -> tuple[int, str]:
+    """A checkpoint's place in its run: samples trained on, then name (after a resume under another global
+    batch, step numbers count steps of another size)."""
+    try:
+        return int(json.loads((path / "state.json").read_text())["samples_seen"]), path.name
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, path.name  # an unreadable manifest: verify() names the problem if it is ever resumed
 
 
 def identity(cfg: Config, world_size: int) -> dict:
@@ -189,9 +198,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def fence_newer(output_dir: str, step: int) -> Path | None:
-    """A run resumed at `step` owns its lineage: move the abandoned branch's newer checkpoints aside (rank 0). Returns where."""
-    newer = [p for p in complete_checkpoints(output_dir) if int(p.name.removeprefix("step_")) > step]
+def fence_newer(output_dir: str, resumed: Path) -> Path | None:
+    """A run resumed from `resumed` owns its lineage: move the abandoned branch's newer checkpoints aside (rank 0). Returns where."""
+    newer = [p for p in complete_checkpoints(output_dir) if training_order(p) > training_order(resumed)]
     if not newer:
         return None
     fence = Path(output_dir) / CHECKPOINTS / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -255,8 +264,11 @@ def layout_change_line(state: dict, cfg: Config, world_size: int) -> str:
     theirs, ours = state["identity"], identity(cfg, world_size)
     if all(theirs[k] == ours[k] for k in LAYOUT_KEYS):
         return ""
-    return (f"resuming a {layout_label(theirs)} checkpoint under {layout_label(ours)}: weights and optimizer states are stored full, "
-            f"by parameter name, and split afresh for this layout")
+    rng = "" if theirs["world_size"] == ours["world_size"] else "; random streams (dropout) are per rank and do not carry over to another world size"
+    before, now = layout_label(theirs), layout_label(ours)
+    now += " with other plugin settings" if before == now else ""
+    return (f"resuming a {before} checkpoint under {now}: weights and optimizer states are stored full, "
+            f"by parameter name, and split afresh for this layout{rng}")
 
 
 def resume_position(state: dict, global_batch: int, steps_per_epoch: int) -> tuple[int, str]:
@@ -613,13 +625,25 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     run.plugin.read_model(run, path / "model")
     run.plugin.read_optimizer(run, path / "optimizer")
     run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
-    set_rng_state(read_tree(path / "rng" / f"rank_{dist.get_rank()}"))
+    set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
     start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
-    if start != state["step"]:  # the schedule follows this run's step count (its lr set on the optimizer too)
-        run.scheduler.last_epoch = start - 1
-        run.scheduler.step()
+    move_scheduler(run.scheduler, start)
     barrier()
     return start, line
+
+
+def move_scheduler(scheduler, step: int) -> None:
+    """Put a restored LR scheduler at `step` of this run's schedule (its lr set on the optimizer too): a
+    resume under another global batch counts its own steps."""
+    if scheduler.last_epoch != step:
+        scheduler.last_epoch = step - 1
+        scheduler.step()  # the schedule's closed form at `step`; _step_count > 1 after a restore: no ordering warning
+
+
+def rng_stem(path: Path, rank: int) -> Path:
+    """This rank's RNG state in a checkpoint; a rank the writing run did not have takes rank 0's (a fresh run seeds every rank alike)."""
+    own = path / "rng" / f"rank_{rank}"
+    return own if own.with_name(own.name + ".json").is_file() else path / "rng" / "rank_0"
 
 
 def global_batch(run: Run) -> int:
@@ -706,9 +730,15 @@ def save_optimizer(run: Run, path: Path) -> None:
         write_tree(state, path / OPTIMIZER_STEM)
 
 
-def load_optimizer(run: Run, path: Path, stem: str = OPTIMIZER_STEM) -> None:
+def load_optimizer(run: Run, path: Path, stem: str = "") -> None:
     """Every rank reads the whole state; the optimizer keeps its own share (ZeRO splits it)."""
-    run.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem), optimizer_param_names(run)))
+    run.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem if stem else full_optimizer_stem(path)), optimizer_param_names(run)))
+
+
+def full_optimizer_stem(path: Path) -> Path:
+    """The whole optimizer state by parameter name, whichever plugin wrote it (FSDP's was `full_state` until resume on any layout unified the names)."""
+    old = path / FSDP_OPTIMIZER_STEM
+    return old if not (path / f"{OPTIMIZER_STEM}.json").is_file() and old.with_name(old.name + ".json").is_file() else path / OPTIMIZER_STEM
 
 
 STAGE_OPTIMIZER_FILE = "state-stage-{:05d}.safetensors"  # tensor/pipeline parallelism: one file per pipeline stage
@@ -770,7 +800,7 @@ class _TensorKey(str):
 def load_split_optimizer(run: Run, path: Path) -> None:
     """Any layout's optimizer state into this rank's split model: every rank reads the plain data and only the
     tensors of the parameters it holds (from whichever file holds them), then keeps its split of each."""
-    stem = path / OPTIMIZER_STEM
+    stem = full_optimizer_stem(path)
     params = optimizer_params(run)
     local_names = [name for name, _ in params]
     names = global_param_names(run, local_names)
@@ -935,7 +965,7 @@ def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resu
 # model is saved as a plain HF directory (or peft adapter), like the replicated plugins' checkpoints,
 # so finetune.export reads it unchanged.
 
-FSDP_OPTIMIZER_STEM = "full_state"
+FSDP_OPTIMIZER_STEM = "full_state"  # where checkpoints before any-layout resume kept it; now OPTIMIZER_STEM
 
 
 def fsdp_inner_module(run: Run) -> torch.nn.Module:
@@ -978,7 +1008,7 @@ def save_fsdp_optimizer(run: Run, path: Path) -> None:
     with fsdp_full_state(root, rank0_only=True):
         state = FSDP.optim_state_dict(root, run.optimizer.optim)
     if dist.get_rank() == 0:
-        write_tree(state, path / FSDP_OPTIMIZER_STEM)  # keyed by parameter names already
+        write_tree(state, path / OPTIMIZER_STEM)  # keyed by parameter names already, as every plugin's
 
 
 def load_fsdp_optimizer(run: Run, path: Path) -> None:
@@ -987,7 +1017,7 @@ def load_fsdp_optimizer(run: Run, path: Path) -> None:
 
     root, optimizer = run.model.module, run.optimizer.optim
     with fsdp_full_state(root, rank0_only=False):
-        full_state = read_tree(path / FSDP_OPTIMIZER_STEM)
+        full_state = read_tree(full_optimizer_stem(path))
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
 
 

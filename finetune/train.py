@@ -262,7 +262,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         log(f"resuming from {resume} (step {resume_state['step']})" + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
         if layout_line := checkpoint.layout_change_line(resume_state, cfg, world_size):
             log(layout_line)
-        fence = checkpoint.fence_newer(cfg.output_dir, resume_state["step"]) if is_main() else None
+        fence = checkpoint.fence_newer(cfg.output_dir, resume) if is_main() else None
         if fence:
             log(f"the newer checkpoints of the branch this resume abandons moved to {fence} (resume_from=latest and keep_last no longer see them)")
     profiler = MemoryProfiler()

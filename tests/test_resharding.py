@@ -1,14 +1,89 @@
 """Resume on any layout: a checkpoint written under one plugin / world size / split of the global batch
 resumes under another (weights and optimizer states are full and by parameter name; the data position
-is a global sample index), reproducing the uninterrupted run."""
+is a global sample index), reproducing the uninterrupted run.
+
+The real runs (fp32, dropout 0, records of equal length so that any split of a global batch gives the
+same mean loss) train 6 steps with a checkpoint at 3; a copy of that run resumes from step 3 under
+another layout with the same global batch (8 samples: 4 x 2 ranks, or 4 x 2 accumulated on one).
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from finetune import checkpoint
 from finetune.booster import PLUGINS, TorchDDP, register
 from finetune.config import load_config, parallel_plan
+from tests.conftest import read_metrics, run_train
+from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture: equal-length instruction records)
+
+STEPS, RESUME_AT = 6, 3
+# processes and settings of each layout; every one has a global batch of 8
+LAYOUTS = {
+    "ddp2": (2, []),
+    "single": (1, ["train.grad_accum_steps=2"]),
+    "zero2": (2, ["--config", "booster_configs/zero2.yaml"]),
+    "fsdp": (2, ["--config", "booster_configs/fsdp.yaml"]),
+    "ddp2_qlora": (2, ["method=qlora"]),
+    "single_qlora": (1, ["method=qlora", "train.grad_accum_steps=2"]),
+}
+# written under the first, resumed under the second, with the one line the resume must say
+CASES = {
+    "ddp2_to_single": ("ddp2", "single", "resuming a ddp x2 checkpoint under single:"),
+    "single_to_ddp2": ("single", "ddp2", "resuming a single checkpoint under ddp x2:"),
+    "zero2_to_fsdp": ("zero2", "fsdp", "resuming a zero2 x2 checkpoint under fsdp x2:"),
+    "fsdp_to_ddp2": ("fsdp", "ddp2", "resuming a fsdp x2 checkpoint under ddp x2:"),
+    "ddp2_qlora_to_single": ("ddp2_qlora", "single_qlora", "resuming a ddp x2 checkpoint under single:"),
+}
+
+
+def layout_args(layout: str, data: Path, out: Path) -> list[str]:
+    nproc, extra = LAYOUTS[layout]
+    return [
+        "model.name=tiny-gpt2",
+        "method=full",
+        f"data.train_path={data}",
+        "data.max_length=64",
+        "data.eval_fraction=0.1",
+        f"output_dir={out}",
+        f"train.max_steps={STEPS}",
+        "train.batch_size=4",
+        "train.lr=5e-3",
+        "train.warmup_steps=1",
+        "train.max_grad_norm=1.0",
+        "lora.dropout=0",
+        "eval.every_steps=0",
+        "eval.num_generation_prompts=0",
+        f"checkpoint.every_steps={RESUME_AT}",
+        *extra,  # last: a layout's --config comes before nothing it would override
+    ]
+
+
+def launch(layout: str, args: list[str]):
+    nproc = LAYOUTS[layout][0]
+    return run_train(args, launcher="torchrun" if nproc > 1 else "python", nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, equal_length_data):  # noqa: F811
+    """layout -> the output dir of its uninterrupted run (launched once per module, on first use)."""
+    done: dict[str, Path] = {}
+
+    def run(layout: str) -> Path:
+        if layout not in done:
+            out = tmp_path_factory.mktemp("any-layout") / layout
+            result = launch(layout, layout_args(layout, equal_length_data, out))
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[layout] = out
+        return done[layout]
+
+    return run
 
 
 def state_of(argv: list[str], world_size: int, step: int = 6, steps_per_epoch: int = 4) -> dict:
@@ -62,6 +137,8 @@ def test_layout_and_batch_split_changes_resume_with_one_line():
         assert line.startswith(label) and "\n" not in line, line
     same = load_config(["--config", "booster_configs/zero2.yaml", *DDP, "train.batch_size=2"], world_size=2)
     assert checkpoint.layout_change_line(state, same, 2) == ""  # only the batch split changed: resume_position says that
+    bigger_buckets = load_config(["--config", "booster_configs/zero2.yaml", *DDP, "plugin.reduce_bucket_size_in_m=24"], world_size=2)
+    assert checkpoint.layout_change_line(state, bigger_buckets, 2).startswith("resuming a zero2 x2 checkpoint under zero2 x2 with other plugin settings:")
 
 
 def test_what_is_trained_must_still_match_and_tensor_pipeline_layouts_reshard():
@@ -95,3 +172,79 @@ def test_a_plugin_bound_to_its_layout_says_why_in_one_line():
         checkpoint.check_compatible(state_of(["plugin.name=test_pinned_ddp", *DDP], 2), pinned, 2)  # its own layout resumes
     finally:
         del PLUGINS[PinnedDDP.name]
+
+
+def test_the_lr_schedule_follows_the_resumed_run_s_step_count():
+    from transformers import get_scheduler
+
+    def scheduler_after(steps: int):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=20)
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler
+
+    optimizer, scheduler = scheduler_after(6)
+    optimizer.param_groups[0]["lr"] = 123.0  # what a restored optimizer state may hold: the schedule must overwrite it
+    checkpoint.move_scheduler(scheduler, 9)
+    _, expected = scheduler_after(9)
+    assert scheduler.last_epoch == 9 and optimizer.param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0]) == pytest.approx(scheduler.get_last_lr()[0])
+    assert expected.get_last_lr()[0] != scheduler_after(6)[1].get_last_lr()[0]  # the move changed something
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def saved_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter or the full weights a plugin's writer put in `path` (final/ or a checkpoint's model/)."""
+    if (path / "adapter_model.safetensors").is_file():
+        return load_file(path / "adapter_model.safetensors")
+    return checkpoint.read_safetensors_dir(path)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_checkpoint_resumes_under_another_layout(case, uninterrupted, equal_length_data, tmp_path):  # noqa: F811
+    written, resumed, line = CASES[case]
+    reference = uninterrupted(written)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)  # a checkpoint resumes only into its own run (output_dir)
+    args = layout_args(resumed, equal_length_data, run) + [f"resume_from={checkpoint.checkpoint_dir(str(run), RESUME_AT)}"]
+    result = launch(resumed, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [text for text in (result.stdout + result.stderr).splitlines() if "resuming a " in text]
+    assert len(said) == 1 and line in said[0], said
+    assert "resuming at step" not in result.stdout + result.stderr  # the same global batch: the sequence continues exactly
+    expected, got = losses(reference), losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(RESUME_AT + 1, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-5 * max(1.0, abs(expected[step])), f"step {step}: {got[step]} vs {expected[step]}"
+    a, b = saved_weights(reference / "final"), saved_weights(run / "final")
+    # tied weights: a plugin's writer may store them once (HF) or twice (FSDP's gathered state dict)
+    shared = a.keys() & b.keys()
+    assert shared == a.keys() or shared == b.keys(), sorted(a.keys() ^ b.keys())
+    at_checkpoint = saved_weights(checkpoint.checkpoint_dir(str(reference), RESUME_AT) / "model")
+    moved = max((a[k].float() - at_checkpoint[k].float()).abs().max().item() for k in shared & at_checkpoint.keys())
+    assert moved > 1e-3, "the weights barely moved after the checkpoint: the comparison would mean nothing"
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in shared)
+    assert worst <= 1e-4, f"final weights differ by {worst}"
+    state = json.loads((checkpoint.checkpoint_dir(str(reference), RESUME_AT) / "state.json").read_text())
+    assert state["samples_seen"] == RESUME_AT * state["global_batch"] == RESUME_AT * 8
+
+
+def test_checkpoints_are_ordered_by_samples_trained_on_not_by_step_number(tmp_path):
+    """After a resume under a global batch twice as large, step 4 of the new run comes after step 6 of the old one."""
+
+    def fake(step: int, batch: int) -> Path:
+        path = checkpoint.checkpoint_dir(str(tmp_path), step)
+        path.mkdir(parents=True)
+        (path / "state.json").write_text(json.dumps({"step": step, "samples_seen": step * batch}))
+        return path
+
+    old_3, old_6, new_4, old_7 = fake(3, 4), fake(6, 4), fake(4, 8), fake(7, 4)
+    assert checkpoint.complete_checkpoints(str(tmp_path)) == [old_3, old_6, old_7, new_4]
+    fence = checkpoint.fence_newer(str(tmp_path), old_6)  # resuming from step 6 abandons what came after it
+    assert sorted(p.name for p in fence.iterdir()) == [new_4.name, old_7.name]
+    assert checkpoint.complete_checkpoints(str(tmp_path)) == [old_3, old_6]
