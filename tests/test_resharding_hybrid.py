@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from finetune import checkpoint
 from tests.conftest import REPO
@@ -57,8 +58,16 @@ def assert_continues(reference: Path, resumed: Path) -> None:
         assert abs(got[step] - expected[step]) <= LOSS * max(1.0, abs(expected[step])), f"step {step}: {got[step]} vs {expected[step]}"
     a, b = final_weights(reference), final_weights(resumed)
     assert a.keys() == b.keys()
+    at_checkpoint = weights_in(checkpoint.checkpoint_dir(str(reference), CHECKPOINT_AT) / "model")
+    moved = max((a[k].float() - at_checkpoint[k].float()).abs().max().item() for k in a.keys() & at_checkpoint.keys())
+    assert moved > 1e-3, "the weights barely moved after the checkpoint: the comparison would mean nothing"
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= WEIGHTS, f"final weights differ by {worst}"
+
+
+def weights_in(path: Path) -> dict:
+    """A checkpoint's model/: the adapter, or the full weights (sharded under tensor/pipeline parallelism)."""
+    return load_file(path / "adapter_model.safetensors") if (path / "adapter_model.safetensors").is_file() else checkpoint.read_safetensors_dir(path)
 
 
 @pytest.fixture(scope="module")
