@@ -5,15 +5,16 @@
                          (Q)LoRA: the adapter only, in peft layout (adapter_model.safetensors)
         optimizer/       state.safetensors + state.json: the full optimizer state, its tensors keyed by
                          parameter name ("state/<name>/exp_avg"), step counters and hyper-parameters in
-                         JSON; under tensor/pipeline parallelism each rank's own (rank_N.*, keyed by its
-                         local parameter names), reloaded by the same layout
+                         JSON; under tensor/pipeline parallelism the same, its tensors gathered along
+                         their splits, one file per pipeline stage (state-stage-0000K.safetensors) listed
+                         in state.safetensors.index.json
         scheduler.json   LR scheduler state (plain data)
         rng/rank_N.*     every rank's torch / numpy RNG states (tensors) and python's (JSON)
         state.json       step, epoch, steps an epoch, global batch, samples seen, what produced it, file sizes and sha256
 
 Any layout: weights (or the adapter) and optimizer states are full tensors by parameter name, so a checkpoint
 resumes under another plugin, world size or split of the global batch (batch_size x grad_accum_steps x
-data-parallel ranks; tensor/pipeline parallelism excepted, see Plugin.resume_layout_refusal). The data
+data-parallel ranks; tensor/pipeline parallelism included: a rank reads only its parameters' tensors). The data
 position is a global sample index: the same global batch continues the same batch sequence; another one
 continues at the nearest step boundary, said in one line (resume_position).
 
