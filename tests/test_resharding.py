@@ -32,6 +32,7 @@ LAYOUTS = {
     "fsdp": (2, ["--config", "booster_configs/fsdp.yaml"]),
     "ddp2_qlora": (2, ["method=qlora"]),
     "single_qlora": (1, ["method=qlora", "train.grad_accum_steps=2"]),
+    "pp2": (2, ["--config", "booster_configs/pp2.yaml", "train.batch_size=8"]),  # one data-parallel rank
 }
 # written under the first, resumed under the second, with the one line the resume must say
 CASES = {
@@ -40,6 +41,8 @@ CASES = {
     "zero2_to_fsdp": ("zero2", "fsdp", "resuming a zero2 x2 checkpoint under fsdp x2:"),
     "fsdp_to_ddp2": ("fsdp", "ddp2", "resuming a fsdp x2 checkpoint under ddp x2:"),
     "ddp2_qlora_to_single": ("ddp2_qlora", "single_qlora", "resuming a ddp x2 checkpoint under single:"),
+    # into a pipeline: GPT-2's tied lm_head (stored once) read from the input embedding on the last stage
+    "ddp2_to_pp2": ("ddp2", "pp2", "resuming a ddp x2 checkpoint under pp2 1f1b:"),
 }
 
 
