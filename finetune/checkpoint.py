@@ -623,14 +623,33 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     Returns the step to continue after and resume_position's line (empty when the batch sequence continues exactly).
     """
     state = read_state(path)
-    run.plugin.read_model(run, path / "model")
-    run.plugin.read_optimizer(run, path / "optimizer")
-    run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
-    set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
+    with failing_together():
+        run.plugin.read_model(run, path / "model")
+    with failing_together():
+        run.plugin.read_optimizer(run, path / "optimizer")
+        run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
+        set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
     start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
     move_scheduler(run.scheduler, start)
     barrier()
     return start, line
+
+
+@contextlib.contextmanager
+def failing_together():
+    """A CheckpointError on any rank is raised on every rank, so rank 0 reports it: ranks read different
+    files (pipeline stages, per-rank RNG), and one failing alone would leave the others waiting in the next
+    collective. Every rank must reach the end of the block (a collective inside it must not be left half-way)."""
+    error = None
+    try:
+        yield
+    except CheckpointError as err:
+        error = str(err)
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise CheckpointError(first)
 
 
 def move_scheduler(scheduler, step: int) -> None:

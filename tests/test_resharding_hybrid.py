@@ -7,6 +7,7 @@ checkpoint is written by a preempted pp2 run, and the resume goes on under tp2 x
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_tp2_checkpoint_resumes_under_pp2(equal_length_data, runs):  # noqa: F81
     assert_continues(tp2, runs / "tp2-to-pp2")
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_pp2_preempted_checkpoint_resumes_under_tp2_pp2(equal_length_data, runs):  # noqa: F811
     """SIGTERM under pp2 after step 3 (rank 0 only hears it): both stages stop there, write one checkpoint, exit 3;
     the resume under tp2 x pp2 (4 ranks) ends where the uninterrupted pp2 run ends."""
@@ -106,10 +107,30 @@ def test_pp2_preempted_checkpoint_resumes_under_tp2_pp2(equal_length_data, runs)
     with safe_open(optimizer / "state-stage-00001.safetensors", "pt") as f:  # each stage wrote only its own layers
         assert any(".layers.0." in k for k in f.keys()) and not any(".layers.1." in k for k in f.keys())
     assert max(train_losses(stopped)) == CHECKPOINT_AT
+    assert_one_line_when_one_stage_cannot_read(stopped, equal_length_data, runs / "pp2-broken")
     resumed = launch(run_args("tp2_pp2", equal_length_data, stopped, [*LLAMA_FULL, "checkpoint.every_steps=0", "resume_from=latest"]), 4)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming a pp2 1f1b checkpoint under tp2 pp2 1f1b:" in resumed.stdout + resumed.stderr
     assert_continues(pp2, stopped)
+
+
+def assert_one_line_when_one_stage_cannot_read(run: Path, data: Path, copy: Path) -> None:
+    """A tensor only the last stage reads is missing from the index (the manifest re-signed, as an editor
+    would): that stage's error reaches rank 0, which says it in one line, and no rank waits forever."""
+    shutil.copytree(run, copy)
+    ckpt = checkpoint.checkpoint_dir(str(copy), CHECKPOINT_AT)
+    index = ckpt / "optimizer" / "state.safetensors.index.json"
+    dropped = "state/model.layers.1.mlp.down_proj.weight/exp_avg"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    del weight_map[dropped]
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"] = checkpoint.manifest(ckpt)
+    state["sha256"] = {name: checkpoint.file_sha256(ckpt / name) for name in state["files"]}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    result = launch(run_args("pp2", data, copy, [*LLAMA_FULL, "resume_from=latest"]), 2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1 and dropped in errors[0], result.stderr[-3000:]
 
 
 @pytest.mark.timeout(600)
