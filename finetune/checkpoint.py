@@ -57,7 +57,7 @@ from finetune.config import Config, mutates_base, to_dict
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
 from finetune.model import trains_with_adapter, write_as_plain_lora
-from finetune.lora_tp import full_like, full_tensor, local_shard, shard_like
+from finetune.lora_tp import full_like, full_tensor, local_shard, read_split
 
 if TYPE_CHECKING:
     from finetune.run import Run
@@ -838,8 +838,9 @@ def load_split_optimizer(run: Run, path: Path) -> None:
                     if isinstance(v, _TensorKey):
                         if files[v] not in handles:
                             handles[files[v]] = stack.enter_context(safe_open(files[v], "pt"))
-                        v = handles[files[v]].get_tensor(v)
-                        v = shard_like(param, v) if v.dim() and v.dim() == param.dim() else v
+                        reader = handles[files[v]]
+                        split = len(reader.get_slice(v).get_shape()) == param.dim()  # shaped like the parameter (not a step counter)
+                        v = read_split(reader, v, param) if split else reader.get_tensor(v)
                     values[k] = v
                 state[local_name] = values
         sizes = [len(group["params"]) for group in run.optimizer.param_groups]
@@ -899,7 +900,7 @@ def load_split_model(run: Run, path: Path) -> None:
                 key = name if name in files else aliases[name]
                 if files[key] not in handles:
                     handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
-                tensor.copy_(shard_like(tensor, handles[files[key]].get_tensor(key)))
+                tensor.copy_(read_split(handles[files[key]], key, tensor))
     _update_master_params(run)
 
 
