@@ -22,17 +22,18 @@ from finetune.booster import PLUGINS, TorchDDP, register
 from finetune.config import load_config, parallel_plan
 from tests.conftest import read_metrics, run_train
 from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture: equal-length instruction records)
+from tests.test_fidelity import run_args as fidelity_args
 
 STEPS, RESUME_AT = 6, 3
-# processes and settings of each layout; every one has a global batch of 8
+# processes, booster config, method and settings of each layout; every one has a global batch of 8
 LAYOUTS = {
-    "ddp2": (2, []),
-    "single": (1, ["train.grad_accum_steps=2"]),
-    "zero2": (2, ["--config", "booster_configs/zero2.yaml"]),
-    "fsdp": (2, ["--config", "booster_configs/fsdp.yaml"]),
-    "ddp2_qlora": (2, ["method=qlora"]),
-    "single_qlora": (1, ["method=qlora", "train.grad_accum_steps=2"]),
-    "pp2": (2, ["--config", "booster_configs/pp2.yaml", "train.batch_size=8"]),  # one data-parallel rank
+    "ddp2": (2, "torch_ddp", "full", []),
+    "single": (1, "torch_ddp", "full", ["train.grad_accum_steps=2"]),
+    "zero2": (2, "zero2", "full", []),
+    "fsdp": (2, "fsdp", "full", []),
+    "ddp2_qlora": (2, "torch_ddp", "qlora", []),
+    "single_qlora": (1, "torch_ddp", "qlora", ["train.grad_accum_steps=2"]),
+    "pp2": (2, "pp2", "full", ["train.batch_size=8"]),  # one data-parallel rank
 }
 # written under the first, resumed under the second, with the one line the resume must say
 CASES = {
@@ -47,25 +48,10 @@ CASES = {
 
 
 def layout_args(layout: str, data: Path, out: Path) -> list[str]:
-    nproc, extra = LAYOUTS[layout]
-    return [
-        "model.name=tiny-gpt2",
-        "method=full",
-        f"data.train_path={data}",
-        "data.max_length=64",
-        "data.eval_fraction=0.1",
-        f"output_dir={out}",
-        f"train.max_steps={STEPS}",
-        "train.batch_size=4",
-        "train.lr=5e-3",
-        "train.warmup_steps=1",
-        "train.max_grad_norm=1.0",
-        "lora.dropout=0",
-        "eval.every_steps=0",
-        "eval.num_generation_prompts=0",
-        f"checkpoint.every_steps={RESUME_AT}",
-        *extra,  # last: a layout's --config comes before nothing it would override
-    ]
+    """test_fidelity's settings (fp32, dropout 0, batch 4, clipping), 6 steps with a checkpoint at 3."""
+    _, config, method, extra = LAYOUTS[layout]
+    checkpoints = [f"train.max_steps={STEPS}", "eval.every_steps=0", f"checkpoint.every_steps={RESUME_AT}"]
+    return fidelity_args(config, "tiny-gpt2", method, [*checkpoints, *extra], data, out)
 
 
 def launch(layout: str, args: list[str]):
@@ -90,8 +76,8 @@ def uninterrupted(tmp_path_factory, equal_length_data):  # noqa: F811
 
 
 def state_of(argv: list[str], world_size: int, step: int = 6, steps_per_epoch: int = 4) -> dict:
-    """What state.json records of a run with these settings, at `step`."""
-    cfg = load_config(argv, world_size=world_size)
+    """What state.json records of a run with these settings (on a CUDA machine, which Gemini needs), at `step`."""
+    cfg = load_config(argv, world_size=world_size, has_cuda=True)
     batch = cfg.train.batch_size * cfg.train.grad_accum_steps * parallel_plan(cfg, world_size).dp
     return {"step": step, "steps_per_epoch": steps_per_epoch, "global_batch": batch, "samples_seen": step * batch, "identity": checkpoint.identity(cfg, world_size)}
 
@@ -116,6 +102,13 @@ def test_another_global_batch_goes_on_at_the_nearest_step_boundary(batch, per_ep
     assert got == start
     assert "\n" not in line and line.startswith(f"resuming at step {start}, not 6:")
     assert "16 samples into epoch 1" in line and drift in line and "LR schedule" in line
+
+
+def test_the_same_global_batch_with_other_steps_an_epoch_keeps_the_epoch_and_its_offset():
+    # e.g. 43 samples: 2 ranks x 4 pad to 44 (5 steps of 8), 8 ranks x 1 pad to 48 (6 steps of 8)
+    got, line = checkpoint.resume_position({"step": 7, "steps_per_epoch": 5, "global_batch": 8}, 8, 6)
+    assert got == 8  # epoch 1, 2 steps in
+    assert "(5 steps an epoch)" in line and "8 (6 steps an epoch)" in line and "16 samples into epoch 1" in line and "exactly there" in line
 
 
 def test_a_batch_past_the_epoch_end_goes_on_with_the_next_epoch():
@@ -251,3 +244,30 @@ def test_checkpoints_are_ordered_by_samples_trained_on_not_by_step_number(tmp_pa
     fence = checkpoint.fence_newer(str(tmp_path), old_6)  # resuming from step 6 abandons what came after it
     assert sorted(p.name for p in fence.iterdir()) == [new_4.name, old_7.name]
     assert checkpoint.complete_checkpoints(str(tmp_path)) == [old_3, old_6]
+
+
+def test_gemini_layout_changes_are_refused_in_one_line():
+    state = state_of(["--config", "booster_configs/gemini.yaml", *DDP], 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"gemini checkpoints are not resharded .*\(Gemini runs on CUDA only") as err:
+        checkpoint.check_compatible(state, load_config(DDP, world_size=2), 2)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.timeout(600)
+def test_another_global_batch_goes_on_at_the_nearest_step_and_schedule(uninterrupted, equal_length_data, tmp_path):  # noqa: F811
+    """ddp x2 at 8 a step, resumed on one process at 4 a step: its step 3 (24 samples) is step 6 there, and the LR schedule follows."""
+    from finetune.train import build_scheduler
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted("ddp2"), run)
+    args = layout_args("single", equal_length_data, run) + ["train.grad_accum_steps=1", "train.max_steps=8", f"resume_from={checkpoint.checkpoint_dir(str(run), RESUME_AT)}"]
+    result = launch("single", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [text for text in (result.stdout + result.stderr).splitlines() if "resuming at step" in text]
+    assert len(said) == 1 and said[0].startswith("resuming at step 6, not 3:") and "24 samples into epoch 0" in said[0] and "exactly there" in said[0], said
+    logged = {m["step"]: m["lr"] for m in read_metrics(run) if "lr" in m and m["step"] > RESUME_AT}
+    assert sorted(logged) == [7, 8]
+    cfg = load_config(args, world_size=1)
+    scheduler = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr), cfg, total_steps=8)
+    expected = {step: cfg.train.lr * scheduler.lr_lambdas[0](step) for step in (7, 8)}
+    assert logged == pytest.approx(expected, rel=1e-6) and expected[7] != expected[8]
