@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import checkpoint
-from finetune.booster import PLUGINS, TorchDDP, register
 from finetune.config import load_config, parallel_plan
 from tests.conftest import read_metrics, run_train
 from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture: equal-length instruction records)
@@ -149,25 +148,6 @@ def test_what_is_trained_must_still_match_and_tensor_pipeline_layouts_reshard():
     assert checkpoint.layout_change_line(state, tp2, 2).startswith("resuming a ddp x2 checkpoint under tp2:")
     tp2_pp2 = state_of(["--config", "booster_configs/tp2_pp2.yaml", *DDP], 4)
     checkpoint.check_compatible(tp2_pp2, load_config(DDP, world_size=1), 1)
-
-
-class PinnedDDP(TorchDDP):
-    """A plugin registered by a test whose checkpoints resume only on the layout that wrote them."""
-
-    name = "test_pinned_ddp"
-    resume_layout_refusal = "its optimizer states are saved per rank"
-
-
-def test_a_plugin_bound_to_its_layout_says_why_in_one_line():
-    register(PinnedDDP())
-    try:
-        pinned = load_config(["plugin.name=test_pinned_ddp", *DDP], world_size=2)
-        with pytest.raises(checkpoint.CheckpointError, match=r'plugin.name="torch_ddp", this run has plugin.name="test_pinned_ddp"; test_pinned_ddp checkpoints are not resharded') as err:
-            checkpoint.check_compatible(state_of(DDP, 2), pinned, 2)
-        assert "\n" not in str(err.value)
-        checkpoint.check_compatible(state_of(["plugin.name=test_pinned_ddp", *DDP], 2), pinned, 2)  # its own layout resumes
-    finally:
-        del PLUGINS[PinnedDDP.name]
 
 
 def test_the_lr_schedule_follows_the_resumed_run_s_step_count():
