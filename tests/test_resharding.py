@@ -33,6 +33,7 @@ LAYOUTS = {
     "ddp2_qlora": (2, "torch_ddp", "qlora", []),
     "single_qlora": (1, "torch_ddp", "qlora", ["train.grad_accum_steps=2"]),
     "pp2": (2, "pp2", "full", ["train.batch_size=8"]),  # one data-parallel rank
+    "tp2": (2, "tp2", "full", ["train.batch_size=8"]),
 }
 # written under the first, resumed under the second, with the one line the resume must say
 CASES = {
@@ -43,6 +44,8 @@ CASES = {
     "ddp2_qlora_to_single": ("ddp2_qlora", "single_qlora", "resuming a ddp x2 checkpoint under single:"),
     # into a pipeline: GPT-2's tied lm_head (stored once) read from the input embedding on the last stage
     "ddp2_to_pp2": ("ddp2", "pp2", "resuming a ddp x2 checkpoint under pp2 1f1b:"),
+    # into tensor parallelism: rows/columns read from one HF file, fused q/k/v split, the vocabulary padded
+    "ddp2_to_tp2": ("ddp2", "tp2", "resuming a ddp x2 checkpoint under tp2:"),
 }
 
 
