@@ -564,7 +564,6 @@ class HybridParallel(Plugin):
     replicated = False
     model_init = "lazy"  # shardformer materializes only the layers (and TP slices) this rank holds
     shardformer = True
-    resume_layout_refusal = "their optimizer states are saved per rank, keyed by each rank's tensor/pipeline-split parameters"
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         from finetune.config import hybrid_problems
@@ -686,19 +685,27 @@ class HybridParallel(Plugin):
             _write_sharded_model(run, path)
 
     def read_weights(self, run: Run, path: Path) -> None:
-        _read_sharded_model(run, path)
-
-    def write_optimizer(self, run: Run, path: Path) -> None:
-        """Each rank's own state by its local parameter names: ColossalAI 0.5.0's hybrid optimizer checkpoint cannot gather the
-        states of a vocabulary padded for tensor parallelism ("isn't evenly distributed")."""
+        """Any layout's full weights by name; each rank reads only the tensors it holds, then keeps its split."""
         from finetune import checkpoint
 
-        checkpoint.save_rank_optimizer(run, path)
+        checkpoint.load_split_model(run, path)
+
+    def write_optimizer(self, run: Run, path: Path) -> None:
+        """The optimizer state as every plugin writes it (full tensors by parameter name), one file per pipeline
+        stage, written by its tensor-parallel rank 0 of data-parallel rank 0. Not ColossalAI's hybrid optimizer
+        checkpoint: in 0.5.0 it cannot gather the states of a vocabulary padded for tensor parallelism."""
+        import torch.distributed as dist
+
+        from finetune import checkpoint
+
+        plugin = run.booster.plugin
+        writes = dist.get_rank(plugin.dp_group) == 0 and dist.get_rank(plugin.tp_group) == 0
+        checkpoint.save_split_optimizer(run, path, writes, stage=plugin.stage_manager.stage if plugin.stage_manager else 0)
 
     def read_optimizer(self, run: Run, path: Path) -> None:
         from finetune import checkpoint
 
-        checkpoint.load_rank_optimizer(run, path)
+        checkpoint.load_split_optimizer(run, path)
 
 
 PLUGINS: dict[str, Plugin] = {p.name: p for p in (TorchDDP(), LowLevelZero(), Gemini(), TorchFSDP(), HybridParallel())}

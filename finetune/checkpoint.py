@@ -5,15 +5,16 @@
                          (Q)LoRA: the adapter only, in peft layout (adapter_model.safetensors)
         optimizer/       state.safetensors + state.json: the full optimizer state, its tensors keyed by
                          parameter name ("state/<name>/exp_avg"), step counters and hyper-parameters in
-                         JSON; under tensor/pipeline parallelism each rank's own (rank_N.*, keyed by its
-                         local parameter names), reloaded by the same layout
+                         JSON; under tensor/pipeline parallelism the same, its tensors gathered along
+                         their splits, one file per pipeline stage (state-stage-0000K.safetensors) listed
+                         in state.safetensors.index.json
         scheduler.json   LR scheduler state (plain data)
         rng/rank_N.*     every rank's torch / numpy RNG states (tensors) and python's (JSON)
         state.json       step, epoch, steps an epoch, global batch, samples seen, what produced it, file sizes and sha256
 
 Any layout: weights (or the adapter) and optimizer states are full tensors by parameter name, so a checkpoint
 resumes under another plugin, world size or split of the global batch (batch_size x grad_accum_steps x
-data-parallel ranks; tensor/pipeline parallelism excepted, see Plugin.resume_layout_refusal). The data
+data-parallel ranks; tensor/pipeline parallelism included: a rank reads only its parameters' tensors). The data
 position is a global sample index: the same global batch continues the same batch sequence; another one
 continues at the nearest step boundary, said in one line (resume_position).
 
@@ -49,14 +50,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.config import Config, mutates_base, to_dict
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
 from finetune.model import trains_with_adapter, write_as_plain_lora
-from finetune.lora_tp import full_tensor, local_shard
+from finetune.lora_tp import full_like, full_tensor, local_shard, read_split
 
 if TYPE_CHECKING:
     from finetune.run import Run
@@ -379,13 +380,40 @@ def read_json(file: Path):
         raise CheckpointError(f"resume_from: {file} is not a JSON file of this checkpoint format ({type(err).__name__})") from None
 
 
+TREE_ERRORS = (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError, ValueError)
+
+
 def read_tree(stem: Path):
-    """What write_tree wrote; an unreadable or malformed file is a CheckpointError (nothing is unpickled)."""
-    try:
+    """What write_tree (or save_split_optimizer) wrote; an unreadable or malformed file is a CheckpointError (nothing is unpickled)."""
+    with tree_errors(stem):
         plain = json.loads(stem.with_name(stem.name + ".json").read_text())
-        return join_tensors(plain, load_file(stem.with_name(stem.name + ".safetensors")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError) as err:
+        tensors: dict[str, torch.Tensor] = {}
+        for file in sorted(set(tensor_files(stem).values())):
+            tensors.update(load_file(file))
+        return join_tensors(plain, tensors)
+
+
+@contextlib.contextmanager
+def tree_errors(stem: Path):
+    """A file set of write_tree's format that cannot be read becomes one CheckpointError line."""
+    try:
+        yield
+    except TREE_ERRORS as err:
         raise CheckpointError(f"resume_from: {stem}.json/.safetensors is not a checkpoint file of this format ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+
+
+def tensor_files(stem: Path) -> dict[str, Path]:
+    """Where each tensor of a write_tree file set lives: `stem`.safetensors, or the files of its index
+    (`stem`.safetensors.index.json, one file per pipeline stage), which may name only safetensors files beside it."""
+    single, index = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".safetensors.index.json")
+    if not single.is_file() and index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        bad = sorted(f for f in set(weight_map.values()) if not isinstance(f, str) or not f.endswith(".safetensors") or "/" in f or "\\" in f)
+        if bad:
+            raise CheckpointError(f"resume_from: {index} names {bad[0]!r}; only safetensors files in {stem.parent} are read")
+        return {key: stem.parent / name for key, name in weight_map.items()}
+    with safe_open(single, "pt") as f:
+        return {key: single for key in f.keys()}
 
 
 def rng_state() -> dict:
@@ -597,14 +625,33 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     Returns the step to continue after and resume_position's line (empty when the batch sequence continues exactly).
     """
     state = read_state(path)
-    run.plugin.read_model(run, path / "model")
-    run.plugin.read_optimizer(run, path / "optimizer")
-    run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
-    set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
+    with failing_together():
+        run.plugin.read_model(run, path / "model")
+    with failing_together():
+        run.plugin.read_optimizer(run, path / "optimizer")
+        run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
+        set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
     start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
     move_scheduler(run.scheduler, start)
     barrier()
     return start, line
+
+
+@contextlib.contextmanager
+def failing_together():
+    """A CheckpointError on any rank is raised on every rank, so rank 0 reports it: ranks read different
+    files (pipeline stages, per-rank RNG), and one failing alone would leave the others waiting in the next
+    collective. Every rank must reach the end of the block (a collective inside it must not be left half-way)."""
+    error = None
+    try:
+        yield
+    except CheckpointError as err:
+        error = str(err)
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise CheckpointError(first)
 
 
 def move_scheduler(scheduler, step: int) -> None:
@@ -626,17 +673,51 @@ def global_batch(run: Run) -> int:
     return run.cfg.train.batch_size * run.cfg.train.grad_accum_steps * run.layout.dp_size
 
 
-def optimizer_param_names(run: Run) -> list[str]:
-    """The name of each parameter in the optimizer's state-dict order (its param groups, in order).
+def optimizer_params(run: Run) -> list[tuple[str, torch.Tensor]]:
+    """The name and the model's (working) parameter of each optimizer parameter, in its state-dict order (its param groups, in order).
 
     Mixed-precision and ZeRO optimizers hold fp32 master copies: their map leads back to the model's
     (working) parameter, whose name the model knows.
     """
-    names = {id(p): n for n, p in run.model.unwrap(unwrap_peft=False).named_parameters()}
+    module = run.model.unwrap(unwrap_peft=False)
+    names = {id(p): n for n, p in module.named_parameters()}
     master_to_working = getattr(run.optimizer, "get_master_to_working_map", lambda: None)() or {}
     real = getattr(run.optimizer, "id_to_real_params", None)  # Gemini: its groups hold placeholders
     order = [real[i] for i in sorted(real)] if real else [p for group in run.optimizer.param_groups for p in group["params"]]
-    return [names[id(master_to_working.get(id(p), p))] for p in order]
+    working = [master_to_working.get(id(p), p) for p in order]
+    return [(names[id(p)], p) for p in working]
+
+
+def optimizer_param_names(run: Run) -> list[str]:
+    """The name of each parameter in the optimizer's state-dict order."""
+    return [name for name, _ in optimizer_params(run)]
+
+
+def global_param_names(run: Run, names: list[str]) -> list[str]:
+    """The names another layout's optimizer state uses for these parameters of this rank's model: adapters
+    injected without a PeftModel (tensor/pipeline parallelism) get peft's prefix, and an output embedding
+    held apart from the input embedding it is tied to (a pipeline's last stage) takes the input's name,
+    the one a whole model's named_parameters() keeps."""
+    from peft import PeftModel
+
+    module = run.model.unwrap(unwrap_peft=False)
+    prefix = "base_model.model." if run.method.adapter and not isinstance(module, PeftModel) else ""
+    aliases = tied_output_embedding(module)
+    return [prefix + aliases.get(name, name) for name in names]
+
+
+def tied_output_embedding(module: torch.nn.Module) -> dict[str, str]:
+    """{output embedding weight: the input embedding weight it is tied to}, empty for untied models."""
+    if not getattr(getattr(module, "config", None), "tie_word_embeddings", False):
+        return {}
+    try:
+        pair = (module.get_input_embeddings(), module.get_output_embeddings())
+    except (AttributeError, NotImplementedError):
+        return {}
+    names = {id(m): n for n, m in module.named_modules()}
+    if any(m is None or id(m) not in names for m in pair):
+        return {}
+    return {f"{names[id(pair[1])]}.weight": f"{names[id(pair[0])]}.weight"}
 
 
 def named_optimizer_state(state: dict, names: list[str]) -> dict:
@@ -662,7 +743,6 @@ def indexed_optimizer_state(named: dict, names: list[str]) -> dict:
 
 
 OPTIMIZER_STEM = "state"  # optimizer/state.safetensors + state.json
-RANK_OPTIMIZER_STEM = "rank_{}"
 
 
 def save_optimizer(run: Run, path: Path) -> None:
@@ -683,13 +763,101 @@ def full_optimizer_stem(path: Path) -> Path:
     return old if not (path / f"{OPTIMIZER_STEM}.json").is_file() and old.with_name(old.name + ".json").is_file() else path / OPTIMIZER_STEM
 
 
-def save_rank_optimizer(run: Run, path: Path) -> None:
-    """This rank's own optimizer state, keyed by its local parameter names (reloaded by the same layout)."""
-    write_tree(named_optimizer_state(run.optimizer.state_dict(), optimizer_param_names(run)), path / RANK_OPTIMIZER_STEM.format(dist.get_rank()))
+STAGE_OPTIMIZER_FILE = "state-stage-{:05d}.safetensors"  # tensor/pipeline parallelism: one file per pipeline stage
 
 
-def load_rank_optimizer(run: Run, path: Path) -> None:
-    load_optimizer(run, path, RANK_OPTIMIZER_STEM.format(dist.get_rank()))
+def save_split_optimizer(run: Run, path: Path, writes: bool, stage: int) -> None:
+    """save_optimizer's format (full tensors by parameter name, as any layout reads them) for a model split by
+    tensor and pipeline parallelism; every rank calls this.
+
+    Every rank gathers its parameters' tensor-parallel splits of each state (a collective over its
+    tensor-parallel group; a padded vocabulary is unpadded); one rank per pipeline stage (`writes`) writes
+    its stage's states to their own file, so no rank holds another stage's; rank 0 writes state.json (the
+    plain data of all stages) and the index naming each tensor's file.
+    """
+    params = optimizer_params(run)
+    names = global_param_names(run, [name for name, _ in params])
+    local = run.optimizer.state_dict()
+    state = {}
+    for i, values in sorted(local["state"].items()):  # the same order on every rank of a tensor-parallel group
+        param = params[i][1]
+        state[names[i]] = {k: full_like(param, v).detach().cpu() if torch.is_tensor(v) and v.dim() and v.shape == param.shape else v for k, v in sorted(values.items())}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in local["param_groups"]]
+    # Every stage's plain data, its tensors as empty stand-ins: enough to merge and to know who writes what.
+    outline = {"state": {n: {k: torch.empty(0) if torch.is_tensor(v) else v for k, v in s.items()} for n, s in state.items()}, "param_groups": groups}
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (stage, outline) if writes else None)
+    merged, owner = _merge_stages([share for share in shares if share is not None])
+    files = {name: STAGE_OPTIMIZER_FILE.format(owner[name] + 1) for name in merged["state"]}
+    path.mkdir(parents=True, exist_ok=True)
+    if writes:
+        mine = {n: s for n, s in state.items() if owner[n] == stage}  # a tied weight held by two stages is written once
+        save_file(_unshared(split_tensors({"state": mine})[1]), path / STAGE_OPTIMIZER_FILE.format(stage + 1))
+    if dist.get_rank() == 0:
+        weight_map = {key: files[name] for name, values in merged["state"].items() for key in split_tensors(values, f"state/{name}")[1]}
+        (path / f"{OPTIMIZER_STEM}.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1) + "\n")
+        (path / f"{OPTIMIZER_STEM}.json").write_text(json.dumps(split_tensors(merged)[0]) + "\n")
+
+
+def _merge_stages(shares: list[tuple[int, dict]]) -> tuple[dict, dict[str, int]]:
+    """Every stage's named optimizer state in one (stage order; a name two stages hold is the first's), and the stage owning each name."""
+    merged: dict = {"state": {}, "param_groups": []}
+    owner: dict[str, int] = {}
+    for stage, share in sorted(shares, key=lambda item: item[0]):
+        for name, values in share["state"].items():
+            if name not in owner:
+                merged["state"][name], owner[name] = values, stage
+        for i, group in enumerate(share["param_groups"]):
+            if i == len(merged["param_groups"]):
+                merged["param_groups"].append({**group, "params": []})
+            known = merged["param_groups"][i]["params"]
+            known += [n for n in group["params"] if n not in known]
+    return merged, owner
+
+
+class _TensorKey(str):
+    """A tensor's key in a file set, standing in for the tensor until it is read."""
+
+
+def load_split_optimizer(run: Run, path: Path) -> None:
+    """Any layout's optimizer state into this rank's split model: every rank reads the plain data and only the
+    tensors of the parameters it holds (from whichever file holds them), then keeps its split of each."""
+    stem = full_optimizer_stem(path)
+    params = optimizer_params(run)
+    local_names = [name for name, _ in params]
+    names = global_param_names(run, local_names)
+    with tree_errors(stem):
+        saved = join_tensors(json.loads(stem.with_name(stem.name + ".json").read_text()), _KeyStandIns())
+        files = tensor_files(stem)
+        state: dict[str, dict] = {}
+        handles: dict[Path, object] = {}
+        with contextlib.ExitStack() as stack:
+            for (local_name, param), name in zip(params, names):
+                if name not in saved["state"]:
+                    continue
+                values = {}
+                for k, v in saved["state"][name].items():
+                    if isinstance(v, _TensorKey):
+                        if files[v] not in handles:
+                            handles[files[v]] = stack.enter_context(safe_open(files[v], "pt"))
+                        reader = handles[files[v]]
+                        split = len(reader.get_slice(v).get_shape()) == param.dim()  # shaped like the parameter (not a step counter)
+                        v = read_split(reader, v, param) if split else reader.get_tensor(v)
+                    values[k] = v
+                state[local_name] = values
+        sizes = [len(group["params"]) for group in run.optimizer.param_groups]
+        if len(saved["param_groups"]) != len(sizes):
+            raise CheckpointError(f"resume_from: the optimizer state has {len(saved['param_groups'])} parameter groups, this optimizer {len(sizes)}")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        groups = [{**g, "params": local_names[start : start + size]} for g, start, size in zip(saved["param_groups"], starts, sizes)]
+    run.optimizer.load_state_dict(indexed_optimizer_state({"state": state, "param_groups": groups}, local_names))
+
+
+class _KeyStandIns(dict):
+    """join_tensors' tensors: each key stands for its tensor (read later, only where needed)."""
+
+    def __missing__(self, key: str) -> _TensorKey:
+        return _TensorKey(key)
 
 
 def check_weight_files(path: Path, key: str = "resume_from") -> None:
@@ -703,6 +871,48 @@ def check_weight_files(path: Path, key: str = "resume_from") -> None:
         bad = sorted(f for f in files if not isinstance(f, str) or not f.endswith(".safetensors") or "/" in f or "\\" in f)
         if bad:
             raise CheckpointError(f"{key}: {index} names {bad[0]!r}; only safetensors files in {path} are read")
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Where each tensor of a save_pretrained (or ColossalAI sharded) safetensors directory lives."""
+    check_weight_files(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {key: path / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return {key: path / "model.safetensors" for key in f.keys()}
+
+
+def load_split_model(run: Run, path: Path) -> None:
+    """Full weights by name (any layout's checkpoint: one file, or shards with an index) into this rank's
+    tensor/pipeline-split model: a rank reads only the tensors of the parameters it holds and keeps its
+    split (a padded vocabulary padded again); an output embedding tied to the input one is read from the
+    input's weight where the checkpoint stored it once."""
+    module = run.model.unwrap()
+    aliases = tied_output_embedding(module)
+    with weight_errors(path):
+        files = weight_files(path)
+        persistent = [(n, b) for n, b in module.named_buffers() if n in files]  # buffers HF does not save stay as built
+        missing = [n for n, _ in module.named_parameters() if n not in files and aliases.get(n) not in files]
+        if missing:
+            raise CheckpointError(f"resume_from: the checkpoint's weights do not fit this model (missing {missing[:3]})")
+        handles: dict[Path, object] = {}
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for name, tensor in [*module.named_parameters(), *persistent]:
+                key = name if name in files else aliases[name]
+                if files[key] not in handles:
+                    handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
+                tensor.copy_(read_split(handles[files[key]], key, tensor))
+    _update_master_params(run)
+
+
+@contextlib.contextmanager
+def weight_errors(path: Path):
+    """A weights directory that cannot be read becomes one CheckpointError line."""
+    try:
+        yield
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"resume_from: {path} holds no readable safetensors weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:

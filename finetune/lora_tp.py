@@ -206,6 +206,71 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     return gather_distributed_param(param)
 
 
+def full_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The whole, unpadded tensor of `local`, a tensor split (and padded) the way `param` is, e.g. its Adam
+    moment; a collective over the tensor-parallel group for split parameters."""
+    from colossalai.tensor.d_tensor import Layout, ShardingSpec, get_global_shape, get_layout, is_customized_distributed_tensor, is_distributed_tensor
+    from colossalai.tensor.d_tensor.api import layout_converter
+    from colossalai.tensor.padded_tensor import is_padded_tensor
+
+    if is_distributed_tensor(param):
+        layout = get_layout(param)
+        whole = Layout(device_mesh=layout.device_mesh, sharding_spec=ShardingSpec(local.dim(), {}), global_shape=get_global_shape(param))
+        local = layout_converter.apply(local, layout, whole)
+    elif is_customized_distributed_tensor(param):
+        local = param.gather_fn(local)
+    if is_padded_tensor(param):  # a vocabulary padded to split evenly: the padding rows are no one's
+        local = local.narrow(param._padding_dim, 0, param._origin_length)
+    return local
+
+
+def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's split of a whole, unpadded tensor (full_like's inverse): padded and split the way `param` is."""
+    from colossalai.tensor.padded_tensor import is_padded_tensor
+
+    if is_padded_tensor(param) and full.shape[param._padding_dim] < param._current_length:
+        shape = list(full.shape)
+        shape[param._padding_dim] = param._current_length - shape[param._padding_dim]
+        full = torch.cat([full, full.new_zeros(shape)], dim=param._padding_dim)
+    local = local_shard(param, full)
+    return torch.empty(local.shape, dtype=local.dtype, device=local.device).copy_(local)  # a plain tensor: no layout attributes
+
+
+def read_split(reader, key: str, param: torch.Tensor) -> torch.Tensor:
+    """This rank's split of tensor `key` of a safetensors file (`reader`: safe_open) holding the whole, unpadded
+    tensor split like `param`: only its rows or columns are read where `param` is split along one dim, the
+    whole tensor otherwise (then split: fused q/k/v rows interleave)."""
+    cut = _split_range(param)
+    if cut is None:
+        return shard_like(param, reader.get_tensor(key))
+    dim, start, stop = cut
+    # a copy: the slice may borrow the file's memory, which is gone once the file is closed
+    piece = reader.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)].clone()
+    if piece.shape[dim] < param.shape[dim]:  # the vocabulary's padding rows: no one's, zero
+        shape = list(piece.shape)
+        shape[dim] = param.shape[dim] - shape[dim]
+        piece = torch.cat([piece, piece.new_zeros(shape)], dim=dim)
+    return piece
+
+
+def _split_range(param: torch.Tensor) -> tuple[int, int, int] | None:
+    """(dim, start, stop): where this rank's split of a parameter split along one dim lies in the whole,
+    unpadded tensor; None where it is not split that way."""
+    import torch.distributed as dist
+    from colossalai.tensor.d_tensor import get_device_mesh, get_sharding_spec, is_distributed_tensor
+    from colossalai.tensor.padded_tensor import is_padded_tensor
+
+    if not is_distributed_tensor(param) or len(get_sharding_spec(param).dim_partition_dict) != 1:
+        return None
+    ((dim, axes),) = get_sharding_spec(param).dim_partition_dict.items()
+    if len(axes) != 1 or (is_padded_tensor(param) and param._padding_dim != dim):
+        return None
+    length = param.shape[dim]
+    start = dist.get_rank(get_device_mesh(param).get_process_group(axes[0])) * length
+    stop = min(start + length, param._origin_length) if is_padded_tensor(param) else start + length
+    return dim, start, max(start, stop)
+
+
 def local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's split of a whole tensor, split the way `param` is."""
     from colossalai.tensor.d_tensor import distribute_tensor, get_device_mesh, get_sharding_spec, is_customized_distributed_tensor, is_distributed_tensor

@@ -32,6 +32,8 @@ LAYOUTS = {
     "fsdp": (2, "fsdp", "full", []),
     "ddp2_qlora": (2, "torch_ddp", "qlora", []),
     "single_qlora": (1, "torch_ddp", "qlora", ["train.grad_accum_steps=2"]),
+    "pp2": (2, "pp2", "full", ["train.batch_size=8"]),  # one data-parallel rank
+    "tp2": (2, "tp2", "full", ["train.batch_size=8"]),
 }
 # written under the first, resumed under the second, with the one line the resume must say
 CASES = {
@@ -40,6 +42,10 @@ CASES = {
     "zero2_to_fsdp": ("zero2", "fsdp", "resuming a zero2 x2 checkpoint under fsdp x2:"),
     "fsdp_to_ddp2": ("fsdp", "ddp2", "resuming a fsdp x2 checkpoint under ddp x2:"),
     "ddp2_qlora_to_single": ("ddp2_qlora", "single_qlora", "resuming a ddp x2 checkpoint under single:"),
+    # into a pipeline: GPT-2's tied lm_head (stored once) read from the input embedding on the last stage
+    "ddp2_to_pp2": ("ddp2", "pp2", "resuming a ddp x2 checkpoint under pp2 1f1b:"),
+    # into tensor parallelism: rows/columns read from one HF file, fused q/k/v split, the vocabulary padded
+    "ddp2_to_tp2": ("ddp2", "tp2", "resuming a ddp x2 checkpoint under tp2:"),
 }
 
 
@@ -133,18 +139,18 @@ def test_layout_and_batch_split_changes_resume_with_one_line():
     assert checkpoint.layout_change_line(state, bigger_buckets, 2).startswith("resuming a zero2 x2 checkpoint under zero2 x2 with other plugin settings:")
 
 
-def test_what_is_trained_must_still_match_and_hybrid_parallel_keeps_its_layout():
+def test_what_is_trained_must_still_match_and_tensor_pipeline_layouts_reshard():
     state = state_of(DDP, 2)
     with pytest.raises(checkpoint.CheckpointError, match=r'model.name="tiny-gpt2", this run has model.name="tiny-llama"; resume with the same model'):
         checkpoint.check_compatible(state, load_config(["model.name=tiny-llama", "method=full"], world_size=2), 2)
     with pytest.raises(checkpoint.CheckpointError, match="train.seed=.*; resume with the same train.seed"):
         checkpoint.check_compatible(state, load_config([*DDP, "train.seed=7"], world_size=2), 2)
-    # tensor/pipeline-parallel optimizer states are per rank: no other layout reads them, and they read no other
+    # tensor/pipeline parallelism writes and reads full tensors by name too: both ways resume
     tp2 = load_config(["--config", "booster_configs/tp2.yaml", *DDP], world_size=2)
-    with pytest.raises(checkpoint.CheckpointError, match=r"plugin.name=\"torch_ddp\", this run has plugin.name=\"hybrid_parallel\"; hybrid_parallel checkpoints are not resharded") as err:
-        checkpoint.check_compatible(state, tp2, 2)
-    assert "\n" not in str(err.value)
-    checkpoint.check_compatible(state_of(["--config", "booster_configs/tp2.yaml", *DDP], 2), tp2, 2)  # its own layout resumes
+    checkpoint.check_compatible(state, tp2, 2)
+    assert checkpoint.layout_change_line(state, tp2, 2).startswith("resuming a ddp x2 checkpoint under tp2:")
+    tp2_pp2 = state_of(["--config", "booster_configs/tp2_pp2.yaml", *DDP], 4)
+    checkpoint.check_compatible(tp2_pp2, load_config(DDP, world_size=1), 1)
 
 
 def test_the_lr_schedule_follows_the_resumed_run_s_step_count():
