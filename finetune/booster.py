@@ -308,6 +308,12 @@ class LowLevelZero(Plugin):
 
         return estimate.zero_placement(cfg, world_size)
 
+    def read_optimizer(self, run: Run, path: Path) -> None:
+        """Each rank reads only its own part of every state tensor (any layout's full state by name)."""
+        from finetune import checkpoint
+
+        checkpoint.load_zero_optimizer(run, path)
+
 
 class Gemini(Plugin):
     name = "gemini"

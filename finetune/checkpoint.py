@@ -40,6 +40,7 @@ import errno
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -757,6 +758,58 @@ def load_optimizer(run: Run, path: Path, stem: str = "") -> None:
     run.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem if stem else full_optimizer_stem(path)), optimizer_param_names(run)))
 
 
+def load_zero_optimizer(run: Run, path: Path) -> None:
+    """ZeRO: each rank reads only its own part of every state tensor, the part LowLevelZeroOptimizer's
+    load_state_dict would cut from the full one (flattened, zero-padded to a multiple of the group's size,
+    split evenly), so no rank holds the whole optimizer state at resume."""
+    from colossalai.zero.low_level._utils import get_nd_rank, get_nd_world_size
+
+    zero, stem = run.optimizer, full_optimizer_stem(path)
+    masters = [p for group in zero.optim.param_groups for p in group["params"]]
+    groups = {name: zero.param_to_pg[zero.master_to_working_param[id(p)]] for name, p in zip(optimizer_param_names(run), masters)}
+    with tree_errors(stem), contextlib.ExitStack() as stack:
+        plain = json.loads(stem.with_name(stem.name + ".json").read_text())
+        files, handles = tensor_files(stem), {}
+
+        def part(key: str) -> torch.Tensor:
+            if files[key] not in handles:
+                handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
+            _, name, state_key = key.split("/", 2)  # state/<parameter name>/<state key>
+            if state_key == "step" or name not in groups:  # step counters stay whole, as ZeRO keeps them
+                return handles[files[key]].get_tensor(key)
+            return zero_part(handles[files[key]], key, get_nd_world_size(groups[name]), get_nd_rank(groups[name]))
+
+        named = join_tensors(plain, LazyTensors(files, part))
+        zero.optim.load_state_dict(indexed_optimizer_state(named, list(groups)))
+
+
+class LazyTensors(dict):
+    """The tensors of a write_tree file set, each read by `read(key)` only when join_tensors asks for it."""
+
+    def __init__(self, keys, read) -> None:
+        super().__init__()
+        self.keys_, self.read = set(keys), read
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys_:
+            raise KeyError(key)
+        return self.read(key)
+
+
+def zero_part(handle, key: str, size: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of a tensor flattened and zero-padded to a multiple of `size` (ZeRO's split),
+    reading only the rows of the stored tensor that hold it."""
+    stored = handle.get_slice(key)
+    shape = stored.get_shape()
+    numel, row = math.prod(shape), math.prod(shape[1:])
+    chunk = -(-numel // size)
+    start, stop = min(rank * chunk, numel), min((rank + 1) * chunk, numel)
+    first, last = start // row, -(-stop // row)
+    rows = stored[first:last] if shape else handle.get_tensor(key)  # a 0-d tensor is one number
+    flat = rows.flatten()[start - first * row:stop - first * row]
+    return torch.nn.functional.pad(flat, [0, chunk - flat.numel()]).clone()  # a copy, not a view of the mapped file
+
+
 def full_optimizer_stem(path: Path) -> Path:
     """The whole optimizer state by parameter name, whichever plugin wrote it (FSDP's was `full_state` until resume on any layout unified the names)."""
     old = path / FSDP_OPTIMIZER_STEM
@@ -903,7 +956,7 @@ def load_split_model(run: Run, path: Path) -> None:
                 if files[key] not in handles:
                     handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
                 tensor.copy_(read_split(handles[files[key]], key, tensor))
-    _update_master_params(run)
+    update_master_params(run)
 
 
 @contextlib.contextmanager
