@@ -41,6 +41,8 @@ CASES = {
     "single_to_ddp2": ("single", "ddp2", "resuming a single checkpoint under ddp x2:"),
     "zero2_to_fsdp": ("zero2", "fsdp", "resuming a zero2 x2 checkpoint under fsdp x2:"),
     "fsdp_to_ddp2": ("fsdp", "ddp2", "resuming a fsdp x2 checkpoint under ddp x2:"),
+    # into ZeRO: each rank reads only its part of every optimizer state (checkpoint.load_zero_optimizer)
+    "fsdp_to_zero2": ("fsdp", "zero2", "resuming a fsdp x2 checkpoint under zero2 x2:"),
     "ddp2_qlora_to_single": ("ddp2_qlora", "single_qlora", "resuming a ddp x2 checkpoint under single:"),
     # into a pipeline: GPT-2's tied lm_head (stored once) read from the input embedding on the last stage
     "ddp2_to_pp2": ("ddp2", "pp2", "resuming a ddp x2 checkpoint under pp2 1f1b:"),
@@ -82,6 +84,23 @@ def state_of(argv: list[str], world_size: int, step: int = 6, steps_per_epoch: i
     cfg = load_config(argv, world_size=world_size, has_cuda=True)
     batch = cfg.train.batch_size * cfg.train.grad_accum_steps * parallel_plan(cfg, world_size).dp
     return {"step": step, "steps_per_epoch": steps_per_epoch, "global_batch": batch, "samples_seen": step * batch, "identity": checkpoint.identity(cfg, world_size)}
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (1,), (), (3, 2, 4)])
+def test_a_zero_rank_reads_the_part_zero_would_cut_from_the_full_tensor(shape, tmp_path):
+    """load_zero_optimizer's slice reading equals LowLevelZeroOptimizer.load_state_dict's split: flattened,
+    zero-padded to a multiple of the group's size, split evenly (ranks past a small tensor get zeros)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    full = torch.randn(shape)
+    save_file({"state/w/exp_avg": full}, tmp_path / "t.safetensors")
+    with safe_open(tmp_path / "t.safetensors", "pt") as handle:
+        for size in (1, 2, 3, 8):
+            pad = (size - full.numel() % size) % size
+            expected = torch.nn.functional.pad(full.flatten(), [0, pad]).split((full.numel() + pad) // size)
+            for rank in range(size):
+                assert torch.equal(checkpoint.zero_part(handle, "state/w/exp_avg", size, rank), expected[rank])
 
 
 def test_same_global_batch_continues_exactly():
