@@ -1088,12 +1088,13 @@ def save_fsdp_optimizer(run: Run, path: Path) -> None:
 
 
 def load_fsdp_optimizer(run: Run, path: Path) -> None:
-    """The full optimizer state, scattered into this rank's FSDP shards."""
+    """The full optimizer state, read by rank 0 only and scattered by FSDP into each rank's shards."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     root, optimizer = run.model.module, run.optimizer.optim
-    with fsdp_full_state(root, rank0_only=False):
-        full_state = read_tree(full_optimizer_stem(path))
+    with failing_together():  # a bad file on rank 0 must stop the others, not leave them in FSDP's broadcast
+        full_state = read_tree(full_optimizer_stem(path)) if dist.get_rank() == 0 else {}
+    with fsdp_full_state(root, rank0_only=True):
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
 
 
