@@ -83,7 +83,7 @@ def damaged(world: dict, case: str) -> Path:
         (ckpt / "state.json").write_text(json.dumps(state))
     elif case == "other_layout":
         state = json.loads((ckpt / "state.json").read_text())
-        state["identity"]["plugin"] = {**state["identity"]["plugin"], "name": "hybrid_parallel", "tp_size": 2}
+        state["identity"]["plugin"] = {**state["identity"]["plugin"], "name": "gemini"}  # the one plugin still bound to its layout
         (ckpt / "state.json").write_text(json.dumps(state))
     return ckpt
 
@@ -127,7 +127,7 @@ TRAIN_CASES = {
     "resume_other_model": (lambda w: [f"output_dir={w['root'] / 'fresh7'}", f"resume_from={damaged(w, 'other_model')}"], "written with model.name=\"tiny-llama\""),
     # another world size is no refusal (checkpoints are resharded): this copy then fails only as another run's
     "resume_other_world": (lambda w: [f"output_dir={w['root'] / 'fresh8'}", f"resume_from={damaged(w, 'other_world')}"], "the checkpoint belongs to another run"),
-    "resume_other_layout": (lambda w: [f"output_dir={w['root'] / 'fresh9'}", f"resume_from={damaged(w, 'other_layout')}"], "written with plugin.name=\"hybrid_parallel\", this run has plugin.name=\"torch_ddp\"; hybrid_parallel checkpoints are not resharded"),
+    "resume_other_layout": (lambda w: [f"output_dir={w['root'] / 'fresh9'}", f"resume_from={damaged(w, 'other_layout')}"], "written with plugin.name=\"gemini\", this run has plugin.name=\"torch_ddp\"; gemini checkpoints are not resharded"),
 }
 
 
