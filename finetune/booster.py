@@ -126,15 +126,8 @@ class Plugin:
 
     def load_deferred(self, run: Run, pending) -> None:
         """Read the pretrained weights of a model built without them into this rank's shards, after boost
-        (plugins whose model_init is not "eager"): ColossalAI's shardformer loader, then the master copies."""
-        from finetune import deferred
-
-        module = run.model.unwrap()
-        deferred.load_into_shards(module, deferred.Checkpoint(pending.path), pending.names)
-        # The optimizer made its fp32 master copies (bf16/fp16, ZeRO) from the weights boost materialized:
-        # copy the loaded ones in (the model's own update_master_params is a no-op under HybridParallel).
-        if hasattr(run.optimizer, "update_master_params"):
-            run.optimizer.update_master_params(module)
+        (plugins whose model_init is not "eager" define it)."""
+        raise NotImplementedError(f"{type(self).__name__} builds models with their weights (model_init={self.model_init!r})")
 
     def build_optimizer(self, params: list, cfg: Config):
         """The optimizer over the trainable parameters: AdamW or SGD (momentum 0.9).
@@ -695,6 +688,13 @@ class HybridParallel(Plugin):
         from finetune import checkpoint
 
         checkpoint.load_split_model(run, path)
+
+    def load_deferred(self, run: Run, pending) -> None:
+        """The pretrained weights by the reader a resume uses (each rank only its rows of what it holds), every
+        name of a tied weight tried, then the optimizer's master copies."""
+        from finetune import checkpoint
+
+        checkpoint.load_split_model(run, pending.path, "model.name", pending.names)
 
     def write_optimizer(self, run: Run, path: Path) -> None:
         """The optimizer state as every plugin writes it (full tensors by parameter name), one file per pipeline

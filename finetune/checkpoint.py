@@ -926,9 +926,9 @@ def check_weight_files(path: Path, key: str = "resume_from") -> None:
             raise CheckpointError(f"{key}: {index} names {bad[0]!r}; only safetensors files in {path} are read")
 
 
-def weight_files(path: Path) -> dict[str, Path]:
-    """Where each tensor of a save_pretrained (or ColossalAI sharded) safetensors directory lives."""
-    check_weight_files(path)
+def weight_files(path: Path, setting: str = "resume_from") -> dict[str, Path]:
+    """Where each tensor of a save_pretrained (or ColossalAI sharded) safetensors directory lives; `setting` names it in errors."""
+    check_weight_files(path, setting)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         return {key: path / name for key, name in json.loads(index.read_text())["weight_map"].items()}
@@ -936,23 +936,39 @@ def weight_files(path: Path) -> dict[str, Path]:
         return {key: path / "model.safetensors" for key in f.keys()}
 
 
-def load_split_model(run: Run, path: Path) -> None:
-    """Full weights by name (any layout's checkpoint: one file, or shards with an index) into this rank's
-    tensor/pipeline-split model: a rank reads only the tensors of the parameters it holds and keeps its
-    split (a padded vocabulary padded again); an output embedding tied to the input one is read from the
-    input's weight where the checkpoint stored it once."""
+def weight_key(files: dict[str, Path], names: list[str], path: Path, setting: str = "resume_from") -> str:
+    """The stored key of a parameter known by these names (tied weights are stored once, under one of them)."""
+    key = next((n for n in names if n in files), None)
+    if key is None:
+        raise CheckpointError(f"{setting}: {path} has no weight for {names[0]}; its weights do not fit this model")
+    return key
+
+
+def load_split_model(run: Run, path: Path, setting: str = "resume_from", names: dict[str, list[str]] | None = None) -> None:
+    """Full weights by name (any layout's checkpoint or a pretrained model directory: one file, or shards with an
+    index) into this rank's tensor/pipeline-split model, then into the optimizer's master copies: a rank reads
+    only the tensors of the parameters it holds (of one split along one dim only its rows or columns; fused
+    q/k/v whole, then split) and keeps its split (a padded vocabulary padded again with zeros). Parameters
+    of other pipeline stages are gone from this rank's module and are not read.
+
+    Args:
+        setting: the setting that named `path`, for errors (resume_from, model.name).
+        names: every name of each parameter by its name in the model (finetune.deferred.Pending.names, taken
+            before wrapping); tied weights are stored once, under one of them. An output embedding tied to
+            the input one is always also read from the input's weight.
+    """
     module = run.model.unwrap()
     aliases = tied_output_embedding(module)
-    with weight_errors(path):
-        files = weight_files(path)
+    with weight_errors(path, setting):
+        files = weight_files(path, setting)
         persistent = [(n, b) for n, b in module.named_buffers() if n in files]  # buffers HF does not save stay as built
-        missing = [n for n, _ in module.named_parameters() if n not in files and aliases.get(n) not in files]
-        if missing:
-            raise CheckpointError(f"resume_from: the checkpoint's weights do not fit this model (missing {missing[:3]})")
+        names = names or {}
+        # every parameter's key found before any is read: a misfit is one line before heavy work
+        keys = {n: weight_key(files, [*names.get(n, [n]), aliases.get(n, n)], path, setting) for n, _ in module.named_parameters()}
         handles: dict[Path, object] = {}
         with contextlib.ExitStack() as stack, torch.no_grad():
             for name, tensor in [*module.named_parameters(), *persistent]:
-                key = name if name in files else aliases[name]
+                key = keys.get(name, name)
                 if files[key] not in handles:
                     handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
                 tensor.copy_(read_split(handles[files[key]], key, tensor))
@@ -960,12 +976,12 @@ def load_split_model(run: Run, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def weight_errors(path: Path):
-    """A weights directory that cannot be read becomes one CheckpointError line."""
+def weight_errors(path: Path, setting: str = "resume_from"):
+    """A weights directory that cannot be read becomes one CheckpointError line, naming the setting that named it."""
     try:
         yield
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"resume_from: {path} holds no readable safetensors weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        raise CheckpointError(f"{setting}: {path} holds no readable safetensors weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@
 A plugin that shards the model says how it wants the model built (`Plugin.model_init`):
   - "lazy": under ColossalAI's LazyInitContext (its Llama examples build models so for Gemini and
     HybridParallel): parameters are LazyTensors, and `booster.boost` materializes only this rank's shard;
-    the checkpoint's tensors are then read one at a time (safetensors, by name) into the shards: of a
-    tensor split over tensor-parallel ranks only this rank's rows.
+    the plugin's load_deferred then reads the checkpoint into the shards (HybridParallel: the reader its
+    resume uses, finetune.checkpoint.load_split_model: of a split tensor only this rank's rows).
   - "meta": parameters on the meta device (buffers real); FSDP materializes each wrapped unit with
     `param_init_fn` straight from the checkpoint, shards it, and frees the rest before the next unit.
 Only safetensors are read (never torch.load: a model directory is user-supplied).
@@ -13,7 +13,6 @@ Only safetensors are read (never torch.load: a model directory is user-supplied)
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,53 +20,29 @@ from typing import Callable
 import torch
 from torch import nn
 
-from finetune.errors import FinetuneError
-
-
-class DeferredWeightsError(FinetuneError):
-    """The checkpoint cannot fill the model that was built from its config."""
-
 
 class Checkpoint:
-    """The tensors of a save_pretrained directory (one safetensors file, or the shards its index lists), read by name."""
+    """The tensors of a pretrained save_pretrained directory (one safetensors file, or the shards its index lists), read by name."""
 
     def __init__(self, path: Path) -> None:
-        from finetune.checkpoint import check_weight_files
+        from finetune.checkpoint import weight_files
 
         self.path = Path(path)
-        check_weight_files(self.path, "model.name")  # an index may name safetensors files in this directory only
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            from safetensors import safe_open
-
-            with safe_open(self.path / "model.safetensors", framework="pt") as f:
-                self.files = {key: "model.safetensors" for key in f.keys()}
+        self.files = weight_files(self.path, "model.name")  # an index may name safetensors files in this directory only
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, copied out of its memory-mapped file; the file is unmapped again, so its pages leave
         this process's resident set (kept mapped, every page read would count in it until the end)."""
         from safetensors import safe_open
 
-        with safe_open(self.path / self.files[key], framework="pt") as f:
+        with safe_open(self.files[key], framework="pt") as f:
             return f.get_tensor(key)
-
-    def part(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of a tensor along dim (clipped to its stored length), reading those bytes alone."""
-        from safetensors import safe_open
-
-        with safe_open(self.path / self.files[key], framework="pt") as f:
-            stored = f.get_slice(key)
-            length = stored.get_shape()[dim]
-            return stored[(slice(None),) * dim + (slice(min(start, length), min(stop, length)),)]
 
     def key_for(self, names: list[str]) -> str:
         """The stored key of a parameter known by these names (tied weights are stored once, under one of them)."""
-        key = next((n for n in names if n in self.files), None)
-        if key is None:
-            raise DeferredWeightsError(f"model.name: {self.path} has no weight for {names[0]}; the checkpoint does not fit its own config.json")
-        return key
+        from finetune.checkpoint import weight_key
+
+        return weight_key(self.files, names, self.path, "model.name")
 
 
 def build_context(init: str):
@@ -119,54 +94,6 @@ def defer(model: nn.Module, path: Path) -> nn.Module:
 
 
 PENDING_ATTR = "finetune_pending_weights"
-
-
-def load_into_shards(module: nn.Module, checkpoint: Checkpoint, names: dict[str, list[str]]) -> int:
-    """Copy the checkpoint into this rank's materialized shards of a shardformer model; returns the tensors read.
-
-    A plain split along one dim (most tensor-parallel weights, a padded vocabulary included) reads only
-    this rank's rows; anything else goes through ColossalAI's loader, which slices the full tensor, fed one
-    tensor at a time, so a rank never holds more than one full weight. Parameters of other pipeline
-    stages are gone from this rank's module and are not read.
-
-    Args:
-        names: every name of each parameter, by its name in the built model (Pending.names).
-    """
-    from colossalai.checkpoint_io.utils import load_state_dict_into_model
-
-    count = 0
-    for name, param in module.named_parameters():
-        key = checkpoint.key_for(names.get(name, [name]))
-        split = tensor_parallel_split(param)
-        if split is None:
-            load_state_dict_into_model(module, {name: checkpoint.tensor(key)}, missing_keys=[], strict=False, load_sub_module=True)
-        else:  # only this rank's rows are read; past the stored length (a padded vocabulary) zeros, as ColossalAI pads
-            dim, start, stop = split
-            with torch.no_grad():
-                rows = checkpoint.part(key, dim, start, stop)
-                param.data.narrow(dim, 0, rows.shape[dim]).copy_(rows)
-                param.data.narrow(dim, rows.shape[dim], param.shape[dim] - rows.shape[dim]).zero_()
-        count += 1
-    return count
-
-
-def tensor_parallel_split(param: torch.Tensor) -> tuple[int, int, int] | None:
-    """(dim, start, stop): the rows of the whole tensor this rank's shard of a parameter holds, for a plain
-    split along one dim over one process group (ColossalAI's chunking); None for anything else (replicated,
-    or a customized split such as GPT-2's fused q/k/v), which ColossalAI's loader then slices."""
-    import torch.distributed as dist
-    from colossalai.tensor.d_tensor.api import get_device_mesh, get_global_shape, get_sharding_spec, is_distributed_tensor
-
-    if not is_distributed_tensor(param):
-        return None
-    partition = get_sharding_spec(param).dim_partition_dict
-    if len(partition) != 1 or len(next(iter(partition.values()))) != 1:
-        return None
-    (dim, (axis,)), = partition.items()
-    group = get_device_mesh(param).get_process_group(axis)
-    chunk = -(-get_global_shape(param)[dim] // dist.get_world_size(group))  # torch.chunk's size: the last may be shorter
-    start = dist.get_rank(group) * chunk
-    return dim, start, start + param.shape[dim]
 
 
 def fsdp_param_init_fn(model: nn.Module, checkpoint: Checkpoint, names: dict[str, list[str]]) -> Callable[[nn.Module], None]:
