@@ -317,7 +317,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     plugin_spec.after_boost(optimizer, scheduler)
     run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults(), Preemption())
     if pending:
-        plugin_spec.load_deferred(run, pending)
+        with checkpoint.failing_together():  # a weight missing from one rank's stage stops every rank with its line
+            plugin_spec.load_deferred(run, pending)
     # The full model each rank built before the plugin sharded or cast it is freed now; glibc would keep
     # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
     compat.release_freed_heap()

@@ -112,6 +112,7 @@ def main(out: str, model_dirs: list[str]) -> None:
         results[f"pp2 zero{zero_stage} bf16 step"] = nan_max(torch.tensor(deferred_losses) - torch.tensor(eager_losses))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
+    dist.barrier()  # both ranks done before the group goes (a rank leaving first once left the other hanging at exit)
     dist.destroy_process_group()
 
 
