@@ -767,33 +767,36 @@ def load_zero_optimizer(run: Run, path: Path) -> None:
     zero, stem = run.optimizer, full_optimizer_stem(path)
     masters = [p for group in zero.optim.param_groups for p in group["params"]]
     groups = {name: zero.param_to_pg[zero.master_to_working_param[id(p)]] for name, p in zip(optimizer_param_names(run), masters)}
-    with tree_errors(stem), contextlib.ExitStack() as stack:
-        plain = json.loads(stem.with_name(stem.name + ".json").read_text())
-        files, handles = tensor_files(stem), {}
-
-        def part(key: str) -> torch.Tensor:
-            if files[key] not in handles:
-                handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
-            _, name, state_key = key.split("/", 2)  # state/<parameter name>/<state key>
-            if state_key == "step" or name not in groups:  # step counters stay whole, as ZeRO keeps them
-                return handles[files[key]].get_tensor(key)
-            return zero_part(handles[files[key]], key, get_nd_world_size(groups[name]), get_nd_rank(groups[name]))
-
-        named = join_tensors(plain, LazyTensors(files, part))
-        zero.optim.load_state_dict(indexed_optimizer_state(named, list(groups)))
+    with tree_errors(stem):
+        saved = join_tensors(json.loads(stem.with_name(stem.name + ".json").read_text()), _KeyStandIns())
+        with OpenFiles(tensor_files(stem)) as files:
+            for name, state in saved["state"].items():
+                group = groups.get(name)  # None: a parameter this model does not train (indexed_optimizer_state says so)
+                for k, v in state.items():
+                    if isinstance(v, _TensorKey):
+                        whole = k == "step" or group is None  # step counters stay whole, as ZeRO keeps them
+                        state[k] = files[v].get_tensor(v) if whole else zero_part(files[v], v, get_nd_world_size(group), get_nd_rank(group))
+    zero.optim.load_state_dict(indexed_optimizer_state(saved, list(groups)))
 
 
-class LazyTensors(dict):
-    """The tensors of a write_tree file set, each read by `read(key)` only when join_tensors asks for it."""
+class OpenFiles:
+    """The safetensors files of a {tensor key: file} map, each opened once on first use and closed together."""
 
-    def __init__(self, keys, read) -> None:
-        super().__init__()
-        self.keys_, self.read = set(keys), read
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files, self.handles, self.stack = files, {}, contextlib.ExitStack()
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.keys_:
-            raise KeyError(key)
-        return self.read(key)
+    def __enter__(self) -> "OpenFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def __getitem__(self, key: str):
+        """The open file that holds tensor `key`."""
+        path = self.files[key]
+        if path not in self.handles:
+            self.handles[path] = self.stack.enter_context(safe_open(path, "pt"))
+        return self.handles[path]
 
 
 def zero_part(handle, key: str, size: int, rank: int) -> torch.Tensor:
@@ -883,17 +886,14 @@ def load_split_optimizer(run: Run, path: Path) -> None:
         saved = join_tensors(json.loads(stem.with_name(stem.name + ".json").read_text()), _KeyStandIns())
         files = tensor_files(stem)
         state: dict[str, dict] = {}
-        handles: dict[Path, object] = {}
-        with contextlib.ExitStack() as stack:
+        with OpenFiles(files) as opened:
             for (local_name, param), name in zip(params, names):
                 if name not in saved["state"]:
                     continue
                 values = {}
                 for k, v in saved["state"][name].items():
                     if isinstance(v, _TensorKey):
-                        if files[v] not in handles:
-                            handles[files[v]] = stack.enter_context(safe_open(files[v], "pt"))
-                        reader = handles[files[v]]
+                        reader = opened[v]
                         split = len(reader.get_slice(v).get_shape()) == param.dim()  # shaped like the parameter (not a step counter)
                         v = read_split(reader, v, param) if split else reader.get_tensor(v)
                     values[k] = v
@@ -965,13 +965,10 @@ def load_split_model(run: Run, path: Path, setting: str = "resume_from", names: 
         names = names or {}
         # every parameter's key found before any is read: a misfit is one line before heavy work
         keys = {n: weight_key(files, [*names.get(n, [n]), aliases.get(n, n)], path, setting) for n, _ in module.named_parameters()}
-        handles: dict[Path, object] = {}
-        with contextlib.ExitStack() as stack, torch.no_grad():
+        with OpenFiles(files) as opened, torch.no_grad():
             for name, tensor in [*module.named_parameters(), *persistent]:
                 key = keys.get(name, name)
-                if files[key] not in handles:
-                    handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
-                tensor.copy_(read_split(handles[files[key]], key, tensor))
+                tensor.copy_(read_split(opened[key], key, tensor))
     update_master_params(run)
 
 
