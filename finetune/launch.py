@@ -218,11 +218,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
+    """Check the launch, print its commands, run them; exit with the ranks' code (2 for bad input)."""
     args = parse(argv)
     try:
         launch = build_command(args, dict(os.environ))
     except LaunchError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)  # bad input, as for finetune/train.py
     for node in launch.nodes:
         print(shlex.join(node.command), flush=True)
     if launch.held_back:

@@ -1,7 +1,7 @@
 """Fine-tune a causal language model (or an encoder classifier) with a ColossalAI Booster.
 
-    colossalai run --nproc_per_node=2 finetune/train.py                  # the quickstart (embedded default)
-    colossalai run --nproc_per_node=2 finetune/train.py --config booster_configs/torch_ddp.yaml model.name=gpt2
+    launch/single_node.sh 2                                              # the quickstart (embedded default)
+    launch/single_node.sh 2 --config booster_configs/torch_ddp.yaml model.name=gpt2
     python finetune/train.py model.name=tiny-gpt2 method=full train.max_steps=5   # one process
 
 Reads top to bottom: config -> process group -> data -> model -> booster -> evaluate -> fit ->
