@@ -57,7 +57,7 @@ def read_hostfile(path: str) -> list[str]:
         host = line.strip()
         if not host:
             continue
-        if host.startswith("#") or any(c.isspace() for c in host):
+        if host.startswith(("#", "-")) or any(c.isspace() for c in host):  # "-": ssh would read it as an option
             raise LaunchError(f"hostfile {path} line {number}: '{host}' is not a host; one host name or address per line, no comments")
         if host.count(":") == 1:
             raise LaunchError(f"hostfile {path} line {number}: '{host}' carries a port; list hosts only (an SSH port goes into ~/.ssh/config)")

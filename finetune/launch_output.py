@@ -52,11 +52,12 @@ class Node:
 
 @dataclass
 class Failure:
-    """The first rank failure torchrun reported: global rank (when known) and exit code as a shell gives it."""
+    """A rank failure torchrun reported: global rank (when known), exit code as a shell gives it, the signal's name."""
 
     rank: int | None
     code: int
-    signal: str = ""
+    signal_name: str = ""
+    at: float = field(default_factory=time.monotonic, compare=False)  # when this launcher read it
 
 
 class OutputFilter:
@@ -74,7 +75,8 @@ class OutputFilter:
         """The lines to show for one line of launcher output."""
         body = line.rstrip("\n")
         if self._rulers_left:  # inside torchrun's ChildFailedError report
-            self._note_failure(_ROOT_EXIT.match(body))
+            if match := _ROOT_EXIT.match(body):
+                self._note_failure(int(match.group(1)), None)
             self._rulers_left -= bool(body) and set(body) == {"="}
             return []
         if self._held:
@@ -88,7 +90,8 @@ class OutputFilter:
             self._held = [line]
             return []
         if _ELASTIC_LOG.match(body):
-            self._note_failure(_FAILED_EXIT.search(body))
+            if match := _FAILED_EXIT.search(body):
+                self._note_failure(int(match.group(1)), match.group(2))
             return []
         if body.startswith(REMOTE_PID) and self.remote_pid is None:
             self.remote_pid = int(body[len(REMOTE_PID) :])
@@ -103,14 +106,18 @@ class OutputFilter:
         held, self._held = self._held, []
         return held
 
-    def _note_failure(self, match: re.Match | None) -> None:
-        if not match or self.failure is not None:
+    def _note_failure(self, code: int, local_rank: str | None) -> None:
+        if self.failure is not None:
             return
-        code = int(match.group(1))
-        local_rank = match.group(2) if match.re is _FAILED_EXIT else None
         name = signal.Signals(-code).name if code < 0 and -code in signal.valid_signals() else ""
         rank = self.first_rank + int(local_rank) if local_rank is not None else None
         self.failure = Failure(rank, 128 - code if code < 0 else code, name)
+
+
+def root_cause(failures: list[Failure]) -> Failure | None:
+    """The failure to report: the first rank that died of a signal (the others then failed on the lost
+    connection, on other nodes perhaps before its torchrun said so), else the first to fail."""
+    return min(failures, key=lambda f: (not f.signal_name, f.at), default=None)
 
 
 class _Stop:
@@ -136,7 +143,9 @@ class Agent:
 
     def __init__(self, node: Node, env: dict[str, str]) -> None:
         self.node = node
-        self.process = subprocess.Popen(node.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        self.process = subprocess.Popen(
+            node.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True
+        )  # no stdin: ssh would read the terminal's
         self.filters = OutputFilter(node.first_rank), OutputFilter(node.first_rank)
         self._signalled: set[int] = set()
 
@@ -146,6 +155,8 @@ class Agent:
 
     def stop_ranks(self) -> None:
         """SIGTERM to its ranks not signalled yet (to torchrun itself while it has none, which then ends them)."""
+        if not self.running():  # its pid may be another process's by now
+            return
         if self.node.ssh:
             if not self._signalled and self.filters[0].remote_pid:
                 pid = self.filters[0].remote_pid
@@ -213,14 +224,15 @@ def run_nodes(nodes: list[Node], env: dict[str, str], stdout: TextIO | None = No
     ]
     for pump in pumps:
         pump.start()
-    stopped_at = None
+    stopped_at, killed = None, False
     while any(agent.running() for agent in agents):
         failed = any(agent.process.returncode not in (None, 0) for agent in agents)
         if stop.count or failed:
             stopped_at = stopped_at or time.monotonic()
             for agent in agents:
                 agent.stop_ranks()  # again each round: ranks torchrun started after the first round
-        if stopped_at and (stop.count > 1 or time.monotonic() - stopped_at > STOP_GRACE_S):
+        if stopped_at and not killed and (stop.count > 1 or time.monotonic() - stopped_at > STOP_GRACE_S):
+            killed = True
             for agent in agents:
                 agent.kill()
             _kill_descendants()
@@ -232,11 +244,10 @@ def run_nodes(nodes: list[Node], env: dict[str, str], stdout: TextIO | None = No
     if not any(codes):
         return 0
     filters = [log for agent in agents for log in agent.filters]
-    failures = [log.failure for log in filters if log.failure]
-    failure = failures[0] if failures else None
-    if failure and failure.signal and not stop.count:
+    failure = root_cause([log.failure for log in filters if log.failure])
+    if failure and failure.signal_name and not stop.count:
         rank = f"rank {failure.rank}" if failure.rank is not None else "a rank"
-        print(f"error: {rank} died ({failure.signal}); the other ranks were stopped: resume_from=latest continues from the last complete checkpoint", file=stderr, flush=True)
+        print(f"error: {rank} died ({failure.signal_name}); the other ranks were stopped: resume_from=latest continues from the last complete checkpoint", file=stderr, flush=True)
     elif not failure:
         lost = [line for log in filters for line in log.rank_lost]
         stderr.writelines(lost[:1])  # the survivors say the same: one line

@@ -15,7 +15,7 @@ import pytest
 
 from finetune.errors import RANK_LOST
 from finetune.launch import LaunchError, build_command, parse, read_hostfile, remote_command, slurm_torchrun_command
-from finetune.launch_output import REMOTE_PID, Failure, OutputFilter
+from finetune.launch_output import REMOTE_PID, Failure, OutputFilter, root_cause
 from tests.conftest import REPO, free_port, launch_command, read_summary, run_env
 
 SCRIPTS = ["launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch"]
@@ -51,6 +51,7 @@ def test_hostfile_is_read(tmp_path):
         ("node-0:22\n", "carries a port"),
         ("# workers\nnode-0\n", "line 1: '# workers' is not a host"),
         ("node-0 slots=8\n", "is not a host"),
+        ("-oProxyCommand=touch${IFS}/tmp/pwned\n", "line 1: '-oProxyCommand=.*' is not a host"),
     ],
 )
 def test_bad_hostfiles(tmp_path, text, message):
@@ -302,8 +303,11 @@ def test_output_filter_keeps_the_ranks_tracebacks_and_drops_the_launchers():
     lost = f"error: {RANK_LOST} (Connection closed by peer): ...\n"
     shown = [out for line in rank_traceback + torchrun_report + [lost, "after\n"] for out in log.feed(line)] + log.finish()
     assert shown == rank_traceback + ["after\n"]
-    assert log.failure == Failure(rank=5, code=137, signal="SIGKILL")  # local rank 1 of that node; SIGKILL as a shell reports it
+    assert log.failure == Failure(rank=5, code=137, signal_name="SIGKILL")  # local rank 1 of that node; SIGKILL as a shell reports it
     assert log.rank_lost == [lost]  # held: the launcher names the dead rank instead
+    # On another node a survivor's torchrun may report its rank's exit 2 (the lost connection) first.
+    assert root_cause([Failure(0, 2), log.failure, Failure(3, 143, "SIGTERM")]) == log.failure
+    assert root_cause([Failure(0, 2), Failure(1, 1)]) == Failure(0, 2) and root_cause([]) is None
 
 
 @pytest.mark.timeout(300)
