@@ -33,7 +33,10 @@ import psutil
 
 from finetune.errors import RANK_LOST
 
-STOP_GRACE_S = 60.0  # from the stop signal to the kill: a step and a checkpoint (torchrun itself allows 30 s)
+# From the stop signal to the kill: the step in flight and a checkpoint, which for a large model's optimizer
+# state takes minutes. (Once the first rank has exited, torchrun gives the others 30 s: they write the
+# checkpoint together, so by then they are done too.) A second signal kills at once.
+STOP_GRACE_S = 300.0
 REMOTE_PID = "finetune.launch: torchrun pid "  # the first line a remote agent prints (finetune.launch.remote_command)
 
 _ELASTIC_LOG = re.compile(r"^[IWE]\d{4} [\d:.]+ \d+ \S*torch/distributed/elastic/")
@@ -251,4 +254,5 @@ def run_nodes(nodes: list[Node], env: dict[str, str], stdout: TextIO | None = No
     elif not failure:
         lost = [line for log in filters for line in log.rank_lost]
         stderr.writelines(lost[:1])  # the survivors say the same: one line
-    return failure.code if failure else next(code for code in codes if code)
+    code = next(code for code in codes if code)
+    return failure.code if failure else 128 - code if code < 0 else code  # a signal, as a shell reports it

@@ -211,6 +211,36 @@ def processes_of(output_dir) -> list:
     return found
 
 
+# A stand-in for torchrun: starts one "rank" that ignores SIGTERM (a rank stuck in C code) and prints its
+# pid, then exits at once (leaving the rank orphaned) or waits for it.
+FAKE_TORCHRUN = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], start_new_session=True)
+print("rank", rank.pid, flush=True)
+if sys.argv[1] == "wait":
+    rank.wait()
+"""
+
+
+@pytest.mark.parametrize("torchrun", ["exits", "wait"])
+def test_no_process_outlives_the_launcher(torchrun):
+    # "exits": torchrun ends and its rank, holding the output pipe, would keep the launcher waiting forever.
+    # "wait": the rank ignores the SIGTERM passed on; a second signal kills everything at once.
+    import psutil
+
+    code = f"import sys; from finetune.launch_output import Node, run_nodes; sys.exit(run_nodes([Node([sys.executable, '-c', {FAKE_TORCHRUN!r}, {torchrun!r}])], {{}}))"
+    launcher = started([sys.executable, "-c", code])
+    rank = int(launcher.stdout.readline().split()[1])
+    if torchrun == "wait":
+        launcher.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert launcher.poll() is None and psutil.pid_exists(rank)  # the grace period: nothing killed yet
+        launcher.send_signal(signal.SIGINT)
+    result = finished(launcher, timeout=30)
+    assert result.returncode == (137 if torchrun == "wait" else 0), result.stderr
+    assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("script, stop", [("launch/single_node.sh", signal.SIGTERM), ("launch/multi_node.sh", signal.SIGINT)])
 def test_a_stopped_launcher_stops_every_rank_with_a_checkpoint(tmp_path, instruction_file, script, stop):
