@@ -1,5 +1,6 @@
 """Launching: hostfile checks, the commands built for one node / a hostfile / Slurm, the launch/
-scripts, and a real 2-"node" run through `colossalai run --hostfile` on this machine."""
+scripts, the remote command's quoting, and real 2-rank runs: two "nodes" on this machine (one through
+a stand-in ssh), a stop signal to the launcher, a killed rank."""
 
 from __future__ import annotations
 
