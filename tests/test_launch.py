@@ -254,8 +254,10 @@ def test_a_stopped_launcher_stops_every_rank_with_a_checkpoint(tmp_path, instruc
     launcher.send_signal(stop)
     result = finished(launcher)
     assert result.returncode == 3, (result.stdout + result.stderr)[-3000:]
-    assert "preempted: stopped after step" in result.stdout
-    assert list((out / "checkpoints").glob("step_*")) and "Traceback" not in result.stderr
+    from finetune.checkpoint import complete_checkpoints
+
+    stopped = [line for line in result.stdout.splitlines() if line.startswith("preempted: stopped after step")]
+    assert len(stopped) == 1 and str(complete_checkpoints(out)[-1]) in stopped[0] and "Traceback" not in result.stderr
     assert processes_of(out) == []
 
 
