@@ -26,11 +26,10 @@ $(VENV)/.installed: requirements.txt requirements-assets.txt constraints.txt
 assets: install
 	$(PY) -m finetune.assets
 
-# colossalai run re-exports the whole environment through a shell command line; make's own
-# MAKEOVERRIDES ("$${-*-command-variables-*-}") breaks that, so make's variables are dropped first.
+# Our launcher (torchrun from an argument list, no shell; Ctrl-C checkpoints every rank), as in the README.
 demo: assets
-	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) \
-		colossalai run --nproc_per_node=$(NPROC) --master_port $(FREE_PORT) finetune/train.py overwrite_output_dir=true $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) MASTER_PORT=$(FREE_PORT) \
+		launch/single_node.sh $(NPROC) overwrite_output_dir=true $(ARGS)
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests --durations=25

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from finetune import assets, compat, patches
-from finetune.errors import FinetuneError
+from finetune.errors import RANK_LOST, FinetuneError
 from finetune.outputs import tee_rank_output
 
 
@@ -123,6 +123,24 @@ def collective_timeout(err: Exception) -> CollectiveTimeout | None:
         f"collective timed out after {seconds}s (launch.timeout_s): another rank stopped responding; its log in output_dir/logs/ "
         "says why (stalled, killed, out of memory, network); raise launch.timeout_s only if a step is that slow"
     )
+
+
+class RankLost(FinetuneError):
+    """Another rank died (killed, out of memory, its node gone) and took its end of a collective with it."""
+
+
+# gloo: "Connection closed by peer [10.0.0.2]:1234", "... Connection reset by peer", "... Broken pipe";
+# NCCL: "... remote process exited or there was a network error". The same in every plugin's collectives
+# (DDP, ZeRO and Gemini all-reduces, TP sub-groups, pipeline send/recv).
+_PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|remote process exited", re.IGNORECASE)
+
+
+def rank_lost(err: Exception) -> RankLost | None:
+    """The one-line error for a collective whose peer died, or None when err is something else."""
+    match = _PEER_GONE.search(str(err))
+    if not match:
+        return None
+    return RankLost(f"{RANK_LOST} ({match.group(0)}): it died or was killed, its log in output_dir/logs/ says why; resume_from=latest continues from the last complete checkpoint")
 
 
 @contextlib.contextmanager

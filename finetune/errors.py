@@ -3,3 +3,8 @@
 
 class FinetuneError(ValueError):
     """Something the user can fix (config, data, model, checkpoint, environment), stated in one line."""
+
+
+# How a surviving rank's one line starts when another rank died (finetune.distributed.rank_lost); the
+# launcher (finetune.launch_output) recognises it and names the dead rank instead, which only it knows.
+RANK_LOST = "lost the connection to another rank"

@@ -4,13 +4,15 @@
     python -m finetune.launch hostfile --hostfile hosts.txt --master_addr 10.0.0.1 --nproc_per_node 8 -- --config my_run.yaml
     python -m finetune.launch slurm    --nproc_per_node 8 -- --config my_run.yaml     # inside an sbatch job
 
-The first two run ColossalAI's own launcher (`colossalai run`, which starts torchrun on every host, over
-SSH for remote ones); the third builds the torchrun rendezvous command every Slurm task runs. Each checks
-what it can before anything starts: the files exist, hosts are unique, the port is free, torchrun is on
-PATH, the config parses, and no argument would be changed by the shell `colossalai run` passes it through.
-It prints the command, then runs it with only the environment `launch.forward_env` allows (colossalai run
-writes every variable it gets into each host's command line), its output filtered so that the ranks' own
-lines come last and the environment is never echoed, and exits with the ranks' exit code.
+Each starts torchrun itself, from an argument list, never through a local shell: one agent here for
+`single`, one per host for `hostfile` (a host named localhost or 127.0.0.1 here, any other over ssh, its
+command quoted word by word for the remote shell), the c10d rendezvous every Slurm task runs for `slurm`.
+So every argument reaches finetune/train.py verbatim, `$(...)` and `;` included (`colossalai run` joins
+the arguments into a shell command line, where they run). Each checks what it can before anything
+starts: the files exist, hosts are unique, the port is free, torchrun is on PATH, the config parses.
+It prints the commands, runs them (a hostfile's hosts with only the environment `launch.forward_env`
+allows), passes SIGTERM / SIGINT on to every rank, leaves no process behind, filters the output so
+that the ranks' own lines come last, and exits with the ranks' exit code (finetune.launch_output).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import re
+import shlex
 import shutil
 import signal
 import socket
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
-from finetune.launch_output import run_filtered
+from finetune.launch_output import REMOTE_PID, Node, run_nodes
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -44,8 +46,8 @@ class LaunchError(FinetuneError):
 def read_hostfile(path: str) -> list[str]:
     """Hosts of a hostfile, one per line, checked: present, non-empty, no comments, ports or duplicates.
 
-    `colossalai run` reads every non-empty line as a host name, so anything else on a line would
-    become a host it tries to reach over SSH.
+    Every non-empty line is a host name (as for `colossalai run`), so anything else on a line would
+    become a host to reach over SSH.
     """
     file = Path(path)
     if not file.is_file():
@@ -55,10 +57,10 @@ def read_hostfile(path: str) -> list[str]:
         host = line.strip()
         if not host:
             continue
-        if host.startswith("#") or any(c.isspace() for c in host):
+        if host.startswith(("#", "-")) or any(c.isspace() for c in host):  # "-": ssh would read it as an option
             raise LaunchError(f"hostfile {path} line {number}: '{host}' is not a host; one host name or address per line, no comments")
         if host.count(":") == 1:
-            raise LaunchError(f"hostfile {path} line {number}: '{host}' carries a port; list hosts only (SSH port: colossalai run --ssh-port)")
+            raise LaunchError(f"hostfile {path} line {number}: '{host}' carries a port; list hosts only (an SSH port goes into ~/.ssh/config)")
         if host in hosts:
             raise LaunchError(f"hostfile {path} line {number}: host '{host}' is listed twice; list each node once (processes per node: --nproc_per_node)")
         hosts.append(host)
@@ -79,9 +81,9 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 @dataclass
 class Launch:
-    """A checked launch: the command, the environment it runs with, and the variables held back from it."""
+    """A checked launch: a torchrun agent per node, the environment they run with, the variables held back."""
 
-    command: list[str]
+    nodes: list[Node]
     env: dict[str, str]
     held_back: list[str] = field(default_factory=list)
 
@@ -96,31 +98,8 @@ def check_train_args(train_args: list[str], world_size: int) -> Config:
         raise LaunchError(str(err)) from None
 
 
-# Characters a shell leaves alone in a word. `[` and `]` are glob characters, but a list such as
-# [q_proj,v_proj] only changes if a file of a matching one-letter name exists: accepted, it is the list syntax.
-_SHELL_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./\[\]-]+$")
-
-
-def check_shell_safe(train_args: list[str]) -> None:
-    """Refuse arguments the shell on every host would change: `colossalai run` joins them with spaces."""
-    for arg in train_args:
-        if _SHELL_SAFE.match(arg):
-            continue
-        if not arg:
-            raise LaunchError("an empty argument would vanish in the shell on every host (colossalai run joins the arguments with spaces); drop it, or write key= for an empty value")
-        bad = sorted({c for c in arg if not _SHELL_SAFE.match(c)})
-        key, sep, value = arg.partition("=")
-        compact = re.sub(r"\s*,\s*", ",", value)
-        if sep and value.startswith("[") and value.endswith("]") and _SHELL_SAFE.match(compact):
-            fix = f"write the list without spaces: {key}={compact}"
-        else:
-            fix = "put such values (paths with spaces, ...) in a --config FILE, whose values reach the ranks unchanged"
-        shown = ", ".join(repr(c) if c != " " else "a space" for c in bad)
-        raise LaunchError(f"argument '{arg}' holds {shown}, which the shell on every host would change (colossalai run joins the arguments with spaces); {fix}")
-
-
 def forwarded_environment(env: dict[str, str], patterns: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split env into what launch.forward_env lets colossalai run export to the hosts and the names held back."""
+    """Split env into what launch.forward_env lets the launcher pass to every host and the names held back."""
     allowed = {k: v for k, v in env.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     return allowed, sorted(k for k in env if k not in allowed)
 
@@ -130,23 +109,54 @@ def _has_cuda() -> bool:
 
 
 def require_torchrun() -> None:
-    """colossalai run and Slurm tasks start `torchrun` by name."""
+    """The launcher and Slurm tasks start `torchrun` by name."""
     if shutil.which("torchrun") is None:
         raise LaunchError("torchrun is not on PATH: activate the virtual environment (source .venv/bin/activate); remote hosts need it on their PATH too")
 
 
-def unforwardable_environment(env: dict[str, str]) -> list[str]:
-    """Variables colossalai run would break on: it re-exports every single-line variable inside double
-    quotes of a shell command, where `$`, a backtick, `"` or `\\` change or end the value."""
-    return sorted(k for k, v in env.items() if v and "\n" not in v and any(c in v for c in '$`"\\'))
+def torchrun_command(nproc_per_node: int, master_port: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1") -> list[str]:
+    """The torchrun command of one node (static rendezvous at master_addr:master_port)."""
+    return [
+        "torchrun",
+        f"--nproc_per_node={nproc_per_node}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={master_addr}",
+        f"--master_port={master_port}",
+        TRAIN,
+        *train_args,
+    ]
 
 
-def colossalai_run_command(nproc_per_node: int, master_port: int, train_args: list[str], hostfile: str = "", master_addr: str = "") -> list[str]:
-    """`colossalai run` for one node, or for every host of a hostfile."""
-    command = ["colossalai", "run", "--nproc_per_node", str(nproc_per_node), "--master_port", str(master_port)]
-    if hostfile:
-        command += ["--hostfile", hostfile, "--master_addr", master_addr]
-    return command + [TRAIN, *train_args]
+LOCAL_HOSTS = ("localhost", "127.0.0.1")  # started here without SSH, as colossalai run does
+
+
+def ssh_prefix(host: str) -> list[str]:
+    """How the launcher reaches a remote host: ssh without a password prompt (port, user: ~/.ssh/config)."""
+    return ["ssh", "-o", "BatchMode=yes", host]
+
+
+def remote_command(command: list[str], env: dict[str, str]) -> str:
+    """The one string ssh hands to the remote host's shell: every word quoted, so it reaches torchrun verbatim.
+
+    ssh always passes its command through the remote user's shell, so quoting each word is the only way
+    to keep `$(...)`, `;`, spaces or quotes in an argument or a variable from being run or split there.
+    The shell prints its pid (which `exec` gives to torchrun) first: the launcher stops its ranks by it.
+    """
+    settings = [f"{name}={value}" for name, value in env.items()]
+    return f"cd {shlex.quote(str(REPO))} && echo {shlex.quote(REMOTE_PID)}$$ && exec {shlex.join(['env', *settings, *command])}"
+
+
+def hostfile_nodes(hosts: list[str], nproc_per_node: int, master_addr: str, master_port: int, train_args: list[str], env: dict[str, str]) -> list[Node]:
+    """One torchrun agent per host: started here for a local host, through ssh for the others."""
+    nodes = []
+    for rank, host in enumerate(hosts):
+        command = torchrun_command(nproc_per_node, master_port, train_args, len(hosts), rank, master_addr)
+        if host in LOCAL_HOSTS:
+            nodes.append(Node(command, rank * nproc_per_node))
+        else:
+            nodes.append(Node([*ssh_prefix(host), remote_command(command, env)], rank * nproc_per_node, ssh_prefix(host)))
+    return nodes
 
 
 def slurm_torchrun_command(env: dict[str, str], nproc_per_node: int, train_args: list[str]) -> list[str]:
@@ -168,30 +178,28 @@ def slurm_torchrun_command(env: dict[str, str], nproc_per_node: int, train_args:
 
 
 def build_command(args: argparse.Namespace, env: dict[str, str]) -> Launch:
-    """Validate a launch request and return the command that carries it out, with its environment."""
+    """Validate a launch request and return the torchrun agents that carry it out, with their environment."""
     if args.nproc_per_node < 1:
         raise LaunchError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
     require_torchrun()
     if args.mode == "slurm":
         command = slurm_torchrun_command(env, args.nproc_per_node, args.train_args)
         check_train_args(args.train_args, int(env["SLURM_NNODES"]) * args.nproc_per_node)
-        return Launch(command, env)  # srun hands the environment over itself, not on a command line
-    nodes = 1
-    if args.mode == "hostfile":
-        if not args.hostfile or not args.master_addr:
-            raise LaunchError("hostfile mode needs --hostfile FILE and --master_addr ADDRESS (an address of the first host that the others reach)")
-        nodes = len(read_hostfile(args.hostfile))
-    local_master = args.mode == "single" or args.master_addr in ("127.0.0.1", "localhost", socket.gethostname())
-    if local_master and not port_is_free(args.master_port):
+        return Launch([Node(command)], env)  # srun hands the environment over itself, not on a command line
+    if args.mode == "single":
+        if not port_is_free(args.master_port):
+            raise LaunchError(f"port {args.master_port} is in use on this machine: pass another --master_port")
+        check_train_args(args.train_args, args.nproc_per_node)
+        return Launch([Node(torchrun_command(args.nproc_per_node, args.master_port, args.train_args))], env)  # a child's environment, on no command line
+    if not args.hostfile or not args.master_addr:
+        raise LaunchError("hostfile mode needs --hostfile FILE and --master_addr ADDRESS (an address of the first host that the others reach)")
+    hosts = read_hostfile(args.hostfile)
+    if args.master_addr in (*LOCAL_HOSTS, socket.gethostname()) and not port_is_free(args.master_port):
         raise LaunchError(f"port {args.master_port} is in use on this machine: pass another --master_port")
-    check_shell_safe(args.train_args)
-    cfg = check_train_args(args.train_args, nodes * args.nproc_per_node)
+    cfg = check_train_args(args.train_args, len(hosts) * args.nproc_per_node)
+    # The same environment on every host; a remote host gets it on its command line (visible in its process list).
     forwarded, held_back = forwarded_environment(env, cfg.launch.forward_env)
-    bad = unforwardable_environment(forwarded)
-    if bad:
-        raise LaunchError(f"colossalai run cannot forward the environment variable(s) {', '.join(bad)} (their values hold $, `, \" or \\); unset them for the launch or leave them out of launch.forward_env")
-    command = colossalai_run_command(args.nproc_per_node, args.master_port, args.train_args, args.hostfile, args.master_addr)
-    return Launch(command, forwarded, held_back)
+    return Launch(hostfile_nodes(hosts, args.nproc_per_node, args.master_addr, args.master_port, args.train_args, forwarded), forwarded, held_back)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -210,21 +218,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
+    """Check the launch, print its commands, run them; exit with the ranks' code (2 for bad input)."""
     args = parse(argv)
     try:
         launch = build_command(args, dict(os.environ))
     except LaunchError as err:
-        sys.exit(f"error: {err}")
-    print(" ".join(launch.command), flush=True)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)  # bad input, as for finetune/train.py
+    for node in launch.nodes:
+        print(shlex.join(node.command), flush=True)
     if launch.held_back:
         print(f"not forwarded to the hosts (not in launch.forward_env): {', '.join(launch.held_back)}", flush=True)
     if not args.dry_run:
         os.chdir(REPO)
         # Slurm's --signal reaches every process of the step: the launcher must outlive the ranks'
-        # checkpoint, and an ignored signal stays ignored in the launcher it starts. The ranks set
+        # checkpoint, and an ignored signal stays ignored in the torchrun it starts. The ranks set
         # their own handler (finetune.preemption).
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        sys.exit(run_filtered(launch.command, launch.env))
+        sys.exit(run_nodes(launch.nodes, launch.env))
 
 
 if __name__ == "__main__":

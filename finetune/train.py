@@ -1,7 +1,7 @@
 """Fine-tune a causal language model (or an encoder classifier) with a ColossalAI Booster.
 
-    colossalai run --nproc_per_node=2 finetune/train.py                  # the quickstart (embedded default)
-    colossalai run --nproc_per_node=2 finetune/train.py --config booster_configs/torch_ddp.yaml model.name=gpt2
+    launch/single_node.sh 2                                              # the quickstart (embedded default)
+    launch/single_node.sh 2 --config booster_configs/torch_ddp.yaml model.name=gpt2
     python finetune/train.py model.name=tiny-gpt2 method=full train.max_steps=5   # one process
 
 Reads top to bottom: config -> process group -> data -> model -> booster -> evaluate -> fit ->
@@ -42,7 +42,7 @@ from finetune import checkpoint, checks, compat, deferred, outputs
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
-from finetune.distributed import CollectiveTimeout, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank
+from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, reload_final
 from finetune.faults import Faults
@@ -376,9 +376,9 @@ def cli() -> None:
         try:
             main(sys.argv[1:])
         except RuntimeError as err:
-            raise collective_timeout(err) or err
+            raise collective_timeout(err) or rank_lost(err) or err
     except FinetuneError as err:
-        if os.environ.get("RANK", "0") == "0" or isinstance(err, CollectiveTimeout):  # only the waiting rank knows
+        if os.environ.get("RANK", "0") == "0" or isinstance(err, (CollectiveTimeout, RankLost)):  # only the waiting rank knows
             print(f"error: {err}", file=sys.stderr, flush=True)
         else:
             # The launcher stops every rank as soon as one exits: leave rank 0 time to say why.

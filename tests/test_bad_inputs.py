@@ -161,7 +161,7 @@ def test_bad_launch_input(case, world):
     make_args, fragment = LAUNCH_CASES[case]
     result = subprocess.run([sys.executable, "-m", "finetune.launch", *make_args(world)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr[-2000:]
 
 
