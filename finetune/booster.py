@@ -148,8 +148,14 @@ class Plugin:
 
         return Layout(dist.get_rank(), dist.get_world_size(), pipeline=False, counts=True, replicated=self.replicated)
 
-    def after_boost(self, optimizer, scheduler) -> None:
-        """Repairs needed once booster.boost has wrapped model and optimizer (default: none)."""
+    def after_boost(self, cfg: Config, optimizer, scheduler, device):
+        """The boosted optimizer to train with, once booster.boost has wrapped model and optimizer: with fp16
+        loss scaling where the plugin leaves precision to us (finetune.loss_scaling says why not the Booster's)."""
+        if cfg.train.precision == "fp16" and not self.takes_precision:
+            from finetune.loss_scaling import loss_scaled
+
+            return loss_scaled(optimizer, device)
+        return optimizer
 
     # --- a training step --------------------------------------------------------------------------
 
@@ -160,8 +166,10 @@ class Plugin:
         from finetune.data import model_inputs
 
         booster, model, optimizer = run.booster, run.model, run.optimizer
-        # Plugins that own precision cast the model themselves; for the others bf16 is autocast here.
-        autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.precision == "bf16" and not self.takes_precision)
+        # Plugins that own precision cast the model themselves; for the others bf16 and fp16 are autocast here
+        # (fp16's loss scaling is the optimizer's: after_boost).
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.cfg.train.precision)
+        autocast = torch.autocast(run.device.type, dtype=half or torch.bfloat16, enabled=half is not None and not self.takes_precision)
         loss_sum = 0.0
         for i, batch in enumerate(micro_batches):
             # Gradients are all-reduced only on the last micro-batch of the step, where the plugin can defer it.
@@ -335,7 +343,12 @@ class Gemini(Plugin):
     model_init = "lazy"  # as ColossalAI's own examples build models for Gemini
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
-        return _choice_problem("placement_policy", cfg.plugin.options["placement_policy"], ("static", "auto"))
+        problems = _choice_problem("placement_policy", cfg.plugin.options["placement_policy"], ("static", "auto"))
+        if cfg.train.precision not in ("bf16", "fp16"):  # GeminiPlugin asserts it: its chunks are half precision
+            problems.append(f"train.precision={cfg.train.precision}: Gemini trains in bf16 or fp16 only (fp32 master copies); set train.precision=bf16")
+        if cfg.train.optimizer != "adamw":  # GeminiOptimizer asserts FusedAdam, CPUAdam or HybridAdam
+            problems.append(f"train.optimizer={cfg.train.optimizer}: Gemini steps with ColossalAI's HybridAdam only; set train.optimizer=adamw")
+        return problems
 
     def placement(self, cfg: Config, world_size: int):
         from finetune import estimate
@@ -343,9 +356,8 @@ class Gemini(Plugin):
         return estimate.gemini_placement(cfg, world_size)
 
     def build_optimizer(self, params: list, cfg: Config):
-        """Gemini places optimizer states on GPU or CPU by chunk: ColossalAI's HybridAdam steps either (AdamW semantics)."""
-        if cfg.train.optimizer == "sgd":
-            return super().build_optimizer(params, cfg)
+        """Gemini places optimizer states on GPU or CPU by chunk: ColossalAI's HybridAdam steps either (AdamW
+        semantics; GeminiOptimizer takes no other, so problems() refuses train.optimizer=sgd)."""
         from colossalai.nn.optimizer import HybridAdam
 
         return HybridAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
@@ -475,13 +487,22 @@ class TorchFSDP(Plugin):
         """Nothing left to read: FSDP filled each unit from the checkpoint while wrapping it (before_boost)."""
         run.booster.plugin.fsdp_kwargs.pop("param_init_fn", None)
 
-    def after_boost(self, optimizer, scheduler) -> None:
+    def after_boost(self, cfg: Config, optimizer, scheduler, device):
+        """The scheduled lr put back, and fp16 loss scaling (FSDP's MixedPrecision casts, it does not scale)."""
         # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,
         # dropping the lr the scheduler had set (0 during warmup): put the scheduled lr back.
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
+        if cfg.train.precision == "fp16":
+            from finetune.loss_scaling import loss_scaled
+
+            return loss_scaled(optimizer, device, sharded=True)
+        return optimizer
 
     def clip_gradients(self, run: Run, max_norm: float) -> float | None:
+        from finetune.loss_scaling import unscale
+
+        unscale(run.optimizer)  # FSDP's clip must see the unscaled gradients
         return float(run.model.module.clip_grad_norm_(max_norm))  # FSDP's own: the norm over all shards
 
     def write_model(self, run: Run, path: Path) -> None:
@@ -748,7 +769,6 @@ def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_n
     if custom_policy is not None:
         kwargs["custom_policy"] = custom_policy
     plugin = getattr(plugins, spec.class_name)(**kwargs)
-    # fp16 for plugins that do not own precision goes through the Booster's torch AMP (CUDA only,
-    # refused on CPU by config validation); bf16 there is autocast in the training step.
-    mixed_precision = "fp16" if precision == "fp16" and not spec.takes_precision else None
-    return Booster(plugin=plugin, mixed_precision=mixed_precision), plugin
+    # No Booster mixed_precision: where the plugin does not own precision, the training step autocasts and
+    # the optimizer scales fp16 losses (Plugin.after_boost).
+    return Booster(plugin=plugin), plugin

@@ -314,7 +314,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
-    plugin_spec.after_boost(optimizer, scheduler)
+    optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
     run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults(), Preemption())
     if pending:
         with checkpoint.failing_together():  # a weight missing from one rank's stage stops every rank with its line

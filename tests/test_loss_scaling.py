@@ -1,0 +1,110 @@
+"""fp16 where the plugin leaves precision to us (TorchDDP, FSDP): finetune.loss_scaling, proven with torch's CPU
+GradScaler on one gloo rank (fp16 runs are refused on CPU, so these are the checks that run here).
+
+On ColossalAI's Booster(mixed_precision="fp16") each of these failed: the clip returned None (TypeError),
+no_sync asserted on the AMP-wrapped model, and unwrap(unwrap_peft=False) lost the PeftModel."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from finetune.booster import PLUGINS, build_booster
+from finetune.config import ModelConfig, load_config
+from finetune.model import build_model
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def batches(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (n, 2, 16), generator=g)
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+
+
+def boosted_fp16_run(model, method: str = "full"):
+    cfg = load_config(["model.name=tiny-gpt2", f"method={method}", "train.precision=fp16", "train.lr=1e-2"], world_size=1, has_cuda=True)
+    spec = PLUGINS["torch_ddp"]
+    booster, _ = build_booster("torch_ddp", cfg.plugin.options, "fp16", cfg.train.max_grad_norm)
+    if method == "lora":
+        from finetune.model import build_lora_config
+
+        model = spec.apply_adapters(model, build_lora_config(model, cfg.lora), booster, None)
+    optimizer = spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    optimizer = spec.after_boost(cfg, optimizer, scheduler, torch.device("cpu"))
+    return SimpleNamespace(cfg=cfg, plugin=spec, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"))
+
+
+def test_an_fp16_ddp_step_equals_a_plain_autocast_gradscaler_loop(one_rank):
+    """Two micro-batches (no_sync), clipping at 1.0 (the norm returned), the update: as torch's own AMP recipe does it."""
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    reference = copy.deepcopy(model)
+    run = boosted_fp16_run(model)
+    micro = batches(2)
+    run.plugin.forward_backward(run, micro)
+    norm = run.plugin.step(run, 1.0)
+
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=run.cfg.train.weight_decay, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for batch in micro:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = reference(**batch).loss / len(micro)
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+
+    assert isinstance(norm, float) and norm == pytest.approx(float(expected_norm), rel=1e-5)
+    trained = run.model.unwrap()
+    for (name, p), q in zip(trained.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert run.optimizer.loss_scale() == scaler.get_scale()
+
+
+def test_an_overflow_skips_the_update_and_reports_its_own_norm(one_rank):
+    """A loss scale that overflows fp32 gradients: no weight moves, the scale halves, the step's norm is not finite (not the last step's)."""
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    run = boosted_fp16_run(model)
+    run.plugin.forward_backward(run, batches(1))
+    assert run.plugin.step(run, 1.0) < float("inf")
+    before = {n: p.detach().clone() for n, p in run.model.unwrap().named_parameters()}
+    run.optimizer.scaler.update(3e38)  # the next backward overflows
+    run.optimizer.zero_grad()
+    run.plugin.forward_backward(run, batches(1, seed=1))
+    assert not math.isfinite(run.plugin.step(run, 1.0))
+    assert all(torch.equal(p, before[n]) for n, p in run.model.unwrap().named_parameters())
+    assert run.optimizer.loss_scale() == pytest.approx(1.5e38)
+
+
+def test_lora_under_fp16_ddp_keeps_the_peft_model(one_rank):
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    run = boosted_fp16_run(model, method="lora")
+    from peft import PeftModel
+
+    assert isinstance(run.model.unwrap(unwrap_peft=False), PeftModel)
+    run.plugin.forward_backward(run, batches(2))
+    assert isinstance(run.plugin.step(run, 1.0), float)
+
+
+def test_plugins_that_own_precision_get_no_second_scaler():
+    """ZeRO, Gemini and hybrid scale fp16 losses themselves; FSDP's MixedPrecision does not, so it gets FSDP's sharded scaler."""
+    assert [name for name, p in PLUGINS.items() if not p.takes_precision] == ["torch_ddp"]
+    cfg = load_config(["train.precision=fp16", "--config", "booster_configs/zero2.yaml"], world_size=2, has_cuda=True)
+    marker = object()
+    assert PLUGINS["low_level_zero"].after_boost(cfg, marker, None, torch.device("cpu")) is marker
