@@ -190,9 +190,11 @@ class Plugin:
     def step(self, run: Run, max_norm: float) -> float | None:
         """Clip (max_norm > 0) and apply the update; returns the global gradient norm the clipping saw, else None."""
         norm = self.clip_gradients(run, max_norm) if max_norm > 0 else None
+        mixin = _precision_mixin(run.optimizer) if self.takes_max_norm else None
+        scale = float(getattr(mixin, "loss_scale", 1.0))  # the step updates it: the norm was taken at this one
         run.optimizer.step()
         if self.takes_max_norm and max_norm > 0:
-            norm = _unscaled_grad_norm(run.optimizer)
+            norm = _unscaled_grad_norm(run.optimizer, mixin, scale)
         return norm
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -252,16 +254,21 @@ class Plugin:
         checkpoint.load_optimizer(run, path)
 
 
-def _unscaled_grad_norm(optimizer) -> float | None:
-    """The norm a ColossalAI optimizer clipped by in its last step (get_grad_norm), less the fp16 loss scale it includes."""
-    norm = optimizer.get_grad_norm()
-    # Each optimizer family names its precision mixin differently (ZeRO, Gemini, hybrid's naive AMP).
+def _precision_mixin(optimizer):
+    """A ColossalAI optimizer's mixed-precision mixin (None: fp32); each family names it differently (ZeRO, Gemini, hybrid's naive AMP)."""
     names = ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision")
-    mixin = next((m for m in (getattr(optimizer, n, None) for n in names) if m is not None), None)
-    if norm is None:
-        return None
-    # fp16 only (bf16 has no loss_scale). Not get_grad_div_scale(): it asserts the grads are still scaled.
-    return float(norm) / float(getattr(mixin, "loss_scale", 1.0))
+    return next((m for m in (getattr(optimizer, n, None) for n in names) if m is not None), None)
+
+
+def _unscaled_grad_norm(optimizer, mixin, scale: float) -> float | None:
+    """The norm a ColossalAI optimizer clipped by in its last step (get_grad_norm), less the fp16 loss `scale` it
+    was taken at; inf on an fp16 overflow step, where the optimizer skipped the step and kept the last step's norm."""
+    found_overflow = getattr(mixin, "found_overflow", None)  # fp16 only: bf16 neither scales nor overflows
+    if found_overflow is not None and float(found_overflow) > 0:
+        return float("inf")
+    norm = optimizer.get_grad_norm()
+    # Not get_grad_div_scale(): it asserts the grads are still scaled.
+    return None if norm is None else float(norm) / scale
 
 
 class TorchDDP(Plugin):

@@ -23,6 +23,10 @@ from tests.conftest import free_port
 
 @pytest.fixture(scope="module")
 def one_rank():
+    from finetune import compat, patches
+
+    compat.apply()  # ColossalAI's CPU repairs, as finetune.distributed.launch applies them
+    patches.apply()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
@@ -108,3 +112,26 @@ def test_plugins_that_own_precision_get_no_second_scaler():
     cfg = load_config(["train.precision=fp16", "--config", "booster_configs/zero2.yaml"], world_size=2, has_cuda=True)
     marker = object()
     assert PLUGINS["low_level_zero"].after_boost(cfg, marker, None, torch.device("cpu")) is marker
+
+
+def test_zero_fp16_reports_the_norm_at_the_scale_it_was_taken_and_inf_on_an_overflow(one_rank):
+    """ZeRO (ColossalAI's own fp16 mixin, on one CPU rank): a step whose scale grows (growth_interval=1) reports the
+    same norm as one whose scale stays; an overflow step reports inf, not the last step's norm."""
+    cfg = load_config(["--config", "booster_configs/zero2.yaml", "model.name=tiny-gpt2", "method=full", "train.precision=fp16"], world_size=1, has_cuda=True)
+    spec = PLUGINS["low_level_zero"]
+    norms = {}
+    for growth_interval in (1, 1000):
+        model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+        booster, _ = build_booster("low_level_zero", {**cfg.plugin.options, "growth_interval": growth_interval, "overlap_communication": False}, "fp16", 1.0)
+        optimizer = spec.build_optimizer(list(model.parameters()), cfg)
+        model, optimizer, *_ = booster.boost(model, optimizer)
+        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"))
+        spec.forward_backward(run, batches(1))
+        scale = optimizer.mixed_precision_mixin.loss_scale
+        norms[growth_interval] = spec.step(run, 1.0)
+        assert optimizer.mixed_precision_mixin.loss_scale == (2 * scale if growth_interval == 1 else scale)
+    assert math.isfinite(norms[1]) and norms[1] == pytest.approx(norms[1000], rel=1e-3)
+    optimizer.mixed_precision_mixin.grad_scaler._scale.fill_(3e38)  # the next backward overflows fp16 gradients
+    optimizer.zero_grad()
+    spec.forward_backward(run, batches(1, seed=1))
+    assert spec.step(run, 1.0) == float("inf")
