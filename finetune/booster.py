@@ -14,6 +14,8 @@ imports no torch at module level: config validation reads the registry and fails
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +325,24 @@ class LowLevelZero(Plugin):
         checkpoint.load_zero_optimizer(run, path)
 
 
+NO_CUDA_TOOLKIT = ("plugin.name=gemini: ColossalAI's HybridAdam builds its CUDA kernels on first use and asserts the CUDA toolkit "
+                   "(nvcc) exists, which this machine lacks; install the toolkit of torch's CUDA version and set CUDA_HOME")
+
+
+DEFAULT_CUDA_HOME = Path("/usr/local/cuda")  # torch's last guess
+
+
+def cuda_toolkit() -> str:
+    """Where the CUDA toolkit is, found as torch.utils.cpp_extension finds CUDA_HOME (which ColossalAI's kernel loader asserts); '' if nowhere."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    if not home and nvcc:
+        home = str(Path(nvcc).resolve().parent.parent)
+    if not home and DEFAULT_CUDA_HOME.is_dir():
+        home = str(DEFAULT_CUDA_HOME)
+    return home if home and Path(home).is_dir() else ""
+
+
 class Gemini(Plugin):
     name = "gemini"
     short_name = "gemini"
@@ -355,6 +375,8 @@ class Gemini(Plugin):
             problems.append(f"train.precision={cfg.train.precision}: Gemini trains in bf16 or fp16 only (fp32 master copies); set train.precision=bf16")
         if cfg.train.optimizer != "adamw":  # GeminiOptimizer asserts FusedAdam, CPUAdam or HybridAdam
             problems.append(f"train.optimizer={cfg.train.optimizer}: Gemini steps with ColossalAI's HybridAdam only; set train.optimizer=adamw")
+        if has_cuda and not cuda_toolkit():
+            problems.append(NO_CUDA_TOOLKIT)
         return problems
 
     def placement(self, cfg: Config, world_size: int):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
-import re
 import time
 
 import pytest
 
+from finetune import booster
 from finetune.booster import PLUGINS
 import torch
 
@@ -37,6 +38,21 @@ def test_overrides_are_typed():
 
 def test_comma_list_override():
     assert load_config(["lora.target_modules=q_proj,v_proj"], world_size=1).lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.fixture(autouse=True)
+def cuda_toolkit(tmp_path_factory, monkeypatch):
+    """A CUDA toolkit where the tests say has_cuda=True (Gemini refuses without one, as a GPU machine without it would)."""
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path_factory.getbasetemp()))
+
+
+def test_gemini_without_a_cuda_toolkit_is_refused_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc
+    monkeypatch.setattr(booster, "DEFAULT_CUDA_HOME", tmp_path / "cuda")
+    with pytest.raises(ConfigError, match="HybridAdam builds its CUDA kernels on first use .* set CUDA_HOME"):
+        load_config(["--config", str(REPO / "booster_configs" / "gemini.yaml"), "method=full"], world_size=2, has_cuda=True)
 
 
 def test_later_config_files_and_overrides_win(tmp_path):
