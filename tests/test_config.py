@@ -298,3 +298,12 @@ def test_every_booster_config_on_cuda_starts_or_is_refused_in_one_line():
                     assert precision in module.SUPPORTED_PRECISION, argv
                 assert estimate.estimate(cfg, world, device="cuda").total() > 0, argv
     assert accepted >= 60  # most combinations are real runs, not refusals
+
+
+def test_flash_attention_without_flash_attn_is_refused_on_cuda_too():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed here")
+    with pytest.raises(ConfigError, match=r"flash_attention_2: the flash_attn package is not installed; `pip install flash-attn"):
+        load_config(["model.attn_implementation=flash_attention_2"], world_size=1, has_cuda=True)
