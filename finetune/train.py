@@ -335,7 +335,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     log(f"eval {'at the resumed step' if start_step else 'before training'}: {eval_line(eval_before)}")
     if is_main():
         eval_before = outputs.first_eval(writer, eval_before, start_step)  # a resumed run keeps the untrained model's
-    fingerprints_before = checks.fingerprints(module)
+    fingerprints_before = plugin_spec.fingerprints(module)
 
     profiler.reset_peak()
     history = fit(run, dataloader, total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
@@ -346,7 +346,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     log(f"eval after training:  {eval_line(eval_after)}")
     probe = data.eval[:PROBE_SAMPLES]
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
-    parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
+    parameter_changes = checks.compare(fingerprints_before, plugin_spec.fingerprints(module))
     digests = checks.replica_digests(module) if layout.replicated else []
     peaks = peak_bytes_per_rank(max(stage.peak_bytes for stage in profiler.stages))  # pipeline stages and shards differ
     builds = peak_bytes_per_rank(profiler.build_bytes())  # each rank's memory for building the model: the node's is their sum

@@ -1,5 +1,6 @@
-"""fp16 where the plugin leaves precision to us (TorchDDP, FSDP): finetune.loss_scaling, proven with torch's CPU
-GradScaler on one gloo rank (fp16 runs are refused on CPU, so these are the checks that run here).
+"""CUDA-only paths checked on CPU stand-ins. fp16 where the plugin leaves precision to us (TorchDDP, FSDP):
+finetune.loss_scaling, proven with torch's CPU GradScaler on one gloo rank, and ZeRO's own fp16 mixin (fp16 runs
+are refused on CPU, so these are the checks that run here).
 
 On ColossalAI's Booster(mixed_precision="fp16") each of these failed: the clip returned None (TypeError),
 no_sync asserted on the AMP-wrapped model, and unwrap(unwrap_peft=False) lost the PeftModel."""
@@ -135,3 +136,12 @@ def test_zero_fp16_reports_the_norm_at_the_scale_it_was_taken_and_inf_on_an_over
     optimizer.zero_grad()
     spec.forward_backward(run, batches(1, seed=1))
     assert spec.step(run, 1.0) == float("inf")
+
+
+def test_gemini_parameters_are_not_fingerprinted():
+    """After a forward Gemini's parameters are views into freed chunk storage: no rank reads them; the summary says it skipped."""
+    from finetune import checks
+
+    assert PLUGINS["gemini"].fingerprints(torch.nn.Linear(2, 2)) is None
+    assert checks.compare(None, None) == {"skipped": True}
+    assert PLUGINS["torch_ddp"].fingerprints(torch.nn.Linear(2, 2)) is not None
