@@ -44,7 +44,7 @@ from finetune.config import Config, ConfigError, help_text, load_config, output_
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank
 from finetune.errors import FinetuneError
-from finetune.evaluation import eval_line, reload_final
+from finetune.evaluation import eval_line, reload_device, reload_final
 from finetune.faults import Faults
 from finetune.methods import method_named
 from finetune.model import base_quantization, build_lora_config, build_model, count_parameters, trainable_line
@@ -356,7 +356,10 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         return
     outputs.drop_previous(cfg.output_dir)  # this run's final/ is written: an overwritten run's results go
     prompts = task.generation_prompts(data.eval_records, cfg.eval.num_generation_prompts)
-    reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, device)
+    reload_on = reload_device(cfg, method, device)  # the GPU still holds the trained model and its optimizer
+    if reload_on != device:
+        log(f"the reload check runs on the CPU: reloading {cfg.model.name} would not fit in what is free on {device}")
+    reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, reload_on)
     tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
     if run.faults.at("reload_mismatch", 0):
         reload["probe_loss"] += 1.0

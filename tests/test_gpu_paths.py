@@ -145,3 +145,22 @@ def test_gemini_parameters_are_not_fingerprinted():
     assert PLUGINS["gemini"].fingerprints(torch.nn.Linear(2, 2)) is None
     assert checks.compare(None, None) == {"skipped": True}
     assert PLUGINS["torch_ddp"].fingerprints(torch.nn.Linear(2, 2)) is not None
+
+
+def test_the_reload_check_moves_to_the_cpu_when_the_gpu_is_full():
+    """Rank 0 reloads final/ beside the trained model and optimizer: on a GPU without room for the reloaded
+    model (fp32 for full, the frozen dtype for LoRA) it reloads on the CPU; a quantized base stays on its GPU."""
+    from finetune.evaluation import reload_device
+    from finetune.methods import METHODS
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    from finetune.config import build_config, parse_args
+
+    cfg = build_config(parse_args(["model.name=llama2-7b", "train.precision=bf16"]))  # the estimator's public config
+    seven_b = 6_738_415_616  # Llama-2-7B's parameters
+    assert reload_device(cfg, METHODS["full"], cuda, free_bytes=20 * 2**30) == cpu  # fp32: 27 GB
+    assert reload_device(cfg, METHODS["full"], cuda, free_bytes=int(seven_b * 4 * 1.3)) == cuda
+    assert reload_device(cfg, METHODS["lora"], cuda, free_bytes=20 * 2**30) == cuda  # bf16: 13.5 GB
+    assert reload_device(cfg, METHODS["lora"], cuda, free_bytes=12 * 2**30) == cpu
+    assert reload_device(cfg, METHODS["qlora"], cuda, free_bytes=0) == cuda
+    assert reload_device(cfg, METHODS["full"], cpu, free_bytes=0) == cpu
