@@ -14,6 +14,8 @@ imports no torch at module level: config validation reads the registry and fails
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +150,14 @@ class Plugin:
 
         return Layout(dist.get_rank(), dist.get_world_size(), pipeline=False, counts=True, replicated=self.replicated)
 
-    def after_boost(self, optimizer, scheduler) -> None:
-        """Repairs needed once booster.boost has wrapped model and optimizer (default: none)."""
+    def after_boost(self, cfg: Config, optimizer, scheduler, device):
+        """The boosted optimizer to train with, once booster.boost has wrapped model and optimizer: with fp16
+        loss scaling where the plugin leaves precision to us (finetune.loss_scaling says why not the Booster's)."""
+        if cfg.train.precision == "fp16" and not self.takes_precision:
+            from finetune.loss_scaling import loss_scaled
+
+            return loss_scaled(optimizer, device)
+        return optimizer
 
     # --- a training step --------------------------------------------------------------------------
 
@@ -160,8 +168,10 @@ class Plugin:
         from finetune.data import model_inputs
 
         booster, model, optimizer = run.booster, run.model, run.optimizer
-        # Plugins that own precision cast the model themselves; for the others bf16 is autocast here.
-        autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.precision == "bf16" and not self.takes_precision)
+        # Plugins that own precision cast the model themselves; for the others bf16 and fp16 are autocast here
+        # (fp16's loss scaling is the optimizer's: after_boost).
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.cfg.train.precision)
+        autocast = torch.autocast(run.device.type, dtype=half or torch.bfloat16, enabled=half is not None and not self.takes_precision)
         loss_sum = 0.0
         for i, batch in enumerate(micro_batches):
             # Gradients are all-reduced only on the last micro-batch of the step, where the plugin can defer it.
@@ -182,10 +192,18 @@ class Plugin:
     def step(self, run: Run, max_norm: float) -> float | None:
         """Clip (max_norm > 0) and apply the update; returns the global gradient norm the clipping saw, else None."""
         norm = self.clip_gradients(run, max_norm) if max_norm > 0 else None
+        mixin = _precision_mixin(run.optimizer) if self.takes_max_norm else None
+        scale = float(getattr(mixin, "loss_scale", 1.0))  # the step updates it: the norm was taken at this one
         run.optimizer.step()
         if self.takes_max_norm and max_norm > 0:
-            norm = _unscaled_grad_norm(run.optimizer)
+            norm = _unscaled_grad_norm(run.optimizer, mixin, scale)
         return norm
+
+    def fingerprints(self, module) -> dict | None:
+        """checks.fingerprints of this rank's parameters, taken before and after training; None where they cannot be read then."""
+        from finetune import checks
+
+        return checks.fingerprints(module)
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -244,16 +262,21 @@ class Plugin:
         checkpoint.load_optimizer(run, path)
 
 
-def _unscaled_grad_norm(optimizer) -> float | None:
-    """The norm a ColossalAI optimizer clipped by in its last step (get_grad_norm), less the fp16 loss scale it includes."""
-    norm = optimizer.get_grad_norm()
-    # Each optimizer family names its precision mixin differently (ZeRO, Gemini, hybrid's naive AMP).
+def _precision_mixin(optimizer):
+    """A ColossalAI optimizer's mixed-precision mixin (None: fp32); each family names it differently (ZeRO, Gemini, hybrid's naive AMP)."""
     names = ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision")
-    mixin = next((m for m in (getattr(optimizer, n, None) for n in names) if m is not None), None)
-    if norm is None:
-        return None
-    # fp16 only (bf16 has no loss_scale). Not get_grad_div_scale(): it asserts the grads are still scaled.
-    return float(norm) / float(getattr(mixin, "loss_scale", 1.0))
+    return next((m for m in (getattr(optimizer, n, None) for n in names) if m is not None), None)
+
+
+def _unscaled_grad_norm(optimizer, mixin, scale: float) -> float | None:
+    """The norm a ColossalAI optimizer clipped by in its last step (get_grad_norm), less the fp16 loss `scale` it
+    was taken at; inf on an fp16 overflow step, where the optimizer skipped the step and kept the last step's norm."""
+    found_overflow = getattr(mixin, "found_overflow", None)  # fp16 only: bf16 neither scales nor overflows
+    if found_overflow is not None and float(found_overflow) > 0:
+        return float("inf")
+    norm = optimizer.get_grad_norm()
+    # Not get_grad_div_scale(): it asserts the grads are still scaled.
+    return None if norm is None else float(norm) / scale
 
 
 class TorchDDP(Plugin):
@@ -308,6 +331,24 @@ class LowLevelZero(Plugin):
         checkpoint.load_zero_optimizer(run, path)
 
 
+NO_CUDA_TOOLKIT = ("plugin.name=gemini: ColossalAI's HybridAdam builds its CUDA kernels on first use and asserts the CUDA toolkit "
+                   "(nvcc) exists, which this machine lacks; install the toolkit of torch's CUDA version and set CUDA_HOME")
+
+
+DEFAULT_CUDA_HOME = Path("/usr/local/cuda")  # torch's last guess
+
+
+def cuda_toolkit() -> str:
+    """Where the CUDA toolkit is, found as torch.utils.cpp_extension finds CUDA_HOME (which ColossalAI's kernel loader asserts); '' if nowhere."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    if not home and nvcc:
+        home = str(Path(nvcc).resolve().parent.parent)
+    if not home and DEFAULT_CUDA_HOME.is_dir():
+        home = str(DEFAULT_CUDA_HOME)
+    return home if home and Path(home).is_dir() else ""
+
+
 class Gemini(Plugin):
     name = "gemini"
     short_name = "gemini"
@@ -335,17 +376,28 @@ class Gemini(Plugin):
     model_init = "lazy"  # as ColossalAI's own examples build models for Gemini
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
-        return _choice_problem("placement_policy", cfg.plugin.options["placement_policy"], ("static", "auto"))
+        problems = _choice_problem("placement_policy", cfg.plugin.options["placement_policy"], ("static", "auto"))
+        if cfg.train.precision not in ("bf16", "fp16"):  # GeminiPlugin asserts it: its chunks are half precision
+            problems.append(f"train.precision={cfg.train.precision}: Gemini trains in bf16 or fp16 only (fp32 master copies); set train.precision=bf16")
+        if cfg.train.optimizer != "adamw":  # GeminiOptimizer asserts FusedAdam, CPUAdam or HybridAdam
+            problems.append(f"train.optimizer={cfg.train.optimizer}: Gemini steps with ColossalAI's HybridAdam only; set train.optimizer=adamw")
+        if has_cuda and not cuda_toolkit():
+            problems.append(NO_CUDA_TOOLKIT)
+        return problems
 
     def placement(self, cfg: Config, world_size: int):
         from finetune import estimate
 
         return estimate.gemini_placement(cfg, world_size)
 
+    def fingerprints(self, module) -> dict | None:
+        """None: after a forward Gemini frees its chunks' storage and the parameters stay views into it, so
+        reading them is undefined (several ranks); summary.json's checks say the comparison was skipped."""
+        return None
+
     def build_optimizer(self, params: list, cfg: Config):
-        """Gemini places optimizer states on GPU or CPU by chunk: ColossalAI's HybridAdam steps either (AdamW semantics)."""
-        if cfg.train.optimizer == "sgd":
-            return super().build_optimizer(params, cfg)
+        """Gemini places optimizer states on GPU or CPU by chunk: ColossalAI's HybridAdam steps either (AdamW
+        semantics; GeminiOptimizer takes no other, so problems() refuses train.optimizer=sgd)."""
         from colossalai.nn.optimizer import HybridAdam
 
         return HybridAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
@@ -475,13 +527,22 @@ class TorchFSDP(Plugin):
         """Nothing left to read: FSDP filled each unit from the checkpoint while wrapping it (before_boost)."""
         run.booster.plugin.fsdp_kwargs.pop("param_init_fn", None)
 
-    def after_boost(self, optimizer, scheduler) -> None:
+    def after_boost(self, cfg: Config, optimizer, scheduler, device):
+        """The scheduled lr put back, and fp16 loss scaling (FSDP's MixedPrecision casts, it does not scale)."""
         # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,
         # dropping the lr the scheduler had set (0 during warmup): put the scheduled lr back.
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
+        if cfg.train.precision == "fp16":
+            from finetune.loss_scaling import loss_scaled
+
+            return loss_scaled(optimizer, device, sharded=True)
+        return optimizer
 
     def clip_gradients(self, run: Run, max_norm: float) -> float | None:
+        from finetune.loss_scaling import unscale
+
+        unscale(run.optimizer)  # FSDP's clip must see the unscaled gradients
         return float(run.model.module.clip_grad_norm_(max_norm))  # FSDP's own: the norm over all shards
 
     def write_model(self, run: Run, path: Path) -> None:
@@ -748,7 +809,6 @@ def build_booster(name: str, options: dict[str, Any], precision: str, max_grad_n
     if custom_policy is not None:
         kwargs["custom_policy"] = custom_policy
     plugin = getattr(plugins, spec.class_name)(**kwargs)
-    # fp16 for plugins that do not own precision goes through the Booster's torch AMP (CUDA only,
-    # refused on CPU by config validation); bf16 there is autocast in the training step.
-    mixed_precision = "fp16" if precision == "fp16" and not spec.takes_precision else None
-    return Booster(plugin=plugin, mixed_precision=mixed_precision), plugin
+    # No Booster mixed_precision: where the plugin does not own precision, the training step autocasts and
+    # the optimizer scales fp16 losses (Plugin.after_boost).
+    return Booster(plugin=plugin), plugin

@@ -21,8 +21,10 @@ def fingerprints(model: nn.Module) -> dict[str, tuple[bool, str]]:
         return {name: (p.requires_grad, tensor_digest(p)) for name, p in model.named_parameters()}
 
 
-def compare(before: dict, after: dict) -> dict[str, int]:
-    """How many trainable and frozen parameter tensors changed (in any bit) between two fingerprints."""
+def compare(before: dict | None, after: dict | None) -> dict[str, int | bool]:
+    """How many trainable and frozen parameter tensors changed (in any bit) between two fingerprints; None: not taken (the plugin says why)."""
+    if before is None or after is None:
+        return {"skipped": True}
     counts = {"trainable_tensors": 0, "trainable_changed": 0, "frozen_tensors": 0, "frozen_changed": 0}
     for name, (trainable, digest) in before.items():
         kind = "trainable" if trainable else "frozen"

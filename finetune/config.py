@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -425,6 +426,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         problems.append("train.precision=fp16: needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
     if not has_cuda and cfg.model.attn_implementation == "flash_attention_2":
         problems.append("model.attn_implementation=flash_attention_2: needs a CUDA GPU; on CPU use sdpa or eager")
+    elif cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:  # transformers would refuse at model load
+        problems.append("model.attn_implementation=flash_attention_2: the flash_attn package is not installed; "
+                        "`pip install flash-attn --no-build-isolation` (it builds against this torch and CUDA), or use sdpa")
     for key in ("train.batch_size", "train.grad_accum_steps", "train.epochs", "train.log_every", "eval.batch_size", "lora.r", "data.max_length", "launch.timeout_s"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:

@@ -151,6 +151,25 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
     return texts
 
 
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+RELOAD_HEADROOM = 1.25  # generation and the probe's activations, and the allocator's slack, on top of the weights
+
+
+def reload_device(cfg, method, device: torch.device, free_bytes: int | None = None) -> torch.device:
+    """Where rank 0 reloads final/: its GPU while the reloaded model fits in what is free there (the trained model
+    and its optimizer states are still held), else the CPU; a quantized base stays where bitsandbytes put it."""
+    if device.type != "cuda" or method.quantized_base:
+        return device
+    from finetune.estimate import load_model_config, model_shape
+
+    dtype = method.frozen_dtype(cfg.train.precision) if method.adapter else "fp32"  # as reload_final loads the base
+    need = model_shape(load_model_config(cfg.model.name), "full").total_params * BYTES_PER_ELEMENT[dtype] * RELOAD_HEADROOM
+    if free_bytes is None:
+        torch.cuda.empty_cache()
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return device if need <= free_bytes else torch.device("cpu")
+
+
 def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe: list[dict], device) -> dict:
     """Rank 0: load the base and then final/ the way a user would; generate with both (generating tasks), score the probe.
 

@@ -44,7 +44,7 @@ from finetune.config import Config, ConfigError, help_text, load_config, output_
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
-from finetune.evaluation import eval_line, reload_final
+from finetune.evaluation import eval_line, reload_device, reload_final
 from finetune.faults import Faults
 from finetune.methods import method_named
 from finetune.model import base_quantization, build_lora_config, build_model, count_parameters, trainable_line
@@ -314,7 +314,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
-    plugin_spec.after_boost(optimizer, scheduler)
+    optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
     run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults(), Preemption())
     if pending:
         with checkpoint.failing_together():  # a weight missing from one rank's stage stops every rank with its line
@@ -335,7 +335,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     log(f"eval {'at the resumed step' if start_step else 'before training'}: {eval_line(eval_before)}")
     if is_main():
         eval_before = outputs.first_eval(writer, eval_before, start_step)  # a resumed run keeps the untrained model's
-    fingerprints_before = checks.fingerprints(module)
+    fingerprints_before = plugin_spec.fingerprints(module)
 
     profiler.reset_peak()
     history = fit(run, dataloader, total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
@@ -346,7 +346,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     log(f"eval after training:  {eval_line(eval_after)}")
     probe = data.eval[:PROBE_SAMPLES]
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
-    parameter_changes = checks.compare(fingerprints_before, checks.fingerprints(module))
+    parameter_changes = checks.compare(fingerprints_before, plugin_spec.fingerprints(module))
     digests = checks.replica_digests(module) if layout.replicated else []
     peaks = peak_bytes_per_rank(max(stage.peak_bytes for stage in profiler.stages))  # pipeline stages and shards differ
     builds = peak_bytes_per_rank(profiler.build_bytes())  # each rank's memory for building the model: the node's is their sum
@@ -356,7 +356,10 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         return
     outputs.drop_previous(cfg.output_dir)  # this run's final/ is written: an overwritten run's results go
     prompts = task.generation_prompts(data.eval_records, cfg.eval.num_generation_prompts)
-    reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, device)
+    reload_on = reload_device(cfg, method, device)  # the GPU still holds the trained model and its optimizer
+    if reload_on != device:
+        log(f"the reload check runs on the CPU: reloading {cfg.model.name} would not fit in what is free on {device}")
+    reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, reload_on)
     tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
     if run.faults.at("reload_mismatch", 0):
         reload["probe_loss"] += 1.0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
+from finetune import booster
 from finetune.booster import PLUGINS
 import torch
 
@@ -36,6 +38,21 @@ def test_overrides_are_typed():
 
 def test_comma_list_override():
     assert load_config(["lora.target_modules=q_proj,v_proj"], world_size=1).lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.fixture(autouse=True)
+def cuda_toolkit(tmp_path_factory, monkeypatch):
+    """A CUDA toolkit where the tests say has_cuda=True (Gemini refuses without one, as a GPU machine without it would)."""
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path_factory.getbasetemp()))
+
+
+def test_gemini_without_a_cuda_toolkit_is_refused_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc
+    monkeypatch.setattr(booster, "DEFAULT_CUDA_HOME", tmp_path / "cuda")
+    with pytest.raises(ConfigError, match="HybridAdam builds its CUDA kernels on first use .* set CUDA_HOME"):
+        load_config(["--config", str(REPO / "booster_configs" / "gemini.yaml"), "method=full"], world_size=2, has_cuda=True)
 
 
 def test_later_config_files_and_overrides_win(tmp_path):
@@ -242,3 +259,51 @@ def test_init_adapter_must_fit_the_run(tmp_path, argv, message):
     with pytest.raises(ConfigError) as err:
         load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}", *argv], world_size=1)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train.precision=fp32"], "train.precision=fp32: Gemini trains in bf16 or fp16 only"),
+        (["train.optimizer=sgd"], "train.optimizer=sgd: Gemini steps with ColossalAI's HybridAdam only"),
+    ],
+)
+def test_what_gemini_asserts_at_start_up_is_refused_at_config_time(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(["--config", str(REPO / "booster_configs" / "gemini.yaml"), "method=full", *argv], world_size=2, has_cuda=True)
+
+
+def test_every_booster_config_on_cuda_starts_or_is_refused_in_one_line():
+    """Each example config under CUDA, with every method and precision: refused in one line, or accepted and
+    then both estimated and within what the ColossalAI plugin class itself accepts (its precision assert)."""
+    import importlib
+
+    from finetune import estimate
+
+    accepted = 0
+    for name, (extra, world, _) in BOOSTER_CONFIG_RUNS.items():
+        extra = [a for a in extra if not a.startswith("method=")]
+        for method in ("full", "lora", "qlora"):
+            for precision in ("fp32", "bf16", "fp16"):
+                argv = ["--config", str(REPO / "booster_configs" / name), *extra, f"method={method}", f"train.precision={precision}"]
+                try:
+                    cfg = load_config(argv, world_size=world, has_cuda=True)
+                except ConfigError as err:
+                    assert "\n" not in str(err), (argv, str(err))
+                    continue
+                accepted += 1
+                spec = PLUGINS[cfg.plugin.name]
+                module = importlib.import_module(f"colossalai.booster.plugin.{cfg.plugin.name}_plugin")
+                if spec.takes_precision and hasattr(module, "SUPPORTED_PRECISION"):
+                    assert precision in module.SUPPORTED_PRECISION, argv
+                assert estimate.estimate(cfg, world, device="cuda").total() > 0, argv
+    assert accepted >= 60  # most combinations are real runs, not refusals
+
+
+def test_flash_attention_without_flash_attn_is_refused_on_cuda_too():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed here")
+    with pytest.raises(ConfigError, match=r"flash_attention_2: the flash_attn package is not installed; `pip install flash-attn"):
+        load_config(["model.attn_implementation=flash_attention_2"], world_size=1, has_cuda=True)

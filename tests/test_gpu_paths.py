@@ -1,0 +1,166 @@
+"""CUDA-only paths checked on CPU stand-ins. fp16 where the plugin leaves precision to us (TorchDDP, FSDP):
+finetune.loss_scaling, proven with torch's CPU GradScaler on one gloo rank, and ZeRO's own fp16 mixin (fp16 runs
+are refused on CPU, so these are the checks that run here).
+
+On ColossalAI's Booster(mixed_precision="fp16") each of these failed: the clip returned None (TypeError),
+no_sync asserted on the AMP-wrapped model, and unwrap(unwrap_peft=False) lost the PeftModel."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from finetune.booster import PLUGINS, build_booster
+from finetune.config import ModelConfig, load_config
+from finetune.model import build_model
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    from finetune import compat, patches
+
+    compat.apply()  # ColossalAI's CPU repairs, as finetune.distributed.launch applies them
+    patches.apply()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def batches(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (n, 2, 16), generator=g)
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+
+
+def boosted_fp16_run(model, method: str = "full"):
+    cfg = load_config(["model.name=tiny-gpt2", f"method={method}", "train.precision=fp16", "train.lr=1e-2"], world_size=1, has_cuda=True)
+    spec = PLUGINS["torch_ddp"]
+    booster, _ = build_booster("torch_ddp", cfg.plugin.options, "fp16", cfg.train.max_grad_norm)
+    if method == "lora":
+        from finetune.model import build_lora_config
+
+        model = spec.apply_adapters(model, build_lora_config(model, cfg.lora), booster, None)
+    optimizer = spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    optimizer = spec.after_boost(cfg, optimizer, scheduler, torch.device("cpu"))
+    return SimpleNamespace(cfg=cfg, plugin=spec, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"))
+
+
+def test_an_fp16_ddp_step_equals_a_plain_autocast_gradscaler_loop(one_rank):
+    """Two micro-batches (no_sync), clipping at 1.0 (the norm returned), the update: as torch's own AMP recipe does it."""
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    reference = copy.deepcopy(model)
+    run = boosted_fp16_run(model)
+    micro = batches(2)
+    run.plugin.forward_backward(run, micro)
+    norm = run.plugin.step(run, 1.0)
+
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=run.cfg.train.weight_decay, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for batch in micro:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = reference(**batch).loss / len(micro)
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+
+    assert isinstance(norm, float) and norm == pytest.approx(float(expected_norm), rel=1e-5)
+    trained = run.model.unwrap()
+    for (name, p), q in zip(trained.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert run.optimizer.loss_scale() == scaler.get_scale()
+
+
+def test_an_overflow_skips_the_update_and_reports_its_own_norm(one_rank):
+    """A loss scale that overflows fp32 gradients: no weight moves, the scale halves, the step's norm is not finite (not the last step's)."""
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    run = boosted_fp16_run(model)
+    run.plugin.forward_backward(run, batches(1))
+    assert run.plugin.step(run, 1.0) < float("inf")
+    before = {n: p.detach().clone() for n, p in run.model.unwrap().named_parameters()}
+    run.optimizer.scaler.update(3e38)  # the next backward overflows
+    run.optimizer.zero_grad()
+    run.plugin.forward_backward(run, batches(1, seed=1))
+    assert not math.isfinite(run.plugin.step(run, 1.0))
+    assert all(torch.equal(p, before[n]) for n, p in run.model.unwrap().named_parameters())
+    assert run.optimizer.loss_scale() == pytest.approx(1.5e38)
+
+
+def test_lora_under_fp16_ddp_keeps_the_peft_model(one_rank):
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    run = boosted_fp16_run(model, method="lora")
+    from peft import PeftModel
+
+    assert isinstance(run.model.unwrap(unwrap_peft=False), PeftModel)
+    run.plugin.forward_backward(run, batches(2))
+    assert isinstance(run.plugin.step(run, 1.0), float)
+
+
+def test_plugins_that_own_precision_get_no_second_scaler():
+    """ZeRO, Gemini and hybrid scale fp16 losses themselves; FSDP's MixedPrecision does not, so it gets FSDP's sharded scaler."""
+    assert [name for name, p in PLUGINS.items() if not p.takes_precision] == ["torch_ddp"]
+    cfg = load_config(["train.precision=fp16", "--config", "booster_configs/zero2.yaml"], world_size=2, has_cuda=True)
+    marker = object()
+    assert PLUGINS["low_level_zero"].after_boost(cfg, marker, None, torch.device("cpu")) is marker
+
+
+def test_zero_fp16_reports_the_norm_at_the_scale_it_was_taken_and_inf_on_an_overflow(one_rank):
+    """ZeRO (ColossalAI's own fp16 mixin, on one CPU rank): a step whose scale grows (growth_interval=1) reports the
+    same norm as one whose scale stays; an overflow step reports inf, not the last step's norm."""
+    cfg = load_config(["--config", "booster_configs/zero2.yaml", "model.name=tiny-gpt2", "method=full", "train.precision=fp16"], world_size=1, has_cuda=True)
+    spec = PLUGINS["low_level_zero"]
+    norms = {}
+    for growth_interval in (1, 1000):
+        model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+        booster, _ = build_booster("low_level_zero", {**cfg.plugin.options, "growth_interval": growth_interval, "overlap_communication": False}, "fp16", 1.0)
+        optimizer = spec.build_optimizer(list(model.parameters()), cfg)
+        model, optimizer, *_ = booster.boost(model, optimizer)
+        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"))
+        spec.forward_backward(run, batches(1))
+        scale = optimizer.mixed_precision_mixin.loss_scale
+        norms[growth_interval] = spec.step(run, 1.0)
+        assert optimizer.mixed_precision_mixin.loss_scale == (2 * scale if growth_interval == 1 else scale)
+    assert math.isfinite(norms[1]) and norms[1] == pytest.approx(norms[1000], rel=1e-3)
+    optimizer.mixed_precision_mixin.grad_scaler._scale.fill_(3e38)  # the next backward overflows fp16 gradients
+    optimizer.zero_grad()
+    spec.forward_backward(run, batches(1, seed=1))
+    assert spec.step(run, 1.0) == float("inf")
+
+
+def test_gemini_parameters_are_not_fingerprinted():
+    """After a forward Gemini's parameters are views into freed chunk storage: no rank reads them; the summary says it skipped."""
+    from finetune import checks
+
+    assert PLUGINS["gemini"].fingerprints(torch.nn.Linear(2, 2)) is None
+    assert checks.compare(None, None) == {"skipped": True}
+    assert PLUGINS["torch_ddp"].fingerprints(torch.nn.Linear(2, 2)) is not None
+
+
+def test_the_reload_check_moves_to_the_cpu_when_the_gpu_is_full():
+    """Rank 0 reloads final/ beside the trained model and optimizer: on a GPU without room for the reloaded
+    model (fp32 for full, the frozen dtype for LoRA) it reloads on the CPU; a quantized base stays on its GPU."""
+    from finetune.evaluation import reload_device
+    from finetune.methods import METHODS
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    from finetune.config import build_config, parse_args
+
+    cfg = build_config(parse_args(["model.name=llama2-7b", "train.precision=bf16"]))  # the estimator's public config
+    seven_b = 6_738_415_616  # Llama-2-7B's parameters
+    assert reload_device(cfg, METHODS["full"], cuda, free_bytes=20 * 2**30) == cpu  # fp32: 27 GB
+    assert reload_device(cfg, METHODS["full"], cuda, free_bytes=int(seven_b * 4 * 1.3)) == cuda
+    assert reload_device(cfg, METHODS["lora"], cuda, free_bytes=20 * 2**30) == cuda  # bf16: 13.5 GB
+    assert reload_device(cfg, METHODS["lora"], cuda, free_bytes=12 * 2**30) == cpu
+    assert reload_device(cfg, METHODS["qlora"], cuda, free_bytes=0) == cuda
+    assert reload_device(cfg, METHODS["full"], cpu, free_bytes=0) == cpu
