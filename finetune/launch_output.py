@@ -117,6 +117,22 @@ class OutputFilter:
         self.failure = Failure(rank, 128 - code if code < 0 else code, name)
 
 
+# What a signal that ended a rank usually means, where it says more than its name.
+SIGNAL_CAUSES = {
+    "SIGKILL": "killed by hand or by the out-of-memory killer",
+    # torch 2.5's NCCL watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING) aborts the process instead of raising in Python.
+    "SIGABRT": "aborted; on GPUs NCCL's watchdog aborts a rank whose collective waited past launch.timeout_s, its log says which",
+}
+
+
+def death_line(failure: Failure) -> str:
+    """The one line for a rank that died of a signal."""
+    rank = f"rank {failure.rank}" if failure.rank is not None else "a rank"
+    cause = SIGNAL_CAUSES.get(failure.signal_name)
+    return (f"error: {rank} died ({failure.signal_name}{', ' + cause if cause else ''}); the other ranks were stopped: "
+            "resume_from=latest continues from the last complete checkpoint")
+
+
 def root_cause(failures: list[Failure]) -> Failure | None:
     """The failure to report: the first rank that died of a signal (the others then failed on the lost
     connection, on other nodes perhaps before its torchrun said so), else the first to fail."""
@@ -249,8 +265,7 @@ def run_nodes(nodes: list[Node], env: dict[str, str], stdout: TextIO | None = No
     filters = [log for agent in agents for log in agent.filters]
     failure = root_cause([log.failure for log in filters if log.failure])
     if failure and failure.signal_name and not stop.count:
-        rank = f"rank {failure.rank}" if failure.rank is not None else "a rank"
-        print(f"error: {rank} died ({failure.signal_name}); the other ranks were stopped: resume_from=latest continues from the last complete checkpoint", file=stderr, flush=True)
+        print(death_line(failure), file=stderr, flush=True)
     elif not failure:
         lost = [line for log in filters for line in log.rank_lost]
         stderr.writelines(lost[:1])  # the survivors say the same: one line

@@ -16,7 +16,7 @@ import pytest
 
 from finetune.errors import RANK_LOST
 from finetune.launch import LaunchError, build_command, parse, read_hostfile, remote_command, slurm_torchrun_command
-from finetune.launch_output import REMOTE_PID, Failure, OutputFilter, root_cause
+from finetune.launch_output import REMOTE_PID, Failure, OutputFilter, death_line, root_cause
 from tests.conftest import REPO, free_port, launch_command, read_summary, run_env
 
 SCRIPTS = ["launch/single_node.sh", "launch/multi_node.sh", "launch/slurm.sbatch"]
@@ -274,7 +274,7 @@ def test_a_killed_rank_is_one_line_naming_it(tmp_path, instruction_file):
     rank_1[0].send_signal(signal.SIGKILL)
     result = finished(launcher)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: rank 1 died (SIGKILL); the other ranks were stopped: resume_from=latest continues from the last complete checkpoint"], result.stderr[-3000:]
+    assert errors == ["error: rank 1 died (SIGKILL, killed by hand or by the out-of-memory killer); the other ranks were stopped: resume_from=latest continues from the last complete checkpoint"], result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
     assert result.returncode == 137
     # Rank 0 itself said it in one line, no gloo traceback (what plain torchrun shows).
@@ -341,6 +341,9 @@ def test_output_filter_keeps_the_ranks_tracebacks_and_drops_the_launchers():
     # On another node a survivor's torchrun may report its rank's exit 2 (the lost connection) first.
     assert root_cause([Failure(0, 2), log.failure, Failure(3, 143, "SIGTERM")]) == log.failure
     assert root_cause([Failure(0, 2), Failure(1, 1)]) == Failure(0, 2) and root_cause([]) is None
+    # NCCL's watchdog aborts a rank whose collective timed out (it raises nothing in Python): the line says so.
+    assert "NCCL's watchdog aborts a rank whose collective waited past launch.timeout_s" in death_line(Failure(3, 134, "SIGABRT"))
+    assert death_line(Failure(None, 143, "SIGTERM")).startswith("error: a rank died (SIGTERM); the other ranks were stopped")
 
 
 @pytest.mark.timeout(300)
