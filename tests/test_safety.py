@@ -301,3 +301,18 @@ def test_new_runs_and_a_bad_overwrite_through_the_cli_leave_every_file(first_run
         assert result.returncode == 2 and [fragment in line for line in error_lines(result)] == [True], result.stderr[-2000:]
         assert tree(target) == before
 
+
+def test_an_export_never_replaces_what_is_there(first_run, tmp_path):
+    from finetune.export import main as export_main
+
+    (tmp_path / "a_file").write_text("mine")
+    assert export_main([str(first_run[1]), str(tmp_path / "a_file")]) == 2 and (tmp_path / "a_file").read_text() == "mine"
+    partial = plant(tmp_path / "merged.partial", {"keep.txt": "mine"})  # the user's, with the name of the export's staging dir
+    assert export_main([str(first_run[1]), str(tmp_path / "merged")]) == 2
+    assert tree(partial) == {"keep.txt": b"mine"} and not (tmp_path / "merged").exists()
+    (tmp_path / "run1.gguf.partial").write_text("mine")
+    assert export_main([str(first_run[1]), "--gguf", str(tmp_path / "run1.gguf")]) == 2
+    assert (tmp_path / "run1.gguf.partial").read_text() == "mine" and not (tmp_path / "run1.gguf").exists()
+    partial.rename(tmp_path / "moved")
+    assert export_main([str(first_run[1]), str(tmp_path / "merged")]) == 0  # then the export goes through
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "merged", "moved", "run1.gguf.partial"]
