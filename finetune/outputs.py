@@ -332,6 +332,8 @@ def drop_previous(output_dir: str) -> None:
 def restore(output_dir: str) -> None:
     """Put back the run an unfinished overwrite set aside in .previous-run/ (the unfinished run's results go), under the lock."""
     out = Path(output_dir)
+    if run_entries(out) is None:  # restoring deletes what lies at the run's names: only in a run of this tool
+        raise OutputRefused(f"{out}: not a run of this tool (no {RUN_MARKER}); a run written before runs were marked: python -m finetune.outputs adopt {out} first")
     if not (out / PREVIOUS).is_dir():
         raise OutputRefused(f"{out}: holds no {PREVIOUS}/ to restore")
     _take_lock(out / LOCK)
@@ -366,7 +368,10 @@ def staged_output(out: Path, directory: bool) -> Iterator[Path]:
     if os.path.lexists(out) and not (directory and out.is_dir() and not any(out.iterdir())):
         raise OutputRefused(f"{out}: exists; choose {what} to export to")
     staging = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent that is a file, or not writable
+        raise OutputRefused(f"{out}: cannot be created ({err.strerror}: {err.filename}); choose another output path") from None
     try:
         staging.mkdir() if directory else staging.touch(exist_ok=False)
     except FileExistsError:

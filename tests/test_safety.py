@@ -275,6 +275,9 @@ def test_restore_puts_the_set_aside_run_back(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"
     assert problems(out) == [f"output_dir: {out} holds another run (summary.json, checkpoints, final); use resume_from=latest to continue it, overwrite_output_dir=true to replace it, or another output_dir"]
     assert outputs_main(["restore", str(out)]) == 2 and capsys.readouterr().err == f"error: {out}: holds no {PREVIOUS}/ to restore\n"
+    mine = plant(tmp_path / "mine", {f"{PREVIOUS}/final/a.bin": "old", "final/b.bin": "new"})  # not a run: nothing is deleted
+    before = tree(mine)
+    assert outputs_main(["restore", str(mine)]) == 2 and "not a run of this tool" in capsys.readouterr().err and tree(mine) == before
 
 
 def test_adopt_marks_a_run_written_before_runs_were_marked(tmp_path):
