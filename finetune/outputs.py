@@ -365,7 +365,11 @@ def staged_output(out: Path, directory: bool) -> Iterator[Path]:
         OutputRefused: out exists (a directory may be empty), or OUT.partial does.
     """
     what = "an empty directory" if directory else "a new file"
-    if os.path.lexists(out) and not (directory and out.is_dir() and not any(out.iterdir())):
+
+    def taken() -> bool:  # anything there but an empty directory (for a directory output)
+        return os.path.lexists(out) and not (directory and out.is_dir() and not any(out.iterdir()))
+
+    if taken():
         raise OutputRefused(f"{out}: exists; choose {what} to export to")
     staging = out.with_name(out.name + ".partial")
     try:
@@ -378,7 +382,7 @@ def staged_output(out: Path, directory: bool) -> Iterator[Path]:
         raise OutputRefused(f"{staging}: exists (a killed export leaves one; delete it if it is) and is never replaced; choose another output name") from None
     try:
         yield staging
-        if os.path.lexists(out) and not (directory and out.is_dir() and not any(out.iterdir())):  # made while the export ran
+        if taken():  # made while the export ran
             raise OutputRefused(f"{out}: appeared while the export ran and is never replaced; choose {what} to export to")
         staging.replace(out)
     except BaseException:
