@@ -208,6 +208,16 @@ def test_an_empty_or_absent_directory_is_taken_and_marked(tmp_path):
             assert run_entries(out) == list(RUN_ENTRIES)
 
 
+def test_rank_0_takes_a_new_dir_where_the_other_ranks_already_log(tmp_path):
+    from finetune.config import Config
+
+    out = tmp_path / "run"
+    assert problems(out) == []  # every rank checks before anything is written; then rank 1 starts its log
+    plant(out, {"logs/rank_1.log": "===== launch\n"})
+    with own_output_dir(Config(output_dir=str(out))):  # rank 0, under the lock: those logs are this launch's
+        assert run_entries(out) == list(RUN_ENTRIES)
+
+
 def fake_run(out: Path) -> Path:
     """A marked run dir with a file under each result name, as a finished run leaves it (no training needed)."""
     from finetune.config import Config
