@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -146,7 +147,7 @@ def tee_rank_output(output_dir: str, rank: int) -> Path:
 
     Appended, with a header line per launch: a resumed run keeps the log of the launch that crashed.
     """
-    path = Path(output_dir) / "logs" / f"rank_{rank}.log"
+    path = Path(output_dir) / LOGS / f"rank_{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.open("a", buffering=1)
     log.write(f"===== launch {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()} pid {os.getpid()}: {' '.join(sys.argv)}\n")
@@ -170,6 +171,7 @@ PREVIOUS = ".previous-run"
 RUN_MARKER = ".finetune-run.json"
 TOOL = "colossal-finetune"
 LOGS = "logs"  # appended by every launch (a failed overwrite's log included): never set aside
+RANK_LOG = re.compile(r"rank_\d+\.log")  # tee_rank_output's files in logs/
 # What a run writes at the top of output_dir besides logs/ and its dot-files: what an overwrite sets aside.
 RESULTS = ("final", "final.partial", "checkpoints", "summary.json", "generations.json", "metrics.jsonl", "loss.png", "config.yaml", TENSORBOARD_DIR, "wandb")
 RUN_ENTRIES = (*RESULTS, LOGS)  # what the marker lists as the run's: anything else in output_dir is the user's
@@ -187,19 +189,16 @@ def run_entries(out: Path) -> list[str] | None:
     return [name for name in marker["entries"] if name in RUN_ENTRIES]  # never a name this tool does not write
 
 
-def occupancy_problem(cfg: Config, this_launch: tuple[str, ...] = ()) -> str | None:
+def occupancy_problem(cfg: Config) -> str | None:
     """Why this run may not write into output_dir: neither absent, empty nor a run of this tool; a run there that
     would be replaced unasked; or the run an unfinished overwrite set aside, which only a resume of that overwrite may follow.
-
-    Args:
-        this_launch: entries this launch itself may have made already (rank 0's check under the lock: the other ranks' logs/).
     """
     out = Path(cfg.output_dir)
     if not out.is_dir():
         return None
     entries = run_entries(out)
     if entries is None:
-        found = sorted(p.name for p in out.iterdir() if p.name not in (LOCK, *this_launch))  # a lock is the lock's to judge
+        found = sorted(p.name for p in out.iterdir() if p.name != LOCK and not _launch_logs(p))  # a lock is the lock's to judge
         if not found:
             return None
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
@@ -212,6 +211,12 @@ def occupancy_problem(cfg: Config, this_launch: tuple[str, ...] = ()) -> str | N
     if finished and not cfg.resume_from and not cfg.overwrite_output_dir:
         return f"output_dir: {out} holds another run ({', '.join(finished)}); use resume_from=latest to continue it, overwrite_output_dir=true to replace it, or another output_dir"
     return None
+
+
+def _launch_logs(path: Path) -> bool:
+    """Whether path is logs/ holding only rank_N.log files: the other ranks of this launch may start theirs
+    (tee_rank_output) before rank 0 has checked output_dir. Appended to, never replaced."""
+    return path.name == LOGS and path.is_dir() and all(RANK_LOG.fullmatch(p.name) and p.is_file() for p in path.iterdir())
 
 
 @contextlib.contextmanager
@@ -230,7 +235,7 @@ def own_output_dir(cfg: Config) -> Iterator[None]:
     set_aside = False
     try:
         # Again under the lock: another run may have finished here since output_problems.
-        problem = occupancy_problem(cfg, this_launch=(LOGS,))
+        problem = occupancy_problem(cfg)
         if problem:
             raise OutputRefused(problem)
         if cfg.overwrite_output_dir:

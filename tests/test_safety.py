@@ -208,14 +208,16 @@ def test_an_empty_or_absent_directory_is_taken_and_marked(tmp_path):
             assert run_entries(out) == list(RUN_ENTRIES)
 
 
-def test_rank_0_takes_a_new_dir_where_the_other_ranks_already_log(tmp_path):
+def test_a_new_dir_where_the_other_ranks_already_log_is_taken(tmp_path):
+    """Rank 1 may start logs/rank_1.log before rank 0 (or rank 1 itself) has checked output_dir: that is this launch's."""
     from finetune.config import Config
 
-    out = tmp_path / "run"
-    assert problems(out) == []  # every rank checks before anything is written; then rank 1 starts its log
-    plant(out, {"logs/rank_1.log": "===== launch\n"})
-    with own_output_dir(Config(output_dir=str(out))):  # rank 0, under the lock: those logs are this launch's
+    out = plant(tmp_path / "run", {"logs/rank_1.log": "===== launch\n"})
+    assert problems(out) == []
+    with own_output_dir(Config(output_dir=str(out))):  # rank 0, under the lock
         assert run_entries(out) == list(RUN_ENTRIES)
+    mine = plant(tmp_path / "mine", {"logs/rank_1.log": "", "logs/server.log": "mine"})  # a user's logs/ is not a launch's
+    assert "neither empty nor a run of this tool (it holds logs," in problems(mine)[0]
 
 
 def fake_run(out: Path) -> Path:
