@@ -514,11 +514,11 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     return []
 
 
-def output_problems(cfg: Config) -> list[str]:
+def output_problems(cfg: Config, writer: bool = True) -> list[str]:
     """output_dir must be writable, absent, empty or a run of this tool, and not hold another run unless resuming or told to overwrite.
 
     Checked at launch (train.py, finetune.launch), not by validate(): a finished run's own config.yaml
-    must stay loadable.
+    must stay loadable. writer: whether this process is rank 0 (outputs.occupancy_problem).
     """
     out = Path(cfg.output_dir)
     existing = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
@@ -534,7 +534,7 @@ def output_problems(cfg: Config) -> list[str]:
         return ["resume_from and overwrite_output_dir=true contradict each other; drop one"]
     if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).is_dir():
         return [f"resume_from: no such checkpoint directory: {cfg.resume_from}"]
-    problem = occupancy_problem(cfg)  # absent, empty, or a run of this tool (its marker), replaced only when asked
+    problem = occupancy_problem(cfg, writer)  # absent, empty, or a run of this tool (its marker), replaced only when asked
     return [problem] if problem else []
 
 

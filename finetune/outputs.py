@@ -189,9 +189,13 @@ def run_entries(out: Path) -> list[str] | None:
     return [name for name in marker["entries"] if name in RUN_ENTRIES]  # never a name this tool does not write
 
 
-def occupancy_problem(cfg: Config) -> str | None:
+def occupancy_problem(cfg: Config, writer: bool = True) -> str | None:
     """Why this run may not write into output_dir: neither absent, empty nor a run of this tool; a run there that
     would be replaced unasked; or the run an unfinished overwrite set aside, which only a resume of that overwrite may follow.
+
+    Args:
+        writer: whether this process writes output_dir (rank 0). The other ranks may check after rank 0 has set
+            the old run aside: they leave the set-aside run to rank 0, which checks it before and under its lock.
     """
     out = Path(cfg.output_dir)
     if not out.is_dir():
@@ -204,7 +208,7 @@ def occupancy_problem(cfg: Config) -> str | None:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         return (f"output_dir: {out} is neither empty nor a run of this tool (it holds {shown}, and no {RUN_MARKER}); choose a new or empty directory "
                 f"(overwrite_output_dir replaces only runs of this tool; a run written before runs were marked: python -m finetune.outputs adopt {out})")
-    if (out / PREVIOUS).exists() and not cfg.resume_from:
+    if writer and (out / PREVIOUS).exists() and not cfg.resume_from:
         return (f"output_dir: {out / PREVIOUS} holds the run an unfinished overwrite set aside; put it back with python -m finetune.outputs restore {out} "
                 f"(the unfinished run's results go) or discard it with rm -rf {out / PREVIOUS}, then run again")
     finished = [name for name in FINISHED if name in entries and (out / name).exists()]

@@ -270,10 +270,14 @@ def killed_overwrite(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("extra", [[], ["overwrite_output_dir=true"]])
 def test_a_run_set_aside_by_a_killed_overwrite_refuses_a_new_run(tmp_path, extra):
+    from finetune.config import load_config, output_problems
+
     out = killed_overwrite(tmp_path)
     found = problems(out, *extra)
     assert len(found) == 1 and f"{out / PREVIOUS} holds the run an unfinished overwrite set aside" in found[0], found
     assert f"python -m finetune.outputs restore {out}" in found[0] and f"rm -rf {out / PREVIOUS}" in found[0]
+    # the other ranks may look only after their rank 0 has set the old run aside: that check is rank 0's
+    assert output_problems(load_config([f"output_dir={out}", *extra], world_size=1), writer=False) == []
 
 
 def test_restore_puts_the_set_aside_run_back(tmp_path, capsys):
