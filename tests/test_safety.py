@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from finetune import checkpoint
+from finetune.config import Config, load_config, output_problems
 from finetune.outputs import LOCK, PREVIOUS, RUN_ENTRIES, RUN_MARKER, OutputDirInUse, OutputRefused, drop_previous, own_output_dir, run_entries
 from tests.conftest import read_summary, run_train, write_instruction_file
 
@@ -163,10 +164,12 @@ def plant(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def problems(out: Path | str, *extra: str) -> list[str]:
-    from finetune.config import load_config, output_problems
+def settings(out: Path | str, *extra: str) -> Config:
+    return load_config([f"output_dir={out}", *extra], world_size=1)
 
-    return output_problems(load_config([f"output_dir={out}", *extra], world_size=1))
+
+def problems(out: Path | str, *extra: str, writer: bool = True) -> list[str]:
+    return output_problems(settings(out, *extra), writer)
 
 
 NOT_A_RUN = {  # a user's directory that holds names a run writes, and no marker
@@ -183,9 +186,7 @@ def test_a_directory_that_is_not_a_run_is_never_written_over(tmp_path, case, ove
     before = tree(out)
     found = problems(out, f"overwrite_output_dir={str(overwrite).lower()}")
     assert len(found) == 1 and f"{out} is neither empty nor a run of this tool" in found[0] and "adopt" in found[0], found
-    from finetune.config import load_config
-
-    with pytest.raises(OutputRefused, match="neither empty nor a run"), own_output_dir(load_config([f"output_dir={out}", f"overwrite_output_dir={str(overwrite).lower()}"], world_size=1)):
+    with pytest.raises(OutputRefused, match="neither empty nor a run"), own_output_dir(settings(out, f"overwrite_output_dir={str(overwrite).lower()}")):
         pass  # rank 0's own check under the lock, in case the directory changed after output_problems
     assert tree(out) == before and not (out / RUN_MARKER).exists() and not (out / LOCK).exists()
 
@@ -199,8 +200,6 @@ def test_output_dir_dot_in_a_repository_is_refused(tmp_path, monkeypatch):
 
 
 def test_an_empty_or_absent_directory_is_taken_and_marked(tmp_path):
-    from finetune.config import Config
-
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "empty", tmp_path / "absent" / "run"):
         assert problems(out) == []
@@ -210,8 +209,6 @@ def test_an_empty_or_absent_directory_is_taken_and_marked(tmp_path):
 
 def test_a_new_dir_where_the_other_ranks_already_log_is_taken(tmp_path):
     """Rank 1 may start logs/rank_1.log before rank 0 (or rank 1 itself) has checked output_dir: that is this launch's."""
-    from finetune.config import Config
-
     out = plant(tmp_path / "run", {"logs/rank_1.log": "===== launch\n"})
     assert problems(out) == []
     with own_output_dir(Config(output_dir=str(out))):  # rank 0, under the lock
@@ -222,8 +219,6 @@ def test_a_new_dir_where_the_other_ranks_already_log_is_taken(tmp_path):
 
 def fake_run(out: Path) -> Path:
     """A marked run dir with a file under each result name, as a finished run leaves it (no training needed)."""
-    from finetune.config import Config
-
     with own_output_dir(Config(output_dir=str(out))):
         plant(out, {"config.yaml": "a: 1\n", "metrics.jsonl": "{}\n", "summary.json": "{}", "final/model.safetensors": "A", "checkpoints/step_00000002/state.json": "{}",
                     "tensorboard/events.A": "A", "logs/rank_0.log": "launch A\n"})  # fmt: skip
@@ -231,8 +226,6 @@ def fake_run(out: Path) -> Path:
 
 
 def test_an_overwrite_sets_aside_only_what_the_run_wrote(tmp_path):
-    from finetune.config import Config
-
     out = fake_run(tmp_path / "run")
     plant(out, {"notes.txt": "mine", "my_eval/scores.csv": "1,2"})  # the user's, beside the run's
     cfg = Config(output_dir=str(out), overwrite_output_dir=True)
@@ -247,7 +240,6 @@ def test_an_overwrite_sets_aside_only_what_the_run_wrote(tmp_path):
 
 
 def test_a_preempted_overwrite_keeps_its_checkpoint_and_the_run_it_replaces(tmp_path):
-    from finetune.config import Config
     from finetune.preemption import Preempted
 
     out = fake_run(tmp_path / "run")
@@ -270,14 +262,12 @@ def killed_overwrite(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("extra", [[], ["overwrite_output_dir=true"]])
 def test_a_run_set_aside_by_a_killed_overwrite_refuses_a_new_run(tmp_path, extra):
-    from finetune.config import load_config, output_problems
-
     out = killed_overwrite(tmp_path)
     found = problems(out, *extra)
     assert len(found) == 1 and f"{out / PREVIOUS} holds the run an unfinished overwrite set aside" in found[0], found
     assert f"python -m finetune.outputs restore {out}" in found[0] and f"rm -rf {out / PREVIOUS}" in found[0]
     # the other ranks may look only after their rank 0 has set the old run aside: that check is rank 0's
-    assert output_problems(load_config([f"output_dir={out}", *extra], world_size=1), writer=False) == []
+    assert problems(out, *extra, writer=False) == []
 
 
 def test_restore_puts_the_set_aside_run_back(tmp_path, capsys):
