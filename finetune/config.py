@@ -27,6 +27,7 @@ from finetune.architectures import NAMED_CONFIGS, architecture, attention_heads,
 from finetune.booster import PLUGINS, Plan
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS as METHOD_RECORDS
+from finetune.outputs import occupancy_problem
 from finetune.corpus import BUILTIN_SOURCES
 from finetune.sources import cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, pickle_only_problem
 from finetune.tasks import TASKS as TASK_REGISTRY
@@ -517,11 +518,11 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     return []
 
 
-def output_problems(cfg: Config) -> list[str]:
-    """output_dir must be writable, and must not hold another run unless resuming or told to overwrite.
+def output_problems(cfg: Config, writer: bool = True) -> list[str]:
+    """output_dir must be writable, absent, empty or a run of this tool, and not hold another run unless resuming or told to overwrite.
 
     Checked at launch (train.py, finetune.launch), not by validate(): a finished run's own config.yaml
-    must stay loadable.
+    must stay loadable. writer: whether this process is rank 0 (outputs.occupancy_problem).
     """
     out = Path(cfg.output_dir)
     existing = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
@@ -537,10 +538,8 @@ def output_problems(cfg: Config) -> list[str]:
         return ["resume_from and overwrite_output_dir=true contradict each other; drop one"]
     if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).is_dir():
         return [f"resume_from: no such checkpoint directory: {cfg.resume_from}"]
-    previous = [name for name in ("summary.json", "checkpoints", "final") if (out / name).exists()]
-    if previous and not cfg.resume_from and not cfg.overwrite_output_dir:
-        return [f"output_dir: {out} holds another run ({', '.join(previous)}); use resume_from=latest to continue it, overwrite_output_dir=true to replace it, or another output_dir"]
-    return []
+    problem = occupancy_problem(cfg, writer)  # absent, empty, or a run of this tool (its marker), replaced only when asked
+    return [problem] if problem else []
 
 
 LORA_MAX_RANK = 4096  # above any hidden size trained here: a larger lora.r is a typo, not a choice

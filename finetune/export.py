@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from finetune import checkpoint, sources
 from finetune.config import Config, ModelConfig, build_config, from_dict, parse_args
 from finetune.errors import FinetuneError
 from finetune.model import build_model
+from finetune.outputs import staged_output
 
 LOGITS_TOLERANCE = 1e-4
 
@@ -111,25 +111,18 @@ def export(source: Path, out: Path, flags: set[str] = frozenset()) -> dict:
     """
     from transformers import AutoModelForCausalLM
 
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out}: exists and is not empty; choose a new output directory")
-    cfg, weights = locate(source, flags)
-    model, tokenizer = merged_model(cfg, weights)
-    model.eval()
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32, use_safetensors=True).eval()
-    probe = torch.randint(0, min(1000, model.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        difference = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
-    if difference > LOGITS_TOLERANCE:
-        shutil.rmtree(staging)
-        raise ExportError(f"the exported model's logits differ from the merged model's by {difference:.2e} (> {LOGITS_TOLERANCE}); nothing was written")
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
+    with staged_output(out, directory=True) as staging:  # refused now if out holds anything, before the model is built
+        cfg, weights = locate(source, flags)
+        model, tokenizer = merged_model(cfg, weights)
+        model.eval()
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32, use_safetensors=True).eval()
+        probe = torch.randint(0, min(1000, model.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            difference = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
+        if difference > LOGITS_TOLERANCE:
+            raise ExportError(f"the exported model's logits differ from the merged model's by {difference:.2e} (> {LOGITS_TOLERANCE}); nothing was written")
     report = {"source": str(weights), "out": str(out), "merged_adapter": (weights / "adapter_config.json").is_file(), "max_logit_difference": difference}
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -20,6 +20,7 @@ import torch
 from finetune import architectures
 from finetune.config import Config
 from finetune.export import ExportError, locate, merged_model
+from finetune.outputs import staged_output
 
 GGUF_TYPES = ("f16", "q8_0")
 # Largest |logit difference| between the reloaded file and the merged float32 model, as a fraction of the
@@ -180,32 +181,27 @@ def export_gguf(source: Path, out: Path, gguf_type: str = "f16", flags: set[str]
     """Write the merged run `source` as the GGUF file `out` (atomically) and check it reads back to the same logits.
 
     Raises:
-        ExportError: the output exists, the run is not a Llama causal LM, or the round trip differs.
+        ExportError: the run is not a Llama causal LM, or the round trip differs.
+        OutputRefused: the output (or its .partial) exists.
     """
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"--gguf-type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")
     if out.suffix != ".gguf":
         raise ExportError(f"--gguf {out}: the file name must end in .gguf")
-    if out.exists():
-        raise ExportError(f"{out}: exists; choose a new output file")
-    cfg, weights = locate(source, flags)  # flags: this command's opt-ins (finetune.export.OPT_INS)
-    reason = refusal(cfg)
-    if reason:
-        raise ExportError(reason)
-    model, tokenizer = merged_model(cfg, weights)
-    reason = _model_refusal(model)
-    if reason:
-        raise ExportError(reason)
-    model.eval()
-    staging = out.with_name(out.name + ".partial")
-    try:
+    with staged_output(out, directory=False) as staging:  # refused now if out exists, before the model is built
+        cfg, weights = locate(source, flags)  # flags: this command's opt-ins (finetune.export.OPT_INS)
+        reason = refusal(cfg)
+        if reason:
+            raise ExportError(reason)
+        model, tokenizer = merged_model(cfg, weights)
+        reason = _model_refusal(model)
+        if reason:
+            raise ExportError(reason)
+        model.eval()
         write_gguf(model, tokenizer, staging, gguf_type, name=Path(cfg.model.name).name)
         difference, scale = round_trip_difference(model, tokenizer, staging)
         if difference > LOGIT_TOLERANCE[gguf_type] * scale:
             raise ExportError(
                 f"the GGUF file's logits differ from the merged model's by {difference:.2e}, more than {LOGIT_TOLERANCE[gguf_type]} x the largest logit ({scale:.2f}) allowed for {gguf_type}; nothing was written"
             )
-        staging.rename(out)
-    finally:
-        staging.unlink(missing_ok=True)
     return {"source": str(weights), "out": str(out), "gguf_type": gguf_type, "merged_adapter": (weights / "adapter_config.json").is_file(), "max_logit_difference": difference, "max_logit": scale}

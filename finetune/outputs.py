@@ -7,8 +7,17 @@
     generations.json fixed held-out prompts, before and after training
     loss.png         training loss (and eval loss) over steps
     final/           a peft adapter dir (LoRA) or a Hugging Face model dir (full fine-tuning)
+    logs/            every rank's output, appended per launch
+    .finetune-run.json  the marker: this directory is a run of this tool, and which of its entries are the run's
     .lock            the host and pid of the run writing here (refuses a second run; removed at exit)
     .previous-run/   with overwrite_output_dir=true, the replaced run's results until this run's final/ is written
+
+A run writes only into a directory that is absent, empty, or marked as a run of this tool; overwriting
+a run moves aside only the entries its marker lists (files a user added beside them stay). The same
+rule for the user-named outputs of finetune.export: staged_output.
+
+    python -m finetune.outputs restore OUT_DIR   # put a set-aside run back (an unfinished overwrite's files go)
+    python -m finetune.outputs adopt OUT_DIR     # mark a run written before runs were marked
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -27,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import yaml
 
 from finetune.errors import FinetuneError
-from finetune.tracking import Tracker
+from finetune.tracking import TENSORBOARD_DIR, Tracker
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -137,7 +147,7 @@ def tee_rank_output(output_dir: str, rank: int) -> Path:
 
     Appended, with a header line per launch: a resumed run keeps the log of the launch that crashed.
     """
-    path = Path(output_dir) / "logs" / f"rank_{rank}.log"
+    path = Path(output_dir) / LOGS / f"rank_{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.open("a", buffering=1)
     log.write(f"===== launch {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()} pid {os.getpid()}: {' '.join(sys.argv)}\n")
@@ -152,33 +162,108 @@ class OutputDirInUse(FinetuneError):
     """Another live run writes into this output_dir."""
 
 
+class OutputRefused(FinetuneError):
+    """Writing there would replace what is not this tool's, or a run set aside to restore."""
+
+
 LOCK = ".lock"
 PREVIOUS = ".previous-run"
-# What a run writes at the top of output_dir (logs/ is appended to, never replaced).
-RESULTS = ("final", "final.partial", "checkpoints", "summary.json", "generations.json", "metrics.jsonl", "loss.png", "config.yaml")
+RUN_MARKER = ".finetune-run.json"
+TOOL = "colossal-finetune"
+LOGS = "logs"  # appended by every launch (a failed overwrite's log included): never set aside
+RANK_LOG = re.compile(r"rank_\d+\.log")  # tee_rank_output's files in logs/
+# What a run writes at the top of output_dir besides logs/ and its dot-files: what an overwrite sets aside.
+RESULTS = ("final", "final.partial", "checkpoints", "summary.json", "generations.json", "metrics.jsonl", "loss.png", "config.yaml", TENSORBOARD_DIR, "wandb")
+RUN_ENTRIES = (*RESULTS, LOGS)  # what the marker lists as the run's: anything else in output_dir is the user's
+FINISHED = ("summary.json", "checkpoints", "final")  # a run with any of these is replaced only when asked
+
+
+def run_entries(out: Path) -> list[str] | None:
+    """The entries of output_dir its marker lists as the run's; None without a (readable) marker: not a run of this tool."""
+    try:
+        marker = json.loads((out / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("tool") != TOOL or not isinstance(marker.get("entries"), list):
+        return None
+    return [name for name in marker["entries"] if name in RUN_ENTRIES]  # never a name this tool does not write
+
+
+def occupancy_problem(cfg: Config, writer: bool = True) -> str | None:
+    """Why this run may not write into output_dir: neither absent, empty nor a run of this tool; a run there that
+    would be replaced unasked; or the run an unfinished overwrite set aside, which only a resume of that overwrite may follow.
+
+    Args:
+        writer: whether this process writes output_dir (rank 0). The other ranks may check after rank 0 has set
+            the old run aside: they leave the set-aside run to rank 0, which checks it before and under its lock.
+    """
+    out = Path(cfg.output_dir)
+    if not out.is_dir():
+        return None
+    entries = run_entries(out)
+    if entries is None:
+        found = sorted(p.name for p in out.iterdir() if p.name != LOCK and not _launch_logs(p))  # a lock is the lock's to judge
+        if not found:
+            return None
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        return (f"output_dir: {out} is neither empty nor a run of this tool (it holds {shown}, and no {RUN_MARKER}); choose a new or empty directory "
+                f"(overwrite_output_dir replaces only runs of this tool; a run written before runs were marked: python -m finetune.outputs adopt {out})")
+    if writer and (out / PREVIOUS).exists() and not cfg.resume_from:
+        return (f"output_dir: {out / PREVIOUS} holds the run an unfinished overwrite set aside; put it back with python -m finetune.outputs restore {out} "
+                f"(the unfinished run's results go) or discard it with rm -rf {out / PREVIOUS}, then run again")
+    finished = [name for name in FINISHED if name in entries and (out / name).exists()]
+    if finished and not cfg.resume_from and not cfg.overwrite_output_dir:
+        return f"output_dir: {out} holds another run ({', '.join(finished)}); use resume_from=latest to continue it, overwrite_output_dir=true to replace it, or another output_dir"
+    return None
+
+
+def _launch_logs(path: Path) -> bool:
+    """Whether path is logs/ holding only rank_N.log files: the other ranks of this launch may start theirs
+    (tee_rank_output) before rank 0 has checked output_dir. Appended to, never replaced."""
+    return path.name == LOGS and path.is_dir() and all(RANK_LOG.fullmatch(p.name) and p.is_file() for p in path.iterdir())
 
 
 @contextlib.contextmanager
 def own_output_dir(cfg: Config) -> Iterator[None]:
-    """Rank 0, before anything is written: lock output_dir; with overwrite_output_dir=true set the old run aside.
+    """Rank 0, before anything is written: lock output_dir, mark it as a run; with overwrite_output_dir=true set the old run aside.
 
-    The old run's results come back if this run fails before its final/ is written (drop_previous).
-    The lock goes at exit, errors included; a SIGKILLed run leaves it, and the next run takes it over.
+    The old run's results come back if this run fails before its final/ is written (drop_previous); a
+    preempted run keeps them aside, for its resume to finish the overwrite. The lock goes at exit, errors
+    included; a SIGKILLed run leaves it, and the next run takes it over.
     """
+    from finetune.preemption import Preempted
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _take_lock(out / LOCK)
     set_aside = False
     try:
+        # Again under the lock: another run may have finished here since output_problems.
+        problem = occupancy_problem(cfg)
+        if problem:
+            raise OutputRefused(problem)
         if cfg.overwrite_output_dir:
             set_aside = _set_previous_aside(out)
+        elif (out / PREVIOUS).exists():  # a resume of the overwrite that set it aside
+            print(f"this run resumes an overwrite: the replaced run's results in {out / PREVIOUS} go once this run's final/ is written", flush=True)
+        _mark(out)
         yield
+    except Preempted:
+        raise
     except BaseException:
         if set_aside and (out / PREVIOUS).is_dir():
             _restore_previous(out)
+            print(f"this run failed: the previous run's results are back in {out}", flush=True)
         raise
     finally:
         (out / LOCK).unlink(missing_ok=True)
+
+
+def _mark(out: Path) -> None:
+    """Write the marker (atomically): output_dir is a run of this tool, and RUN_ENTRIES are the run's."""
+    staging = out / f"{RUN_MARKER}.partial"
+    staging.write_text(json.dumps({"tool": TOOL, "entries": list(RUN_ENTRIES)}) + "\n")
+    staging.replace(out / RUN_MARKER)
 
 
 def _take_lock(lock: Path) -> None:
@@ -219,18 +304,14 @@ def _alive(pid: Any) -> bool:
 
 
 def _set_previous_aside(out: Path) -> bool:
-    """Move the results of the run being replaced into .previous-run/; whether this run set any aside.
+    """Move what the marker lists of the run being replaced (less logs/) into .previous-run/; whether there was any.
 
-    A .previous-run/ already there was left by an overwrite run that never finished: what lies next to
-    it is that unfinished run's, and the finished one stays set aside.
+    Only a marked run gets here (occupancy_problem), and never with a .previous-run/ already there.
     """
-    previous = out / PREVIOUS
-    if previous.is_dir():
-        _remove_results(out)
-        return True
-    found = [out / name for name in RESULTS if (out / name).exists()]
+    found = [out / name for name in run_entries(out) or [] if name != LOGS and os.path.lexists(out / name)]
     if not found:
         return False
+    previous = out / PREVIOUS
     previous.mkdir()
     for path in found:
         path.rename(previous / path.name)
@@ -245,17 +326,77 @@ def _remove_results(out: Path) -> None:
 
 
 def _restore_previous(out: Path) -> None:
-    """This run failed: put the replaced run's results back."""
+    """Put the replaced run's results back, in place of the replacing run's."""
     _remove_results(out)
     for path in (out / PREVIOUS).iterdir():
         path.rename(out / path.name)
     (out / PREVIOUS).rmdir()
-    print(f"this run failed: the previous run's results are back in {out}", flush=True)
 
 
 def drop_previous(output_dir: str) -> None:
     """Rank 0, once final/ is written: the replaced run's results go for good."""
     shutil.rmtree(Path(output_dir) / PREVIOUS, ignore_errors=True)
+
+
+def restore(output_dir: str) -> None:
+    """Put back the run an unfinished overwrite set aside in .previous-run/ (the unfinished run's results go), under the lock."""
+    out = Path(output_dir)
+    if run_entries(out) is None:  # restoring deletes what lies at the run's names: only in a run of this tool
+        raise OutputRefused(f"{out}: not a run of this tool (no {RUN_MARKER}); a run written before runs were marked: python -m finetune.outputs adopt {out} first")
+    if not (out / PREVIOUS).is_dir():
+        raise OutputRefused(f"{out}: holds no {PREVIOUS}/ to restore")
+    _take_lock(out / LOCK)
+    try:
+        _restore_previous(out)
+    finally:
+        (out / LOCK).unlink(missing_ok=True)
+    print(f"the run set aside is back in {out}")
+
+
+def adopt(output_dir: str) -> None:
+    """Mark a run written before runs were marked: its entries named in RUN_ENTRIES become the run's (an overwrite replaces them)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise OutputRefused(f"{out}: no such directory")
+    if run_entries(out) is None:
+        _mark(out)
+    print(f"{out} is a run of this tool: an overwrite sets aside its {', '.join(name for name in RUN_ENTRIES if name != LOGS)} (those of them there), nothing else")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, directory: bool) -> Iterator[Path]:
+    """A user-named output (an export's) written whole or not at all, and never over anything; checked before any heavy work.
+
+    Yields the staging path OUT.partial, created here (a user's file of that name is never replaced): renamed
+    to `out` when the block succeeds, removed when it fails.
+
+    Raises:
+        OutputRefused: out exists (a directory may be empty), or OUT.partial does.
+    """
+    what = "an empty directory" if directory else "a new file"
+
+    def taken() -> bool:  # anything there but an empty directory (for a directory output)
+        return os.path.lexists(out) and not (directory and out.is_dir() and not any(out.iterdir()))
+
+    if taken():
+        raise OutputRefused(f"{out}: exists; choose {what} to export to")
+    staging = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent that is a file, or not writable
+        raise OutputRefused(f"{out}: cannot be created ({err.strerror}: {err.filename}); choose another output path") from None
+    try:
+        staging.mkdir() if directory else staging.touch(exist_ok=False)
+    except FileExistsError:
+        raise OutputRefused(f"{staging}: exists (a killed export leaves one; delete it if it is) and is never replaced; choose another output name") from None
+    try:
+        yield staging
+        if taken():  # made while the export ran
+            raise OutputRefused(f"{out}: appeared while the export ran and is never replaced; choose {what} to export to")
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
+        raise
 
 
 def start_outputs(cfg: Config, resume_state: dict | None) -> RunOutputs:
@@ -404,3 +545,24 @@ def print_report(summary: dict, generations: list[dict], profiler) -> None:
     print(f"reloaded with {reload['loader']}: probe loss {reload['probe_loss']:.6f} vs trained {reload['trained_probe_loss']:.6f} ({verdict})")
     print(f"outputs: {Path(summary['final_dir']).parent}/ (summary.json, metrics.jsonl, loss.png, generations.json, config.yaml)")
     print(f"wall time: {summary['wall_s']:.0f} s")
+
+
+def main(argv: list[str]) -> int:
+    """python -m finetune.outputs restore|adopt OUT_DIR; a refusal is one error: line and exit 2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.outputs", description="restore: put back the run an unfinished overwrite set aside in OUT_DIR/.previous-run/; "
+                                     "adopt: mark OUT_DIR, a run written before runs were marked, as a run of this tool")
+    parser.add_argument("action", choices=("restore", "adopt"))
+    parser.add_argument("output_dir")
+    args = parser.parse_args(argv)
+    try:
+        {"restore": restore, "adopt": adopt}[args.action](args.output_dir)
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

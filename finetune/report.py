@@ -1,9 +1,10 @@
 """Compare finished runs side by side: a markdown table and a PNG of bar charts.
 
-    python -m finetune.report RUN_DIR [RUN_DIR ...] [--out DIR] [--name STEM]
+    python -m finetune.report RUN_DIR [RUN_DIR ...] [--out DIR] [--name STEM] [--overwrite]
 
 Reads each run's summary.json (written by finetune/train.py at the end of a run) and writes
-DIR/STEM.md and DIR/STEM.png (default ./report.md, ./report.png). Works for every task: the best eval
+DIR/STEM.md and DIR/STEM.png (default ./report.md, ./report.png); a file already there is
+replaced only with --overwrite. Works for every task: the best eval
 is accuracy (with macro-F1) for classification and loss (with perplexity) for language modelling.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,11 +158,14 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, name: str = "report") -> tuple[Path, Path]:
-    """Read every run (all checked before anything is written), then write STEM.md and STEM.png."""
+def write_report(run_dirs: list[Path], out_dir: Path, name: str = "report", overwrite: bool = False) -> tuple[Path, Path]:
+    """Read every run (all checked before anything is written), then write STEM.md and STEM.png (existing ones only with overwrite)."""
     rows = [row_of(d, read_summary(d)) for d in run_dirs]
-    out_dir.mkdir(parents=True, exist_ok=True)
     table, image = out_dir / f"{name}.md", out_dir / f"{name}.png"
+    existing = [str(path) for path in (table, image) if os.path.lexists(path)]
+    if existing and not overwrite:
+        raise ReportError(f"{' and '.join(existing)}: exists; pass --overwrite to replace it, or choose another --out or --name")
+    out_dir.mkdir(parents=True, exist_ok=True)
     table.write_text(markdown_table(rows))
     plot(rows, image)
     return table, image
@@ -171,9 +176,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a finished run")
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the report files (default: .)")
     parser.add_argument("--name", default="report", help="file stem: writes STEM.md and STEM.png (default: report)")
+    parser.add_argument("--overwrite", action="store_true", help="replace STEM.md and STEM.png if they exist (refused otherwise)")
     args = parser.parse_args(argv)
     try:
-        table, image = write_report(args.runs, args.out, args.name)
+        table, image = write_report(args.runs, args.out, args.name, args.overwrite)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

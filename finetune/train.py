@@ -240,7 +240,7 @@ def main(argv: list[str]) -> None:
         print(__doc__ + "\nConfig keys (key=value overrides, --config FILE repeatable):\n" + help_text())
         return
     cfg = load_config(argv, has_cuda=torch.cuda.is_available())  # before any heavy work
-    problems = output_problems(cfg)
+    problems = output_problems(cfg, writer=os.environ.get("RANK", "0") == "0")
     if problems:
         raise ConfigError(problems[0])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

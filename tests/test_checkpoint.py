@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import checkpoint
+from finetune.outputs import RUN_MARKER
 from tests.conftest import read_metrics, read_summary, run_train, write_classification_file
 
 STEPS = 8
@@ -221,6 +222,8 @@ def test_planted_pickles_never_run(one_rank_checkpoint, tmp_path):
         _plant(ckpt, relative, marker)
     planted = tmp_path / "refused" / "checkpoints" / original.name
     shutil.copytree(ckpt, planted)
+    for run in ("resumed", "refused"):  # each copy a run of this tool, as its checkpoint's own run dir is
+        shutil.copy(original.parents[1] / RUN_MARKER, tmp_path / run)
     resumed = run_train([*args, "train.max_steps=3", f"output_dir={tmp_path / 'resumed'}", f"resume_from={ckpt}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout

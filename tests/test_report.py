@@ -55,3 +55,14 @@ def test_report_refuses_a_dir_without_summary_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'unfinished'}: no summary.json (not a finished run of finetune/train.py)\n"
     assert not (tmp_path / "out").exists()  # nothing written before every run was read
+
+
+def test_report_never_replaces_a_file_unasked(tmp_path, capsys):
+    good = write_run(tmp_path / "good", "torch_ddp", {}, 2, {"step": 1, "loss": 1.0, "perplexity": 2.7}, [GB, GB])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes")  # the default stem, in a directory of the user's
+    assert main([str(good), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out / 'report.md'}: exists; pass --overwrite to replace it, or choose another --out or --name\n"
+    assert (out / "report.md").read_text() == "my own notes" and not (out / "report.png").exists()
+    assert main([str(good), "--out", str(out), "--overwrite"]) == 0 and (out / "report.md").read_text().startswith("| run |")
