@@ -66,6 +66,7 @@ def _run_config_and_weights(source: Path) -> tuple[Config, Path]:
             return cfg, source / "final"
         found = checkpoint.complete_checkpoints(str(source))
         if found:
+            checkpoint.verify(found[-1])  # as a checkpoint given directly is
             return cfg, found[-1] / "model"
         raise ExportError(f"{source}: the run has neither final/ nor a complete checkpoint to export")
     raise ExportError(f"{source}: not a run directory (config.yaml) nor a checkpoint (state.json)")
@@ -86,7 +87,7 @@ def with_opt_ins(cfg_model: ModelConfig, flags: set[str]) -> tuple[ModelConfig, 
 
 def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
     """The fine-tuned model in full precision: base + merged adapter, or the full weights."""
-    problem = sources.pickle_only_problem(weights, cfg.model.allow_pickle, "export", opt_in="pass --allow-pickle")
+    problem = sources.weights_dir_problem(weights, cfg.model.allow_pickle, "export", opt_in="pass --allow-pickle")
     if problem:
         raise ExportError(problem)
     base, tokenizer = build_model(cfg.model, cfg.train.seed)  # never quantized: merge into full precision
@@ -94,7 +95,7 @@ def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, str(weights)).merge_and_unload(), tokenizer
-    state = checkpoint.read_safetensors_dir(weights)
+    state = checkpoint.read_safetensors_dir(weights, "export")
     missing, unexpected = base.load_state_dict(state, strict=False)
     tied = set(getattr(base, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
