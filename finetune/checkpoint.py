@@ -133,6 +133,22 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
+def open_resume(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, list[str]]:
+    """Everything a resume checks before any model is built (train.main): the checkpoint resume_from names, verified,
+    its state.json, and the settings that changed harmlessly since; (None, None, []) for a fresh run.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, damaged, edited, unsafe, or not this run's to continue.
+    """
+    path = resolve_resume(cfg)
+    if path is None:
+        return None, None, []
+    state = read_state(path)
+    changed = check_compatible(state, cfg, world_size, path)
+    check_owner(path, state, cfg)
+    return path, state, changed
+
+
 def read_state(path: Path) -> dict:
     """A checkpoint's state.json, every field checked for type and range (check_state)."""
     try:
@@ -513,6 +529,8 @@ def tree_errors(stem: Path):
     """A file set of write_tree's format that cannot be read becomes one CheckpointError line."""
     try:
         yield
+    except CheckpointError:  # said already (a FinetuneError is a ValueError too)
+        raise
     except TREE_ERRORS as err:
         raise CheckpointError(f"resume_from: {stem}.json/.safetensors is not a checkpoint file of this format ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
 
