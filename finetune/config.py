@@ -27,7 +27,7 @@ from finetune.booster import PLUGINS, Plan
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.corpus import BUILTIN_SOURCES
-from finetune.sources import cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, weights_dir_problem
+from finetune.sources import adapter_config_problem, cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, weights_dir_problem
 from finetune.tasks import TASKS as TASK_REGISTRY
 from finetune.tracking import tracking_problems
 
@@ -496,14 +496,12 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
         return [f"lora.init_from: {path} is not a peft adapter dir (no adapter_config.json)"]
     if not (path / "adapter_model.safetensors").is_file() and not (path / "adapter_model.bin").is_file():  # a pickle-only one was refused above without the opt-in
         return [f"lora.init_from: {path} is not a peft adapter dir (no adapter_model.safetensors)"]
+    problem = adapter_config_problem(path, "lora.init_from")
+    if problem:
+        return [problem]
     import json
 
-    try:
-        saved = json.loads((path / "adapter_config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        return [f"lora.init_from: {path / 'adapter_config.json'} is not valid JSON ({err}); point lora.init_from at an intact adapter dir"]
-    if not isinstance(saved, dict):
-        return [f"lora.init_from: {path / 'adapter_config.json'} holds a {type(saved).__name__}, not a peft adapter config; point lora.init_from at an intact adapter dir"]
+    saved = json.loads((path / "adapter_config.json").read_text())
     targets = cfg.lora.target_modules or list(architecture(model_type(cfg.model.name)).lora_targets)
     for key, theirs, ours in (("r", saved.get("r"), cfg.lora.r), ("alpha", saved.get("lora_alpha"), cfg.lora.alpha)):
         if theirs != ours:

@@ -56,6 +56,8 @@ def locate(source: Path, flags: set[str] = frozenset()) -> tuple[Config, Path]:
         print(note, file=sys.stderr)
     # before anything reads the weights: nothing outside the dir, no pickle without --allow-pickle
     problem = sources.weights_dir_problem(weights, cfg_model.allow_pickle, "export", opt_in="pass --allow-pickle")
+    if not problem and (weights / "adapter_config.json").is_file():
+        problem = sources.adapter_config_problem(weights, "export")
     if problem:
         raise ExportError(problem)
     return dataclasses.replace(cfg, model=cfg_model), weights

@@ -134,6 +134,30 @@ def weights_dir_problem(path: Path, allow_pickle: bool, key: str, opt_in: str = 
     )
 
 
+def adapter_config_problem(path: Path, key: str) -> str | None:
+    """The refusal line for a peft adapter dir whose adapter_config.json is not a LoRA config peft can build
+    from (JSON object, peft_type LORA, r a positive whole number, lora_alpha a positive number, target_modules
+    names); else None. Read before any model is built from it."""
+    file = path / "adapter_config.json"
+    fix = f"point {key} at an intact adapter dir"
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{key}: {file} is not valid JSON ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__}); {fix}"
+    if not isinstance(saved, dict):
+        return f"{key}: {file} holds a {type(saved).__name__}, not a peft adapter config; {fix}"
+    r, alpha, targets = saved.get("r"), saved.get("lora_alpha"), saved.get("target_modules")
+    number = (int, float)
+    problems = [
+        (saved.get("peft_type", "LORA") != "LORA", f"peft_type={_short_repr(saved.get('peft_type'))}, not LORA"),
+        (not isinstance(r, int) or isinstance(r, bool) or r < 1, f"r={_short_repr(r)}, not a whole number >= 1"),
+        (not isinstance(alpha, number) or isinstance(alpha, bool) or not 0 < alpha < float("inf"), f"lora_alpha={_short_repr(alpha)}, not a positive number"),
+        (not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))), f"target_modules={_short_repr(targets)}, not module names"),
+    ]
+    bad = next((what for wrong, what in problems if wrong), None)
+    return f"{key}: {file} has {bad}; {fix}" if bad else None
+
+
 def pickle_only_problem(path: Path, allow_pickle: bool, key: str, opt_in: str = "set model.allow_pickle=true") -> str | None:
     """The refusal line for a dir whose only weights are pickle files, unless the user opted in; else None."""
     if allow_pickle or not path.is_dir() or has_safetensors(path):
