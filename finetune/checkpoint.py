@@ -92,7 +92,8 @@ def checkpoint_dir(output_dir: str, step: int) -> Path:
 def complete_checkpoints(output_dir: str) -> list[Path]:
     """Complete checkpoints of a run, oldest first (directories with a manifest, never `.partial` ones)."""
     root = Path(output_dir) / CHECKPOINTS
-    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()]
+    # a link (the step dir, its state.json) would have the run read outside output_dir just to order them
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.is_symlink() and not p.name.endswith(".partial") and (p / "state.json").is_file() and not (p / "state.json").is_symlink()]
     return sorted(found, key=training_order)
 
 
@@ -209,7 +210,13 @@ def check_readable(path: Path, state: dict) -> None:
             with safe_open(file, "pt") as f:
                 f.keys()
         except (OSError, SafetensorError) as err:
-            raise CheckpointError(f"resume_from={path}: {file.relative_to(path)} is not a readable safetensors file ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); the checkpoint is damaged") from None
+            raise CheckpointError(f"resume_from={path}: {file.relative_to(path)} is not a readable safetensors file ({_reason(err)}); the checkpoint is damaged") from None
+
+
+def _reason(err: BaseException) -> str:
+    """An exception in a few words for an error line: its type and the first line of its message."""
+    text = str(err).splitlines()[0][:120] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _whole(value) -> bool:
@@ -532,7 +539,7 @@ def tree_errors(stem: Path):
     except CheckpointError:  # said already (a FinetuneError is a ValueError too)
         raise
     except TREE_ERRORS as err:
-        raise CheckpointError(f"resume_from: {stem}.json/.safetensors is not a checkpoint file of this format ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        raise CheckpointError(f"resume_from: {stem}.json/.safetensors is not a checkpoint file of this format ({_reason(err)})") from None
 
 
 def tensor_files(stem: Path) -> dict[str, Path]:
@@ -614,7 +621,7 @@ def read_adapter(path: Path, allow_pickle: bool = False, setting: str = "resume_
     try:
         return load_file(path / "adapter_model.safetensors")
     except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{setting}: {path / 'adapter_model.safetensors'} is not a readable safetensors file ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        raise CheckpointError(f"{setting}: {path / 'adapter_model.safetensors'} is not a readable safetensors file ({_reason(err)})") from None
 
 
 def barrier() -> None:
@@ -1054,9 +1061,11 @@ def check_weight_files(path: Path, key: str = "resume_from") -> None:
     """Before any reader (ours, ColossalAI's) reads a weights directory: no entry of it links outside it, and its
     indexes name only safetensors files inside it (ColossalAI's loader would torch.load any other file an edited
     index names, and read any path); `key` names the setting in errors."""
-    problem = sources.outside_problem(path, key) or next(filter(None, (sources.index_problem(index, key) for index in sorted(path.glob("*.index.json")))), None)
-    if problem:
-        raise CheckpointError(problem)
+    inside(path, setting=key)
+    for index in sorted(path.glob("*.index.json")):
+        problem = sources.index_problem(index, key)
+        if problem:
+            raise CheckpointError(problem)
 
 
 def weight_files(path: Path, setting: str = "resume_from") -> dict[str, Path]:
@@ -1111,7 +1120,7 @@ def weight_errors(path: Path, setting: str = "resume_from"):
     try:
         yield
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{setting}: {path} holds no readable safetensors weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        raise CheckpointError(f"{setting}: {path} holds no readable safetensors weights ({_reason(err)})") from None
 
 
 def read_safetensors_dir(path: Path, setting: str = "resume_from") -> dict[str, torch.Tensor]:
