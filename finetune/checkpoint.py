@@ -127,10 +127,7 @@ def resolve_resume(cfg: Config) -> Path | None:
         path = found[-1]
     else:
         path = Path(cfg.resume_from)
-    state = verify(path)
-    if state["format"] != FORMAT_VERSION:
-        raise CheckpointError(f"resume_from={path}: checkpoint format {state['format']} keeps optimizer, scheduler and RNG states as pickle, which this version never loads; "
-                              f"start a new run from its weights: model.name=<python -m finetune.export {path} OUT_DIR> (full) or lora.init_from={path / 'model'} (LoRA)")
+    verify(path, resuming=True)
     return path
 
 
@@ -150,8 +147,8 @@ def open_resume(cfg: Config, world_size: int) -> tuple[Path | None, dict | None,
     return path, state, changed
 
 
-def read_state(path: Path) -> dict:
-    """A checkpoint's state.json, every field checked for type and range (check_state)."""
+def read_state(path: Path, resuming: bool = False) -> dict:
+    """A checkpoint's state.json, every field checked for type and range (check_state; `resuming`: its format must resume)."""
     try:
         state = json.loads((path / "state.json").read_text())
     except FileNotFoundError:
@@ -160,17 +157,21 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"resume_from={path}: state.json is corrupt ({err.msg})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"resume_from={path}: state.json cannot be read ({type(err).__name__})") from None
-    return check_state(state, path)
+    return check_state(state, path, resuming)
 
 
-def verify(path: Path) -> dict:
+def verify(path: Path, resuming: bool = False) -> dict:
     """The one check of a checkpoint before anything is built from it (resume and export): nothing it names or
     links lies outside it, state.json's fields are sound, every file of its manifest is there at the recorded
-    size and sha256 (read once), and its weights and safetensors headers are readable. Returns state.json."""
+    size and sha256 (read once), and its weights and safetensors headers are readable. Returns state.json.
+
+    Args:
+        resuming: for a resume, which needs FORMAT_VERSION (export reads every READABLE_FORMATS' weights).
+    """
     if not path.is_dir():
         raise CheckpointError(f"resume_from={path}: no such checkpoint directory")
     inside(path, recursive=True)  # before state.json itself is read: it may be a link too
-    state = read_state(path)
+    state = read_state(path, resuming)
     inside(path, [*state["files"], *state.get("sha256", {})])
     for name, size in state["files"].items():
         file = path / name
@@ -224,9 +225,10 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_state(state, path: Path) -> dict:
+def check_state(state, path: Path, resuming: bool = False) -> dict:
     """state.json's fields, each checked for type and range: a damaged or edited manifest is one CheckpointError
-    line, never a traceback or a run at a step it did not reach. Returns state."""
+    line, never a traceback or a run at a step it did not reach; `resuming`: an older format is refused first,
+    with the way to start from its weights. Returns state."""
     where = f"resume_from={path}: state.json"
 
     def refuse(what: str) -> CheckpointError:
@@ -236,6 +238,9 @@ def check_state(state, path: Path) -> dict:
         raise refuse(f"holds a {type(state).__name__}, not an object")
     if not _whole(state.get("format")) or state["format"] not in READABLE_FORMATS:
         raise CheckpointError(f"resume_from={path}: checkpoint format {_short(state.get('format'))}, this version reads {FORMAT_VERSION}")
+    if resuming and state["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"resume_from={path}: checkpoint format {state['format']} keeps optimizer, scheduler and RNG states as pickle, which this version never loads; "
+                              f"start a new run from its weights: model.name=<python -m finetune.export {path} OUT_DIR> (full) or lora.init_from={path / 'model'} (LoRA)")
     for field, least in (("step", 1), ("steps_per_epoch", 1), ("epoch", 0), ("samples_seen", 1)):
         if not _whole(state.get(field)) or state[field] < least:
             raise refuse(f"has {_field(state, field)}, not a whole number >= {least}")

@@ -182,6 +182,17 @@ def test_an_optimizer_index_naming_a_file_outside_is_refused(runs, tmp_path):
         checkpoint.verify(ckpt)
 
 
+def test_resume_from_latest_never_orders_or_picks_a_linked_checkpoint(runs, tmp_path):
+    """Ordering the checkpoints reads each state.json: a linked step dir or state.json would be read outside output_dir."""
+    ckpt = stage(runs, "full", tmp_path / "run")
+    (ckpt.parent / "step_00000006").symlink_to(runs["full"] / "checkpoints" / STEP, target_is_directory=True)
+    copy = ckpt.parent / "step_00000005"
+    shutil.copytree(ckpt, copy, copy_function=os.link)
+    (copy / "state.json").unlink()
+    (copy / "state.json").symlink_to(runs["full"] / "checkpoints" / STEP / "state.json")
+    assert checkpoint.complete_checkpoints(str(tmp_path / "run")) == [ckpt]
+
+
 def test_a_hub_cache_snapshot_may_link_into_its_own_blobs_but_nowhere_else(runs, tmp_path):
     """The hub cache keeps a snapshot's files as links into the repo's blobs/: inside the repo, so allowed."""
     final = runs["full"] / "final"
