@@ -198,9 +198,9 @@ def check_readable(path: Path, state: dict) -> None:
     loaded), its optimizer index names only its own safetensors files, and every safetensors file's header parses."""
     model = path / "model"
     adapter = (model / "adapter_config.json").is_file()
-    pickled = sorted(p.name for p in model.glob("*") if p.suffix in sources.PICKLE_SUFFIXES)
-    if pickled and not sources.has_safetensors(model):
-        raise CheckpointError(f"resume_from={path}: model/ holds only pickle weights ({pickled[0]}); checkpoints are read as safetensors only, never unpickled ({sources.CVE})")
+    problem = sources.pickle_only_problem(model, False, "resume_from", opt_in=None)
+    if problem:
+        raise CheckpointError(problem)
     with weight_errors(model):
         weights = [model / "adapter_model.safetensors"] if adapter else sorted(set(weight_files(model).values()))
     if state["format"] == FORMAT_VERSION:

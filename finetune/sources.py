@@ -158,8 +158,12 @@ def adapter_config_problem(path: Path, key: str) -> str | None:
     return f"{key}: {file} has {bad}; {fix}" if bad else None
 
 
-def pickle_only_problem(path: Path, allow_pickle: bool, key: str, opt_in: str = "set model.allow_pickle=true") -> str | None:
-    """The refusal line for a dir whose only weights are pickle files, unless the user opted in; else None."""
+def pickle_only_problem(path: Path, allow_pickle: bool, key: str, opt_in: str | None = "set model.allow_pickle=true") -> str | None:
+    """The refusal line for a dir whose only weights are pickle files, unless the user opted in; else None.
+
+    Args:
+        opt_in: how the reader opts in, for the line; None: it never unpickles (a checkpoint).
+    """
     if allow_pickle or not path.is_dir() or has_safetensors(path):
         return None
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -167,7 +171,7 @@ def pickle_only_problem(path: Path, allow_pickle: bool, key: str, opt_in: str = 
         return None
     return (
         f"{key}: {path} holds only pickle weights ({pickled[0]}), which can run code when loaded, even with "
-        f"torch 2.5.1's weights_only=True ({CVE}); convert them to safetensors, or {opt_in} if you trust their source"
+        f"torch 2.5.1's weights_only=True ({CVE}); convert them to safetensors" + (f", or {opt_in} if you trust their source" if opt_in else "; a checkpoint is never unpickled")
     )
 
 
