@@ -27,10 +27,13 @@ the next run. `resume_from=latest` takes the newest complete one; a resume verif
 Lineage: a checkpoint is resumed only into the run that wrote it (its output_dir), and a run resumed
 from an older checkpoint moves the newer ones of the abandoned branch into `checkpoints/abandoned-TIME/`.
 
-Safe loading: nothing in a checkpoint is unpickled. This project writes and reads every file itself as
+Safe loading: nothing in a checkpoint is unpickled, and nothing outside it is read. This project writes and reads every file itself as
 safetensors + JSON (never torch.load, pickle, or a ColossalAI loader that unpickles); the sharded full
 weights that ColossalAI reads back (Gemini, tensor/pipeline parallelism) must be safetensors files
 listed in their index. Format 1 checkpoints (pickled optimizer, scheduler and RNG) are refused at resume.
+verify() checks, before any model is built, every field of state.json for type and range, that no file the
+checkpoint names (manifest, indexes) or links resolves outside it (sources.outside_problem), and that its
+weights and safetensors headers are readable: a damaged or edited checkpoint is one CheckpointError line.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from finetune import sources
 from finetune.config import Config, mutates_base, to_dict
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
@@ -88,7 +92,8 @@ def checkpoint_dir(output_dir: str, step: int) -> Path:
 def complete_checkpoints(output_dir: str) -> list[Path]:
     """Complete checkpoints of a run, oldest first (directories with a manifest, never `.partial` ones)."""
     root = Path(output_dir) / CHECKPOINTS
-    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()]
+    # a link (the step dir, its state.json) would have the run read outside output_dir just to order them
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.is_symlink() and not p.name.endswith(".partial") and (p / "state.json").is_file() and not (p / "state.json").is_symlink()]
     return sorted(found, key=training_order)
 
 
@@ -122,30 +127,52 @@ def resolve_resume(cfg: Config) -> Path | None:
         path = found[-1]
     else:
         path = Path(cfg.resume_from)
-    state = verify(path)
-    if state["format"] != FORMAT_VERSION:
-        raise CheckpointError(f"resume_from={path}: checkpoint format {state['format']} keeps optimizer, scheduler and RNG states as pickle, which this version never loads; "
-                              f"start a new run from its weights: model.name=<python -m finetune.export {path} OUT_DIR> (full) or lora.init_from={path / 'model'} (LoRA)")
+    verify(path, resuming=True)
     return path
 
 
-def read_state(path: Path) -> dict:
-    """A checkpoint's state.json."""
+def open_resume(cfg: Config, world_size: int) -> tuple[Path | None, dict | None, list[str]]:
+    """Everything a resume checks before any model is built (train.main): the checkpoint resume_from names, verified,
+    its state.json, and the settings that changed harmlessly since; (None, None, []) for a fresh run.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, damaged, edited, unsafe, or not this run's to continue.
+    """
+    path = resolve_resume(cfg)
+    if path is None:
+        return None, None, []
+    state = read_state(path)
+    changed = check_compatible(state, cfg, world_size, path)
+    check_owner(path, state, cfg)
+    return path, state, changed
+
+
+def read_state(path: Path, resuming: bool = False) -> dict:
+    """A checkpoint's state.json, every field checked for type and range (check_state; `resuming`: its format must resume)."""
     try:
-        return json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text())
     except FileNotFoundError:
         raise CheckpointError(f"resume_from={path}: not a complete checkpoint (no state.json); incomplete ones end in .partial") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"resume_from={path}: state.json is corrupt ({err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"resume_from={path}: state.json cannot be read ({type(err).__name__})") from None
+    return check_state(state, path, resuming)
 
 
-def verify(path: Path) -> dict:
-    """Check that a checkpoint holds every file of its manifest, at the recorded size and sha256 (read once)."""
+def verify(path: Path, resuming: bool = False) -> dict:
+    """The one check of a checkpoint before anything is built from it (resume and export): nothing it names or
+    links lies outside it, state.json's fields are sound, every file of its manifest is there at the recorded
+    size and sha256 (read once), and its weights and safetensors headers are readable. Returns state.json.
+
+    Args:
+        resuming: for a resume, which needs FORMAT_VERSION (export reads every READABLE_FORMATS' weights).
+    """
     if not path.is_dir():
         raise CheckpointError(f"resume_from={path}: no such checkpoint directory")
-    state = read_state(path)
-    if state.get("format") not in READABLE_FORMATS:
-        raise CheckpointError(f"resume_from={path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
+    inside(path, recursive=True)  # before state.json itself is read: it may be a link too
+    state = read_state(path, resuming)
+    inside(path, [*state["files"], *state.get("sha256", {})])
     for name, size in state["files"].items():
         file = path / name
         if not file.is_file():
@@ -155,7 +182,122 @@ def verify(path: Path) -> dict:
     for name, digest in state.get("sha256", {}).items():  # checkpoints written before hashes were recorded have none
         if file_sha256(path / name) != digest:
             raise CheckpointError(f"resume_from={path}: {name} does not match the sha256 of its manifest; the checkpoint is corrupt (use an earlier one)")
+    check_readable(path, state)
     return state
+
+
+def inside(path: Path, names=(), recursive: bool = False, setting: str = "resume_from") -> None:
+    """Refuse a directory one of whose `names` (relative to it) or entries (every level with `recursive`) resolves outside it (sources.outside_problem)."""
+    problem = sources.outside_problem(path, setting, names, recursive)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def check_readable(path: Path, state: dict) -> None:
+    """The checkpoint's weights are what its readers read (safetensors only: a pickle-only model/ is refused, never
+    loaded), its optimizer index names only its own safetensors files, and every safetensors file's header parses."""
+    model = path / "model"
+    adapter = (model / "adapter_config.json").is_file()
+    problem = sources.pickle_only_problem(model, False, "resume_from", opt_in=None)
+    if problem:
+        raise CheckpointError(problem)
+    with weight_errors(model):
+        weights = [model / "adapter_model.safetensors"] if adapter else sorted(set(weight_files(model).values()))
+    if state["format"] == FORMAT_VERSION:
+        with tree_errors(full_optimizer_stem(path / "optimizer")):
+            tensor_files(full_optimizer_stem(path / "optimizer"))
+    for file in sorted({*weights, *(path / name for name in state["files"] if name.endswith(".safetensors"))}):
+        try:
+            with safe_open(file, "pt") as f:
+                f.keys()
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"resume_from={path}: {file.relative_to(path)} is not a readable safetensors file ({_reason(err)}); the checkpoint is damaged") from None
+
+
+def _reason(err: BaseException) -> str:
+    """An exception in a few words for an error line: its type and the first line of its message."""
+    text = str(err).splitlines()[0][:120] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _whole(value) -> bool:
+    """A JSON whole number (not a bool, which JSON's true/false would give)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_state(state, path: Path, resuming: bool = False) -> dict:
+    """state.json's fields, each checked for type and range: a damaged or edited manifest is one CheckpointError
+    line, never a traceback or a run at a step it did not reach; `resuming`: an older format is refused first,
+    with the way to start from its weights. Returns state."""
+    where = f"resume_from={path}: state.json"
+
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"{where} {what}; the checkpoint is damaged or was edited (use another one)")
+
+    if not isinstance(state, dict):
+        raise refuse(f"holds a {type(state).__name__}, not an object")
+    if not _whole(state.get("format")) or state["format"] not in READABLE_FORMATS:
+        raise CheckpointError(f"resume_from={path}: checkpoint format {_short(state.get('format'))}, this version reads {FORMAT_VERSION}")
+    if resuming and state["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"resume_from={path}: checkpoint format {state['format']} keeps optimizer, scheduler and RNG states as pickle, which this version never loads; "
+                              f"start a new run from its weights: model.name=<python -m finetune.export {path} OUT_DIR> (full) or lora.init_from={path / 'model'} (LoRA)")
+    for field, least in (("step", 1), ("steps_per_epoch", 1), ("epoch", 0), ("samples_seen", 1)):
+        if not _whole(state.get(field)) or state[field] < least:
+            raise refuse(f"has {_field(state, field)}, not a whole number >= {least}")
+    if "global_batch" in state and (not _whole(state["global_batch"]) or state["global_batch"] < 1):  # absent in checkpoints before resume on any layout
+        raise refuse(f"has global_batch={_short(state['global_batch'])}, not a whole number >= 1")
+    step, batch = state["step"], state.get("global_batch") or state["samples_seen"] // state["step"]
+    if state["epoch"] != step // state["steps_per_epoch"] or state["samples_seen"] != step * batch:
+        raise refuse(f"has step {step}, epoch {state['epoch']}, steps_per_epoch {state['steps_per_epoch']} and samples_seen {state['samples_seen']}, which do not agree")
+    for field in ("identity", "config"):
+        if not isinstance(state.get(field), dict):
+            raise refuse(f"has {_field(state, field)}, not an object")
+    _check_identity(state["identity"], refuse)
+    total = _written_total_steps(state["config"], state["steps_per_epoch"])
+    if total is None:
+        raise refuse("has no train.max_steps or train.epochs in its config")
+    if step > total:
+        raise refuse(f"has step {step}, past the {total} steps of the run that wrote it")
+    for field, valid in (("files", lambda v: _whole(v) and v >= 0), ("sha256", lambda v: isinstance(v, str) and len(v) == 64)):
+        if field == "sha256" and field not in state:  # checkpoints written before hashes were recorded have none
+            continue
+        table = state.get(field)
+        if not isinstance(table, dict) or not all(isinstance(k, str) and valid(v) for k, v in table.items()):
+            raise refuse(f"has {_field(state, field)}, not an object of file names and {'sizes' if field == 'files' else 'sha256 digests'}")
+    if "sha256" in state and set(state["sha256"]) != set(state["files"]):
+        raise refuse("hashes other files than its manifest lists")
+    return state
+
+
+def _field(state: dict, field: str) -> str:
+    """A state.json field for an error line: `step=-5`, or `no step`."""
+    return f"{field}={_short(state[field])}" if field in state else f"no {field}"
+
+
+def _check_identity(ident: dict, refuse) -> None:
+    """The identity fields a resume compares and reads: every key (those added later may be absent), the plugin an object with a name, sizes whole and positive."""
+    missing = [k for k in IDENTITY_KEYS if k not in ident and k not in ADDED_IDENTITY]
+    if missing:
+        raise refuse(f"has no identity {missing[0]}")
+    plugin = ident["plugin"]
+    if not isinstance(plugin, dict) or not isinstance(plugin.get("name"), str):
+        raise refuse(f"has identity plugin={_short(plugin)}, not a plugin section with a name")
+    for key in ("world_size", "train.batch_size", "train.grad_accum_steps"):
+        if not _whole(ident[key]) or ident[key] < 1:
+            raise refuse(f"has identity {key}={_short(ident[key])}, not a whole number >= 1")
+    if not isinstance(ident["method"], str):
+        raise refuse(f"has identity method={_short(ident['method'])}, not a method name")
+
+
+def _written_total_steps(config: dict, steps_per_epoch: int) -> int | None:
+    """The steps the run that wrote a checkpoint was to train (train.max_steps, else train.epochs of steps_per_epoch); None: its config does not say."""
+    train = config.get("train")
+    if not isinstance(train, dict):
+        return None
+    max_steps, epochs = train.get("max_steps"), train.get("epochs")
+    if _whole(max_steps) and max_steps > 0:
+        return max_steps
+    return epochs * steps_per_epoch if _whole(epochs) and epochs > 0 else None
 
 
 def check_owner(path: Path, state: dict, cfg: Config) -> None:
@@ -399,8 +541,10 @@ def tree_errors(stem: Path):
     """A file set of write_tree's format that cannot be read becomes one CheckpointError line."""
     try:
         yield
+    except CheckpointError:  # said already (a FinetuneError is a ValueError too)
+        raise
     except TREE_ERRORS as err:
-        raise CheckpointError(f"resume_from: {stem}.json/.safetensors is not a checkpoint file of this format ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        raise CheckpointError(f"resume_from: {stem}.json/.safetensors is not a checkpoint file of this format ({_reason(err)})") from None
 
 
 def tensor_files(stem: Path) -> dict[str, Path]:
@@ -408,11 +552,11 @@ def tensor_files(stem: Path) -> dict[str, Path]:
     (`stem`.safetensors.index.json, one file per pipeline stage), which may name only safetensors files beside it."""
     single, index = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".safetensors.index.json")
     if not single.is_file() and index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        bad = sorted(f for f in set(weight_map.values()) if not isinstance(f, str) or not f.endswith(".safetensors") or "/" in f or "\\" in f)
-        if bad:
-            raise CheckpointError(f"resume_from: {index} names {bad[0]!r}; only safetensors files in {stem.parent} are read")
-        return {key: stem.parent / name for key, name in weight_map.items()}
+        problem = sources.outside_problem(stem.parent, "resume_from") or sources.index_problem(index, "resume_from")
+        if problem:
+            raise CheckpointError(problem)
+        return {key: stem.parent / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+    inside(stem.parent)
     with safe_open(single, "pt") as f:
         return {key: single for key in f.keys()}
 
@@ -471,14 +615,18 @@ def write_adapter(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(state, path / "adapter_model.safetensors")
 
 
-def read_adapter(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_adapter(path: Path, allow_pickle: bool = False, setting: str = "resume_from") -> dict[str, torch.Tensor]:
+    """The tensors of a peft adapter dir (a checkpoint's model/, or lora.init_from: `setting`); a pickle-only one only with allow_pickle."""
+    problem = sources.weights_dir_problem(path, allow_pickle, setting)
+    if problem:
+        raise CheckpointError(problem)
     if allow_pickle and not (path / "adapter_model.safetensors").is_file():
         # lora.init_from of a pickle-only adapter, which the user opted into (model.allow_pickle=true)
         return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     try:
         return load_file(path / "adapter_model.safetensors")
-    except SafetensorError as err:
-        raise CheckpointError(f"{path / 'adapter_model.safetensors'} is not a safetensors file ({err})") from None
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{setting}: {path / 'adapter_model.safetensors'} is not a readable safetensors file ({_reason(err)})") from None
 
 
 def barrier() -> None:
@@ -631,7 +779,8 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     with failing_together():
         run.plugin.read_optimizer(run, path / "optimizer")
         run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
-        set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
+        with tree_errors(rng_stem(path, dist.get_rank())):  # an edited RNG state is one line too
+            set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
     start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
     move_scheduler(run.scheduler, start)
     barrier()
@@ -914,16 +1063,14 @@ class _KeyStandIns(dict):
 
 
 def check_weight_files(path: Path, key: str = "resume_from") -> None:
-    """Before ColossalAI reads sharded weights: its index may list only safetensors files in this directory
-    (ColossalAI's loader would torch.load any other file an edited index names); `key` names the setting in errors."""
-    for index in path.glob("*.index.json"):
-        try:
-            files = set(json.loads(index.read_text())["weight_map"].values())
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{key}: {index} is not a weight index") from None
-        bad = sorted(f for f in files if not isinstance(f, str) or not f.endswith(".safetensors") or "/" in f or "\\" in f)
-        if bad:
-            raise CheckpointError(f"{key}: {index} names {bad[0]!r}; only safetensors files in {path} are read")
+    """Before any reader (ours, ColossalAI's) reads a weights directory: no entry of it links outside it, and its
+    indexes name only safetensors files inside it (ColossalAI's loader would torch.load any other file an edited
+    index names, and read any path); `key` names the setting in errors."""
+    inside(path, setting=key)
+    for index in sorted(path.glob("*.index.json")):
+        problem = sources.index_problem(index, key)
+        if problem:
+            raise CheckpointError(problem)
 
 
 def weight_files(path: Path, setting: str = "resume_from") -> dict[str, Path]:
@@ -978,16 +1125,16 @@ def weight_errors(path: Path, setting: str = "resume_from"):
     try:
         yield
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{setting}: {path} holds no readable safetensors weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        raise CheckpointError(f"{setting}: {path} holds no readable safetensors weights ({_reason(err)})") from None
 
 
-def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a save_pretrained directory (one file, or shards listed in an index)."""
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+def read_safetensors_dir(path: Path, setting: str = "resume_from") -> dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained directory (one file, or shards listed in an index: weight_files' checks);
+    `setting` names it in errors."""
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(path / name))
+    with weight_errors(path, setting):
+        for file in sorted(set(weight_files(path, setting).values())):
+            state.update(load_file(file))
     return state
 
 
@@ -1017,7 +1164,7 @@ def update_master_params(run: Run) -> None:
 
 def init_adapter(run: Run, path: Path) -> None:
     """Start from the peft adapter in `path` (lora.init_from), under any plugin; every rank calls this."""
-    run.plugin.load_adapter(run, read_adapter(path, run.cfg.model.allow_pickle), f"lora.init_from: the adapter in {path}")
+    run.plugin.load_adapter(run, read_adapter(path, run.cfg.model.allow_pickle, "lora.init_from"), f"lora.init_from: the adapter in {path}")
 
 
 def load_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:

@@ -29,7 +29,7 @@ from finetune.errors import FinetuneError
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.outputs import occupancy_problem
 from finetune.corpus import BUILTIN_SOURCES
-from finetune.sources import cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, pickle_only_problem
+from finetune.sources import adapter_config_problem, cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, weights_dir_problem
 from finetune.tasks import TASKS as TASK_REGISTRY
 from finetune.tracking import tracking_problems
 
@@ -483,7 +483,7 @@ def _model_source_problems(cfg_model: ModelConfig) -> list[str]:
         return [f"model.name: {name} has no config.json; expected a Hugging Face model directory"]
     elif path.is_file() and path.suffix != ".gguf":
         return [f"model.name: {name} is a file but not a .gguf; give a model directory or a GGUF file"]
-    problem = pickle_only_problem(path, cfg_model.allow_pickle, "model.name")
+    problem = weights_dir_problem(path, cfg_model.allow_pickle, "model.name")
     return [problem] if problem else []
 
 
@@ -494,21 +494,19 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     if cfg.method in METHOD_RECORDS and not METHOD_RECORDS[cfg.method].adapter:
         return [f"lora.init_from is set but method={cfg.method} trains no adapter; use method=lora or drop lora.init_from"]
     path = Path(cfg.lora.init_from)
+    problem = weights_dir_problem(path, cfg.model.allow_pickle, "lora.init_from")
+    if problem:  # a link or index out of the dir, or pickle without the opt-in: before anything in it is read
+        return [problem]
     if not (path / "adapter_config.json").is_file():
         return [f"lora.init_from: {path} is not a peft adapter dir (no adapter_config.json)"]
-    if not (path / "adapter_model.safetensors").is_file():
-        pickled = (path / "adapter_model.bin").is_file()
-        problem = pickle_only_problem(path, cfg.model.allow_pickle, "lora.init_from") if pickled else f"lora.init_from: {path} is not a peft adapter dir (no adapter_model.safetensors)"
-        if problem:
-            return [problem]
+    if not (path / "adapter_model.safetensors").is_file() and not (path / "adapter_model.bin").is_file():  # a pickle-only one was refused above without the opt-in
+        return [f"lora.init_from: {path} is not a peft adapter dir (no adapter_model.safetensors)"]
+    problem = adapter_config_problem(path, "lora.init_from")
+    if problem:
+        return [problem]
     import json
 
-    try:
-        saved = json.loads((path / "adapter_config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        return [f"lora.init_from: {path / 'adapter_config.json'} is not valid JSON ({err}); point lora.init_from at an intact adapter dir"]
-    if not isinstance(saved, dict):
-        return [f"lora.init_from: {path / 'adapter_config.json'} holds a {type(saved).__name__}, not a peft adapter config; point lora.init_from at an intact adapter dir"]
+    saved = json.loads((path / "adapter_config.json").read_text())
     targets = cfg.lora.target_modules or list(architecture(model_type(cfg.model.name)).lora_targets)
     for key, theirs, ours in (("r", saved.get("r"), cfg.lora.r), ("alpha", saved.get("lora_alpha"), cfg.lora.alpha)):
         if theirs != ours:

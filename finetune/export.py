@@ -43,7 +43,8 @@ class ExportError(FinetuneError):
 
 
 def locate(source: Path, flags: set[str] = frozenset()) -> tuple[Config, Path]:
-    """(the run's config, the directory holding its weights) for a run dir or a checkpoint dir.
+    """(the run's config, the directory holding its weights) for a run dir or a checkpoint dir, checked before
+    anything reads the weights: a checkpoint verified, no file of the weights dir outside it, no pickle without the opt-in.
 
     Args:
         flags: this command's opt-ins (OPT_INS): the config's own model.trust_remote_code and
@@ -53,6 +54,12 @@ def locate(source: Path, flags: set[str] = frozenset()) -> tuple[Config, Path]:
     cfg_model, notes = with_opt_ins(cfg.model, flags)
     for note in notes:
         print(note, file=sys.stderr)
+    # before anything reads the weights: nothing outside the dir, no pickle without --allow-pickle
+    problem = sources.weights_dir_problem(weights, cfg_model.allow_pickle, "export", opt_in="pass --allow-pickle")
+    if not problem and (weights / "adapter_config.json").is_file():
+        problem = sources.adapter_config_problem(weights, "export")
+    if problem:
+        raise ExportError(problem)
     return dataclasses.replace(cfg, model=cfg_model), weights
 
 
@@ -66,6 +73,7 @@ def _run_config_and_weights(source: Path) -> tuple[Config, Path]:
             return cfg, source / "final"
         found = checkpoint.complete_checkpoints(str(source))
         if found:
+            checkpoint.verify(found[-1])  # as a checkpoint given directly is
             return cfg, found[-1] / "model"
         raise ExportError(f"{source}: the run has neither final/ nor a complete checkpoint to export")
     raise ExportError(f"{source}: not a run directory (config.yaml) nor a checkpoint (state.json)")
@@ -85,16 +93,13 @@ def with_opt_ins(cfg_model: ModelConfig, flags: set[str]) -> tuple[ModelConfig, 
 
 
 def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
-    """The fine-tuned model in full precision: base + merged adapter, or the full weights."""
-    problem = sources.pickle_only_problem(weights, cfg.model.allow_pickle, "export", opt_in="pass --allow-pickle")
-    if problem:
-        raise ExportError(problem)
+    """The fine-tuned model in full precision: base + merged adapter, or the full weights (locate has checked them)."""
     base, tokenizer = build_model(cfg.model, cfg.train.seed)  # never quantized: merge into full precision
     if (weights / "adapter_config.json").is_file():
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, str(weights)).merge_and_unload(), tokenizer
-    state = checkpoint.read_safetensors_dir(weights)
+    state = checkpoint.read_safetensors_dir(weights, "export")
     missing, unexpected = base.load_state_dict(state, strict=False)
     tied = set(getattr(base, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:

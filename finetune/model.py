@@ -149,8 +149,8 @@ def build_model(
                 model = load_quantized(tmp, attention, quantization, precision, trust_remote_code=False, auto_class=auto_model)
             model.config._name_or_path = source.name
     else:
-        problem = sources.pickle_only_problem(Path(source.name), cfg_model.allow_pickle, "model.name")
-        if problem:  # before transformers unpickles anything
+        problem = sources.weights_dir_problem(Path(source.name), cfg_model.allow_pickle, "model.name")
+        if problem:  # before transformers reads anything: it would follow an index or a link anywhere, and unpickle a .bin shard
             raise ModelError(problem)
         tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code)
         config = AutoConfig.from_pretrained(source.name, trust_remote_code=cfg_model.trust_remote_code, **head_config(labels, tokenizer))

@@ -244,11 +244,7 @@ def main(argv: list[str]) -> None:
     if problems:
         raise ConfigError(problems[0])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    resume = checkpoint.resolve_resume(cfg)  # verified complete and compatible before any model is built
-    resume_state = checkpoint.read_state(resume) if resume else None
-    changed = checkpoint.check_compatible(resume_state, cfg, world_size, resume) if resume else []
-    if resume:
-        checkpoint.check_owner(resume, resume_state, cfg)
+    resume, resume_state, changed = checkpoint.open_resume(cfg, world_size)  # verified complete and compatible before any model is built
     # Rank 0 locks output_dir before anything is written there, and holds it to the end, errors included.
     with outputs.own_output_dir(cfg) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         train(cfg, world_size, resume, resume_state, changed)

@@ -18,6 +18,7 @@ import torch
 from finetune import export
 from finetune.checkpoint import read_adapter
 from finetune.config import ConfigError, ModelConfig, load_config
+from finetune.errors import FinetuneError
 from finetune.model import ModelError, build_model
 from tests.conftest import REPO, TRAIN, run_env, run_train, write_instruction_file
 
@@ -149,6 +150,71 @@ def test_allow_pickle_loads_benign_pickle_weights(world, tmp_path):
     torch.save(state, tmp_path / "adapter_model.bin")
     load_config(["model.name=tiny-llama", f"lora.init_from={tmp_path}", "model.allow_pickle=true"], world_size=1)
     assert torch.equal(read_adapter(tmp_path, allow_pickle=True)["base_model.model.lm_head.lora_A.weight"], state["base_model.model.lm_head.lora_A.weight"])
+
+
+def sharded(world, path: Path, shard: str, weights: dict) -> Path:
+    """A model dir whose model.safetensors.index.json names one shard, `shard`, holding `weights` (torch.save)."""
+    save(world["a"], world["tokenizer"], path)
+    (path / "model.safetensors").unlink()
+    torch.save(weights, path / shard)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {key: shard for key in world["a"].state_dict()}}))
+    return path
+
+
+def test_a_safetensors_index_naming_a_pickle_shard_is_refused_before_it_is_opened(world, tmp_path, monkeypatch):
+    planted = sharded(world, tmp_path / "planted", "pytorch_model-00001-of-00001.bin", {"weight": Payload(tmp_path / "marker")})
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load was called on the pickle shard")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "load", no_load)
+        with pytest.raises(ModelError, match=f"index.json names the pickle shard 'pytorch_model-00001-of-00001.bin'.*{CVE}.*model.allow_pickle=true"):
+            build_model(ModelConfig(name=str(planted)), seed=0)
+        with pytest.raises(ConfigError, match="names the pickle shard"):  # refused by validation too, before any model work
+            load_config([f"model.name={planted}"], world_size=1)
+    assert not (tmp_path / "marker").exists()
+    benign = sharded(world, tmp_path / "benign", "pytorch_model-00001-of-00001.bin", world["a"].state_dict())
+    model, _ = build_model(ModelConfig(name=str(benign), allow_pickle=True), seed=0)  # the user opted in
+    assert same_weights(model, world["a"])
+
+
+@pytest.mark.parametrize("linked", ["tokenizer.json", "config.json", "model.safetensors"])
+def test_a_model_dir_file_linked_outside_it_is_refused(world, tmp_path, linked):
+    model_dir = save(world["a"], world["tokenizer"], tmp_path / "model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (model_dir / linked).rename(elsewhere / linked)
+    (model_dir / linked).symlink_to(elsewhere / linked)
+    with pytest.raises(ModelError, match=f"model.name: {model_dir / linked} links outside {model_dir} \\(to {elsewhere / linked}\\)"):
+        build_model(ModelConfig(name=str(model_dir)), seed=0)
+    with pytest.raises(ConfigError, match="links outside"):
+        load_config([f"model.name={model_dir}"], world_size=1)
+
+
+def test_a_model_index_naming_a_shard_outside_is_refused(world, tmp_path):
+    outside = save(world["a"], world["tokenizer"], tmp_path / "outside")
+    model_dir = save(world["a"], world["tokenizer"], tmp_path / "model")
+    (model_dir / "model.safetensors").unlink()
+    for name in ["../outside/model.safetensors", str(outside / "model.safetensors")]:
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {key: name for key in world["a"].state_dict()}}))
+        with pytest.raises(ModelError, match=f"names '{name}' as one of its files, which resolves outside it"):
+            build_model(ModelConfig(name=str(model_dir)), seed=0)
+
+
+def test_an_init_from_adapter_linked_outside_is_refused(tmp_path):
+    adapter, elsewhere = tmp_path / "adapter", tmp_path / "elsewhere"
+    adapter.mkdir()
+    elsewhere.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 3)}, elsewhere / "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").symlink_to(elsewhere / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match=f"lora.init_from: {adapter / 'adapter_model.safetensors'} links outside"):
+        load_config(["model.name=tiny-llama", f"lora.init_from={adapter}"], world_size=1)
+    with pytest.raises(FinetuneError, match="links outside"):  # the reader too, were it reached
+        read_adapter(adapter, setting="lora.init_from")
 
 
 def test_export_ignores_the_runs_trust_remote_code(world, tmp_path, capsys):
