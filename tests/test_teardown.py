@@ -13,7 +13,7 @@ from tests.conftest import REPO, free_port, run_env
 # down, so the worker finishes while rank 0 frees the group: under torch 2.5.1's own destroy_process_group, rank 0
 # holds the GIL while it waits for the worker, and the worker waits for the GIL.
 RANK = """
-import os, sys, time, torch, torch.distributed as dist
+import sys, time, torch, torch.distributed as dist
 from finetune.distributed import destroy_process_groups
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", rank=rank, world_size=2)
