@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from finetune import assets, compat, patches
 from finetune.errors import RANK_LOST, FinetuneError
@@ -66,6 +67,27 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
     set_seed(seed)
     check_shared_dirs({"output_dir": Path(output_dir), "the cache $FINETUNE_CACHE": assets.cache_dir()})
     return accelerator.get_current_device()
+
+
+def destroy_process_groups() -> None:
+    """Destroy every process group, joining gloo's worker threads with the GIL released."""
+    # torch 2.5.1 frees a ProcessGroup holding the GIL, and freeing its gloo backend joins the backend's worker
+    # threads. A worker can still be finishing the last collective whose completion the caller already saw;
+    # dropping that collective's tensors (Python objects) takes the GIL: each waits for the other for good
+    # (fixed upstream by pytorch#154976). Gloo backends release the GIL when they are freed from Python, so the
+    # backends are held past their groups, and the joins happen when this list lets go of them.
+    # (Nothing here may hold a group past destroy_process_group, or freeing it frees its backend.)
+    backends = [_cpu_backend(group) for group in list(distributed_c10d._world.pg_map)]
+    dist.destroy_process_group()
+    backends.clear()
+
+
+def _cpu_backend(group: dist.ProcessGroup):
+    """The group's backend for CPU tensors (gloo), or None (NCCL only)."""
+    try:
+        return group._get_backend(torch.device("cpu"))
+    except RuntimeError:
+        return None
 
 
 SHARED_WAIT_S = 5.0  # a network filesystem may show another node's new file a moment late

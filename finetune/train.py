@@ -42,7 +42,7 @@ from finetune import checkpoint, checks, compat, deferred, outputs
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
-from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
+from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, reload_device, reload_final
 from finetune.faults import Faults
@@ -388,7 +388,7 @@ def cli() -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
     finally:
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            destroy_process_groups()
 
 
 RANK_EXIT_GRACE_S = 3

@@ -1,14 +1,18 @@
 """Run by tests/test_deferred.py under torchrun (2 ranks): each pretrained model directory built the way
 a sharding plugin asks (Plugin.model_init), boosted, its weights loaded per shard (load_deferred), and its
 logits compared with the unsharded model's; and bf16 pipeline steps (ZeRO-0 and -1) from a deferred build against
-one from an eager build. Rank 0 writes {"<model> <setup>": max |difference|} as JSON.
+one from an eager build. Rank 0 writes {"<model> <setup>": max |difference|} as JSON. A rank that hangs
+(WORK_LIMIT_S, or TEARDOWN_LIMIT_S once its work is done) prints every thread's stack and exits; so does a rank
+that the launcher stops because the other one failed.
 
     torchrun --nproc_per_node=2 tests/deferred_ranks.py OUT.json MODEL_DIR [MODEL_DIR ...]
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 import types
 from pathlib import Path
@@ -21,9 +25,12 @@ import torch.distributed as dist  # noqa: E402
 from finetune import deferred  # noqa: E402
 from finetune.booster import PLUGINS, build_booster  # noqa: E402
 from finetune.config import build_config, parse_args  # noqa: E402
-from finetune.distributed import launch  # noqa: E402
+from finetune.distributed import destroy_process_groups, launch  # noqa: E402
 from finetune.methods import method_named  # noqa: E402
 from finetune.model import build_model  # noqa: E402
+
+WORK_LIMIT_S = 240  # the whole run takes ~20 s alone, ~70 s on two cores shared with other test runs
+TEARDOWN_LIMIT_S = 30  # destroying the groups and exiting takes well under a second
 
 SETUPS = {
     "tp2": ["plugin.name=hybrid_parallel", "plugin.tp_size=2"],
@@ -93,7 +100,19 @@ def nan_max(values: torch.Tensor) -> float:
 
 
 def main(out: str, model_dirs: list[str]) -> None:
+    """One rank's run, watched: a hang in its work or in its teardown dumps its stacks and exits."""
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    faulthandler.dump_traceback_later(WORK_LIMIT_S, exit=True)
     launch(str(Path(out).parent), False, 300, 0)
+    try:
+        compare(out, model_dirs)
+    finally:
+        faulthandler.dump_traceback_later(TEARDOWN_LIMIT_S, exit=True)  # replaces the work's limit
+        destroy_process_groups()
+
+
+def compare(out: str, model_dirs: list[str]) -> None:
+    """Write the differences of every model and setup, and of the bf16 steps, to out (rank 0)."""
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -112,8 +131,6 @@ def main(out: str, model_dirs: list[str]) -> None:
         results[f"pp2 zero{zero_stage} bf16 step"] = nan_max(torch.tensor(deferred_losses) - torch.tensor(eager_losses))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
-    dist.barrier()  # both ranks done before the group goes (a rank leaving first once left the other hanging at exit)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
