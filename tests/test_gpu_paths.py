@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import ModelConfig, load_config
+from finetune.distributed import destroy_process_groups
 from finetune.model import build_model
 from tests.conftest import free_port
 
@@ -31,7 +32,7 @@ def one_rank():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    destroy_process_groups()
 
 
 def batches(n: int, seed: int = 0) -> list[dict]:
