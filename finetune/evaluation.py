@@ -176,7 +176,7 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
     else:
         auto_model = getattr(transformers, task.auto_model)
         del base
-        reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32), f"{auto_model.__name__}.from_pretrained"
+        reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code), f"{auto_model.__name__}.from_pretrained"
     if movable:
         reloaded.to(device)
     reloaded.eval()
