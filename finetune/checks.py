@@ -21,6 +21,12 @@ def fingerprints(model: nn.Module) -> dict[str, tuple[bool, str]]:
         return {name: (p.requires_grad, tensor_digest(p)) for name, p in model.named_parameters()}
 
 
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of this rank's floating-point parameters that hold a NaN or an infinity (packed 4/8-bit ones are not read)."""
+    with torch.no_grad():
+        return [name for name, p in model.named_parameters() if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all())]
+
+
 def compare(before: dict, after: dict) -> dict[str, int]:
     """How many trainable and frozen parameter tensors changed (in any bit) between two fingerprints."""
     counts = {"trainable_tensors": 0, "trainable_changed": 0, "frozen_tensors": 0, "frozen_changed": 0}

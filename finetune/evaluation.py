@@ -32,8 +32,12 @@ def label_tokens(labels: torch.Tensor) -> int:
 
 
 def summed_loss(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """HF's mean token loss times the token count; 0 for a batch with no label tokens (mean is NaN there)."""
-    return torch.nan_to_num(outputs.loss.float(), nan=0.0) * label_tokens(batch["labels"])
+    """HF's mean token loss times the token count; 0 for a batch with no label tokens (HF's mean is 0/0 there).
+
+    Only that batch is zeroed: a NaN or infinite loss of a batch with tokens stays, so a broken model reads as one.
+    """
+    tokens = label_tokens(batch["labels"])
+    return outputs.loss.float() * tokens if tokens else torch.zeros((), device=outputs.loss.device)
 
 
 def padded_batches(samples: list[dict], batch_size: int, rank: int, world: int) -> list[list[dict]]:
@@ -89,7 +93,10 @@ def evaluate_classification(
     totals = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, pad_to)
     confusion = totals[1:].reshape(num_labels, num_labels)  # [true, predicted]
     count = confusion.sum().item()
-    return {"loss": totals[0].item() / count, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
+    loss = totals[0].item() / count
+    if not math.isfinite(loss):  # NaN/inf logits: their argmax is no prediction, so no accuracy either
+        return {"loss": loss, "accuracy": float("nan"), "macro_f1": float("nan"), "samples": int(count)}
+    return {"loss": loss, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
@@ -101,16 +108,29 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return f1[present].mean().item()
 
 
+def finite(result: dict) -> bool:
+    """Whether an eval result measured a model: its loss is a number (NaN or inf: the model's outputs are not)."""
+    return math.isfinite(result["loss"])
+
+
 def eval_line(result: dict) -> str:
-    """One readable line of an eval result."""
+    """One readable line of an eval result (a non-finite one says so first)."""
+    if not finite(result):
+        return f"not finite (loss {result['loss']}): the model's outputs hold NaN or inf"
     by_source = "".join(f", {key.removeprefix('loss/')} loss {value:.4f}" for key, value in result.items() if key.startswith("loss/"))  # a mixture's sources
     if "accuracy" in result:
         return f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{by_source}"
     return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{by_source}"
 
 
-def best_eval(results: list[dict]) -> dict:
-    """The best of several eval results: highest accuracy for classification, else lowest loss (first on ties)."""
+def best_eval(results: list[dict]) -> dict | None:
+    """The best of several eval results: highest accuracy for classification, else lowest loss (first on ties).
+
+    A non-finite result is never best (NaN compares false both ways, so min/max would keep one); None when all are.
+    """
+    results = [r for r in results if finite(r)]
+    if not results:
+        return None
     if "accuracy" in results[0]:
         return max(results, key=lambda r: r["accuracy"])
     return min(results, key=lambda r: r["loss"])
