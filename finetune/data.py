@@ -92,6 +92,8 @@ def read_rows(path: str) -> list[dict]:
     except Exception as err:  # datasets wraps parser errors in several exception types
         if kind != "parquet":
             _check_utf8(path)  # the usual cause, which datasets reports without a line number
+        if kind == "json":
+            _check_json(path)  # datasets names neither the line nor what is wrong with it
         if "corresponds to no data" in str(err):  # a CSV header alone, or an empty JSON array
             raise DataError(f"{path}: no records") from None
         raise DataError(f"{path}: cannot be read as {kind.upper()} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
@@ -114,6 +116,28 @@ def _check_utf8(path: str) -> None:
                 line.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path} line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); re-save the file as UTF-8") from None
+
+
+def _check_json(path: str) -> None:
+    """DataError naming the line of a JSON file (an array, or one object per line) that is not valid JSON, or
+    the row of JSON Lines that is not an object; nothing when the syntax is fine."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    try:
+        json.loads(text)
+        return  # one JSON document: whatever datasets refused in it is not syntax
+    except json.JSONDecodeError as err:
+        whole = err
+    if text.lstrip().startswith("["):
+        raise DataError(f"{path} line {whole.lineno}: not valid JSON ({whole.msg}; column {whole.colno})")
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON Lines: each line its own document
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {number}: not valid JSON ({err.msg}; column {err.colno}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line must be one JSON object with the task's fields")
 
 
 def load_records(path: str, task: Task) -> list[dict]:

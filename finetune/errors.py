@@ -30,3 +30,10 @@ def shown(value: Any) -> str:
         value = str(value)  # a str subclass (config.Plain) would be repr'd in full before being cut
     text = _REPR.repr(value)
     return text if len(text) <= SHOWN_CHARS + 10 else text[:SHOWN_CHARS] + "..."
+
+
+def listed(names) -> str:
+    """Names joined with commas for an error line, cut after about SHOWN_CHARS characters (with how many there are)."""
+    names = [str(n) for n in names]
+    text = ", ".join(names)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(names)} in all)"
