@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import os
 import re
@@ -490,12 +491,12 @@ def parse_split_slice(spec: str) -> tuple[SliceBound | None, SliceBound | None]:
             continue
         match = _BOUND.match(text)
         if not match:
-            raise ValueError(f"'{text}' is not a record count (500) or a percentage (10%)")
+            raise ValueError(f"{shown(text)} is not a record count (500) or a percentage (10%)")
         value, percent = Fraction(match.group(1)), bool(match.group(2))
         if percent and value > 100:
-            raise ValueError(f"'{text}' is over 100%")
+            raise ValueError(f"{shown(text)} is over 100%")
         if not percent and value.denominator != 1:
-            raise ValueError(f"'{text}' is not a whole number of records")
+            raise ValueError(f"{shown(text)} is not a whole number of records")
         bounds.append((value, percent))
     if bounds == [None, None]:
         raise ValueError("selects everything; leave data.split_slice empty for that")
@@ -520,6 +521,9 @@ def _named_problems(cfg: Config, names: dict[str, tuple[str, ...]], keys: tuple[
 
 def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     """Every problem with the configuration for this launch, each a line that names the fix."""
+    unusable = _unusable_paths(cfg)
+    if unusable:  # every later check would look these paths up, and the OS refuses them
+        return unusable
     names = choices()
     problems = _named_problems(cfg, names, ("task", "method"))
     problems += _quantization_problems(cfg, has_cuda)
@@ -545,7 +549,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
     problems += _named_problems(cfg, names, ("train.on_nan",))
-    problems += [f"launch.forward_env: '{p}' is not a variable name or glob (letters, digits, _, *, ?)" for p in cfg.launch.forward_env if not _ENV_PATTERN.match(p)]
+    problems += [f"launch.forward_env: {shown(p)} is not a variable name or glob (letters, digits, _, *, ?)" for p in cfg.launch.forward_env if not _ENV_PATTERN.match(p)]
     problems += _named_problems(cfg, names, ("train.fit_check",))
     for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")
@@ -574,6 +578,21 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     return problems
 
 
+def _unusable_paths(cfg: Config) -> list[str]:
+    """Paths no file can have on this system (a NUL character, a name past the OS limit): one line each, not an OSError later."""
+    paths = [("model.name", cfg.model.name), ("data.eval_path", cfg.data.eval_path), ("lora.init_from", cfg.lora.init_from), ("resume_from", cfg.resume_from), ("output_dir", cfg.output_dir)]
+    problems = []
+    for key, path in [*paths, *(("data.train_path", s.path) for s in train_sources(cfg.data))]:
+        try:
+            os.stat(path)
+        except ValueError:
+            problems.append(f"{key}: {shown(path)} contains a NUL character, which no path can hold")
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                problems.append(f"{key}: {shown(path)} is longer than this system allows for a path or a file name")
+    return problems
+
+
 def _model_source_problems(cfg_model: ModelConfig) -> list[str]:
     """model.name given as a path or a hub id: it must exist (a hub id: cached, or fetched at build time) and not be pickle-only."""
     name, path = cfg_model.name, Path(cfg_model.name)
@@ -588,7 +607,7 @@ def _model_source_problems(cfg_model: ModelConfig) -> list[str]:
         path = config_file.parent
     elif not path.exists():
         known = known_model_names()
-        return [f"model.name: '{name}' is not a named model{_closest(name, known)} ({', '.join(known)}), an existing directory or .gguf file, nor a hub id (org/name)"]
+        return [f"model.name: {shown(name)} is not a named model{_closest(name, known)} ({', '.join(known)}), an existing directory or .gguf file, nor a hub id (org/name)"]
     elif path.is_dir() and not (path / "config.json").exists():
         return [f"model.name: {name} has no config.json; expected a Hugging Face model directory"]
     elif path.is_file() and path.suffix != ".gguf":
@@ -761,7 +780,7 @@ def _data_problems(cfg: Config) -> list[str]:
         try:
             parse_split_slice(data.split_slice)
         except ValueError as err:
-            problems.append(f"data.split_slice={data.split_slice}: {err}; use e.g. 500, 10% or 100:300")
+            problems.append(f"data.split_slice={shown(data.split_slice)}: {err}; use e.g. 500, 10% or 100:300")
     classification = cfg.task in TASK_REGISTRY and TASK_REGISTRY[cfg.task].classification
     if data.labels and not classification:
         problems.append("data.labels: only for task=classification; remove it")
@@ -786,7 +805,7 @@ def _mixture_problems(data: DataConfig) -> list[str]:
     problems = [f"data.weights: the weight of {s.path} is {s.weight:g}; weights must be positive (drop a source by removing it)" for s in sources if not (s.weight > 0 and math.isfinite(s.weight))]
     names = [s.name for s in sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"data.train_path: two sources are named '{name}' (a file listed twice, or files with the same stem); give each a name in YAML: {{path: ..., name: ...}}")
+        problems.append(f"data.train_path: two sources are named {shown(name)} (a file listed twice, or files with the same stem); give each a name in YAML: {{path: ..., name: ...}}")
     if len(sources) > 1 and data.eval_path:
         problems.append("data.eval_path: one eval file cannot be split among the mixture's sources; leave it empty (each source holds out data.eval_fraction)")
     return problems
@@ -880,7 +899,7 @@ def _lora_variant_problems(cfg: Config) -> list[str]:
         return [f"{', '.join(variants)} set but method={cfg.method} trains no adapter; use method=lora or drop them"]
     init = cfg.lora.init
     if init not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
-        return [f"lora.init: unknown value '{init}'; choose from {', '.join(LORA_INITS)} (N: power iterations, e.g. pissa_niter_4)"]
+        return [f"lora.init: unknown value {shown(init)}; choose from {', '.join(LORA_INITS)} (N: power iterations, e.g. pissa_niter_4)"]
     if not mutates_base(init):
         return []
     if method and method.quantized_base:

@@ -261,7 +261,9 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path, name):
     [
         ("trailing_comma.jsonl", b'{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d",}\n', "line 3: not valid JSON (Expecting property name enclosed in double quotes; column 36)"),
         ("torn.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp', "line 2: not valid JSON (Unterminated string starting at; column 22)"),
-        ("array_row.jsonl", b'{"instruction": "a", "output": "b"}\n["c", "d"]\n', "line 2: a JSON list, not an object"),
+        ("array_row.jsonl", b'{"instruction": "a", "output": "b"}\n["c", "d"]\n', "line 2: a JSON array, not an object with the task's fields"),
+        ("null_row.jsonl", b'{"instruction": "a", "output": "b"}\nnull\n', "line 2: a JSON null, not an object"),  # datasets' reader died of SIGSEGV on it
+        ("numbers.json", b'[1, 2]', "row 1: a JSON number, not an object"),  # datasets read it as a `text` column
         ("missing_comma.json", b'[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]', "line 2: not valid JSON (Expecting ',' delimiter; column 22)"),
     ],
 )
