@@ -259,7 +259,10 @@ class Plain(str):
     def resolved(self) -> Any:
         """The value YAML 1.1 (yaml.safe_load) gives this text."""
         node = yaml.ScalarNode(_RESOLVER.resolve(yaml.ScalarNode, str(self), (True, False)), str(self))
-        return yaml.constructor.SafeConstructor().construct_object(node)
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(node)
+        except yaml.YAMLError:  # `=` and `<<` resolve to YAML tags that make no value: the text stays text
+            return str(self)
 
 
 _RESOLVER = yaml.resolver.Resolver()

@@ -316,7 +316,7 @@ def test_an_alias_within_the_bound_still_works(tmp_path):
     assert build_config(parse_args(["--config", str(tmp_path / "ok.yaml")])).quantization.skip_modules == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("argv", [["train.lr=" + "x" * 100_000], ["train.on_nan=" + "y" * 100_000], ["data.weights=[" + ", ".join(["[1]"] * 10_000) + "]"], ["lora.r=1e300"], ["a\nb=1"]])
+@pytest.mark.parametrize("argv", [["train.lr=" + "x" * 100_000], ["train.on_nan=" + "y" * 100_000], ["data.weights=[" + ", ".join(["[1]"] * 10_000) + "]"], ["lora.r=1e300"], ["a\nb=1"], ["checkpoint.every_steps=="]])
 def test_error_lines_quote_values_shortened(argv):
     with pytest.raises(ConfigError) as err:
         load_config(argv, world_size=1)

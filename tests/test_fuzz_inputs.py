@@ -63,7 +63,7 @@ TRICKY = [
     "", "off", "on", "yes", "no", "y", "n", "true", "False", "~", "null", "0", "-1", "1e-3", "1e400", "-1e400", ".inf", "-.inf", ".nan", "nan",
     "0x10", "0o17", "017", "1_000", "1:20", "9" * 40, "[]", "{}", "[a, b]", "[1, [2]]", "{a: 1}", "{path: x.jsonl, weight: 2}", "&a [1, *a]", "*a",
     "!!python/object:os.system x", "!!binary aGk=", "'quoted'", '"dq"', "a\nb", "a: b", "- a", "#c", "a #c", "\x00", "\t", "é", "日本", "\u202e", "x" * 5000,
-    "[" * 200, "{" * 200, "/nonexistent/file.jsonl", "tiny-gpt2", "tiny-llama", "/" + "d" * 300, "org/name",
+    "=", "<<", "[" * 200, "{" * 200, "/nonexistent/file.jsonl", "tiny-gpt2", "tiny-llama", "/" + "d" * 300, "org/name",
 ]
 # Paths the OS refuses or that are not what a key wants: too long, NUL, a directory, a device, a suffix of another kind.
 PATHS = ["/" + "d" * 300, "/" + "/".join(["e" * 200] * 30), "a\x00b.jsonl", "x.jsonl\n", "/", ".", "..", "/dev/null", "/etc/hostname", str(REPO), str(REPO / "README.md"),
