@@ -31,7 +31,7 @@ from finetune.errors import FinetuneError  # noqa: E402
 from finetune.tasks import TASKS, build_task  # noqa: E402
 from tests.conftest import REPO, TRAIN, run_env  # noqa: E402
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
