@@ -136,6 +136,15 @@ def best_eval(results: list[dict]) -> dict | None:
     return min(results, key=lambda r: r["loss"])
 
 
+RELOAD_TOLERANCE = {"fp32": 1e-4}  # relative; half-precision runs: 2e-2
+
+
+def reload_matches(reloaded: float, trained: float, precision: str) -> bool:
+    """Whether final/, reloaded, reproduces the trained model's probe loss; never for a non-finite one (NaN equals nothing)."""
+    tolerance = RELOAD_TOLERANCE.get(precision, 2e-2)
+    return math.isfinite(reloaded) and math.isfinite(trained) and abs(reloaded - trained) <= tolerance * max(1.0, abs(trained))
+
+
 def module_batch_loss(model: nn.Module) -> BatchLoss:
     """Batch loss of a plain (or data-parallel) module."""
 

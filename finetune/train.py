@@ -44,10 +44,10 @@ from finetune.config import Config, ConfigError, help_text, load_config, output_
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, all_reduce_sum, collective_timeout, is_main, launch, log, main_rank_first, peak_bytes_per_rank
 from finetune.errors import FinetuneError
-from finetune.evaluation import eval_line, reload_final
+from finetune.evaluation import eval_line, reload_final, reload_matches
 from finetune.faults import Faults
 from finetune.methods import method_named
-from finetune.model import ModelError, base_quantization, build_lora_config, build_model, count_parameters, trainable_line
+from finetune.model import base_quantization, build_lora_config, build_model, count_parameters, trainable_line
 from finetune.packing import collate_packed, pack, packed_attention
 from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from finetune.profiler import MemoryProfiler
@@ -164,28 +164,6 @@ def last_checkpoint_note(cfg: Config) -> str:
     return f"; the last good checkpoint is {found[-1]} (resume_from=latest)" if found else "; no checkpoint was written (checkpoint.every_steps)"
 
 
-def check_finite_weights(cfg: Config, module: torch.nn.Module, resume: Path | None) -> None:
-    """Once every weight is loaded (pretrained, lora.init_from, a resumed checkpoint), on every rank: none may be NaN or inf.
-
-    Such a model's loss is NaN from the first step, and its evals would measure nothing.
-
-    Raises:
-        ModelError: some rank holds a non-finite weight; the line names the source it came from.
-    """
-    found: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(found, checks.non_finite_parameters(module)[:3])  # every rank raises alike
-    names = sorted({name for part in found for name in part})
-    if not names:
-        return
-    if resume:
-        source = f"resume_from: the checkpoint {resume}"
-    elif cfg.lora.init_from and any("lora_" in name for name in names):
-        source, names = f"lora.init_from: the adapter in {cfg.lora.init_from}", [name for name in names if "lora_" in name]
-    else:
-        source = f"model.name: the weights of {cfg.model.name}"
-    raise ModelError(f"{source} hold NaN or infinite values ({', '.join(names[:2])}{' and more' if len(names) > 2 else ''}); a model with them gives NaN from the first step: use intact weights")
-
-
 def run_eval(run: Run, samples: list[dict], pad_token_id: int, by_source: dict[str, list[dict]] | None = None) -> dict:
     """Distributed eval of the boosted model (in eval mode) on samples: the task's metrics through the plugin's forward.
 
@@ -208,7 +186,7 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
     """
     cfg = run.cfg
     steps, losses, eval_history = outputs.resumed_history(writer, start_step) if is_main() else ([], [], [])
-    train_tokens, train_rows, train_s, updates = 0, 0, 0.0, 0
+    train_tokens, train_rows, train_s = 0, 0, 0.0
     run.model.train()
     batches = batches_forever(dataloader, cfg.train.grad_accum_steps, run.steps_per_epoch, start_step)
     # A context, so the bar's line is ended even when a step raises: an error line then stands alone.
@@ -230,7 +208,6 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
             if math.isfinite(mean_loss):  # a non-finite one was skipped under train.on_nan=skip (stop raised in train_step)
                 steps.append(step)
                 losses.append(mean_loss)
-                updates += 1  # every rank counts alike: mean_loss is all-reduced
             if is_main() and (not math.isfinite(mean_loss) or step % cfg.train.log_every == 0 or step == total_steps):
                 writer.log_metrics(outputs.step_metrics(step, epoch, mean_loss, run.scheduler.get_last_lr()[0], int(token_sum), elapsed, memory, grad_norm))
             progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
@@ -252,15 +229,10 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
             if step == total_steps:
                 break
     throughput = {"tokens_per_s": train_tokens / train_s if train_s else 0.0, "sequences_per_s": train_rows / train_s if train_s else 0.0, "train_tokens": train_tokens, "train_s": train_s}
-    return {"steps": steps, "losses": losses, "eval_history": eval_history, "throughput": throughput, "updates": updates}
+    return {"steps": steps, "losses": losses, "eval_history": eval_history, "throughput": throughput}
 
 
 PROBE_SAMPLES = 16  # eval samples on which the reloaded artifact must reproduce the trained model's loss
-
-
-def reload_matches(reloaded: float, trained: float, tolerance: float) -> bool:
-    """Whether final/, reloaded, reproduces the trained model's probe loss; never for a non-finite one (NaN equals nothing)."""
-    return math.isfinite(reloaded) and math.isfinite(trained) and abs(reloaded - trained) <= tolerance * max(1.0, abs(trained))
 
 
 def main(argv: list[str]) -> None:
@@ -357,8 +329,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     start_step, position_line = checkpoint.load_checkpoint(run, resume) if resume else (0, "")
     if position_line:  # another global batch: the batch sequence cannot continue exactly
         log(position_line)
-    module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
-    check_finite_weights(cfg, module, resume)
+    checks.refuse_non_finite(module := model.unwrap(unwrap_peft=False), cfg, resume)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval {'at the resumed step' if start_step else 'before training'}: {eval_line(eval_before)}")
@@ -370,7 +341,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     history = fit(run, dataloader, total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
     profiler.record_train_peak()
     log(profiler.format(profiler.record("after_training")))
-    if not history["updates"] and not start_step:  # every step skipped: final/ would be the untrained model, reported as trained
+    if not history["steps"] and not start_step:  # every step skipped (on every rank alike): final/ would be the untrained model
         raise TrainingError(f"all {total_steps} step(s) had a non-finite loss and were skipped (train.on_nan=skip): nothing was trained, so no final/ is written{last_checkpoint_note(cfg)}")
 
     eval_after = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
@@ -388,19 +359,16 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     outputs.drop_previous(cfg.output_dir)  # this run's final/ is written: an overwritten run's results go
     prompts = task.generation_prompts(data.eval_records, cfg.eval.num_generation_prompts)
     reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, device)
-    tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
     if run.faults.at("reload_mismatch", 0):
         reload["probe_loss"] += 1.0
-    reload.update(trained_probe_loss=probe_loss, ok=reload_matches(reload["probe_loss"], probe_loss, tolerance))
+    reload.update(trained_probe_loss=probe_loss, ok=reload_matches(reload["probe_loss"], probe_loss, cfg.train.precision))
     memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "build_bytes_per_rank": builds, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
     seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
     facts = {"trainable": trainable, "total": total, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len}
     outputs.finish(writer, run, data, history, (eval_before, eval_after), memory, reload, parameter_changes, digests, final, facts, profiler, dataloader if packed else None)
-    if not reload["ok"] and not math.isfinite(probe_loss):
-        raise ReloadMismatch(f"{final}: the trained model's probe loss is {probe_loss} (its outputs hold NaN or inf), so the saved artifact cannot be checked and is not usable (details in summary.json)")
     if not reload["ok"]:  # raised after summary.json is written: the evidence stays
-        raise ReloadMismatch(f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")
+        raise ReloadMismatch(f"{final}: the trained model's probe loss is {probe_loss} (its outputs hold NaN or inf): the saved artifact is not usable (details in summary.json)" if not math.isfinite(probe_loss) else f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")
 
 
 def cli() -> None:

@@ -14,9 +14,8 @@ import torch
 
 from finetune.checks import non_finite_parameters
 from finetune.config import LoraConfig, ModelConfig
-from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, module_batch_loss, module_logits, summed_loss
+from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, module_batch_loss, module_logits, reload_matches, summed_loss
 from finetune.model import build_lora_config, build_model
-from finetune.train import reload_matches
 from tests.conftest import REPO, TRAIN, run_env, write_instruction_file
 
 SAMPLES = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}, {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]}, {"input_ids": [3, 4], "labels": [-100, -100]}]
@@ -61,7 +60,7 @@ def test_a_non_finite_eval_is_never_best():
 
 @pytest.mark.parametrize("reloaded, trained, ok", [(float("nan"), float("nan"), False), (1.0, float("nan"), False), (float("inf"), float("inf"), False), (2.0, 2.0 + 1e-5, True), (2.0, 2.1, False)])
 def test_the_reload_check_fails_on_non_finite_losses(reloaded, trained, ok):
-    assert reload_matches(reloaded, trained, 1e-4) is ok
+    assert reload_matches(reloaded, trained, "fp32") is ok
 
 
 def test_non_finite_parameters_are_named():
