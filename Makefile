@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install into .venv, convert the offline quickstart model, fine-tune it (2 ranks)
 #   make test   install into .venv, run the test suite (what CI runs)
+#   make fuzz   install into .venv, fuzz the input readers with new random cases (FUZZ_EXAMPLES per property)
 #   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
 #   make roberta-study  the RoBERTa single / DDP / PP x full / LoRA study (bench/roberta_study.py; ~5 min)
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 THREADS = $$(( ($$(nproc) / $(NPROC)) > 0 ? ($$(nproc) / $(NPROC)) : 1 ))
 FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: install assets demo test bench roberta-study clean
+.PHONY: install assets demo test fuzz bench roberta-study clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +34,11 @@ demo: assets
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests --durations=25
+
+# Nightly-sized: the CI run of tests/test_fuzz_inputs.py takes the same few hundred cases each time.
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FUZZ_RANDOM=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests/test_fuzz_inputs.py -k "not cli" -p no:cacheprovider
 
 # The benchmark launches its own ranks (torchrun) with one OpenMP thread per core per rank.
 bench: install

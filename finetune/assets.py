@@ -174,7 +174,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32, trust_remote_code=False)
         except (ValueError, KeyError, OSError, RuntimeError) as err:  # the gguf reader's errors for files it cannot read
             raise AssetError(f"{gguf_path}: not a GGUF model transformers can convert ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
         model.save_pretrained(tmp, safe_serialization=True)

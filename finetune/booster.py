@@ -64,6 +64,7 @@ class Plugin:
     class_name = ""  # attribute of colossalai.booster.plugin
     summary = ""
     options: dict[str, Any] = {}  # user-settable constructor arguments and their defaults (which fix their types)
+    choices: dict[str, tuple[str, ...]] = {}  # the options whose values are names, with the names each takes (config.validate checks them)
     cpu_options: dict[str, Any] = {}  # forced on CPU (gloo), each with its reason at the subclass
     runs_on_cpu = True
     supports_lora = True
@@ -364,6 +365,7 @@ class Gemini(Plugin):
         "initial_scale": 2.0**16,
         "pin_memory": False,
     }
+    choices = {"placement_policy": ("static", "auto")}
     runs_on_cpu = False
     supports_lora = False
     qlora_refusal = "Gemini manages parameters in floating-point chunks"
@@ -376,7 +378,7 @@ class Gemini(Plugin):
     model_init = "lazy"  # as ColossalAI's own examples build models for Gemini
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
-        problems = _choice_problem("placement_policy", cfg.plugin.options["placement_policy"], ("static", "auto"))
+        problems = []
         if cfg.train.precision not in ("bf16", "fp16"):  # GeminiPlugin asserts it: its chunks are half precision
             problems.append(f"train.precision={cfg.train.precision}: Gemini trains in bf16 or fp16 only (fp32 master copies); set train.precision=bf16")
         if cfg.train.optimizer != "adamw":  # GeminiOptimizer asserts FusedAdam, CPUAdam or HybridAdam
@@ -464,8 +466,8 @@ class TorchFSDP(Plugin):
     class_name = "TorchFSDPPlugin"
     summary = "PyTorch FSDP: parameters, gradients and optimizer states sharded (ZeRO-3 style), optional CPU offload."
     options = {
-        "sharding_strategy": "FULL_SHARD",  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
-        "backward_prefetch": "BACKWARD_PRE",  # BACKWARD_PRE | BACKWARD_POST
+        "sharding_strategy": "FULL_SHARD",
+        "backward_prefetch": "BACKWARD_PRE",
         "cpu_offload": False,
         "sync_module_states": False,
         # Full fine-tuning: "block" makes every transformer block (the model's _no_split_modules) its
@@ -473,20 +475,15 @@ class TorchFSDP(Plugin):
         # (LoRA always wraps per adapted layer and block, peft's policy.)
         "auto_wrap": "block",
     }
+    choices = {
+        "sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
+        "backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST"),
+        "auto_wrap": ("block", "none"),
+    }
     takes_precision = True  # turned into FSDP MixedPrecision by constructor_kwargs
     replicated = False
     model_init = "meta"  # FSDP materializes each unit (param_init_fn): from the checkpoint, see before_boost
     qlora_refusal = "FSDP flattens each unit's parameters into one tensor of one floating dtype; 4/8-bit weights are integer tensors"
-
-    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
-        from finetune.config import choice_problems
-
-        options = cfg.plugin.options
-        return (
-            choice_problems("plugin.sharding_strategy", options["sharding_strategy"], ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"))
-            + choice_problems("plugin.backward_prefetch", options["backward_prefetch"], ("BACKWARD_PRE", "BACKWARD_POST"))
-            + choice_problems("plugin.auto_wrap", options["auto_wrap"], ("block", "none"))
-        )
 
     def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
         return _fsdp_kwargs(super().constructor_kwargs(options, precision, max_grad_norm, on_cpu))
@@ -617,6 +614,7 @@ class HybridParallel(Plugin):
         "initial_scale": 2.0**16,
         "overlap_communication": True,
     }
+    choices = {"pp_style": ("1f1b", "interleaved")}
     # gloo: no side-stream overlap (as ZeRO), and overlapped p2p hangs the interleaved schedule.
     cpu_options = {"overlap_communication": False, "overlap_p2p": False}
     takes_precision = True

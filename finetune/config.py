@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import importlib.util
 import math
 import os
@@ -25,7 +26,7 @@ import yaml
 
 from finetune.architectures import NAMED_CONFIGS, architecture, attention_heads, config_value, known_model_names, max_positions, model_type, num_layers
 from finetune.booster import PLUGINS, Plan
-from finetune.errors import FinetuneError
+from finetune.errors import SHOWN_CHARS, FinetuneError, shown
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.outputs import occupancy_problem
 from finetune.corpus import BUILTIN_SOURCES
@@ -41,6 +42,27 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
+ON_NAN = ("stop", "skip")
+FIT_CHECKS = ("error", "warn", "off")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key whose value is one of a set of names, with the names it takes (a plugin's own named
+    options are its Plugin.choices). validate checks them; the config reader keeps such values as written."""
+    return {
+        "task": TASKS,
+        "method": METHODS,
+        "plugin.name": tuple(sorted(PLUGINS)),  # read now: a plugin may be registered after import
+        "model.attn_implementation": ATTENTION,
+        "train.precision": PRECISIONS,
+        "train.optimizer": OPTIMIZERS,
+        "train.lr_scheduler": SCHEDULERS,
+        "train.on_nan": ON_NAN,
+        "train.fit_check": FIT_CHECKS,
+        "data.truncation": TRUNCATION,
+        "quantization.quant_type": ("nf4", "fp4"),
+        "quantization.compute_dtype": ("auto", *PRECISIONS),
+    }
 
 
 class ConfigError(FinetuneError):
@@ -228,60 +250,149 @@ def _closest(key: str, candidates) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+class Plain(str):
+    """The text of an unquoted YAML scalar, kept as written: its meaning depends on the key's declared type.
+
+    YAML 1.1 would read `off`, `no`, `on`, `yes` as booleans and `0123` as an octal number, so a name
+    (train.fit_check=off, a model.revision) would arrive changed. A string key takes the text; any other
+    key takes what YAML 1.1 makes of it (`resolved`), as before: `true`, `yes`, `1e-3`, `.inf`, `0x10`.
+    """
+
+    def resolved(self) -> Any:
+        """The value YAML 1.1 (yaml.safe_load) gives this text."""
+        node = yaml.ScalarNode(_RESOLVER.resolve(yaml.ScalarNode, str(self), (True, False)), str(self))
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(node)
+        except yaml.YAMLError:  # `=` and `<<` resolve to YAML tags that make no value: the text stays text
+            return str(self)
+
+
+_RESOLVER = yaml.resolver.Resolver()
+_PLAIN_TAG = "!finetune/plain"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Values a config may hold after its aliases are expanded: a config has about a hundred keys and a few
+# lists; a small file whose anchors nest (the "billion laughs") would otherwise expand exponentially.
+YAML_MAX_VALUES = 100_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader whose unquoted scalars load as Plain (typed later, by the key they set)."""
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        return _PLAIN_TAG if kind is yaml.ScalarNode and implicit[0] and tag != _MERGE_TAG else tag
+
+
+_ConfigLoader.add_constructor(_PLAIN_TAG, lambda loader, node: Plain(node.value))
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the node graph holds with every alias expanded; over YAML_MAX_VALUES (or a cycle) counts as over it."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value if isinstance(node, yaml.SequenceNode) else []
+        if children_done:
+            on_path.discard(id(node))
+            sizes[id(node)] = min(YAML_MAX_VALUES + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if id(node) in on_path:  # an alias inside its own anchor: infinitely deep
+            return YAML_MAX_VALUES + 1
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """A YAML document as config values (unquoted scalars as Plain), with aliases bounded by YAML_MAX_VALUES.
+
+    Raises:
+        yaml.YAMLError: not valid YAML.
+        ConfigError: the aliases expand past the bound, or it nests too deep to read.
+    """
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > YAML_MAX_VALUES:
+            raise ConfigError(f"{where}: its aliases expand to more than {YAML_MAX_VALUES:,} values (or refer to themselves); write the values out")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the declared type, converting the forms YAML and the shell produce."""
     origin = typing.get_origin(hint)
     if hint == TrainPath:
         return _coerce_train_path(key, value)
+    if isinstance(value, Plain) and hint is not str and origin is not list:
+        value = value.resolved()
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [Plain(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         item = typing.get_args(hint)[0]
-        if item is not str:
-            return [_coerce(key, v, item) for v in value]
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of names, got {value!r}")
-        return value
+        return [_coerce(key, v, item) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     if hint in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         try:
             number = float(value)  # YAML reads 1e-3 as a string; float() does not
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}") from None
         if hint is int:
             if not math.isfinite(number) or number != int(number):
-                raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+                raise ConfigError(f"{key}: expected a whole number, got {shown(value)}")
+            if abs(number) >= 2**63:  # past any count or seed a run uses (torch's int64); keeps later lines short
+                raise ConfigError(f"{key}: {shown(value)} is out of range (at most 2**63-1)")
             return int(number)
         return number
     if hint is str:
+        if isinstance(value, Plain) and value.resolved() is None:
+            value = None  # `key:` or `key: ~` in a file sets no string
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}")
         return str(value)
     raise AssertionError(f"unhandled type {hint} for {key}")
 
 
 def _coerce_train_path(key: str, value: Any) -> str | list:
-    """data.train_path: a path, a list of paths, or a list of {path, weight, name} mappings (kept as given)."""
+    """data.train_path: a path, a list of paths, or a list of {path, weight, name} mappings."""
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"{key}: expected a path or a list of paths (or of {{path, weight}} in YAML), got {value!r}")
+        raise ConfigError(f"{key}: expected a path or a list of paths (or of {{path, weight}} in YAML), got {shown(value)}")
+    entries: list = []
     for entry in value:
         if isinstance(entry, dict):
-            unknown = sorted(set(entry) - set(SOURCE_KEYS))
+            unknown = sorted(set(entry) - set(SOURCE_KEYS), key=str)
             if unknown or "path" not in entry:
-                raise ConfigError(f"{key}: each mapping needs a path and may have {', '.join(SOURCE_KEYS[1:])}; got {entry!r}")
-            _coerce(f"{key} weight", entry.get("weight", 1.0), float)
-        elif not isinstance(entry, str):
-            raise ConfigError(f"{key}: expected paths (or {{path, weight}} mappings), got {entry!r}")
-    return value
+                raise ConfigError(f"{key}: each mapping needs a path and may have {', '.join(SOURCE_KEYS[1:])}; got {shown(entry)}")
+            source = {"path": _coerce(f"{key} path", entry["path"], str)}
+            if "weight" in entry:
+                source["weight"] = _coerce(f"{key} weight", entry["weight"], float)
+            if "name" in entry:
+                source["name"] = _coerce(f"{key} name", entry["name"], str)
+            entries.append(source)
+        elif isinstance(entry, str):
+            entries.append(str(entry))
+        else:
+            raise ConfigError(f"{key}: expected paths (or {{path, weight}} mappings), got {shown(entry)}")
+    return entries
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -298,9 +409,11 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = load_yaml(Path(path).read_text(encoding="utf-8"), f"--config {path}") or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0][:SHOWN_CHARS]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys, got {type(tree).__name__}")
     return _flatten(tree)
@@ -309,9 +422,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def _parse_override(arg: str) -> tuple[str, Any]:
     key, sep, raw = arg.partition("=")
     if not sep or not key:
-        raise ConfigError(f"'{arg}': expected key=value (e.g. train.max_steps=10) or --config FILE")
+        raise ConfigError(f"{shown(arg)}: expected key=value (e.g. train.max_steps=10) or --config FILE")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = load_yaml(raw, shown(arg)) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -328,7 +441,7 @@ def parse_args(argv: list[str]) -> list[tuple[str, str, Any]]:
                 raise ConfigError("--config needs a file path")
             settings += [(f"--config {path}", k, v) for k, v in _read_yaml(path).items()]
         elif arg.startswith("-"):
-            raise ConfigError(f"unknown option '{arg}': use --config FILE or key=value")
+            raise ConfigError(f"unknown option {shown(arg)}: use --config FILE or key=value")
         else:
             settings.append(("command line", *_parse_override(arg)))
     return settings
@@ -348,7 +461,7 @@ def build_config(settings: list[tuple[str, str, Any]]) -> Config:
             cfg.plugin.options[key.split(".", 1)[1]] = value
         else:
             hint = _closest(key, list(keys) + sorted(plugin_keys))
-            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+            raise ConfigError(f"{source}: unknown config key {shown(key)}{hint}")
     # Plugin options are checked once the plugin is final: a later setting may change plugin.name.
     spec = PLUGINS.get(cfg.plugin.name)
     for opt, value in list(cfg.plugin.options.items()) if spec else []:
@@ -383,12 +496,12 @@ def parse_split_slice(spec: str) -> tuple[SliceBound | None, SliceBound | None]:
             continue
         match = _BOUND.match(text)
         if not match:
-            raise ValueError(f"'{text}' is not a record count (500) or a percentage (10%)")
+            raise ValueError(f"{shown(text)} is not a record count (500) or a percentage (10%)")
         value, percent = Fraction(match.group(1)), bool(match.group(2))
         if percent and value > 100:
-            raise ValueError(f"'{text}' is over 100%")
+            raise ValueError(f"{shown(text)} is over 100%")
         if not percent and value.denominator != 1:
-            raise ValueError(f"'{text}' is not a whole number of records")
+            raise ValueError(f"{shown(text)} is not a whole number of records")
         bounds.append((value, percent))
     if bounds == [None, None]:
         raise ValueError("selects everything; leave data.split_slice empty for that")
@@ -399,22 +512,31 @@ def choice_problems(key: str, value: str, allowed) -> list[str]:
     """A problem line when value is not one of allowed (with the closest one), else none."""
     if value in allowed:
         return []
-    return [f"{key}: unknown value '{value}'{_closest(value, allowed)}; choose from {', '.join(allowed)}"]
+    return [f"{key}: unknown value {shown(value)}{_closest(str(value), allowed)}; choose from {', '.join(allowed)}"]
+
+
+def _named_problems(cfg: Config, names: dict[str, tuple[str, ...]], keys: tuple[str, ...]) -> list[str]:
+    """choice_problems of these keys of choices(), read from cfg."""
+    problems = []
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        problems += choice_problems(key, getattr(getattr(cfg, section) if section else cfg, name), names[key])
+    return problems
 
 
 def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     """Every problem with the configuration for this launch, each a line that names the fix."""
-    problems = choice_problems("task", cfg.task, TASKS) + choice_problems("method", cfg.method, METHODS)
+    unusable = _unusable_paths(cfg)
+    if unusable:  # every later check would look these paths up, and the OS refuses them
+        return unusable
+    names = choices()
+    problems = _named_problems(cfg, names, ("task", "method"))
     problems += _quantization_problems(cfg, has_cuda)
-    problems += choice_problems("train.precision", cfg.train.precision, PRECISIONS)
-    problems += choice_problems("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
-    problems += choice_problems("train.lr_scheduler", cfg.train.lr_scheduler, SCHEDULERS)
-    problems += choice_problems("model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
+    problems += _named_problems(cfg, names, ("train.precision", "train.optimizer", "train.lr_scheduler", "model.attn_implementation", "plugin.name"))
     spec = PLUGINS.get(cfg.plugin.name)
     method = METHOD_RECORDS.get(cfg.method)
-    if spec is None:
-        problems += choice_problems("plugin.name", cfg.plugin.name, sorted(PLUGINS))
-    else:
+    if spec is not None:
+        problems += [line for opt, allowed in spec.choices.items() for line in choice_problems(f"plugin.{opt}", cfg.plugin.options[opt], allowed)]
         if method and method.adapter and not spec.supports_lora:
             problems.append(f"method={cfg.method}: plugin '{cfg.plugin.name}' cannot hold LoRA adapters; use method=full or plugin.name=torch_ddp")
         elif method and method.quantized_base and spec.qlora_refusal:
@@ -434,9 +556,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
-    problems += choice_problems("train.on_nan", cfg.train.on_nan, ("stop", "skip"))
-    problems += [f"launch.forward_env: '{p}' is not a variable name or glob (letters, digits, _, *, ?)" for p in cfg.launch.forward_env if not _ENV_PATTERN.match(p)]
-    problems += choice_problems("train.fit_check", cfg.train.fit_check, ("error", "warn", "off"))
+    problems += _named_problems(cfg, names, ("train.on_nan",))
+    problems += [f"launch.forward_env: {shown(p)} is not a variable name or glob (letters, digits, _, *, ?)" for p in cfg.launch.forward_env if not _ENV_PATTERN.match(p)]
+    problems += _named_problems(cfg, names, ("train.fit_check",))
     for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
@@ -464,6 +586,21 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     return problems
 
 
+def _unusable_paths(cfg: Config) -> list[str]:
+    """Paths no file can have on this system (a NUL character, a name past the OS limit): one line each, not an OSError later."""
+    paths = [("model.name", cfg.model.name), ("data.eval_path", cfg.data.eval_path), ("lora.init_from", cfg.lora.init_from), ("resume_from", cfg.resume_from), ("output_dir", cfg.output_dir)]
+    problems = []
+    for key, path in [*paths, *(("data.train_path", s.path) for s in train_sources(cfg.data))]:
+        try:
+            os.stat(path)
+        except ValueError:
+            problems.append(f"{key}: {shown(path)} contains a NUL character, which no path can hold")
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                problems.append(f"{key}: {shown(path)} is longer than this system allows for a path or a file name")
+    return problems
+
+
 def _model_source_problems(cfg_model: ModelConfig) -> list[str]:
     """model.name given as a path or a hub id: it must exist (a hub id: cached, or fetched at build time) and not be pickle-only."""
     name, path = cfg_model.name, Path(cfg_model.name)
@@ -478,13 +615,36 @@ def _model_source_problems(cfg_model: ModelConfig) -> list[str]:
         path = config_file.parent
     elif not path.exists():
         known = known_model_names()
-        return [f"model.name: '{name}' is not a named model{_closest(name, known)} ({', '.join(known)}), an existing directory or .gguf file, nor a hub id (org/name)"]
+        return [f"model.name: {shown(name)} is not a named model{_closest(name, known)} ({', '.join(known)}), an existing directory or .gguf file, nor a hub id (org/name)"]
     elif path.is_dir() and not (path / "config.json").exists():
         return [f"model.name: {name} has no config.json; expected a Hugging Face model directory"]
     elif path.is_file() and path.suffix != ".gguf":
         return [f"model.name: {name} is a file but not a .gguf; give a model directory or a GGUF file"]
-    problem = weights_dir_problem(path, cfg_model.allow_pickle, "model.name")
+    problem = weights_dir_problem(path, cfg_model.allow_pickle, "model.name") or remote_code_problem(path / "config.json", name, cfg_model.trust_remote_code)
     return [problem] if problem else []
+
+
+def remote_code_problem(config_file: Path, name: str, trust_remote_code: bool) -> str:
+    """The refusal line for a model that only its own Python code can load (config.json auto_map for a model type
+    transformers does not know) without model.trust_remote_code, else "": refused before transformers would ask on the terminal."""
+    import json
+
+    if trust_remote_code or not config_file.is_file():
+        return ""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError):
+        return ""  # the loader reports an unreadable config.json
+    if not isinstance(config, dict) or not isinstance(config.get("auto_map"), dict):
+        return ""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # only for dirs that ship code
+
+    if config.get("model_type") in CONFIG_MAPPING_NAMES:
+        return ""  # transformers has its own code for the type, and uses it without trust_remote_code
+    return (
+        f"model.name: {name} is a model type transformers does not know ({shown(config.get('model_type'))}) that only its own Python code "
+        f"(config.json auto_map) can load; set model.trust_remote_code=true if you trust that code, or use a model transformers supports"
+    )
 
 
 def _init_adapter_problems(cfg: Config) -> list[str]:
@@ -593,8 +753,7 @@ def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:
             return [f"quantization.* is set but method={cfg.method} does not quantize; use method=qlora or drop the quantization keys"]
         return []
     problems = choice_problems("quantization.bits", str(quant.bits), ("4", "8"))
-    problems += choice_problems("quantization.quant_type", quant.quant_type, ("nf4", "fp4"))
-    problems += choice_problems("quantization.compute_dtype", quant.compute_dtype, ("auto", *PRECISIONS))
+    problems += _named_problems(cfg, choices(), ("quantization.quant_type", "quantization.compute_dtype"))
     if quant.bits == 8 and (quant.quant_type, quant.double_quant) != ("nf4", True):
         problems.append("quantization.quant_type and quantization.double_quant apply to 4-bit only; drop them with quantization.bits=8")
     if not has_cuda and quant.compute_dtype == "fp16":
@@ -605,7 +764,7 @@ def _quantization_problems(cfg: Config, has_cuda: bool) -> list[str]:
 def _data_problems(cfg: Config) -> list[str]:
     """What is wrong with the data settings for this task, model and plugin."""
     data = cfg.data
-    problems = choice_problems("data.truncation", data.truncation, TRUNCATION) + _mixture_problems(data)
+    problems = _named_problems(cfg, choices(), ("data.truncation",)) + _mixture_problems(data)
     sources = train_sources(data)
     for key, path in [("data.train_path", s.path) for s in sources] + [("data.eval_path", data.eval_path)]:
         if not path:
@@ -625,7 +784,7 @@ def _data_problems(cfg: Config) -> list[str]:
         try:
             parse_split_slice(data.split_slice)
         except ValueError as err:
-            problems.append(f"data.split_slice={data.split_slice}: {err}; use e.g. 500, 10% or 100:300")
+            problems.append(f"data.split_slice={shown(data.split_slice)}: {err}; use e.g. 500, 10% or 100:300")
     classification = cfg.task in TASK_REGISTRY and TASK_REGISTRY[cfg.task].classification
     if data.labels and not classification:
         problems.append("data.labels: only for task=classification; remove it")
@@ -650,7 +809,7 @@ def _mixture_problems(data: DataConfig) -> list[str]:
     problems = [f"data.weights: the weight of {s.path} is {s.weight:g}; weights must be positive (drop a source by removing it)" for s in sources if not (s.weight > 0 and math.isfinite(s.weight))]
     names = [s.name for s in sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"data.train_path: two sources are named '{name}' (a file listed twice, or files with the same stem); give each a name in YAML: {{path: ..., name: ...}}")
+        problems.append(f"data.train_path: two sources are named {shown(name)} (a file listed twice, or files with the same stem); give each a name in YAML: {{path: ..., name: ...}}")
     if len(sources) > 1 and data.eval_path:
         problems.append("data.eval_path: one eval file cannot be split among the mixture's sources; leave it empty (each source holds out data.eval_fraction)")
     return problems
@@ -703,8 +862,6 @@ def hybrid_problems(cfg: Config, plan: Plan, world_size: int, has_cuda: bool) ->
         problems.append(f"method={cfg.method} with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
     elif tp > 1 and method.adapter:
         problems += _lora_tp_problems(cfg, options)
-    if options["pp_style"] not in ("1f1b", "interleaved"):
-        problems.append(f"plugin.pp_style: must be 1f1b or interleaved, got '{options['pp_style']}'")
     if (options["pp_style"] == "interleaved") != (options["num_model_chunks"] > 1):
         problems.append("plugin.pp_style=interleaved goes with plugin.num_model_chunks>1 (and 1f1b with 1)")
     if pp > 1:
@@ -746,7 +903,7 @@ def _lora_variant_problems(cfg: Config) -> list[str]:
         return [f"{', '.join(variants)} set but method={cfg.method} trains no adapter; use method=lora or drop them"]
     init = cfg.lora.init
     if init not in LORA_INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
-        return [f"lora.init: unknown value '{init}'; choose from {', '.join(LORA_INITS)} (N: power iterations, e.g. pissa_niter_4)"]
+        return [f"lora.init: unknown value {shown(init)}; choose from {', '.join(LORA_INITS)} (N: power iterations, e.g. pissa_niter_4)"]
     if not mutates_base(init):
         return []
     if method and method.quantized_base:

@@ -73,7 +73,7 @@ class SplitData:
 
 
 def read_rows(path: str) -> list[dict]:
-    """The raw rows of a data file (or a built-in corpus), read with `datasets`."""
+    """The raw rows of a data file (or a built-in corpus): JSON with Python's json (_read_json), CSV and Parquet with `datasets`."""
     if path in corpus.BUILTIN_SOURCES:
         return corpus.builtin_records(path)
     if not Path(path).is_file():
@@ -83,6 +83,8 @@ def read_rows(path: str) -> list[dict]:
         raise DataError(f"{path}: expected a {', '.join(FORMATS)} file")
     if kind != "parquet" and not _has_content(path):
         raise DataError(f"{path}: the file is empty (no records)")
+    if kind == "json":
+        return _read_json(path)
     import datasets
 
     datasets.disable_progress_bars()
@@ -114,6 +116,47 @@ def _check_utf8(path: str) -> None:
                 line.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path} line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); re-save the file as UTF-8") from None
+
+
+def _read_json(path: str) -> list:
+    """The rows of a JSON array or of JSON Lines, each checked to be an object; a syntax error names its line.
+
+    Not through `datasets`: its pyarrow reader crashes the process (SIGSEGV) on a JSON Lines file holding
+    `null`, drops such rows beside objects, reads an array of numbers as rows of a `text` column, and
+    names no line for a syntax error.
+    """
+    _check_utf8(path)
+    text = Path(path).read_text(encoding="utf-8-sig")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg}; column {err.colno})") from None
+        document = None  # JSON Lines: each line its own document
+    if isinstance(document, list):
+        where = [f"{path} row {i}" for i in range(1, len(document) + 1)]
+        rows = document
+    elif document is not None:  # one document that is not an array: a JSON Lines file of one line
+        where, rows = [f"{path} line {text[: len(text) - len(text.lstrip())].count(chr(10)) + 1}"], [document]
+    else:
+        where, rows = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: not valid JSON ({err.msg}; column {err.colno}); each line must be one JSON object") from None
+            where.append(f"{path} line {number}")
+    for place, row in zip(where, rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{place}: a JSON {_JSON_TYPES.get(type(row), type(row).__name__)}, not an object with the task's fields")
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return rows
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def load_records(path: str, task: Task) -> list[dict]:

@@ -57,8 +57,8 @@ from typing import Any
 
 from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL, architecture
 from finetune.booster import PLUGINS
-from finetune.config import Config, ConfigError, LoraConfig, _flatten, build_config, parallel_plan, parse_args, to_dict, validate
-from finetune.errors import FinetuneError
+from finetune.config import Config, ConfigError, LoraConfig, Plain, _flatten, remote_code_problem, build_config, parallel_plan, parse_args, to_dict, validate
+from finetune.errors import FinetuneError, shown
 from finetune.methods import method_named
 
 GIB = 1024**3
@@ -155,8 +155,12 @@ class ModelShape:
     lora_dropout: float = 0.0
 
 
-def load_model_config(name: str):
-    """The Hugging Face config of model.name: a named config, the quickstart model, a model dir or a config.json."""
+def load_model_config(name: str, trust_remote_code: bool = False):
+    """The Hugging Face config of model.name: a named config, the quickstart model, a model dir or a config.json.
+
+    trust_remote_code: the run's model.trust_remote_code; passed on, so that a directory with its own code
+    is refused (or run, when trusted) instead of transformers asking on the terminal.
+    """
     path = Path(name)
     if name not in NAMED_CONFIGS and name != QUICKSTART_MODEL and not (path / "config.json").is_file() and not (path.is_file() and path.suffix == ".json"):
         known = ", ".join([*NAMED_CONFIGS, QUICKSTART_MODEL])
@@ -172,10 +176,13 @@ def load_model_config(name: str):
         path = quickstart_model_dir()
         if not (path / "config.json").is_file():
             raise EstimateError(f"model.name={name}: its config comes with the converted model; run `make assets` first")
-        return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # converted from a GGUF here: no code
     config_file = path / "config.json" if path.is_dir() else path
+    problem = remote_code_problem(config_file, name, trust_remote_code)
+    if problem:
+        raise EstimateError(problem)
     try:
-        return AutoConfig.from_pretrained(str(config_file))
+        return AutoConfig.from_pretrained(str(path if path.is_dir() else config_file), trust_remote_code=trust_remote_code)  # the dir: its code lies beside
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
         raise EstimateError(f"model.name={name}: not a Hugging Face config.json ({str(err).splitlines()[0][:160]})") from None
 
@@ -185,14 +192,15 @@ def is_classifier(config) -> bool:
     return architecture(config.model_type).encoder
 
 
-def build_meta_model(config):
-    """The model class a run trains, on the meta device: shapes and counts, no storage."""
+def build_meta_model(config, trust_remote_code: bool = False):
+    """The model class a run trains, on the meta device: shapes and counts, no storage (a model dir's own
+    class only with the run's model.trust_remote_code)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     factory = AutoModelForSequenceClassification if is_classifier(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        return factory.from_config(config)
+        return factory.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _unique(params) -> list:
@@ -263,9 +271,9 @@ def _config_float(config, *names: str) -> float:
     return next((float(getattr(config, n)) for n in names if getattr(config, n, None) is not None), 0.0)
 
 
-def model_shape(config, method: str, cfg_lora=None) -> ModelShape:
+def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = False) -> ModelShape:
     """Count a meta-device model by part; for LoRA/QLoRA inject the run's adapters first."""
-    model = build_meta_model(config)
+    model = build_meta_model(config, trust_remote_code)
     layers = _layer_list(model)
     projections = _projections(model)  # before adapters: the base model's own
     if method_named(method).adapter:
@@ -623,7 +631,7 @@ class Estimate:
 
 def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "cuda", quantization: Quantization | None = None) -> Estimate:
     """Predict the peak memory per rank of the run cfg describes (the rank that needs the most)."""
-    shape = _cached_shape(cfg.model.name, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True))
+    shape = _cached_shape(cfg.model.name, cfg.model.trust_remote_code, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True))
     place = placement(cfg, world_size)
     if device == "cpu":  # host memory is the device: offloading moves nothing
         place = dataclasses.replace(place, optim_offload=0.0, param_offload=0.0)
@@ -653,9 +661,9 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_shape(name: str, method: str, lora: str) -> ModelShape:
+def _cached_shape(name: str, trust_remote_code: bool, method: str, lora: str) -> ModelShape:
     """model_shape by value: a fit check estimates a dozen variants of one model (a 7B meta model takes a second)."""
-    return model_shape(load_model_config(name), method, LoraConfig(**json.loads(lora)))
+    return model_shape(load_model_config(name, trust_remote_code), method, LoraConfig(**json.loads(lora)), trust_remote_code)
 
 
 @dataclass(frozen=True)
@@ -946,11 +954,13 @@ def _expand_short_forms(argv: list[str]) -> list[str]:
 
 
 def _check_value(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, Plain):  # as written on the command line: YAML's reading of it
+        value = value.resolved()
     if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise ConfigError(f"{key}: expected {'true or false' if kind is bool else 'a whole number' if kind is int else 'a string'}, got {value!r}")
+    raise ConfigError(f"{key}: expected {'true or false' if kind is bool else 'a whole number' if kind is int else 'a string'}, got {shown(value)}")
 
 
 def parse_request(argv: list[str]) -> tuple[Config, dict[str, Any]]:

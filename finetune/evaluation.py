@@ -32,8 +32,12 @@ def label_tokens(labels: torch.Tensor) -> int:
 
 
 def summed_loss(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """HF's mean token loss times the token count; 0 for a batch with no label tokens (mean is NaN there)."""
-    return torch.nan_to_num(outputs.loss.float(), nan=0.0) * label_tokens(batch["labels"])
+    """HF's mean token loss times the token count; 0 for a batch with no label tokens (HF's mean is 0/0 there).
+
+    Only that batch is zeroed: a NaN or infinite loss of a batch with tokens stays, so a broken model reads as one.
+    """
+    tokens = label_tokens(batch["labels"])
+    return outputs.loss.float() * tokens if tokens else torch.zeros((), device=outputs.loss.device)
 
 
 def padded_batches(samples: list[dict], batch_size: int, rank: int, world: int) -> list[list[dict]]:
@@ -89,7 +93,10 @@ def evaluate_classification(
     totals = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, pad_to)
     confusion = totals[1:].reshape(num_labels, num_labels)  # [true, predicted]
     count = confusion.sum().item()
-    return {"loss": totals[0].item() / count, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
+    loss = totals[0].item() / count
+    if not math.isfinite(loss):  # NaN/inf logits: their argmax is no prediction, so no accuracy either
+        return {"loss": loss, "accuracy": float("nan"), "macro_f1": float("nan"), "samples": int(count)}
+    return {"loss": loss, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
@@ -101,19 +108,41 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return f1[present].mean().item()
 
 
+def finite(result: dict) -> bool:
+    """Whether an eval result measured a model: its loss is a number (NaN or inf: the model's outputs are not)."""
+    return math.isfinite(result["loss"])
+
+
 def eval_line(result: dict) -> str:
-    """One readable line of an eval result."""
+    """One readable line of an eval result (a non-finite one says so first)."""
+    if not finite(result):
+        return f"not finite (loss {result['loss']}): the model's outputs hold NaN or inf"
     by_source = "".join(f", {key.removeprefix('loss/')} loss {value:.4f}" for key, value in result.items() if key.startswith("loss/"))  # a mixture's sources
     if "accuracy" in result:
         return f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{by_source}"
     return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{by_source}"
 
 
-def best_eval(results: list[dict]) -> dict:
-    """The best of several eval results: highest accuracy for classification, else lowest loss (first on ties)."""
+def best_eval(results: list[dict]) -> dict | None:
+    """The best of several eval results: highest accuracy for classification, else lowest loss (first on ties).
+
+    A non-finite result is never best (NaN compares false both ways, so min/max would keep one); None when all are.
+    """
+    results = [r for r in results if finite(r)]
+    if not results:
+        return None
     if "accuracy" in results[0]:
         return max(results, key=lambda r: r["accuracy"])
     return min(results, key=lambda r: r["loss"])
+
+
+RELOAD_TOLERANCE = {"fp32": 1e-4}  # relative; half-precision runs: 2e-2
+
+
+def reload_matches(reloaded: float, trained: float, precision: str) -> bool:
+    """Whether final/, reloaded, reproduces the trained model's probe loss; never for a non-finite one (NaN equals nothing)."""
+    tolerance = RELOAD_TOLERANCE.get(precision, 2e-2)
+    return math.isfinite(reloaded) and math.isfinite(trained) and abs(reloaded - trained) <= tolerance * max(1.0, abs(trained))
 
 
 def module_batch_loss(model: nn.Module) -> BatchLoss:
@@ -167,7 +196,10 @@ def reload_device(cfg, method, device: torch.device, free_bytes: int | None = No
     if free_bytes is None:
         torch.cuda.empty_cache()
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    return device if need <= free_bytes else torch.device("cpu")
+    if need <= free_bytes:
+        return device
+    print(f"the reload check runs on the CPU: reloading {cfg.model.name} would not fit in what is free on {device}", flush=True)
+    return torch.device("cpu")
 
 
 def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe: list[dict], device) -> dict:
@@ -195,7 +227,7 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
     else:
         auto_model = getattr(transformers, task.auto_model)
         del base
-        reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32), f"{auto_model.__name__}.from_pretrained"
+        reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code), f"{auto_model.__name__}.from_pretrained"
     if movable:
         reloaded.to(device)
     reloaded.eval()

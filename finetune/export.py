@@ -122,7 +122,7 @@ def export(source: Path, out: Path, flags: set[str] = frozenset()) -> dict:
         model.eval()
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32, use_safetensors=True).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code).eval()
         probe = torch.randint(0, min(1000, model.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             difference = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()

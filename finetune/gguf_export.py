@@ -169,7 +169,7 @@ def round_trip_difference(model: torch.nn.Module, tokenizer, path: Path) -> tupl
     got = tokenizer_from_gguf(path)(PROBE_TEXT).input_ids
     if got != expected:
         raise ExportError(f"the written tokenizer encodes a probe text differently ({len(got)} vs {len(expected)} ids, first at {next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))})")
-    reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32, trust_remote_code=False).eval()
     probe = torch.tensor([expected[:32]])
     with torch.no_grad():
         expected_logits = model(input_ids=probe).logits

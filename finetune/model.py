@@ -141,7 +141,7 @@ def build_model(
         config = AutoConfig.for_model(model_type, **{**overrides, **head_config(labels, tokenizer)})
         torch.manual_seed(seed)  # the same seed gives the same initial weights on every rank
         attention = attention_for(model_type, cfg_model.attn_implementation, shardformer)
-        model = auto_model.from_config(config, attn_implementation=attention)  # initialised in float32, then cast: the same values at any dtype
+        model = auto_model.from_config(config, attn_implementation=attention, trust_remote_code=False)  # a named config: no code; initialised in float32, then cast
         model.config._name_or_path = source.name  # recorded as the base model in adapter configs
         if quantization:  # transformers quantizes while loading weights: load this random init back
             with tempfile.TemporaryDirectory(prefix="finetune-qlora-") as tmp:

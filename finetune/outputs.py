@@ -483,7 +483,7 @@ def finish(writer: RunOutputs, run: Run, data, history: dict, evals: tuple[dict,
         "all_params": facts["total"],
         "steps": facts["total_steps"],
         "epochs": facts["total_steps"] / facts["steps_per_epoch"],
-        "final_loss": history["losses"][-1],
+        "final_loss": history["losses"][-1] if history["losses"] else None,  # None: a resumed run with no finite step logged
         "eval": {"before": eval_before, "after": eval_after, "history": history["eval_history"], "best": best, "last": last},
         "throughput": history["throughput"],
         "memory": memory,
@@ -528,7 +528,8 @@ def print_report(summary: dict, generations: list[dict], profiler) -> None:
     print("\n" + "=" * 78)
     print(f"{summary['method']} fine-tune of {summary['model']} with {summary['plugin']} on {summary['world_size']} rank(s), {summary['steps']} steps")
     print(trainable_line(summary["trainable_params"], summary["all_params"]))
-    print(f"eval before: {eval_line(ev['before'])}\neval after:  {eval_line(ev['after'])}\neval best:   {eval_line(ev['best'])} (step {ev['best']['step']})")
+    best = f"{eval_line(ev['best'])} (step {ev['best']['step']})" if ev["best"] else "none: no eval was finite"
+    print(f"eval before: {eval_line(ev['before'])}\neval after:  {eval_line(ev['after'])}\neval best:   {best}")
     print(f"throughput: {summary['throughput']['tokens_per_s']:.0f} non-pad tokens/s over all ranks")
     print("memory:")
     for stage in profiler.stages:

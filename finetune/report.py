@@ -73,6 +73,8 @@ def setting_name(summary: dict) -> str:
 def best_metric(summary: dict) -> tuple[str, float, str]:
     """(name, value, detail) of the run's best eval: accuracy for classification, loss for LM tasks."""
     best = summary["eval"]["best"]
+    if best is None:  # every eval of the run was non-finite
+        return "eval loss", float("nan"), "no finite eval"
     step = f"step {best['step']}" if "step" in best else ""
     step += "".join(f"; {key.removeprefix('loss/')} loss {value:.3f}" for key, value in best.items() if key.startswith("loss/"))  # a mixture's sources
     if "accuracy" in best:

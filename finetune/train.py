@@ -44,7 +44,7 @@ from finetune.config import Config, ConfigError, help_text, load_config, output_
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
-from finetune.evaluation import eval_line, reload_device, reload_final
+from finetune.evaluation import eval_line, reload_device, reload_final, reload_matches
 from finetune.faults import Faults
 from finetune.methods import method_named
 from finetune.model import base_quantization, build_lora_config, build_model, count_parameters, trainable_line
@@ -325,7 +325,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     start_step, position_line = checkpoint.load_checkpoint(run, resume) if resume else (0, "")
     if position_line:  # another global batch: the batch sequence cannot continue exactly
         log(position_line)
-    module = model.unwrap(unwrap_peft=False)  # this rank's plain (peft) model, for parameter checks
+    checks.refuse_non_finite(module := model.unwrap(unwrap_peft=False), cfg, resume)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval {'at the resumed step' if start_step else 'before training'}: {eval_line(eval_before)}")
@@ -337,6 +337,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     history = fit(run, dataloader, total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
     profiler.record_train_peak()
     log(profiler.format(profiler.record("after_training")))
+    if not history["steps"] and not start_step:  # every step skipped (on every rank alike): final/ would be the untrained model
+        raise TrainingError(f"all {total_steps} step(s) had a non-finite loss and were skipped (train.on_nan=skip): nothing was trained, so no final/ is written{last_checkpoint_note(cfg)}")
 
     eval_after = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval after training:  {eval_line(eval_after)}")
@@ -352,21 +354,17 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         return
     outputs.drop_previous(cfg.output_dir)  # this run's final/ is written: an overwritten run's results go
     prompts = task.generation_prompts(data.eval_records, cfg.eval.num_generation_prompts)
-    reload_on = reload_device(cfg, method, device)  # the GPU still holds the trained model and its optimizer
-    if reload_on != device:
-        log(f"the reload check runs on the CPU: reloading {cfg.model.name} would not fit in what is free on {device}")
-    reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, reload_on)
-    tolerance = 1e-4 if cfg.train.precision == "fp32" else 2e-2
+    reload = reload_final(final, cfg, method, task, tokenizer, prompts, probe, reload_device(cfg, method, device))
     if run.faults.at("reload_mismatch", 0):
         reload["probe_loss"] += 1.0
-    reload.update(trained_probe_loss=probe_loss, ok=abs(reload["probe_loss"] - probe_loss) <= tolerance * max(1.0, abs(probe_loss)))
+    reload.update(trained_probe_loss=probe_loss, ok=reload_matches(reload["probe_loss"], probe_loss, cfg.train.precision))
     memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "build_bytes_per_rank": builds, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
     seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
     facts = {"trainable": trainable, "total": total, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len}
     outputs.finish(writer, run, data, history, (eval_before, eval_after), memory, reload, parameter_changes, digests, final, facts, profiler, dataloader if packed else None)
     if not reload["ok"]:  # raised after summary.json is written: the evidence stays
-        raise ReloadMismatch(f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")
+        raise ReloadMismatch(f"{final}: the trained model's probe loss is {probe_loss} (its outputs hold NaN or inf): the saved artifact is not usable (details in summary.json)" if not math.isfinite(probe_loss) else f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")
 
 
 def cli() -> None:

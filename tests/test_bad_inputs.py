@@ -107,7 +107,7 @@ TRAIN_CASES = {
     "missing_data": (lambda w: ["data.train_path=/nonexistent/train.jsonl"], "data.train_path: file not found"),
     "missing_field": (lambda w: [f"data.train_path={w['root'] / 'bad_row.jsonl'}"], "row 2: missing field 'output'"),
     "wrong_field_type": (lambda w: [f"data.train_path={w['root'] / 'wrong_type.jsonl'}"], "row 1: field 'output' must be a string"),
-    "not_json": (lambda w: [f"data.train_path={w['root'] / 'not_json.json'}"], "cannot be read as JSON"),
+    "not_json": (lambda w: [f"data.train_path={w['root'] / 'not_json.json'}"], "not_json.json line 1: not valid JSON ("),
     # model
     "missing_model": (lambda w: ["model.name=/nonexistent/model"], "is not a named model"),
     "dir_without_config": (lambda w: [f"model.name={w['root'] / 'no_config'}"], "has no config.json"),
@@ -254,6 +254,25 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path, name):
     line = 2 if name.endswith("jsonl") else 3
     with pytest.raises(DataError, match=rf"{name} line {line}: not UTF-8 \(byte 0xe9"):
         load_records(str(tmp_path / name), build_task("instruction", DataConfig()))
+
+
+@pytest.mark.parametrize(
+    "name, content, fragment",
+    [
+        ("trailing_comma.jsonl", b'{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d",}\n', "line 3: not valid JSON (Expecting property name enclosed in double quotes; column 36)"),
+        ("torn.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp', "line 2: not valid JSON (Unterminated string starting at; column 22)"),
+        ("array_row.jsonl", b'{"instruction": "a", "output": "b"}\n["c", "d"]\n', "line 2: a JSON array, not an object with the task's fields"),
+        ("null_row.jsonl", b'{"instruction": "a", "output": "b"}\nnull\n', "line 2: a JSON null, not an object"),  # datasets' reader died of SIGSEGV on it
+        ("numbers.json", b'[1, 2]', "row 1: a JSON number, not an object"),  # datasets read it as a `text` column
+        ("missing_comma.json", b'[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]', "line 2: not valid JSON (Expecting ',' delimiter; column 22)"),
+    ],
+)
+def test_invalid_json_names_the_file_and_line(tmp_path, name, content, fragment):
+    """A JSONL line that is not JSON read "cannot be read as JSON (DatasetGenerationError)": named like every other bad row."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_records(str(tmp_path / name), build_task("instruction", DataConfig()))
+    assert str(err.value).startswith(f"{tmp_path / name} {fragment}"), str(err.value)
 
 
 @pytest.mark.parametrize("which, content", [("train", b""), ("train", b"\n  \n"), ("eval", BOM), ("eval", b"instruction,output\n")])

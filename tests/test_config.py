@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
+import torch
+import yaml
 
 from finetune import booster
 from finetune.booster import PLUGINS
-import torch
 
 from finetune.config import ConfigError, build_config, load_config, parse_args, to_dict
 from tests.conftest import REPO, TRAIN, run_env
@@ -307,3 +308,87 @@ def test_flash_attention_without_flash_attn_is_refused_on_cuda_too():
         pytest.skip("flash_attn is installed here")
     with pytest.raises(ConfigError, match=r"flash_attention_2: the flash_attn package is not installed; `pip install flash-attn"):
         load_config(["model.attn_implementation=flash_attention_2"], world_size=1, has_cuda=True)
+
+
+def _named_values() -> list[tuple[list[str], str, str]]:
+    """(settings that make the key apply, key, name) for every key whose values are names, and every name it takes."""
+    from finetune.config import LORA_INITS, choices
+
+    cases = [([], key, name) for key, names in choices().items() for name in names]
+    cases += [([f"plugin.name={plugin}"], f"plugin.{opt}", name) for plugin, spec in PLUGINS.items() for opt, names in spec.choices.items() for name in names]
+    return cases + [([], "lora.init", name.replace("_N", "_4")) for name in LORA_INITS]
+
+
+def _attribute(cfg, key: str):
+    section, _, name = key.rpartition(".")
+    if section == "plugin" and name != "name":
+        return cfg.plugin.options[name]
+    return getattr(getattr(cfg, section) if section else cfg, name)
+
+
+@pytest.mark.parametrize("context, key, name", _named_values(), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_documented_name_is_read_as_written(tmp_path, context, key, name):
+    """train.fit_check=off was read as YAML 1.1's false and refused: a name is taken as written, from the command line and from a file."""
+    from finetune.config import validate
+
+    section, _, leaf = key.rpartition(".")
+    file = tmp_path / "run.yaml"
+    file.write_text(f"{section}:\n  {leaf}: {name}\n" if section else f"{key}: {name}\n")
+    for argv in ([*context, f"{key}={name}"], [*context, "--config", str(file)]):
+        cfg = build_config(parse_args(argv))
+        assert _attribute(cfg, key) == name, argv
+        refused = [p for p in validate(cfg, world_size=1, has_cuda=True) if p.startswith(f"{key}: unknown value")]
+        assert not refused, (argv, refused)
+
+
+def test_strings_keep_what_yaml_1_1_would_turn_into_booleans_or_numbers():
+    cfg = build_config(parse_args(["model.revision=0123", "output_dir=off", "data.labels=[no, yes, 1]", "model.attn_implementation=1:20"]))
+    assert (cfg.model.revision, cfg.output_dir, cfg.data.labels, cfg.model.attn_implementation) == ("0123", "off", ["no", "yes", "1"], "1:20")
+    # keys of other types read YAML as before: booleans in their YAML 1.1 spellings, numbers in every YAML form
+    cfg = build_config(parse_args(["overwrite_output_dir=yes", "data.packing=on", "train.lr=1e-3", "train.max_steps=0x10", "data.weights=[1, .5]"]))
+    assert (cfg.overwrite_output_dir, cfg.data.packing, cfg.train.lr, cfg.train.max_steps, cfg.data.weights) == (True, True, 1e-3, 16, [1.0, 0.5])
+    assert yaml.safe_load(yaml.safe_dump(to_dict(cfg))) == to_dict(cfg)  # plain Python values, not the reader's
+
+
+def alias_bomb(levels: int = 8, width: int = 9) -> list[str]:
+    """Anchors nested `levels` deep, each aliasing the one before `width` times: width**levels values expanded."""
+    return ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+
+
+BOMBS = {"nested_8_deep": alias_bomb(), "recursive": ["&a0 [1, *a0]"]}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_a_yaml_alias_bomb_is_one_short_line(tmp_path, name):
+    """A 600-byte config expanded to a 254 MB error line (a list where a number belongs, quoted in full):
+    alias expansion is bounded before anything reads the values."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("train:\n  max_steps:\n" + "".join(f"    - {item}\n" for item in BOMBS[name]))
+    assert bomb.stat().st_size < 700
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"its aliases expand to more than 100,000 values \(or refer to themselves\)") as err:
+        build_config(parse_args(["--config", str(bomb)]))
+    assert time.perf_counter() - started < 5 and len(str(err.value)) < 300
+    with pytest.raises(ConfigError, match="its aliases expand"):  # the same bound for a key=value override
+        parse_args(["train.max_steps=[" + ", ".join(BOMBS[name]) + "]"])
+
+
+def test_an_alias_within_the_bound_still_works(tmp_path):
+    (tmp_path / "ok.yaml").write_text("modules: &m [q_proj, v_proj]\nlora:\n  target_modules: *m\n".replace("modules: &m [q_proj, v_proj]\n", "x: &m [q_proj, v_proj]\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'x'"):
+        build_config(parse_args(["--config", str(tmp_path / "ok.yaml")]))
+    (tmp_path / "ok.yaml").write_text("lora:\n  target_modules: &m [q_proj, v_proj]\nquantization:\n  skip_modules: *m\n")
+    assert build_config(parse_args(["--config", str(tmp_path / "ok.yaml")])).quantization.skip_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("argv", [["train.lr=" + "x" * 100_000], ["train.on_nan=" + "y" * 100_000], ["data.weights=[" + ", ".join(["[1]"] * 10_000) + "]"], ["lora.r=1e300"], ["a\nb=1"], ["checkpoint.every_steps=="]])
+def test_error_lines_quote_values_shortened(argv):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv, world_size=1)
+    assert len(str(err.value)) < 300 and "\n" not in str(err.value), str(err.value)[:500]
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"output_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 15\)"):
+        parse_args(["--config", str(tmp_path / "latin1.yaml")])

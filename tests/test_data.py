@@ -153,7 +153,7 @@ def test_eval_label_outside_the_training_labels(tmp_path):
 def test_unreadable_and_wrong_files(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "a", "output": \n')
-    with pytest.raises(DataError, match="cannot be read as JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl line 1: not valid JSON \(Expecting value; column 32\)"):
         load_records(str(broken), INSTRUCTION)
     (tmp_path / "x.txt").write_text("a,b\n")
     with pytest.raises(DataError, match="expected a .json, .jsonl, .csv, .parquet file"):

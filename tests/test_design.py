@@ -143,3 +143,18 @@ def test_an_architecture_is_one_record(neox_architecture, tmp_path):
 
 def test_methods_are_records():
     assert {name: (m.adapter, m.quantized_base) for name, m in METHODS.items()} == {"full": (False, False), "lora": (True, False), "qlora": (True, True)}
+
+
+def test_every_transformers_load_passes_trust_remote_code():
+    """No transformers loader call may fall back to its default (None), which asks on the terminal whether to run a
+    model dir's code and hangs a batch job; peft's loaders run no model code."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "finetune").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("from_pretrained", "from_config"):
+                receiver = ast.unparse(node.func.value)
+                if not receiver.startswith(("Peft", "TASKS")) and "trust_remote_code" not in {k.arg for k in node.keywords}:
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)[:100]}")
+    assert not found, "\n".join(found)

@@ -247,3 +247,50 @@ def test_training_from_a_hub_id_end_to_end(world, offline_hub, tmp_path):
     load_config(["model.name=acme/tiny-llama", f"lora.init_from={adapter}"], world_size=1)  # targets read from the cached config
     report = export.export(out, tmp_path / "merged")
     assert report["merged_adapter"] and report["max_logit_difference"] <= export.LOGITS_TOLERANCE
+
+
+def remote_code_dir(world, path: Path, marker: Path) -> Path:
+    """A model dir of a type transformers does not know, loadable only by running its configuration_evil.py (which creates `marker`)."""
+    base = save(world["a"], world["tokenizer"], path)
+    (base / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w')\nfrom transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil-llama'\n")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "evil-llama", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    return base
+
+
+def test_a_model_dir_that_needs_its_own_code_is_one_config_error(world, tmp_path):
+    marker = tmp_path / "code_ran"
+    base = remote_code_dir(world, tmp_path / "evil", marker)
+    with pytest.raises(ConfigError, match=r"only its own Python code \(config.json auto_map\) can load; set model.trust_remote_code=true"):
+        load_config([f"model.name={base}", "method=full"], world_size=1)
+    assert load_config([f"model.name={base}", "method=full", "model.trust_remote_code=true"], world_size=1).model.trust_remote_code
+    assert not marker.exists()
+
+
+def test_the_fit_check_passes_the_runs_trust_remote_code(world, tmp_path, monkeypatch):
+    """finetune.estimate reads the config with the run's trust_remote_code: refused without it, never asked on stdin."""
+    import builtins
+
+    from finetune.estimate import EstimateError, load_model_config
+
+    marker = tmp_path / "code_ran"
+    base = remote_code_dir(world, tmp_path / "evil", marker)
+    asked: list[str] = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(EstimateError, match="trust_remote_code"):
+        load_model_config(str(base), trust_remote_code=False)
+    assert not asked and not marker.exists()
+    assert load_model_config(str(base), trust_remote_code=True).model_type == "evil-llama"  # opted in: its code ran
+    assert not asked and marker.exists()
+
+
+def test_a_model_dir_that_needs_its_own_code_stops_the_cli_in_one_line(world, tmp_path):
+    """The reported hang: launched with stdin closed, the run refuses in one line instead of prompting."""
+    marker = tmp_path / "code_ran"
+    base = remote_code_dir(world, tmp_path / "evil", marker)
+    data = write_instruction_file(tmp_path / "train.jsonl", n=8)
+    args = [f"model.name={base}", "method=full", f"data.train_path={data}", f"output_dir={tmp_path / 'out'}", "train.fit_check=error"]
+    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "set model.trust_remote_code=true" in lines[0], result.stderr[-2000:]
+    assert "[y/N]" not in result.stdout + result.stderr and not marker.exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Hashable
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, shown
 
 IGNORE_INDEX = -100
 
@@ -25,12 +25,12 @@ def text_field(row: dict, key: str, where: str, required: bool = True) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):  # CSV reads an empty cell as NaN/None
         if required:
-            raise DataError(f"{where}: missing field '{key}'")
+            raise DataError(f"{where}: missing field {shown(key)}")
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: field {shown(key)} must be a string, got {type(value).__name__}")
     if required and not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty")
+        raise DataError(f"{where}: field {shown(key)} is empty")
     return value
 
 

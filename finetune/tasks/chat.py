@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from finetune.errors import shown
 from finetune.tasks.base import IGNORE_INDEX, DataError, LanguageModelingTask
 
 ROLES = ("system", "user", "assistant")
@@ -51,7 +52,7 @@ class ChatTask(LanguageModelingTask):
                 raise DataError(f"{where}: message {i} must be a {{role, content}} object, got {type(message).__name__}")
             role, content = message.get("role"), message.get("content")
             if role not in ROLES:
-                raise DataError(f"{where}: message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
+                raise DataError(f"{where}: message {i} has role {shown(role)}; expected one of {', '.join(ROLES)}")
             if not isinstance(content, str):
                 raise DataError(f"{where}: message {i} field 'content' must be a string, got {type(content).__name__}")
             if not content.strip():

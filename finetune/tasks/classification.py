@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from finetune.errors import listed, shown
 from finetune.tasks.base import DataError, Task, text_field
 
 
@@ -31,7 +32,7 @@ class ClassificationTask(Task):
     def check(self, row: dict, where: str) -> dict:
         label = _label(row.get(self.label_field), self.label_field, where)
         if self.labels and str(label) not in self.labels:
-            raise DataError(f"{where}: label {label!r} is not in the label set ({', '.join(self.labels)})")
+            raise DataError(f"{where}: label {shown(label)} is not in the label set ({listed(self.labels)})")
         return {
             "text": text_field(row, self.text_field, where),
             "text_pair": text_field(row, self.text_pair_field, where, required=False),
@@ -92,20 +93,20 @@ def _check_label_types(records: list[dict], where: str) -> None:
     for record in records:
         if type(record["label"]) is not type(first["label"]):
             raise DataError(
-                f"{where} row {record['_row']}: label {record['label']!r} is a {type(record['label']).__name__} but row {first['_row']}'s label "
-                f"{first['label']!r} is a {type(first['label']).__name__}; make the label column all strings or all integers, or set data.labels"
+                f"{where} row {record['_row']}: label {shown(record['label'])} is a {type(record['label']).__name__} but row {first['_row']}'s label "
+                f"{shown(first['label'])} is a {type(first['label']).__name__}; make the label column all strings or all integers, or set data.labels"
             )
 
 
 def _label(value, key: str, where: str) -> str | int:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise DataError(f"{where}: missing field '{key}'")
+        raise DataError(f"{where}: missing field {shown(key)}")
     if isinstance(value, float) and value.is_integer():  # CSV: an integer column with a blank cell becomes float
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"{where}: field '{key}' must be a string or an integer, got {type(value).__name__} {value!r}")
+        raise DataError(f"{where}: field {shown(key)} must be a string or an integer, got {type(value).__name__} {shown(value)}")
     if isinstance(value, str) and not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty")
+        raise DataError(f"{where}: field {shown(key)} is empty")
     return value
 
 
@@ -119,5 +120,5 @@ def label_set(records: list[dict], declared: list[str], where: str) -> list[str]
         numeric = all(isinstance(v, int) for v in values)
         labels = [str(v) for v in sorted(values, key=lambda v: v if numeric else str(v))]
     if len(labels) < 2:
-        raise DataError(f"{where}: only one label ({', '.join(labels)}); classification needs at least two")
+        raise DataError(f"{where}: only one label ({listed(labels)}); classification needs at least two")
     return labels
