@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
+
 from finetune import booster
 from finetune.booster import PLUGINS
-
 from finetune.config import ConfigError, build_config, load_config, parse_args, to_dict
+from finetune.gpu_check import EXAMPLE_RUNS
 from tests.conftest import REPO, TRAIN, run_env
 
 
@@ -69,22 +70,7 @@ def test_later_config_files_and_overrides_win(tmp_path):
 
 
 # Each booster config with the run it is meant for: (file, extra overrides, world size, CUDA present).
-BOOSTER_CONFIG_RUNS = {
-    "torch_ddp.yaml": ([], 2, False),
-    "zero1.yaml": ([], 2, False),
-    "zero2.yaml": ([], 2, False),
-    "zero2_cpu_offload.yaml": ([], 2, False),
-    "gemini.yaml": (["method=full"], 2, True),
-    "gemini_auto.yaml": (["method=full"], 2, True),
-    "fsdp.yaml": ([], 2, False),
-    "fsdp_cpu_offload.yaml": ([], 2, False),
-    "tp2.yaml": (["method=full", "model.name=tiny-gpt2"], 2, False),
-    "pp2.yaml": ([], 2, False),
-    "pp2_interleaved.yaml": ([], 2, False),  # the quickstart's 30 layers fill 4 chunks
-    "tp2_pp2.yaml": (["method=full", "model.name=tiny-llama"], 4, False),
-    "tp2_lora.yaml": (["model.name=tiny-gpt2"], 2, False),
-    "pp2_zero1.yaml": ([], 2, False),
-}
+BOOSTER_CONFIG_RUNS = {name: (extra, world, name.startswith("gemini")) for name, (extra, world) in EXAMPLE_RUNS.items()}
 
 
 def test_every_booster_config_file_is_covered():
