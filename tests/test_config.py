@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-
 from finetune import booster
 from finetune.booster import PLUGINS
 from finetune.config import ConfigError, build_config, load_config, parse_args, to_dict
