@@ -35,10 +35,10 @@ demo: assets
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests --durations=25
 
-# Nightly-sized: the CI run of tests/test_fuzz_inputs.py takes the same few hundred cases each time.
+# Nightly-sized, with new random cases: CI's run of the fuzz tests takes the same cases each time.
 FUZZ_EXAMPLES ?= 20000
 fuzz: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FUZZ_RANDOM=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests/test_fuzz_inputs.py -k "not cli" -p no:cacheprovider
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FUZZ_RANDOM=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests/test_fuzz_inputs.py tests/test_fuzz_checkpoint.py -k "not cli" -p no:cacheprovider
 
 # The benchmark launches its own ranks (torchrun) with one OpenMP thread per core per rank.
 bench: install

@@ -435,7 +435,7 @@ def test_fuzz_checkpoint_metadata(runs, tmp_path, recorded_reads, method):
     work = tmp_path / "run"
     outcomes: dict[str, int] = {}
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck), derandomize=not os.environ.get("FUZZ_RANDOM"))
     @given(st.lists(MUTATIONS, min_size=1, max_size=3), st.booleans(), st.sampled_from(["resume", "export"]))
     def case(mutations, manifest, entry):
         ckpt = stage(runs, method, work)
