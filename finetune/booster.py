@@ -536,6 +536,16 @@ class TorchFSDP(Plugin):
             return loss_scaled(optimizer, device, sharded=True)
         return optimizer
 
+    def build_optimizer(self, params: list, cfg: Config):
+        """As every plugin's, but under fp16 AdamW steps one tensor at a time without the fused kernel: torch 2.5's
+        ShardedGradScaler hands a fused optimizer a found_inf of shape [1], which its kernel cannot subtract from
+        the 0-dim step counts (RuntimeError at the first step, on CUDA as on CPU)."""
+        if cfg.train.precision == "fp16" and cfg.train.optimizer == "adamw":
+            import torch
+
+            return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=False)
+        return super().build_optimizer(params, cfg)
+
     def clip_gradients(self, run: Run, max_norm: float) -> float | None:
         from finetune.loss_scaling import unscale
 

@@ -183,3 +183,26 @@ def test_the_gpu_check_runs_what_this_machine_can_and_says_why_it_skips_the_rest
     assert rows["torch_ddp.yaml"]["status"] == "pass" and rows["torch_ddp.yaml"]["processes"] == 2
     assert rows["gemini.yaml"]["status"] == "skip" and "needs a CUDA GPU" in rows["gemini.yaml"]["detail"]
     assert result.stdout.splitlines()[-1] == "1 passed, 0 failed, 1 skipped"
+
+
+def test_an_fp16_fsdp_step_scales_with_the_sharded_scaler_and_clips_unscaled(one_rank):
+    """FSDP's MixedPrecision(fp16) casts but does not scale: after_boost adds FSDP's ShardedGradScaler, and the clip
+    (FSDP's own) sees unscaled gradients: the norm equals the one of gradients computed at scale 1. With the fused
+    AdamW every other plugin uses, torch 2.5's sharded scaler fails the first step (found_inf of shape [1])."""
+    cfg = load_config(["--config", "booster_configs/fsdp.yaml", "model.name=tiny-gpt2", "method=full", "train.precision=fp16"], world_size=1, has_cuda=True)
+    spec = PLUGINS["torch_fsdp"]
+    norms = []
+    for scale in (2.0**16, 1.0):
+        model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+        booster, plugin = build_booster("torch_fsdp", cfg.plugin.options, "fp16", 1.0)
+        spec.before_boost(cfg, model, plugin)
+        optimizer = spec.build_optimizer(list(model.parameters()), cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
+        optimizer = spec.after_boost(cfg, optimizer, scheduler, torch.device("cpu"))
+        assert type(optimizer.scaler).__name__ == "ShardedGradScaler" and not optimizer.optim.defaults["fused"]
+        optimizer.scaler._init_scale = scale  # the scale its first backward uses (set lazily)
+        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"))
+        spec.forward_backward(run, batches(1))
+        norms.append(spec.step(run, 1.0))
+    assert math.isfinite(norms[0]) and norms[0] == pytest.approx(norms[1], rel=1e-3)
