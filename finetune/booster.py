@@ -193,7 +193,9 @@ class Plugin:
     def step(self, run: Run, max_norm: float) -> float | None:
         """Clip (max_norm > 0) and apply the update; returns the global gradient norm the clipping saw, else None."""
         norm = self.clip_gradients(run, max_norm) if max_norm > 0 else None
-        mixin = _precision_mixin(run.optimizer) if self.takes_max_norm else None
+        from finetune.loss_scaling import precision_mixin
+
+        mixin = precision_mixin(run.optimizer) if self.takes_max_norm else None
         scale = float(getattr(mixin, "loss_scale", 1.0))  # the step updates it: the norm was taken at this one
         run.optimizer.step()
         if self.takes_max_norm and max_norm > 0:
@@ -261,12 +263,6 @@ class Plugin:
         from finetune import checkpoint
 
         checkpoint.load_optimizer(run, path)
-
-
-def _precision_mixin(optimizer):
-    """A ColossalAI optimizer's mixed-precision mixin (None: fp32); each family names it differently (ZeRO, Gemini, hybrid's naive AMP)."""
-    names = ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision")
-    return next((m for m in (getattr(optimizer, n, None) for n in names) if m is not None), None)
 
 
 def _unscaled_grad_norm(optimizer, mixin, scale: float) -> float | None:

@@ -9,6 +9,7 @@
                          their splits, one file per pipeline stage (state-stage-0000K.safetensors) listed
                          in state.safetensors.index.json
         scheduler.json   LR scheduler state (plain data)
+        loss_scale.json  fp16 only: the loss scale and its good steps (every plugin's scaler reads it)
         rng/rank_N.*     every rank's torch / numpy RNG states (tensors) and python's (JSON)
         state.json       step, epoch, steps an epoch, global batch, samples seen, what produced it, file sizes and sha256
 
@@ -59,7 +60,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune import sources
 from finetune.config import Config, mutates_base, to_dict
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, shown
 from finetune.methods import method_named
 from finetune.model import trains_with_adapter, write_as_plain_lora
 from finetune.lora_tp import full_like, full_tensor, local_shard, read_split
@@ -710,6 +711,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
         write_tree(rng_state(), staging / "rng" / f"rank_{rank}")
         if rank == 0:
             (staging / "scheduler.json").write_text(json.dumps(run.scheduler.state_dict()) + "\n")  # plain data
+            write_loss_scale(run.optimizer, staging)
     run.faults.maybe_kill("kill_in_checkpoint", step)
     barrier()  # every rank's files are on disk
     if rank == 0:
@@ -779,12 +781,39 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     with failing_together():
         run.plugin.read_optimizer(run, path / "optimizer")
         run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
+        read_loss_scale(run.optimizer, path)
         with tree_errors(rng_stem(path, dist.get_rank())):  # an edited RNG state is one line too
             set_rng_state(read_tree(rng_stem(path, dist.get_rank())))
     start, line = resume_position(state, global_batch(run), run.steps_per_epoch)
     move_scheduler(run.scheduler, start)
     barrier()
     return start, line
+
+
+LOSS_SCALE_FILE = "loss_scale.json"  # fp16 only: {"scale": float, "good_steps": int}, the same for every rank
+
+
+def write_loss_scale(optimizer, staging: Path) -> None:
+    """Rank 0: the fp16 loss scale, so that a resume goes on at the scale it had (not at 2^16 again)."""
+    from finetune.loss_scaling import loss_scale_state
+
+    state = loss_scale_state(optimizer)
+    if state is not None:
+        (staging / LOSS_SCALE_FILE).write_text(json.dumps(state) + "\n")
+
+
+def read_loss_scale(optimizer, path: Path) -> None:
+    """The checkpoint's fp16 loss scale into this run's scaler, where both have one (another precision starts afresh)."""
+    from finetune.loss_scaling import load_loss_scale_state
+
+    file = path / LOSS_SCALE_FILE
+    if not file.is_file():
+        return
+    state = read_json(file)
+    scale, good = (state.get("scale"), state.get("good_steps")) if isinstance(state, dict) else (None, None)
+    if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0 and type(good) is int and good >= 0):
+        raise CheckpointError(f"resume_from: {file} must hold a positive finite scale and a whole number of good_steps, got {shown(state)}")
+    load_loss_scale_state(optimizer, state)
 
 
 @contextlib.contextmanager

@@ -65,3 +65,35 @@ def unscale(optimizer: OptimizerWrapper) -> None:
     """Unscale the gradients before a clip the optimizer does not do itself (FSDP's); nothing without loss scaling."""
     if isinstance(optimizer, LossScaledOptimizer):
         optimizer.unscale_grad()
+
+
+def precision_mixin(optimizer):
+    """A ColossalAI optimizer's mixed-precision mixin (None: fp32); each family names it differently (ZeRO, Gemini, hybrid's naive AMP)."""
+    names = ("mixed_precision_mixin", "mix_precision_mixin", "mixed_precision")
+    return next((m for m in (getattr(optimizer, n, None) for n in names) if m is not None), None)
+
+
+def loss_scale_state(optimizer) -> dict | None:
+    """The fp16 loss scale and the good steps counted towards its next growth, as plain data (a checkpoint's
+    loss_scale.json, readable by every plugin's scaler); None where nothing scales the loss."""
+    if isinstance(optimizer, LossScaledOptimizer):
+        state = optimizer.scaler.state_dict()
+        return {"scale": float(state["scale"]), "good_steps": int(state.get("_growth_tracker", 0))}
+    scaler = getattr(precision_mixin(optimizer), "grad_scaler", None)  # ColossalAI's DynamicGradScaler (fp16 only)
+    if scaler is None:
+        return None
+    return {"scale": float(scaler.scale.item()), "good_steps": int(scaler._growth_step)}
+
+
+def load_loss_scale_state(optimizer, state: dict) -> bool:
+    """Continue from a checkpoint's loss scale (loss_scale_state's format, already checked); False where nothing scales the loss."""
+    if isinstance(optimizer, LossScaledOptimizer):
+        full = optimizer.scaler.state_dict()
+        optimizer.scaler.load_state_dict({**full, "scale": state["scale"], "_growth_tracker": state["good_steps"]})
+        return True
+    scaler = getattr(precision_mixin(optimizer), "grad_scaler", None)
+    if scaler is None:
+        return False
+    scaler._scale.fill_(state["scale"])
+    scaler._growth_step, scaler._hysteresis_step = state["good_steps"], 0
+    return True

@@ -206,3 +206,34 @@ def test_an_fp16_fsdp_step_scales_with_the_sharded_scaler_and_clips_unscaled(one
         spec.forward_backward(run, batches(1))
         norms.append(spec.step(run, 1.0))
     assert math.isfinite(norms[0]) and norms[0] == pytest.approx(norms[1], rel=1e-3)
+
+
+def test_the_fp16_loss_scale_resumes_where_it_was_under_any_plugin(one_rank, tmp_path):
+    """loss_scale.json: a DDP fp16 scale (torch's GradScaler) goes on in ZeRO's own scaler and back; a damaged file is one line."""
+    from finetune import checkpoint
+    from finetune.loss_scaling import loss_scale_state
+
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    ddp = boosted_fp16_run(model)
+    ddp.plugin.forward_backward(ddp, batches(1))
+    ddp.plugin.step(ddp, 1.0)
+    ddp.optimizer.scaler.update(1024.0)  # as after some overflows (one good step counted)
+    checkpoint.write_loss_scale(ddp.optimizer, tmp_path)
+    assert loss_scale_state(ddp.optimizer) == {"scale": 1024.0, "good_steps": 1}
+
+    cfg = load_config(["--config", "booster_configs/zero2.yaml", "model.name=tiny-gpt2", "method=full", "train.precision=fp16"], world_size=1, has_cuda=True)
+    zero_model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    booster, _ = build_booster("low_level_zero", {**cfg.plugin.options, "overlap_communication": False}, "fp16", 1.0)
+    zero_model, zero_optimizer, *_ = booster.boost(zero_model, PLUGINS["low_level_zero"].build_optimizer(list(zero_model.parameters()), cfg))
+    assert loss_scale_state(zero_optimizer)["scale"] == 2.0**16
+    checkpoint.read_loss_scale(zero_optimizer, tmp_path)
+    assert loss_scale_state(zero_optimizer) == {"scale": 1024.0, "good_steps": 1}
+    assert zero_optimizer.mixed_precision_mixin.loss_scale == 1024.0
+
+    fresh = boosted_fp16_run(build_model(ModelConfig(name="tiny-gpt2"), seed=3)[0])
+    checkpoint.read_loss_scale(fresh.optimizer, tmp_path)
+    assert fresh.optimizer.loss_scale() == 1024.0
+
+    (tmp_path / checkpoint.LOSS_SCALE_FILE).write_text('{"scale": -1.0, "good_steps": 0}')
+    with pytest.raises(checkpoint.CheckpointError, match="must hold a positive finite scale"):
+        checkpoint.read_loss_scale(fresh.optimizer, tmp_path)
