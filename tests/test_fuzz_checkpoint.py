@@ -7,7 +7,7 @@ and passes each through the entry points resume and export use (checkpoint.open_
 the readers a resume and an export call), asserting one error line or a clean read, and no file opened outside
 the checkpoint; and three real CLI runs for the exit-code contract (2, one `error:` line).
 
-FUZZ_EXAMPLES sets the fuzz's example count per checkpoint kind (full, LoRA; default 1000: about two minutes
+FUZZ_EXAMPLES sets the fuzz's example count per checkpoint kind (full, LoRA; default 500: about a minute
 in all on a loaded 2-core machine; `make fuzz` runs more).
 """
 
@@ -34,7 +34,7 @@ from finetune.errors import FinetuneError
 from finetune.methods import method_named
 from tests.conftest import REPO, TRAIN, run_env, run_train, write_instruction_file
 
-FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 STEP = "step_00000004"
 
 
