@@ -70,8 +70,10 @@ def assert_same_run(reference: Path, resumed: Path, loss_tolerance: float, weigh
 
 FP32 = (1e-5, 1e-5)
 # bf16 under hybrid ZeRO: ColossalAI's model checkpoint holds the bf16 working weights, from which the
-# fp32 master copies are restored, so the resumed run agrees to bf16 resolution, not bit for bit.
-BF16 = (1e-3, 2e-2)
+# fp32 master copies are restored, so the resumed run agrees to bf16 resolution, not bit for bit: a loss
+# may differ by one bf16 step (2**-7 relative). 1e-3 was tighter than that and held on one CPU by chance
+# (on this project's AMD EPYC machines step 6 differs by 0.031 at 10.3, at b5e94f8 as now).
+BF16 = (2**-7, 2e-2)
 
 
 RESUME_CASES = {
