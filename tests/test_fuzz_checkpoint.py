@@ -32,6 +32,7 @@ from finetune import checkpoint, export, sources
 from finetune.config import load_config
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
+from finetune.outputs import RUN_MARKER
 from tests.conftest import REPO, TRAIN, run_env, run_train, write_instruction_file
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
@@ -67,6 +68,7 @@ def stage(runs: dict, method: str, where: Path) -> Path:
     shutil.rmtree(where, ignore_errors=True)
     ckpt = where / "checkpoints" / STEP
     shutil.copytree(runs[method] / "checkpoints" / STEP, ckpt, copy_function=os.link)
+    shutil.copy(runs[method] / RUN_MARKER, where / RUN_MARKER)  # a run of this tool: a resume may write there
     return ckpt
 
 
