@@ -37,7 +37,10 @@ def summed_loss(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Only that batch is zeroed: a NaN or infinite loss of a batch with tokens stays, so a broken model reads as one.
     """
     tokens = label_tokens(batch["labels"])
-    return outputs.loss.float() * tokens if tokens else torch.zeros((), device=outputs.loss.device)
+    if tokens:
+        return outputs.loss.float() * tokens
+    # Zero, but still a function of the loss: an interleaved pipeline schedule runs backward through it.
+    return torch.nan_to_num(outputs.loss.float(), nan=0.0) * 0
 
 
 def padded_batches(samples: list[dict], batch_size: int, rank: int, world: int) -> list[list[dict]]:
