@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "finetune" / "train.py")
-RUN_TIMEOUT_S = 420  # a hung collective must fail the test, not the whole CI run
+RUN_TIMEOUT_S = 420
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")  # a hung collective must fail the test, not the whole CI run
 
 
 def write_instruction_file(path: Path, n: int = 64) -> Path:
@@ -88,8 +89,9 @@ def free_port() -> int:
 
 def run_env() -> dict[str, str]:
     """Environment for child runs: the venv's launchers on PATH, one thread per rank, offline."""
-    # make's own variables (MAKEOVERRIDES holds a literal '${...}') cannot pass through colossalai run.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    # make's own variables (MAKEOVERRIDES holds a literal '${...}') cannot pass through colossalai run; a
+    # rendezvous left in this process's environment would make every plain-python child join it (one port).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", *RENDEZVOUS)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -29,10 +28,12 @@ def one_rank():
 
     compat.apply()  # ColossalAI's CPU repairs, as finetune.distributed.launch applies them
     patches.apply()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    destroy_process_groups()
+    with pytest.MonkeyPatch.context() as env:  # restored after: later tests' child runs must not inherit a rank
+        for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+            env.setenv(name, value)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        yield
+        destroy_process_groups()
 
 
 def batches(n: int, seed: int = 0) -> list[dict]:
