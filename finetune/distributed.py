@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from finetune import assets, compat, patches
+from finetune import assets, fixes
+from finetune.fixes import glibc
+from finetune.fixes.torch import set_group_timeout
 from finetune.errors import RANK_LOST, FinetuneError
 from finetune.outputs import tee_rank_output
 
@@ -43,7 +45,7 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if rank_logs:
         tee_rank_output(output_dir, int(os.environ["RANK"]))
-    compat.apply()  # before colossalai touches its CPU accelerator; a no-op on CUDA
+    fixes.apply()  # before colossalai touches its CPU accelerator
     if not torch.cuda.is_available():
         # On CPU every tensor of 256 KiB or more gets its own mapping, returned to the system when freed:
         # left to glibc's adaptive threshold, freed weights, gathered FSDP units and activations stay in
@@ -52,15 +54,14 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
         # 1 MiB left SmolLM2's k/v projections (384 KiB a micro-batch) in the heap: the quickstart measured
         # 1.15x its prediction and held 2.1 GiB after training instead of 1.2; 256 KiB: 0.92x, and a
         # LoRA step ran faster, not slower (3.0 s against 3.6 s, interleaved A/B, one thread).
-        compat.fix_mmap_threshold(CPU_MMAP_THRESHOLD)
-    patches.apply()  # ColossalAI bugs that bite on every device
+        glibc.fix_mmap_threshold(CPU_MMAP_THRESHOLD)
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed
 
     # What colossalai.launch_from_torch does, plus the collective timeout it cannot take; the plugin's
     # TP/PP/DP groups, created later without a timeout, get it as torch's default.
     accelerator = get_accelerator()
-    patches.set_group_timeout(timedelta(seconds=timeout_s))
+    set_group_timeout(timedelta(seconds=timeout_s))
     dist.init_process_group(backend=accelerator.communication_backend, timeout=timedelta(seconds=timeout_s))
     if accelerator.support_set_device:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))

@@ -124,7 +124,7 @@ def _shard_adapter_matrix(linear: nn.Linear, process_group, dim: int, split_size
     weight = linear.weight
     with torch.no_grad():
         if split_sizes and len(split_sizes) > 1:  # fused q/k/v rows, split per projection like the base
-            # Looked up at call time: finetune.compat replaces the gather function on CPU.
+            # Looked up at call time: finetune.fixes.colossalai replaces the gather function on CPU.
             sharded = distribute_tensor_with_customization(
                 weight.data,
                 lambda t: qkv_fused_linear.split_fused_qkv_in_gpt2_style(t, split_sizes, process_group, False),

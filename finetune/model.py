@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune import assets, compat, deferred, patches, quantization, sources
+from finetune import assets, deferred, quantization, sources
+from finetune.fixes import bitsandbytes as bitsandbytes_fixes
+from finetune.fixes import glibc
 from finetune.architectures import NAMED_CONFIGS, architecture
 from finetune.config import Config, LoraConfig, ModelConfig, QuantizationConfig
 from finetune.errors import FinetuneError
@@ -181,7 +183,7 @@ def build_model(
         # The full-precision weights the quantizer read (a named config's random-init model, or the
         # loader's temporaries) are freed now, but glibc keeps most of their heap pages resident
         # (GPT-2 124M: ~400 MB, a third of a QLoRA run's peak): hand them back to the system.
-        compat.release_freed_heap()
+        glibc.release_freed_heap()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -219,6 +221,8 @@ def load_quantized(
 ) -> nn.Module:
     """Load a model directory with its projections quantized by bitsandbytes, and check that they were.
 
+    On CPU this needs the transformers and peft fixes that every run applies at launch (finetune.fixes).
+
     Args:
         auto_class: the transformers Auto class to load with (default AutoModelForCausalLM).
         config: the model config to load with (e.g. with a classification head's labels); None: the directory's.
@@ -228,8 +232,6 @@ def load_quantized(
     """
     from transformers import AutoModelForCausalLM
 
-    compat.apply_quantization_repairs()  # transformers 4.51.3 refuses bitsandbytes on CPU without IPEX
-    patches.apply_quantization_fixes()  # peft 0.13.2 reads a bitsandbytes attribute removed in 0.45
     model = (auto_class or AutoModelForCausalLM).from_pretrained(
         path,
         **({"config": config} if config is not None else {}),
@@ -244,14 +246,14 @@ def load_quantized(
         quantization.check_quantized(model, cfg_quant)
     except quantization.QuantizationError as err:
         raise ModelError(str(err)) from None
-    compat.keep_4bit_weights_trainable(model)  # bitsandbytes' CPU inference repacking breaks training after eval
+    bitsandbytes_fixes.keep_4bit_weights_trainable(model)  # bitsandbytes' CPU inference repacking breaks training after eval
     if _quantization_device() == "cpu":
         quantization.own_unquantized_tensors(model)  # release the memory-mapped full-precision file
         # bitsandbytes' CPU kernels dequantize each 4-bit weight into a full-precision temporary on
         # every forward and backward call. Left to glibc's adaptive threshold, these weight-sized
         # blocks come from the heap between the step's activations and fragment it (GPT-2 124M: the
         # resident set grew ~200 MB per step for 4 steps); mmapped, they go back when freed.
-        compat.fix_mmap_threshold(QUANTIZED_CPU_MMAP_THRESHOLD)
+        glibc.fix_mmap_threshold(QUANTIZED_CPU_MMAP_THRESHOLD)
     return model
 
 

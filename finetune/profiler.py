@@ -3,7 +3,7 @@
 On CUDA it reports allocated / peak-allocated memory from torch.cuda and, beside them, what a GPU user
 needs to read an out-of-memory (torch.cuda.memory_stats): reserved memory and its peak (fragmentation
 shows only there), the allocator's retries and OOM count, and the process's host RSS (CPU offload lives
-in host memory). On CPU the accelerator (with the repairs in finetune.compat) reports the process's
+in host memory). On CPU the accelerator (with the repairs in finetune.fixes.colossalai) reports the process's
 resident set and its high-water mark, and nothing else. Stages are
 named points of the run (start, model_loaded, boosted, train_step_peak, after_training); each stage's
 peak is the highest use since the previous stage.

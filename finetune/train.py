@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from finetune import checkpoint, checks, compat, deferred, outputs
+from finetune import checkpoint, checks, deferred, outputs
+from finetune.fixes import glibc
 from finetune.booster import PLUGINS, build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
@@ -317,7 +318,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
             plugin_spec.load_deferred(run, pending)
     # The full model each rank built before the plugin sharded or cast it is freed now; glibc would keep
     # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
-    compat.release_freed_heap()
+    glibc.release_freed_heap()
     log(profiler.format(profiler.record("boosted")))
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from finetune import compat
+from finetune.fixes import colossalai as colossalai_fixes
+from finetune.fixes.guard import UnsupportedVersion
 from tests.conftest import run_fresh_python
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="repairs are a no-op on CUDA")
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="repairs are a
 def accelerator():
     from colossalai.accelerator.cpu_accelerator import CpuAccelerator
 
-    compat.apply()
+    colossalai_fixes.apply()
     return CpuAccelerator()
 
 
@@ -32,15 +33,15 @@ def test_the_gaps_are_real_in_stock_colossalai():
 
 
 def test_refuses_other_colossalai_versions():
-    with pytest.raises(compat.CompatError, match="found 0.4.9"):
-        compat.apply(colossalai_version="0.4.9")
+    with pytest.raises(UnsupportedVersion, match="found 0.4.9"):
+        colossalai_fixes.apply(colossalai_version="0.4.9")
 
 
 def test_apply_reports_every_repair_once():
-    applied = compat.apply()
-    assert {f"CpuAccelerator.{name}" for name in compat.CPU_ACCELERATOR_REPAIRS} <= set(applied)
+    applied = colossalai_fixes.apply()
+    assert {f"CpuAccelerator.{name}" for name in colossalai_fixes.CPU_ACCELERATOR_REPAIRS} <= set(applied)
     assert {"LowLevelZeroOptimizer._sanity_checks", "colossalai.pipeline.p2p._check_for_nccl_hccl_backend", "torch.cuda.set_device"} <= set(applied)
-    assert compat.apply() == applied  # idempotent: wrappers are not wrapped twice
+    assert colossalai_fixes.apply() == applied  # idempotent: wrappers are not wrapped twice
     assert not hasattr(torch.cuda.set_device.__wrapped__, "__wrapped__")
 
 
@@ -84,7 +85,7 @@ def test_fused_qkv_gather_keeps_tensors_on_cpu(accelerator):
         seen["device"] = tensor.cuda().device
         return tensor
 
-    wrapped = compat._without_cuda_moves(probe)
+    wrapped = colossalai_fixes._without_cuda_moves(probe)
     assert wrapped(torch.ones(2)) is not None and seen["device"].type == "cpu"
     assert torch.Tensor.cuda is not None and qkv_fused_linear.gather_fused_qkv_in_gpt2_style.__wrapped__
     with pytest.raises((RuntimeError, AssertionError)):
@@ -115,8 +116,8 @@ def test_seeding_and_rng_state(accelerator):
 def test_memory_is_process_rss_in_bytes():
     out = run_fresh_python(
         "import torch\n"
-        "from finetune import compat\n"
-        "compat.apply()\n"
+        "from finetune import fixes\n"
+        "fixes.apply()\n"
         "from colossalai.accelerator.cpu_accelerator import CpuAccelerator\n"
         "acc = CpuAccelerator()\n"
         "acc.reset_peak_memory_stats()\n"
@@ -161,7 +162,7 @@ def test_fsdp_configure_gets_the_cpu_device(accelerator):
         seen["device"] = torch.cuda.current_device()
         return "configured"
 
-    assert compat._fsdp_on_cpu(probe)() == "configured" and seen["device"] == torch.device("cpu")
+    assert colossalai_fixes._fsdp_on_cpu(probe)() == "configured" and seen["device"] == torch.device("cpu")
     assert TorchFSDPPlugin.configure.__wrapped__ is not None
     with pytest.raises(RuntimeError):
         torch.cuda.current_device()  # restored after the call

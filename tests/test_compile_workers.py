@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from finetune.compat import COMPILE_THREADS
+from finetune.fixes.torch import COMPILE_THREADS
 from tests.conftest import REPO, run_env
 
 CHILDREN_AFTER_IMPORT = (
@@ -21,7 +21,7 @@ CHILDREN_AFTER_IMPORT = (
 
 
 def children_after_colossalai(first: str) -> list[str]:
-    # This process has imported finetune.compat, which set the variable: the child must start without it.
+    # This process has imported finetune.fixes, which set the variable: the child must start without it.
     env = {k: v for k, v in run_env().items() if k != COMPILE_THREADS}
     result = subprocess.run([sys.executable, "-c", CHILDREN_AFTER_IMPORT.format(first=first)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -35,5 +35,5 @@ def test_no_compile_workers_after_importing_colossalai_through_finetune():
     if not has_triton_package():
         pytest.skip("without triton, torch starts no compile pool: nothing to stop")
     assert children_after_colossalai("") != []  # stock torch + ColossalAI: the worker pool is there
-    assert children_after_colossalai("import finetune.compat\n") == []
+    assert children_after_colossalai("import finetune.fixes\n") == []
     assert os.environ[COMPILE_THREADS] == "1"  # and the ranks a launcher starts inherit the switch

@@ -158,3 +158,28 @@ def test_every_transformers_load_passes_trust_remote_code():
                 if not receiver.startswith(("Peft", "TASKS")) and "trust_remote_code" not in {k.arg for k in node.keywords}:
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)[:100]}")
     assert not found, "\n".join(found)
+
+
+# The upstream libraries the fixes in finetune/fixes/ repair, each in its own module.
+FIXED_LIBRARIES = ("colossalai", "torch", "transformers", "peft", "bitsandbytes")
+
+
+def test_each_upstream_library_has_one_fix_module_with_one_version_guard():
+    guards = {}
+    for path in sorted((REPO / "finetune").rglob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"^SUPPORTED_[A-Z]+ *=", text, re.MULTILINE), f"{path.relative_to(REPO)}: a version guard outside finetune/fixes' VersionGuard"
+        if count := text.count("VersionGuard("):
+            guards[str(path.relative_to(REPO))] = count
+    assert guards == {f"finetune/fixes/{library}.py": 1 for library in FIXED_LIBRARIES}
+
+
+def test_fixes_are_applied_from_one_place():
+    # Process-wide fixes go through finetune.fixes.apply(), called once at start-up by distributed.launch;
+    # no other module applies a fix module's apply() itself.
+    calls = {}
+    for path in sorted((REPO / "finetune").rglob("*.py")):
+        if path.parent.name != "fixes":
+            if found := re.findall(r"\b(?:fixes|compat|patches|colossalai|transformers|peft)\.apply\w*\(", path.read_text()):
+                calls[str(path.relative_to(REPO))] = found
+    assert calls == {"finetune/distributed.py": ["fixes.apply("]}

@@ -52,7 +52,7 @@ CASES = {
     "zero2-gpt2-full": ("zero2", "tiny-gpt2", "full", [], 2, FP32),
     "zero2-llama-full": ("zero2", "tiny-llama", "full", [], 2, FP32),
     "zero2-gpt2-lora": ("zero2", "tiny-gpt2", "lora", [], 2, FP32),
-    # GPT-2 under TP with clipping: right only with finetune.patches' gradient norm of fused q/k/v splits.
+    # GPT-2 under TP with clipping: right only with finetune.fixes.colossalai's gradient norm of fused q/k/v splits.
     "tp2-gpt2-full": ("tp2", "tiny-gpt2", "full", [], 1, FP32),
     # LoRA under TP (finetune.lora_tp) on every layer it can adapt: column, row and fused q/k/v splits.
     "tp2-gpt2-lora": ("tp2_lora", "tiny-gpt2", "lora", ["lora.target_modules=[c_attn,c_fc,c_proj]"], 1, LORA_TP),

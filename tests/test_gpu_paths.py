@@ -24,10 +24,9 @@ from tests.conftest import free_port
 
 @pytest.fixture(scope="module")
 def one_rank():
-    from finetune import compat, patches
+    from finetune import fixes
 
-    compat.apply()  # ColossalAI's CPU repairs, as finetune.distributed.launch applies them
-    patches.apply()
+    fixes.apply()  # as finetune.distributed.launch applies them
     with pytest.MonkeyPatch.context() as env:  # restored after: later tests' child runs must not inherit a rank
         for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
             env.setenv(name, value)

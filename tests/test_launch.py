@@ -407,7 +407,8 @@ def test_nodes_that_do_not_share_output_dir_are_told_at_start(tmp_path, instruct
 def test_the_group_timeout_patch_is_tied_to_its_torch_version():
     from datetime import timedelta
 
-    from finetune.patches import PatchError, set_group_timeout
+    from finetune.fixes.guard import UnsupportedVersion
+    from finetune.fixes.torch import set_group_timeout
 
-    with pytest.raises(PatchError, match="sub-group timeouts for torch 2.5.1, found 2.6.0"):
+    with pytest.raises(UnsupportedVersion, match="sub-group timeouts for torch 2.5.1, found 2.6.0"):
         set_group_timeout(timedelta(seconds=20), torch_version="2.6.0")

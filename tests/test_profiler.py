@@ -6,21 +6,21 @@ import json
 
 import torch
 
-from finetune import compat
+from finetune import fixes
 from finetune.profiler import GB, MemoryProfiler
 from tests.conftest import run_fresh_python
 
 
 def make_profiler() -> MemoryProfiler:
-    compat.apply()
+    fixes.apply()
     return MemoryProfiler()
 
 
 def test_stages_and_step_peaks_see_real_allocations():
     out = run_fresh_python(
         "import json, torch\n"
-        "from finetune import compat\n"
-        "compat.apply()\n"
+        "from finetune import fixes\n"
+        "fixes.apply()\n"
         "from finetune.profiler import MemoryProfiler\n"
         "p = MemoryProfiler()\n"
         "start = p.record('start')\n"

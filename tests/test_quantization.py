@@ -7,7 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune import compat, patches, quantization
+from finetune import fixes, quantization
+from finetune.fixes import bitsandbytes as bitsandbytes_fixes
+from finetune.fixes import peft as peft_fixes
+from finetune.fixes import transformers as transformers_fixes
 from finetune.config import LoraConfig, ModelConfig, QuantizationConfig
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, load_quantized
 from tests.conftest import read_summary, run_fresh_python, run_train
@@ -15,6 +18,12 @@ from tests.test_train import check_run_contract, common_args
 
 FOUR_BIT = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True)
 EIGHT_BIT = QuantizationConfig(bits=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixed_stack():
+    """The pinned stack's fixes, as every run applies them at launch (bitsandbytes on CPU needs two)."""
+    fixes.apply()
 
 
 @pytest.fixture(scope="module")
@@ -99,39 +108,40 @@ def test_transformers_refuses_bitsandbytes_on_cpu_without_the_repair():
         "import torch, transformers.integrations.bitsandbytes as b\n"
         "try:\n    b.validate_bnb_backend_availability(raise_exception=True); print('accepted')\n"
         "except RuntimeError as e:\n    print('refused')\n"
-        "from finetune import compat; compat.apply_quantization_repairs()\n"
+        "from finetune.fixes import transformers; transformers.apply()\n"
         "print('accepted' if b.validate_bnb_backend_availability(raise_exception=True) else 'refused')\n"
     )
     assert run_fresh_python(code).split() == ["refused", "accepted"]
 
 
 def test_quantization_repairs_are_version_guarded():
-    assert compat.apply_quantization_repairs(transformers_version="4.53.0") == []
-    assert compat.keep_4bit_weights_trainable(torch.nn.Linear(2, 2), bitsandbytes_version="0.51.0") == 0
-    assert patches.apply_quantization_fixes(peft_version="0.14.0") == []
+    assert transformers_fixes.apply(transformers_version="4.53.0") == []
+    assert bitsandbytes_fixes.keep_4bit_weights_trainable(torch.nn.Linear(2, 2), bitsandbytes_version="0.51.0") == 0
+    assert peft_fixes.apply(peft_version="0.14.0") == []
 
 
 def test_peft_8bit_lora_needs_the_fix():
     code = (
         "from finetune.config import ModelConfig, QuantizationConfig, LoraConfig\n"
-        "from finetune import model as m, patches\n"
+        "from finetune import fixes, model as m\n"
         "from bitsandbytes.autograd._functions import MatmulLtState\n"
         "print(hasattr(MatmulLtState, 'memory_efficient_backward'))\n"
+        "fixes.apply()\n"
         "base, _ = m.build_model(ModelConfig(name='tiny-llama'), seed=0, quantization=QuantizationConfig(bits=8))\n"
         "from peft import get_peft_model\n"
         "model = get_peft_model(base, m.build_lora_config(base, LoraConfig()))\n"
         "print(type(model.base_model.model.model.layers[0].self_attn.q_proj).__module__)\n"
     )
-    # Loading a quantized model applies the fix; before it, bitsandbytes lacks what peft 0.13.2 reads.
+    # Before fixes.apply() (every run applies it at launch), bitsandbytes lacks what peft 0.13.2 reads.
     assert run_fresh_python(code).split() == ["False", "peft.tuners.lora.bnb"]
 
 
 def _train_after_eval(repaired: bool) -> str:
     """A script printing whether LoRA gradients after an eval pass equal those of a fresh model."""
     return (
-        "import torch\nfrom finetune import compat\n"
+        "import torch\nfrom finetune import fixes\nfrom finetune.fixes import bitsandbytes as bnb_fixes\nfixes.apply()\n"
         "from finetune.config import ModelConfig, QuantizationConfig, LoraConfig\nfrom finetune import model as m\n"
-        f"compat.keep_4bit_weights_trainable = (lambda model: 0) if {not repaired} else compat.keep_4bit_weights_trainable\n"
+        f"bnb_fixes.keep_4bit_weights_trainable = (lambda model: 0) if {not repaired} else bnb_fixes.keep_4bit_weights_trainable\n"
         "base, _ = m.build_model(ModelConfig(name='tiny-llama'), seed=0, quantization=QuantizationConfig(bits=4))\n"
         "from peft import get_peft_model\nmodel = get_peft_model(base, m.build_lora_config(base, LoraConfig(dropout=0.0)))\n"
         "x = torch.randint(0, 1000, (2, 8))\n"
@@ -188,7 +198,7 @@ def test_qlora_pipeline_parallel(instruction_file, tmp_path):
 
 def test_a_quantized_cpu_model_does_not_keep_the_full_precision_file_mapped():
     code = (
-        "from finetune.config import ModelConfig, QuantizationConfig\nfrom finetune.model import build_model\n"
+        "from finetune.config import ModelConfig, QuantizationConfig\nfrom finetune.model import build_model\nfrom finetune import fixes\nfixes.apply()\n"
         "m, _ = build_model(ModelConfig(name='tiny-llama'), 0, quantization=QuantizationConfig())\n"
         "print(any('.safetensors' in line for line in open('/proc/self/maps')), m.lm_head.weight.dtype)\n"
     )

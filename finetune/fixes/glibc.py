@@ -1,0 +1,45 @@
+"""glibc's allocator: memory it keeps resident after the process freed it (the CPU runs' memory report and peak).
+
+Called where the memory is freed or the process starts (model.py, train.py, distributed.launch), with the
+thresholds those places chose; both are no-ops (False) where there is no glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+
+def release_freed_heap() -> bool:
+    """Give the heap pages of freed memory back to the system (glibc's malloc_trim); False where there is no glibc.
+
+    Tensors below glibc's mmap threshold (up to 32 MiB once it has adapted) live in the heap; when they
+    are freed, glibc keeps their pages, still resident, unless they lie at the heap's top. After a large
+    short-lived model is dropped the process then holds its memory for good.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):  # no C library found, or not glibc (musl, macOS)
+        return False
+    trim(0)
+    return True
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+
+
+def fix_mmap_threshold(threshold_bytes: int) -> bool:
+    """Serve every allocation of at least `threshold_bytes` with its own mmap (returned to the system when
+    freed) and stop glibc from raising that threshold; False where there is no glibc.
+
+    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MiB); after
+    that, blocks up to that size come from the heap, and short-lived ones between long-lived ones leave
+    holes that stay resident.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return mallopt(M_MMAP_THRESHOLD, threshold_bytes) == 1
