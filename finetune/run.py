@@ -1,21 +1,28 @@
-"""The Run: what the training loop and the checkpointer need, built once in train.main()."""
+"""The Run: what the training loop and the checkpointer need, and `build_run`, which builds it for train.py, bench/ and the tests."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler
 
-from finetune.booster import Layout, Plan, Plugin
-from finetune.config import Config
+from finetune import checkpoint
+from finetune.booster import PLUGINS, Layout, Plan, Plugin, build_booster
+from finetune.config import Config, parallel_plan
+from finetune.data import DataError, collate
+from finetune.distributed import log
 from finetune.faults import Faults
-from finetune.methods import Method
+from finetune.methods import Method, method_named
+from finetune.model import build_lora_config, count_parameters, trainable_line
+from finetune.packing import collate_packed, pack
 from finetune.preemption import Preemption
 from finetune.tasks import Task
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """One training run's objects: the config, the choices resolved from it, and the boosted state."""
 
@@ -33,5 +40,93 @@ class Run:
     pad_to: int  # pipeline only: every batch is padded to this many tokens
     lora_config: Any  # peft LoraConfig when adapters train, else None
     steps_per_epoch: int
+    total_steps: int  # the scheduler's horizon: train.max_steps, or train.epochs full epochs
+    parameter_counts: tuple[int, int]  # (trainable, total) of the model as built, before a plugin sharded it
     faults: Faults
-    preemption: Preemption  # SIGTERM / SIGUSR1: stop after the current step with a checkpoint
+    preemption: Preemption | None  # SIGTERM / SIGUSR1: stop after the current step with a checkpoint; None: no handler (no fit())
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Warmup, then constant, linear or cosine decay over total_steps."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.train.lr_scheduler == "constant" else cfg.train.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
+
+
+def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
+    """The plugin's distributed dataloader: shuffled by train.seed, full batches only.
+
+    Args:
+        packed: with packing, how packed batches mark sample boundaries (finetune.packing.packed_attention);
+            the batches are then packed rows.
+    """
+    if packed:
+        samples = pack(samples, cfg.data.max_length)
+        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed)
+    else:
+        collate_fn = functools.partial(collate, pad_token_id=pad_token_id, pad_to=pad_to)
+    return plugin.prepare_dataloader(
+        samples,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.train.seed,
+        drop_last=True,
+        collate_fn=collate_fn,
+        # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
+        distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
+        # Each new epoch iterator draws a seed; from its own generator it leaves the global RNG (dropout)
+        # alone, so a resumed run, which starts a new iterator mid-epoch, draws the same dropout masks.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+
+
+def build_run(
+    cfg: Config, *, world_size: int, device: torch.device, task: Task, model: torch.nn.Module, pending, samples: list[dict], pad_token_id: int,
+    packed: str = "", faults: Faults, preemption: Preemption | None,
+) -> tuple[Run, Any]:
+    """Booster, adapters, optimizer, dataloader and scheduler for a built model, boosted into a Run; returns it and its dataloader.
+
+    Args:
+        pending: the weights a model built without them still needs (finetune.deferred.pending), read into
+            each rank's shards once boosted; None for a model built with its weights.
+        samples: the tokenized training samples; packed: as in build_dataloader.
+
+    Raises:
+        DataError: the samples are too few for one optimizer step.
+    """
+    plugin_spec, method = PLUGINS[cfg.plugin.name], method_named(cfg.method)
+    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, plugin_spec.shard_policy(cfg, model))
+    layout = plugin_spec.layout(plugin)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora_config = build_lora_config(model, cfg.lora) if method.adapter else None
+    if lora_config:
+        torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
+        model = plugin_spec.apply_adapters(model, lora_config, booster, plugin)
+    plugin_spec.before_boost(cfg, model, plugin, pending)
+    parameter_counts = count_parameters(model)
+    log(trainable_line(*parameter_counts))
+
+    optimizer = plugin_spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
+    # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
+    pad_to = cfg.data.max_length if layout.pipeline else 0
+    dataloader = build_dataloader(cfg, plugin, samples, pad_token_id, pad_to, packed)
+    steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
+    if steps_per_epoch == 0:
+        rows = f"{len(dataloader.dataset)} packed rows of " if packed else ""
+        raise DataError(f"{cfg.data.train_path}: {rows}{len(samples)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
+    optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
+    run = Run(
+        cfg=cfg, plugin=plugin_spec, method=method, task=task, plan=parallel_plan(cfg, world_size), layout=layout, booster=booster, model=model,
+        optimizer=optimizer, scheduler=scheduler, device=device, pad_to=pad_to, lora_config=lora_config, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, parameter_counts=parameter_counts, faults=faults, preemption=preemption,
+    )
+    if pending:
+        with checkpoint.failing_together():  # a weight missing from one rank's stage stops every rank with its line
+            plugin_spec.load_deferred(run, pending)
+    return run, dataloader

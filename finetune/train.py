@@ -18,7 +18,6 @@ if __package__ in (None, ""):  # run as a script (python finetune/train.py): mak
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -35,25 +34,24 @@ warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from finetune import checkpoint, checks, deferred, outputs
 from finetune.fixes import glibc
-from finetune.booster import PLUGINS, build_booster
-from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
-from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
+from finetune.booster import PLUGINS
+from finetune.config import Config, ConfigError, help_text, load_config, output_problems
+from finetune.data import SplitData, batches_forever, build_data, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, reload_device, reload_final, reload_matches
 from finetune.faults import Faults
 from finetune.methods import method_named
-from finetune.model import base_quantization, build_lora_config, build_model, count_parameters, trainable_line
-from finetune.packing import collate_packed, pack, packed_attention
+from finetune.model import base_quantization, build_model
+from finetune.packing import packed_attention
 from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
-from finetune.run import Run
+from finetune.run import Run, build_run
 
 
 class TrainingError(FinetuneError):
@@ -62,41 +60,6 @@ class TrainingError(FinetuneError):
 
 class ReloadMismatch(FinetuneError):
     """final/, reloaded, does not reproduce the trained model's probe loss."""
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
-    """Warmup, then constant, linear or cosine decay over total_steps."""
-    from transformers import get_scheduler
-
-    name = "constant_with_warmup" if cfg.train.lr_scheduler == "constant" else cfg.train.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
-
-
-def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
-    """The plugin's distributed dataloader: shuffled by train.seed, full batches only.
-
-    Args:
-        packed: with packing, how packed batches mark sample boundaries (finetune.packing.packed_attention);
-            the batches are then packed rows.
-    """
-    if packed:
-        samples = pack(samples, cfg.data.max_length)
-        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed)
-    else:
-        collate_fn = functools.partial(collate, pad_token_id=pad_token_id, pad_to=pad_to)
-    return plugin.prepare_dataloader(
-        samples,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        seed=cfg.train.seed,
-        drop_last=True,
-        collate_fn=collate_fn,
-        # ColossalAI seeds only its workers; the sampler's shuffling must follow train.seed too.
-        distributed_sampler_cls=functools.partial(DistributedSampler, seed=cfg.train.seed),
-        # Each new epoch iterator draws a seed; from its own generator it leaves the global RNG (dropout)
-        # alone, so a resumed run, which starts a new iterator mid-epoch, draws the same dropout masks.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
 
 
 def check_fit(cfg: Config, world_size: int, device: torch.device) -> None:
@@ -253,7 +216,7 @@ def main(argv: list[str]) -> None:
 
 def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict | None, changed: list[str]) -> None:
     """The run itself, on every rank: process group, data, model, booster, fit, final/, reload check, summary."""
-    plugin_spec, method, plan = PLUGINS[cfg.plugin.name], method_named(cfg.method), parallel_plan(cfg, world_size)
+    plugin_spec, method = PLUGINS[cfg.plugin.name], method_named(cfg.method)
     wall_start = time.perf_counter()
     device = launch(cfg.output_dir, cfg.launch.rank_logs, cfg.launch.timeout_s, cfg.train.seed)
     check_fit(cfg, world_size, device)  # before any weights load
@@ -287,35 +250,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         log("data mixture (weight: samples drawn of the source's training samples): " + ", ".join(f"{s['name']} {s['weight']:g}: {s['drawn']} of {s['train_samples']}" for s in data.sources))
     packed = packed_attention(model) if cfg.data.packing else ""  # before any wrapper hides the model
 
-    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, plugin_spec.shard_policy(cfg, model))
-    layout = plugin_spec.layout(plugin)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora_config = build_lora_config(model, cfg.lora) if method.adapter else None
-    if lora_config:
-        torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
-        model = plugin_spec.apply_adapters(model, lora_config, booster, plugin)
-    plugin_spec.before_boost(cfg, model, plugin, pending)
-    trainable, total = count_parameters(model)
-    log(trainable_line(trainable, total))
-
-    optimizer = plugin_spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
-    # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
-    pad_to = cfg.data.max_length if layout.pipeline else 0
-    dataloader = build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, pad_to, packed)
-    steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
-    if steps_per_epoch == 0:
-        rows = f"{len(dataloader.dataset)} packed rows of " if packed else ""
-        raise DataError(f"{cfg.data.train_path}: {rows}{len(data.train)} samples are too few for one step of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} on {layout.dp_size} data-parallel rank(s)")
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
-    optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
-    run = Run(cfg, plugin_spec, method, task, plan, layout, booster, model, optimizer, scheduler, device, pad_to, lora_config, steps_per_epoch, Faults(), Preemption())
-    if pending:
-        with checkpoint.failing_together():  # a weight missing from one rank's stage stops every rank with its line
-            plugin_spec.load_deferred(run, pending)
+    run, dataloader = build_run(cfg, world_size=world_size, device=device, task=task, model=model, pending=pending, samples=data.train, pad_token_id=tokenizer.pad_token_id, packed=packed, faults=Faults(), preemption=Preemption())
+    del model  # run.model is the boosted one: the model as built is freed now (below), not held by this name
     # The full model each rank built before the plugin sharded or cast it is freed now; glibc would keep
     # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
     glibc.release_freed_heap()
@@ -326,7 +262,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     start_step, position_line = checkpoint.load_checkpoint(run, resume) if resume else (0, "")
     if position_line:  # another global batch: the batch sequence cannot continue exactly
         log(position_line)
-    checks.refuse_non_finite(module := model.unwrap(unwrap_peft=False), cfg, resume)  # this rank's plain (peft) model, for parameter checks
+    checks.refuse_non_finite(module := run.model.unwrap(unwrap_peft=False), cfg, resume)  # this rank's plain (peft) model, for parameter checks
 
     eval_before = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval {'at the resumed step' if start_step else 'before training'}: {eval_line(eval_before)}")
@@ -335,18 +271,18 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     fingerprints_before = plugin_spec.fingerprints(module)
 
     profiler.reset_peak()
-    history = fit(run, dataloader, total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
+    history = fit(run, dataloader, run.total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
     profiler.record_train_peak()
     log(profiler.format(profiler.record("after_training")))
     if not history["steps"] and not start_step:  # every step skipped (on every rank alike): final/ would be the untrained model
-        raise TrainingError(f"all {total_steps} step(s) had a non-finite loss and were skipped (train.on_nan=skip): nothing was trained, so no final/ is written{last_checkpoint_note(cfg)}")
+        raise TrainingError(f"all {run.total_steps} step(s) had a non-finite loss and were skipped (train.on_nan=skip): nothing was trained, so no final/ is written{last_checkpoint_note(cfg)}")
 
     eval_after = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval after training:  {eval_line(eval_after)}")
     probe = data.eval[:PROBE_SAMPLES]
     probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
     parameter_changes = checks.compare(fingerprints_before, plugin_spec.fingerprints(module))
-    digests = checks.replica_digests(module) if layout.replicated else []
+    digests = checks.replica_digests(module) if run.layout.replicated else []
     peaks = peak_bytes_per_rank(max(stage.peak_bytes for stage in profiler.stages))  # pipeline stages and shards differ
     builds = peak_bytes_per_rank(profiler.build_bytes())  # each rank's memory for building the model: the node's is their sum
 
@@ -361,8 +297,9 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     reload.update(trained_probe_loss=probe_loss, ok=reload_matches(reload["probe_loss"], probe_loss, cfg.train.precision))
     memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "build_bytes_per_rank": builds, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
-    seq_len = pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
-    facts = {"trainable": trainable, "total": total, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len}
+    seq_len = run.pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
+    trainable, total = run.parameter_counts
+    facts = {"trainable": trainable, "total": total, "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len}
     outputs.finish(writer, run, data, history, (eval_before, eval_after), memory, reload, parameter_changes, digests, final, facts, profiler, dataloader if packed else None)
     if not reload["ok"]:  # raised after summary.json is written: the evidence stays
         raise ReloadMismatch(f"{final}: the trained model's probe loss is {probe_loss} (its outputs hold NaN or inf): the saved artifact is not usable (details in summary.json)" if not math.isfinite(probe_loss) else f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")

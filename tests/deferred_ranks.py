@@ -14,7 +14,6 @@ import faulthandler
 import json
 import signal
 import sys
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,11 +22,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from finetune import deferred  # noqa: E402
-from finetune.booster import PLUGINS, build_booster  # noqa: E402
+from finetune.booster import PLUGINS  # noqa: E402
 from finetune.config import build_config, parse_args  # noqa: E402
 from finetune.distributed import destroy_process_groups, launch  # noqa: E402
+from finetune.faults import Faults  # noqa: E402
 from finetune.methods import method_named  # noqa: E402
 from finetune.model import build_model  # noqa: E402
+from finetune.run import build_run  # noqa: E402
+from finetune.tasks import build_task  # noqa: E402
 
 WORK_LIMIT_S = 240  # the whole run takes ~20 s alone, ~70 s on two cores shared with other test runs
 TEARDOWN_LIMIT_S = 30  # destroying the groups and exiting takes well under a second
@@ -42,7 +44,7 @@ SETUPS = {
 def logits_of(run, batch: dict, vocab: int) -> torch.Tensor | None:
     """The boosted model's logits for batch (None on pipeline stages without them), vocabulary shards gathered."""
     with torch.no_grad():
-        if getattr(run.plugin, "pp_size", 1) > 1:
+        if run.layout.pipeline:
             out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=lambda o, _: o.loss, optimizer=None, return_loss=True, return_outputs=True)
             return out["outputs"]["logits"] if out["outputs"] is not None else None
         logits = run.model(**batch).logits
@@ -53,6 +55,22 @@ def logits_of(run, batch: dict, vocab: int) -> torch.Tensor | None:
     return logits
 
 
+# The step at train.lr as built, unclipped: the Run's scheduler and clipping stay out of the comparison.
+UNSCHEDULED = ["train.warmup_steps=0", "train.lr_scheduler=constant", "train.max_grad_norm=0"]
+
+
+def run_of(cfg, model, pending, batch: dict):
+    """The Run train.py builds for this model (finetune.run.build_run); its training samples are the batch's rows, enough for a step."""
+    rows = [{"input_ids": ids, "labels": ids} for ids in batch["input_ids"].tolist()]
+    world = dist.get_world_size()
+    samples = rows * (cfg.train.batch_size * world // len(rows) + 1)
+    from colossalai.accelerator import get_accelerator
+
+    task = build_task(cfg.task, cfg.data)
+    run, _ = build_run(cfg, world_size=world, device=get_accelerator().get_current_device(), task=task, model=model, pending=pending, samples=samples, pad_token_id=0, faults=Faults(""), preemption=None)
+    return run
+
+
 def check(model_dir: str, setup: str, batch: dict, reference: torch.Tensor) -> float | None:
     """Max |logits - reference| of the model built, boosted and loaded as train.py does under setup."""
     cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=fp32", *SETUPS[setup]]))
@@ -60,13 +78,8 @@ def check(model_dir: str, setup: str, batch: dict, reference: torch.Tensor) -> f
     model, _ = build_model(cfg.model, 0, spec.shardformer, init=method.model_init(spec.model_init))
     pending = deferred.pending(model)
     assert pending is not None and all(p.is_meta for p in model.parameters()), "built with its weights"  # LazyTensors are meta too
-    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, "fp32", 0.0)
-    spec.before_boost(cfg, model, plugin, pending)
-    optimizer = spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    boosted, optimizer, *_ = booster.boost(model, optimizer)
-    run = types.SimpleNamespace(model=boosted, optimizer=optimizer, booster=booster, plugin=plugin)
-    spec.load_deferred(run, pending)
-    boosted.eval()
+    run = run_of(cfg, model, pending, batch)  # boosted, its weights loaded per shard
+    run.model.eval()
     logits = logits_of(run, batch, reference.shape[-1])
     return None if logits is None else (logits - reference).abs().max().item()
 
@@ -74,20 +87,15 @@ def check(model_dir: str, setup: str, batch: dict, reference: torch.Tensor) -> f
 def losses_after_a_step(model_dir: str, init: str, batch: dict, zero_stage: int) -> list[float]:
     """The pipeline loss before and after one bf16 step (pp2, ZeRO-1 or plain mixed precision): the optimizer's
     fp32 master copies, made at boost, must hold the loaded weights, or the step writes the unloaded ones back."""
-    cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=bf16", "train.lr=2e-2", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2", f"plugin.zero_stage={zero_stage}"]))
+    cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=bf16", "train.lr=2e-2", *UNSCHEDULED, "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2", f"plugin.zero_stage={zero_stage}"]))
     spec = PLUGINS[cfg.plugin.name]
     model, _ = build_model(cfg.model, 0, spec.shardformer, init=init)
-    pending = deferred.pending(model)
-    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, "bf16", 0.0)
-    optimizer = spec.build_optimizer(list(model.parameters()), cfg)
-    boosted, optimizer, *_ = booster.boost(model, optimizer)
-    if pending:
-        spec.load_deferred(types.SimpleNamespace(model=boosted, optimizer=optimizer, booster=booster, plugin=plugin), pending)
+    run = run_of(cfg, model, deferred.pending(model), batch)
     losses = []
     for _ in range(2):
-        out = booster.execute_pipeline(iter([batch]), boosted, criterion=lambda o, _: o.loss, optimizer=optimizer, return_loss=True)
-        optimizer.step()
-        optimizer.zero_grad()
+        out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=lambda o, _: o.loss, optimizer=run.optimizer, return_loss=True)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, None if out["loss"] is None else out["loss"].item())
         losses.append(next(x for x in found if x is not None))

@@ -183,3 +183,19 @@ def test_fixes_are_applied_from_one_place():
             if found := re.findall(r"\b(?:fixes|compat|patches|colossalai|transformers|peft)\.apply\w*\(", path.read_text()):
                 calls[str(path.relative_to(REPO))] = found
     assert calls == {"finetune/distributed.py": ["fixes.apply("]}
+
+
+def test_a_run_is_built_by_keyword_in_one_place():
+    import dataclasses
+
+    from finetune.run import Run
+
+    assert all(field.kw_only for field in dataclasses.fields(Run))
+    with pytest.raises(TypeError):
+        Run(*range(len(dataclasses.fields(Run))))  # a positional Run silently shifted its fields when one was added
+    # Everything that needs a Run (train.py, bench/, tests) gets it from finetune.run.build_run, not a copy or a stand-in.
+    built = []
+    for path in sorted([*(REPO / "finetune").rglob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "tests").glob("*.py")]):
+        if path != REPO / "finetune" / "run.py" and re.search(r"\bRun\(|SimpleNamespace\(model=", path.read_text()):
+            built.append(str(path.relative_to(REPO)))
+    assert built == []
