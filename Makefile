@@ -3,6 +3,7 @@
 #   make test   install into .venv, run the test suite (what CI runs)
 #   make fuzz   install into .venv, fuzz the input readers with new random cases (FUZZ_EXAMPLES per property)
 #   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
+#   make bench-smoke  every bench/ script once with --smoke, into a temporary directory (make test runs the same)
 #   make roberta-study  the RoBERTa single / DDP / PP x full / LoRA study (bench/roberta_study.py; ~5 min)
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 THREADS = $$(( ($$(nproc) / $(NPROC)) > 0 ? ($$(nproc) / $(NPROC)) : 1 ))
 FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: install assets demo test fuzz bench roberta-study clean
+.PHONY: install assets demo test fuzz bench bench-smoke roberta-study clean
 
 install: $(VENV)/.installed
 
@@ -41,11 +42,19 @@ fuzz: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FUZZ_RANDOM=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests/test_fuzz_inputs.py tests/test_fuzz_checkpoint.py -k "not cli" -p no:cacheprovider
 
 # The benchmark launches its own ranks (torchrun) with one OpenMP thread per core per rank.
+BENCH_ENV = env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 bench: install
-	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(ARGS)
+	$(BENCH_ENV) $(PY) bench/run.py $(ARGS)
+
+# Each script with --smoke: its real path on a tiny model, a few steps (tests/test_bench_smoke.py in `make test`).
+bench-smoke: install
+	@dir=$$(mktemp -d -t bench-smoke-XXXXXX) && \
+	for script in run packing roberta_study; do $(BENCH_ENV) $(PY) bench/$$script.py --smoke --results $$dir/$$script || exit 1; done && \
+	$(BENCH_ENV) $(PY) bench/plain_loop.py --smoke $$dir/plain_loop/plain_loop.json && \
+	echo "bench smoke results: $$dir"
 
 roberta-study: install
-	env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/roberta_study.py $(ARGS)
+	$(BENCH_ENV) $(PY) bench/roberta_study.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache bench/results

@@ -15,7 +15,8 @@ one boosted model, so load from elsewhere on the machine hits both alike; the fi
 are not timed. Throughput = non-pad tokens / time in train_step. Padded batches spend compute on
 pad tokens up to the longest sample of each batch; packed rows are nearly full, so the ratio
 approaches the padding overhead, which the report also computes from the data. Target: >= 2x.
-One process (a world of one). Writes bench/results/packing.md.
+One process (a world of one). Writes bench/results/packing.md (--results DIR: DIR/packing.md).
+`--smoke`: a few steps of the same path on a small data set, into a temporary directory (CI runs it: tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -116,15 +117,13 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
     from colossalai.accelerator import get_accelerator
 
     from finetune import train
-    from finetune.booster import PLUGINS, build_booster
-    from finetune.config import load_config, parallel_plan
+    from finetune.config import load_config
     from finetune.data import batches_forever, build_data, load_splits
     from finetune.distributed import launch
     from finetune.faults import Faults
-    from finetune.methods import method_named
-    from finetune.run import Run
     from finetune.model import build_model
     from finetune.packing import packed_attention
+    from finetune.run import build_dataloader, build_run
 
     cfg = load_config(
         [f"model.name={args.model}", "method=full", f"data.train_path={data}", f"data.max_length={args.max_length}", "data.max_eval_samples=8", "data.cache=false"]
@@ -136,18 +135,12 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
     model, tokenizer = build_model(cfg.model, cfg.train.seed)
     data = build_data(cfg.data, tokenizer, splits)
     attention = packed_attention(model)
-    booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm)
-    loaders = {
-        "padded": train.build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, 0),
-        "packed": train.build_dataloader(cfg, plugin, data.train, tokenizer.pad_token_id, 0, attention),
-    }
-    spec = PLUGINS[cfg.plugin.name]
-    optimizer = spec.build_optimizer(list(model.parameters()), cfg)
-    model, optimizer, *_ = booster.boost(model.to(device), optimizer)
-    run = Run(cfg, spec, method_named(cfg.method), splits.task, parallel_plan(cfg, 1), spec.layout(plugin), booster, model, optimizer, None, device, 0, None, 1, Faults(""))
+    # The padded batches are the run's own dataloader; the packed ones come from the same plugin. No fit(): no stop signals to handle.
+    run, padded = build_run(cfg, world_size=1, device=device, task=splits.task, model=model, pending=None, samples=data.train, pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None)
+    loaders = {"padded": padded, "packed": build_dataloader(cfg, run.booster.plugin, data.train, tokenizer.pad_token_id, 0, attention)}
     batches = {name: batches_forever(loader, 1, len(loader)) for name, loader in loaders.items()}
     totals = {name: {"steps": args.steps, "tokens": 0, "computed": 0, "seconds": 0.0, "rows": len(loader.dataset), "samples": len(data.train)} for name, loader in loaders.items()}
-    model.train()
+    run.model.train()
     for step in range(WARMUP_STEPS + args.steps):
         for name in ("padded", "packed"):
             micro_batches = next(batches[name])[1]
@@ -211,6 +204,10 @@ def write_report(args: argparse.Namespace, stats: dict, fills: dict[int, dict], 
     return "\n".join(lines)
 
 
+# --smoke: every step of the measurement once, on a data set a few batches long.
+SMOKE = {"model": "tiny-llama", "steps": 1, "batch_sizes": "4", "max_length": 64, "records": 64}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama", help="a Llama-family model: GPT-2's packed attention also changes its padded path")
@@ -218,8 +215,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="8,16", help="rows per step, comma-separated")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--records", type=int, default=2000)
-    parser.add_argument("--output", type=Path, default=RESULTS / "packing.md")
+    parser.add_argument("--smoke", action="store_true", help="the same path, as small as it runs (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    parser.add_argument("--results", type=Path, help="where packing.md goes (default bench/results; with --smoke a new temporary directory)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
+    output = (args.results or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if args.smoke else RESULTS)) / "packing.md"
     results: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
         data = Path(tmp) / "alpaca_like.jsonl"
@@ -231,10 +232,10 @@ def main() -> None:
             results[batch_size] = measure(args, data, batch_size)
             print(report_section(batch_size, fills[batch_size], results[batch_size])[-2], flush=True)
     report = write_report(args, length_stats(lengths, args.max_length), fills, results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
     print(report)
-    print(f"written to {args.output}")
+    print(f"written to {output}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The hand-written PyTorch loop the benchmark compares finetune/train.py against.
 
     python bench/plain_loop.py OUT.json model.name=gpt2 train.batch_size=4 data.train_path=... [key=value ...]
+    python bench/plain_loop.py --smoke [OUT.json]     # a few steps of a tiny model (CI: tests/test_bench_smoke.py)
 
 Same config keys as the trainer (so both loops get the same model, seed, data, batch and optimizer),
 and nothing else: forward, backward, clip, AdamW step, scheduler step, zero_grad, loss.item(). Each
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,5 +53,20 @@ def main(out: str, argv: list[str]) -> None:
     Path(out).write_text(json.dumps({"step_s": times, "tokens": tokens}))
 
 
+def smoke(out: str | None) -> None:
+    """A few steps of a tiny model on fixed-length data; OUT.json defaults to a new temporary directory."""
+    from tests.conftest import write_fixed_length_file  # the fixed-length data bench/run.py trains on
+
+    results = Path(out).parent if out else Path(tempfile.mkdtemp(prefix="bench-smoke-"))
+    results.mkdir(parents=True, exist_ok=True)
+    data = write_fixed_length_file(results / "fixed_length.jsonl")
+    out = out or str(results / "plain_loop.json")
+    main(out, ["model.name=tiny-gpt2", f"data.train_path={data}", "data.max_length=64", "data.max_eval_samples=8", "train.batch_size=1", "train.max_steps=3"])
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if sys.argv[1:2] == ["--smoke"]:
+        smoke(sys.argv[2] if len(sys.argv) > 2 else None)
+    else:
+        main(sys.argv[1], sys.argv[2:])

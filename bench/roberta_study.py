@@ -6,7 +6,8 @@ as LoRA on one process, with data parallelism (TorchDDP, 2 ranks) and with pipel
 (HybridParallel pp_size=2, 1F1B). Every setup sees the same global batch (16), learning rate and
 number of steps; each run is a real finetune/train.py run, and finetune.report reads their
 summary.json files. Writes bench/results/roberta_study.md and roberta_study.png; the runs themselves
-go to outputs/roberta_study/ (not committed).
+go to outputs/roberta_study/ (not committed). `--smoke`: two steps of the one-process LoRA run, into a
+temporary directory unless --results names one (CI runs it: tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -49,11 +51,17 @@ SETUPS = {
 }
 
 
-def run_setting(setup: str, method: str, runs_dir: Path) -> Path:
-    """One finetune/train.py run of a setup and method; returns its output dir (fails loudly)."""
+METHODS = ("full", "lora")
+# --smoke: one run of two steps (the study's path, not its result): one process, LoRA (its head trains in full too).
+SMOKE_RUNS = [("single", "lora")]
+SMOKE_STEPS = ["train.max_steps=2", "train.warmup_steps=1"]
+
+
+def run_setting(setup: str, method: str, runs_dir: Path, overrides: list[str]) -> Path:
+    """One finetune/train.py run of a setup and method (overrides last); returns its output dir (fails loudly)."""
     launcher, ranks, config, extra = SETUPS[setup]
     out = runs_dir / f"{setup}-{method}"
-    args = ["--config", str(REPO / "booster_configs" / f"{config}.yaml"), *COMMON, *extra, f"method={method}", f"train.lr={LR[method]}", f"output_dir={out}"]
+    args = ["--config", str(REPO / "booster_configs" / f"{config}.yaml"), *COMMON, *extra, f"method={method}", f"train.lr={LR[method]}", f"output_dir={out}", *overrides]
     started = time.perf_counter()
     result = subprocess.run(launch_command(launcher, ranks) + args, cwd=REPO, env=run_env(), capture_output=True, text=True)
     if result.returncode != 0:
@@ -73,12 +81,12 @@ def chance_levels(run_dir: Path) -> tuple[int, float, str, float]:
     return len(splits.labels), 1 / len(splits.labels), label, count / len(splits.eval)
 
 
-def write_study(run_dirs: list[Path], wall_s: float) -> Path:
+def write_study(run_dirs: list[Path], wall_s: float, results: Path) -> Path:
     """bench/results/roberta_study.md (setup notes, chance levels, the report table) and its PNG."""
     rows = [report.row_of(d, report.read_summary(d)) for d in run_dirs]
     labels, uniform, majority, share = chance_levels(run_dirs[0])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report.plot(rows, RESULTS / "roberta_study.png")
+    results.mkdir(parents=True, exist_ok=True)
+    report.plot(rows, results / "roberta_study.png")
     text = (
         "# RoBERTa study: single / DDP / PP x full / LoRA (measured by bench/roberta_study.py)\n\n"
         f"tiny-roberta (random init) on chatterbot-corpus topics: {labels} labels; chance on the held-out split is "
@@ -88,18 +96,23 @@ def write_study(run_dirs: list[Path], wall_s: float) -> Path:
         + report.markdown_table(rows)
         + f"\nStudy wall time: {wall_s:.0f} s. Figure: roberta_study.png.\n"
     )
-    path = RESULTS / "roberta_study.md"
+    path = results / "roberta_study.md"
     path.write_text(text)
     return path
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs-dir", type=Path, default=REPO / "outputs" / "roberta_study", help="where the six runs write their outputs")
+    parser.add_argument("--runs-dir", type=Path, help="where the runs write their outputs (default outputs/roberta_study; with --smoke RESULTS/runs)")
+    parser.add_argument("--smoke", action="store_true", help=f"only {SMOKE_RUNS}, {SMOKE_STEPS[0]}")
+    parser.add_argument("--results", type=Path, help="where the study goes (default bench/results; with --smoke a new temporary directory)")
     args = parser.parse_args(argv)
+    results = args.results or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if args.smoke else RESULTS)
+    runs_dir = args.runs_dir or (results / "runs" if args.smoke else REPO / "outputs" / "roberta_study")
+    runs = SMOKE_RUNS if args.smoke else [(setup, method) for setup in SETUPS for method in METHODS]
     started = time.perf_counter()
-    run_dirs = [run_setting(setup, method, args.runs_dir) for setup in SETUPS for method in ("full", "lora")]
-    path = write_study(run_dirs, time.perf_counter() - started)
+    run_dirs = [run_setting(setup, method, runs_dir, SMOKE_STEPS if args.smoke else []) for setup, method in runs]
+    path = write_study(run_dirs, time.perf_counter() - started, results)
     print(path.read_text())
 
 

@@ -15,6 +15,9 @@
 
 Writes bench/results/results.md, results.json and plugins.png. On CUDA the same cases run on every GPU
 of the machine and the tables report tokens/s per GPU, peak CUDA memory and MFU.
+
+`--smoke` runs every part once on a tiny model, one rank, one timed step (CI runs it: tests/test_bench_smoke.py),
+into a temporary directory unless --results names one: it checks that the benchmark runs, not what it measures.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +57,9 @@ class Case:
     threads: int = 0  # OpenMP threads per rank; 0: the cores divided among the ranks
 
 
-def common_args(model: str, steps: int, batch_size: int, max_length: int) -> list[str]:
+def common_args(model: str, steps: int, batch_size: int, max_length: int, results: Path) -> list[str]:
     """A short run on fixed-length data (same shapes under every setup): no mid-run eval, a small eval set."""
-    data = write_fixed_length_file(RESULTS / "fixed_length.jsonl")
+    data = write_fixed_length_file(results / "fixed_length.jsonl")
     return [
         f"model.name={model}",
         f"data.train_path={data}",
@@ -154,18 +158,18 @@ def mfu(tokens_per_s_per_gpu: float, seq_len: int, summary: dict) -> float | Non
 # 1. Framework overhead
 
 
-def framework_overhead(model: str, steps: int, batch_size: int, max_length: int, rounds: int) -> dict:
+def framework_overhead(model: str, steps: int, batch_size: int, max_length: int, rounds: int, results: Path) -> dict:
     """Step time of train.py (TorchDDP, 1 rank) over that of the plain loop, alternating runs."""
-    args = [*common_args(model, steps, batch_size, max_length), "method=full", "plugin.name=torch_ddp"]
+    args = [*common_args(model, steps, batch_size, max_length, results), "method=full", "plugin.name=torch_ddp"]
     # One thread each: on a shared machine a two-thread step stalls at every OpenMP barrier whose other
     # thread was descheduled, which would swamp the difference being measured.
     ours, plain = [], []
     for i in range(rounds):
-        out = RESULTS / "runs" / f"overhead_plain_{i}.json"
+        out = results / "runs" / f"overhead_plain_{i}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(REPO / "bench" / "plain_loop.py"), str(out), *args], cwd=REPO, env=child_env(1), check=True, capture_output=True)
         plain += json.loads(out.read_text())["step_s"][WARMUP_STEPS:]
-        run = train(Case("overhead", args, nproc=1, threads=1), RESULTS / "runs" / f"overhead_ours_{i}")
+        run = train(Case("overhead", args, nproc=1, threads=1), results / "runs" / f"overhead_ours_{i}")
         ours += [m["step_s"] for m in timed(run["metrics"])]
     return {
         "model": model,
@@ -208,10 +212,10 @@ def method_cases(base: list[str], nproc: int) -> list[Case]:
     return cases
 
 
-def pretrained_copy(name: str) -> str:
+def pretrained_copy(name: str, results: Path) -> str:
     """A named (random-init) model saved once as a safetensors model directory: trained from there, it is a
     pretrained checkpoint to the plugins that load weights per shard (finetune.deferred)."""
-    target = RESULTS / "runs" / f"{name}-pretrained"
+    target = results / "runs" / f"{name}-pretrained"
     if not (target / "model.safetensors").exists():
         from finetune.config import ModelConfig
         from finetune.model import build_model
@@ -230,10 +234,10 @@ def base_bytes_per_param(summary: dict) -> float:
     return weights["total_bytes"] / params
 
 
-def cpu_process_baseline() -> dict:
+def cpu_process_baseline(results: Path) -> dict:
     """The estimator's CPU_PROCESS_BYTES, measured as it was defined: a 1-rank tiny-gpt2 run's RSS after
     training minus its live weights, gradients (param.grad + DDP bucket) and AdamW states."""
-    run = train(Case("baseline", [*common_args("tiny-gpt2", 3, 1, 64), "method=full", "eval.batch_size=1"], nproc=1), RESULTS / "runs" / "baseline")
+    run = train(Case("baseline", [*common_args("tiny-gpt2", 3, 1, 64, results), "method=full", "eval.batch_size=1"], nproc=1), results / "runs" / "baseline")
     summary = run["summary"]
     after = next(s["current_bytes"] for s in summary["memory"]["stages"] if s["name"] == "after_training")
     params = summary["all_params"]
@@ -324,9 +328,9 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_case(case: Case, key: str, device: str) -> dict:
+def run_case(case: Case, key: str, device: str, results: Path) -> dict:
     """Train one case and report its row."""
-    row = case_row(case, train(case, RESULTS / "runs" / f"{key}_{case.name}"), device == "cuda")
+    row = case_row(case, train(case, results / "runs" / f"{key}_{case.name}"), device == "cuda")
     print(f"{key} {case.name}: {row['tokens_per_s']:.0f} tokens/s, peak {fmt_mib(row['peak_bytes_rank0'])} MiB (predicted {fmt_mib(row['predicted_bytes'])})", flush=True)
     return row
 
@@ -344,6 +348,11 @@ def machine() -> tuple[str, str, int]:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}", "cpu", 2
 
 
+# --smoke: every part of the benchmark once, as small as it runs: one timed step of a tiny model, one rank.
+SMOKE = {"model": "tiny-gpt2", "steps": WARMUP_STEPS + 1, "batch_size": 1, "max_length": 64, "rounds": 1, "overhead_steps": 1}
+SMOKE_CASES = {"torch_ddp"}  # one plugin row (it is also the methods table's "full" row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2", help="named model for the plugin and method tables")
@@ -351,36 +360,44 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="per rank")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per sample (every sample fills it)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the overhead comparison")
+    parser.add_argument("--overhead-steps", type=int, default=6, help="timed steps per run of the overhead comparison")
     parser.add_argument("--only", default="", help="comma-separated case names (e.g. lora,qlora): just these rows, without the overhead comparison and baseline; written to results-NAMES.md/.json")
     parser.add_argument("--as-pretrained", action="store_true", help="save the named --model as a safetensors model directory first and train from it (as from a pretrained checkpoint)")
+    parser.add_argument("--smoke", action="store_true", help="every part once on a tiny model, one rank (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
     opts = parser.parse_args()
+    if opts.smoke:
+        vars(opts).update(SMOKE)
     only = set(filter(None, opts.only.split(",")))
+    results_dir = opts.results or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if opts.smoke else RESULTS)
     started = time.perf_counter()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
     description, device, nproc = machine()
+    nproc = 1 if opts.smoke else nproc
     results: dict = {"machine": description, "device": device, "model": opts.model + (" (saved as a pretrained directory)" if opts.as_pretrained else ""), "batch": f"{opts.batch_size} x {opts.max_length}", "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
     print(f"bench on {description}", flush=True)
     if device == "cpu" and not only:
-        results["baseline"] = cpu_process_baseline()
+        results["baseline"] = cpu_process_baseline(results_dir)
         print(f"CPU process baseline: {fmt_mib(results['baseline']['measured_bytes'])} MiB", flush=True)
     if not only:
-        results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + 6, opts.batch_size, opts.max_length, opts.rounds)
+        results["overhead"] = framework_overhead(opts.model, WARMUP_STEPS + opts.overhead_steps, opts.batch_size, opts.max_length, opts.rounds, results_dir)
         print(f"framework overhead ratio: {results['overhead']['ratio']:.3f}", flush=True)
-    base = common_args(pretrained_copy(opts.model) if opts.as_pretrained else opts.model, opts.steps, opts.batch_size, opts.max_length)
+    base = common_args(pretrained_copy(opts.model, results_dir) if opts.as_pretrained else opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir)
     base += ["train.precision=bf16"] if device == "cuda" else []  # MFU is against the bf16 peak
+    wanted = SMOKE_CASES if opts.smoke else only
     for key, cases in (("plugins", plugin_cases(base, nproc)), ("methods", method_cases(base, nproc))):
-        results[key] = [run_case(case, key, device) for case in cases if not only or case.name in only]
+        results[key] = [run_case(case, key, device, results_dir) for case in cases if not wanted or case.name in wanted]
     ddp = [r for r in results["plugins"] if r["case"] == "torch_ddp"]
     results["methods"][:0] = [{**ddp[0], "case": "full"}] if ddp else []  # full fine-tuning is the torch_ddp row
     results["wall_s"] = time.perf_counter() - started
     results["load_after"] = os.getloadavg()[0]  # other work on the machine slows every timing alike
     name = "results-" + "-".join(sorted(only)) if only else "results"  # a partial run never replaces the full one
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(results) + "\n")
+    (results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (results_dir / f"{name}.md").write_text(markdown(results) + "\n")
     if results["plugins"]:
-        chart(results, RESULTS / "plugins.png")
+        chart(results, results_dir / "plugins.png")
     print(markdown(results))
-    print(f"wrote {RESULTS}/{name}.md, {name}.json in {results['wall_s'] / 60:.1f} min")
+    print(f"wrote {results_dir}/{name}.md, {name}.json in {results['wall_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
