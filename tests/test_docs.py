@@ -106,22 +106,18 @@ def shell_commands(doc: Path) -> list[Command]:
     for lang, start, body in fenced_blocks(doc.read_text()):
         if lang not in SHELL_BLOCKS:
             continue
-        pending, first = "", 0
+        joined, first = "", 0
         for offset, line in enumerate(body):
-            stripped = line.strip()
-            prompted = stripped.startswith("$ ")
-            stripped = stripped[2:] if prompted else stripped
-            if pending:
-                pending, stripped = pending + " " + stripped, pending + " " + stripped
-            elif prompted or _is_project_command(stripped) or (lang and stripped and not stripped.startswith("#")):
-                first = start + offset
+            prompted, text = line.strip().startswith("$ "), line.strip().removeprefix("$ ")
+            if joined:
+                text = f"{joined} {text}"
+            elif prompted or _is_project_command(text) or (lang and text and not text.startswith("#")):
+                first = start + offset  # in a block marked bash/sh every line but a comment is a command
             else:
                 continue  # output shown after a command, or a comment
-            if stripped.endswith("\\"):
-                pending = stripped[:-1].strip()
-                continue
-            pending = ""
-            commands.append(Command(name, first, stripped))
+            joined = text[:-1].strip() if text.endswith("\\") else ""
+            if not joined:
+                commands.append(Command(name, first, text))
     return commands
 
 
@@ -184,7 +180,7 @@ def check_train_args(command: Command, args: list[str], world_size: int) -> conf
     for arg in args_iter:
         if arg == "--config":
             path = next(args_iter, "")
-            if (REPO / path).is_file() or path.startswith(tuple(d + "/" for d in REPO_DIRS)):
+            if (REPO / path).is_file():  # a repository path that is missing failed before (check_command)
                 kept += ["--config", str(REPO / path)]
             else:
                 kept += READER_CONFIG
@@ -259,13 +255,9 @@ def check_cli(command: Command, entry, args: list[str]) -> argparse.Namespace | 
         raise DocError(f"{command.where}: rejected by its argument parser") from None
 
 
-def _makefile() -> str:
-    return (REPO / "Makefile").read_text()
-
-
 def check_make(command: Command, words: list[str]) -> None:
     """`make TARGET [VAR=value]`: the target exists and every variable is one the Makefile reads."""
-    text = _makefile()
+    text = (REPO / "Makefile").read_text()
     for word in words[1:]:
         var, eq, _ = word.partition("=")
         if eq and not re.search(rf"^{re.escape(var)}\s*\??=", text, re.M):
@@ -293,11 +285,11 @@ def check_launch_script(command: Command, words: list[str]) -> None:
         return  # the script named alone
     if script == "launch/single_node.sh":
         nproc, train_args = _world(command, rest[0]), rest[1:]
-        launch.parse(["single", "--nproc_per_node", str(nproc), "--", *train_args])
+        call_parser(command, launch.parse, ["single", "--nproc_per_node", str(nproc), "--", *train_args])
         world = nproc
     elif script == "launch/multi_node.sh":
         hostfile, addr, nproc, train_args = rest[0], rest[1], _world(command, rest[2]), rest[3:]
-        launch.parse(["hostfile", "--hostfile", hostfile, "--master_addr", addr, "--nproc_per_node", str(nproc), "--", *train_args])
+        call_parser(command, launch.parse, ["hostfile", "--hostfile", hostfile, "--master_addr", addr, "--nproc_per_node", str(nproc), "--", *train_args])
         hosts = len(launch.read_hostfile(str(REPO / hostfile))) if (REPO / hostfile).is_file() else HOSTFILE_HOSTS
         world = hosts * nproc
     else:
@@ -315,8 +307,16 @@ def check_sbatch(command: Command, words: list[str]) -> None:
     check_train_args(command, words[script + 1 :], nodes * _slurm_gpus_per_node())
 
 
-# The few CLIs whose argument checks go beyond parse_args: their own parse function, called whole.
+# The CLIs whose argument checks go beyond parse_args (export: OUT_DIR or --gguf): their own parse function, called whole.
 PARSE_FUNCTIONS = {"finetune.export": "parse_cli", "finetune.launch": "parse"}
+
+
+def call_parser(command: Command, parse, argv: list[str]) -> argparse.Namespace:
+    """A CLI's own parse function (parsing only, by its contract) on argv; its usage error is the doc's error."""
+    try:
+        return parse(argv)
+    except SystemExit:
+        raise DocError(f"{command.where}: rejected by its argument parser") from None
 
 
 def check_python(command: Command, words: list[str]) -> None:
@@ -334,10 +334,7 @@ def check_python(command: Command, words: list[str]) -> None:
         if module_name == "finetune.estimate":
             check_estimate(command, module, args)
         elif module_name in PARSE_FUNCTIONS and not command.synopsis:
-            try:
-                parse_only(getattr(module, PARSE_FUNCTIONS[module_name]), args)
-            except _Rejected:
-                raise DocError(f"{command.where}: rejected by its argument parser") from None
+            call_parser(command, getattr(module, PARSE_FUNCTIONS[module_name]), args)
         else:
             namespace = check_cli(command, module.main, args)
             for name in (getattr(namespace, "only", "") or "").split(",") if module_name == "finetune.gpu_check" else []:
@@ -512,6 +509,8 @@ WRONG = [
     ("python finetune/train.py --config booster_configs/zero3.yaml", "no booster_configs/zero3.yaml"),
     ("launch/single_node.sh 3 --config booster_configs/tp2_pp2.yaml", "world size"),
     ("python -m finetune.export outputs/run1 --gguf-typo x.gguf", "rejected by its argument parser"),
+    ("python -m finetune.export outputs/run1", "rejected by its argument parser"),  # neither OUT_DIR nor --gguf: parse_cli's own check
+    ("launch/multi_node.sh hosts.txt 10.0.0.1 8 --nproc 8", "unknown option '--nproc'"),
     ("python -m finetune.estimate model=llama2-7b plugin=zero3", "zero3"),
     ("python -m finetune.gpu_check --only nope.yaml", "no booster_configs/nope.yaml"),
     ("python -m finetune.nope", "no module finetune.nope"),
