@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install into .venv, convert the offline quickstart model, fine-tune it (2 ranks)
-#   make test   install into .venv, run the test suite (what CI runs)
+#   make test   install into .venv, run the test suite (what CI runs): unit and e2e tiers two at a time,
+#               then the distributed tier one test at a time (each of its tests uses both cores)
+#   make test-fast  the unit tier alone (in-process, no launches; a few minutes)
 #   make fuzz   install into .venv, fuzz the input readers with new random cases (FUZZ_EXAMPLES per property)
 #   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
 #   make bench-smoke  every bench/ script once with --smoke, into a temporary directory (make test runs the same)
@@ -14,7 +16,9 @@ PY := $(VENV)/bin/python
 THREADS = $$(( ($$(nproc) / $(NPROC)) > 0 ? ($$(nproc) / $(NPROC)) : 1 ))
 FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: install assets demo test fuzz bench bench-smoke roberta-study clean
+PYTEST = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+.PHONY: install assets demo test test-fast fuzz bench bench-smoke roberta-study clean
 
 install: $(VENV)/.installed
 
@@ -33,8 +37,17 @@ demo: assets
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) MASTER_PORT=$(FREE_PORT) \
 		launch/single_node.sh $(NPROC) overwrite_output_dir=true $(ARGS)
 
+# Tiers are pytest markers (pytest.ini): unit (unmarked tests), e2e, distributed. A one-process test
+# leaves a core idle, so those run on two xdist workers (a file's tests stay on one worker: module
+# fixtures are shared launches); a distributed test already runs a rank per core.
 test: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests --durations=25
+	status=0; \
+	$(PYTEST) tests -m "not distributed" -n 2 --dist loadfile --durations=15 || status=1; \
+	$(PYTEST) tests -m distributed --durations=15 || status=1; \
+	exit $$status
+
+test-fast: install
+	$(PYTEST) tests -m unit -n 2 --dist loadfile --durations=10
 
 # Nightly-sized, with new random cases: CI's run of the fuzz tests takes the same cases each time.
 FUZZ_EXAMPLES ?= 20000

@@ -135,3 +135,23 @@ def run_fresh_python(code: str, timeout: int = 120) -> str:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+TIERS = ("unit", "e2e", "distributed")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test not marked e2e (it launches the CLI or a subprocess) or distributed (several ranks) is a unit test."""
+    for item in items:
+        marked = [tier for tier in TIERS if item.get_closest_marker(tier)]
+        assert len(marked) <= 1, f"{item.nodeid} is marked {marked}: a test belongs to one tier"
+        if not marked:
+            item.add_marker(pytest.mark.unit)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets one core: torch's own threads would make two workers fight over both."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

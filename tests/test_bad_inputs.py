@@ -136,6 +136,7 @@ def base_args(world: dict) -> list[str]:
     return [f"data.train_path={world['data']}", "data.eval_fraction=0.25", "model.name=tiny-gpt2", "method=full", "train.max_steps=4", f"output_dir={world['root'] / 'out'}"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_bad_training_input(case, world):
     make_args, fragment = TRAIN_CASES[case]
@@ -156,6 +157,7 @@ LAUNCH_CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(LAUNCH_CASES))
 def test_bad_launch_input(case, world):
     make_args, fragment = LAUNCH_CASES[case]
@@ -165,6 +167,7 @@ def test_bad_launch_input(case, world):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_overwrite_replaces_an_earlier_run(world):
     copy = world["root"] / "overwritten"
     shutil.copytree(world["run"], copy)
@@ -374,6 +377,7 @@ def test_torn_metrics_line_does_not_block_resume(tmp_path, capsys):
     assert "ignored a torn last line" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_bad_data_through_the_cli_is_one_line(tmp_path):
     """One real launch: a data file error reaches the user as one line and exit 2, before the model is built."""
     data = tmp_path / "latin1.jsonl"

@@ -9,7 +9,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, run_env
+
+pytestmark = pytest.mark.e2e  # one-process subprocesses (bench/run.py --smoke trains on one rank)
 
 SMOKE_TIMEOUT_S = 300  # each script alone takes 10-60 s; a loaded 2-core machine several times that
 

@@ -96,6 +96,7 @@ RESUME_CASES = {
 }
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_kill_and_resume_reproduces_the_uninterrupted_run(case, instruction_file, tmp_path):
@@ -117,6 +118,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(case, instruction_file
     assert [p.name for p in checkpoint.complete_checkpoints(str(crashed))] == ["step_00000006", "step_00000008"]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(instruction_file, tmp_path):
     extra = ["model.name=tiny-gpt2", "method=lora"]
@@ -133,6 +135,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(instruction_f
     assert_same_run(reference, crashed, *FP32)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_guard(policy, instruction_file, tmp_path):
@@ -198,6 +201,7 @@ def _plant(ckpt: Path, relative: str, marker: Path) -> None:
     (ckpt / "state.json").write_text(json.dumps(state))
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_planted_pickles_never_run(one_rank_checkpoint, tmp_path):
     """Where the new format has its files: refused with one line; where format 1 had .pt/.bin files: never read."""
@@ -283,6 +287,7 @@ def lora_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.distributed
 def test_export_merges_the_adapter_into_a_plain_hf_model(lora_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -304,6 +309,7 @@ def test_export_merges_the_adapter_into_a_plain_hf_model(lora_run, tmp_path):
         assert (exported(input_ids=tokens).logits - plain(input_ids=tokens).logits).abs().max() > 1e-3  # the adapter is in
 
 
+@pytest.mark.distributed
 def test_export_of_a_checkpoint_and_refusals(lora_run, tmp_path):
     from finetune.export import main as export_main
 
@@ -319,6 +325,7 @@ def test_export_of_a_checkpoint_and_refusals(lora_run, tmp_path):
     assert export_main([str(truncated), str(tmp_path / "y")]) == 2 and not (tmp_path / "y").exists()
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_export_of_a_sharded_full_checkpoint(instruction_file, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -337,6 +344,7 @@ def test_export_of_a_sharded_full_checkpoint(instruction_file, tmp_path):
         assert (exported(input_ids=tokens).logits - final(input_ids=tokens).logits).abs().max() < 1e-4
 
 
+@pytest.mark.e2e
 def test_saving_an_adapter_of_a_named_config_looks_nothing_up_on_the_hub(monkeypatch, tmp_path):
     # peft's "auto" check for resized embeddings asks the hub for the base's config.json when the base
     # (here the name tiny-llama, recorded by the first save) is not a directory: at every later
@@ -388,6 +396,7 @@ def launch_ranks(args: list[str], nproc: int, fault: str, logs: Path) -> list[su
     return [subprocess.CompletedProcess(r.args, code, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i, (r, code) in enumerate(zip(ranks, codes))]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_sigterm_stops_every_rank_at_a_step_boundary_with_a_checkpoint(instruction_file, tmp_path):
     """Rank 0 alone receives SIGTERM after step 3: both ranks stop after step 3, checkpoint it, exit 3;

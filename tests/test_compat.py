@@ -24,6 +24,7 @@ def accelerator():
     return CpuAccelerator()
 
 
+@pytest.mark.e2e
 def test_the_gaps_are_real_in_stock_colossalai():
     # A fresh process: apply() patches the class for the rest of this one.
     probe = "from colossalai.accelerator.cpu_accelerator import CpuAccelerator as A; a = A()\n"
@@ -113,6 +114,7 @@ def test_seeding_and_rng_state(accelerator):
     assert torch.equal(accelerator.get_rng_state_all()[0], torch.get_rng_state())
 
 
+@pytest.mark.e2e
 def test_memory_is_process_rss_in_bytes():
     out = run_fresh_python(
         "import torch\n"

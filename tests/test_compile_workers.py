@@ -12,6 +12,8 @@ import pytest
 from finetune.fixes.torch import COMPILE_THREADS
 from tests.conftest import REPO, run_env
 
+pytestmark = pytest.mark.e2e
+
 CHILDREN_AFTER_IMPORT = (
     "import json, psutil\n"
     "{first}"

@@ -204,6 +204,7 @@ def test_fp16_is_accepted_where_cuda_is():
     assert load_config(["train.precision=fp16"], world_size=1, has_cuda=True).train.precision == "fp16"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("argv", [["plugin.name=zero9"], ["train.max_step=3"]])
 def test_cli_fails_fast_with_one_line(argv):
     started = time.perf_counter()
@@ -343,6 +344,7 @@ def alias_bomb(levels: int = 8, width: int = 9) -> list[str]:
 BOMBS = {"nested_8_deep": alias_bomb(), "recursive": ["&a0 [1, *a0]"]}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(BOMBS))
 def test_a_yaml_alias_bomb_is_one_short_line(tmp_path, name):
     """A 600-byte config expanded to a 254 MB error line (a list where a number belongs, quoted in full):

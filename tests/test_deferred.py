@@ -40,6 +40,7 @@ def pretrained_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.mark.distributed
 def test_sharded_logits_equal_the_unsharded_models(pretrained_dirs, tmp_path):
     """tp2, pp2 and fsdp (2 gloo ranks) built lazily / on meta, loaded per shard: the logits of the checkpoint (fp32);
     and under bf16 (ZeRO-1 or not) the optimizer's master copies hold the loaded weights (a step equals an eager build's)."""

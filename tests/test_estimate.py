@@ -183,6 +183,7 @@ def test_layer_activation_formula_matches_saved_tensors(model_type, dropout, pre
     assert predicted == pytest.approx(measured, rel=0.03), (predicted, measured)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
@@ -222,6 +223,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "finetune.estimate", *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_cli_table_and_json(capsys):
     request = ["model=gpt2", "method=lora", "plugin=zero2", "world_size=8", "batch_size=4", "seq_len=1024", "precision=bf16"]
     table = run_cli(*request)  # the real entry point, once
@@ -239,6 +241,7 @@ def test_cli_table_and_json(capsys):
     assert any(line.strip().startswith("peak") and peak in line for line in lines)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, message",
     [

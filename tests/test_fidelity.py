@@ -28,6 +28,8 @@ from finetune.data import build_data, collate, load_splits
 from finetune.model import build_lora_config, build_model
 from tests.conftest import REPO, read_metrics, run_train
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 5
 # Single GPT-2 tokens with and without a leading space, so every record tokenizes to the same length.
 WORDS = ["the", "cat", "dog", "red", "blue", "sun", "one", "two"]

@@ -35,6 +35,8 @@ from finetune.methods import method_named
 from finetune.outputs import RUN_MARKER
 from tests.conftest import REPO, TRAIN, run_env, run_train, write_instruction_file
 
+pytestmark = pytest.mark.e2e
+
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 STEP = "step_00000004"
 

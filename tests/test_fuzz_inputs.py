@@ -203,6 +203,7 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_refuses_fuzzed_input_in_one_line(tmp_path, case):
     """Exit 2, one `error:` line of bounded length, no traceback, nothing written outside output_dir."""

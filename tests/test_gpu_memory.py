@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from safetensors import safe_open
 
 from tests.conftest import read_summary, run_train
 
 
+@pytest.mark.e2e
 def test_fit_check_stops_before_weights_load_and_warn_goes_on(tmp_path, instruction_file):
     args = [f"data.train_path={instruction_file}", "model.name=tiny-gpt2", "method=full", "train.max_steps=1", "eval.num_generation_prompts=0"]
     refused = run_train([*args, f"output_dir={tmp_path / 'a'}"], env={"FINETUNE_AVAILABLE_BYTES": str(100 * 2**20)})
@@ -21,6 +23,7 @@ def test_fit_check_stops_before_weights_load_and_warn_goes_on(tmp_path, instruct
     assert "warning: predicted peak" in warned.stdout and (tmp_path / "b" / "final").is_dir()
 
 
+@pytest.mark.distributed
 def test_bf16_lora_holds_the_frozen_base_in_bf16_under_fsdp(tmp_path, instruction_file):
     """2 ranks, FSDP with bf16 mixed precision: the base is bf16 (2 bytes/param), the adapter trains and is saved in fp32."""
     out = tmp_path / "run"

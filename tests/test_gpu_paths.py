@@ -167,6 +167,7 @@ def test_the_reload_check_moves_to_the_cpu_when_the_gpu_is_full():
     assert reload_device(cfg, METHODS["full"], cpu, free_bytes=0) == cpu
 
 
+@pytest.mark.e2e
 def test_the_gpu_check_runs_what_this_machine_can_and_says_why_it_skips_the_rest(tmp_path):
     """python -m finetune.gpu_check: a real run per row; on CPU Gemini is skipped with its config refusal."""
     import json

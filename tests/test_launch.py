@@ -113,6 +113,7 @@ def test_slurm_torchrun_command():
         slurm_torchrun_command({}, 8, [])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True).returncode == 0
@@ -124,6 +125,7 @@ def run_script(*args: str, port: int | None = None, env: dict[str, str] | None =
     return subprocess.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
 
 
+@pytest.mark.e2e
 def test_scripts_explain_bad_input(tmp_path):
     dup = run_script("launch/multi_node.sh", hostfile(tmp_path, "a\na\n"), "127.0.0.1", "1", "model.name=tiny-gpt2")
     assert dup.returncode != 0 and "error: hostfile" in dup.stderr and "listed twice" in dup.stderr
@@ -133,6 +135,7 @@ def test_scripts_explain_bad_input(tmp_path):
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_a_user_error_on_the_ranks_is_the_last_line(tmp_path):
     # resume_from=latest in an empty output_dir passes the launcher's checks and fails on each rank at start.
@@ -158,6 +161,7 @@ def training_args(instruction_file, output_dir, steps: int) -> list[str]:
             f"train.max_steps={steps}", "eval.num_generation_prompts=0", f"output_dir={output_dir}"]
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_two_node_launch_through_a_hostfile(tmp_path, instruction_file):
     # Two "nodes" on this machine: localhost is started directly, node-1 through an ssh that runs the
@@ -223,6 +227,7 @@ if sys.argv[1] == "wait":
 """
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("torchrun", ["exits", "wait"])
 def test_no_process_outlives_the_launcher(torchrun):
     # "exits": torchrun ends and its rank, holding the output pipe, would keep the launcher waiting forever.
@@ -242,6 +247,7 @@ def test_no_process_outlives_the_launcher(torchrun):
     assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("script, stop", [("launch/single_node.sh", signal.SIGTERM), ("launch/multi_node.sh", signal.SIGINT)])
 def test_a_stopped_launcher_stops_every_rank_with_a_checkpoint(tmp_path, instruction_file, script, stop):
@@ -261,6 +267,7 @@ def test_a_stopped_launcher_stops_every_rank_with_a_checkpoint(tmp_path, instruc
     assert processes_of(out) == []
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_a_killed_rank_is_one_line_naming_it(tmp_path, instruction_file):
     import psutil
@@ -312,6 +319,7 @@ SHELL_WORDS = [
 ]
 
 
+@pytest.mark.e2e
 def test_a_remote_host_gets_every_argument_and_variable_verbatim(tmp_path):
     # The string ssh hands to the remote shell, run by a real shell: each word arrives as it was, nothing runs.
     pwned = tmp_path / "PWNED"
@@ -346,6 +354,7 @@ def test_output_filter_keeps_the_ranks_tracebacks_and_drops_the_launchers():
     assert death_line(Failure(None, 143, "SIGTERM")).startswith("error: a rank died (SIGTERM); the other ranks were stopped")
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_a_rank_stalled_in_a_tensor_parallel_collective_fails_the_other_in_time(tmp_path, instruction_file):
     # Rank 1 stops before step 1; rank 0 then waits inside a TP all-reduce (ColossalAI's sub-group, which
@@ -375,6 +384,7 @@ def test_a_rank_stalled_in_a_tensor_parallel_collective_fails_the_other_in_time(
     assert wall < 200, f"took {wall:.0f}s"
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_nodes_that_do_not_share_output_dir_are_told_at_start(tmp_path, instruction_file):
     # Two "nodes" on this machine (two torchrun agents, node_rank 0 and 1); node 1 gets its own output_dir,

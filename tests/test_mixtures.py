@@ -89,6 +89,7 @@ SLOW_TOKENIZE_S = 25  # rank 1's extra time over its share: longer than the run'
 TIMEOUT_S = 15
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_a_mixture_run_logs_per_source_eval_loss_outlasts_the_timeout_while_tokenizing_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))  # a cold cache: the reference run tokenizes
@@ -140,6 +141,7 @@ def _share_tokenization(rank: int, port: int, files: list[str], cache: str, bad_
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
+@pytest.mark.distributed
 def test_ranks_share_the_tokenization_as_if_one_did_it_and_a_failing_share_stops_every_rank(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 

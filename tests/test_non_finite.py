@@ -97,6 +97,7 @@ def base_args(tmp_path: Path) -> list[str]:
     return [f"data.train_path={data}", "data.eval_fraction=0.25", "model.name=tiny-gpt2", "train.max_steps=1", "train.batch_size=4", "eval.every_steps=0", "eval.num_generation_prompts=0", f"output_dir={tmp_path / 'out'}"]
 
 
+@pytest.mark.e2e
 def test_a_nan_init_adapter_is_refused_at_load(tmp_path):
     result, lines = run_cli([*base_args(tmp_path), "method=lora", f"lora.init_from={nan_adapter(tmp_path / 'adapter')}"])
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
@@ -104,6 +105,7 @@ def test_a_nan_init_adapter_is_refused_at_load(tmp_path):
     assert not (tmp_path / "out" / "final").exists()
 
 
+@pytest.mark.e2e
 def test_a_run_whose_every_step_was_skipped_writes_no_final(tmp_path):
     """It ended in an IndexError in outputs.finish, after writing final/ (the untrained model) as if trained."""
     result, lines = run_cli([*base_args(tmp_path), "method=full", "train.on_nan=skip"], env={"FINETUNE_FAULT": "nan_at_step:1"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from finetune import fixes
@@ -16,6 +17,7 @@ def make_profiler() -> MemoryProfiler:
     return MemoryProfiler()
 
 
+@pytest.mark.e2e
 def test_stages_and_step_peaks_see_real_allocations():
     out = run_fresh_python(
         "import json, torch\n"

@@ -103,6 +103,7 @@ def test_quantized_weights_match_the_full_precision_base():
 # --- repairs: each is needed by the pinned stack, and works ----------------------------------------
 
 
+@pytest.mark.e2e
 def test_transformers_refuses_bitsandbytes_on_cpu_without_the_repair():
     code = (
         "import torch, transformers.integrations.bitsandbytes as b\n"
@@ -120,6 +121,7 @@ def test_quantization_repairs_are_version_guarded():
     assert peft_fixes.apply(peft_version="0.14.0") == []
 
 
+@pytest.mark.e2e
 def test_peft_8bit_lora_needs_the_fix():
     code = (
         "from finetune.config import ModelConfig, QuantizationConfig, LoraConfig\n"
@@ -155,6 +157,7 @@ def _train_after_eval(repaired: bool) -> str:
     )
 
 
+@pytest.mark.e2e
 def test_training_after_an_eval_pass_keeps_every_adapter_trainable():
     from bitsandbytes.nn.modules import has_avx512bf16 as cpu_repacks  # the stock failure needs such a CPU
 
@@ -166,6 +169,7 @@ def test_training_after_an_eval_pass_keeps_every_adapter_trainable():
 # --- real 2-rank runs ----------------------------------------------------------------------------
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     "config, model, bits",
@@ -185,6 +189,7 @@ def test_qlora_two_ranks(instruction_file, tmp_path, config, model, bits):
     assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_qlora_pipeline_parallel(instruction_file, tmp_path):
     out = tmp_path / "run"
@@ -196,6 +201,7 @@ def test_qlora_pipeline_parallel(instruction_file, tmp_path):
     assert summary["checks"]["frozen_changed"] == 0 and summary["reload"]["ok"]
 
 
+@pytest.mark.e2e
 def test_a_quantized_cpu_model_does_not_keep_the_full_precision_file_mapped():
     code = (
         "from finetune.config import ModelConfig, QuantizationConfig\nfrom finetune.model import build_model\nfrom finetune import fixes\nfixes.apply()\n"

@@ -202,6 +202,7 @@ def saved_weights(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint.read_safetensors_dir(path)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_checkpoint_resumes_under_another_layout(case, uninterrupted, equal_length_data, tmp_path):  # noqa: F811
@@ -255,6 +256,7 @@ def test_gemini_layout_changes_are_refused_in_one_line():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_another_global_batch_goes_on_at_the_nearest_step_and_schedule(uninterrupted, equal_length_data, tmp_path):  # noqa: F811
     """ddp x2 at 8 a step, resumed on one process at 4 a step: its step 3 (24 samples) is step 6 there, and the LR schedule follows."""

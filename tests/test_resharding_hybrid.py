@@ -20,6 +20,8 @@ from tests.conftest import REPO
 from tests.test_checkpoint import final_weights, launch, launch_ranks, train_losses
 from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.distributed
+
 STEPS, CHECKPOINT_AT = 6, 3
 LOSS, WEIGHTS = 1e-5, 1e-4
 LLAMA_FULL = ["model.name=tiny-llama", "method=full"]

@@ -48,6 +48,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.e2e
 def test_a_failed_overwrite_keeps_the_previous_run_and_takes_over_a_stale_lock(first_run, tmp_path):
     out = copy_run(first_run, tmp_path / "run")
     final, summary = tree(out / "final"), (out / "summary.json").read_bytes()
@@ -66,6 +67,7 @@ def test_a_failed_overwrite_keeps_the_previous_run_and_takes_over_a_stale_lock(f
     assert not (out / ".previous-run").exists() and not (out / LOCK).exists()  # released on the error too
 
 
+@pytest.mark.e2e
 def test_a_second_run_on_a_locked_output_dir_is_refused(first_run, tmp_path):
     out = copy_run(first_run, tmp_path / "run")
     (out / LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))  # this test process: alive
@@ -89,6 +91,7 @@ def test_the_lock_is_taken_and_released_in_process(tmp_path):
     assert not (tmp_path / "out" / LOCK).exists()
 
 
+@pytest.mark.e2e
 def test_a_flipped_byte_in_a_checkpoint_is_named(first_run, tmp_path):
     step = shutil.copytree(checkpoint.complete_checkpoints(str(first_run[1]))[0], tmp_path / "step")
     state = checkpoint.verify(step)
@@ -101,6 +104,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_named(first_run, tmp_path):
         checkpoint.verify(step)
 
 
+@pytest.mark.e2e
 def test_resume_from_another_runs_checkpoint_is_refused(first_run, tmp_path):
     from finetune.train import main
 
@@ -110,6 +114,7 @@ def test_resume_from_another_runs_checkpoint_is_refused(first_run, tmp_path):
     assert not (tmp_path / "other").exists()  # refused before anything was written
 
 
+@pytest.mark.e2e
 def test_a_resume_from_an_older_checkpoint_fences_the_newer_ones_and_a_reload_mismatch_fails(first_run, tmp_path):
     out = copy_run(first_run, tmp_path / "run")
     step_2, old_step_4 = checkpoint.complete_checkpoints(str(out))
@@ -128,6 +133,7 @@ def test_a_resume_from_an_older_checkpoint_fences_the_newer_ones_and_a_reload_mi
     assert summary["reload"]["ok"] is False and summary["steps"] == 3
 
 
+@pytest.mark.e2e
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one_and_final(first_run, tmp_path):
     """The resumed run may write no file over 12 kB (RLIMIT_FSIZE, as a full disk fails a write): its
     checkpoint at step 6 cannot be written. One line says so; step 4 and final/ are as they were."""
@@ -295,6 +301,7 @@ def test_adopt_marks_a_run_written_before_runs_were_marked(tmp_path):
     assert problems(out, "resume_from=latest") == [] and run_entries(out) == list(RUN_ENTRIES)
 
 
+@pytest.mark.e2e
 def test_new_runs_and_a_bad_overwrite_through_the_cli_leave_every_file(first_run, tmp_path):
     """Real launches for the exit-code contract: a user's directory with overwrite_output_dir=true, then a run into a
     directory whose previous run a killed overwrite set aside: each one error line, exit 2, nothing changed."""
@@ -311,6 +318,7 @@ def test_new_runs_and_a_bad_overwrite_through_the_cli_leave_every_file(first_run
         assert tree(target) == before
 
 
+@pytest.mark.e2e
 def test_an_export_never_replaces_what_is_there(first_run, tmp_path):
     from finetune.export import main as export_main
 

@@ -126,6 +126,7 @@ def refused_run(args: list[str]) -> subprocess.CompletedProcess:
     return errors[0]
 
 
+@pytest.mark.e2e
 def test_pickle_only_model_and_adapter_dirs_are_refused_without_running_them(world, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -234,6 +235,7 @@ def test_export_ignores_the_runs_trust_remote_code(world, tmp_path, capsys):
     assert export.main([str(run), str(tmp_path / "out2"), "--trust-remote-kode"]) == 2
 
 
+@pytest.mark.e2e
 def test_training_from_a_hub_id_end_to_end(world, offline_hub, tmp_path):
     """One real run (1 process, 2 LoRA steps) from `org/name`, then its export and a lora.init_from on that base."""
     data = write_instruction_file(tmp_path / "train.jsonl")
@@ -284,6 +286,7 @@ def test_the_fit_check_passes_the_runs_trust_remote_code(world, tmp_path, monkey
     assert not asked and marker.exists()
 
 
+@pytest.mark.e2e
 def test_a_model_dir_that_needs_its_own_code_stops_the_cli_in_one_line(world, tmp_path):
     """The reported hang: launched with stdin closed, the run refuses in one line instead of prompting."""
     marker = tmp_path / "code_ran"

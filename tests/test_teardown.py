@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, free_port, run_env
 
 # Rank 0 leaves a collective to its gloo worker thread and drops its tensor (the tensor's Python object is then
@@ -32,6 +34,7 @@ print(f"rank {rank} done", flush=True)
 TEARDOWN_LIMIT_S = 90  # two interpreters importing torch on a loaded machine, plus the one-second wait
 
 
+@pytest.mark.distributed
 def test_teardown_does_not_wait_for_a_worker_that_needs_the_gil():
     env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]

@@ -27,6 +27,7 @@ def problems_for(*overrides: str) -> list[str]:
     return validate(build_config(parse_args(["model.name=tiny-gpt2", *overrides])), world_size=1, has_cuda=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_tensorboard_curves_equal_metrics_and_dora_reloads(instruction_file, tmp_path):
     """One DoRA run with TensorBoard: the event file's loss curve is metrics.jsonl's, grad_norm is logged,
@@ -54,6 +55,7 @@ def test_tensorboard_curves_equal_metrics_and_dora_reloads(instruction_file, tmp
     assert any("lora_magnitude_vector" in key for key in load_file(out / "final" / "adapter_model.safetensors"))
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_pissa_run_converts_final_to_plain_lora(instruction_file, tmp_path):
     """PiSSA trains against a residual base; final/ is converted (rank 2r) so the original base + adapter reproduce the model."""
@@ -94,6 +96,7 @@ def test_estimator_counts_dora_magnitude():
     assert estimate.model_shape(config, "lora", lora("lora.init=pissa")).trainable_params == plain.trainable_params
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_dora_pissa_under_pipeline_two_ranks(instruction_file, tmp_path):
     """DoRA and PiSSA together across two pipeline stages: the held-out loss falls, the converted adapter

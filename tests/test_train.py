@@ -53,6 +53,7 @@ def check_run_contract(out: Path, world_size: int, replicated: bool = True) -> d
     return summary
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_full_finetune_two_ranks_torchrun(instruction_file, tmp_path):
     out = tmp_path / "run"
@@ -67,6 +68,7 @@ def test_full_finetune_two_ranks_torchrun(instruction_file, tmp_path):
     assert "trainable params: " in result.stdout and " || trainable%: 100.0000" in result.stdout
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_lora_tensor_parallel_config_colossalai_run(instruction_file, tmp_path):
     """booster_configs/tp2_lora.yaml end to end: LoRA adapters split over 2 tensor-parallel ranks,
@@ -99,6 +101,7 @@ def test_lora_tensor_parallel_config_colossalai_run(instruction_file, tmp_path):
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_single_process_accumulation_bf16_checkpointing(instruction_file, tmp_path):
     out = tmp_path / "run"
@@ -120,6 +123,7 @@ def test_single_process_accumulation_bf16_checkpointing(instruction_file, tmp_pa
     assert lrs[-1] < lrs[1], "linear schedule did not decay"
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_bad_data_row_stops_both_ranks_with_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"

@@ -29,6 +29,7 @@ def check_task_run(result, out: Path) -> dict:
     return summary
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_summarization_two_ranks_packed(tmp_path):
     data, out = write_summarization_file(tmp_path / "samsum.json"), tmp_path / "run"
@@ -42,6 +43,7 @@ def test_summarization_two_ranks_packed(tmp_path):
     assert "prompt:    " in result.stdout  # shown on rank 0
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_chat_on_chatterbot_conversations_two_ranks_zero2_lora_packed(tmp_path):
     out = tmp_path / "run"
@@ -55,6 +57,7 @@ def test_chat_on_chatterbot_conversations_two_ranks_zero2_lora_packed(tmp_path):
     assert "### Assistant:" in tokenizer_config["chat_template"]  # the template trained with is saved with the adapter
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_classification_two_ranks_reaches_90_percent(tmp_path):
     data, out, cache = write_classification_file(tmp_path / "topics.csv"), tmp_path / "run", tmp_path / "cache"
@@ -73,6 +76,7 @@ def test_classification_two_ranks_reaches_90_percent(tmp_path):
     assert summary["data"]["cache"].startswith("built ") and len(list((cache / "data").glob("classification-*.npz"))) == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_chatterbot_topics_classification_with_lora(tmp_path):
     out = tmp_path / "run"
