@@ -62,7 +62,8 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
     # TP/PP/DP groups, created later without a timeout, get it as torch's default.
     accelerator = get_accelerator()
     set_group_timeout(timedelta(seconds=timeout_s))
-    dist.init_process_group(backend=accelerator.communication_backend, timeout=timedelta(seconds=timeout_s))
+    if not dist.is_initialized():  # else a caller running several runs in one launch keeps its group
+        dist.init_process_group(backend=accelerator.communication_backend, timeout=timedelta(seconds=timeout_s))
     if accelerator.support_set_device:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     set_seed(seed)

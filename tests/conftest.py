@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "finetune" / "train.py")
 RUN_TIMEOUT_S = 420
+SHARED_RUN_S = 150  # what one tiny run in a shared launch may take, on a loaded 2-core machine
 RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")  # a hung collective must fail the test, not the whole CI run
 
 
@@ -118,6 +120,74 @@ def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout
         text=True,
         timeout=timeout,
     )
+
+
+def run_many(runs: list[list[str]], nproc: int, workdir: Path) -> list[subprocess.CompletedProcess]:
+    """Run finetune/train.py once per argument list, all of them in as few torchrun launches as can be
+    (tests/run_many.py): each result as run_train's would be, its ranks' output in stdout and stderr.
+
+    A launch starts processes and imports ColossalAI once for all its runs. After a failed run the launch
+    ends (its ranks may disagree on where they are), that run gets the failure, and a new launch takes the rest.
+    """
+    results: dict[int, subprocess.CompletedProcess] = {}
+    pending = list(range(len(runs)))
+    while pending:
+        launch = workdir / f"launch_{pending[0]}"
+        plan = [{"args": runs[i], "stem": str(workdir / f"run_{i}")} for i in pending]
+        launch.with_suffix(".json").write_text(json.dumps(plan))
+        command = ["torchrun", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", str(REPO / "tests" / "run_many.py"), str(launch.with_suffix(".json"))]
+        code, output = run_ranks(command, RUN_TIMEOUT_S + SHARED_RUN_S * len(plan))
+        for i in list(pending):
+            stem = workdir / f"run_{i}"
+            codes = [read_or_none(Path(f"{stem}.rank{rank}.rc")) for rank in range(nproc)]
+            finished = None not in codes
+            failed = [int(c) for c in codes if c not in (None, "0")]
+            returncode = max(failed) if failed else 0 if finished else (code or 1)  # or how the launch ended
+            out, err = ("".join(read_or_none(Path(f"{stem}.rank{rank}.{kind}")) or "" for rank in range(nproc)) for kind in ("out", "err"))
+            results[i] = subprocess.CompletedProcess(runs[i], returncode, out, err if finished and not failed else err + output)
+            pending.remove(i)
+            if not finished or failed:
+                break  # the runs after it go to a new launch
+    return [results[i] for i in range(len(runs))]
+
+
+def run_grouped(runs: dict[str, tuple[int, list[str]]], workdir: Path) -> dict[str, subprocess.CompletedProcess]:
+    """run_many for runs of several process counts, {name: (nproc, args)}: one group of launches per count."""
+    results = {}
+    for nproc in sorted({n for n, _ in runs.values()}):
+        names = [name for name, (n, _) in runs.items() if n == nproc]
+        group = workdir / f"nproc_{nproc}"
+        group.mkdir(parents=True, exist_ok=True)
+        results.update(zip(names, run_many([runs[name][1] for name in names], nproc, group)))
+    return results
+
+
+def selected_params(request: pytest.FixtureRequest, test: str, param: str | None = "case") -> list:
+    """The values of `param` (or the ids, for None) of the selected items of `test`, in order: what a module's shared launches must run."""
+    return [item.callspec.params[param] if param else item.nodeid for item in request.session.items if item.originalname == test]
+
+
+def read_or_none(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+def run_ranks(command: list[str], timeout: int) -> tuple[int | None, str]:
+    """Run a torchrun command in its own session: its exit code (None past `timeout`) and its output.
+
+    Past the timeout the whole session gets SIGTERM (each rank prints its stacks), then SIGKILL: no rank
+    is left running, as one would be if only torchrun were killed."""
+    process = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = process.communicate(timeout=timeout)[0]
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            output = process.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output = process.communicate()[0]
+        return None, f"{output}\nkilled after {timeout}s"
 
 
 def read_summary(output_dir: Path) -> dict:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from finetune import checkpoint
 from finetune.outputs import RUN_MARKER
-from tests.conftest import read_metrics, read_summary, run_train, write_classification_file
+from tests.conftest import read_metrics, read_summary, run_grouped, run_train, selected_params, write_classification_file, write_instruction_file
 
 STEPS = 8
 
@@ -96,26 +96,43 @@ RESUME_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def resumed_runs(request, tmp_path_factory) -> dict[str, dict]:
+    """Each selected case's uninterrupted run, its run killed after step 5 (what the kill left) and that run resumed.
+
+    The uninterrupted runs share launches, and so do the resumes (tests/run_many.py); each kill is a launch of its own."""
+    root = tmp_path_factory.mktemp("resume")
+    data = write_instruction_file(root / "train.jsonl")
+    runs = {}
+    for case in selected_params(request, "test_kill_and_resume_reproduces_the_uninterrupted_run"):
+        nproc, extra, _ = RESUME_CASES[case]
+        if "task=classification" in extra:
+            extra = [*extra, f"data.train_path={write_classification_file(root / f'{case}.csv')}"]
+        runs[case] = {"nproc": nproc, "extra": extra, "reference": root / case / "reference", "crashed": root / case / "crashed"}
+    done = run_grouped({case: (run["nproc"], run_args(data, run["reference"], run["extra"])) for case, run in runs.items()}, root / "references")
+    for case, run in runs.items():
+        killed = launch(run_args(data, run["crashed"], run["extra"]), run["nproc"], fault="kill_after_step:5")
+        run.update(done=done[case], killed=killed, killed_checkpoints=[p.name for p in checkpoint.complete_checkpoints(str(run["crashed"]))],
+                   killed_final=(run["crashed"] / "final").exists(), killed_last_step=max(train_losses(run["crashed"]), default=0))
+    resumed = run_grouped({case: (run["nproc"], run_args(data, run["crashed"], run["extra"]) + ["resume_from=latest"]) for case, run in runs.items()}, root / "resumes")
+    return {case: {**run, "resumed": resumed[case]} for case, run in runs.items()}
+
+
 @pytest.mark.distributed
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(3600)  # the first case waits for every case's launches (each bounded by run_many)
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_kill_and_resume_reproduces_the_uninterrupted_run(case, instruction_file, tmp_path):
-    nproc, extra, tolerances = RESUME_CASES[case]
-    if "task=classification" in extra:
-        extra = [*extra, f"data.train_path={write_classification_file(tmp_path / 'classes.csv')}"]
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    done = launch(run_args(instruction_file, reference, extra), nproc)
-    assert done.returncode == 0, done.stderr[-3000:]
-    killed = launch(run_args(instruction_file, crashed, extra), nproc, fault="kill_after_step:5")
-    assert killed.returncode != 0 and not (crashed / "final").exists()
-    assert [p.name for p in checkpoint.complete_checkpoints(str(crashed))] == ["step_00000002", "step_00000004"]
-    assert max(train_losses(crashed)) == 5  # step 5 ran and was logged, then the kill: it must be redone
-    resumed = launch(run_args(instruction_file, crashed, extra) + ["resume_from=latest"], nproc)
+def test_kill_and_resume_reproduces_the_uninterrupted_run(case, resumed_runs):
+    run, tolerances = resumed_runs[case], RESUME_CASES[case][2]
+    assert run["done"].returncode == 0, run["done"].stderr[-3000:]
+    assert run["killed"].returncode != 0 and not run["killed_final"]
+    assert run["killed_checkpoints"] == ["step_00000002", "step_00000004"]
+    assert run["killed_last_step"] == 5  # step 5 ran and was logged, then the kill: it must be redone
+    resumed = run["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    assert_same_run(reference, crashed, *tolerances)
+    assert_same_run(run["reference"], run["crashed"], *tolerances)
     # keep_last=2: of the checkpoints 2, 4, 6, 8 the last two remain
-    assert [p.name for p in checkpoint.complete_checkpoints(str(crashed))] == ["step_00000006", "step_00000008"]
+    assert [p.name for p in checkpoint.complete_checkpoints(str(run["crashed"]))] == ["step_00000006", "step_00000008"]
 
 
 @pytest.mark.distributed

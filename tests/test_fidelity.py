@@ -1,6 +1,7 @@
 """Numerical fidelity of every CPU-runnable plugin setup.
 
-Each case trains 5 steps with 2 gloo ranks (4 for tensor x pipeline) through finetune/train.py (a real `torchrun` launch) and
+Each case trains 5 steps with 2 gloo ranks (4 for tensor x pipeline) through finetune/train.py's main (real `torchrun`
+launches, one per process count, each running its cases one after another: tests/run_many.py) and
 repeats the same steps in this process with a plain single-process PyTorch loop: same model init,
 same global batches (the distributed samplers' shards, put together), AdamW, the same schedule and
 gradient clipping. Losses must match step by step and the saved final weights, loaded back the way a
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 from finetune.config import load_config
 from finetune.data import build_data, collate, load_splits
 from finetune.model import build_lora_config, build_model
-from tests.conftest import REPO, read_metrics, run_train
+from tests.conftest import REPO, read_metrics, run_grouped, selected_params
 
 pytestmark = pytest.mark.distributed
 
@@ -178,14 +179,24 @@ def reference_weights(model, method: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.timeout(400)
+@pytest.fixture(scope="module")
+def fidelity_runs(request, equal_length_data, equal_length_classification_data, tmp_path_factory) -> dict[str, tuple[list[str], Path, object]]:
+    """Every selected case's run, (args, output dir, result): one torchrun launch per process count runs them all."""
+    root = tmp_path_factory.mktemp("fidelity_runs")
+    runs = {}
+    for case in selected_params(request, "test_matches_single_process_reference"):
+        config, model_name, method, extra, _, _ = CASES[case]
+        data = equal_length_classification_data if "task=classification" in extra else equal_length_data
+        runs[case] = (RANKS.get(config, 2), run_args(config, model_name, method, extra, data, root / case))
+    results = run_grouped(runs, root / "launches")
+    return {case: (args, root / case, results[case]) for case, (_, args) in runs.items()}
+
+
+@pytest.mark.timeout(2400)  # the first case waits for the shared launches (each bounded by run_many)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_single_process_reference(case, equal_length_data, equal_length_classification_data, tmp_path):
+def test_matches_single_process_reference(case, fidelity_runs):
     config, model_name, method, extra, dp_size, tolerance = CASES[case]
-    out = tmp_path / "run"
-    data = equal_length_classification_data if "task=classification" in extra else equal_length_data
-    args = run_args(config, model_name, method, extra, data, out)
-    result = run_train(args, launcher="torchrun", nproc=RANKS.get(config, 2))
+    args, out, result = fidelity_runs[case]
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]

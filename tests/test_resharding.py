@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from finetune import checkpoint
 from finetune.config import load_config, parallel_plan
-from tests.conftest import read_metrics, run_train
+from tests.conftest import read_metrics, run_grouped, run_train, selected_params
 from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture: equal-length instruction records)
 from tests.test_fidelity import run_args as fidelity_args
 
@@ -64,19 +64,28 @@ def launch(layout: str, args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, equal_length_data):  # noqa: F811
-    """layout -> the output dir of its uninterrupted run (launched once per module, on first use)."""
-    done: dict[str, Path] = {}
+def uninterrupted(request, tmp_path_factory, equal_length_data) -> dict[str, Path]:  # noqa: F811
+    """layout -> the output dir of its uninterrupted run: every layout a selected test writes under, in shared launches."""
+    layouts = {CASES[case][0] for case in selected_params(request, "test_a_checkpoint_resumes_under_another_layout")}
+    layouts |= {"ddp2"} if selected_params(request, "test_another_global_batch_goes_on_at_the_nearest_step_and_schedule", None) else set()
+    root = tmp_path_factory.mktemp("any-layout")
+    results = run_grouped({layout: (LAYOUTS[layout][0], layout_args(layout, equal_length_data, root / layout)) for layout in sorted(layouts)}, root / "launches")
+    for layout, result in results.items():
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {layout: root / layout for layout in results}
 
-    def run(layout: str) -> Path:
-        if layout not in done:
-            out = tmp_path_factory.mktemp("any-layout") / layout
-            result = launch(layout, layout_args(layout, equal_length_data, out))
-            assert result.returncode == 0, result.stderr[-3000:]
-            done[layout] = out
-        return done[layout]
 
-    return run
+@pytest.fixture(scope="module")
+def resumed(request, uninterrupted, tmp_path_factory, equal_length_data) -> dict[str, tuple[Path, object]]:  # noqa: F811
+    """case -> (run dir, result): a copy of the written layout's run resumed from step 3 under the case's other layout."""
+    root = tmp_path_factory.mktemp("resumed")
+    runs = {}
+    for case in selected_params(request, "test_a_checkpoint_resumes_under_another_layout"):
+        written, layout, _ = CASES[case]
+        shutil.copytree(uninterrupted[written], root / case)  # a checkpoint resumes only into its own run (output_dir)
+        runs[case] = (LAYOUTS[layout][0], layout_args(layout, equal_length_data, root / case) + [f"resume_from={checkpoint.checkpoint_dir(str(root / case), RESUME_AT)}"])
+    results = run_grouped(runs, root / "launches")
+    return {case: (root / case, results[case]) for case in runs}
 
 
 def state_of(argv: list[str], world_size: int, step: int = 6, steps_per_epoch: int = 4) -> dict:
@@ -203,15 +212,11 @@ def saved_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(2400)  # the first case waits for the shared launches (each bounded by run_many)
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_checkpoint_resumes_under_another_layout(case, uninterrupted, equal_length_data, tmp_path):  # noqa: F811
-    written, resumed, line = CASES[case]
-    reference = uninterrupted(written)
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)  # a checkpoint resumes only into its own run (output_dir)
-    args = layout_args(resumed, equal_length_data, run) + [f"resume_from={checkpoint.checkpoint_dir(str(run), RESUME_AT)}"]
-    result = launch(resumed, args)
+def test_a_checkpoint_resumes_under_another_layout(case, uninterrupted, resumed):
+    written, _, line = CASES[case]
+    reference, (run, result) = uninterrupted[written], resumed[case]
     assert result.returncode == 0, result.stderr[-3000:]
     said = [text for text in (result.stdout + result.stderr).splitlines() if "resuming a " in text]
     assert len(said) == 1 and line in said[0], said
@@ -263,7 +268,7 @@ def test_another_global_batch_goes_on_at_the_nearest_step_and_schedule(uninterru
     from finetune.train import build_scheduler
 
     run = tmp_path / "run"
-    shutil.copytree(uninterrupted("ddp2"), run)
+    shutil.copytree(uninterrupted["ddp2"], run)
     args = layout_args("single", equal_length_data, run) + ["train.grad_accum_steps=1", "train.max_steps=8", f"resume_from={checkpoint.checkpoint_dir(str(run), RESUME_AT)}"]
     result = launch("single", args)
     assert result.returncode == 0, result.stderr[-3000:]
