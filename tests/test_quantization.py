@@ -4,6 +4,8 @@ weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from finetune.fixes import peft as peft_fixes
 from finetune.fixes import transformers as transformers_fixes
 from finetune.config import LoraConfig, ModelConfig, QuantizationConfig
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, load_quantized
-from tests.conftest import read_summary, run_fresh_python, run_train
+from tests.conftest import read_summary, run_fresh_python, run_grouped, selected_params, write_instruction_file
 from tests.test_train import check_run_contract, common_args
 
 FOUR_BIT = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True)
@@ -169,32 +171,44 @@ def test_training_after_an_eval_pass_keeps_every_adapter_trainable():
 # --- real 2-rank runs ----------------------------------------------------------------------------
 
 
+QLORA_TWO_RANKS = [("torch_ddp.yaml", "tiny-gpt2", 4), ("zero2.yaml", "tiny-gpt2", 8), ("torch_ddp.yaml", "tiny-llama", 8), ("zero2.yaml", "tiny-llama", 4)]
+QLORA_ARGS = ["method=qlora", "train.lr=5e-3"]
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(request, tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """name -> (output dir, result) of the selected 2-rank QLoRA runs, all in one shared launch (tests/run_many.py)."""
+    root = tmp_path_factory.mktemp("qlora")
+    data = write_instruction_file(root / "train.jsonl")
+    runs = {}
+    for config, model, bits in selected_params(request, "test_qlora_two_ranks", "setup"):
+        name = f"{config}-{model}-{bits}"
+        runs[name] = (2, ["--config", f"booster_configs/{config}", f"model.name={model}", f"quantization.bits={bits}", *QLORA_ARGS, *common_args(data, root / name)])
+    if selected_params(request, "test_qlora_pipeline_parallel", None):
+        runs["pp2"] = (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-llama", *QLORA_ARGS, *common_args(data, root / "pp2")])
+    results = run_grouped(runs, root / "launches")
+    return {name: (root / name, results[name]) for name in runs}
+
+
 @pytest.mark.distributed
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "config, model, bits",
-    [("torch_ddp.yaml", "tiny-gpt2", 4), ("zero2.yaml", "tiny-gpt2", 8), ("torch_ddp.yaml", "tiny-llama", 8), ("zero2.yaml", "tiny-llama", 4)],
-)
-def test_qlora_two_ranks(instruction_file, tmp_path, config, model, bits):
-    out = tmp_path / "run"
-    args = ["--config", f"booster_configs/{config}", f"model.name={model}", "method=qlora", f"quantization.bits={bits}", "train.lr=5e-3"]
-    result = run_train(args + common_args(instruction_file, out), launcher="torchrun", nproc=2)
+@pytest.mark.timeout(1800)  # the first case waits for the shared launch (bounded by run_many)
+@pytest.mark.parametrize("setup", QLORA_TWO_RANKS, ids=lambda setup: "-".join(map(str, setup)))
+def test_qlora_two_ranks(qlora_runs, setup):
+    out, result = qlora_runs["-".join(map(str, setup))]
     assert result.returncode == 0, result.stderr[-3000:]
     summary = check_run_contract(out, world_size=2)  # loss down, adapters identical on both ranks, reload ok
     checks = summary["checks"]
     assert checks["frozen_changed"] == 0 and checks["frozen_tensors"] > 0  # quantized weights bit-identical
     assert checks["trainable_changed"] == checks["trainable_tensors"] > 0
     weights = summary["memory"]["model_weights"]
-    assert weights["quantized"]["params"] > 0 and weights["quantized"]["bytes_per_param"] < (0.75 if bits == 4 else 1.1)
+    assert weights["quantized"]["params"] > 0 and weights["quantized"]["bytes_per_param"] < (0.75 if setup[2] == 4 else 1.1)
     assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(600)
-def test_qlora_pipeline_parallel(instruction_file, tmp_path):
-    out = tmp_path / "run"
-    args = ["--config", "booster_configs/pp2.yaml", "model.name=tiny-llama", "method=qlora", "train.lr=5e-3"]
-    result = run_train(args + common_args(instruction_file, out), launcher="torchrun", nproc=2)
+@pytest.mark.timeout(1800)
+def test_qlora_pipeline_parallel(qlora_runs):
+    out, result = qlora_runs["pp2"]
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_summary(out)
     assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"]
