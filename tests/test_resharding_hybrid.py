@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune import checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, run_grouped, selected_params
 from tests.test_checkpoint import final_weights, launch, launch_ranks, train_losses
 from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture)
 
@@ -36,21 +36,6 @@ def run_args(layout: str, data: Path, out: Path, extra: list[str]) -> list[str]:
         f"train.max_steps={STEPS}", "train.batch_size=4", "train.lr=5e-3", "train.warmup_steps=1", "train.max_grad_norm=1.0",
         "lora.dropout=0", "eval.num_generation_prompts=0", f"checkpoint.every_steps={CHECKPOINT_AT}", *extra,
     ]  # fmt: skip
-
-
-def uninterrupted(layout: str, nproc: int, extra: list[str], data: Path, root: Path) -> Path:
-    out = root / layout
-    result = launch(run_args(layout, data, out, extra), nproc)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-def resume_copy(reference: Path, layout: str, nproc: int, extra: list[str], data: Path, out: Path) -> str:
-    """Copy the reference run's output dir, resume its step-3 checkpoint under `layout`; returns the run's output."""
-    shutil.copytree(reference, out)
-    result = launch(run_args(layout, data, out, extra) + [f"resume_from={checkpoint.checkpoint_dir(str(out), CHECKPOINT_AT)}"], nproc)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
 
 
 def assert_continues(reference: Path, resumed: Path) -> None:
@@ -73,23 +58,54 @@ def weights_in(path: Path) -> dict:
     return load_file(path / "adapter_model.safetensors") if (path / "adapter_model.safetensors").is_file() else checkpoint.read_safetensors_dir(path)
 
 
+# The uninterrupted runs (layout, its settings) and the resumes of their step-3 checkpoints under another layout
+# (written layout, resumed layout, its settings) that each test needs; they share launches (tests/run_many.py).
+UNINTERRUPTED = {"tp2": LLAMA_FULL, "pp2": LLAMA_FULL, "tp2_lora": GPT2_LORA}
+RESUMES = {"tp2-to-pp2": ("tp2", "pp2", LLAMA_FULL), "tp2-lora-to-ddp2": ("tp2_lora", "torch_ddp", [*GPT2_LORA, "train.batch_size=2"])}  # ddp2 x 2 samples: tp2's global batch of 4
+NEEDS = {
+    "test_tp2_checkpoint_resumes_under_pp2": ["tp2-to-pp2"],
+    "test_pp2_preempted_checkpoint_resumes_under_tp2_pp2": ["pp2"],
+    "test_tp2_lora_checkpoint_resumes_under_ddp2": ["tp2-lora-to-ddp2"],
+}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hybrid-reshard")
+def runs(request, tmp_path_factory, equal_length_data) -> tuple[Path, dict]:  # noqa: F811
+    """(the module's run dir, name -> result) with every uninterrupted run and resume the selected tests need."""
+    root = tmp_path_factory.mktemp("hybrid-reshard")
+    needed = {name for test, names in NEEDS.items() if selected_params(request, test, None) for name in names}
+    layouts = {name for name in needed if name in UNINTERRUPTED} | {RESUMES[name][0] for name in needed if name in RESUMES}
+    results = run_grouped({layout: (2, run_args(layout, equal_length_data, root / layout, UNINTERRUPTED[layout])) for layout in sorted(layouts)}, root / "launches")
+    resumes = {}
+    for name in sorted(needed & RESUMES.keys()):
+        written, layout, extra = RESUMES[name]
+        if results[written].returncode == 0:
+            shutil.copytree(root / written, root / name)  # a checkpoint resumes only into its own run (output_dir)
+            resumes[name] = (2, run_args(layout, equal_length_data, root / name, extra) + [f"resume_from={checkpoint.checkpoint_dir(str(root / name), CHECKPOINT_AT)}"])
+    results.update(run_grouped(resumes, root / "resume-launches"))
+    return root, results
 
 
-@pytest.mark.timeout(600)
-def test_tp2_checkpoint_resumes_under_pp2(equal_length_data, runs):  # noqa: F811
-    tp2 = uninterrupted("tp2", 2, LLAMA_FULL, equal_length_data, runs)
-    optimizer = checkpoint.checkpoint_dir(str(tp2), CHECKPOINT_AT) / "optimizer"
+def succeeded(runs: tuple[Path, dict], *names: str) -> str:
+    """The named runs' output (all of it), asserting that each succeeded."""
+    for name in names:
+        result = runs[1][name]
+        assert result.returncode == 0, result.stderr[-3000:]
+    return "".join(runs[1][name].stdout + runs[1][name].stderr for name in names)
+
+
+@pytest.mark.timeout(1800)  # the first test waits for the shared launches (each bounded by run_many)
+def test_tp2_checkpoint_resumes_under_pp2(runs):
+    root, _ = runs
+    succeeded(runs, "tp2")
+    optimizer = checkpoint.checkpoint_dir(str(root / "tp2"), CHECKPOINT_AT) / "optimizer"
     # the optimizer state is any layout's: full tensors by parameter name, the padded vocabulary unpadded
     assert not list(optimizer.glob("rank_*"))
     state = checkpoint.read_tree(optimizer / "state")
     assert state["state"]["lm_head.weight"]["exp_avg"].shape == (50257, 64)
     assert state["state"]["model.layers.0.self_attn.q_proj.weight"]["exp_avg"].shape == (64, 64)
-    output = resume_copy(tp2, "pp2", 2, LLAMA_FULL, equal_length_data, runs / "tp2-to-pp2")
-    assert "resuming a tp2 checkpoint under pp2 1f1b:" in output
-    assert_continues(tp2, runs / "tp2-to-pp2")
+    assert "resuming a tp2 checkpoint under pp2 1f1b:" in succeeded(runs, "tp2-to-pp2")
+    assert_continues(root / "tp2", root / "tp2-to-pp2")
 
 
 @pytest.mark.timeout(1200)
@@ -98,9 +114,10 @@ def test_pp2_preempted_checkpoint_resumes_under_tp2_pp2(equal_length_data, runs)
     the resume under tp2 x pp2 (4 ranks) ends where the uninterrupted pp2 run ends."""
     from finetune.preemption import PREEMPTED_EXIT_CODE
 
-    pp2 = uninterrupted("pp2", 2, LLAMA_FULL, equal_length_data, runs)
-    stopped = runs / "pp2-stopped"
-    ranks = launch_ranks(run_args("pp2", equal_length_data, stopped, [*LLAMA_FULL, "checkpoint.every_steps=0"]), 2, f"sigterm_after_step:{CHECKPOINT_AT}", runs / "logs")
+    root, _ = runs
+    succeeded(runs, "pp2")
+    pp2, stopped = root / "pp2", root / "pp2-stopped"
+    ranks = launch_ranks(run_args("pp2", equal_length_data, stopped, [*LLAMA_FULL, "checkpoint.every_steps=0"]), 2, f"sigterm_after_step:{CHECKPOINT_AT}", root / "logs")
     assert [r.returncode for r in ranks] == [PREEMPTED_EXIT_CODE] * 2, ranks[0].stderr[-3000:]
     assert f"preempted: stopped after step {CHECKPOINT_AT}" in ranks[0].stdout and not (stopped / "final").exists()
     assert [p.name for p in checkpoint.complete_checkpoints(str(stopped))] == [f"step_{CHECKPOINT_AT:08d}"]
@@ -109,7 +126,7 @@ def test_pp2_preempted_checkpoint_resumes_under_tp2_pp2(equal_length_data, runs)
     with safe_open(optimizer / "state-stage-00001.safetensors", "pt") as f:  # each stage wrote only its own layers
         assert any(".layers.0." in k for k in f.keys()) and not any(".layers.1." in k for k in f.keys())
     assert max(train_losses(stopped)) == CHECKPOINT_AT
-    assert_one_line_when_one_stage_cannot_read(stopped, equal_length_data, runs / "pp2-broken")
+    assert_one_line_when_one_stage_cannot_read(stopped, equal_length_data, root / "pp2-broken")
     resumed = launch(run_args("tp2_pp2", equal_length_data, stopped, [*LLAMA_FULL, "checkpoint.every_steps=0", "resume_from=latest"]), 4)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming a pp2 1f1b checkpoint under tp2 pp2 1f1b:" in resumed.stdout + resumed.stderr
@@ -135,10 +152,8 @@ def assert_one_line_when_one_stage_cannot_read(run: Path, data: Path, copy: Path
     assert result.returncode != 0 and len(errors) == 1 and dropped in errors[0], result.stderr[-3000:]
 
 
-@pytest.mark.timeout(600)
-def test_tp2_lora_checkpoint_resumes_under_ddp2(equal_length_data, runs):  # noqa: F811
-    tp2_lora = uninterrupted("tp2_lora", 2, GPT2_LORA, equal_length_data, runs)
-    # ddp2 with 2 samples a rank: the same global batch of 4, so the same batch sequence
-    output = resume_copy(tp2_lora, "torch_ddp", 2, [*GPT2_LORA, "train.batch_size=2"], equal_length_data, runs / "tp2-lora-to-ddp2")
-    assert "resuming a tp2 checkpoint under ddp x2:" in output
-    assert_continues(tp2_lora, runs / "tp2-lora-to-ddp2")
+@pytest.mark.timeout(1800)
+def test_tp2_lora_checkpoint_resumes_under_ddp2(runs):
+    root, _ = runs
+    assert "resuming a tp2 checkpoint under ddp x2:" in succeeded(runs, "tp2_lora", "tp2-lora-to-ddp2")
+    assert_continues(root / "tp2_lora", root / "tp2-lora-to-ddp2")
