@@ -14,9 +14,9 @@ imports no torch at module level: config validation reads the registry and fails
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -323,9 +323,9 @@ class LowLevelZero(Plugin):
 
     def read_optimizer(self, run: Run, path: Path) -> None:
         """Each rank reads only its own part of every state tensor (any layout's full state by name)."""
-        from finetune import checkpoint
+        from finetune.parallel import zero
 
-        checkpoint.load_zero_optimizer(run, path)
+        zero.load_zero_optimizer(run, path)
 
 
 NO_CUDA_TOOLKIT = ("plugin.name=gemini: ColossalAI's HybridAdam builds its CUDA kernels on first use and asserts the CUDA toolkit "
@@ -502,9 +502,10 @@ class TorchFSDP(Plugin):
         """Full fine-tuning with auto_wrap=block: a unit per transformer block (LoRA got peft's policy in apply_adapters).
         A model built on the meta device gets each unit's weights from the checkpoint as FSDP wraps it."""
         if pending is not None:
-            from finetune import deferred
+            from finetune.checkpoint.files import WeightsDir
+            from finetune.parallel import fsdp
 
-            plugin.fsdp_kwargs["param_init_fn"] = deferred.fsdp_param_init_fn(model, deferred.Checkpoint(pending.path), pending.names)
+            plugin.fsdp_kwargs["param_init_fn"] = fsdp.fsdp_param_init_fn(model, WeightsDir(pending.path), pending.names)
         if plugin.fsdp_kwargs.get("auto_wrap_policy") is not None or cfg.plugin.options["auto_wrap"] != "block":
             return
         import functools
@@ -553,35 +554,36 @@ class TorchFSDP(Plugin):
         import torch.distributed as dist
 
         from finetune import checkpoint
+        from finetune.parallel import fsdp
 
-        state = checkpoint.fsdp_full_state_dict(run.model.module)
+        state = fsdp.fsdp_full_state_dict(run.model.module)
         if dist.get_rank() != 0:
             return
         if run.method.adapter:
-            checkpoint.write_adapter_dir(checkpoint.fsdp_adapter_state(run, state), run.lora_config, run.cfg.model.name, path)
+            checkpoint.write_adapter_dir(fsdp.fsdp_adapter_state(run, state), run.lora_config, run.cfg.model.name, path)
         else:
-            checkpoint.fsdp_inner_module(run).save_pretrained(path, state_dict=state, safe_serialization=True)
+            fsdp.fsdp_inner_module(run).save_pretrained(path, state_dict=state, safe_serialization=True)
 
     def read_weights(self, run: Run, path: Path) -> None:
-        from finetune import checkpoint
+        from finetune.parallel import fsdp
 
-        checkpoint.load_fsdp_model(run, path)
+        fsdp.load_fsdp_model(run, path)
 
     def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
-        from finetune import checkpoint
+        from finetune.parallel import fsdp
 
-        with checkpoint.fsdp_full_state(run.model.module, rank0_only=False):
-            checkpoint.load_fsdp_adapter(run, adapter, source)
+        with fsdp.fsdp_full_state(run.model.module, rank0_only=False):
+            fsdp.load_fsdp_adapter(run, adapter, source)
 
     def write_optimizer(self, run: Run, path: Path) -> None:
-        from finetune import checkpoint
+        from finetune.parallel import fsdp
 
-        checkpoint.save_fsdp_optimizer(run, path)
+        fsdp.save_fsdp_optimizer(run, path)
 
     def read_optimizer(self, run: Run, path: Path) -> None:
-        from finetune import checkpoint
+        from finetune.parallel import fsdp
 
-        checkpoint.load_fsdp_optimizer(run, path)
+        fsdp.load_fsdp_optimizer(run, path)
 
 
 @contextlib.contextmanager
@@ -750,16 +752,16 @@ class HybridParallel(Plugin):
 
     def read_weights(self, run: Run, path: Path) -> None:
         """Any layout's full weights by name; each rank reads only the tensors it holds, then keeps its split."""
-        from finetune import checkpoint
+        from finetune.parallel import hybrid
 
-        checkpoint.load_split_model(run, path)
+        hybrid.load_split_model(run, path)
 
     def load_deferred(self, run: Run, pending) -> None:
         """The pretrained weights by the reader a resume uses (each rank only its rows of what it holds), every
         name of a tied weight tried, then the optimizer's master copies."""
-        from finetune import checkpoint
+        from finetune.parallel import hybrid
 
-        checkpoint.load_split_model(run, pending.path, "model.name", pending.names)
+        hybrid.load_split_model(run, pending.path, "model.name", pending.names)
 
     def write_optimizer(self, run: Run, path: Path) -> None:
         """The optimizer state as every plugin writes it (full tensors by parameter name), one file per pipeline
@@ -767,16 +769,16 @@ class HybridParallel(Plugin):
         checkpoint: in 0.5.0 it cannot gather the states of a vocabulary padded for tensor parallelism."""
         import torch.distributed as dist
 
-        from finetune import checkpoint
+        from finetune.parallel import hybrid
 
         plugin = run.booster.plugin
         writes = dist.get_rank(plugin.dp_group) == 0 and dist.get_rank(plugin.tp_group) == 0
-        checkpoint.save_split_optimizer(run, path, writes, stage=plugin.stage_manager.stage if plugin.stage_manager else 0)
+        hybrid.save_split_optimizer(run, path, writes, stage=plugin.stage_manager.stage if plugin.stage_manager else 0)
 
     def read_optimizer(self, run: Run, path: Path) -> None:
-        from finetune import checkpoint
+        from finetune.parallel import hybrid
 
-        checkpoint.load_split_optimizer(run, path)
+        hybrid.load_split_optimizer(run, path)
 
 
 PLUGINS: dict[str, Plugin] = {p.name: p for p in (TorchDDP(), LowLevelZero(), Gemini(), TorchFSDP(), HybridParallel())}

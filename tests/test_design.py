@@ -58,7 +58,7 @@ def test_registered_plugins_name_colossalai_classes():
 
 
 # Lines in these modules may not decide by a plugin's, method's or task's name, or by a model type.
-ASKING_MODULES = ("train.py", "checkpoint.py", "evaluation.py", "outputs.py", "estimate.py", "data.py", "export.py", "run.py", "distributed.py", "report.py")
+ASKING_MODULES = ("train.py", *(f"checkpoint/{p.name}" for p in sorted((REPO / "finetune" / "checkpoint").glob("*.py"))), "evaluation.py", "outputs.py", "estimate.py", "data.py", "export.py", "run.py", "distributed.py", "report.py")
 NAME_TESTS = [
     re.compile(r"""["'](torch_ddp|low_level_zero|gemini|torch_fsdp|hybrid_parallel)["']"""),
     re.compile(r"""(==|!=|\bin\b)\s*\(?["'](full|lora|qlora)["']"""),

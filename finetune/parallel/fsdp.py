@@ -1,0 +1,136 @@
+"""PyTorch FSDP's checkpoint IO: full state dicts, gathered on rank 0 to save, read by every rank to load.
+
+ColossalAI's FSDP checkpoint IO gathers with offload_to_cpu=True, which fails on a CPU-only machine in torch
+2.5.1 (size-0 storages, then a hang), so the FSDP paths use torch's APIs directly. The model is saved as a
+plain HF directory (or peft adapter), like the replicated plugins' checkpoints, so finetune.export reads it
+unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from finetune.checkpoint.files import WeightsDir, read_safetensors_dir, read_tree, write_tree
+from finetune.checkpoint.model_state import NO_EMBEDDINGS, check_fit
+from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem
+from finetune.checkpoint.store import failing_together
+from finetune.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from finetune.run import Run
+
+
+
+
+def fsdp_inner_module(run: Run) -> torch.nn.Module:
+    """The model FSDP wraps: the HF model, or the PeftModel under LoRA."""
+    return run.model.module.module
+
+
+@contextlib.contextmanager
+def fsdp_full_state(fsdp_module, rank0_only: bool):
+    """FSDP's full-state-dict mode for model and optimizer; rank0_only: only rank 0 receives gathered dicts."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = torch.cuda.is_available()  # on CPU the tensors are there already, and offloading fails
+    model_options = FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only)
+    optimizer_options = FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only)
+    with FSDP.state_dict_type(fsdp_module, StateDictType.FULL_STATE_DICT, model_options, optimizer_options):
+        yield
+
+
+def fsdp_full_state_dict(fsdp_module) -> dict:
+    """Every rank takes part; rank 0 gets the whole model state dict, the others an empty one."""
+    with fsdp_full_state(fsdp_module, rank0_only=True):
+        return fsdp_module.state_dict()
+
+
+def fsdp_adapter_state(run: Run, model_state: dict) -> dict[str, torch.Tensor]:
+    """The adapter (peft's keys and selection) out of an FSDP-gathered full state dict."""
+    from peft import get_peft_model_state_dict
+
+    adapter = get_peft_model_state_dict(fsdp_inner_module(run), state_dict=model_state, save_embedding_layers=NO_EMBEDDINGS)
+    return {k: v.detach().cpu().clone() for k, v in adapter.items()}
+
+
+def save_fsdp_optimizer(run: Run, path: Path) -> None:
+    """The full (unflattened) optimizer state, keyed by parameter names, gathered and written by rank 0."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = run.model.module
+    with fsdp_full_state(root, rank0_only=True):
+        state = FSDP.optim_state_dict(root, run.optimizer.optim)
+    if dist.get_rank() == 0:
+        write_tree(state, path / OPTIMIZER_STEM)  # keyed by parameter names already, as every plugin's
+
+
+def load_fsdp_optimizer(run: Run, path: Path) -> None:
+    """The full optimizer state, read by rank 0 only and scattered by FSDP into each rank's shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root, optimizer = run.model.module, run.optimizer.optim
+    with failing_together():  # a bad file on rank 0 must stop the others, not leave them in FSDP's broadcast
+        full_state = read_tree(full_optimizer_stem(path)) if dist.get_rank() == 0 else {}
+    with fsdp_full_state(root, rank0_only=True):
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
+
+
+def load_fsdp_model(run: Run, path: Path) -> None:
+    """Full weights, read by every rank through the FSDP root, which keeps each rank's shard."""
+    root = run.model.module
+    with fsdp_full_state(root, rank0_only=False):
+        missing, unexpected = root.load_state_dict(read_safetensors_dir(path), strict=False)
+    check_fit(fsdp_inner_module(run), missing, unexpected)
+
+
+def load_fsdp_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
+    """peft's own key mapping (adapter file -> model), loaded through the FSDP root, which scatters the shards."""
+    import types
+
+    from peft import set_peft_model_state_dict
+
+    peft_model, root = fsdp_inner_module(run), run.model.module
+    # set_peft_model_state_dict only renames keys and calls model.load_state_dict: give it the FSDP
+    # root's, whose keys are the PeftModel's and which writes into every rank's flat shards.
+    view = types.SimpleNamespace(peft_config=peft_model.peft_config, modules_to_save=peft_model.modules_to_save, load_state_dict=root.load_state_dict)
+    missing = [k for k in set_peft_model_state_dict(view, adapter).missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        raise CheckpointError(f"{source} has no {missing[0]}; it was written for other LoRA targets")
+
+
+def fsdp_param_init_fn(model: nn.Module, weights: WeightsDir, names: dict[str, list[str]]) -> Callable[[nn.Module], None]:
+    """FSDP's param_init_fn for a model built on the meta device: each module's own parameters from the checkpoint.
+
+    FSDP calls it on every module of a unit before sharding that unit; tied parameters (one object under
+    several modules) are materialized once and shared again.
+    """
+    prefixes = {id(m): f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)}
+    # Tied parameters only (kept for their other modules, all in one unit); the others' full tensors must
+    # go once FSDP has sharded their unit.
+    tied: dict[int, list] = {}  # id(meta param) -> [meta param, loaded param, modules still to get it]
+
+    def init(module: nn.Module) -> None:
+        for attr, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            name = prefixes[id(module)] + attr
+            if id(param) in tied:
+                entry = tied[id(param)]
+                module._parameters[attr], entry[2] = entry[1], entry[2] - 1
+                if entry[2] == 0:
+                    del tied[id(param)]
+                continue
+            aliases = names.get(name, [name])
+            tensor = weights.tensor(weights.key_for(aliases))
+            module._parameters[attr] = nn.Parameter(tensor.to(param.dtype), requires_grad=param.requires_grad)
+            if len(aliases) > 1:
+                tied[id(param)] = [param, module._parameters[attr], len(aliases) - 1]
+
+    return init
