@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from finetune.architectures import NAMED_CONFIGS, architecture, attention_heads, config_value, known_model_names, max_positions, model_type, num_layers
-from finetune.booster import PLUGINS, Plan
+from finetune.core.layout import Plan
+from finetune.core.plugins import SPECS
 from finetune.errors import SHOWN_CHARS, FinetuneError, shown
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.outputs import occupancy_problem
@@ -52,7 +53,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {
         "task": TASKS,
         "method": METHODS,
-        "plugin.name": tuple(sorted(PLUGINS)),  # read now: a plugin may be registered after import
+        "plugin.name": tuple(sorted(SPECS)),  # read now: a plugin may be registered after import
         "model.attn_implementation": ATTENTION,
         "train.precision": PRECISIONS,
         "train.optimizer": OPTIMIZERS,
@@ -103,7 +104,7 @@ class QuantizationConfig:
 
 @dataclass
 class PluginConfig:
-    name: str = "torch_ddp"  # a key of finetune.booster.PLUGINS
+    name: str = "torch_ddp"  # a key of finetune.core.plugins.SPECS
     options: dict[str, Any] = field(default_factory=dict)  # written flat in YAML: plugin.bucket_cap_mb=50
 
 
@@ -242,7 +243,7 @@ def config_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
 
 
 def _plugin_option_keys() -> set[str]:
-    return {f"plugin.{opt}" for spec in PLUGINS.values() for opt in spec.options}
+    return {f"plugin.{opt}" for spec in SPECS.values() for opt in spec.options}
 
 
 def _closest(key: str, candidates) -> str:
@@ -463,7 +464,7 @@ def build_config(settings: list[tuple[str, str, Any]]) -> Config:
             hint = _closest(key, list(keys) + sorted(plugin_keys))
             raise ConfigError(f"{source}: unknown config key {shown(key)}{hint}")
     # Plugin options are checked once the plugin is final: a later setting may change plugin.name.
-    spec = PLUGINS.get(cfg.plugin.name)
+    spec = SPECS.get(cfg.plugin.name)
     for opt, value in list(cfg.plugin.options.items()) if spec else []:
         if opt not in spec.options:
             raise ConfigError(f"plugin.{opt}: not an option of plugin '{cfg.plugin.name}' (its options: {', '.join(spec.options)})")
@@ -533,7 +534,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     problems = _named_problems(cfg, names, ("task", "method"))
     problems += _quantization_problems(cfg, has_cuda)
     problems += _named_problems(cfg, names, ("train.precision", "train.optimizer", "train.lr_scheduler", "model.attn_implementation", "plugin.name"))
-    spec = PLUGINS.get(cfg.plugin.name)
+    spec = SPECS.get(cfg.plugin.name)
     method = METHOD_RECORDS.get(cfg.method)
     if spec is not None:
         problems += [line for opt, allowed in spec.choices.items() for line in choice_problems(f"plugin.{opt}", cfg.plugin.options[opt], allowed)]
@@ -545,6 +546,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
             problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; on CPU use low_level_zero (stage 1/2) or torch_ddp")
         if method:
             problems += spec.problems(cfg, world_size, has_cuda)
+        task = TASK_REGISTRY.get(cfg.task)
+        if method and task and task.classification:
+            problems += spec.classification_problems(cfg, world_size)
     if not has_cuda and cfg.train.precision == "fp16":
         problems.append("train.precision=fp16: needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
     if not has_cuda and cfg.model.attn_implementation == "flash_attention_2":
@@ -815,78 +819,6 @@ def _mixture_problems(data: DataConfig) -> list[str]:
     return problems
 
 
-def _hybrid_classification_problems(cfg: Config, plan: Plan) -> list[str]:
-    """Which classifiers tensor/pipeline parallelism serves (checked against a single process: tests/test_fidelity.py)."""
-    kind = model_type(cfg.model.name)
-    served = architecture(kind).hybrid_classification
-    if not served:
-        fits = ", ".join(k for k, a in sorted(_architectures().items()) if a.hybrid_classification)
-        return [f"task=classification with plugin hybrid_parallel supports model types {fits} (model.name={cfg.model.name} is {kind or 'of unknown type'}); use torch_ddp, low_level_zero or torch_fsdp"]
-    if served == "pp" and plan.tp > 1:
-        return [f"task=classification for {architecture(kind).title} with plugin.tp_size>1: ColossalAI 0.5.0 splits the classification head across tensor-parallel ranks (fails for most label counts); use pp_size>1 with tp_size=1, or torch_ddp / low_level_zero"]
-    return []
-
-
-def _architectures():
-    from finetune.architectures import ARCHITECTURES
-
-    return ARCHITECTURES
-
-
-def hybrid_problems(cfg: Config, plan: Plan, world_size: int, has_cuda: bool) -> list[str]:
-    """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
-    options = cfg.plugin.options
-    tp, pp = plan.tp, plan.pp
-    if tp < 1 or pp < 1:
-        return [f"plugin.tp_size and plugin.pp_size must be at least 1, got {tp} and {pp}"]
-    problems = []
-    if cfg.data.packing:
-        problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
-    if TASK_REGISTRY[cfg.task].classification:
-        problems += _hybrid_classification_problems(cfg, plan)
-    if world_size % (tp * pp):
-        problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
-    heads = attention_heads(cfg.model.name)
-    if heads and tp > 1 and math.gcd(*heads) % tp:
-        fits = [d for d in range(1, math.gcd(*heads) + 1) if math.gcd(*heads) % d == 0]
-        problems.append(
-            f"plugin.tp_size={tp}: {cfg.model.name} has {heads[0]} attention heads and {heads[1]} key/value heads, "
-            f"which tensor parallelism must divide; tp sizes that fit: {', '.join(map(str, fits))}"
-        )
-    if options["zero_stage"] not in (0, 1, 2):
-        problems.append(f"plugin.zero_stage: must be 0, 1 or 2, got {options['zero_stage']}")
-    elif options["zero_stage"] and cfg.train.precision == "fp32":
-        problems.append("plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16 (or fp16 on CUDA); ColossalAI's hybrid ZeRO has no fp32 mode")
-    method = METHOD_RECORDS[cfg.method]
-    if tp > 1 and method.quantized_base:
-        problems.append(f"method={cfg.method} with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
-    elif tp > 1 and method.adapter:
-        problems += _lora_tp_problems(cfg, options)
-    if (options["pp_style"] == "interleaved") != (options["num_model_chunks"] > 1):
-        problems.append("plugin.pp_style=interleaved goes with plugin.num_model_chunks>1 (and 1f1b with 1)")
-    if pp > 1:
-        micro, size = options["num_microbatches"], options["microbatch_size"]
-        if not micro and not size:
-            problems.append("plugin.pp_size>1 needs plugin.num_microbatches (or plugin.microbatch_size) for the pipeline schedule")
-        elif cfg.train.batch_size % (micro or size):
-            problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.{'num_microbatches' if micro else 'microbatch_size'}={micro or size}")
-        elif plan.num_microbatches < pp:
-            problems.append(f"the pipeline schedule needs at least pp_size={pp} micro-batches per step; raise plugin.num_microbatches or train.batch_size")
-        elif options["pp_style"] == "interleaved" and plan.num_microbatches % pp:
-            problems.append(f"the interleaved schedule needs a multiple of pp_size={pp} micro-batches per step")
-        layers, chunks = num_layers(cfg.model.name), pp * plan.chunks
-        if layers and method.adapter and layers < chunks:
-            problems.append(f"method={cfg.method} with {chunks} pipeline chunks: {cfg.model.name} has {layers} layers, so some chunk would hold no adapter to train; use fewer chunks or stages")
-        if options["zero_stage"] == 2:
-            problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
-        if cfg.train.grad_accum_steps > 1:
-            problems.append("train.grad_accum_steps>1 with pipeline parallelism: micro-batches are the accumulation; raise plugin.num_microbatches instead")
-    for key, what in (("enable_flash_attention", "flash attention"), ("enable_sequence_parallelism", "sequence parallelism"), ("enable_fused_normalization", "fused normalization (apex)")):
-        if options[key] and not has_cuda:
-            problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
-    return problems
-
-
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")  # peft's init_lora_weights (loftq needs a quantization config)
 
 
@@ -916,26 +848,6 @@ def _lora_variant_problems(cfg: Config) -> list[str]:
     return []
 
 
-def _lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
-    """What LoRA under tensor parallelism (finetune.lora_tp) cannot adapt in this config."""
-    if cfg.lora.use_dora:
-        # DoRA's magnitude is the norm of each output row of W + BA: a row-parallel split holds part of
-        # every row, so each rank's norm would be wrong without an all-reduce finetune.lora_tp does not do.
-        return ["lora.use_dora=true with plugin.tp_size>1: DoRA's magnitude vector needs whole weight rows, which tensor parallelism splits; use tp_size=1 (pipeline/data parallel) or lora.use_dora=false"]
-    kind = model_type(cfg.model.name)
-    layers = architecture(kind).lora_tp_layers
-    if not layers:
-        served = ", ".join(sorted(k for k, a in _architectures().items() if a.lora_tp_layers))
-        return [f"method=lora with plugin.tp_size>1 supports model types {served}; {cfg.model.name} is {kind or 'of unknown type'}: use tp_size=1 (pipeline/data parallel) or method=full"]
-    targets = cfg.lora.target_modules or list(architecture(kind).lora_targets)
-    unsupported = [t for t in targets if t not in layers]
-    if unsupported:
-        return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
-    if options["enable_sequence_parallelism"]:
-        return ["method=lora with plugin.tp_size>1 and plugin.enable_sequence_parallelism=true: adapters on sequence-parallel layers are not supported; turn sequence parallelism off"]
-    return []
-
-
 def load_config(argv: list[str], world_size: int | None = None, has_cuda: bool = False) -> Config:
     """Parse argv into a validated Config, raising ConfigError with the first problem found."""
     cfg = build_config(parse_args(argv))
@@ -956,13 +868,13 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def parallel_plan(cfg: Config, world_size: int) -> Plan:
     """tp / pp / dp and micro-batches per step of this config on world_size processes (the one place they are derived)."""
-    return PLUGINS[cfg.plugin.name].plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+    return SPECS[cfg.plugin.name].plan(cfg.plugin.options, cfg.train.batch_size, world_size)
 
 
 def help_text() -> str:
     """All keys with their defaults, for --help."""
     defaults = _flatten(dataclasses.asdict(Config()))
     lines = [f"  {k} = {defaults.get(k)!r}" for k in config_keys()]
-    for name, spec in PLUGINS.items():
+    for name, spec in SPECS.items():
         lines.append(f"  plugin '{name}': {spec.summary} Options: " + ", ".join(f"{k}={v!r}" for k, v in spec.options.items()))
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.booster import Layout
+from finetune.core.layout import Layout
 from finetune.data import IGNORE_INDEX, collate, masked
 
 # batch -> summed loss over its label tokens (a 0-dim tensor)

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from finetune.booster import Layout, Plan, Plugin
+from finetune.core.layout import Layout, Plan
+from finetune.parallel.base import Plugin
 from finetune.config import Config
 from finetune.faults import Faults
 from finetune.methods import Method

@@ -39,7 +39,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from finetune import checkpoint, checks, compat, deferred, outputs
-from finetune.booster import PLUGINS, build_booster
+from finetune.booster import build_booster
 from finetune.config import Config, ConfigError, help_text, load_config, output_problems, parallel_plan
 from finetune.data import DataError, SplitData, batches_forever, build_data, collate, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
@@ -49,6 +49,7 @@ from finetune.faults import Faults
 from finetune.methods import method_named
 from finetune.model import base_quantization, build_lora_config, build_model, count_parameters, trainable_line
 from finetune.packing import collate_packed, pack, packed_attention
+from finetune.parallel import PLUGINS
 from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes

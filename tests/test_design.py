@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from finetune import booster
+from finetune.core.layout import Placement, Plan
 from finetune.architectures import ARCHITECTURES, Architecture, architecture, register as register_architecture
-from finetune.booster import PLUGINS, Plan, Plugin, TorchDDP, register as register_plugin
+from finetune.parallel import PLUGINS, Plugin, TorchDDP, register as register_plugin, unregister as unregister_plugin
 from finetune.config import build_config, parallel_plan, parse_args, validate
 from finetune.methods import METHODS
 
@@ -44,8 +45,6 @@ def test_every_registered_plugin_provides_every_hook(name):
     assert set(plugin.options) <= set(cfg.plugin.options)  # resolved once, defaults included
     assert isinstance(validate(cfg, world_size=2, has_cuda=True), list)
     assert isinstance(parallel_plan(cfg, 2), Plan)
-    from finetune.estimate import Placement
-
     assert isinstance(plugin.placement(cfg, 2), Placement)
     assert isinstance(plugin.setting_label(cfg.plugin.options, 2, 1), str)
 
@@ -97,7 +96,7 @@ class MirrorDDP(TorchDDP):
 def mirror_plugin():
     plugin = register_plugin(MirrorDDP())
     yield plugin
-    del PLUGINS[plugin.name]
+    unregister_plugin(plugin.name)
 
 
 def test_a_plugin_is_one_record(mirror_plugin):

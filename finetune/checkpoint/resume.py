@@ -27,6 +27,7 @@ from finetune.checkpoint.store import (
     read_loss_scale,
     rng_stem,
 )
+from finetune.core.plugins import SPECS
 from finetune.config import Config, to_dict
 from finetune.errors import CheckpointError
 from finetune.methods import method_named
@@ -257,10 +258,8 @@ def check_compatible(state: dict, cfg: Config, world_size: int, path: Path | str
 
 def _layout_bound(theirs: str, ours: str) -> str:
     """Why a checkpoint of plugin `theirs` cannot resume under another layout of plugin `ours` (empty: it can)."""
-    from finetune.booster import PLUGINS
-
     for name in (theirs, ours):
-        plugin = PLUGINS.get(name)
+        plugin = SPECS.get(name)
         if plugin is not None and plugin.resume_layout_refusal:
             return f"{name} checkpoints are not resharded onto another world size or parallel layout ({plugin.resume_layout_refusal})"
     return ""
@@ -268,10 +267,8 @@ def _layout_bound(theirs: str, ours: str) -> str:
 
 def layout_label(ident: dict) -> str:
     """A checkpoint identity's (or this run's) parallel layout in a few characters, e.g. 'zero2 x2'."""
-    from finetune.booster import PLUGINS
-
     options = {k: v for k, v in ident["plugin"].items() if k != "name"}
-    plugin = PLUGINS.get(ident["plugin"]["name"])
+    plugin = SPECS.get(ident["plugin"]["name"])
     if plugin is None:  # a plugin registered by the run that wrote it, not by this one
         return f"{ident['plugin']['name']} x{ident['world_size']}"
     dp = plugin.plan({**plugin.options, **options}, ident["train.batch_size"], ident["world_size"]).dp

@@ -1,4 +1,4 @@
-"""PyTorch FSDP's checkpoint IO: full state dicts, gathered on rank 0 to save, read by every rank to load.
+"""PyTorch FSDP at run time: its wrap policy, meta-device loading (param_init_fn), clipping and checkpoint IO: full state dicts, gathered on rank 0 to save, read by every rank to load.
 
 ColossalAI's FSDP checkpoint IO gathers with offload_to_cpu=True, which fails on a CPU-only machine in torch
 2.5.1 (size-0 storages, then a hang), so the FSDP paths use torch's APIs directly. The model is saved as a
@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from finetune.checkpoint.files import WeightsDir, read_safetensors_dir, read_tree, write_tree
-from finetune.checkpoint.model_state import NO_EMBEDDINGS, check_fit
+from finetune.checkpoint.model_state import NO_EMBEDDINGS, check_fit, write_adapter_dir
 from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem
 from finetune.checkpoint.store import failing_together
+from finetune.core.plugins.fsdp import TorchFSDPSpec
 from finetune.errors import CheckpointError
+from finetune.parallel.base import Plugin
+from torch import nn
 
 if TYPE_CHECKING:
+    from finetune.config import Config
     from finetune.run import Run
 
 
@@ -134,3 +136,113 @@ def fsdp_param_init_fn(model: nn.Module, weights: WeightsDir, names: dict[str, l
                 tied[id(param)] = [param, module._parameters[attr], len(aliases) - 1]
 
     return init
+
+
+def _fsdp_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision, ShardingStrategy
+
+    kwargs = dict(options)
+    precision = kwargs.pop("precision")
+    kwargs.pop("auto_wrap")  # ours: applied as an auto_wrap_policy by TorchFSDP.before_boost
+    kwargs["sharding_strategy"] = ShardingStrategy[kwargs["sharding_strategy"]]
+    kwargs["backward_prefetch"] = BackwardPrefetch[kwargs["backward_prefetch"]]
+    kwargs["cpu_offload"] = CPUOffload(offload_params=kwargs["cpu_offload"])
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is not None:  # half-precision compute and communication, fp32 sharded master weights
+        # Every unit casts its inputs too: peft casts a LoRA layer's input to its (fp32, unsharded view)
+        # weight dtype, which the unit's bf16 compute copy would not match.
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=half, reduce_dtype=half, buffer_dtype=half, cast_forward_inputs=True)
+    return kwargs
+
+
+class TorchFSDP(TorchFSDPSpec, Plugin):
+    """PyTorch FSDP at run time. ColossalAI's FSDP checkpoint IO gathers with offload_to_cpu=True, which fails on a
+    CPU-only machine in torch 2.5.1 (size-0 storages, then a hang): weights and optimizer go through torch's
+    full-state-dict APIs (this module's fsdp_* functions)."""
+
+    def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
+        return _fsdp_kwargs(super().constructor_kwargs(options, precision, max_grad_norm, on_cpu))
+
+    def apply_adapters(self, model, lora_config, booster, plugin):
+        """ColossalAI's FSDP plugin refuses LoRA; peft + FSDP's wrap policy (a unit per adapted layer) work."""
+        from peft import get_peft_model
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        model = get_peft_model(model, lora_config)
+        plugin.fsdp_kwargs["auto_wrap_policy"] = fsdp_auto_wrap_policy(model)
+        return model
+
+    def before_boost(self, cfg: Config, model, plugin, pending=None) -> None:
+        """Full fine-tuning with auto_wrap=block: a unit per transformer block (LoRA got peft's policy in apply_adapters).
+        A model built on the meta device gets each unit's weights from the checkpoint as FSDP wraps it."""
+        if pending is not None:
+            from finetune.checkpoint.files import WeightsDir
+            plugin.fsdp_kwargs["param_init_fn"] = fsdp_param_init_fn(model, WeightsDir(pending.path), pending.names)
+        if plugin.fsdp_kwargs.get("auto_wrap_policy") is not None or cfg.plugin.options["auto_wrap"] != "block":
+            return
+        import functools
+
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        blocks = {type(m) for m in model.modules() if type(m).__name__ in names}
+        if blocks:
+            plugin.fsdp_kwargs["auto_wrap_policy"] = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=blocks)
+
+    def load_deferred(self, run: Run, pending) -> None:
+        """Nothing left to read: FSDP filled each unit from the checkpoint while wrapping it (before_boost)."""
+        run.booster.plugin.fsdp_kwargs.pop("param_init_fn", None)
+
+    def after_boost(self, cfg: Config, optimizer, scheduler, device):
+        """The scheduled lr put back, and fp16 loss scaling (FSDP's MixedPrecision casts, it does not scale)."""
+        # ColossalAI's FSDP plugin re-creates the optimizer's param groups over the FSDP parameters,
+        # dropping the lr the scheduler had set (0 during warmup): put the scheduled lr back.
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+        if cfg.train.precision == "fp16":
+            from finetune.loss_scaling import loss_scaled
+
+            return loss_scaled(optimizer, device, sharded=True)
+        return optimizer
+
+    def build_optimizer(self, params: list, cfg: Config):
+        """As every plugin's, but under fp16 AdamW steps one tensor at a time without the fused kernel: torch 2.5's
+        ShardedGradScaler hands a fused optimizer a found_inf of shape [1], which its kernel cannot subtract from
+        the 0-dim step counts (RuntimeError at the first step, on CUDA as on CPU)."""
+        if cfg.train.precision == "fp16" and cfg.train.optimizer == "adamw":
+            import torch
+
+            return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=False)
+        return super().build_optimizer(params, cfg)
+
+    def clip_gradients(self, run: Run, max_norm: float) -> float | None:
+        from finetune.loss_scaling import unscale
+
+        unscale(run.optimizer)  # FSDP's clip must see the unscaled gradients
+        return float(run.model.module.clip_grad_norm_(max_norm))  # FSDP's own: the norm over all shards
+
+    def write_model(self, run: Run, path: Path) -> None:
+        """Gather the full state dict on rank 0; write it with HF's writer, or its adapter in peft layout."""
+        import torch.distributed as dist
+
+        state = fsdp_full_state_dict(run.model.module)
+        if dist.get_rank() != 0:
+            return
+        if run.method.adapter:
+            write_adapter_dir(fsdp_adapter_state(run, state), run.lora_config, run.cfg.model.name, path)
+        else:
+            fsdp_inner_module(run).save_pretrained(path, state_dict=state, safe_serialization=True)
+
+    def read_weights(self, run: Run, path: Path) -> None:
+        load_fsdp_model(run, path)
+
+    def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
+        with fsdp_full_state(run.model.module, rank0_only=False):
+            load_fsdp_adapter(run, adapter, source)
+
+    def write_optimizer(self, run: Run, path: Path) -> None:
+        save_fsdp_optimizer(run, path)
+
+    def read_optimizer(self, run: Run, path: Path) -> None:
+        load_fsdp_optimizer(run, path)

@@ -1,4 +1,4 @@
-"""LowLevelZero's optimizer reader: each rank reads only its own part of every state tensor."""
+"""LowLevelZero at run time: the base runtime, and its optimizer reader (each rank reads only its own part of every state tensor)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-
 from finetune.checkpoint.files import KeyStandIns, OpenFiles, TensorKey, join_tensors, tensor_files, tree_errors
 from finetune.checkpoint.optimizer_state import full_optimizer_stem, indexed_optimizer_state, optimizer_param_names
+from finetune.core.plugins.zero import LowLevelZeroSpec
+from finetune.parallel.base import Plugin
 
 if TYPE_CHECKING:
     from finetune.run import Run
@@ -51,3 +52,11 @@ def zero_part(handle, key: str, size: int, rank: int) -> torch.Tensor:
     rows = stored[first:last] if shape else handle.get_tensor(key)  # a 0-d tensor is one number
     flat = rows.flatten()[start - first * row:stop - first * row]
     return torch.nn.functional.pad(flat, [0, chunk - flat.numel()]).clone()  # a copy, not a view of the mapped file
+
+
+class LowLevelZero(LowLevelZeroSpec, Plugin):
+    """ZeRO stage 1/2 at run time: the base runtime, with a reader of each rank's part of the optimizer state."""
+
+    def read_optimizer(self, run: Run, path: Path) -> None:
+        """Each rank reads only its own part of every state tensor (any layout's full state by name)."""
+        load_zero_optimizer(run, path)
