@@ -24,20 +24,21 @@ from typing import Any
 
 import yaml
 
-from finetune.architectures import NAMED_CONFIGS, architecture, attention_heads, config_value, known_model_names, max_positions, model_type, num_layers
+from finetune.architectures import NAMED_CONFIGS, architecture, config_value, known_model_names, max_positions, model_type
 from finetune.core.layout import Plan
 from finetune.core.plugins import SPECS
 from finetune.errors import SHOWN_CHARS, FinetuneError, shown
 from finetune.methods import METHODS as METHOD_RECORDS
-from finetune.outputs import occupancy_problem
-from finetune.corpus import BUILTIN_SOURCES
 from finetune.sources import adapter_config_problem, cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, weights_dir_problem
 from finetune.tasks import TASKS as TASK_REGISTRY
-from finetune.tracking import tracking_problems
 
 METHODS = tuple(METHOD_RECORDS)
 TASKS = tuple(TASK_REGISTRY)
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# The built-in sources a data.train_path may name (finetune.corpus reads them), each with the task its rows fit.
+CHATTERBOT = "chatterbot-corpus"
+BUILTIN_SOURCES = {CHATTERBOT: "instruction", f"{CHATTERBOT}:chat": "chat", f"{CHATTERBOT}:topics": "classification"}
+
 TRUNCATION = ("truncate", "drop")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -680,28 +681,14 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     return []
 
 
-def output_problems(cfg: Config, writer: bool = True) -> list[str]:
-    """output_dir must be writable, absent, empty or a run of this tool, and not hold another run unless resuming or told to overwrite.
-
-    Checked at launch (train.py, finetune.launch), not by validate(): a finished run's own config.yaml
-    must stay loadable. writer: whether this process is rank 0 (outputs.occupancy_problem).
-    """
-    out = Path(cfg.output_dir)
-    existing = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
-    if existing == out and not out.is_dir():
-        return [f"output_dir: {out} is a file, not a directory; choose another output_dir"]
-    if not existing.is_dir():
-        return [f"output_dir: {existing} is a file, so {out} cannot be created; choose another output_dir"]
-    # The run writes into these later (a checkpoint after many steps): refuse now, not at the first save.
-    for path in (existing, *(out / name for name in ("checkpoints", "logs", "final"))):
-        if path.is_dir() and not os.access(path, os.W_OK):
-            return [f"output_dir: {path} is not writable; fix its permissions or choose another output_dir"]
-    if cfg.resume_from and cfg.overwrite_output_dir:
-        return ["resume_from and overwrite_output_dir=true contradict each other; drop one"]
-    if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).is_dir():
-        return [f"resume_from: no such checkpoint directory: {cfg.resume_from}"]
-    problem = occupancy_problem(cfg, writer)  # absent, empty, or a run of this tool (its marker), replaced only when asked
-    return [problem] if problem else []
+def tracking_problems(cfg: Config) -> list[str]:
+    """Trackers switched on whose package is not installed (checked before any heavy work)."""
+    problems = []
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("logging.tensorboard=true: the tensorboard package is not installed; pip install -r requirements.txt, or set logging.tensorboard=false")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        problems.append("logging.wandb=true: the wandb package is not installed; pip install wandb (WANDB_MODE=offline needs no network), or use logging.tensorboard=true")
+    return problems
 
 
 LORA_MAX_RANK = 4096  # above any hidden size trained here: a larger lora.r is a typo, not a choice

@@ -756,7 +756,7 @@ def fitting_alternatives(cfg: Config, world_size: int, available_bytes: float, d
             changed = with_overrides(cfg, overrides)
         except ConfigError:
             continue
-        problems = [p for p in validate(changed, world_size, has_cuda=device == "cuda") if not p.startswith(IGNORED_PROBLEMS)]
+        problems = [p for p in validate(changed, world_size, has_cuda=device == "cuda") if not p.startswith(ignored_problems())]
         if problems or to_dict(changed) == to_dict(cfg):
             continue  # a change the run cannot take, or what it already has
         peak = estimate(changed, world_size, seq_len, device, quantization_of(changed)).total()
@@ -805,8 +805,12 @@ IGNORED_PROBLEMS = (
     "model.name:",  # the estimator resolves the model itself, and also reads a bare config.json
     "data.train_path: file not found",  # no data is read: the estimate may be made far from the data
     "data.eval_path: file not found",
-    "plugin.name=gemini: ColossalAI's HybridAdam builds",  # a toolchain of the machine that runs it, not of its memory
 )
+
+
+def ignored_problems() -> tuple[str, ...]:
+    """The starts of validation lines the estimator ignores: IGNORED_PROBLEMS and every plugin's machine_problems."""
+    return IGNORED_PROBLEMS + tuple(line for spec in SPECS.values() for line in spec.machine_problems)
 
 
 def _expand_short_forms(argv: list[str]) -> list[str]:
@@ -851,7 +855,7 @@ def parse_request(argv: list[str]) -> tuple[Config, dict[str, Any]]:
             settings.append((source, key, value))
     cfg = build_config(settings)
     world_size, device = extra.get("world_size", 1), extra.get("device", "cuda")
-    problems = [p for p in validate(cfg, world_size, has_cuda=device == "cuda") if not p.startswith(IGNORED_PROBLEMS)]
+    problems = [p for p in validate(cfg, world_size, has_cuda=device == "cuda") if not p.startswith(ignored_problems())]
     if device not in DEVICES:
         problems.insert(0, f"device: unknown value '{device}'; choose from {', '.join(DEVICES)}")
     if extra.get("seq_len", 0) < 0:

@@ -102,6 +102,13 @@ def evaluate_classification(
     return {"loss": loss, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
 
 
+def evaluate_task(task, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
+    """Eval metrics over samples for `task`, from `forward` (batch -> the task's eval_output) of the model under its plugin."""
+    if task.eval_output == "logits":
+        return evaluate_classification(forward, samples, batch_size, pad_token_id, device, layout, len(task.labels), pad_to)
+    return evaluate(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
+
+
 def macro_f1(confusion: torch.Tensor) -> float:
     """Mean F1 over the classes that occur as truth or prediction (sklearn's f1_score(average="macro"))."""
     true_positive = confusion.diagonal()
@@ -236,6 +243,6 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
     reloaded.eval()
     after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
     forward = module_batch_loss(reloaded) if task.eval_output == "loss" else module_logits(reloaded)
-    probe_loss = task.evaluate(forward, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None)["loss"]
+    probe_loss = evaluate_task(task, forward, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None)["loss"]
     generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
     return {"loader": loader, "probe_loss": probe_loss, "generations": generations}

@@ -43,6 +43,8 @@ class PluginSpec:
     # whole model), "lazy" (ColossalAI's LazyInitContext: boost materializes this rank's shard, then
     # load_deferred reads its weights) or "meta" (the plugin materializes each unit from the checkpoint).
     model_init = "eager"
+    # Problems of the machine's toolchain, not of the setup's memory: the estimator ignores lines starting so.
+    machine_problems: tuple[str, ...] = ()
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         """What this plugin cannot do with cfg, each a line naming the fix."""

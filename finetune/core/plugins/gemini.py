@@ -57,6 +57,7 @@ class GeminiSpec(PluginSpec):
     takes_max_norm = True
     replicated = False
     model_init = "lazy"  # as ColossalAI's own examples build models for Gemini
+    machine_problems = (NO_CUDA_TOOLKIT,)  # a toolchain of the machine that runs it
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         problems = []
