@@ -4,7 +4,7 @@
     python -m finetune.estimate --config booster_configs/fsdp.yaml --config my_run.yaml world_size=16 --json
 
 The estimate is asked for with exactly the run config a user would launch (`--config` files and
-`key=value` overrides of finetune/config.py), plus what only the launch knows:
+`key=value` overrides of finetune.config), plus what only the launch knows:
 
     world_size=N      processes (default 1)
     seq_len=N         tokens per sample (default data.max_length, the longest a batch can be)
