@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from finetune.run import Run
 
 
-
-
 def lora_key(name: str) -> str:
     """peft's adapter-file key for a LoRA parameter, from a PeftModel or an injected model alike."""
     prefix = "" if name.startswith("base_model.model.") else "base_model.model."

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from finetune.run import Run
 
 
-
-
 OPTIMIZER_STEM = "state"  # optimizer/state.safetensors + state.json
 
 

@@ -27,15 +27,13 @@ from finetune.checkpoint.store import (
     read_loss_scale,
     rng_stem,
 )
-from finetune.core.plugins import SPECS
 from finetune.config import Config, to_dict
+from finetune.core.plugins import SPECS
 from finetune.errors import CheckpointError
 from finetune.methods import method_named
 
 if TYPE_CHECKING:
     from finetune.run import Run
-
-
 
 
 def resolve_resume(cfg: Config) -> Path | None:

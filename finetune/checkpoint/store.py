@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from finetune.run import Run
 
 
-
-
 CHECKPOINTS = "checkpoints"
 
 

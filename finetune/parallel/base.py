@@ -85,6 +85,7 @@ class Plugin(PluginSpec):
     def forward_backward(self, run: Run, micro_batches: list[dict]) -> float:
         """Forward and backward over a step's micro-batches (gradients accumulate); returns the summed loss."""
         import torch
+
         from finetune.data import model_inputs
 
         booster, model, optimizer = run.booster, run.model, run.optimizer

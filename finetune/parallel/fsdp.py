@@ -1,4 +1,5 @@
-"""PyTorch FSDP at run time: its wrap policy, meta-device loading (param_init_fn), clipping and checkpoint IO: full state dicts, gathered on rank 0 to save, read by every rank to load.
+"""PyTorch FSDP at run time: its wrap policy, meta-device loading (param_init_fn), clipping, and checkpoint IO by
+full state dicts, gathered on rank 0 to save, read by every rank to load.
 
 ColossalAI's FSDP checkpoint IO gathers with offload_to_cpu=True, which fails on a CPU-only machine in torch
 2.5.1 (size-0 storages, then a hang), so the FSDP paths use torch's APIs directly. The model is saved as a
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from finetune.checkpoint.files import WeightsDir, read_safetensors_dir, read_tree, write_tree
 from finetune.checkpoint.model_state import NO_EMBEDDINGS, check_fit, write_adapter_dir
 from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem
@@ -21,13 +24,10 @@ from finetune.checkpoint.store import failing_together
 from finetune.core.plugins.fsdp import TorchFSDPSpec
 from finetune.errors import CheckpointError
 from finetune.parallel.base import Plugin
-from torch import nn
 
 if TYPE_CHECKING:
     from finetune.config import Config
     from finetune.run import Run
-
-
 
 
 def fsdp_inner_module(run: Run) -> torch.nn.Module:
@@ -177,7 +177,6 @@ class TorchFSDP(TorchFSDPSpec, Plugin):
         """Full fine-tuning with auto_wrap=block: a unit per transformer block (LoRA got peft's policy in apply_adapters).
         A model built on the meta device gets each unit's weights from the checkpoint as FSDP wraps it."""
         if pending is not None:
-            from finetune.checkpoint.files import WeightsDir
             plugin.fsdp_kwargs["param_init_fn"] = fsdp_param_init_fn(model, WeightsDir(pending.path), pending.names)
         if plugin.fsdp_kwargs.get("auto_wrap_policy") is not None or cfg.plugin.options["auto_wrap"] != "block":
             return

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
+
 from finetune.checkpoint.files import KeyStandIns, OpenFiles, TensorKey, join_tensors, split_tensors, tensor_files, tree_errors, unshared, weight_errors, weight_files, weight_key
 from finetune.checkpoint.model_state import update_master_params
 from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem, global_param_names, indexed_optimizer_state, optimizer_params, tied_output_embedding
@@ -19,13 +21,10 @@ from finetune.core.plugins.hybrid import HybridParallelSpec
 from finetune.errors import CheckpointError
 from finetune.lora_tp import full_like, read_split
 from finetune.parallel.base import Plugin, write_sharded_model
-from safetensors.torch import save_file
 
 if TYPE_CHECKING:
     from finetune.config import Config
     from finetune.run import Run
-
-
 
 
 STAGE_OPTIMIZER_FILE = "state-stage-{:05d}.safetensors"  # tensor/pipeline parallelism: one file per pipeline stage
@@ -209,6 +208,7 @@ class HybridParallel(HybridParallelSpec, Plugin):
         if not run.layout.pipeline:
             return super().eval_forward(run, output)
         import torch
+
         from finetune.evaluation import summed_loss
 
         def batch_loss(batch: dict) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""LowLevelZero at run time: the base runtime, and its optimizer reader (each rank reads only its own part of every state tensor)."""
+"""LowLevelZero at run time: the base runtime, and its optimizer reader (each rank reads only its own part of every
+state tensor)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
 from finetune.checkpoint.files import KeyStandIns, OpenFiles, TensorKey, join_tensors, tensor_files, tree_errors
 from finetune.checkpoint.optimizer_state import full_optimizer_stem, indexed_optimizer_state, optimizer_param_names
 from finetune.core.plugins.zero import LowLevelZeroSpec
@@ -15,8 +17,6 @@ from finetune.parallel.base import Plugin
 
 if TYPE_CHECKING:
     from finetune.run import Run
-
-
 
 
 def load_zero_optimizer(run: Run, path: Path) -> None:
