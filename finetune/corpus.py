@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from finetune import assets
-from finetune.config import BUILTIN_SOURCES, CHATTERBOT  # noqa: F401 (BUILTIN_SOURCES: read by finetune.data)
+from finetune.config import CHATTERBOT
 
 
 def _topic_conversations() -> list[tuple[str, list[str]]]:

@@ -58,7 +58,7 @@ from typing import Any
 from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL, architecture
 from finetune.core.layout import Placement, half_precision
 from finetune.core.plugins import SPECS
-from finetune.config import Config, ConfigError, LoraConfig, Plain, _flatten, remote_code_problem, build_config, parallel_plan, parse_args, to_dict, validate
+from finetune.config import Config, ConfigError, LoraConfig, Plain, _flatten, remote_code_problem, build_config, parse_args, to_dict, validate
 from finetune.errors import FinetuneError, shown
 from finetune.methods import method_named
 
