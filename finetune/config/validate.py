@@ -75,9 +75,6 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
             problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; on CPU use low_level_zero (stage 1/2) or torch_ddp")
         if method:
             problems += spec.problems(cfg, world_size, has_cuda)
-        task = TASK_REGISTRY.get(cfg.task)
-        if method and task and task.classification:
-            problems += spec.classification_problems(cfg, world_size)
     if not has_cuda and cfg.train.precision == "fp16":
         problems.append("train.precision=fp16: needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
     if not has_cuda and cfg.model.attn_implementation == "flash_attention_2":

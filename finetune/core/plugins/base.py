@@ -50,10 +50,6 @@ class PluginSpec:
         """What this plugin cannot do with cfg, each a line naming the fix."""
         return []
 
-    def classification_problems(self, cfg: Config, world_size: int) -> list[str]:
-        """What this plugin cannot do with cfg's classifier (config.validate asks when the task classifies)."""
-        return []
-
     def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
         """The layout numbers for these (effective) options."""
         return Plan(dp=world_size)

@@ -11,6 +11,7 @@ from finetune.core.layout import Placement, Plan, cast_placement, half_precision
 from finetune.core.plugins.base import PluginSpec
 from finetune.core.plugins.zero import zero_placement
 from finetune.methods import METHODS
+from finetune.tasks import TASKS
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -59,6 +60,9 @@ class HybridParallelSpec(PluginSpec):
         problems = []
         if cfg.data.packing:
             problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
+        task = TASKS.get(cfg.task)
+        if task is not None and task.classification:
+            problems += self._classification_problems(cfg, plan)
         if world_size % (tp * pp):
             problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
         heads = attention_heads(cfg.model.name)
@@ -101,9 +105,9 @@ class HybridParallelSpec(PluginSpec):
                 problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
         return problems
 
-    def classification_problems(self, cfg: Config, world_size: int) -> list[str]:
+    @staticmethod
+    def _classification_problems(cfg: Config, plan: Plan) -> list[str]:
         """Which classifiers tensor/pipeline parallelism serves (checked against a single process: tests/test_fidelity.py)."""
-        plan = self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
         kind = model_type(cfg.model.name)
         served = architecture(kind).hybrid_classification
         if not served:
