@@ -13,9 +13,7 @@ from pathlib import Path
 import yaml
 
 from finetune import assets
-
-CHATTERBOT = "chatterbot-corpus"
-BUILTIN_SOURCES = {CHATTERBOT: "instruction", f"{CHATTERBOT}:chat": "chat", f"{CHATTERBOT}:topics": "classification"}
+from finetune.config import CHATTERBOT
 
 
 def _topic_conversations() -> list[tuple[str, list[str]]]:

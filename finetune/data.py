@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from finetune import assets, corpus
 from finetune.faults import Faults
-from finetune.config import DataConfig, SliceBound, Source, parse_split_slice, train_sources
+from finetune.config import BUILTIN_SOURCES, DataConfig, SliceBound, Source, parse_split_slice, train_sources
 from finetune.tasks import IGNORE_INDEX, DataError, LanguageModelingTask, Task, build_task  # noqa: F401 (IGNORE_INDEX, DataError: re-exported)
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -74,7 +74,7 @@ class SplitData:
 
 def read_rows(path: str) -> list[dict]:
     """The raw rows of a data file (or a built-in corpus): JSON with Python's json (_read_json), CSV and Parquet with `datasets`."""
-    if path in corpus.BUILTIN_SOURCES:
+    if path in BUILTIN_SOURCES:
         return corpus.builtin_records(path)
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
@@ -424,7 +424,7 @@ _CODE = [Path(__file__), Path(corpus.__file__), *sorted((Path(__file__).parent /
 def _source_stamp(source: str) -> str:
     if not source:
         return ""
-    if source in corpus.BUILTIN_SOURCES:
+    if source in BUILTIN_SOURCES:
         return f"{source}@chatterbot-corpus=={metadata.version('chatterbot-corpus')}"
     stat = Path(source).stat()
     return f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"

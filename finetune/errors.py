@@ -42,3 +42,7 @@ def listed(names) -> str:
 # How a surviving rank's one line starts when another rank died (finetune.distributed.rank_lost); the
 # launcher (finetune.launch_output) recognises it and names the dead rank instead, which only it knows.
 RANK_LOST = "lost the connection to another rank"
+
+
+class CheckpointError(FinetuneError):
+    """A checkpoint cannot be used: missing, incomplete, unsafe, or from an incompatible run."""

@@ -4,7 +4,7 @@
     python -m finetune.estimate --config booster_configs/fsdp.yaml --config my_run.yaml world_size=16 --json
 
 The estimate is asked for with exactly the run config a user would launch (`--config` files and
-`key=value` overrides of finetune/config.py), plus what only the launch knows:
+`key=value` overrides of finetune.config), plus what only the launch knows:
 
     world_size=N      processes (default 1)
     seq_len=N         tokens per sample (default data.max_length, the longest a batch can be)
@@ -56,8 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL, architecture
-from finetune.booster import PLUGINS
-from finetune.config import Config, ConfigError, LoraConfig, Plain, _flatten, remote_code_problem, build_config, parallel_plan, parse_args, to_dict, validate
+from finetune.core.layout import Placement, half_precision
+from finetune.core.plugins import SPECS
+from finetune.config import Config, ConfigError, LoraConfig, Plain, _flatten, remote_code_problem, build_config, parse_args, to_dict, validate
 from finetune.errors import FinetuneError, shown
 from finetune.methods import method_named
 
@@ -354,133 +355,10 @@ def _add_lora(model, cfg_lora) -> None:
 # What a plugin does with the model state
 
 
-@dataclass(frozen=True)
-class Placement:
-    """One rank's layout under a plugin: parallel sizes, bytes per element, sharding divisors, offload."""
-
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    microbatches: int = 1
-    chunks: int = 1  # model chunks per pipeline rank (interleaved schedule)
-    interleaved: bool = False
-    weight_bytes: float = 4  # stored bytes per weight element
-    frozen_bytes: float = 0  # stored bytes per frozen weight element where it differs (a half-precision LoRA base); 0: weight_bytes
-    compute_bytes: int = 4  # dtype of matmul inputs/outputs in activations
-    residual_bytes: int = 4  # dtype of the residual stream and norm inputs
-    eval_half: bool = False  # eval runs in half precision too (DDP's autocast covers training only)
-    autocast_copies: bool = False  # DDP + bf16/fp16 autocast: half copies of matmul weights live through fwd/bwd
-    grad_bytes: float = 4
-    grad_copies: int = 1  # DDP: param.grad plus its all-reduce bucket
-    master_bytes: float = 0  # fp32 master copy per trainable element
-    state_bytes: float = 4  # optimizer state element
-    step_grad_bytes: float = 0  # fp32 gradient copy made for the optimizer step, per trainable element
-    param_shards: float = 1.0
-    grad_shards: int = 1
-    optim_shards: int = 1
-    optim_offload: float = 0.0  # fraction of optimizer states, master and step gradients in host memory
-    param_offload: float = 0.0  # fraction of the sharded weights in host memory
-    gathered: str = ""  # FSDP working copy during compute: "model" (one unit) or "layers" (a unit per block)
-    reduce_bucket: int = 0  # elements of ZeRO's flat gradient-reduce bucket
-
-
-def _half(cfg: Config) -> bool:
-    return cfg.train.precision in ("bf16", "fp16")
-
-
-def ddp_placement(cfg: Config, world: int) -> Placement:
-    """TorchDDP: a full fp32 replica; bf16/fp16 is autocast in the training step."""
-    compute = 2 if _half(cfg) else 4
-    return Placement(dp=world, compute_bytes=compute, autocast_copies=_half(cfg), grad_copies=1 if cfg.plugin.options["gradient_as_bucket_view"] else 2)
-
-
-def _cast(cfg: Config, **layout) -> Placement:
-    """A plugin that casts the model to the run's dtype: weights, gradients and activations in it."""
-    element = 2 if _half(cfg) else 4
-    return Placement(weight_bytes=element, compute_bytes=element, residual_bytes=element, eval_half=_half(cfg), grad_bytes=element, **layout)
-
-
-def zero_placement(cfg: Config, world: int, dp: int | None = None, stage: int | None = None, offload: bool | None = None, master: bool | None = None) -> Placement:
-    """LowLevelZero: model cast to the run's dtype; fp32 master and optimizer states sharded (stage 2: gradients too)."""
-    options = cfg.plugin.options
-    dp = world if dp is None else dp
-    stage = options["stage"] if stage is None else stage
-    offload = options["cpu_offload"] if offload is None else offload
-    master = options["master_weights"] if master is None else master
-    return _cast(
-        cfg,
-        dp=dp,
-        master_bytes=4 if master else 0,  # ColossalAI clones the master even in fp32
-        state_bytes=4 if master else (2 if _half(cfg) else 4),
-        step_grad_bytes=4 if master and _half(cfg) else 0,
-        grad_shards=dp if stage == 2 else 1,
-        optim_shards=dp,
-        optim_offload=1.0 if offload else 0.0,
-        reduce_bucket=int(options.get("reduce_bucket_size_in_m", 12) * 1024 * 1024),
-    )
-
-
-def gemini_placement(cfg: Config, world: int) -> Placement:
-    """Gemini: half-precision chunks sharded by shard_param_frac; gradients reuse the parameter chunks."""
-    options = cfg.plugin.options
-    shard = options["shard_param_frac"]
-    return Placement(
-        dp=world,
-        weight_bytes=2,
-        compute_bytes=2,
-        residual_bytes=2,
-        eval_half=True,
-        grad_bytes=0,  # fp16 gradients overwrite their parameter chunk once it is no longer needed
-        master_bytes=4,
-        param_shards=1 / (1 - shard + shard / world),
-        optim_shards=world,
-        optim_offload=options["offload_optim_frac"],
-        param_offload=options["offload_param_frac"],
-        gathered="layers",
-    )
-
-
-def fsdp_placement(cfg: Config, world: int) -> Placement:
-    """FSDP: fp32 flat shards (the master), gathered in the compute dtype one unit at a time.
-
-    Full fine-tuning is wrapped per transformer block (plugin.auto_wrap=block, the default) or as one
-    unit (none: the whole model gathered for compute); LoRA with peft's policy (a unit per layer).
-    """
-    options = cfg.plugin.options
-    one_unit = method_named(cfg.method).full and options.get("auto_wrap", "block") == "none"  # read with a default: older configs lack the key
-    sharded = world if options["sharding_strategy"] != "NO_SHARD" else 1
-    element = 2 if _half(cfg) else 4
-    return Placement(
-        dp=world,
-        compute_bytes=element,
-        residual_bytes=element,
-        eval_half=_half(cfg),
-        param_shards=sharded,
-        grad_shards=sharded,
-        optim_shards=sharded,
-        optim_offload=1.0 if options["cpu_offload"] else 0.0,
-        param_offload=1.0 if options["cpu_offload"] else 0.0,
-        gathered="model" if one_unit else "layers",
-    )
-
-
-def hybrid_placement(cfg: Config, world: int) -> Placement:
-    """HybridParallel: tp x pp x dp; half precision keeps an fp32 master (zero_stage 1: ZeRO over dp)."""
-    options, plan = cfg.plugin.options, parallel_plan(cfg, world)
-    tp, pp, dp = plan.tp, plan.pp, plan.dp
-    layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved")
-    if options["zero_stage"]:
-        return dataclasses.replace(zero_placement(cfg, world, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
-    # Without ZeRO and without a pipeline, data parallelism is torch DDP inside the plugin (buckets).
-    ddp_buckets = 2 if dp > 1 and pp == 1 else 1
-    master = 4 if _half(cfg) else 0
-    return _cast(cfg, dp=dp, **layout, grad_copies=ddp_buckets, master_bytes=master, step_grad_bytes=master)
-
-
 def placement(cfg: Config, world_size: int) -> Placement:
     """The per-rank layout of cfg's plugin on world_size processes (the plugin object says)."""
-    place = PLUGINS[cfg.plugin.name].placement(cfg, world_size)
-    if method_named(cfg.method).adapter and _half(cfg):
+    place = SPECS[cfg.plugin.name].placement(cfg, world_size)
+    if method_named(cfg.method).adapter and half_precision(cfg):
         # The frozen base is held in the compute dtype: the residual stream and eval run in it too, and
         # autocast has no weight copies to cache. (Gemini, which has its own rules, holds no adapters.)
         place = dataclasses.replace(place, frozen_bytes=2, residual_bytes=2, eval_half=True, autocast_copies=False)
@@ -743,7 +621,7 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     on this rank still saved; checkpointing keeps only each layer's input and recomputes one layer.
     """
     tokens = cfg.train.batch_size // place.microbatches * seq
-    eager_under_shardformer = PLUGINS[cfg.plugin.name].shardformer and not architecture(shape.model_type).sdpa_under_shardformer  # see model.attention_for
+    eager_under_shardformer = SPECS[cfg.plugin.name].shardformer and not architecture(shape.model_type).sdpa_under_shardformer  # see model.attention_for
     attention = "eager" if cfg.model.attn_implementation == "eager" or eager_under_shardformer else "sdpa"
     layer = layer_activation_bytes(shape, place, seq, device, attention)
     outside = outside_activation_bytes(shape, place, device, share.first, share.last)
@@ -849,7 +727,7 @@ def with_overrides(cfg: Config, overrides: tuple[str, ...]) -> Config:
 def _candidate_changes(cfg: Config, world_size: int) -> list[tuple[tuple[str, ...], float]]:
     """(overrides, cost) of each change worth trying. Costs rank what a user gives up: recomputing the
     forward (checkpointing, 1), a halved micro-batch (1 per halving, same global batch), sharding over
-    the same ranks (zero2 2, fsdp 2, tp 3: more communication), and the method (qlora 4: another model)."""
+    the same ranks (each plugin's fit_alternatives: zero2 2, fsdp 2, tp 3: more communication), and the method (qlora 4: another model)."""
     train = cfg.train
     singles: list[tuple[tuple[str, ...], float]] = []
     micro, halvings = train.batch_size // 2, 1
@@ -858,8 +736,7 @@ def _candidate_changes(cfg: Config, world_size: int) -> list[tuple[tuple[str, ..
             singles.append(((f"train.batch_size={micro}", f"train.grad_accum_steps={train.grad_accum_steps * train.batch_size // micro}"), halvings))
         micro, halvings = micro // 2, halvings + 1
     if world_size > 1:
-        singles += [(("plugin.name=low_level_zero", "plugin.stage=2"), 2), (("plugin.name=torch_fsdp",), 2)]
-        singles.append((("plugin.name=hybrid_parallel", f"plugin.tp_size={world_size}"), 3))
+        singles += [change for spec in SPECS.values() for change in spec.fit_alternatives(world_size)]
     method = method_named(cfg.method)
     if method.adapter and not method.quantized_base:
         singles.append((("method=qlora",), 4))
@@ -879,7 +756,7 @@ def fitting_alternatives(cfg: Config, world_size: int, available_bytes: float, d
             changed = with_overrides(cfg, overrides)
         except ConfigError:
             continue
-        problems = [p for p in validate(changed, world_size, has_cuda=device == "cuda") if not p.startswith(IGNORED_PROBLEMS)]
+        problems = [p for p in validate(changed, world_size, has_cuda=device == "cuda") if not p.startswith(ignored_problems())]
         if problems or to_dict(changed) == to_dict(cfg):
             continue  # a change the run cannot take, or what it already has
         peak = estimate(changed, world_size, seq_len, device, quantization_of(changed)).total()
@@ -928,8 +805,12 @@ IGNORED_PROBLEMS = (
     "model.name:",  # the estimator resolves the model itself, and also reads a bare config.json
     "data.train_path: file not found",  # no data is read: the estimate may be made far from the data
     "data.eval_path: file not found",
-    "plugin.name=gemini: ColossalAI's HybridAdam builds",  # a toolchain of the machine that runs it, not of its memory
 )
+
+
+def ignored_problems() -> tuple[str, ...]:
+    """The starts of validation lines the estimator ignores: IGNORED_PROBLEMS and every plugin's machine_problems."""
+    return IGNORED_PROBLEMS + tuple(line for spec in SPECS.values() for line in spec.machine_problems)
 
 
 def _expand_short_forms(argv: list[str]) -> list[str]:
@@ -941,11 +822,11 @@ def _expand_short_forms(argv: list[str]) -> list[str]:
             setup = BOOSTER_CONFIGS / f"{value}.yaml"
             if setup.is_file():
                 expanded += ["--config", str(setup)]
-            elif value in PLUGINS:
+            elif value in SPECS:
                 expanded.append(f"plugin.name={value}")
             else:
                 setups = sorted(p.stem for p in BOOSTER_CONFIGS.glob("*.yaml"))
-                raise ConfigError(f"plugin={value}: not a setup in booster_configs/ ({', '.join(setups)}) nor a plugin ({', '.join(PLUGINS)})")
+                raise ConfigError(f"plugin={value}: not a setup in booster_configs/ ({', '.join(setups)}) nor a plugin ({', '.join(SPECS)})")
         elif sep and key in SHORT_KEYS:
             expanded.append(f"{SHORT_KEYS[key]}={value}")
         else:
@@ -974,7 +855,7 @@ def parse_request(argv: list[str]) -> tuple[Config, dict[str, Any]]:
             settings.append((source, key, value))
     cfg = build_config(settings)
     world_size, device = extra.get("world_size", 1), extra.get("device", "cuda")
-    problems = [p for p in validate(cfg, world_size, has_cuda=device == "cuda") if not p.startswith(IGNORED_PROBLEMS)]
+    problems = [p for p in validate(cfg, world_size, has_cuda=device == "cuda") if not p.startswith(ignored_problems())]
     if device not in DEVICES:
         problems.insert(0, f"device: unknown value '{device}'; choose from {', '.join(DEVICES)}")
     if extra.get("seq_len", 0) < 0:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.booster import Layout
+from finetune.core.layout import Layout
 from finetune.data import IGNORE_INDEX, collate, masked
 
 # batch -> summed loss over its label tokens (a 0-dim tensor)
@@ -100,6 +100,13 @@ def evaluate_classification(
     if not math.isfinite(loss):  # NaN/inf logits: their argmax is no prediction, so no accuracy either
         return {"loss": loss, "accuracy": float("nan"), "macro_f1": float("nan"), "samples": int(count)}
     return {"loss": loss, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
+
+
+def evaluate_task(task, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
+    """Eval metrics over samples for `task`, from `forward` (batch -> the task's eval_output) of the model under its plugin."""
+    if task.eval_output == "logits":
+        return evaluate_classification(forward, samples, batch_size, pad_token_id, device, layout, len(task.labels), pad_to)
+    return evaluate(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
@@ -236,6 +243,6 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
     reloaded.eval()
     after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
     forward = module_batch_loss(reloaded) if task.eval_output == "loss" else module_logits(reloaded)
-    probe_loss = task.evaluate(forward, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None)["loss"]
+    probe_loss = evaluate_task(task, forward, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None)["loss"]
     generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
     return {"loader": loader, "probe_loss": probe_loss, "generations": generations}

@@ -19,7 +19,7 @@ import torch
 
 from finetune import architectures
 from finetune.config import Config
-from finetune.export import ExportError, locate, merged_model
+from finetune.export_source import ExportError, locate, merged_model
 from finetune.outputs import staged_output
 
 GGUF_TYPES = ("f16", "q8_0")
@@ -189,7 +189,7 @@ def export_gguf(source: Path, out: Path, gguf_type: str = "f16", flags: set[str]
     if out.suffix != ".gguf":
         raise ExportError(f"--gguf {out}: the file name must end in .gguf")
     with staged_output(out, directory=False) as staging:  # refused now if out exists, before the model is built
-        cfg, weights = locate(source, flags)  # flags: this command's opt-ins (finetune.export.OPT_INS)
+        cfg, weights = locate(source, flags)  # flags: this command's opt-ins (finetune.export_source.OPT_INS)
         reason = refusal(cfg)
         if reason:
             raise ExportError(reason)

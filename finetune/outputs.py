@@ -189,6 +189,30 @@ def run_entries(out: Path) -> list[str] | None:
     return [name for name in marker["entries"] if name in RUN_ENTRIES]  # never a name this tool does not write
 
 
+def output_problems(cfg: Config, writer: bool = True) -> list[str]:
+    """output_dir must be writable, absent, empty or a run of this tool, and not hold another run unless resuming or told to overwrite.
+
+    Checked at launch (train.py, finetune.launch), not by validate(): a finished run's own config.yaml
+    must stay loadable. writer: whether this process is rank 0 (occupancy_problem).
+    """
+    out = Path(cfg.output_dir)
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
+    if existing == out and not out.is_dir():
+        return [f"output_dir: {out} is a file, not a directory; choose another output_dir"]
+    if not existing.is_dir():
+        return [f"output_dir: {existing} is a file, so {out} cannot be created; choose another output_dir"]
+    # The run writes into these later (a checkpoint after many steps): refuse now, not at the first save.
+    for path in (existing, *(out / name for name in ("checkpoints", "logs", "final"))):
+        if path.is_dir() and not os.access(path, os.W_OK):
+            return [f"output_dir: {path} is not writable; fix its permissions or choose another output_dir"]
+    if cfg.resume_from and cfg.overwrite_output_dir:
+        return ["resume_from and overwrite_output_dir=true contradict each other; drop one"]
+    if cfg.resume_from and cfg.resume_from != "latest" and not Path(cfg.resume_from).is_dir():
+        return [f"resume_from: no such checkpoint directory: {cfg.resume_from}"]
+    problem = occupancy_problem(cfg, writer)  # absent, empty, or a run of this tool (its marker), replaced only when asked
+    return [problem] if problem else []
+
+
 def occupancy_problem(cfg: Config, writer: bool = True) -> str | None:
     """Why this run may not write into output_dir: neither absent, empty nor a run of this tool; a run there that
     would be replaced unasked; or the run an unfinished overwrite set aside, which only a resume of that overwrite may follow.

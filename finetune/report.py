@@ -62,12 +62,12 @@ def read_summary(run_dir: Path) -> dict:
 
 def setting_name(summary: dict) -> str:
     """The plugin and its layout in a few characters: 'single', 'ddp x2', 'zero2 x2', 'tp2', 'pp2 1f1b', ... (the plugin says)."""
-    from finetune.booster import PLUGINS
+    from finetune.core.plugins import SPECS
 
     plugin, options, world = summary["plugin"], summary.get("plugin_options", {}), summary["world_size"]
-    if plugin not in PLUGINS:
+    if plugin not in SPECS:
         return f"{plugin} x{world}"
-    return PLUGINS[plugin].setting_label(options, world, summary.get("data_parallel_size", 1))
+    return SPECS[plugin].setting_label(options, world, summary.get("data_parallel_size", 1))
 
 
 def best_metric(summary: dict) -> tuple[str, float, str]:

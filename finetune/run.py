@@ -10,14 +10,17 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from finetune import checkpoint
-from finetune.booster import PLUGINS, Layout, Plan, Plugin, build_booster
+from finetune.booster import build_booster
 from finetune.config import Config, parallel_plan
+from finetune.core.layout import Layout, Plan
 from finetune.data import DataError, collate
 from finetune.distributed import log
 from finetune.faults import Faults
 from finetune.methods import Method, method_named
 from finetune.model import build_lora_config, count_parameters, trainable_line
 from finetune.packing import collate_packed, pack
+from finetune.parallel import PLUGINS
+from finetune.parallel.base import Plugin
 from finetune.preemption import Preemption
 from finetune.tasks import Task
 

@@ -7,7 +7,6 @@ for an eval's, memory/<stage>/<field> for the profiler's stages at the end of th
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -18,16 +17,6 @@ if TYPE_CHECKING:
 
 TENSORBOARD_DIR = "tensorboard"
 GIB = 1024**3
-
-
-def tracking_problems(cfg: Config) -> list[str]:
-    """Trackers switched on whose package is not installed (checked before any heavy work)."""
-    problems = []
-    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        problems.append("logging.tensorboard=true: the tensorboard package is not installed; pip install -r requirements.txt, or set logging.tensorboard=false")
-    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
-        problems.append("logging.wandb=true: the wandb package is not installed; pip install wandb (WANDB_MODE=offline needs no network), or use logging.tensorboard=true")
-    return problems
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:

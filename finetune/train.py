@@ -37,17 +37,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from finetune import checkpoint, checks, deferred, outputs
-from finetune.fixes import glibc
-from finetune.booster import PLUGINS
-from finetune.config import Config, ConfigError, help_text, load_config, output_problems
+from finetune.config import Config, ConfigError, help_text, load_config
 from finetune.data import SplitData, batches_forever, build_data, load_splits, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
-from finetune.evaluation import eval_line, reload_device, reload_final, reload_matches
+from finetune.evaluation import eval_line, evaluate_task, reload_device, reload_final, reload_matches
 from finetune.faults import Faults
 from finetune.methods import method_named
+from finetune.fixes import glibc
 from finetune.model import base_quantization, build_model
+from finetune.outputs import output_problems
 from finetune.packing import packed_attention
+from finetune.parallel import PLUGINS
 from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
@@ -136,9 +137,9 @@ def run_eval(run: Run, samples: list[dict], pad_token_id: int, by_source: dict[s
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size  # pipelines evaluate at the train batch
     run.model.eval()
     forward = run.plugin.eval_forward(run, run.task.eval_output)
-    result = run.task.evaluate(forward, samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
+    result = evaluate_task(run.task, forward, samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
     for name, part in (by_source or {}).items():
-        result[f"loss/{name}"] = run.task.evaluate(forward, part, batch_size, pad_token_id, run.device, run.layout, run.pad_to)["loss"]
+        result[f"loss/{name}"] = evaluate_task(run.task, forward, part, batch_size, pad_token_id, run.device, run.layout, run.pad_to)["loss"]
     run.model.train()
     return result
 

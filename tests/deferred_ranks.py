@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from finetune import deferred  # noqa: E402
-from finetune.booster import PLUGINS  # noqa: E402
+from finetune.parallel import PLUGINS  # noqa: E402
 from finetune.config import build_config, parse_args  # noqa: E402
 from finetune.distributed import destroy_process_groups, launch  # noqa: E402
 from finetune.faults import Faults  # noqa: E402

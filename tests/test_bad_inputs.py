@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from finetune.assets import AssetError, gpt2_tokenizer
-from finetune.config import ConfigError, DataConfig, load_config, output_problems
+from finetune.config import ConfigError, DataConfig, load_config
 from finetune.data import DataError, load_records, load_splits, tokenize_records
-from finetune.outputs import RunOutputs, tee_rank_output
+from finetune.outputs import RunOutputs, output_problems, tee_rank_output
 from finetune.tasks import build_task
 from tests.conftest import REPO, TRAIN, run_env, write_instruction_file
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from finetune import booster
-from finetune.booster import PLUGINS
+from finetune.core.plugins import gemini
+from finetune.parallel import PLUGINS
 from finetune.config import ConfigError, build_config, load_config, parse_args, to_dict
 from finetune.gpu_check import EXAMPLE_RUNS
 from tests.conftest import REPO, TRAIN, run_env
@@ -51,7 +51,7 @@ def test_gemini_without_a_cuda_toolkit_is_refused_in_one_line(monkeypatch, tmp_p
     monkeypatch.delenv("CUDA_HOME")
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc
-    monkeypatch.setattr(booster, "DEFAULT_CUDA_HOME", tmp_path / "cuda")
+    monkeypatch.setattr(gemini, "DEFAULT_CUDA_HOME", tmp_path / "cuda")
     with pytest.raises(ConfigError, match="HybridAdam builds its CUDA kernels on first use .* set CUDA_HOME"):
         load_config(["--config", str(REPO / "booster_configs" / "gemini.yaml"), "method=full"], world_size=2, has_cuda=True)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from finetune import deferred
-from finetune.booster import PLUGINS
+from finetune.parallel import PLUGINS
 from finetune.checkpoint import CheckpointError
+from finetune.checkpoint.files import WeightsDir
 from finetune.config import ModelConfig
 from finetune.methods import METHODS
 from finetune.model import build_model
@@ -96,7 +97,7 @@ def test_what_is_always_built_with_its_weights(pretrained_dirs):
 def test_a_checkpoint_that_does_not_fill_the_model_is_one_clear_error(pretrained_dirs, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "pytorch_model.bin"}}))
     with pytest.raises(CheckpointError, match=r"^model.name: .* names 'pytorch_model.bin'; only safetensors"):
-        deferred.Checkpoint(tmp_path)
-    checkpoint = deferred.Checkpoint(pretrained_dirs["tiny-llama"])
+        WeightsDir(tmp_path)
+    checkpoint = WeightsDir(pretrained_dirs["tiny-llama"])
     with pytest.raises(CheckpointError, match=r"^model.name: .* has no weight for model.norm.bias; its weights do not fit this model"):
         checkpoint.key_for(["model.norm.bias"])

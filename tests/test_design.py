@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from finetune import booster
+from finetune.core.layout import Placement, Plan
 from finetune.architectures import ARCHITECTURES, Architecture, architecture, register as register_architecture
-from finetune.booster import PLUGINS, Plan, Plugin, TorchDDP, register as register_plugin
+from finetune.parallel import PLUGINS, Plugin, TorchDDP, register as register_plugin, unregister as unregister_plugin
 from finetune.config import build_config, parallel_plan, parse_args, validate
 from finetune.methods import METHODS
+from tests.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-process gloo rank)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +47,6 @@ def test_every_registered_plugin_provides_every_hook(name):
     assert set(plugin.options) <= set(cfg.plugin.options)  # resolved once, defaults included
     assert isinstance(validate(cfg, world_size=2, has_cuda=True), list)
     assert isinstance(parallel_plan(cfg, 2), Plan)
-    from finetune.estimate import Placement
-
     assert isinstance(plugin.placement(cfg, 2), Placement)
     assert isinstance(plugin.setting_label(cfg.plugin.options, 2, 1), str)
 
@@ -58,9 +59,10 @@ def test_registered_plugins_name_colossalai_classes():
 
 
 # Lines in these modules may not decide by a plugin's, method's or task's name, or by a model type.
-ASKING_MODULES = ("train.py", "checkpoint.py", "evaluation.py", "outputs.py", "estimate.py", "data.py", "export.py", "run.py", "distributed.py", "report.py")
+ASKING_MODULES = ("train.py", *(f"checkpoint/{p.name}" for p in sorted((REPO / "finetune" / "checkpoint").glob("*.py"))), "evaluation.py", "outputs.py", "estimate.py", "data.py", "export.py", "run.py", "distributed.py", "report.py")
 NAME_TESTS = [
     re.compile(r"""["'](torch_ddp|low_level_zero|gemini|torch_fsdp|hybrid_parallel)["']"""),
+    re.compile(r"plugin\.name=(torch_ddp|low_level_zero|gemini|torch_fsdp|hybrid_parallel)\b"),  # a setup spelled out (the fit search asks the records)
     re.compile(r"""(==|!=|\bin\b)\s*\(?["'](full|lora|qlora)["']"""),
     re.compile(r"""["'](classification|instruction|summarization|chat)["']\s*(==|!=)|(==|!=)\s*["'](classification|instruction|summarization|chat)["']"""),
     re.compile(r"labels is (not )?None|run\.labels|\bif labels\b"),
@@ -83,21 +85,43 @@ def test_train_py_stays_a_short_recipe():
     assert len((REPO / "finetune" / "train.py").read_text().splitlines()) < 400
 
 
+def test_name_tests_catch_a_setup_spelled_out():
+    """The fit search once spelled `plugin.name=low_level_zero`; a name standing alone in quotes is not the only spelling."""
+    assert any(pattern.search('singles += [(("plugin.name=low_level_zero", "plugin.stage=2"), 2)]') for pattern in NAME_TESTS)
+    assert not any(pattern.search('singles += [change for spec in SPECS.values() for change in spec.fit_alternatives(world_size)]') for pattern in NAME_TESTS)
+
+
 class MirrorDDP(TorchDDP):
-    """A plugin registered by a test: TorchDDP under another name, with one option of its own forced off."""
+    """A plugin registered by a test: TorchDDP under another name, with one option of its own forced off; it
+    notes which of its run-time hooks ran."""
 
     name = "test_mirror_ddp"
     short_name = "mirror"
 
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
     def problems(self, cfg, world_size, has_cuda):
         return ["plugin.static_graph: the mirror plugin refuses it"] if cfg.plugin.options["static_graph"] else []
+
+    def forward_backward(self, run, micro_batches):
+        self.ran.append("forward_backward")
+        return super().forward_backward(run, micro_batches)
+
+    def write_model(self, run, path):
+        self.ran.append("write_model")
+        super().write_model(run, path)
+
+    def read_optimizer(self, run, path):
+        self.ran.append("read_optimizer")
+        super().read_optimizer(run, path)
 
 
 @pytest.fixture
 def mirror_plugin():
     plugin = register_plugin(MirrorDDP())
     yield plugin
-    del PLUGINS[plugin.name]
+    unregister_plugin(plugin.name)
 
 
 def test_a_plugin_is_one_record(mirror_plugin):
@@ -113,6 +137,45 @@ def test_a_plugin_is_one_record(mirror_plugin):
     from finetune.report import setting_name
 
     assert setting_name({"plugin": "test_mirror_ddp", "plugin_options": cfg.plugin.options, "world_size": 2}) == "mirror x2"
+
+
+def test_a_plugin_record_drives_the_loop_and_the_checkpointer(mirror_plugin, one_rank, tmp_path):
+    """The registered plugin is what build_booster builds, what a training step and the checkpoint store call, and
+    what a resume reads back with: weights and optimizer state as saved."""
+    import torch
+
+    from finetune.booster import build_booster
+    from finetune.checkpoint import load_checkpoint, save_checkpoint
+    from finetune.config import ModelConfig
+    from finetune.faults import Faults
+    from finetune.model import build_model
+    from tests.test_gpu_paths import batches
+
+    cfg = config_for("test_mirror_ddp", "model.name=tiny-gpt2", "method=full", f"output_dir={tmp_path}", "train.lr=1e-2")
+    booster, built = build_booster(cfg.plugin.name, cfg.plugin.options, "fp32", cfg.train.max_grad_norm)
+    assert type(built).__name__ == mirror_plugin.class_name
+    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
+    optimizer = mirror_plugin.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    run = SimpleNamespace(cfg=cfg, plugin=PLUGINS[cfg.plugin.name], method=METHODS[cfg.method], booster=booster, model=model, optimizer=optimizer,
+                          scheduler=scheduler, device=torch.device("cpu"), layout=mirror_plugin.layout(built), lora_config=None, faults=Faults(""), steps_per_epoch=10)
+
+    def train_step(seed: int) -> None:
+        run.plugin.forward_backward(run, batches(2, seed))
+        run.plugin.step(run, 1.0)
+        run.optimizer.zero_grad()
+        run.scheduler.step()
+
+    train_step(0)
+    saved = save_checkpoint(run, 1)
+    weights = {k: v.clone() for k, v in run.model.unwrap().state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in run.optimizer.state_dict()["state"].values()]
+    train_step(1)
+    assert load_checkpoint(run, saved) == (1, "")
+    assert all(torch.equal(v, weights[k]) for k, v in run.model.unwrap().state_dict().items())
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(run.optimizer.state_dict()["state"].values(), moments))
+    assert mirror_plugin.ran == ["forward_backward", "write_model", "forward_backward", "read_optimizer"]
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from unittest import mock
 import pytest
 
 from finetune import config, launch
-from finetune.booster import PLUGINS
+from finetune.errors import FinetuneError
+from finetune.parallel import PLUGINS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -368,7 +369,7 @@ def check_estimate(command: Command, module, args: list[str]) -> None:
     try:
         rest, _ = module._fit_flag([a for a in args if a != "--json"])
         module.parse_request(rest)
-    except config.FinetuneError as err:
+    except FinetuneError as err:
         raise DocError(f"{command.where}: {err}") from None
 
 

@@ -315,7 +315,7 @@ sys.addaudithook(Reads.audit)  # audit hooks cannot be removed: it records nothi
 
 @pytest.fixture
 def recorded_reads(monkeypatch):
-    for module in (checkpoint, safetensors.torch, safetensors):
+    for module in (checkpoint.files, checkpoint.resume, safetensors.torch, safetensors):
         monkeypatch.setattr(module, "safe_open", Reads.wrap(module.safe_open))
     monkeypatch.setattr(torch, "load", Reads.wrap(torch.load))
     # Speed only: a file hard-linked from the original run (same inode, size and times) is not hashed again.
@@ -330,7 +330,8 @@ def recorded_reads(monkeypatch):
             Reads.active.append((str(path), False))  # counted as read, as the real hash would
         return hashes[key]
 
-    monkeypatch.setattr(checkpoint, "file_sha256", remembered)
+    for module in (checkpoint.files, checkpoint.resume):
+        monkeypatch.setattr(module, "file_sha256", remembered)
     return Reads
 
 

@@ -24,7 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from finetune.booster import PLUGINS  # noqa: E402
+from finetune.parallel import PLUGINS  # noqa: E402
 from finetune.config import DataConfig, choices, config_keys, load_config  # noqa: E402
 from finetune.data import load_records, load_splits, tokenize_records  # noqa: E402
 from finetune.errors import FinetuneError  # noqa: E402

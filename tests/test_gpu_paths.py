@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from finetune.booster import PLUGINS, build_booster
+from finetune.booster import build_booster
+from finetune.parallel import PLUGINS
 from finetune.config import ModelConfig, load_config
 from finetune.distributed import destroy_process_groups
 from finetune.model import build_model

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from finetune import checkpoint
 from finetune.config import load_config, parallel_plan
+from finetune.parallel import zero
 from tests.conftest import read_metrics, run_grouped, run_train, selected_params
 from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture: equal-length instruction records)
 from tests.test_fidelity import run_args as fidelity_args
@@ -41,7 +42,7 @@ CASES = {
     "single_to_ddp2": ("single", "ddp2", "resuming a single checkpoint under ddp x2:"),
     "zero2_to_fsdp": ("zero2", "fsdp", "resuming a zero2 x2 checkpoint under fsdp x2:"),
     "fsdp_to_ddp2": ("fsdp", "ddp2", "resuming a fsdp x2 checkpoint under ddp x2:"),
-    # into ZeRO: each rank reads only its part of every optimizer state (checkpoint.load_zero_optimizer)
+    # into ZeRO: each rank reads only its part of every optimizer state (finetune.parallel.zero.load_zero_optimizer)
     "fsdp_to_zero2": ("fsdp", "zero2", "resuming a fsdp x2 checkpoint under zero2 x2:"),
     "ddp2_qlora_to_single": ("ddp2_qlora", "single_qlora", "resuming a ddp x2 checkpoint under single:"),
     # into a pipeline: GPT-2's tied lm_head (stored once) read from the input embedding on the last stage
@@ -109,7 +110,7 @@ def test_a_zero_rank_reads_the_part_zero_would_cut_from_the_full_tensor(shape, t
             pad = (size - full.numel() % size) % size
             expected = torch.nn.functional.pad(full.flatten(), [0, pad]).split((full.numel() + pad) // size)
             for rank in range(size):
-                assert torch.equal(checkpoint.zero_part(handle, "state/w/exp_avg", size, rank), expected[rank])
+                assert torch.equal(zero.zero_part(handle, "state/w/exp_avg", size, rank), expected[rank])
 
 
 def test_same_global_batch_continues_exactly():

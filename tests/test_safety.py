@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from finetune import checkpoint
-from finetune.config import Config, load_config, output_problems
-from finetune.outputs import LOCK, PREVIOUS, RUN_ENTRIES, RUN_MARKER, OutputDirInUse, OutputRefused, drop_previous, own_output_dir, run_entries
+from finetune.config import Config, load_config
+from finetune.outputs import LOCK, PREVIOUS, RUN_ENTRIES, RUN_MARKER, OutputDirInUse, OutputRefused, drop_previous, output_problems, own_output_dir, run_entries
 from tests.conftest import read_summary, run_train, write_instruction_file
 
 

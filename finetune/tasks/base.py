@@ -78,12 +78,6 @@ class Task:
     eval_output = "loss"
     auto_model = "AutoModelForCausalLM"  # the transformers class that loads a trained model dir
 
-    def evaluate(self, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout, pad_to: int = 0) -> dict:
-        """Eval metrics over samples, from `forward` (batch -> eval_output) of the model under its plugin."""
-        from finetune.evaluation import evaluate
-
-        return evaluate(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
-
     def generation_prompts(self, records: list[dict], count: int) -> list[dict]:
         """The first `count` distinct held-out prompts to generate from (none for tasks that do not generate)."""
         return []

@@ -61,11 +61,6 @@ class ClassificationTask(Task):
     eval_output = "logits"
     auto_model = "AutoModelForSequenceClassification"
 
-    def evaluate(self, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout, pad_to: int = 0) -> dict:
-        from finetune.evaluation import evaluate_classification
-
-        return evaluate_classification(forward, samples, batch_size, pad_token_id, device, layout, len(self.labels), pad_to)
-
     def write_artifacts(self, path) -> None:
         """labels.json: the class ids of the head (an adapter dir has no config.json to hold them)."""
         import json

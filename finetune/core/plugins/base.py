@@ -1,0 +1,70 @@
+"""A plugin's declaration: what users may set, what it refuses, the layout it derives and where its memory goes.
+
+Config validation and the estimator read these records and fail in a second: no torch, no ColossalAI. The
+runtime strategy of each plugin (finetune.parallel) subclasses its declaration.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from finetune.core.layout import Placement, Plan, half_precision
+
+if TYPE_CHECKING:
+    from finetune.config import Config
+
+
+def choice_problem(key: str, value: Any, allowed: tuple) -> list[str]:
+    """A problem line when plugin option `key` is not one of `allowed`."""
+    return [] if value in allowed else [f"plugin.{key}: must be {' or '.join(map(str, allowed))}, got {value!r}"]
+
+
+class PluginSpec:
+    """A replicated data-parallel plugin (TorchDDP); subclasses override what they declare differently."""
+
+    name = ""
+    short_name = ""  # in report labels
+    class_name = ""  # attribute of colossalai.booster.plugin
+    summary = ""
+    options: dict[str, Any] = {}  # user-settable constructor arguments and their defaults (which fix their types)
+    choices: dict[str, tuple[str, ...]] = {}  # the options whose values are names, with the names each takes (config.validate checks them)
+    cpu_options: dict[str, Any] = {}  # forced on CPU (gloo), each with its reason at the subclass
+    runs_on_cpu = True
+    supports_lora = True
+    qlora_refusal = ""  # why the plugin cannot hold 4/8-bit weights; empty: it can
+    takes_precision = False  # the plugin's own `precision=` receives train.precision (it casts the model)
+    takes_max_norm = False  # the plugin clips gradients itself, from train.max_grad_norm
+    replicated = True  # after a step every rank holds the whole model
+    shardformer = False  # the model is sharded by ColossalAI's shardformer (attention choices depend on it)
+    # Why this plugin's checkpoints resume only on the layout that wrote them, and why it cannot read
+    # another layout's; empty: its weights and optimizer states are full and by parameter name, any layout.
+    resume_layout_refusal = ""
+    # How a pretrained model is built for this plugin (finetune.deferred): "eager" (every rank loads the
+    # whole model), "lazy" (ColossalAI's LazyInitContext: boost materializes this rank's shard, then
+    # load_deferred reads its weights) or "meta" (the plugin materializes each unit from the checkpoint).
+    model_init = "eager"
+    # Problems of the machine's toolchain, not of the setup's memory: the estimator ignores lines starting so.
+    machine_problems: tuple[str, ...] = ()
+
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        """What this plugin cannot do with cfg, each a line naming the fix."""
+        return []
+
+    def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
+        """The layout numbers for these (effective) options."""
+        return Plan(dp=world_size)
+
+    def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
+        """The setup in a few characters for reports, e.g. 'ddp x2'."""
+        return f"{self.short_name} x{world_size}"
+
+    def placement(self, cfg: Config, world_size: int) -> Placement:
+        """Where weights, gradients and states live, for finetune.estimate: a full fp32 replica; bf16/fp16 is
+        autocast in the training step."""
+        compute = 2 if half_precision(cfg) else 4
+        return Placement(dp=world_size, compute_bytes=compute, autocast_copies=half_precision(cfg), grad_copies=1 if cfg.plugin.options["gradient_as_bucket_view"] else 2)
+
+    def fit_alternatives(self, world_size: int) -> list[tuple[tuple[str, ...], float]]:
+        """(overrides, cost) that switch a config that does not fit to this plugin, for the estimator's fit search
+        (costs: finetune.estimate); none by default."""
+        return []

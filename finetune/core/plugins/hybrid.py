@@ -1,0 +1,169 @@
+"""HybridParallel's declaration: tensor x pipeline x data parallelism, and everything it refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+from finetune.architectures import ARCHITECTURES, architecture, attention_heads, model_type, num_layers
+from finetune.core.layout import Placement, Plan, cast_placement, half_precision
+from finetune.core.plugins.base import PluginSpec
+from finetune.core.plugins.zero import zero_placement
+from finetune.methods import METHODS
+from finetune.tasks import TASKS
+
+if TYPE_CHECKING:
+    from finetune.config import Config
+
+
+class HybridParallelSpec(PluginSpec):
+    name = "hybrid_parallel"
+    class_name = "HybridParallelPlugin"
+    summary = "Tensor (tp_size) x pipeline (pp_size) x data parallel, with optional ZeRO-1 (zero_stage)."
+    options = {
+        "tp_size": 1,
+        "pp_size": 1,
+        "zero_stage": 0,
+        "num_microbatches": 0,
+        "microbatch_size": 0,
+        "pp_style": "1f1b",
+        "num_model_chunks": 1,
+        "overlap_p2p": True,
+        # Batches are padded to their longest sample, so tensor shapes change between steps; the
+        # pipeline's p2p metadata cache assumes they do not (gloo then fails on a size mismatch).
+        "enable_metadata_cache": True,
+        "enable_flash_attention": False,
+        "enable_fused_normalization": False,
+        "enable_sequence_parallelism": False,
+        "sequence_parallelism_mode": "",
+        "make_vocab_size_divisible_by": 64,
+        "initial_scale": 2.0**16,
+        "overlap_communication": True,
+    }
+    choices = {"pp_style": ("1f1b", "interleaved")}
+    # gloo: no side-stream overlap (as ZeRO), and overlapped p2p hangs the interleaved schedule.
+    cpu_options = {"overlap_communication": False, "overlap_p2p": False}
+    takes_precision = True
+    takes_max_norm = True
+    replicated = False
+    model_init = "lazy"  # shardformer materializes only the layers (and TP slices) this rank holds
+    shardformer = True
+
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
+        plan = self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+        options = cfg.plugin.options
+        tp, pp = plan.tp, plan.pp
+        if tp < 1 or pp < 1:
+            return [f"plugin.tp_size and plugin.pp_size must be at least 1, got {tp} and {pp}"]
+        problems = []
+        if cfg.data.packing:
+            problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
+        task = TASKS.get(cfg.task)
+        if task is not None and task.classification:
+            problems += self._classification_problems(cfg, plan)
+        if world_size % (tp * pp):
+            problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
+        heads = attention_heads(cfg.model.name)
+        if heads and tp > 1 and math.gcd(*heads) % tp:
+            fits = [d for d in range(1, math.gcd(*heads) + 1) if math.gcd(*heads) % d == 0]
+            problems.append(
+                f"plugin.tp_size={tp}: {cfg.model.name} has {heads[0]} attention heads and {heads[1]} key/value heads, "
+                f"which tensor parallelism must divide; tp sizes that fit: {', '.join(map(str, fits))}"
+            )
+        if options["zero_stage"] not in (0, 1, 2):
+            problems.append(f"plugin.zero_stage: must be 0, 1 or 2, got {options['zero_stage']}")
+        elif options["zero_stage"] and cfg.train.precision == "fp32":
+            problems.append("plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16 (or fp16 on CUDA); ColossalAI's hybrid ZeRO has no fp32 mode")
+        method = METHODS[cfg.method]
+        if tp > 1 and method.quantized_base:
+            problems.append(f"method={cfg.method} with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
+        elif tp > 1 and method.adapter:
+            problems += lora_tp_problems(cfg, options)
+        if (options["pp_style"] == "interleaved") != (options["num_model_chunks"] > 1):
+            problems.append("plugin.pp_style=interleaved goes with plugin.num_model_chunks>1 (and 1f1b with 1)")
+        if pp > 1:
+            micro, size = options["num_microbatches"], options["microbatch_size"]
+            if not micro and not size:
+                problems.append("plugin.pp_size>1 needs plugin.num_microbatches (or plugin.microbatch_size) for the pipeline schedule")
+            elif cfg.train.batch_size % (micro or size):
+                problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.{'num_microbatches' if micro else 'microbatch_size'}={micro or size}")
+            elif plan.num_microbatches < pp:
+                problems.append(f"the pipeline schedule needs at least pp_size={pp} micro-batches per step; raise plugin.num_microbatches or train.batch_size")
+            elif options["pp_style"] == "interleaved" and plan.num_microbatches % pp:
+                problems.append(f"the interleaved schedule needs a multiple of pp_size={pp} micro-batches per step")
+            layers, chunks = num_layers(cfg.model.name), pp * plan.chunks
+            if layers and method.adapter and layers < chunks:
+                problems.append(f"method={cfg.method} with {chunks} pipeline chunks: {cfg.model.name} has {layers} layers, so some chunk would hold no adapter to train; use fewer chunks or stages")
+            if options["zero_stage"] == 2:
+                problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
+            if cfg.train.grad_accum_steps > 1:
+                problems.append("train.grad_accum_steps>1 with pipeline parallelism: micro-batches are the accumulation; raise plugin.num_microbatches instead")
+        for key, what in (("enable_flash_attention", "flash attention"), ("enable_sequence_parallelism", "sequence parallelism"), ("enable_fused_normalization", "fused normalization (apex)")):
+            if options[key] and not has_cuda:
+                problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
+        return problems
+
+    @staticmethod
+    def _classification_problems(cfg: Config, plan: Plan) -> list[str]:
+        """Which classifiers tensor/pipeline parallelism serves (checked against a single process: tests/test_fidelity.py)."""
+        kind = model_type(cfg.model.name)
+        served = architecture(kind).hybrid_classification
+        if not served:
+            fits = ", ".join(k for k, a in sorted(ARCHITECTURES.items()) if a.hybrid_classification)
+            return [f"task=classification with plugin hybrid_parallel supports model types {fits} (model.name={cfg.model.name} is {kind or 'of unknown type'}); use torch_ddp, low_level_zero or torch_fsdp"]
+        if served == "pp" and plan.tp > 1:
+            return [f"task=classification for {architecture(kind).title} with plugin.tp_size>1: ColossalAI 0.5.0 splits the classification head across tensor-parallel ranks (fails for most label counts); use pp_size>1 with tp_size=1, or torch_ddp / low_level_zero"]
+        return []
+
+    def setting_label(self, options: dict[str, Any], world_size: int, dp_size: int) -> str:
+        parts = [f"tp{options['tp_size']}"] if options.get("tp_size", 1) > 1 else []
+        if options.get("pp_size", 1) > 1:
+            parts.append(f"pp{options['pp_size']} {options.get('pp_style', '1f1b')}")
+        if options.get("zero_stage"):
+            parts.append(f"zero{options['zero_stage']}")
+        if dp_size > 1:
+            parts.append(f"dp{dp_size}")
+        return " ".join(parts) or "hybrid"
+
+    def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
+        tp, pp = options["tp_size"], options["pp_size"]
+        micro = options["num_microbatches"] or (batch_size // options["microbatch_size"] if options["microbatch_size"] else 0)
+        return Plan(tp=tp, pp=pp, dp=max(1, world_size // max(1, tp * pp)), num_microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"])
+
+    def placement(self, cfg: Config, world_size: int) -> Placement:
+        """tp x pp x dp; half precision keeps an fp32 master (zero_stage 1: ZeRO over dp)."""
+        options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+        tp, pp, dp = plan.tp, plan.pp, plan.dp
+        layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved")
+        if options["zero_stage"]:
+            return dataclasses.replace(zero_placement(cfg, world_size, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
+        # Without ZeRO and without a pipeline, data parallelism is torch DDP inside the plugin (buckets).
+        ddp_buckets = 2 if dp > 1 and pp == 1 else 1
+        master = 4 if half_precision(cfg) else 0
+        return cast_placement(cfg, dp=dp, **layout, grad_copies=ddp_buckets, master_bytes=master, step_grad_bytes=master)
+
+    def fit_alternatives(self, world_size: int) -> list[tuple[tuple[str, ...], float]]:
+        """Tensor parallelism over every rank: more communication."""
+        return [((f"plugin.name={self.name}", f"plugin.tp_size={world_size}"), 3)]
+
+
+def lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
+    """What LoRA under tensor parallelism (finetune.lora_tp) cannot adapt in this config."""
+    if cfg.lora.use_dora:
+        # DoRA's magnitude is the norm of each output row of W + BA: a row-parallel split holds part of
+        # every row, so each rank's norm would be wrong without an all-reduce finetune.lora_tp does not do.
+        return ["lora.use_dora=true with plugin.tp_size>1: DoRA's magnitude vector needs whole weight rows, which tensor parallelism splits; use tp_size=1 (pipeline/data parallel) or lora.use_dora=false"]
+    kind = model_type(cfg.model.name)
+    layers = architecture(kind).lora_tp_layers
+    if not layers:
+        served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.lora_tp_layers))
+        return [f"method=lora with plugin.tp_size>1 supports model types {served}; {cfg.model.name} is {kind or 'of unknown type'}: use tp_size=1 (pipeline/data parallel) or method=full"]
+    targets = cfg.lora.target_modules or list(architecture(kind).lora_targets)
+    unsupported = [t for t in targets if t not in layers]
+    if unsupported:
+        return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
+    if options["enable_sequence_parallelism"]:
+        return ["method=lora with plugin.tp_size>1 and plugin.enable_sequence_parallelism=true: adapters on sequence-parallel layers are not supported; turn sequence parallelism off"]
+    return []

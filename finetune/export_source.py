@@ -1,0 +1,85 @@
+"""What an export reads (finetune.export, finetune.gguf_export): a run's or a checkpoint's config and weights, checked
+before anything reads them, and the fine-tuned model merged in full precision."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from finetune import checkpoint, sources
+from finetune.config import Config, ModelConfig, build_config, from_dict, parse_args
+from finetune.errors import FinetuneError
+from finetune.model import build_model
+
+
+class ExportError(FinetuneError):
+    """The source cannot be exported as asked."""
+
+
+def locate(source: Path, flags: set[str] = frozenset()) -> tuple[Config, Path]:
+    """(the run's config, the directory holding its weights) for a run dir or a checkpoint dir, checked before
+    anything reads the weights: a checkpoint verified, no file of the weights dir outside it, no pickle without the opt-in.
+
+    Args:
+        flags: this command's opt-ins (OPT_INS): the config's own model.trust_remote_code and
+            model.allow_pickle are replaced by them (a run dir may come from someone else).
+    """
+    cfg, weights = _run_config_and_weights(source)
+    cfg_model, notes = with_opt_ins(cfg.model, flags)
+    for note in notes:
+        print(note, file=sys.stderr)
+    # before anything reads the weights: nothing outside the dir, no pickle without --allow-pickle
+    problem = sources.weights_dir_problem(weights, cfg_model.allow_pickle, "export", opt_in="pass --allow-pickle")
+    if not problem and (weights / "adapter_config.json").is_file():
+        problem = sources.adapter_config_problem(weights, "export")
+    if problem:
+        raise ExportError(problem)
+    return dataclasses.replace(cfg, model=cfg_model), weights
+
+
+def _run_config_and_weights(source: Path) -> tuple[Config, Path]:
+    if (source / "state.json").is_file():  # a checkpoint
+        state = checkpoint.verify(source)
+        return from_dict(state["config"], f"{source}/state.json"), source / "model"
+    if (source / "config.yaml").is_file():  # a run dir: its final/, else its newest checkpoint
+        cfg = build_config(parse_args(["--config", str(source / "config.yaml")]))
+        if (source / "final").is_dir():
+            return cfg, source / "final"
+        found = checkpoint.complete_checkpoints(str(source))
+        if found:
+            checkpoint.verify(found[-1])  # as a checkpoint given directly is
+            return cfg, found[-1] / "model"
+        raise ExportError(f"{source}: the run has neither final/ nor a complete checkpoint to export")
+    raise ExportError(f"{source}: not a run directory (config.yaml) nor a checkpoint (state.json)")
+
+
+OPT_INS = {"--trust-remote-code": "trust_remote_code", "--allow-pickle": "allow_pickle"}  # flag: the model.* key it sets
+
+
+def with_opt_ins(cfg_model: ModelConfig, flags: set[str]) -> tuple[ModelConfig, list[str]]:
+    """The run's model config with its code/pickle opt-ins taken from this command's flags, and a note per ignored one."""
+    notes = [
+        f"note: the run's config sets model.{key}=true, ignored: export takes it only from its own {flag} flag"
+        for flag, key in OPT_INS.items()
+        if getattr(cfg_model, key) and flag not in flags
+    ]
+    return dataclasses.replace(cfg_model, **{key: flag in flags for flag, key in OPT_INS.items()}), notes
+
+
+def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
+    """The fine-tuned model in full precision: base + merged adapter, or the full weights (locate has checked them)."""
+    base, tokenizer = build_model(cfg.model, cfg.train.seed)  # never quantized: merge into full precision
+    if (weights / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(weights)).merge_and_unload(), tokenizer
+    state = checkpoint.read_safetensors_dir(weights, "export")
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    tied = set(getattr(base, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise ExportError(f"{weights}: the weights do not fit {cfg.model.name} (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    base.tie_weights()
+    return base, tokenizer

@@ -1,0 +1,270 @@
+"""HybridParallel at run time: shardformer policies, the pipeline schedule for steps and evals, and the checkpoint IO of a
+tensor/pipeline-split model (by name, any layout)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from finetune.checkpoint.files import KeyStandIns, OpenFiles, TensorKey, join_tensors, split_tensors, tensor_files, tree_errors, unshared, weight_errors, weight_files, weight_key
+from finetune.checkpoint.model_state import update_master_params
+from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem, global_param_names, indexed_optimizer_state, optimizer_params, tied_output_embedding
+from finetune.core.layout import Layout
+from finetune.core.plugins.hybrid import HybridParallelSpec
+from finetune.errors import CheckpointError
+from finetune.lora_tp import full_like, read_split
+from finetune.parallel.base import Plugin, write_sharded_model
+
+if TYPE_CHECKING:
+    from finetune.config import Config
+    from finetune.run import Run
+
+
+STAGE_OPTIMIZER_FILE = "state-stage-{:05d}.safetensors"  # tensor/pipeline parallelism: one file per pipeline stage
+
+
+def save_split_optimizer(run: Run, path: Path, writes: bool, stage: int) -> None:
+    """save_optimizer's format (full tensors by parameter name, as any layout reads them) for a model split by
+    tensor and pipeline parallelism; every rank calls this.
+
+    Every rank gathers its parameters' tensor-parallel splits of each state (a collective over its
+    tensor-parallel group; a padded vocabulary is unpadded); one rank per pipeline stage (`writes`) writes
+    its stage's states to their own file, so no rank holds another stage's; rank 0 writes state.json (the
+    plain data of all stages) and the index naming each tensor's file.
+    """
+    params = optimizer_params(run)
+    names = global_param_names(run, [name for name, _ in params])
+    local = run.optimizer.state_dict()
+    state = {}
+    for i, values in sorted(local["state"].items()):  # the same order on every rank of a tensor-parallel group
+        param = params[i][1]
+        state[names[i]] = {k: full_like(param, v).detach().cpu() if torch.is_tensor(v) and v.dim() and v.shape == param.shape else v for k, v in sorted(values.items())}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in local["param_groups"]]
+    # Every stage's plain data, its tensors as empty stand-ins: enough to merge and to know who writes what.
+    outline = {"state": {n: {k: torch.empty(0) if torch.is_tensor(v) else v for k, v in s.items()} for n, s in state.items()}, "param_groups": groups}
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (stage, outline) if writes else None)
+    merged, owner = _merge_stages([share for share in shares if share is not None])
+    files = {name: STAGE_OPTIMIZER_FILE.format(owner[name] + 1) for name in merged["state"]}
+    path.mkdir(parents=True, exist_ok=True)
+    if writes:
+        mine = {n: s for n, s in state.items() if owner[n] == stage}  # a tied weight held by two stages is written once
+        save_file(unshared(split_tensors({"state": mine})[1]), path / STAGE_OPTIMIZER_FILE.format(stage + 1))
+    if dist.get_rank() == 0:
+        weight_map = {key: files[name] for name, values in merged["state"].items() for key in split_tensors(values, f"state/{name}")[1]}
+        (path / f"{OPTIMIZER_STEM}.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1) + "\n")
+        (path / f"{OPTIMIZER_STEM}.json").write_text(json.dumps(split_tensors(merged)[0]) + "\n")
+
+
+def _merge_stages(shares: list[tuple[int, dict]]) -> tuple[dict, dict[str, int]]:
+    """Every stage's named optimizer state in one (stage order; a name two stages hold is the first's), and the stage owning each name."""
+    merged: dict = {"state": {}, "param_groups": []}
+    owner: dict[str, int] = {}
+    for stage, share in sorted(shares, key=lambda item: item[0]):
+        for name, values in share["state"].items():
+            if name not in owner:
+                merged["state"][name], owner[name] = values, stage
+        for i, group in enumerate(share["param_groups"]):
+            if i == len(merged["param_groups"]):
+                merged["param_groups"].append({**group, "params": []})
+            known = merged["param_groups"][i]["params"]
+            known += [n for n in group["params"] if n not in known]
+    return merged, owner
+
+
+def load_split_optimizer(run: Run, path: Path) -> None:
+    """Any layout's optimizer state into this rank's split model: every rank reads the plain data and only the
+    tensors of the parameters it holds (from whichever file holds them), then keeps its split of each."""
+    stem = full_optimizer_stem(path)
+    params = optimizer_params(run)
+    local_names = [name for name, _ in params]
+    names = global_param_names(run, local_names)
+    with tree_errors(stem):
+        saved = join_tensors(json.loads(stem.with_name(stem.name + ".json").read_text()), KeyStandIns())
+        files = tensor_files(stem)
+        state: dict[str, dict] = {}
+        with OpenFiles(files) as opened:
+            for (local_name, param), name in zip(params, names):
+                if name not in saved["state"]:
+                    continue
+                values = {}
+                for k, v in saved["state"][name].items():
+                    if isinstance(v, TensorKey):
+                        reader = opened[v]
+                        split = len(reader.get_slice(v).get_shape()) == param.dim()  # shaped like the parameter (not a step counter)
+                        v = read_split(reader, v, param) if split else reader.get_tensor(v)
+                    values[k] = v
+                state[local_name] = values
+        sizes = [len(group["params"]) for group in run.optimizer.param_groups]
+        if len(saved["param_groups"]) != len(sizes):
+            raise CheckpointError(f"resume_from: the optimizer state has {len(saved['param_groups'])} parameter groups, this optimizer {len(sizes)}")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        groups = [{**g, "params": local_names[start : start + size]} for g, start, size in zip(saved["param_groups"], starts, sizes)]
+    run.optimizer.load_state_dict(indexed_optimizer_state({"state": state, "param_groups": groups}, local_names))
+
+
+def load_split_model(run: Run, path: Path, setting: str = "resume_from", names: dict[str, list[str]] | None = None) -> None:
+    """Full weights by name (any layout's checkpoint or a pretrained model directory: one file, or shards with an
+    index) into this rank's tensor/pipeline-split model, then into the optimizer's master copies: a rank reads
+    only the tensors of the parameters it holds (of one split along one dim only its rows or columns; fused
+    q/k/v whole, then split) and keeps its split (a padded vocabulary padded again with zeros). Parameters
+    of other pipeline stages are gone from this rank's module and are not read.
+
+    Args:
+        setting: the setting that named `path`, for errors (resume_from, model.name).
+        names: every name of each parameter by its name in the model (finetune.deferred.Pending.names, taken
+            before wrapping); tied weights are stored once, under one of them. An output embedding tied to
+            the input one is always also read from the input's weight.
+    """
+    module = run.model.unwrap()
+    aliases = tied_output_embedding(module)
+    with weight_errors(path, setting):
+        files = weight_files(path, setting)
+        persistent = [(n, b) for n, b in module.named_buffers() if n in files]  # buffers HF does not save stay as built
+        names = names or {}
+        # every parameter's key found before any is read: a misfit is one line before heavy work
+        keys = {n: weight_key(files, [*names.get(n, [n]), aliases.get(n, n)], path, setting) for n, _ in module.named_parameters()}
+        with OpenFiles(files) as opened, torch.no_grad():
+            for name, tensor in [*module.named_parameters(), *persistent]:
+                key = keys.get(name, name)
+                tensor.copy_(read_split(opened[key], key, tensor))
+    update_master_params(run)
+
+
+@contextlib.contextmanager
+def _colossalai_errors_only():
+    """Silence ColossalAI's warnings in a block (its logger writes a warning as two records, caller and text)."""
+    logger = logging.getLogger("colossalai")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class HybridParallel(HybridParallelSpec, Plugin):
+    """Tensor x pipeline x data parallelism at run time."""
+
+    def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
+        kwargs = super().constructor_kwargs(options, precision, max_grad_norm, on_cpu)
+        for key in ("num_microbatches", "microbatch_size", "sequence_parallelism_mode"):
+            kwargs[key] = kwargs[key] or None  # 0 / "" in YAML: let ColossalAI decide
+        if kwargs["pp_size"] > 1 and kwargs["tp_size"] == 1:
+            # ColossalAI 0.5.0 cannot save a pipeline checkpoint whose vocabulary was padded without
+            # tensor parallelism ('_unpad_detach' missing); padding only matters for TP anyway.
+            kwargs["make_vocab_size_divisible_by"] = 1
+        return kwargs
+
+    def shard_policy(self, cfg: Config, model):
+        """RoBERTa has no ColossalAI policy: ours. LoRA with tensor parallelism wraps the model's policy
+        (ours or ColossalAI's) so each adapter is sharded with the layer it adapts."""
+        from finetune import roberta_policy  # imports ColossalAI's shardformer
+        from finetune.lora_tp import lora_policy
+        from finetune.methods import method_named
+
+        own = roberta_policy.shard_policy(model)
+        if not method_named(cfg.method).adapter or cfg.plugin.options["tp_size"] == 1:
+            return own
+        return lora_policy(model, own)
+
+    def apply_adapters(self, model, lora_config, booster, plugin):
+        # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies, and it
+        # refuses tensor parallelism: adapters are injected, then sharded by finetune.lora_tp.
+        from finetune.model import inject_lora
+
+        return inject_lora(model, lora_config)
+
+    def layout(self, plugin) -> Layout:
+        import torch.distributed as dist
+
+        last_stage = plugin.stage_manager is None or plugin.stage_manager.is_last_stage(ignore_chunk=True)
+        return Layout(
+            dp_rank=dist.get_rank(plugin.dp_group),
+            dp_size=plugin.dp_size,
+            pipeline=plugin.pp_size > 1,
+            counts=last_stage and dist.get_rank(plugin.tp_group) == 0,
+            replicated=False,
+        )
+
+    def forward_backward(self, run: Run, micro_batches: list[dict]) -> float:
+        if not run.layout.pipeline:
+            return super().forward_backward(run, micro_batches)
+        loss_sum = 0.0
+        for batch in micro_batches:  # micro-batching happens inside the pipeline schedule
+            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=lambda outputs, _: outputs.loss, optimizer=run.optimizer, return_loss=True)
+            loss_sum += out["loss"].item() if out["loss"] is not None else 0.0  # the loss exists on the last stage
+        return loss_sum
+
+    def eval_forward(self, run: Run, output: str) -> Callable:
+        """Under a pipeline the batch goes through the schedule; loss and logits exist on the last stage only."""
+        if not run.layout.pipeline:
+            return super().eval_forward(run, output)
+        import torch
+
+        from finetune.evaluation import summed_loss
+
+        def batch_loss(batch: dict) -> torch.Tensor:
+            out = self._eval_pass(run, batch, summed_loss)
+            if out["loss"] is None:  # not the last stage
+                return torch.zeros((), device=run.device)
+            return out["loss"] * run.plan.num_microbatches  # the schedule averages over micro-batches
+
+        def batch_logits(batch: dict):
+            # The loss is not used (computed from the logits instead): an all-filler micro-batch makes it NaN.
+            # ColossalAI warns on every such call that kept outputs cost memory (one eval batch here).
+            with _colossalai_errors_only():
+                out = self._eval_pass(run, batch, lambda outputs, _: outputs.loss, return_outputs=True)
+            return out["outputs"]["logits"] if out["outputs"] is not None else None
+
+        return batch_loss if output == "loss" else batch_logits
+
+    @staticmethod
+    def _eval_pass(run: Run, batch: dict, criterion, return_outputs: bool = False) -> dict:
+        """One batch through the pipeline schedule without training."""
+        import torch
+
+        if run.cfg.plugin.options["pp_style"] == "interleaved":
+            # ColossalAI 0.5.0's forward-only interleaved pass hangs on gloo; its training pass does
+            # not. Evaluate through the training pass (the model is in eval mode), then drop the grads.
+            with torch.enable_grad():
+                out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=run.optimizer, return_loss=True, return_outputs=return_outputs)
+            run.optimizer.zero_grad()
+            return out
+        return run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=None, return_loss=True, return_outputs=return_outputs)
+
+    def write_model(self, run: Run, path: Path) -> None:
+        """Adapters: every split gathered and every stage's share collected, written in peft layout; full: the Booster's sharded save."""
+        if run.method.adapter:
+            super().write_model(run, path)
+        else:
+            write_sharded_model(run, path)
+
+    def read_weights(self, run: Run, path: Path) -> None:
+        """Any layout's full weights by name; each rank reads only the tensors it holds, then keeps its split."""
+        load_split_model(run, path)
+
+    def load_deferred(self, run: Run, pending) -> None:
+        """The pretrained weights by the reader a resume uses (each rank only its rows of what it holds), every
+        name of a tied weight tried, then the optimizer's master copies."""
+        load_split_model(run, pending.path, "model.name", pending.names)
+
+    def write_optimizer(self, run: Run, path: Path) -> None:
+        """The optimizer state as every plugin writes it (full tensors by parameter name), one file per pipeline
+        stage, written by its tensor-parallel rank 0 of data-parallel rank 0. Not ColossalAI's hybrid optimizer
+        checkpoint: in 0.5.0 it cannot gather the states of a vocabulary padded for tensor parallelism."""
+        import torch.distributed as dist
+
+        plugin = run.booster.plugin
+        writes = dist.get_rank(plugin.dp_group) == 0 and dist.get_rank(plugin.tp_group) == 0
+        save_split_optimizer(run, path, writes, stage=plugin.stage_manager.stage if plugin.stage_manager else 0)
+
+    def read_optimizer(self, run: Run, path: Path) -> None:
+        load_split_optimizer(run, path)
