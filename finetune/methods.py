@@ -1,6 +1,6 @@
 """Fine-tuning methods (`method=`): one record each, read wherever a method matters; importable without torch.
 
-Adding a method is one record in METHODS. The LoRA hyper-parameters (rank, alpha, targets, ...) are the
+Adding a method is one record in METHODS (`register`). The LoRA hyper-parameters (rank, alpha, targets, ...) are the
 `lora` config section; a method says whether adapters train and whether the frozen base is quantized.
 """
 
@@ -47,6 +47,12 @@ METHODS: dict[str, Method] = {
         Method("qlora", adapter=True, quantized_base=True, summary="LoRA adapters on a frozen 4/8-bit base (bitsandbytes)"),
     )
 }
+
+
+def register(method: Method) -> Method:
+    """Add a method record (the built-in ones are registered above; a test adds its own the same way)."""
+    METHODS[method.name] = method
+    return method
 
 
 def method_named(name: str) -> Method:

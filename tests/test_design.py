@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -18,7 +17,7 @@ from finetune.core.layout import Placement, Plan
 from finetune.architectures import ARCHITECTURES, Architecture, architecture, register as register_architecture
 from finetune.parallel import PLUGINS, Plugin, TorchDDP, register as register_plugin, unregister as unregister_plugin
 from finetune.config import build_config, parallel_plan, parse_args, validate
-from finetune.methods import METHODS
+from finetune.methods import METHODS, Method, register as register_method
 from tests.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-process gloo rank)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,27 +138,37 @@ def test_a_plugin_is_one_record(mirror_plugin):
     assert setting_name({"plugin": "test_mirror_ddp", "plugin_options": cfg.plugin.options, "world_size": 2}) == "mirror x2"
 
 
-def test_a_plugin_record_drives_the_loop_and_the_checkpointer(mirror_plugin, one_rank, tmp_path):
-    """The registered plugin is what build_booster builds, what a training step and the checkpoint store call, and
-    what a resume reads back with: weights and optimizer state as saved."""
+@pytest.fixture
+def mirror_method():
+    """A method registered by a test: LoRA under another name (adapters train, the base stays frozen)."""
+    method = register_method(Method("test_mirror_lora", adapter=True, quantized_base=False, summary="LoRA, registered by a test"))
+    yield method
+    del METHODS[method.name]
+
+
+@pytest.mark.parametrize("method", ["full", "test_mirror_lora"])
+def test_a_plugin_and_a_method_record_drive_the_loop_and_the_checkpointer(mirror_plugin, mirror_method, one_rank, tmp_path, method):  # noqa: F811
+    """The registered plugin is what build_run boosts with, what a training step and the checkpoint store call, and
+    what a resume reads back with: weights and optimizer state as saved. The registered method is a valid
+    `method=` and decides, as the built-in ones do, what trains (adapters) and what a checkpoint holds."""
     import torch
 
-    from finetune.booster import build_booster
     from finetune.checkpoint import load_checkpoint, save_checkpoint
-    from finetune.config import ModelConfig
     from finetune.faults import Faults
     from finetune.model import build_model
+    from finetune.run import build_run
+    from finetune.tasks import build_task
     from tests.test_gpu_paths import batches
 
-    cfg = config_for("test_mirror_ddp", "model.name=tiny-gpt2", "method=full", f"output_dir={tmp_path}", "train.lr=1e-2")
-    booster, built = build_booster(cfg.plugin.name, cfg.plugin.options, "fp32", cfg.train.max_grad_norm)
-    assert type(built).__name__ == mirror_plugin.class_name
-    model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
-    optimizer = mirror_plugin.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    run = SimpleNamespace(cfg=cfg, plugin=PLUGINS[cfg.plugin.name], method=METHODS[cfg.method], booster=booster, model=model, optimizer=optimizer,
-                          scheduler=scheduler, device=torch.device("cpu"), layout=mirror_plugin.layout(built), lora_config=None, faults=Faults(""), steps_per_epoch=10)
+    cfg = config_for("test_mirror_ddp", "model.name=tiny-gpt2", f"method={method}", f"output_dir={tmp_path}", "train.lr=1e-2", "train.batch_size=2", "lora.dropout=0")
+    assert validate(cfg, world_size=1, has_cuda=False) == []
+    model, _ = build_model(cfg.model, seed=3)
+    samples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0)).tolist()]
+    run, _ = build_run(cfg, world_size=1, device=torch.device("cpu"), task=build_task(cfg.task, cfg.data), model=model, pending=None, samples=samples,
+                       pad_token_id=0, faults=Faults(""), preemption=None)
+    assert run.plugin is mirror_plugin and type(run.booster.plugin).__name__ == mirror_plugin.class_name and run.method is METHODS[method]
+    trainable = {name for name, p in run.model.unwrap().named_parameters() if p.requires_grad}
+    assert all("lora_" in name for name in trainable) if run.method.adapter else len(trainable) == len(list(run.model.unwrap().parameters()))
 
     def train_step(seed: int) -> None:
         run.plugin.forward_backward(run, batches(2, seed))
@@ -169,6 +178,7 @@ def test_a_plugin_record_drives_the_loop_and_the_checkpointer(mirror_plugin, one
 
     train_step(0)
     saved = save_checkpoint(run, 1)
+    assert (saved / "model" / "adapter_model.safetensors").is_file() == run.method.adapter
     weights = {k: v.clone() for k, v in run.model.unwrap().state_dict().items()}
     moments = [s["exp_avg"].clone() for s in run.optimizer.state_dict()["state"].values()]
     train_step(1)

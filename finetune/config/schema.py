@@ -21,7 +21,6 @@ from finetune.errors import SHOWN_CHARS, FinetuneError, shown
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.tasks import TASKS as TASK_REGISTRY
 
-METHODS = tuple(METHOD_RECORDS)
 TASKS = tuple(TASK_REGISTRY)
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # The built-in sources a data.train_path may name (finetune.corpus reads them), each with the task its rows fit.
@@ -42,7 +41,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     options are its Plugin.choices). validate checks them; the config reader keeps such values as written."""
     return {
         "task": TASKS,
-        "method": METHODS,
+        "method": tuple(METHOD_RECORDS),  # read when asked: a method registered later is a choice too
         "plugin.name": tuple(sorted(SPECS)),  # read now: a plugin may be registered after import
         "model.attn_implementation": ATTENTION,
         "train.precision": PRECISIONS,
