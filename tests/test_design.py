@@ -22,7 +22,7 @@ from tests.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-proce
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Every hook train.py, checkpoint.py, evaluation and estimate.py call on the run's plugin.
+# Every hook train.py, checkpoint/, evaluation and estimate/ call on the run's plugin.
 PLUGIN_HOOKS = (
     "problems", "plan", "constructor_kwargs", "placement", "setting_label", "shard_policy", "apply_adapters", "before_boost", "layout",
     "build_optimizer", "load_deferred",
@@ -58,7 +58,10 @@ def test_registered_plugins_name_colossalai_classes():
 
 
 # Lines in these modules may not decide by a plugin's, method's or task's name, or by a model type.
-ASKING_MODULES = ("train.py", *(f"checkpoint/{p.name}" for p in sorted((REPO / "finetune" / "checkpoint").glob("*.py"))), "evaluation.py", "outputs.py", "estimate.py", "data.py", "export.py", "run.py", "distributed.py", "report.py")
+ASKING_MODULES = (
+    "train.py", *(f"{package}/{p.name}" for package in ("checkpoint", "estimate") for p in sorted((REPO / "finetune" / package).glob("*.py"))),
+    "evaluation.py", "outputs.py", "data.py", "export.py", "run.py", "distributed.py", "report.py",
+)  # fmt: skip
 NAME_TESTS = [
     re.compile(r"""["'](torch_ddp|low_level_zero|gemini|torch_fsdp|hybrid_parallel)["']"""),
     re.compile(r"plugin\.name=(torch_ddp|low_level_zero|gemini|torch_fsdp|hybrid_parallel)\b"),  # a setup spelled out (the fit search asks the records)

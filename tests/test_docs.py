@@ -333,7 +333,7 @@ def check_python(command: Command, words: list[str]) -> None:
         if command.inline and not args:
             return  # the program named in prose
         if module_name == "finetune.estimate":
-            check_estimate(command, module, args)
+            check_estimate(command, importlib.import_module("finetune.estimate.cli"), args)
         elif module_name in PARSE_FUNCTIONS and not command.synopsis:
             call_parser(command, getattr(module, PARSE_FUNCTIONS[module_name]), args)
         else:

@@ -12,6 +12,7 @@ import torch
 
 from finetune import estimate as est
 from finetune.config import build_config, parse_args
+from finetune.core.layout import Placement
 from tests.conftest import REPO, read_summary, run_env, run_train, write_fixed_length_file
 
 LLAMA2_7B = 6_738_415_616
@@ -175,7 +176,7 @@ def test_layer_activation_formula_matches_saved_tensors(model_type, dropout, pre
     lora = config_of(f"lora.dropout={0.0 if method == 'lora-undropped' else 0.1}").lora if method.startswith("lora") else None
     shape = est.model_shape(config, "lora" if lora else "full", lora)
     half = precision != "fp32"
-    place = est.Placement(compute_bytes=2 if half else 4, residual_bytes=2 if precision == "bf16" else 4)
+    place = Placement(compute_bytes=2 if half else 4, residual_bytes=2 if precision == "bf16" else 4)
     predicted = est.layer_activation_bytes(shape, place, seq=32, device="cpu", attention="sdpa")
     measured = saved_bytes_per_layer(config, autocast=precision == "autocast", half_model=precision == "bf16", lora=lora)
     if precision == "autocast":  # autocast also saves half copies of the layer's weights (the estimator adds them per rank)

@@ -1,0 +1,437 @@
+"""The memory model: per-rank bytes of weights, gradients, optimizer states and activations, from the model's
+shape and the plugin's Placement record (the formulas are summed up in finetune/estimate/cli.py's help)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.architectures import architecture
+from finetune.config import Config
+from finetune.core.layout import Placement, half_precision
+from finetune.core.plugins import SPECS
+from finetune.estimate.shape import ModelShape, cached_model_shape
+from finetune.methods import method_named
+
+GIB = 1024**3
+MIB = 1024**2
+
+# RSS of one finetune/train.py rank apart from the model's own tensors, in two parts.
+# At the `start` stage: the Python, torch, transformers, peft, ColossalAI and datasets imports. Most of
+# it is file-backed pages of the mapped libraries, and how many of those are resident depends on the
+# machine's page cache (530 to 700 MiB measured on the same machine), so a finished run's own
+# prediction takes its measured `start` stage instead of this typical figure.
+CPU_START_BYTES = 700 * MIB
+# After `start`: the gloo process group, the tokenizer, the tokenized data, and what the first training
+# step leaves behind (autograd threads, oneDNN kernels, malloc arenas). Measured on the pinned stack
+# (Linux x86-64, glibc): the train-step peak of a 1-rank tiny-gpt2 run minus its start stage and its
+# predicted tensors (235 and 261 MiB in two runs). `python bench/run.py` measures it again.
+CPU_AFTER_START_BYTES = 250 * MIB
+CPU_PROCESS_BYTES = CPU_START_BYTES + CPU_AFTER_START_BYTES
+# CUDA context and cuBLAS workspace of a torch 2.5 process: a typical figure, NOT measured here (this
+# project has no GPU). torch.cuda.memory_allocated, which the run's profiler reports, does not see it.
+CUDA_CONTEXT_BYTES = 512 * MIB
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """QLoRA's frozen-base layout (bitsandbytes): 4-bit NF4/FP4 blocks or 8-bit rows."""
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+
+    def bytes_per_weight(self) -> float:
+        """Bytes per quantized weight element, block constants included (8-bit row scales are extra)."""
+        if self.bits == 8:
+            return 1.0
+        # Two weights per byte and one absmax per block of 64: fp32, or with double quantization an
+        # 8-bit code plus one fp32 absmax per 256 blocks. NF4 and FP4 share the layout.
+        absmax = 1 / 64 + 4 / (64 * 256) if self.double_quant else 4 / 64
+        return 0.5 + absmax
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def quantization_of(cfg: Config) -> Quantization:
+    """QLoRA's layout from the run config's quantization section (compute dtype `auto`: train.precision)."""
+    quant = cfg.quantization
+    compute = cfg.train.precision if quant.compute_dtype == "auto" else quant.compute_dtype
+    return Quantization(bits=quant.bits, quant_type=quant.quant_type, double_quant=quant.double_quant, compute_dtype=compute)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a plugin does with the model state
+
+
+def placement(cfg: Config, world_size: int) -> Placement:
+    """The per-rank layout of cfg's plugin on world_size processes (the plugin object says)."""
+    place = SPECS[cfg.plugin.name].placement(cfg, world_size)
+    if method_named(cfg.method).adapter and half_precision(cfg):
+        # The frozen base is held in the compute dtype: the residual stream and eval run in it too, and
+        # autocast has no weight copies to cache. (Gemini, which has its own rules, holds no adapters.)
+        place = dataclasses.replace(place, frozen_bytes=2, residual_bytes=2, eval_half=True, autocast_copies=False)
+    return place
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations
+
+
+def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device: str, attention: str) -> float:
+    """Bytes one transformer layer keeps for backward, per token.
+
+    Counted from what transformers' GPT-2 / Llama / RoBERTa layers save for backward (checked tensor by
+    tensor with saved-tensor hooks in tests/test_estimate.py), in the spirit of Korthikanti et al.
+    (2022), whose GPT layer saves s*b*h*(34 + 5*a*s/h) bytes in half precision with dropout. With
+    h hidden, f ffn, a heads, s sequence, t tensor-parallel size, c/r the compute/residual dtype bytes:
+      norms       LayerNorm: input r*h + mean/rstd; Llama RMSNorm: fp32 input 4h + rsqrt, and the
+                  normalized r*h where its weight trains
+      inputs      each projection's input where its weight trains or LoRA reads it undropped: q/k/v c*h,
+                  output projection c*h/t, MLP in c*h, MLP out c*f/t
+      attention   q/k/v 3c*h/t and the core:
+                  sdpa (memory-efficient/flash) c*h/t output + 4a/t logsumexp, or the s x s scores
+                  a*s/t x (softmax + a half copy for the matmul where softmax ran in fp32 + dropout mask
+                  and output) for eager attention, and for sdpa with dropout on CPU (its math fallback)
+      MLP         k*f/t ffn-sized tensors of the activation (k: 4 for GPT-2's gelu_new, 3 for Llama's
+                  gated SiLU, 1 for GELU)
+      dropout     two residual masks of h (bool on CUDA; on CPU the mask has the input's dtype)
+      LoRA        per adapted projection, lora_B's input c*r, and with lora.dropout its dropped input
+                  c*h_in and the mask (without dropout lora_A reads the input the projection saved)
+    """
+    h, f, a, t = shape.hidden, shape.ffn, shape.heads, place.tp
+    c, r = place.compute_bytes, place.residual_bytes
+    norm = norm_bytes(shape, r)
+    mask = 1 if device == "cuda" else c
+    sizes = {"qkv": h, "o": h / t, "up": h, "down": f / t}
+    inputs = c * sum(sizes[role] for role in shape.saved_inputs)
+    core = c * 3 * h / t  # q, k, v
+    if attention == "eager" or (device == "cpu" and shape.attn_dropout > 0):
+        softmax = 4 if (r == 4 or shape.upcast_softmax) else c
+        per_score = softmax + (c if softmax != c else 0) + ((mask + softmax) if shape.attn_dropout > 0 else 0)
+        core += a * seq / t * per_score
+    else:
+        core += c * h / t + 4 * a / t
+    mlp = shape.mlp_saved * c * f / t
+    dropout = 2 * h * mask if shape.hidden_dropout > 0 else 0
+    lora = c * shape.lora_ranks + (shape.lora_inputs * (mask + c) if shape.lora_dropout > 0 else 0)
+    return 2 * norm + inputs + core + mlp + dropout + lora
+
+
+def norm_bytes(shape: ModelShape, residual: int) -> float:
+    """Per token, what one norm keeps: LayerNorm its input and mean/rstd; HF's RMSNorm its fp32 input,
+    the rsqrt, and the normalized input where its weight trains."""
+    h = shape.hidden
+    if shape.rms_norm:
+        return 4 * h + 4 + (residual * h if shape.norms_trainable else 0)
+    return residual * h + 2 * residual
+
+
+def outside_activation_bytes(shape: ModelShape, place: Placement, device: str, first: bool, last: bool) -> float:
+    """Bytes per token saved outside the layers: ids, embedding dropout, final norm, the head's input (if it trains)."""
+    h, c, r = shape.hidden, place.compute_bytes, place.residual_bytes
+    saved = 24.0  # input ids, labels, attention mask (int64)
+    if first and shape.hidden_dropout > 0:
+        saved += h * (1 if device == "cuda" else r)
+    if last and shape.causal_lm:
+        saved += norm_bytes(shape, r) + (c * h if shape.head_trainable or shape.tied and shape.embedding_trainable else 0)
+    return saved
+
+
+def loss_peak_bytes(shape: ModelShape, place: Placement) -> float:
+    """Per token, the peak around the loss in backward: fp32 log-softmax output, its gradient and the
+    gradient of the logits, alive together (3 x 4 bytes x vocab; measured exactly on CPU)."""
+    return 12 * shape.vocab / place.tp
+
+
+def eval_peak_bytes(shape: ModelShape, place: Placement) -> float:
+    """Per token, an eval forward's peak: the logits and their fp32 log-softmax (plus an fp32 copy of half logits)."""
+    return (10 if place.eval_half else 8) * shape.vocab / place.tp + 2 * place.compute_bytes * shape.ffn / place.tp
+
+
+def in_flight(place: Placement, rank: int) -> int:
+    """Micro-batches (interleaved: model-chunk micro-batches) whose activations a pipeline rank holds at once."""
+    if place.pp == 1:
+        return 1
+    if place.interleaved:  # ColossalAI's interleaved warm-up: (pp - rank - 1) * 2 + (chunks - 1) * pp steps
+        return min(place.microbatches * place.chunks, (place.pp - rank - 1) * 2 + (place.chunks - 1) * place.pp + 1)
+    return min(place.microbatches, place.pp - rank)
+
+
+def pipeline_layers(layers: int, pp: int, chunks: int) -> list[int]:
+    """Layers per pipeline rank as ColossalAI distributes them (remainders go to the middle chunks)."""
+    count = pp * chunks
+    per_chunk = [layers // count] * count
+    start = count // 2 - (layers % count) // 2
+    for i in range(start, start + layers % count):
+        per_chunk[i] += 1
+    return [sum(per_chunk[rank::pp]) for rank in range(pp)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-rank bytes of one setup, split by what holds them."""
+
+    setup: dict[str, Any]
+    params: int
+    trainable_params: int
+    weights: int
+    gradients: int
+    optimizer_states: int  # m, v (or momentum) and the fp32 master copy
+    master_weights: int  # the fp32 master copy, part of optimizer_states
+    activations: int  # peak of a training step without gradient checkpointing
+    activations_checkpointed: int  # the same with per-layer gradient checkpointing
+    eval_activations: int  # peak of an eval batch's forward
+    step_temporaries: int
+    framework_overhead: int
+    host_offload: int  # in host memory because of CPU offload (a CUDA run's CPU side), per rank
+    gradient_checkpointing: bool  # what the run itself uses
+
+    def total(self, checkpointing: bool | None = None) -> int:
+        """Peak bytes per rank on the device; checkpointing None: as the run is configured."""
+        ckpt = self.gradient_checkpointing if checkpointing is None else checkpointing
+        activations = self.activations_checkpointed if ckpt else self.activations
+        # Training step, eval batch and optimizer step come one after another: only the largest counts.
+        return self.weights + self.gradients + self.optimizer_states + self.framework_overhead + max(activations, self.eval_activations, self.step_temporaries)
+
+    def train_step_peak(self) -> int:
+        """What the run's profiler measures as its train_step_peak stage: the peak of the training steps
+        as configured (no eval), all of it on CPU (RSS), without the CUDA context on CUDA (allocations)."""
+        ckpt = self.activations_checkpointed if self.gradient_checkpointing else self.activations
+        persistent = self.weights + self.gradients + self.optimizer_states + self.framework_overhead
+        context = CUDA_CONTEXT_BYTES if self.setup["device"] == "cuda" else 0
+        return persistent + max(ckpt, self.step_temporaries) - context
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: bytes per rank, totals with and without checkpointing, and the setup."""
+        return {
+            **dataclasses.asdict(self),
+            "total": self.total(),
+            "total_without_checkpointing": self.total(False),
+            "total_with_checkpointing": self.total(True),
+        }
+
+
+def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "cuda", quantization: Quantization | None = None) -> Estimate:
+    """Predict the peak memory per rank of the run cfg describes (the rank that needs the most)."""
+    shape = cached_model_shape(cfg.model.name, cfg.model.trust_remote_code, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True))
+    place = placement(cfg, world_size)
+    if device == "cpu":  # host memory is the device: offloading moves nothing
+        place = dataclasses.replace(place, optim_offload=0.0, param_offload=0.0)
+    quant = (quantization or Quantization()) if method_named(cfg.method).quantized_base else None
+    per_rank_layers = pipeline_layers(shape.layers, place.pp, place.chunks if place.interleaved else 1)
+    seq = seq_len or cfg.data.max_length
+    setup = {
+        "model": cfg.model.name,
+        "model_class": shape.model_class,
+        "method": cfg.method,
+        "plugin": cfg.plugin.name,
+        "plugin_options": cfg.plugin.options,
+        "world_size": world_size,
+        "dp": place.dp,
+        "tp": place.tp,
+        "pp": place.pp,
+        "precision": cfg.train.precision,
+        "optimizer": cfg.train.optimizer,
+        "batch_size": cfg.train.batch_size,
+        "eval_batch_size": cfg.eval.batch_size,
+        "seq_len": seq,
+        "device": device,
+        "quantization": dataclasses.asdict(quant) if quant else None,
+    }
+    ranks = [_rank_estimate(shape, place, cfg, setup, rank, layers, quant) for rank, layers in enumerate(per_rank_layers)]
+    return max(ranks, key=lambda e: e.total())
+
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one rank holds of the model, in elements, after the pipeline and tensor-parallel split."""
+
+    params: float
+    trainable: float
+    matmul: float  # projection weights (autocast keeps half copies of these)
+    layers: int
+    first: bool  # the first pipeline stage: embeddings
+    last: bool  # the last pipeline stage: head and loss
+
+
+def rank_share(shape: ModelShape, place: Placement, full: bool, rank: int, layers: int) -> Share:
+    """Pipeline rank `rank` holds its layers, the embeddings if first, the head if last (a tied embedding
+    matrix sits on both); tensor parallelism splits the layers' projections and the vocabulary."""
+    first, last = rank == 0, rank == place.pp - 1
+    shared_copy = last and not first and shape.tied
+    params = layers * shape.layer_params + first * shape.embedding_params + last * shape.head_params + shared_copy * shape.token_embedding
+    trainable = layers * shape.layer_trainable + first * shape.embedding_trainable + last * shape.head_trainable
+    trainable += shape.token_embedding if shared_copy and shape.embedding_trainable else 0
+    split = layers * shape.layer_matmul + first * shape.token_embedding + (last and not (first and shape.tied)) * shape.output_projection
+    saving = split * (1 - 1 / place.tp)
+    matmul = (layers * shape.layer_matmul + last * shape.output_projection) / place.tp
+    return Share(params - saving, trainable - (saving if full else 0), matmul, layers, first, last)
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Model state of one rank: on the device, and in host memory under CPU offload."""
+
+    weights: float
+    gradients: float
+    optimizer: float  # m, v / momentum and master
+    master: float
+    step_temporaries: float
+    reduce_buffers: float
+    host: float
+
+
+def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: str, quant: Quantization | None) -> StateBytes:
+    """Weights, gradients, optimizer states and the optimizer step's temporaries of one rank."""
+    stored = _weight_bytes(shape, place, share, quant) / place.param_shards
+    weights = stored * (1 - place.param_offload) + _gathered_elements(shape, place, share) * place.compute_bytes
+    grads = share.trainable * place.grad_bytes * place.grad_copies / place.grad_shards
+    unsharded_grads = _gathered_trainable(shape, place, share) * place.compute_bytes  # FSDP, before reduce-scatter
+    shard = share.trainable / place.optim_shards
+    master = shard * place.master_bytes
+    states = shard * (2 if optimizer == "adamw" else 1) * place.state_bytes + master
+    step = shard * place.step_grad_bytes
+    if optimizer == "adamw":
+        # AdamW works tensor by tensor: the fused kernel on CUDA (train.py builds it with fused=True),
+        # the per-tensor loop on CPU, each with two temporaries of its largest tensor at most (ZeRO
+        # splits every tensor over the ranks; FSDP's one unit is one flat tensor).
+        largest = shard if place.gathered == "model" else min(shape.largest_trainable / place.optim_shards / place.tp, shard)
+        step += 2 * largest * place.state_bytes
+    # ZeRO flattens gradients into a reduce bucket (a tensor larger than the bucket goes alone) and
+    # receives the reduced copy: two buffers of the larger of the two.
+    buffers = 2 * max(place.reduce_bucket, shape.largest_trainable) * place.grad_bytes if place.reduce_bucket else 0
+    kept, offloaded = 1 - place.optim_offload, place.optim_offload
+    return StateBytes(
+        weights=weights,
+        gradients=grads * (1 - place.param_offload) + unsharded_grads,
+        optimizer=states * kept,
+        master=master * kept,
+        step_temporaries=step * kept,
+        reduce_buffers=buffers,
+        host=(states + step) * offloaded + (stored + grads) * place.param_offload,
+    )
+
+
+def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Config, seq: int, device: str, rank: int) -> tuple[float, float, float]:
+    """(training step, training step with checkpointing, eval batch) activation peaks of one rank.
+
+    The training peak is at the loss in backward, with the activations of every micro-batch in flight
+    on this rank still saved; checkpointing keeps only each layer's input and recomputes one layer.
+    """
+    tokens = cfg.train.batch_size // place.microbatches * seq
+    eager_under_shardformer = SPECS[cfg.plugin.name].shardformer and not architecture(shape.model_type).sdpa_under_shardformer  # see model.attention_for
+    attention = "eager" if cfg.model.attn_implementation == "eager" or eager_under_shardformer else "sdpa"
+    layer = layer_activation_bytes(shape, place, seq, device, attention)
+    outside = outside_activation_bytes(shape, place, device, share.first, share.last)
+    layers_held = in_flight(place, rank) * share.layers / (place.chunks if place.interleaved else 1)
+    loss = loss_peak_bytes(shape, place) if share.last else 0.0
+    autocast = 2 * share.matmul if place.autocast_copies else 0
+    train = tokens * (layers_held * layer + outside + loss) + autocast
+    checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside + max(loss, layer)) + autocast
+    eval_tokens = (cfg.train.batch_size if place.pp > 1 else cfg.eval.batch_size) * seq  # pipelines evaluate at the train batch
+    evaluation = eval_tokens * (eval_peak_bytes(shape, place) if share.last else outside)
+    return train, checkpointed, evaluation
+
+
+def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict, rank: int, layers: int, quant: Quantization | None) -> Estimate:
+    """The estimate for pipeline rank `rank` (0 without a pipeline), which holds `layers` layers."""
+    device = setup["device"]
+    if quant:  # QLoRA: fp32 adapters train on a frozen, quantized base that computes in the compute dtype
+        compute = DTYPE_BYTES[quant.compute_dtype]
+        place = dataclasses.replace(
+            place, weight_bytes=compute, compute_bytes=compute, residual_bytes=compute, eval_half=compute == 2, autocast_copies=False,
+            grad_bytes=4, master_bytes=0, state_bytes=4, step_grad_bytes=0,
+        )
+    share = rank_share(shape, place, method_named(cfg.method).full, rank, layers)
+    state = state_bytes(shape, place, share, cfg.train.optimizer, quant)
+    train, checkpointed, evaluation = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank)
+    process = CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
+    return Estimate(
+        setup=setup,
+        params=shape.total_params,
+        trainable_params=shape.trainable_params,
+        weights=round(state.weights),
+        gradients=round(state.gradients),
+        optimizer_states=round(state.optimizer),
+        master_weights=round(state.master),
+        activations=round(train),
+        activations_checkpointed=round(checkpointed),
+        eval_activations=round(evaluation),
+        step_temporaries=round(state.step_temporaries),
+        framework_overhead=round(process + state.reduce_buffers),
+        host_offload=round(state.host),
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
+
+
+def _weight_bytes(shape: ModelShape, place: Placement, share: Share, quant: Quantization | None) -> float:
+    """Stored bytes of this rank's weights (before parameter sharding)."""
+    if not quant:
+        return (share.params - share.trainable) * (place.frozen_bytes or place.weight_bytes) + share.trainable * place.weight_bytes
+    quantized = (share.layers * shape.layer_matmul + share.last * shape.head_quantizable) / place.tp
+    scales = 4 * share.layers * shape.layer_rows / place.tp if quant.bits == 8 else 0  # LLM.int8: an fp32 scale per output row
+    frozen_rest = share.params - quantized - share.trainable
+    return quantized * quant.bytes_per_weight() + scales + frozen_rest * place.compute_bytes + share.trainable * 4
+
+
+def _gathered_elements(shape: ModelShape, place: Placement, share: Share) -> float:
+    """Elements of the unsharded working copy an FSDP/Gemini rank holds while computing."""
+    if place.param_shards == 1 and place.compute_bytes == place.weight_bytes:
+        return 0.0  # nothing to gather and no low-precision copy to make
+    if place.gathered == "model":
+        return share.params
+    if place.gathered == "layers":  # the root unit (embeddings, head) plus the current and the prefetched layer
+        return share.params - (share.layers - min(2, share.layers)) * shape.layer_params
+    return 0.0
+
+
+def _gathered_trainable(shape: ModelShape, place: Placement, share: Share) -> float:
+    """Trainable elements whose unsharded gradients exist before FSDP's reduce-scatter."""
+    if place.param_shards == 1 or place.grad_bytes == 0:
+        return 0.0
+    if place.gathered == "model":
+        return share.trainable
+    if place.gathered == "layers":
+        return share.trainable - (share.layers - min(2, share.layers)) * shape.layer_trainable
+    return 0.0
+
+
+
+def compare_with_run(cfg: Config, world_size: int, seq_len: int, memory: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's memory.estimate: the prediction for a finished run next to its measured train_step_peak.
+
+    Args:
+        memory: the run's measured memory (MemoryProfiler.summary(): device and stages).
+    """
+    try:
+        est = estimate(cfg, world_size, seq_len, memory["device"], quantization_of(cfg))
+    except Exception as err:  # a finished run must still write its summary; the failure is recorded instead
+        return {"error": f"{type(err).__name__}: {err}"}
+    stages = {s["name"]: s for s in memory["stages"]}
+    if memory["device"] == "cpu" and "start" in stages:  # this process's own import baseline, not the typical one
+        est = dataclasses.replace(est, framework_overhead=est.framework_overhead - CPU_START_BYTES + stages["start"]["current_bytes"])
+    measured = stages["train_step_peak"]["peak_bytes"] if "train_step_peak" in stages else None
+    predicted = est.train_step_peak()
+    return {
+        "predicted_train_step_peak_bytes": predicted,
+        "measured_train_step_peak_bytes": measured,
+        "ratio_measured_to_predicted": measured / predicted if measured else None,
+        "per_rank": est.to_dict(),
+    }
+
+
+
+def gib(n: float) -> str:
+    """n bytes in GiB as the tables and the fit lines show them: '1,234.56'."""
+    return f"{n / GIB:,.2f}"
