@@ -266,7 +266,7 @@ def test_gemini_layout_changes_are_refused_in_one_line():
 @pytest.mark.timeout(600)
 def test_another_global_batch_goes_on_at_the_nearest_step_and_schedule(uninterrupted, equal_length_data, tmp_path):  # noqa: F811
     """ddp x2 at 8 a step, resumed on one process at 4 a step: its step 3 (24 samples) is step 6 there, and the LR schedule follows."""
-    from finetune.train import build_scheduler
+    from finetune.run import build_scheduler
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted["ddp2"], run)
