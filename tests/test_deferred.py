@@ -4,9 +4,6 @@ hybrid_parallel (TP/PP) or FSDP, and the sharded model is still exactly the chec
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from finetune.checkpoint.files import WeightsDir
 from finetune.config import ModelConfig
 from finetune.methods import METHODS
 from finetune.model import build_model
-from tests.conftest import REPO, free_port, run_env
+from tests.conftest import REPO, free_port, run_ranks
 from tests.deferred_ranks import TEARDOWN_LIMIT_S, WORK_LIMIT_S
 
 # The ranks' own watchdogs stop a hang first (with their stacks); this is for a launcher that hangs itself.
@@ -47,30 +44,11 @@ def test_sharded_logits_equal_the_unsharded_models(pretrained_dirs, tmp_path):
     and under bf16 (ZeRO-1 or not) the optimizer's master copies hold the loaded weights (a step equals an eager build's)."""
     out = tmp_path / "diffs.json"
     command = ["torchrun", "--nproc_per_node=2", f"--master_port={free_port()}", str(REPO / "tests" / "deferred_ranks.py"), str(out), *map(str, pretrained_dirs.values())]
-    returncode, output = run_ranks(command)
+    returncode, output = run_ranks(command, RANKS_TIMEOUT_S)
     assert returncode == 0, output[-12000:]  # a hung rank's stacks (deferred_ranks' watchdog) included
     diffs = json.loads(out.read_text())
     assert set(diffs) == {f"{m} {s}" for m in pretrained_dirs for s in ("tp2", "pp2", "fsdp")} | {"pp2 zero0 bf16 step", "pp2 zero1 bf16 step"}
     assert all(d <= 1e-5 for d in diffs.values()), diffs  # the bf16 step: the same losses as from an eager build
-
-
-def run_ranks(command: list[str]) -> tuple[int | None, str]:
-    """Run a torchrun command in its own session: its exit code (None past RANKS_TIMEOUT_S) and its output.
-
-    Past the timeout the whole session gets SIGTERM (each rank prints its stacks), then SIGKILL: no rank
-    is left running, as one would be if only torchrun were killed."""
-    process = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output = process.communicate(timeout=RANKS_TIMEOUT_S)[0]
-        return process.returncode, output
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            output = process.communicate(timeout=30)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output = process.communicate()[0]
-        return None, f"{output}\nkilled after {RANKS_TIMEOUT_S}s"
 
 
 @pytest.mark.parametrize("init", ["lazy", "meta"])
