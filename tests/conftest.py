@@ -14,9 +14,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "finetune" / "train.py")
-RUN_TIMEOUT_S = 420
+RUN_TIMEOUT_S = 420  # a hung collective must fail the test, not the whole CI run
 SHARED_RUN_S = 150  # what one tiny run in a shared launch may take, on a loaded 2-core machine
-RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")  # a hung collective must fail the test, not the whole CI run
+# What a launcher tells a rank; left in this process's environment, every plain-python child run would join it.
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def write_instruction_file(path: Path, n: int = 64) -> Path:
