@@ -306,11 +306,11 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         raise ReloadMismatch(f"{final}: the trained model's probe loss is {probe_loss} (its outputs hold NaN or inf): the saved artifact is not usable (details in summary.json)" if not math.isfinite(probe_loss) else f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")
 
 
-def cli() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+def run_main(argv: list[str]) -> int:
+    """main(argv) and its exit code: 0; 2 for a user error, said in one line on stderr; 3 when preempted."""
     try:
         try:
-            main(sys.argv[1:])
+            main(argv)
         except RuntimeError as err:
             raise collective_timeout(err) or rank_lost(err) or err
     except FinetuneError as err:
@@ -319,10 +319,17 @@ def cli() -> None:
         else:
             # The launcher stops every rank as soon as one exits: leave rank 0 time to say why.
             time.sleep(RANK_EXIT_GRACE_S)
-        sys.exit(2)
+        return 2
     except Preempted as stop:
         log(str(stop))
-        sys.exit(PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def cli() -> None:
+    """Entry point: run_main's exit code, the process groups destroyed on the way out."""
+    try:
+        sys.exit(run_main(sys.argv[1:]))
     finally:
         if dist.is_available() and dist.is_initialized():
             destroy_process_groups()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,15 +114,99 @@ def launch_command(launcher: str, nproc: int) -> list[str]:
 
 
 def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = RUN_TIMEOUT_S, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run finetune/train.py for real and return the finished process (output captured); `env` adds variables."""
-    return subprocess.run(
-        launch_command(launcher, nproc) + args,
-        cwd=REPO,
-        env={**run_env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run finetune/train.py for real and return the finished process (output captured); `env` adds variables.
+
+    Runs by python or torchrun start from the session's zygote (tests/zygote.py: the same processes and
+    process group, the stack imported once); FINETUNE_TEST_LAUNCH=real starts each from scratch."""
+    run_environment = {**run_env(), **(env or {})}
+    if launcher in ("python", "torchrun") and zygote_can_run(run_environment):
+        return zygote().run([TRAIN, *args], nproc, launcher == "torchrun", run_environment, timeout)
+    return subprocess.run(launch_command(launcher, nproc) + args, cwd=REPO, env=run_environment, capture_output=True, text=True, timeout=timeout)
+
+
+def run_python(argv: list[str], env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python ARGV...` (a script or -m MODULE) in the repository with run_env() and `env`, stdin empty, output captured: from the zygote where it can."""
+    run_environment = {**run_env(), **(env or {})}
+    if zygote_can_run(run_environment):
+        return zygote().run(argv, 1, False, run_environment, timeout)
+    return subprocess.run([sys.executable, *argv], cwd=REPO, env=run_environment, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+# Read by the stack when it is imported (huggingface_hub's offline switch, transformers' verbosity, torch's
+# thread and allocator settings): a run that sets them differently cannot start from the zygote's imports.
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "TORCH", "PYTORCH", "OMP_", "MKL_", "TOKENIZERS_", "CUDA", "PYTHON", "LD_", "MALLOC")
+
+
+def zygote_can_run(environment: dict[str, str]) -> bool:
+    """Whether a run with this environment may start from the zygote (and FINETUNE_TEST_LAUNCH is not `real`)."""
+    if environment.get("FINETUNE_TEST_LAUNCH") == "real":
+        return False
+    reference = zygote().environment  # what the server imported the stack under
+    return all(environment.get(key) == reference.get(key) for key in {*environment, *reference} if key.startswith(IMPORT_TIME_ENV))
+
+
+class Zygote:
+    """The client of tests/zygote.py: runs `python ARGV` or its torchrun equivalent from the pre-imported server."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.socket_path, self.count, self.environment = workdir, str(workdir / "zygote.sock"), 0, run_env()
+        self.server = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py"), self.socket_path], cwd=REPO, env=self.environment, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while not os.path.exists(self.socket_path):
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tests/zygote.py did not start (exit code {self.server.poll()})")
+            time.sleep(0.1)
+
+    def run(self, argv: list[str], nproc: int, torchrun: bool, environment: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """One run; its output captured; past `timeout` every rank is stopped and TimeoutExpired raised, as subprocess.run does."""
+        self.count += 1
+        stdout, stderr = (self.workdir / f"run_{self.count}.{kind}" for kind in ("out", "err"))
+        request = {"argv": argv, "nproc": nproc, "torchrun": torchrun, "env": environment, "cwd": str(REPO), "stdout": str(stdout), "stderr": str(stderr)}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.connect(self.socket_path)
+            connection.sendall(json.dumps(request).encode() + b"\n")
+            replies = connection.makefile()
+            launcher = json.loads(replies.readline())["pid"]
+            connection.settimeout(timeout)
+            try:
+                returncode = json.loads(replies.readline())["returncode"]
+            except (TimeoutError, socket.timeout):
+                stop_session(launcher)
+                raise subprocess.TimeoutExpired(argv, timeout, stdout.read_text(), stderr.read_text()) from None
+        return subprocess.CompletedProcess(argv, returncode, stdout.read_text(), stderr.read_text())
+
+    def close(self) -> None:
+        self.server.kill()
+        self.server.wait()
+
+
+_zygote: Zygote | None = None
+
+
+def zygote() -> Zygote:
+    """This pytest process's zygote, started at first use (about 10 s) and stopped when the session ends."""
+    global _zygote
+    if _zygote is None:
+        import tempfile
+
+        _zygote = Zygote(Path(tempfile.mkdtemp(prefix="zygote-")))
+    return _zygote
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _zygote is not None:
+        _zygote.close()
+
+
+def stop_session(pid: int) -> None:
+    """SIGTERM to a launcher's whole session (each rank prints its stacks), SIGKILL to what is left 30 s later."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            os.killpg(pid, 0)
+            time.sleep(0.2)
+        os.killpg(pid, signal.SIGKILL)
 
 
 def run_many(runs: list[list[str]], nproc: int, workdir: Path) -> list[subprocess.CompletedProcess]:
@@ -136,8 +222,7 @@ def run_many(runs: list[list[str]], nproc: int, workdir: Path) -> list[subproces
         launch = workdir / f"launch_{pending[0]}"
         plan = [{"args": runs[i], "stem": str(workdir / f"run_{i}")} for i in pending]
         launch.with_suffix(".json").write_text(json.dumps(plan))
-        command = ["torchrun", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", str(REPO / "tests" / "run_many.py"), str(launch.with_suffix(".json"))]
-        code, output = run_ranks(command, RUN_TIMEOUT_S + SHARED_RUN_S * len(plan))
+        code, output = torchrun_script([str(REPO / "tests" / "run_many.py"), str(launch.with_suffix(".json"))], nproc, RUN_TIMEOUT_S + SHARED_RUN_S * len(plan))
         for i in list(pending):
             stem = workdir / f"run_{i}"
             codes = [read_or_none(Path(f"{stem}.rank{rank}.rc")) for rank in range(nproc)]
@@ -170,6 +255,17 @@ def selected_params(request: pytest.FixtureRequest, test: str, param: str | None
 
 def read_or_none(path: Path) -> str | None:
     return path.read_text() if path.exists() else None
+
+
+def torchrun_script(argv: list[str], nproc: int, timeout: int) -> tuple[int | None, str]:
+    """`torchrun --nproc_per_node=NPROC ARGV...` (from the zygote where it can): its exit code (None past `timeout`) and its output."""
+    if zygote_can_run(run_env()):
+        try:
+            result = zygote().run(argv, nproc, True, run_env(), timeout)
+            return result.returncode, result.stdout + result.stderr
+        except subprocess.TimeoutExpired as stopped:
+            return None, f"{stopped.stdout}{stopped.stderr}\nkilled after {timeout}s"
+    return run_ranks(["torchrun", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *argv], timeout)
 
 
 def run_ranks(command: list[str], timeout: int) -> tuple[int | None, str]:

@@ -23,21 +23,12 @@ sys.path.insert(0, str(REPO))
 def run_one(args: list[str], stem: str, rank: str) -> int:
     """One run on this rank with its output in STEM.rankR.out / .err; its exit code, as cli() would give it."""
     from finetune import train
-    from finetune.errors import FinetuneError
-    from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     with open(f"{stem}.rank{rank}.out", "w") as out, open(f"{stem}.rank{rank}.err", "w") as err:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                train.main(args)
-                return 0
-            except FinetuneError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-            except Preempted as stop:
-                print(stop)
-                return PREEMPTED_EXIT_CODE
-            except BaseException:  # noqa: BLE001 - the run's traceback is its result
+                return train.run_main(args)
+            except BaseException:  # noqa: BLE001 - what the interpreter does with it: the traceback, exit code 1
                 traceback.print_exc()
                 return 1
             finally:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from finetune.config import ConfigError, DataConfig, load_config
 from finetune.data import DataError, load_records, load_splits, tokenize_records
 from finetune.outputs import RunOutputs, output_problems, tee_rank_output
 from finetune.tasks import build_task
-from tests.conftest import REPO, TRAIN, run_env, write_instruction_file
+from tests.conftest import TRAIN, run_python, write_instruction_file
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     run = root / "run"
     args = [f"data.train_path={data}", "data.eval_fraction=0.25", f"output_dir={run}", "model.name=tiny-gpt2", "method=full", "train.max_steps=4"]
     args += ["checkpoint.every_steps=2", "eval.every_steps=0", "eval.num_generation_prompts=1", "eval.max_new_tokens=2"]
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    result = run_python([TRAIN, *args], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "bad_row.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     (root / "wrong_type.jsonl").write_text('{"instruction": "a", "output": 3}\n')
@@ -141,7 +140,7 @@ def base_args(world: dict) -> list[str]:
 def test_bad_training_input(case, world):
     make_args, fragment = TRAIN_CASES[case]
     before = tree_digest(world["run"])
-    result = subprocess.run([sys.executable, TRAIN, *base_args(world), *make_args(world)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    result = run_python([TRAIN, *base_args(world), *make_args(world)], timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
@@ -161,7 +160,7 @@ LAUNCH_CASES = {
 @pytest.mark.parametrize("case", list(LAUNCH_CASES))
 def test_bad_launch_input(case, world):
     make_args, fragment = LAUNCH_CASES[case]
-    result = subprocess.run([sys.executable, "-m", "finetune.launch", *make_args(world)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    result = run_python(["-m", "finetune.launch", *make_args(world)], timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr[-2000:]
@@ -172,7 +171,7 @@ def test_overwrite_replaces_an_earlier_run(world):
     copy = world["root"] / "overwritten"
     shutil.copytree(world["run"], copy)
     args = [*base_args(world), f"output_dir={copy}", "overwrite_output_dir=true", "eval.every_steps=0", "eval.num_generation_prompts=0"]
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    result = run_python([TRAIN, *args], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (copy / "checkpoints").exists()  # the earlier run's checkpoints went with it
     assert (copy / "final" / "model.safetensors").is_file()
@@ -383,7 +382,7 @@ def test_bad_data_through_the_cli_is_one_line(tmp_path):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "d"}\n')
     args = [f"data.train_path={data}", "data.eval_fraction=0.5", "model.name=tiny-gpt2", "method=full", f"output_dir={tmp_path / 'out'}"]
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    result = run_python([TRAIN, *args], timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and lines == [f"error: {data} line 2: not UTF-8 (byte 0xe9 at column 21); re-save the file as UTF-8"], result.stderr[-2000:]
     assert "model_loaded" not in result.stdout

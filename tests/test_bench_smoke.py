@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, run_env
+from tests.conftest import REPO, run_python
 
 pytestmark = pytest.mark.e2e  # one-process subprocesses (bench/run.py --smoke trains on one rank)
 
@@ -20,7 +18,7 @@ SMOKE_TIMEOUT_S = 300  # each script alone takes 10-60 s; a loaded 2-core machin
 
 def smoke(script: str, *args: str) -> str:
     """Run bench/<script> --smoke with args; its output (fails with the script's own last lines)."""
-    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    result = run_python([str(REPO / "bench" / script), "--smoke", *args], timeout=SMOKE_TIMEOUT_S)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result.stdout
 

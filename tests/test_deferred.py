@@ -15,7 +15,7 @@ from finetune.checkpoint.files import WeightsDir
 from finetune.config import ModelConfig
 from finetune.methods import METHODS
 from finetune.model import build_model
-from tests.conftest import REPO, free_port, run_ranks
+from tests.conftest import REPO, torchrun_script
 from tests.deferred_ranks import TEARDOWN_LIMIT_S, WORK_LIMIT_S
 
 # The ranks' own watchdogs stop a hang first (with their stacks); this is for a launcher that hangs itself.
@@ -43,8 +43,7 @@ def test_sharded_logits_equal_the_unsharded_models(pretrained_dirs, tmp_path):
     """tp2, pp2 and fsdp (2 gloo ranks) built lazily / on meta, loaded per shard: the logits of the checkpoint (fp32);
     and under bf16 (ZeRO-1 or not) the optimizer's master copies hold the loaded weights (a step equals an eager build's)."""
     out = tmp_path / "diffs.json"
-    command = ["torchrun", "--nproc_per_node=2", f"--master_port={free_port()}", str(REPO / "tests" / "deferred_ranks.py"), str(out), *map(str, pretrained_dirs.values())]
-    returncode, output = run_ranks(command, RANKS_TIMEOUT_S)
+    returncode, output = torchrun_script([str(REPO / "tests" / "deferred_ranks.py"), str(out), *map(str, pretrained_dirs.values())], 2, RANKS_TIMEOUT_S)
     assert returncode == 0, output[-12000:]  # a hung rank's stacks (deferred_ranks' watchdog) included
     diffs = json.loads(out.read_text())
     assert set(diffs) == {f"{m} {s}" for m in pretrained_dirs for s in ("tp2", "pp2", "fsdp")} | {"pp2 zero0 bf16 step", "pp2 zero1 bf16 step"}

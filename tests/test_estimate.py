@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from finetune import estimate as est
 from finetune.config import build_config, parse_args
 from finetune.core.layout import Placement
-from tests.conftest import REPO, read_summary, run_env, run_train, write_fixed_length_file
+from tests.conftest import read_summary, run_python, run_train, write_fixed_length_file
 
 LLAMA2_7B = 6_738_415_616
 
@@ -221,7 +220,7 @@ def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune.estimate", *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    return run_python(["-m", "finetune.estimate", *args], timeout=120)
 
 
 @pytest.mark.e2e

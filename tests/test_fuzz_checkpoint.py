@@ -33,7 +33,7 @@ from finetune.config import load_config
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
 from finetune.outputs import RUN_MARKER
-from tests.conftest import REPO, TRAIN, run_env, run_train, write_instruction_file
+from tests.conftest import TRAIN, run_python, run_train, write_instruction_file
 
 pytestmark = pytest.mark.e2e
 
@@ -521,7 +521,7 @@ def test_cli_export_of_a_linked_weights_file_exits_2(runs, tmp_path):
     (ckpt / "model" / "model.safetensors").unlink()
     (ckpt / "model" / "model.safetensors").symlink_to(runs["outside"] / "evil.safetensors")
     rewrite_manifest(ckpt)
-    result = subprocess.run([sys.executable, "-m", "finetune.export", str(ckpt), str(tmp_path / "out")], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    result = run_python(["-m", "finetune.export", str(ckpt), str(tmp_path / "out")], timeout=300)
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1 and "model/model.safetensors links outside" in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "out").exists()

@@ -13,8 +13,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from finetune.config import DataConfig, choices, config_keys, load_config  # noq
 from finetune.data import load_records, load_splits, tokenize_records  # noqa: E402
 from finetune.errors import FinetuneError  # noqa: E402
 from finetune.tasks import TASKS, build_task  # noqa: E402
-from tests.conftest import REPO, TRAIN, run_env  # noqa: E402
+from tests.conftest import REPO, TRAIN, run_python  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(
@@ -211,7 +209,7 @@ def test_cli_refuses_fuzzed_input_in_one_line(tmp_path, case):
     args = make_args(tmp_path)
     before = sorted(p for p in tmp_path.rglob("*"))
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, TRAIN, *args, f"output_dir={out}"], cwd=REPO, env=run_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+    result = run_python([TRAIN, *args, f"output_dir={out}"], timeout=180)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr[-2000:]
     assert len(lines[0]) <= MAX_LINE

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from finetune.checks import non_finite_parameters
 from finetune.config import LoraConfig, ModelConfig
 from finetune.evaluation import best_eval, eval_line, evaluate, evaluate_classification, module_batch_loss, module_logits, reload_matches, summed_loss
 from finetune.model import build_lora_config, build_model
-from tests.conftest import REPO, TRAIN, run_env, write_instruction_file
+from tests.conftest import TRAIN, run_python, write_instruction_file
 
 SAMPLES = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}, {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]}, {"input_ids": [3, 4], "labels": [-100, -100]}]
 
@@ -87,7 +86,7 @@ def nan_adapter(path: Path) -> Path:
 
 def run_cli(args: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
     """A real run: its result and its `error:` lines (progress bars and log lines share stderr once training runs)."""
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env={**run_env(), **(env or {})}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    result = run_python([TRAIN, *args], env, timeout=300)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result, [line for line in result.stderr.splitlines() if line.startswith("error:")]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -20,7 +19,7 @@ from finetune.checkpoint import read_adapter
 from finetune.config import ConfigError, ModelConfig, load_config
 from finetune.errors import FinetuneError
 from finetune.model import ModelError, build_model
-from tests.conftest import REPO, TRAIN, run_env, run_train, write_instruction_file
+from tests.conftest import TRAIN, run_env, run_python, run_train, write_instruction_file
 
 REV_A, REV_B = "a" * 40, "b" * 40
 CVE = "CVE-2025-32434"
@@ -120,7 +119,7 @@ def test_pickle_only_hub_snapshot_is_refused(world, offline_hub):
 
 
 def refused_run(args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    result = run_python([TRAIN, *args], timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     return errors[0]
@@ -293,7 +292,7 @@ def test_a_model_dir_that_needs_its_own_code_stops_the_cli_in_one_line(world, tm
     base = remote_code_dir(world, tmp_path / "evil", marker)
     data = write_instruction_file(tmp_path / "train.jsonl", n=8)
     args = [f"model.name={base}", "method=full", f"data.train_path={data}", f"output_dir={tmp_path / 'out'}", "train.fit_check=error"]
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=run_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    result = run_python([TRAIN, *args], timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "set model.trust_remote_code=true" in lines[0], result.stderr[-2000:]
     assert "[y/N]" not in result.stdout + result.stderr and not marker.exists()

@@ -25,10 +25,10 @@ from finetune.config.schema import (
     QuantizationConfig,
     SliceBound,
     Source,
-    _flatten,
     build_config,
     choices,
     config_keys,
+    flatten,
     from_dict,
     help_text,
     parallel_plan,
@@ -45,4 +45,4 @@ from finetune.config.validate import (
     validate,
 )
 
-__all__ = ["BUILTIN_SOURCES", "CHATTERBOT", "Config", "ConfigError", "DataConfig", "LORA_INITS", "LoraConfig", "ModelConfig", "Plain", "QuantizationConfig", "SliceBound", "Source", "TASKS", "_flatten", "build_config", "choices", "config_keys", "from_dict", "help_text", "load_config", "mutates_base", "parallel_plan", "parse_args", "parse_split_slice", "remote_code_problem", "to_dict", "train_sources", "validate"]  # fmt: skip
+__all__ = ["BUILTIN_SOURCES", "CHATTERBOT", "Config", "ConfigError", "DataConfig", "LORA_INITS", "LoraConfig", "ModelConfig", "Plain", "QuantizationConfig", "SliceBound", "Source", "TASKS", "build_config", "choices", "config_keys", "flatten", "from_dict", "help_text", "load_config", "mutates_base", "parallel_plan", "parse_args", "parse_split_slice", "remote_code_problem", "to_dict", "train_sources", "validate"]  # fmt: skip

@@ -384,11 +384,12 @@ def _coerce_train_path(key: str, value: Any) -> str | list:
     return entries
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config data ({"train": {"lr": 1e-4}}) as dotted keys ({"train.lr": 1e-4}), the form build_config reads."""
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
+            flat.update(flatten(v, f"{prefix}{k}."))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -405,7 +406,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0][:SHOWN_CHARS]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys, got {type(tree).__name__}")
-    return _flatten(tree)
+    return flatten(tree)
 
 
 def _parse_override(arg: str) -> tuple[str, Any]:
@@ -464,7 +465,7 @@ def build_config(settings: list[tuple[str, str, Any]]) -> Config:
 
 def from_dict(tree: dict[str, Any], source: str) -> Config:
     """A Config from plain data shaped like to_dict() (a checkpoint's record of its run), checked key by key."""
-    return build_config([(source, key, value) for key, value in _flatten(tree).items()])
+    return build_config([(source, key, value) for key, value in flatten(tree).items()])
 
 
 SliceBound = tuple[Fraction, bool]  # (value, is a percentage)
@@ -511,7 +512,7 @@ def parallel_plan(cfg: Config, world_size: int) -> Plan:
 
 def help_text() -> str:
     """All keys with their defaults, for --help."""
-    defaults = _flatten(dataclasses.asdict(Config()))
+    defaults = flatten(dataclasses.asdict(Config()))
     lines = [f"  {k} = {defaults.get(k)!r}" for k in config_keys()]
     for name, spec in SPECS.items():
         lines.append(f"  plugin '{name}': {spec.summary} Options: " + ", ".join(f"{k}={v!r}" for k, v in spec.options.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune.config import Config, ConfigError, _flatten, build_config, parse_args, to_dict, validate
+from finetune.config import Config, ConfigError, build_config, flatten, parse_args, to_dict, validate
 from finetune.core.plugins import SPECS
 from finetune.estimate.memory import estimate, gib, quantization_of
 from finetune.methods import method_named
@@ -44,7 +44,7 @@ def with_overrides(cfg: Config, overrides: tuple[str, ...]) -> Config:
     tree = to_dict(cfg)
     if any(key == "plugin.name" for _, key, _ in settings):
         del tree["plugin"]
-    return build_config([("fit check", key, value) for key, value in _flatten(tree).items()] + settings)
+    return build_config([("fit check", key, value) for key, value in flatten(tree).items()] + settings)
 
 
 def _candidate_changes(cfg: Config, world_size: int) -> list[tuple[tuple[str, ...], float]]:
