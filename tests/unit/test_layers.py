@@ -10,7 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 PACKAGE = REPO / "finetune"
 
 # Lowest first. A module belongs to the first layer one of whose prefixes it starts with; every other module is a

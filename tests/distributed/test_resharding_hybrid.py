@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from finetune import checkpoint
 from tests.conftest import REPO, run_grouped, selected_params
-from tests.test_checkpoint import final_weights, launch, launch_ranks, train_losses
-from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture)
+from tests.distributed.test_checkpoint import final_weights, launch, launch_ranks, train_losses
+from tests.distributed.test_fidelity import equal_length_data  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.distributed
 

@@ -16,7 +16,7 @@ from finetune.fixes import transformers as transformers_fixes
 from finetune.config import LoraConfig, ModelConfig, QuantizationConfig
 from finetune.model import ModelError, build_lora_config, build_model, count_parameters, load_quantized
 from tests.conftest import read_summary, run_fresh_python, run_grouped, selected_params, write_instruction_file
-from tests.test_train import check_run_contract, common_args
+from tests.distributed.test_train import check_run_contract, common_args
 
 FOUR_BIT = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True)
 EIGHT_BIT = QuantizationConfig(bits=8)

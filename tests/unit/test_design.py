@@ -18,9 +18,8 @@ from finetune.architectures import ARCHITECTURES, Architecture, architecture, re
 from finetune.parallel import PLUGINS, Plugin, TorchDDP, register as register_plugin, unregister as unregister_plugin
 from finetune.config import build_config, parallel_plan, parse_args, validate
 from finetune.methods import METHODS, Method, register as register_method
-from tests.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-process gloo rank)
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+from tests.unit.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-process gloo rank)
 
 # Every hook train.py, checkpoint/, evaluation and estimate/ call on the run's plugin.
 PLUGIN_HOOKS = (
@@ -161,7 +160,7 @@ def test_a_plugin_and_a_method_record_drive_the_loop_and_the_checkpointer(mirror
     from finetune.model import build_model
     from finetune.run import build_run
     from finetune.tasks import build_task
-    from tests.test_gpu_paths import batches
+    from tests.unit.test_gpu_paths import batches
 
     cfg = config_for("test_mirror_ddp", "model.name=tiny-gpt2", f"method={method}", f"output_dir={tmp_path}", "train.lr=1e-2", "train.batch_size=2", "lora.dropout=0")
     assert validate(cfg, world_size=1, has_cuda=False) == []
@@ -272,7 +271,7 @@ def test_a_run_is_built_by_keyword_in_one_place():
     # Everything that needs a Run (train.py, bench/, tests) gets it from finetune.run.build_run, not a copy or a stand-in
     # (this file builds one above only to see it refused).
     built = []
-    for path in sorted([*(REPO / "finetune").rglob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "tests").glob("*.py")]):
+    for path in sorted([*(REPO / "finetune").rglob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "tests").rglob("*.py")]):
         if path not in (REPO / "finetune" / "run.py", Path(__file__)) and re.search(r"\bRun\(|SimpleNamespace\(model=", path.read_text()):
             built.append(str(path.relative_to(REPO)))
     assert built == []

@@ -21,8 +21,8 @@ from finetune import checkpoint
 from finetune.config import load_config, parallel_plan
 from finetune.parallel import zero
 from tests.conftest import read_metrics, run_grouped, run_train, selected_params
-from tests.test_fidelity import equal_length_data  # noqa: F401 (a fixture: equal-length instruction records)
-from tests.test_fidelity import run_args as fidelity_args
+from tests.distributed.test_fidelity import equal_length_data  # noqa: F401 (a fixture: equal-length instruction records)
+from tests.distributed.test_fidelity import run_args as fidelity_args
 
 STEPS, RESUME_AT = 6, 3
 # processes, booster config, method and settings of each layout; every one has a global batch of 8

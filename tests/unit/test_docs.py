@@ -29,8 +29,8 @@ import pytest
 from finetune import config, launch
 from finetune.errors import FinetuneError
 from finetune.parallel import PLUGINS
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
 PROJECT_PROGRAMS = ("python", "python3", "make", "sbatch")

@@ -18,7 +18,7 @@ from finetune.config import ConfigError, DataConfig, load_config, train_sources
 from finetune.data import build_data, load_splits, mixture_order
 from finetune.report import best_metric
 from tests.conftest import read_metrics, read_summary, write_instruction_file
-from tests.test_checkpoint import assert_same_run, launch, run_args
+from tests.distributed.test_checkpoint import assert_same_run, launch, run_args
 
 
 def test_weights_3_to_1_draw_that_ratio_within_5_percent_over_400_samples():
