@@ -86,6 +86,12 @@ def write_classification_file(path: Path, n: int = 96) -> Path:
     return path
 
 
+def hostfile(tmp_path, text: str) -> str:
+    path = tmp_path / "hosts"
+    path.write_text(text)
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,9 +1,8 @@
-"""Config: YAML files, key=value overrides, precedence, and one-line errors for bad input."""
+"""Config in process: YAML files, key=value overrides, precedence, and one-line errors for bad input."""
 
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from finetune.core.plugins import gemini
 from finetune.parallel import PLUGINS
 from finetune.config import ConfigError, build_config, load_config, parse_args, to_dict
 from finetune.gpu_check import EXAMPLE_RUNS
-from tests.conftest import REPO, TRAIN, run_python
+from tests.conftest import REPO
 
 
 def test_defaults_are_the_quickstart():
@@ -202,18 +201,6 @@ def test_fp16_is_accepted_where_cuda_is():
     assert load_config(["train.precision=fp16"], world_size=1, has_cuda=True).train.precision == "fp16"
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("argv", [["plugin.name=zero9"], ["train.max_step=3"]])
-def test_cli_fails_fast_with_one_line(argv):
-    started = time.perf_counter()
-    result = run_python([TRAIN, *argv], {"FINETUNE_TEST_LAUNCH": "real"}, timeout=60)  # a fresh interpreter: what "fast" means
-    elapsed = time.perf_counter() - started
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert elapsed < 10, f"bad config took {elapsed:.1f} s to reject"
-
-
 def test_qlora_is_one_line_from_the_quickstart():
     cfg = load_config(["method=qlora"], world_size=2)
     assert (cfg.method, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant) == ("qlora", 4, "nf4", True)
@@ -332,30 +319,6 @@ def test_strings_keep_what_yaml_1_1_would_turn_into_booleans_or_numbers():
     cfg = build_config(parse_args(["overwrite_output_dir=yes", "data.packing=on", "train.lr=1e-3", "train.max_steps=0x10", "data.weights=[1, .5]"]))
     assert (cfg.overwrite_output_dir, cfg.data.packing, cfg.train.lr, cfg.train.max_steps, cfg.data.weights) == (True, True, 1e-3, 16, [1.0, 0.5])
     assert yaml.safe_load(yaml.safe_dump(to_dict(cfg))) == to_dict(cfg)  # plain Python values, not the reader's
-
-
-def alias_bomb(levels: int = 8, width: int = 9) -> list[str]:
-    """Anchors nested `levels` deep, each aliasing the one before `width` times: width**levels values expanded."""
-    return ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels + 1)]
-
-
-BOMBS = {"nested_8_deep": alias_bomb(), "recursive": ["&a0 [1, *a0]"]}
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("name", list(BOMBS))
-def test_a_yaml_alias_bomb_is_one_short_line(tmp_path, name):
-    """A 600-byte config expanded to a 254 MB error line (a list where a number belongs, quoted in full):
-    alias expansion is bounded before anything reads the values."""
-    bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("train:\n  max_steps:\n" + "".join(f"    - {item}\n" for item in BOMBS[name]))
-    assert bomb.stat().st_size < 700
-    started = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"its aliases expand to more than 100,000 values \(or refer to themselves\)") as err:
-        build_config(parse_args(["--config", str(bomb)]))
-    assert time.perf_counter() - started < 5 and len(str(err.value)) < 300
-    with pytest.raises(ConfigError, match="its aliases expand"):  # the same bound for a key=value override
-        parse_args(["train.max_steps=[" + ", ".join(BOMBS[name]) + "]"])
 
 
 def test_an_alias_within_the_bound_still_works(tmp_path):

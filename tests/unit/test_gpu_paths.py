@@ -168,25 +168,6 @@ def test_the_reload_check_moves_to_the_cpu_when_the_gpu_is_full():
     assert reload_device(cfg, METHODS["full"], cpu, free_bytes=0) == cpu
 
 
-@pytest.mark.e2e
-def test_the_gpu_check_runs_what_this_machine_can_and_says_why_it_skips_the_rest(tmp_path):
-    """python -m finetune.gpu_check: a real run per row; on CPU Gemini is skipped with its config refusal."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO, run_env
-
-    out = tmp_path / "rows.json"
-    result = subprocess.run([sys.executable, "-m", "finetune.gpu_check", "--only", "torch_ddp.yaml,gemini.yaml", "--steps", "1", "--json", str(out)],
-                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["torch_ddp.yaml"]["status"] == "pass" and rows["torch_ddp.yaml"]["processes"] == 2
-    assert rows["gemini.yaml"]["status"] == "skip" and "needs a CUDA GPU" in rows["gemini.yaml"]["detail"]
-    assert result.stdout.splitlines()[-1] == "1 passed, 0 failed, 1 skipped"
-
-
 def test_an_fp16_fsdp_step_scales_with_the_sharded_scaler_and_clips_unscaled(one_rank):
     """FSDP's MixedPrecision(fp16) casts but does not scale: after_boost adds FSDP's ShardedGradScaler, and the clip
     (FSDP's own) sees unscaled gradients: the norm equals the one of gradients computed at scale 1. With the fused

@@ -1,0 +1,57 @@
+"""QLoRA on 2 ranks (DDP, ZeRO-2, pipeline parallel): adapters train over frozen 4/8-bit weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_summary, run_grouped, selected_params, write_instruction_file
+from tests.distributed.test_train import check_run_contract, common_args
+
+
+# --- real 2-rank runs ----------------------------------------------------------------------------
+
+
+QLORA_TWO_RANKS = [("torch_ddp.yaml", "tiny-gpt2", 4), ("zero2.yaml", "tiny-gpt2", 8), ("torch_ddp.yaml", "tiny-llama", 8), ("zero2.yaml", "tiny-llama", 4)]
+QLORA_ARGS = ["method=qlora", "train.lr=5e-3"]
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(request, tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """name -> (output dir, result) of the selected 2-rank QLoRA runs, all in one shared launch (tests/run_many.py)."""
+    root = tmp_path_factory.mktemp("qlora")
+    data = write_instruction_file(root / "train.jsonl")
+    runs = {}
+    for config, model, bits in selected_params(request, "test_qlora_two_ranks", "setup"):
+        name = f"{config}-{model}-{bits}"
+        runs[name] = (2, ["--config", f"booster_configs/{config}", f"model.name={model}", f"quantization.bits={bits}", *QLORA_ARGS, *common_args(data, root / name)])
+    if selected_params(request, "test_qlora_pipeline_parallel", None):
+        runs["pp2"] = (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-llama", *QLORA_ARGS, *common_args(data, root / "pp2")])
+    results = run_grouped(runs, root / "launches")
+    return {name: (root / name, results[name]) for name in runs}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(1800)  # the first case waits for the shared launch (bounded by run_many)
+@pytest.mark.parametrize("setup", QLORA_TWO_RANKS, ids=lambda setup: "-".join(map(str, setup)))
+def test_qlora_two_ranks(qlora_runs, setup):
+    out, result = qlora_runs["-".join(map(str, setup))]
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = check_run_contract(out, world_size=2)  # loss down, adapters identical on both ranks, reload ok
+    checks = summary["checks"]
+    assert checks["frozen_changed"] == 0 and checks["frozen_tensors"] > 0  # quantized weights bit-identical
+    assert checks["trainable_changed"] == checks["trainable_tensors"] > 0
+    weights = summary["memory"]["model_weights"]
+    assert weights["quantized"]["params"] > 0 and weights["quantized"]["bytes_per_param"] < (0.75 if setup[2] == 4 else 1.1)
+    assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(1800)
+def test_qlora_pipeline_parallel(qlora_runs):
+    out, result = qlora_runs["pp2"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(out)
+    assert summary["eval"]["after"]["loss"] < summary["eval"]["before"]["loss"]
+    assert summary["checks"]["frozen_changed"] == 0 and summary["reload"]["ok"]
