@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -310,16 +311,45 @@ def run_fresh_python(code: str, timeout: int = 120) -> str:
     return result.stdout
 
 
-TIERS = ("unit", "e2e", "distributed")
+TIERS = ("unit", "e2e", "distributed")  # each a marker (pytest.ini) and a folder, tests/<tier>/
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test not marked e2e (it launches the CLI or a subprocess) or distributed (several ranks) is a unit test."""
     for item in items:
-        marked = [tier for tier in TIERS if item.get_closest_marker(tier)]
-        assert len(marked) <= 1, f"{item.nodeid} is marked {marked}: a test belongs to one tier"
-        if not marked:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """A file holding a test outside its tier's folder fails to collect, naming the test and its folder: `pytest
+    tests/unit` must run exactly the unit tier (a collection error, so that pytest-xdist's workers report it too)."""
+    report = yield
+    if report.passed:
+        misplaced = [problem for item in report.result if isinstance(item, pytest.Item) and (problem := tier_problem(item))]
+        if misplaced:
+            report.outcome, report.longrepr, report.result = "failed", "\n".join(misplaced), []
+    return report
+
+
+def tier_problem(item: pytest.Item) -> str | None:
+    """Why this test is in the wrong folder for its tier marker (tests/unit, tests/e2e, tests/distributed), or None."""
+    marked = [tier for tier in TIERS if item.get_closest_marker(tier)]
+    if len(marked) > 1:
+        return f"{item.nodeid} is marked {' and '.join(marked)}: a test belongs to one tier"
+    tier = marked[0] if marked else "unit"
+    if tier_folder(item.path) != tier:
+        why = f"marked {tier}" if marked else "a unit test (not marked e2e or distributed)"
+        return f"{item.nodeid} is {why}: it belongs in tests/{tier}/"
+    return None
+
+
+def tier_folder(path: Path) -> str | None:
+    """The tier whose folder holds this test file (tests/<tier>/...), or None."""
+    tests = REPO / "tests"
+    parts = path.resolve().relative_to(tests).parts if path.resolve().is_relative_to(tests) else ()
+    return parts[0] if len(parts) > 1 and parts[0] in TIERS else None
 
 
 def pytest_configure(config: pytest.Config) -> None:
