@@ -1,8 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install into .venv, convert the offline quickstart model, fine-tune it (2 ranks)
-#   make test   install into .venv, run the test suite (what CI runs): unit and e2e tiers two at a time,
-#               then the distributed tier one test at a time (each of its tests uses both cores)
-#   make test-fast  the unit tier alone (in-process, no launches; a few minutes)
+#   make test   install into .venv, run the test suite (what CI runs): tests/unit and tests/e2e two at a time,
+#               then tests/distributed one test at a time (each of its tests uses both cores)
+#   make test-fast  the unit tier alone, tests/unit (in-process, no launches; a few minutes)
 #   make fuzz   install into .venv, fuzz the input readers with new random cases (FUZZ_EXAMPLES per property)
 #   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
 #   make bench-smoke  every bench/ script once with --smoke, into a temporary directory (make test runs the same)
@@ -37,29 +37,30 @@ demo: assets
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) MASTER_PORT=$(FREE_PORT) \
 		launch/single_node.sh $(NPROC) overwrite_output_dir=true $(ARGS)
 
-# Tiers are pytest markers (pytest.ini): unit (unmarked tests), e2e, distributed. A one-process test
-# leaves a core idle, so those run on two xdist workers (a file's tests stay on one worker: module
+# Tiers are folders, each with its pytest marker (pytest.ini): tests/unit (unmarked tests), tests/e2e,
+# tests/distributed; a test in the wrong folder fails the collection (tests/conftest.py). A one-process test
+# leaves a core idle, so unit and e2e run on two xdist workers (a file's tests stay on one worker: module
 # fixtures are shared launches); a distributed test already runs a rank per core.
 test: install
 	status=0; \
-	$(PYTEST) tests -m "not distributed" -n 2 --dist loadfile --durations=15 || status=1; \
-	$(PYTEST) tests -m distributed --durations=15 || status=1; \
+	$(PYTEST) tests/unit tests/e2e -n 2 --dist loadfile --durations=15 || status=1; \
+	$(PYTEST) tests/distributed --durations=15 || status=1; \
 	exit $$status
 
 test-fast: install
-	$(PYTEST) tests -m unit -n 2 --dist loadfile --durations=10
+	$(PYTEST) tests/unit -n 2 --dist loadfile --durations=10
 
 # Nightly-sized, with new random cases: CI's run of the fuzz tests takes the same cases each time.
 FUZZ_EXAMPLES ?= 20000
 fuzz: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FUZZ_RANDOM=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests/test_fuzz_inputs.py tests/test_fuzz_checkpoint.py -k "not cli" -p no:cacheprovider
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" FUZZ_RANDOM=1 FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests/unit/test_fuzz_inputs.py tests/e2e/test_fuzz_checkpoint.py -k "not cli" -p no:cacheprovider
 
 # The benchmark launches its own ranks (torchrun) with one OpenMP thread per core per rank.
 BENCH_ENV = env -u MAKEFLAGS -u MFLAGS -u MAKEOVERRIDES PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 bench: install
 	$(BENCH_ENV) $(PY) bench/run.py $(ARGS)
 
-# Each script with --smoke: its real path on a tiny model, a few steps (tests/test_bench_smoke.py in `make test`).
+# Each script with --smoke: its real path on a tiny model, a few steps (tests/e2e/test_bench_smoke.py in `make test`).
 bench-smoke: install
 	@dir=$$(mktemp -d -t bench-smoke-XXXXXX) && \
 	for script in run packing roberta_study; do $(BENCH_ENV) $(PY) bench/$$script.py --smoke --results $$dir/$$script || exit 1; done && \

@@ -16,7 +16,7 @@ are not timed. Throughput = non-pad tokens / time in train_step. Padded batches 
 pad tokens up to the longest sample of each batch; packed rows are nearly full, so the ratio
 approaches the padding overhead, which the report also computes from the data. Target: >= 2x.
 One process (a world of one). Writes bench/results/packing.md (--results DIR: DIR/packing.md).
-`--smoke`: a few steps of the same path on a small data set, into a temporary directory (CI runs it: tests/test_bench_smoke.py).
+`--smoke`: a few steps of the same path on a small data set, into a temporary directory (CI runs it: tests/e2e/test_bench_smoke.py).
 """
 
 from __future__ import annotations

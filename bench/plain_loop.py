@@ -1,7 +1,7 @@
 """The hand-written PyTorch loop the benchmark compares finetune/train.py against.
 
     python bench/plain_loop.py OUT.json model.name=gpt2 train.batch_size=4 data.train_path=... [key=value ...]
-    python bench/plain_loop.py --smoke [OUT.json]     # a few steps of a tiny model (CI: tests/test_bench_smoke.py)
+    python bench/plain_loop.py --smoke [OUT.json]     # a few steps of a tiny model (CI: tests/e2e/test_bench_smoke.py)
 
 Same config keys as the trainer (so both loops get the same model, seed, data, batch and optimizer),
 and nothing else: forward, backward, clip, AdamW step, scheduler step, zero_grad, loss.item(). Each

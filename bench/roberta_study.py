@@ -7,7 +7,7 @@ as LoRA on one process, with data parallelism (TorchDDP, 2 ranks) and with pipel
 number of steps; each run is a real finetune/train.py run, and finetune.report reads their
 summary.json files. Writes bench/results/roberta_study.md and roberta_study.png; the runs themselves
 go to outputs/roberta_study/ (not committed). `--smoke`: two steps of the one-process LoRA run, into a
-temporary directory unless --results names one (CI runs it: tests/test_bench_smoke.py).
+temporary directory unless --results names one (CI runs it: tests/e2e/test_bench_smoke.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@
 Writes bench/results/results.md, results.json and plugins.png. On CUDA the same cases run on every GPU
 of the machine and the tables report tokens/s per GPU, peak CUDA memory and MFU.
 
-`--smoke` runs every part once on a tiny model, one rank, one timed step (CI runs it: tests/test_bench_smoke.py),
+`--smoke` runs every part once on a tiny model, one rank, one timed step (CI runs it: tests/e2e/test_bench_smoke.py),
 into a temporary directory unless --results names one: it checks that the benchmark runs, not what it measures.
 """
 

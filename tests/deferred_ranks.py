@@ -1,4 +1,4 @@
-"""Run by tests/test_deferred.py under torchrun (2 ranks): each pretrained model directory built the way
+"""Run by tests/distributed/test_deferred.py under torchrun (2 ranks): each pretrained model directory built the way
 a sharding plugin asks (Plugin.model_init), boosted, its weights loaded per shard (load_deferred), and its
 logits compared with the unsharded model's; and bf16 pipeline steps (ZeRO-0 and -1) from a deferred build against
 one from an eager build. Rank 0 writes {"<model> <setup>": max |difference|} as JSON. A rank that hangs

@@ -87,7 +87,7 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     """Bytes one transformer layer keeps for backward, per token.
 
     Counted from what transformers' GPT-2 / Llama / RoBERTa layers save for backward (checked tensor by
-    tensor with saved-tensor hooks in tests/test_estimate.py), in the spirit of Korthikanti et al.
+    tensor with saved-tensor hooks in tests/unit/test_estimate.py), in the spirit of Korthikanti et al.
     (2022), whose GPT layer saves s*b*h*(34 + 5*a*s/h) bytes in half precision with dropout. With
     h hidden, f ffn, a heads, s sequence, t tensor-parallel size, c/r the compute/residual dtype bytes:
       norms       LayerNorm: input r*h + mean/rstd; Llama RMSNorm: fp32 input 4h + rsqrt, and the

@@ -90,7 +90,7 @@ def _manual_seed(self, seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# name -> replacement method of CpuAccelerator. Each entry is unit-tested in tests/test_compat.py.
+# name -> replacement method of CpuAccelerator. Each entry is unit-tested in tests/unit/test_compat.py.
 CPU_ACCELERATOR_REPAIRS = {
     "synchronize": _no_op,
     "empty_cache": _no_op,

@@ -38,7 +38,7 @@ REPO_DIRS = ("finetune", "tests", "bench", "launch", "booster_configs", "docs")
 
 # Doc commands this test cannot check by parsing, with the reason. Matched on the command's first word(s).
 UNCHECKED = {
-    "torchrun": "torchrun's own command line, shown as what the launcher builds (tests/test_launch.py checks those lines)",
+    "torchrun": "torchrun's own command line, shown as what the launcher builds (tests/unit/test_launch.py checks those lines)",
     "colossalai run": "shown as what not to use",
     "tensorboard": "a third-party tool reading the run's output",
     "huggingface-cli": "a third-party tool (hub login)",
@@ -347,7 +347,7 @@ def check_python(command: Command, words: list[str]) -> None:
         raise DocError(f"{command.where}: no file {script}")
     if script == "finetune/train.py":
         if "--help" in args or "-h" in args:
-            assert config.help_text()  # train.py prints it (tests/test_config.py runs --help)
+            assert config.help_text()  # train.py prints it
         elif not command.synopsis:
             check_train_args(command, args, world_size=1)
     elif script.startswith("bench/"):

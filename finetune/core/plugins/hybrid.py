@@ -107,7 +107,7 @@ class HybridParallelSpec(PluginSpec):
 
     @staticmethod
     def _classification_problems(cfg: Config, plan: Plan) -> list[str]:
-        """Which classifiers tensor/pipeline parallelism serves (checked against a single process: tests/test_fidelity.py)."""
+        """Which classifiers tensor/pipeline parallelism serves (checked against a single process: tests/distributed/test_fidelity.py)."""
         kind = model_type(cfg.model.name)
         served = architecture(kind).hybrid_classification
         if not served:
