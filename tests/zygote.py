@@ -43,6 +43,10 @@ def preload() -> None:
     import colossalai.booster  # noqa: F401
     import peft  # noqa: F401
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, RobertaForSequenceClassification  # noqa: F401
+    import matplotlib
+
+    matplotlib.use("Agg")  # as finetune/outputs.py does before it plots
+    import matplotlib.pyplot  # noqa: F401
 
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:  # a fork copies only the calling thread: a lock another thread held would stay taken
