@@ -200,6 +200,17 @@ def zygote() -> Zygote:
     return _zygote
 
 
+def leftover_children() -> list:
+    """This process's descendants that a test left running: all but the zygote server and the runs it serves."""
+    import psutil
+
+    served = set()
+    if _zygote is not None:
+        server = psutil.Process(_zygote.server.pid)
+        served = {server.pid, *(process.pid for process in server.children(recursive=True))}
+    return [process for process in psutil.Process().children(recursive=True) if process.pid not in served]
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if _zygote is not None:
         _zygote.close()

@@ -14,7 +14,7 @@ import pytest
 
 from finetune.errors import RANK_LOST
 from finetune.launch_output import REMOTE_PID
-from tests.conftest import REPO, free_port, hostfile, launch_command, read_summary, run_env
+from tests.conftest import REPO, free_port, hostfile, launch_command, leftover_children, read_summary, run_env
 from tests.unit.test_launch import run_script
 from tests.unit.test_launch import venv_on_path  # noqa: F401 (autouse: torchrun on PATH)
 
@@ -154,8 +154,6 @@ def test_a_stopped_launcher_stops_every_rank_with_a_checkpoint(tmp_path, instruc
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_a_killed_rank_is_one_line_naming_it(tmp_path, instruction_file):
-    import psutil
-
     out = tmp_path / "run"
     launcher = started([sys.executable, "-m", "finetune.launch", "single", "--nproc_per_node", "2", "--master_port", str(free_port()), "--",
                         *training_args(instruction_file, out, 100000)])
@@ -171,7 +169,7 @@ def test_a_killed_rank_is_one_line_naming_it(tmp_path, instruction_file):
     # Rank 0 itself said it in one line, no gloo traceback (what plain torchrun shows).
     rank_0 = (out / "logs" / "rank_0.log").read_text()
     assert f"error: {RANK_LOST} (Connection closed by peer)" in rank_0 and "Traceback" not in rank_0
-    assert processes_of(out) == [] and not psutil.Process().children(recursive=True)
+    assert processes_of(out) == [] and not leftover_children()
 
 
 @pytest.mark.distributed

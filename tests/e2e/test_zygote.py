@@ -14,6 +14,7 @@ from tests.conftest import run_env, zygote
 
 pytestmark = pytest.mark.e2e
 
+
 RANK_SCRIPT = """
 import json, os, sys, time
 import torch.distributed as dist
