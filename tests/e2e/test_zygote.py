@@ -29,7 +29,6 @@ if mode == "fail" and rank == 1:
     sys.exit(3)
 if mode in ("fail", "hang"):
     time.sleep(600)
-dist.destroy_process_group()
 """
 
 
