@@ -21,8 +21,10 @@ import torch.distributed as dist
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 open(os.path.join(sys.argv[2], str(rank)), "w").write(str(os.getpid()))
-print(json.dumps({k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FINETUNE_FAULT")} | {"argv": sys.argv[1:2], "cwd": os.getcwd(), "path0": sys.path[0]}), flush=True)
-print(f"stderr of rank {rank}", file=sys.stderr, flush=True)
+# One write a line: the ranks share the output file, and a print() that writes the newline apart can interleave
+sys.stdout.write(json.dumps({k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FINETUNE_FAULT")} | {"argv": sys.argv[1:2], "cwd": os.getcwd(), "path0": sys.path[0]}) + "\\n")
+sys.stderr.write(f"stderr of rank {rank}\\n")
+sys.stdout.flush(), sys.stderr.flush()
 dist.barrier()
 mode = sys.argv[1]
 if mode == "fail" and rank == 1:
