@@ -22,11 +22,7 @@ from finetune.errors import RANK_LOST, FinetuneError
 from finetune.outputs import tee_rank_output
 
 
-# glibc's mmap threshold on CPU (finetune.fixes.glibc) in each phase of a run: a block at least this large
-# gets its own mapping, returned to the system when freed; smaller ones come from the heap.
-BUILD_MMAP_THRESHOLD = 1 << 18  # from launch until the model is built, sharded and loaded
-STEP_MMAP_THRESHOLD = glibc.MAX_MMAP_THRESHOLD  # then (evaluation and training steps)
-QUANTIZED_STEP_MMAP_THRESHOLD = 1 << 20  # ... with a 4-bit/8-bit base: below the smallest dequantized projection here (GPT-2: 2.4 MB)
+CPU_MMAP_THRESHOLD = 1 << 18
 
 
 def is_main() -> bool:
@@ -51,13 +47,14 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
         tee_rank_output(output_dir, int(os.environ["RANK"]))
     fixes.apply()  # before colossalai touches its CPU accelerator
     if not torch.cuda.is_available():
-        # While the model is built, sharded and loaded, every block of 256 KiB or more gets its own mapping,
-        # returned to the system when freed: left to glibc's adaptive threshold, the full model each rank
-        # builds before sharding, the loaders' temporaries and gathered FSDP units stay in the heap, resident
-        # for good (GPT-2 124M full FSDP, 2 ranks: 3.25 GiB peak instead of 2.32), and the memory report
-        # would show the allocator's history instead of what the run holds. 1 MiB left SmolLM2's k/v
-        # projections (384 KiB) in the heap. The steps run under allocate_for_steps' threshold.
-        glibc.fix_mmap_threshold(BUILD_MMAP_THRESHOLD)
+        # On CPU every tensor of 256 KiB or more gets its own mapping, returned to the system when freed:
+        # left to glibc's adaptive threshold, freed weights, gathered FSDP units and activations stay in
+        # the heap, resident for good (GPT-2 124M full FSDP, 2 ranks: 3.25 GiB peak instead of 2.32), and
+        # the run's memory report would show the allocator's history instead of what the run holds.
+        # 1 MiB left SmolLM2's k/v projections (384 KiB a micro-batch) in the heap: the quickstart measured
+        # 1.15x its prediction and held 2.1 GiB after training instead of 1.2; 256 KiB: 0.92x, and a
+        # LoRA step ran faster, not slower (3.0 s against 3.6 s, interleaved A/B, one thread).
+        glibc.fix_mmap_threshold(CPU_MMAP_THRESHOLD)
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed
 
@@ -72,22 +69,6 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
     set_seed(seed)
     check_shared_dirs({"output_dir": Path(output_dir), "the cache $FINETUNE_CACHE": assets.cache_dir()})
     return accelerator.get_current_device()
-
-
-def allocate_for_steps(device: torch.device, quantized_base: bool) -> None:
-    """Once the model is built and boosted: hand the heap the build freed back to the system and, on CPU,
-    serve a step's activations from the heap (the mmap threshold of the evaluation and training steps)."""
-    glibc.release_freed_heap()
-    if device.type != "cpu":
-        return
-    # At 256 KiB every activation of every step was a fresh mmap/munmap, its pages faulted in and zeroed
-    # again each time: SmolLM2-135M LoRA, batch 4 x 128, one thread, took 5.5 s a step instead of 3.9 s
-    # (issue 24). A step allocates the same blocks each time, so the heap reuses them; train.py trims it
-    # at the stage boundaries, so the report's stages show what the run holds. bitsandbytes' CPU kernels
-    # dequantize each 4-bit weight into a weight-sized temporary on every forward and backward call: from
-    # the heap, between the activations, they fragment it (GPT-2 124M QLoRA: the resident set grew ~200 MB
-    # a step for 4 steps), so under a quantized base those are still mapped.
-    glibc.fix_mmap_threshold(QUANTIZED_STEP_MMAP_THRESHOLD if quantized_base else STEP_MMAP_THRESHOLD)
 
 
 def destroy_process_groups() -> None:

@@ -90,37 +90,3 @@ def test_cuda_report_line_and_summary_from_recorded_memory_stats():
     cpu = MemoryStage("boosted", 2 * GB, 3 * GB)  # the CPU report keeps its fields and line
     assert stage_dict(cpu) == {"name": "boosted", "current_bytes": 2 * GB, "peak_bytes": 3 * GB}
     assert format_stage(cpu, "cpu", 16 * GB) == "boosted: memory usage: 2.00GB/16.00GB, max: 3.00GB (cpu process RSS)"
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU allocator's phases (on CUDA launch leaves glibc alone)")
-def test_steps_reuse_heap_blocks_that_the_build_maps_and_returns():
-    """Issue 24: while the model is built, blocks of 256 KiB and more get their own mapping (returned when
-    freed: the memory report shows what the run holds); a step's activations then come from the heap,
-    instead of a fresh mmap/munmap each (40% of a LoRA step); under a 4-bit base, dequantized weights
-    (GPT-2: 2.4 MB) are still mapped."""
-    out = run_fresh_python(
-        "import ctypes, json, tempfile, torch\n"
-        "from finetune import distributed\n"
-        "class Info(ctypes.Structure):\n"
-        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
-        "libc = ctypes.CDLL(None); libc.mallinfo2.restype = Info\n"
-        "def mapped(nbytes):\n"
-        "    before = libc.mallinfo2().hblks\n"
-        "    block = torch.empty(nbytes // 4)\n"
-        "    return libc.mallinfo2().hblks > before\n"
-        "sizes = [512 * 2**10, 2400 * 10**3, 16 * 2**20, 64 * 2**20]\n"
-        "device = distributed.launch(tempfile.mkdtemp(), False, 60, 0)\n"
-        "build = [mapped(n) for n in sizes]\n"
-        # quantized first: a block freed into the heap is reused whatever the threshold, so once the heap
-        # holds free blocks of these sizes a mapping shows nothing
-        "distributed.allocate_for_steps(device, quantized_base=True)\n"
-        "quantized = [mapped(n) for n in sizes]\n"
-        "distributed.allocate_for_steps(device, quantized_base=False)\n"
-        "steps = [mapped(n) for n in sizes]\n"
-        "print(json.dumps([build, quantized, steps]))\n"
-    )
-    build, quantized, steps = json.loads(out)
-    assert build == [True] * 4
-    assert quantized == [False, True, True, True]
-    assert steps == [False, False, False, True]  # above glibc's 32 MiB ceiling blocks are always mapped
