@@ -7,6 +7,7 @@
 #   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
 #   make bench-smoke  every bench/ script once with --smoke, into a temporary directory (make test runs the same)
 #   make roberta-study  the RoBERTa single / DDP / PP x full / LoRA study (bench/roberta_study.py; ~5 min)
+#   make bench-peers  our LoRA step against HF Trainer, a plain peft loop and plain DDP (bench/peers.py; ~25 min)
 PYTHON ?= python3
 VENV ?= .venv
 NPROC ?= 2
@@ -18,7 +19,7 @@ FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 
 PYTEST = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
-.PHONY: install assets demo test test-fast fuzz bench bench-smoke roberta-study clean
+.PHONY: install assets demo test test-fast fuzz bench bench-smoke roberta-study bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -63,12 +64,15 @@ bench: install
 # Each script with --smoke: its real path on a tiny model, a few steps (tests/e2e/test_bench_smoke.py in `make test`).
 bench-smoke: install
 	@dir=$$(mktemp -d -t bench-smoke-XXXXXX) && \
-	for script in run packing roberta_study; do $(BENCH_ENV) $(PY) bench/$$script.py --smoke --results $$dir/$$script || exit 1; done && \
+	for script in run packing roberta_study peers; do $(BENCH_ENV) $(PY) bench/$$script.py --smoke --results $$dir/$$script || exit 1; done && \
 	$(BENCH_ENV) $(PY) bench/plain_loop.py --smoke $$dir/plain_loop/plain_loop.json && \
 	echo "bench smoke results: $$dir"
 
 roberta-study: install
 	$(BENCH_ENV) $(PY) bench/roberta_study.py $(ARGS)
+
+bench-peers: assets
+	$(BENCH_ENV) $(PY) bench/peers.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache bench/results

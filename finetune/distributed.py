@@ -52,8 +52,12 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
         # the heap, resident for good (GPT-2 124M full FSDP, 2 ranks: 3.25 GiB peak instead of 2.32), and
         # the run's memory report would show the allocator's history instead of what the run holds.
         # 1 MiB left SmolLM2's k/v projections (384 KiB a micro-batch) in the heap: the quickstart measured
-        # 1.15x its prediction and held 2.1 GiB after training instead of 1.2; 256 KiB: 0.92x, and a
-        # LoRA step ran faster, not slower (3.0 s against 3.6 s, interleaved A/B, one thread).
+        # 1.15x its prediction and held 2.1 GiB after training instead of 1.2; 256 KiB: 0.92x. The price is
+        # speed: every activation of every step is a fresh mapping, faulted in and zeroed (SmolLM2-135M
+        # LoRA, batch 4 x 128, one thread: 5.5 s a step against 3.9 s at 32 MiB, issue 24). The heap for
+        # the steps only (32 or 4 MiB once the model is boosted, even with malloc_trim after every step)
+        # put the quickstart's peak at 1.22x its prediction: variable-length batches fragment the heap
+        # within a step. docs/benchmarks.md has the measurements.
         glibc.fix_mmap_threshold(CPU_MMAP_THRESHOLD)
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed

@@ -57,6 +57,17 @@ def test_plain_loop_smoke(tmp_path):
     assert all(n > 0 for n in timings["tokens"])
 
 
+def test_peers_smoke(tmp_path):
+    smoke("peers.py", "--results", str(tmp_path))
+    results = json.loads((tmp_path / "peers.json").read_text())
+    (part,) = results["parts"]
+    assert part["ranks"] == 1 and set(part["tools"]) == {"ours", "trainer", "plain"}, part
+    for stats in part["tools"].values():
+        assert 0 < stats["min_s"] <= stats["median_s"] <= stats["max_s"] and stats["timed_steps"] > 0, stats
+    assert set(part["ratios"]) == {"trainer", "plain"} and all(r["median"] > 0 and r["min"] > 0 for r in part["ratios"].values())
+    finite_numbers((tmp_path / "peers.md").read_text())
+
+
 def test_roberta_study_smoke(tmp_path):
     smoke("roberta_study.py", "--results", str(tmp_path))
     study = (tmp_path / "roberta_study.md").read_text()
