@@ -1,7 +1,7 @@
 """Our LoRA step against what a user would run instead, on the same job, runs alternated (issue 24).
 
     python bench/peers.py              # SmolLM2-135M (the quickstart's weights), ~15 min on 2 CPU cores
-    python bench/peers.py --smoke      # tiny-llama, a few steps, one round (CI: tests/test_bench_smoke.py)
+    python bench/peers.py --smoke      # tiny-llama, a few steps, one round (CI: tests/e2e/test_bench_smoke.py)
 
 1 process: finetune/train.py (TorchDDP, one rank) against Hugging Face Trainer + peft and against the plain
 PyTorch + peft loop of bench/plain_loop.py. 2 ranks (torchrun, gloo): train.py under TorchDDP against
