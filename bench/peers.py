@@ -32,8 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run import WARMUP_STEPS, Case, child_env, free_port, machine, timed, train  # noqa: E402  (after the path is set)
-from tests.conftest import write_fixed_length_file  # noqa: E402
+from bench.run import WARMUP_STEPS, Case, child_env, common_args, free_port, machine, timed, train  # noqa: E402  (after the path is set)
 
 RESULTS = REPO / "bench" / "results"
 ONE_PROCESS = ("ours", "trainer", "plain")
@@ -41,13 +40,10 @@ TWO_RANKS = ("ours", "plain_ddp")
 
 
 def job_args(model: str, steps: int, batch_size: int, max_length: int, results: Path) -> list[str]:
-    """The job every tool runs, as train.py config keys (the peers read the same keys)."""
-    data = write_fixed_length_file(results / "fixed_length.jsonl")
+    """The job every tool runs, as train.py config keys (the peers read the same keys): bench/run.py's short
+    run on fixed-length data, as LoRA r=8 on q/k/v/o in fp32 with AdamW, without generations."""
     return [
-        f"model.name={model}",
-        f"data.train_path={data}",
-        f"data.max_length={max_length}",
-        "data.max_eval_samples=8",
+        *common_args(model, steps, batch_size, max_length, results),
         "method=lora",
         "plugin.name=torch_ddp",
         "lora.r=8",
@@ -57,10 +53,6 @@ def job_args(model: str, steps: int, batch_size: int, max_length: int, results: 
         "train.optimizer=adamw",
         "train.lr=1e-3",
         "train.max_grad_norm=1.0",
-        f"train.max_steps={steps}",
-        f"train.batch_size={batch_size}",
-        "eval.every_steps=0",
-        f"eval.batch_size={batch_size}",
         "eval.num_generation_prompts=0",
     ]
 
