@@ -70,7 +70,9 @@ def main(out: str, argv: list[str]) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps({"step_s": times, "tokens": tokens}))
     if distributed:
-        dist.destroy_process_group()
+        from finetune.distributed import destroy_process_groups  # torch's own teardown can hang in 2.5.1 (see there)
+
+        destroy_process_groups()
 
 
 def smoke(out: str | None) -> None:
