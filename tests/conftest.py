@@ -123,20 +123,30 @@ def launch_command(launcher: str, nproc: int) -> list[str]:
 def run_train(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = RUN_TIMEOUT_S, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run finetune/train.py for real and return the finished process (output captured); `env` adds variables.
 
-    Runs by python or torchrun start from the session's zygote (tests/zygote.py: the same processes and
-    process group, the stack imported once); FINETUNE_TEST_LAUNCH=real starts each from scratch."""
-    run_environment = {**run_env(), **(env or {})}
-    if launcher in ("python", "torchrun") and zygote_can_run(run_environment):
-        return zygote().run([TRAIN, *args], nproc, launcher == "torchrun", run_environment, timeout)
-    return subprocess.run(launch_command(launcher, nproc) + args, cwd=REPO, env=run_environment, capture_output=True, text=True, timeout=timeout)
+    Runs by python or torchrun start from the session's zygote where they can (run_python)."""
+    if launcher == "colossalai":
+        return subprocess.run(launch_command(launcher, nproc) + args, cwd=REPO, env={**run_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return run_python([TRAIN, *args], env, timeout, ranks=nproc if launcher == "torchrun" else 0)
 
 
-def run_python(argv: list[str], env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`python ARGV...` (a script or -m MODULE) in the repository with run_env() and `env`, stdin empty, output captured: from the zygote where it can."""
-    run_environment = {**run_env(), **(env or {})}
-    if zygote_can_run(run_environment):
-        return zygote().run(argv, 1, False, run_environment, timeout)
-    return subprocess.run([sys.executable, *argv], cwd=REPO, env=run_environment, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+def run_python(argv: list[str], env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT_S, ranks: int = 0) -> subprocess.CompletedProcess:
+    """`python ARGV...` (a script or -m MODULE), or with `ranks` its torchrun launch, in the repository with run_env()
+    and `env`, stdin empty, output captured. From the session's zygote (tests/zygote.py: the same processes and
+    process group, the stack imported once) unless the environment rules it out or FINETUNE_TEST_LAUNCH=real.
+    Past `timeout` the launch's whole session is stopped (no rank left running) and TimeoutExpired raised."""
+    environment = {**run_env(), **(env or {})}
+    if zygote_can_run(environment):
+        return zygote().run(argv, ranks or 1, bool(ranks), environment, timeout)
+    launcher = ["torchrun", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"] if ranks else [sys.executable]
+    with subprocess.Popen([*launcher, *argv], cwd=REPO, env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_session(process.pid)
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(process.args, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 # Read by the stack when it is imported (huggingface_hub's offline switch, transformers' verbosity, torch's
@@ -276,33 +286,12 @@ def read_or_none(path: Path) -> str | None:
 
 
 def torchrun_script(argv: list[str], nproc: int, timeout: int) -> tuple[int | None, str]:
-    """`torchrun --nproc_per_node=NPROC ARGV...` (from the zygote where it can): its exit code (None past `timeout`) and its output."""
-    if zygote_can_run(run_env()):
-        try:
-            result = zygote().run(argv, nproc, True, run_env(), timeout)
-            return result.returncode, result.stdout + result.stderr
-        except subprocess.TimeoutExpired as stopped:
-            return None, f"{stopped.stdout}{stopped.stderr}\nkilled after {timeout}s"
-    return run_ranks(["torchrun", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *argv], timeout)
-
-
-def run_ranks(command: list[str], timeout: int) -> tuple[int | None, str]:
-    """Run a torchrun command in its own session: its exit code (None past `timeout`) and its output.
-
-    Past the timeout the whole session gets SIGTERM (each rank prints its stacks), then SIGKILL: no rank
-    is left running, as one would be if only torchrun were killed."""
-    process = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    """`torchrun --nproc_per_node=NPROC ARGV...` (run_python): its exit code (None past `timeout`) and its output."""
     try:
-        output = process.communicate(timeout=timeout)[0]
-        return process.returncode, output
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            output = process.communicate(timeout=30)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output = process.communicate()[0]
-        return None, f"{output}\nkilled after {timeout}s"
+        result = run_python(argv, timeout=timeout, ranks=nproc)
+        return result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as stopped:
+        return None, f"{stopped.stdout}{stopped.stderr}\nkilled after {timeout}s"
 
 
 def read_summary(output_dir: Path) -> dict:
