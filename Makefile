@@ -44,8 +44,8 @@ demo: assets
 # fixtures are shared launches); a distributed test already runs a rank per core.
 test: install
 	status=0; \
-	$(PYTEST) tests/unit tests/e2e -n 2 --dist loadfile --durations=15 || status=1; \
-	$(PYTEST) tests/distributed --durations=15 || status=1; \
+	$(PYTEST) tests/unit tests/e2e -n 2 --dist loadfile --durations=30 || status=1; \
+	$(PYTEST) tests/distributed --durations=30 || status=1; \
 	exit $$status
 
 test-fast: install

@@ -169,6 +169,7 @@ class OutputRefused(FinetuneError):
 LOCK = ".lock"
 PREVIOUS = ".previous-run"
 RUN_MARKER = ".finetune-run.json"
+MARKER_STAGING = f"{RUN_MARKER}.partial"  # _mark writes here, then renames: rank 0 may be between the two
 TOOL = "colossal-finetune"
 LOGS = "logs"  # appended by every launch (a failed overwrite's log included): never set aside
 RANK_LOG = re.compile(r"rank_\d+\.log")  # tee_rank_output's files in logs/
@@ -226,7 +227,8 @@ def occupancy_problem(cfg: Config, writer: bool = True) -> str | None:
         return None
     entries = run_entries(out)
     if entries is None:
-        found = sorted(p.name for p in out.iterdir() if p.name != LOCK and not _launch_logs(p))  # a lock is the lock's to judge
+        # The lock is the lock's to judge; the marker's staging is rank 0 marking this very run (the other ranks check meanwhile).
+        found = sorted(p.name for p in out.iterdir() if p.name not in (LOCK, MARKER_STAGING) and not _launch_logs(p))
         if not found:
             return None
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
@@ -285,7 +287,7 @@ def own_output_dir(cfg: Config) -> Iterator[None]:
 
 def _mark(out: Path) -> None:
     """Write the marker (atomically): output_dir is a run of this tool, and RUN_ENTRIES are the run's."""
-    staging = out / f"{RUN_MARKER}.partial"
+    staging = out / MARKER_STAGING
     staging.write_text(json.dumps({"tool": TOOL, "entries": list(RUN_ENTRIES)}) + "\n")
     staging.replace(out / RUN_MARKER)
 

@@ -317,8 +317,10 @@ def run_main(argv: list[str]) -> int:
         if os.environ.get("RANK", "0") == "0" or isinstance(err, (CollectiveTimeout, RankLost)):  # only the waiting rank knows
             print(f"error: {err}", file=sys.stderr, flush=True)
         else:
-            # The launcher stops every rank as soon as one exits: leave rank 0 time to say why.
+            # The launcher stops every rank as soon as one exits: leave rank 0 time to say why. Still here,
+            # this rank's error was its own (rank 0 did not raise it), so it says it, naming itself.
             time.sleep(RANK_EXIT_GRACE_S)
+            print(f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr, flush=True)
         return 2
     except Preempted as stop:
         log(str(stop))

@@ -39,9 +39,10 @@ def test_a_test_outside_its_tier_folder_fails_the_collection(tmp_path):
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "tests")
     for name, source in FILES.items():
         (tmp_path / "tests" / name).write_text(source)
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-rN", "-p", "no:cacheprovider", "tests"],
                             cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr  # interrupted: errors during collection
+    # -rN: no short summary, whose copy of a message is cut to the terminal's width, and not in CI (pytest checks $CI)
     reported = [line for line in result.stdout.splitlines() if line.startswith("tests/") and " is " in line]
     assert sorted(reported) == sorted(ERRORS), result.stdout
     assert "3 tests collected, 4 errors" in result.stdout, result.stdout

@@ -157,3 +157,21 @@ def test_the_group_timeout_patch_is_tied_to_its_torch_version():
 
     with pytest.raises(UnsupportedVersion, match="sub-group timeouts for torch 2.5.1, found 2.6.0"):
         set_group_timeout(timedelta(seconds=20), torch_version="2.6.0")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_user_error_is_said_once_and_an_other_ranks_own_one_names_it(monkeypatch, capsys, rank):
+    """Rank 0 says a user error at once; rank 1 first waits for rank 0 to say it (the launcher stops rank 1 if it
+    does), and still running, says its own with its rank: an error only rank 1 met is never lost."""
+    from finetune import train
+    from finetune.errors import FinetuneError
+
+    def refuse(argv):
+        raise FinetuneError("output_dir: something only this rank saw")
+
+    monkeypatch.setattr(train, "main", refuse)
+    monkeypatch.setattr(train, "RANK_EXIT_GRACE_S", 0)
+    monkeypatch.setenv("RANK", rank)
+    assert train.run_main([]) == 2
+    said = "error" if rank == "0" else "error (rank 1)"
+    assert capsys.readouterr().err == f"{said}: output_dir: something only this rank saw\n"

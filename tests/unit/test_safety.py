@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import Config, load_config
-from finetune.outputs import LOCK, PREVIOUS, RUN_ENTRIES, RUN_MARKER, OutputDirInUse, OutputRefused, drop_previous, output_problems, own_output_dir, run_entries
+from finetune.outputs import LOCK, MARKER_STAGING, PREVIOUS, RUN_ENTRIES, RUN_MARKER, OutputDirInUse, OutputRefused, drop_previous, occupancy_problem, output_problems, own_output_dir, run_entries
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -91,6 +91,12 @@ def test_a_new_dir_where_the_other_ranks_already_log_is_taken(tmp_path):
         assert run_entries(out) == list(RUN_ENTRIES)
     mine = plant(tmp_path / "mine", {"logs/rank_1.log": "", "logs/server.log": "mine"})  # a user's logs/ is not a launch's
     assert "neither empty nor a run of this tool (it holds logs," in problems(mine)[0]
+
+
+def test_the_other_ranks_see_rank_0_marking_the_dir_as_this_run(tmp_path):
+    """While rank 0 writes the marker (lock taken, marker staged, not yet renamed), rank 1's check finds nothing foreign."""
+    out = plant(tmp_path / "run", {LOCK: "{}", MARKER_STAGING: "{"})
+    assert occupancy_problem(Config(output_dir=str(out)), writer=False) is None
 
 
 def fake_run(out: Path) -> Path:
