@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from finetune import checkpoint
+from finetune.checkpoint.model_state import TrainState
 from finetune.booster import build_booster
 from finetune.config import Config, parallel_plan
 from finetune.core.layout import Layout, Plan
@@ -47,6 +48,11 @@ class Run:
     parameter_counts: tuple[int, int]  # (trainable, total) of the model as built, before a plugin sharded it
     faults: Faults
     preemption: Preemption | None  # SIGTERM / SIGUSR1: stop after the current step with a checkpoint; None: no handler (no fit())
+
+    @property
+    def state(self) -> TrainState:
+        """What the plugin's checkpoint IO writes and reads: the boosted model and optimizer, and how they were built."""
+        return TrainState(model=self.model, optimizer=self.optimizer, booster=self.booster, layout=self.layout, lora_config=self.lora_config, base_model=self.cfg.model.name)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):

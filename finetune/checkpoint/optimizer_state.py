@@ -12,7 +12,7 @@ from finetune.checkpoint.files import read_tree, write_tree
 from finetune.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from finetune.run import Run
+    from finetune.checkpoint.model_state import TrainState
 
 
 OPTIMIZER_STEM = "state"  # optimizer/state.safetensors + state.json
@@ -27,35 +27,35 @@ def full_optimizer_stem(path: Path) -> Path:
     return old if not (path / f"{OPTIMIZER_STEM}.json").is_file() and old.with_name(old.name + ".json").is_file() else path / OPTIMIZER_STEM
 
 
-def optimizer_params(run: Run) -> list[tuple[str, torch.Tensor]]:
+def optimizer_params(state: TrainState) -> list[tuple[str, torch.Tensor]]:
     """The name and the model's (working) parameter of each optimizer parameter, in its state-dict order (its param groups, in order).
 
     Mixed-precision and ZeRO optimizers hold fp32 master copies: their map leads back to the model's
     (working) parameter, whose name the model knows.
     """
-    module = run.model.unwrap(unwrap_peft=False)
+    module = state.model.unwrap(unwrap_peft=False)
     names = {id(p): n for n, p in module.named_parameters()}
-    master_to_working = getattr(run.optimizer, "get_master_to_working_map", lambda: None)() or {}
-    real = getattr(run.optimizer, "id_to_real_params", None)  # Gemini: its groups hold placeholders
-    order = [real[i] for i in sorted(real)] if real else [p for group in run.optimizer.param_groups for p in group["params"]]
+    master_to_working = getattr(state.optimizer, "get_master_to_working_map", lambda: None)() or {}
+    real = getattr(state.optimizer, "id_to_real_params", None)  # Gemini: its groups hold placeholders
+    order = [real[i] for i in sorted(real)] if real else [p for group in state.optimizer.param_groups for p in group["params"]]
     working = [master_to_working.get(id(p), p) for p in order]
     return [(names[id(p)], p) for p in working]
 
 
-def optimizer_param_names(run: Run) -> list[str]:
+def optimizer_param_names(state: TrainState) -> list[str]:
     """The name of each parameter in the optimizer's state-dict order."""
-    return [name for name, _ in optimizer_params(run)]
+    return [name for name, _ in optimizer_params(state)]
 
 
-def global_param_names(run: Run, names: list[str]) -> list[str]:
+def global_param_names(state: TrainState, names: list[str]) -> list[str]:
     """The names another layout's optimizer state uses for these parameters of this rank's model: adapters
     injected without a PeftModel (tensor/pipeline parallelism) get peft's prefix, and an output embedding
     held apart from the input embedding it is tied to (a pipeline's last stage) takes the input's name,
     the one a whole model's named_parameters() keeps."""
     from peft import PeftModel
 
-    module = run.model.unwrap(unwrap_peft=False)
-    prefix = "base_model.model." if run.method.adapter and not isinstance(module, PeftModel) else ""
+    module = state.model.unwrap(unwrap_peft=False)
+    prefix = "base_model.model." if state.adapter and not isinstance(module, PeftModel) else ""
     aliases = tied_output_embedding(module)
     return [prefix + aliases.get(name, name) for name in names]
 
@@ -92,17 +92,24 @@ def indexed_optimizer_state(named: dict, names: list[str]) -> dict:
     # (another plugin's writer may have listed them in its own).
     return {
         "state": {index[n]: s for n, s in named["state"].items()},
-        "param_groups": [{**g, "params": sorted(index[n] for n in g["params"])} for g in named["param_groups"]],
+        # A name this optimizer lacks and the state does not hold is a frozen parameter (without_frozen): not listed.
+        "param_groups": [{**g, "params": sorted(index[n] for n in g["params"] if n in index)} for g in named["param_groups"]],
     }
 
 
-def save_optimizer(run: Run, path: Path) -> None:
+def without_frozen(named: dict) -> dict:
+    """A named optimizer state whose groups list only parameters with a state: FSDP's optimizer listed the frozen
+    ones too (a LoRA base's) until it kept only trainable ones, and checkpoints written before still do."""
+    return {**named, "param_groups": [{**g, "params": [n for n in g["params"] if n in named["state"]]} for g in named["param_groups"]]}
+
+
+def save_optimizer(state: TrainState, path: Path) -> None:
     """The whole optimizer state by parameter name, written by rank 0 (under ZeRO every rank takes part in gathering it)."""
-    state = named_optimizer_state(run.optimizer.state_dict(), optimizer_param_names(run))
+    named = named_optimizer_state(state.optimizer.state_dict(), optimizer_param_names(state))
     if dist.get_rank() == 0:
-        write_tree(state, path / OPTIMIZER_STEM)
+        write_tree(named, path / OPTIMIZER_STEM)
 
 
-def load_optimizer(run: Run, path: Path, stem: str = "") -> None:
+def load_optimizer(state: TrainState, path: Path, stem: str = "") -> None:
     """Every rank reads the whole state; the optimizer keeps its own share (ZeRO splits it)."""
-    run.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem if stem else full_optimizer_stem(path)), optimizer_param_names(run)))
+    state.optimizer.load_state_dict(indexed_optimizer_state(read_tree(path / stem if stem else full_optimizer_stem(path)), optimizer_param_names(state)))

@@ -335,9 +335,9 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, str]:
     """
     state = read_state(path)
     with failing_together():
-        run.plugin.read_model(run, path / "model")
+        run.plugin.read_model(run.state, path / "model")
     with failing_together():
-        run.plugin.read_optimizer(run, path / "optimizer")
+        run.plugin.read_optimizer(run.state, path / "optimizer")
         run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
         read_loss_scale(run.optimizer, path)
         with tree_errors(rng_stem(path, dist.get_rank())):  # an edited RNG state is one line too

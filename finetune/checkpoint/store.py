@@ -149,8 +149,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
         staging.mkdir(parents=True)
     barrier()
     with out_of_space_is_an_error(f"checkpoint {step}", cfg.output_dir):
-        run.plugin.write_model(run, staging / "model")
-        run.plugin.write_optimizer(run, staging / "optimizer")
+        run.plugin.write_model(run.state, staging / "model")
+        run.plugin.write_optimizer(run.state, staging / "optimizer")
         write_tree(rng_state(), staging / "rng" / f"rank_{rank}")
         if rank == 0:
             (staging / "scheduler.json").write_text(json.dumps(run.scheduler.state_dict()) + "\n")  # plain data
@@ -191,7 +191,7 @@ def write_final(run: Run, tokenizer) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     barrier()
     with out_of_space_is_an_error("final/", run.cfg.output_dir):
-        run.plugin.write_model(run, staging)
+        run.plugin.write_model(run.state, staging)
         if dist.get_rank() == 0:
             if run.lora_config is not None and mutates_base(run.cfg.lora.init):  # final/ goes onto the original base
                 write_as_plain_lora(run.cfg, run.lora_config, staging, run.task.labels_or_none, run.method.frozen_dtype(run.cfg.train.precision))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from finetune.checkpoint import files, model_state
-from finetune.checkpoint.model_state import gathered_adapter_state, load_replicated_model, write_adapter_dir
+from finetune.checkpoint.model_state import TrainState, gathered_adapter_state, load_replicated_model, write_adapter_dir
 from finetune.checkpoint.optimizer_state import load_optimizer, save_optimizer
 from finetune.core.layout import Layout
 from finetune.core.plugins.base import PluginSpec
@@ -134,39 +134,43 @@ class Plugin(PluginSpec):
 
         return module_batch_loss(run.model) if output == "loss" else module_logits(run.model)
 
-    def write_model(self, run: Run, path: Path) -> None:
+    # Checkpoint IO: what a checkpoint and final/ hold, written and read through a TrainState (model, optimizer,
+    # and how they were built), never the whole Run, so a round trip runs in-process on its own.
+
+    def write_model(self, state: TrainState, path: Path) -> None:
         """The weights in Hugging Face layout, or the adapter in peft layout; checkpoints and final/ alike."""
         import torch.distributed as dist
 
-        if run.method.adapter:
-            adapter = gathered_adapter_state(run.model.unwrap(unwrap_peft=False), run.layout.pipeline)
+        if state.adapter:
+            adapter = gathered_adapter_state(state.model.unwrap(unwrap_peft=False), state.layout.pipeline)
             if dist.get_rank() == 0:
-                write_adapter_dir(adapter, run.lora_config, run.cfg.model.name, path)
+                write_adapter_dir(adapter, state.lora_config, state.base_model, path)
         elif dist.get_rank() == 0:  # a full replica on every rank: HF's writer (safetensors, tied weights once)
-            run.model.unwrap().save_pretrained(path, safe_serialization=True)
+            state.model.unwrap().save_pretrained(path, safe_serialization=True)
 
-    def read_model(self, run: Run, path: Path) -> None:
+    def read_model(self, state: TrainState, path: Path) -> None:
         """Load what write_model wrote into this rank's model (and the optimizer's master copies)."""
-        if run.method.adapter:
-            self.load_adapter(run, files.read_adapter(path), "resume_from: the checkpoint's adapter")
+        if state.adapter:
+            self.load_adapter(state, files.read_adapter(path), "resume_from: the checkpoint's adapter")
         else:
-            self.read_weights(run, path)
+            self.read_weights(state, path)
 
-    def read_weights(self, run: Run, path: Path) -> None:
+    def read_weights(self, state: TrainState, path: Path) -> None:
         """Full weights into every replica (tied weights were stored once), then into master copies."""
-        load_replicated_model(run, path)
+        load_replicated_model(state, path)
 
-    def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
+    def load_adapter(self, state: TrainState, adapter: dict, source: str) -> None:
         """Copy a full (unsplit) peft adapter into this rank's adapters; `source` names it in errors."""
-        model_state.load_adapter(run, adapter, source)
+        model_state.load_adapter(state, adapter, source)
 
-    def write_optimizer(self, run: Run, path: Path) -> None:
+    def write_optimizer(self, state: TrainState, path: Path) -> None:
         """The whole optimizer state by parameter name, as safetensors + JSON (never the Booster's
         optimizer IO: its loader unpickles metadata a checkpoint carries)."""
-        save_optimizer(run, path)
+        save_optimizer(state, path)
 
-    def read_optimizer(self, run: Run, path: Path) -> None:
-        load_optimizer(run, path)
+    def read_optimizer(self, state: TrainState, path: Path) -> None:
+        """What write_optimizer wrote (or any layout's optimizer state by name) into this rank's optimizer."""
+        load_optimizer(state, path)
 
 
 def unscaled_grad_norm(optimizer, mixin, scale: float) -> float | None:
@@ -180,10 +184,10 @@ def unscaled_grad_norm(optimizer, mixin, scale: float) -> float | None:
     return None if norm is None else float(norm) / scale
 
 
-def write_sharded_model(run: Run, path: Path) -> None:
+def write_sharded_model(state: TrainState, path: Path) -> None:
     """Every rank takes part in the Booster's gathering of sharded weights into HF layout; rank 0 adds config.json."""
     import torch.distributed as dist
 
-    run.booster.save_model(run.model, str(path), shard=True, use_safetensors=True)
+    state.booster.save_model(state.model, str(path), shard=True, use_safetensors=True)
     if dist.get_rank() == 0:
-        run.model.unwrap().config.save_pretrained(path)
+        state.model.unwrap().config.save_pretrained(path)

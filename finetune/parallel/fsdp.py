@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune.checkpoint.files import WeightsDir, read_safetensors_dir, read_tree, write_tree
-from finetune.checkpoint.model_state import NO_EMBEDDINGS, check_fit, write_adapter_dir
-from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem
+from finetune.checkpoint.model_state import NO_EMBEDDINGS, TrainState, check_fit, write_adapter_dir
+from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem, tied_output_embedding, without_frozen
 from finetune.checkpoint.store import failing_together
 from finetune.core.plugins.fsdp import TorchFSDPSpec
 from finetune.errors import CheckpointError
@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from finetune.run import Run
 
 
-def fsdp_inner_module(run: Run) -> torch.nn.Module:
+def fsdp_inner_module(state: TrainState) -> torch.nn.Module:
     """The model FSDP wraps: the HF model, or the PeftModel under LoRA."""
-    return run.model.module.module
+    return state.model.module.module
 
 
 @contextlib.contextmanager
@@ -54,51 +54,51 @@ def fsdp_full_state_dict(fsdp_module) -> dict:
         return fsdp_module.state_dict()
 
 
-def fsdp_adapter_state(run: Run, model_state: dict) -> dict[str, torch.Tensor]:
+def fsdp_adapter_state(state: TrainState, model_state: dict) -> dict[str, torch.Tensor]:
     """The adapter (peft's keys and selection) out of an FSDP-gathered full state dict."""
     from peft import get_peft_model_state_dict
 
-    adapter = get_peft_model_state_dict(fsdp_inner_module(run), state_dict=model_state, save_embedding_layers=NO_EMBEDDINGS)
+    adapter = get_peft_model_state_dict(fsdp_inner_module(state), state_dict=model_state, save_embedding_layers=NO_EMBEDDINGS)
     return {k: v.detach().cpu().clone() for k, v in adapter.items()}
 
 
-def save_fsdp_optimizer(run: Run, path: Path) -> None:
+def save_fsdp_optimizer(state: TrainState, path: Path) -> None:
     """The full (unflattened) optimizer state, keyed by parameter names, gathered and written by rank 0."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    root = run.model.module
+    root = state.model.module
     with fsdp_full_state(root, rank0_only=True):
-        state = FSDP.optim_state_dict(root, run.optimizer.optim)
+        full = FSDP.optim_state_dict(root, state.optimizer.optim)
     if dist.get_rank() == 0:
-        write_tree(state, path / OPTIMIZER_STEM)  # keyed by parameter names already, as every plugin's
+        write_tree(full, path / OPTIMIZER_STEM)  # keyed by parameter names already, as every plugin's
 
 
-def load_fsdp_optimizer(run: Run, path: Path) -> None:
+def load_fsdp_optimizer(state: TrainState, path: Path) -> None:
     """The full optimizer state, read by rank 0 only and scattered by FSDP into each rank's shards."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    root, optimizer = run.model.module, run.optimizer.optim
+    root, optimizer = state.model.module, state.optimizer.optim
     with failing_together():  # a bad file on rank 0 must stop the others, not leave them in FSDP's broadcast
-        full_state = read_tree(full_optimizer_stem(path)) if dist.get_rank() == 0 else {}
+        full_state = without_frozen(read_tree(full_optimizer_stem(path))) if dist.get_rank() == 0 else {}
     with fsdp_full_state(root, rank0_only=True):
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(root, optimizer, full_state))
 
 
-def load_fsdp_model(run: Run, path: Path) -> None:
+def load_fsdp_model(state: TrainState, path: Path) -> None:
     """Full weights, read by every rank through the FSDP root, which keeps each rank's shard."""
-    root = run.model.module
+    root = state.model.module
     with fsdp_full_state(root, rank0_only=False):
         missing, unexpected = root.load_state_dict(read_safetensors_dir(path), strict=False)
-    check_fit(fsdp_inner_module(run), missing, unexpected)
+    check_fit(fsdp_inner_module(state), missing, unexpected)
 
 
-def load_fsdp_adapter(run: Run, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
+def load_fsdp_adapter(state: TrainState, adapter: dict[str, torch.Tensor], source: str = "resume_from: the checkpoint's adapter") -> None:
     """peft's own key mapping (adapter file -> model), loaded through the FSDP root, which scatters the shards."""
     import types
 
     from peft import set_peft_model_state_dict
 
-    peft_model, root = fsdp_inner_module(run), run.model.module
+    peft_model, root = fsdp_inner_module(state), state.model.module
     # set_peft_model_state_dict only renames keys and calls model.load_state_dict: give it the FSDP
     # root's, whose keys are the PeftModel's and which writes into every rank's flat shards.
     view = types.SimpleNamespace(peft_config=peft_model.peft_config, modules_to_save=peft_model.modules_to_save, load_state_dict=root.load_state_dict)
@@ -199,6 +199,9 @@ class TorchFSDP(TorchFSDPSpec, Plugin):
         # dropping the lr the scheduler had set (0 during warmup): put the scheduled lr back.
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
+            # It re-creates them over every FSDP parameter, frozen ones included (a LoRA base's flat parameters):
+            # keep the trainable ones, so the optimizer state names what trains, as every other plugin's does.
+            group["params"] = [p for p in group["params"] if p.requires_grad]
         if cfg.train.precision == "fp16":
             from finetune.loss_scaling import loss_scaled
 
@@ -221,27 +224,37 @@ class TorchFSDP(TorchFSDPSpec, Plugin):
         unscale(run.optimizer)  # FSDP's clip must see the unscaled gradients
         return float(run.model.module.clip_grad_norm_(max_norm))  # FSDP's own: the norm over all shards
 
-    def write_model(self, run: Run, path: Path) -> None:
+    def write_model(self, state: TrainState, path: Path) -> None:
         """Gather the full state dict on rank 0; write it with HF's writer, or its adapter in peft layout."""
         import torch.distributed as dist
 
-        state = fsdp_full_state_dict(run.model.module)
+        full = fsdp_full_state_dict(state.model.module)
         if dist.get_rank() != 0:
             return
-        if run.method.adapter:
-            write_adapter_dir(fsdp_adapter_state(run, state), run.lora_config, run.cfg.model.name, path)
-        else:
-            fsdp_inner_module(run).save_pretrained(path, state_dict=state, safe_serialization=True)
+        if state.adapter:
+            write_adapter_dir(fsdp_adapter_state(state, full), state.lora_config, state.base_model, path)
+            return
+        module = fsdp_inner_module(state)
+        # The gathered tensors share no storage, so HF's writer cannot see a tied output embedding: drop it, as
+        # every other plugin's files do (stored once, under the input embedding's name).
+        for output, tied_to in tied_output_embedding(module).items():
+            if output in full and tied_to in full:
+                del full[output]
+        module.save_pretrained(path, state_dict=full, safe_serialization=True)
 
-    def read_weights(self, run: Run, path: Path) -> None:
-        load_fsdp_model(run, path)
+    def read_weights(self, state: TrainState, path: Path) -> None:
+        """Full weights through the FSDP root, which keeps each rank's shard."""
+        load_fsdp_model(state, path)
 
-    def load_adapter(self, run: Run, adapter: dict, source: str) -> None:
-        with fsdp_full_state(run.model.module, rank0_only=False):
-            load_fsdp_adapter(run, adapter, source)
+    def load_adapter(self, state: TrainState, adapter: dict, source: str) -> None:
+        """peft's key mapping through the FSDP root, which scatters the adapter into each rank's shards."""
+        with fsdp_full_state(state.model.module, rank0_only=False):
+            load_fsdp_adapter(state, adapter, source)
 
-    def write_optimizer(self, run: Run, path: Path) -> None:
-        save_fsdp_optimizer(run, path)
+    def write_optimizer(self, state: TrainState, path: Path) -> None:
+        """The full optimizer state by parameter name, gathered and written by rank 0."""
+        save_fsdp_optimizer(state, path)
 
-    def read_optimizer(self, run: Run, path: Path) -> None:
-        load_fsdp_optimizer(run, path)
+    def read_optimizer(self, state: TrainState, path: Path) -> None:
+        """The full optimizer state, read by rank 0 and scattered by FSDP into each rank's shards."""
+        load_fsdp_optimizer(state, path)

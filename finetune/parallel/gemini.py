@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.checkpoint.files import check_weight_files
+from finetune.checkpoint.model_state import TrainState
 from finetune.core.plugins.gemini import GeminiSpec
 from finetune.parallel.base import Plugin, write_sharded_model
 
@@ -37,15 +38,11 @@ class Gemini(GeminiSpec, Plugin):
         index = pending.path / "model.safetensors.index.json"
         run.booster.load_model(run.model, str(index if index.is_file() else pending.path / "model.safetensors"), strict=False)
 
-    def write_model(self, run: Run, path: Path) -> None:
+    def write_model(self, state: TrainState, path: Path) -> None:
         """Sharded weights: every rank takes part in gathering them into HF layout."""
-        write_sharded_model(run, path)
+        write_sharded_model(state, path)
 
-    def read_weights(self, run: Run, path: Path) -> None:
-        _read_sharded_model(run, path)
-
-
-def _read_sharded_model(run: Run, path: Path) -> None:
-    """The Booster's sharded weights reader, once the index names only safetensors files (it would torch.load others)."""
-    check_weight_files(path)
-    run.booster.load_model(run.model, str(path))
+    def read_weights(self, state: TrainState, path: Path) -> None:
+        """The Booster's sharded weights reader, once the index names only safetensors files (it would torch.load others)."""
+        check_weight_files(path)
+        state.booster.load_model(state.model, str(path))

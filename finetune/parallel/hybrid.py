@@ -14,7 +14,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from finetune.checkpoint.files import KeyStandIns, OpenFiles, TensorKey, join_tensors, split_tensors, tensor_files, tree_errors, unshared, weight_errors, weight_files, weight_key
-from finetune.checkpoint.model_state import update_master_params
+from finetune.checkpoint.model_state import TrainState, update_master_params
 from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem, global_param_names, indexed_optimizer_state, optimizer_params, tied_output_embedding
 from finetune.core.layout import Layout
 from finetune.core.plugins.hybrid import HybridParallelSpec
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 STAGE_OPTIMIZER_FILE = "state-stage-{:05d}.safetensors"  # tensor/pipeline parallelism: one file per pipeline stage
 
 
-def save_split_optimizer(run: Run, path: Path, writes: bool, stage: int) -> None:
+def save_split_optimizer(state: TrainState, path: Path, writes: bool, stage: int) -> None:
     """save_optimizer's format (full tensors by parameter name, as any layout reads them) for a model split by
     tensor and pipeline parallelism; every rank calls this.
 
@@ -39,23 +39,23 @@ def save_split_optimizer(run: Run, path: Path, writes: bool, stage: int) -> None
     its stage's states to their own file, so no rank holds another stage's; rank 0 writes state.json (the
     plain data of all stages) and the index naming each tensor's file.
     """
-    params = optimizer_params(run)
-    names = global_param_names(run, [name for name, _ in params])
-    local = run.optimizer.state_dict()
-    state = {}
+    params = optimizer_params(state)
+    names = global_param_names(state, [name for name, _ in params])
+    local = state.optimizer.state_dict()
+    gathered = {}
     for i, values in sorted(local["state"].items()):  # the same order on every rank of a tensor-parallel group
         param = params[i][1]
-        state[names[i]] = {k: full_like(param, v).detach().cpu() if torch.is_tensor(v) and v.dim() and v.shape == param.shape else v for k, v in sorted(values.items())}
+        gathered[names[i]] = {k: full_like(param, v).detach().cpu() if torch.is_tensor(v) and v.dim() and v.shape == param.shape else v for k, v in sorted(values.items())}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in local["param_groups"]]
     # Every stage's plain data, its tensors as empty stand-ins: enough to merge and to know who writes what.
-    outline = {"state": {n: {k: torch.empty(0) if torch.is_tensor(v) else v for k, v in s.items()} for n, s in state.items()}, "param_groups": groups}
+    outline = {"state": {n: {k: torch.empty(0) if torch.is_tensor(v) else v for k, v in s.items()} for n, s in gathered.items()}, "param_groups": groups}
     shares: list = [None] * dist.get_world_size()
     dist.all_gather_object(shares, (stage, outline) if writes else None)
     merged, owner = _merge_stages([share for share in shares if share is not None])
     files = {name: STAGE_OPTIMIZER_FILE.format(owner[name] + 1) for name in merged["state"]}
     path.mkdir(parents=True, exist_ok=True)
     if writes:
-        mine = {n: s for n, s in state.items() if owner[n] == stage}  # a tied weight held by two stages is written once
+        mine = {n: s for n, s in gathered.items() if owner[n] == stage}  # a tied weight held by two stages is written once
         save_file(unshared(split_tensors({"state": mine})[1]), path / STAGE_OPTIMIZER_FILE.format(stage + 1))
     if dist.get_rank() == 0:
         weight_map = {key: files[name] for name, values in merged["state"].items() for key in split_tensors(values, f"state/{name}")[1]}
@@ -79,17 +79,17 @@ def _merge_stages(shares: list[tuple[int, dict]]) -> tuple[dict, dict[str, int]]
     return merged, owner
 
 
-def load_split_optimizer(run: Run, path: Path) -> None:
+def load_split_optimizer(state: TrainState, path: Path) -> None:
     """Any layout's optimizer state into this rank's split model: every rank reads the plain data and only the
     tensors of the parameters it holds (from whichever file holds them), then keeps its split of each."""
     stem = full_optimizer_stem(path)
-    params = optimizer_params(run)
+    params = optimizer_params(state)
     local_names = [name for name, _ in params]
-    names = global_param_names(run, local_names)
+    names = global_param_names(state, local_names)
     with tree_errors(stem):
         saved = join_tensors(json.loads(stem.with_name(stem.name + ".json").read_text()), KeyStandIns())
         files = tensor_files(stem)
-        state: dict[str, dict] = {}
+        mine: dict[str, dict] = {}
         with OpenFiles(files) as opened:
             for (local_name, param), name in zip(params, names):
                 if name not in saved["state"]:
@@ -101,16 +101,16 @@ def load_split_optimizer(run: Run, path: Path) -> None:
                         split = len(reader.get_slice(v).get_shape()) == param.dim()  # shaped like the parameter (not a step counter)
                         v = read_split(reader, v, param) if split else reader.get_tensor(v)
                     values[k] = v
-                state[local_name] = values
-        sizes = [len(group["params"]) for group in run.optimizer.param_groups]
+                mine[local_name] = values
+        sizes = [len(group["params"]) for group in state.optimizer.param_groups]
         if len(saved["param_groups"]) != len(sizes):
             raise CheckpointError(f"resume_from: the optimizer state has {len(saved['param_groups'])} parameter groups, this optimizer {len(sizes)}")
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         groups = [{**g, "params": local_names[start : start + size]} for g, start, size in zip(saved["param_groups"], starts, sizes)]
-    run.optimizer.load_state_dict(indexed_optimizer_state({"state": state, "param_groups": groups}, local_names))
+    state.optimizer.load_state_dict(indexed_optimizer_state({"state": mine, "param_groups": groups}, local_names))
 
 
-def load_split_model(run: Run, path: Path, setting: str = "resume_from", names: dict[str, list[str]] | None = None) -> None:
+def load_split_model(state: TrainState, path: Path, setting: str = "resume_from", names: dict[str, list[str]] | None = None) -> None:
     """Full weights by name (any layout's checkpoint or a pretrained model directory: one file, or shards with an
     index) into this rank's tensor/pipeline-split model, then into the optimizer's master copies: a rank reads
     only the tensors of the parameters it holds (of one split along one dim only its rows or columns; fused
@@ -123,7 +123,7 @@ def load_split_model(run: Run, path: Path, setting: str = "resume_from", names: 
             before wrapping); tied weights are stored once, under one of them. An output embedding tied to
             the input one is always also read from the input's weight.
     """
-    module = run.model.unwrap()
+    module = state.model.unwrap()
     aliases = tied_output_embedding(module)
     with weight_errors(path, setting):
         files = weight_files(path, setting)
@@ -135,7 +135,7 @@ def load_split_model(run: Run, path: Path, setting: str = "resume_from", names: 
             for name, tensor in [*module.named_parameters(), *persistent]:
                 key = keys.get(name, name)
                 tensor.copy_(read_split(opened[key], key, tensor))
-    update_master_params(run)
+    update_master_params(state)
 
 
 @contextlib.contextmanager
@@ -240,31 +240,32 @@ class HybridParallel(HybridParallelSpec, Plugin):
             return out
         return run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=None, return_loss=True, return_outputs=return_outputs)
 
-    def write_model(self, run: Run, path: Path) -> None:
+    def write_model(self, state: TrainState, path: Path) -> None:
         """Adapters: every split gathered and every stage's share collected, written in peft layout; full: the Booster's sharded save."""
-        if run.method.adapter:
-            super().write_model(run, path)
+        if state.adapter:
+            super().write_model(state, path)
         else:
-            write_sharded_model(run, path)
+            write_sharded_model(state, path)
 
-    def read_weights(self, run: Run, path: Path) -> None:
+    def read_weights(self, state: TrainState, path: Path) -> None:
         """Any layout's full weights by name; each rank reads only the tensors it holds, then keeps its split."""
-        load_split_model(run, path)
+        load_split_model(state, path)
 
     def load_deferred(self, run: Run, pending) -> None:
         """The pretrained weights by the reader a resume uses (each rank only its rows of what it holds), every
         name of a tied weight tried, then the optimizer's master copies."""
-        load_split_model(run, pending.path, "model.name", pending.names)
+        load_split_model(run.state, pending.path, "model.name", pending.names)
 
-    def write_optimizer(self, run: Run, path: Path) -> None:
+    def write_optimizer(self, state: TrainState, path: Path) -> None:
         """The optimizer state as every plugin writes it (full tensors by parameter name), one file per pipeline
         stage, written by its tensor-parallel rank 0 of data-parallel rank 0. Not ColossalAI's hybrid optimizer
         checkpoint: in 0.5.0 it cannot gather the states of a vocabulary padded for tensor parallelism."""
         import torch.distributed as dist
 
-        plugin = run.booster.plugin
+        plugin = state.booster.plugin
         writes = dist.get_rank(plugin.dp_group) == 0 and dist.get_rank(plugin.tp_group) == 0
-        save_split_optimizer(run, path, writes, stage=plugin.stage_manager.stage if plugin.stage_manager else 0)
+        save_split_optimizer(state, path, writes, stage=plugin.stage_manager.stage if plugin.stage_manager else 0)
 
-    def read_optimizer(self, run: Run, path: Path) -> None:
-        load_split_optimizer(run, path)
+    def read_optimizer(self, state: TrainState, path: Path) -> None:
+        """Any layout's optimizer state by name; each rank reads only its parameters' tensors, then keeps its split."""
+        load_split_optimizer(state, path)

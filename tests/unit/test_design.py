@@ -109,13 +109,13 @@ class MirrorDDP(TorchDDP):
         self.ran.append("forward_backward")
         return super().forward_backward(run, micro_batches)
 
-    def write_model(self, run, path):
+    def write_model(self, state, path):
         self.ran.append("write_model")
-        super().write_model(run, path)
+        super().write_model(state, path)
 
-    def read_optimizer(self, run, path):
+    def read_optimizer(self, state, path):
         self.ran.append("read_optimizer")
-        super().read_optimizer(run, path)
+        super().read_optimizer(state, path)
 
 
 @pytest.fixture
