@@ -50,6 +50,7 @@ from finetune.outputs import output_problems
 from finetune.packing import packed_attention
 from finetune.parallel import PLUGINS
 from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
+from finetune.preference import pair_means
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
 from finetune.run import Run, build_run
@@ -167,14 +168,15 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
             memory = profiler.record_step(step)
             # One rank per data-parallel replica counts, so TP/PP ranks that share a batch count it once.
             rows = sum(len(b["input_ids"]) for b in micro_batches)  # sequences (packed rows under packing)
-            loss_sum, token_sum, row_sum = all_reduce_sum([loss, tokens, rows] if run.layout.counts else [0.0, 0.0, 0.0], run.device)
+            sums = [loss, tokens, rows, *(run.objective.take_step_sums() if run.objective else [])]  # preference: the pair metric sums
+            loss_sum, token_sum, row_sum, *pair_sums = all_reduce_sum(sums if run.layout.counts else [0.0] * len(sums), run.device)
             mean_loss = loss_sum / run.layout.dp_size
             train_tokens, train_rows, train_s = train_tokens + int(token_sum), train_rows + int(row_sum), train_s + elapsed
             if math.isfinite(mean_loss):  # a non-finite one was skipped under train.on_nan=skip (stop raised in train_step)
                 steps.append(step)
                 losses.append(mean_loss)
             if is_main() and (not math.isfinite(mean_loss) or step % cfg.train.log_every == 0 or step == total_steps):
-                writer.log_metrics(outputs.step_metrics(step, epoch, mean_loss, run.scheduler.get_last_lr()[0], int(token_sum), elapsed, memory, grad_norm))
+                writer.log_metrics(outputs.step_metrics(step, epoch, mean_loss, run.scheduler.get_last_lr()[0], int(token_sum), elapsed, memory, grad_norm, pair_means(pair_sums) if pair_sums else None))
             progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
             progress.update()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
