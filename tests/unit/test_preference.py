@@ -1,0 +1,246 @@
+"""task=preference: pair records and their checks, tokenization and truncation, pair collation and the cache,
+the `preference` config section, and each objective's first training step against its paper's formula.
+
+The formula tests compute loss, rewards and accuracy from plain PyTorch models (the policy: the base with the
+run's adapter; the reference: a second, untouched copy of the base) with each paper's formula written here, and
+compare the tool's first step (build_run, the plugin's forward_backward) within 1e-5 in fp32 with dropout 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.assets import gpt2_tokenizer
+from finetune.config import DataConfig, build_config, load_config, parse_args, validate
+from finetune.data import DataError, Tokenized, build_data, collate, load_records, load_splits, masked, read_cache, write_cache
+from finetune.tasks import IGNORE_INDEX, build_task
+from tests.unit.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-process gloo rank)
+
+WORDS = ["the", "cat", "dog", "red", "blue", "sun", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    tokenizer = gpt2_tokenizer()
+    build_task("preference", DataConfig()).prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def write_pairs(path: Path, n: int = 40) -> Path:
+    """Pairs whose chosen reply repeats the prompt's words and whose rejected one does not; plain and chat records alternate."""
+    with path.open("w") as f:
+        for i in range(n):
+            a, b, c = WORDS[i % 8], WORDS[(i // 8 + i + 1) % 8], WORDS[(3 * i + 2) % 8]
+            prompt = {"prompt": f"Repeat: {a} {b} {c} ({i})\n"} if i % 2 else {"messages": [{"role": "user", "content": f"Repeat: {a} {b} {c} ({i})"}]}
+            f.write(json.dumps({**prompt, "chosen": f"{a} {b} {c}", "rejected": " ".join([c] * (1 + i % 4))}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ({"chosen": "a", "rejected": "b"}, "row 2: missing field 'prompt'"),
+        ({"prompt": "p", "rejected": "b"}, "row 2: missing field 'chosen'"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 2: fields 'chosen' and 'rejected' are the same text"),
+        ({"prompt": "p", "chosen": "a", "rejected": "  "}, "row 2: field 'rejected' is empty"),
+        ({"prompt": "p", "chosen": 3, "rejected": "b"}, "row 2: field 'chosen' must be a string, got int"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "chosen": "a", "rejected": "b"}, "row 2: the conversation must end with a user message"),
+        ({"messages": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"}, "row 2: message 1 field 'content' must be a string"),
+    ],
+)
+def test_bad_rows_name_the_file_and_row(tmp_path, row, problem):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as err:
+        load_records(str(path), build_task("preference", DataConfig()))
+    assert str(err.value).startswith(f"{path} {problem}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_plain_and_chat_pairs_score_only_the_replies(gpt2):
+    task = build_task("preference", DataConfig())
+    sample, length = task.tokenize(gpt2, {"prompt": "Say hi.\n", "chosen": "hi", "rejected": "no"}, max_length=64)
+    prompt = ids(gpt2, "Say hi.\n")
+    for prefix, reply in (("", "hi"), ("rejected_", "no")):
+        tokens = ids(gpt2, reply) + [gpt2.eos_token_id]
+        assert sample[f"{prefix}input_ids"] == prompt + tokens
+        assert sample[f"{prefix}labels"] == [IGNORE_INDEX] * len(prompt) + tokens
+    messages = [{"role": "user", "content": "Say hi."}]
+    sample, _ = task.tokenize(gpt2, {"messages": messages, "chosen": "hi", "rejected": "no"}, max_length=64)
+    prompt = gpt2.apply_chat_template(messages, add_generation_prompt=True)
+    full = gpt2.apply_chat_template([*messages, {"role": "assistant", "content": "hi"}])
+    assert sample["input_ids"] == full and sample["labels"] == [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]
+    assert gpt2.decode(full[len(prompt) :]) == "hi" + gpt2.eos_token
+
+
+def test_long_prompts_keep_their_end_and_pairs_whose_reply_does_not_fit_are_dropped(gpt2):
+    task = build_task("preference", DataConfig())
+    prompt = ids(gpt2, " ".join(WORDS * 4))  # 32 tokens
+    reply = ids(gpt2, "one two three") + [gpt2.eos_token_id]
+    sample, length = task.tokenize(gpt2, {"prompt": " ".join(WORDS * 4), "chosen": "one two three", "rejected": "no"}, max_length=12)
+    assert length == len(prompt) + len(reply) > 12
+    assert sample["input_ids"] == prompt[-(12 - len(reply)) :] + reply and len(sample["input_ids"]) == 12  # the prompt's end, then the whole reply
+    assert sample["rejected_input_ids"][: 12 - len(reply)] == prompt[-(12 - len(reply)) :]  # the same prompt tokens for both replies
+    assert task.tokenize(gpt2, {"prompt": "p", "chosen": "one two three", "rejected": "no"}, max_length=len(reply))[0] is None  # no room for a prompt token
+
+
+def test_dropped_pairs_are_counted_and_cut_prompts_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}: " + "why " * (30 if i % 3 == 0 else 1), "chosen": "because " * (20 if i % 4 == 1 else 1), "rejected": "no"} for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(["task=preference", f"data.train_path={path}", "model.name=tiny-gpt2", "data.max_length=16", "data.eval_fraction=0.2"], world_size=1)
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
+    data = build_data(cfg.data, gpt2_tokenizer(), splits)
+    too_long_reply = sum(1 for r in rows if "because because" in r["chosen"])
+    cut_prompt = sum(1 for r in rows if "why why" in r["prompt"] and "because because" not in r["chosen"])
+    assert data.dropped == too_long_reply and data.truncated == cut_prompt
+    assert len(data.train) + len(data.eval) == len(rows) - too_long_reply
+    assert all(len(s["input_ids"]) <= 16 and len(s["rejected_input_ids"]) <= 16 for s in data.train + data.eval)
+    again = build_data(cfg.data, gpt2_tokenizer(), splits)  # from the cache: the pairs as tokenized
+    assert again.cache.startswith("hit") and again.train == data.train and again.eval == data.eval
+
+
+def test_pairs_collate_side_by_side_and_filler_pairs_weigh_nothing(tmp_path):
+    pairs = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "rejected_input_ids": [1, 2, 4, 5], "rejected_labels": [-100, 2, 4, 5]}, {"input_ids": [7, 8], "labels": [-100, 8], "rejected_input_ids": [7, 9], "rejected_labels": [-100, 9]}]
+    batch = collate(pairs, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [1, 2, 4, 5], [7, 8, 0, 0], [7, 9, 0, 0]]  # pair i: rows 2i (chosen) and 2i+1 (rejected)
+    assert batch["labels"][0].tolist() == [-100, 2, 3, -100] and batch["attention_mask"][2].tolist() == [1, 1, 0, 0]
+    filler = masked(pairs[0])
+    assert filler["input_ids"] == pairs[0]["input_ids"] and set(filler["labels"] + filler["rejected_labels"]) == {IGNORE_INDEX}
+    write_cache(tmp_path / "c.npz", Tokenized(pairs, [0, 0], torch.zeros(1, 4, dtype=torch.int64).numpy()))
+    assert read_cache(tmp_path / "c.npz").samples == pairs
+
+
+def config_problems(*overrides: str, world_size: int = 1, has_cuda: bool = False) -> list[str]:
+    return validate(build_config(parse_args(["task=preference", "data.train_path=x.jsonl", "model.name=tiny-gpt2", *overrides])), world_size, has_cuda)
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["preference.loss=dpx"], "preference.loss: unknown value 'dpx' (did you mean 'dpo'?); choose from dpo, ipo, hinge, simpo, orpo"),
+        (["preference.beta=0"], "preference.beta: must be positive, got 0.0"),
+        (["preference.beta=inf"], "preference.beta: must be a finite number, got inf"),
+        (["preference.label_smoothing=0.5"], "preference.label_smoothing: must be in [0, 0.5), got 0.5"),
+        (["preference.orpo_lambda=-1", "preference.loss=orpo"], "preference.orpo_lambda: must not be negative, got -1.0"),
+        (["preference.loss=ipo", "preference.label_smoothing=0.1"], "preference.label_smoothing: preference.loss=ipo does not use it; drop it or choose an objective that does"),
+        (["preference.loss=dpo", "preference.simpo_gamma=1"], "preference.simpo_gamma: preference.loss=dpo does not use it; drop it or choose an objective that does"),
+        (["data.packing=true"], "data.packing=true with task=preference: a pair's two sequences are scored whole, side by side; set data.packing=false"),
+        (["method=full"], "preference.loss=dpo with method=full: the reference log-probabilities of full fine-tuning"),
+        (["--config", "booster_configs/tp2.yaml"], "task=preference under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
+        (["plugin.name=gemini", "train.precision=bf16"], "task=preference under gemini is not built yet"),
+    ],
+)
+def test_config_problems_are_one_line_each(overrides, line, monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    problems = config_problems(*overrides, world_size=2, has_cuda="plugin.name=gemini" in overrides)
+    assert any(p.startswith(line) for p in problems), problems
+    assert all("\n" not in p for p in problems)
+
+
+@pytest.mark.parametrize("overrides", [[], ["preference.loss=simpo", "method=full"], ["preference.loss=orpo", "method=full"], ["plugin.name=torch_fsdp"], ["plugin.name=low_level_zero", "plugin.stage=2"]])
+def test_supported_setups_have_no_problems(overrides, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    assert config_problems(*overrides, f"data.train_path={data}", world_size=2) == []
+
+
+# --- each objective's first step against its paper's formula --------------------------------------------------
+
+
+def plain_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's reply tokens, their count), from the model's logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets, scored = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
+    token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (token_logps * scored).sum(1), scored.sum(1)
+
+
+def paper_formula(loss: str, s, policy: tuple, reference: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen reward, rejected reward) as each paper writes it (see docs/preference.md)."""
+    (pc, pr), (nc, nr), (rc, rr) = policy[0], policy[1], reference
+    if loss in ("dpo", "ipo", "hinge"):
+        chosen_reward, rejected_reward = s.beta * (pc - rc), s.beta * (pr - rr)
+        h = (pc - rc) - (pr - rr)  # log [pi(yw|x) pi_ref(yl|x) / (pi(yl|x) pi_ref(yw|x))]
+        if loss == "dpo":  # Rafailov et al. 2023 (Eq. 7); conservative DPO's label smoothing eps
+            per_pair = -(1 - s.label_smoothing) * F.logsigmoid(s.beta * h) - s.label_smoothing * F.logsigmoid(-s.beta * h)
+        elif loss == "ipo":  # Azar et al. 2023 (Eq. 17): (h - 1/(2 tau))^2
+            per_pair = (h - 1 / (2 * s.beta)) ** 2
+        else:  # SLiC-HF's calibration hinge on the log-ratio margin: max(0, 1 - beta h)
+            per_pair = torch.clamp(1 - s.beta * h, min=0)
+        return per_pair, chosen_reward, rejected_reward
+    mean_c, mean_r = pc / nc, pr / nr
+    if loss == "simpo":  # Meng et al. 2024 (Eq. 6): -log sigma(beta/|yw| log pi(yw|x) - beta/|yl| log pi(yl|x) - gamma)
+        return -F.logsigmoid(s.beta * mean_c - s.beta * mean_r - s.simpo_gamma), s.beta * mean_c, s.beta * mean_r
+    # ORPO, Hong et al. 2024 (Eq. 6-7): L_SFT + lambda * L_OR, odds(y|x) = P / (1 - P), P the mean token likelihood
+    odds_c, odds_r = torch.exp(mean_c) / (1 - torch.exp(mean_c)), torch.exp(mean_r) / (1 - torch.exp(mean_r))
+    return -mean_c - s.orpo_lambda * F.logsigmoid(torch.log(odds_c / odds_r)), s.beta * mean_c, s.beta * mean_r
+
+
+OBJECTIVE_SETTINGS = {
+    "dpo": ["preference.label_smoothing=0.1"],
+    "ipo": [],
+    "hinge": [],
+    "simpo": ["preference.simpo_gamma=0.3"],
+    "orpo": ["preference.orpo_lambda=0.5"],
+}
+
+
+@pytest.mark.parametrize("loss", list(OBJECTIVE_SETTINGS))
+def test_first_step_matches_the_papers_formula(loss, one_rank, tmp_path, monkeypatch):  # noqa: F811
+    from peft import get_peft_model
+
+    from finetune.data import batches_forever
+    from finetune.faults import Faults
+    from finetune.model import build_lora_config, build_model
+    from finetune.preference import pair_means
+    from finetune.run import build_run
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    args = ["task=preference", f"data.train_path={write_pairs(tmp_path / 'pairs.jsonl')}", "model.name=tiny-gpt2", "method=lora", "lora.dropout=0",
+            f"preference.loss={loss}", "preference.beta=0.5", "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}", *OBJECTIVE_SETTINGS[loss]]  # fmt: skip
+    cfg = load_config(args, world_size=1)
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    data = build_data(cfg.data, tokenizer, splits)
+    run, dataloader = build_run(cfg, world_size=1, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
+                                pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None)  # fmt: skip
+    # A fresh adapter is the identity (lora_B = 0): the policy would equal the reference. Give it weights.
+    generator = torch.Generator().manual_seed(1)
+    for name, parameter in run.model.unwrap(unwrap_peft=False).named_parameters():
+        if "lora_B" in name:
+            parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    _, micro_batches = next(batches_forever(dataloader, 1, run.steps_per_epoch))
+    loss_value = run.plugin.forward_backward(run, micro_batches)
+    got = pair_means(run.objective.take_step_sums())
+
+    policy_base, _ = build_model(cfg.model, cfg.train.seed)
+    policy = get_peft_model(policy_base, build_lora_config(policy_base, cfg.lora))
+    policy.load_state_dict(run.model.unwrap(unwrap_peft=False).state_dict())
+    reference_model, _ = build_model(cfg.model, cfg.train.seed)  # a second copy of the base: the reference
+    batch = micro_batches[0]
+    with torch.no_grad():
+        sums, counts = plain_logps(policy.eval(), batch)
+        reference_sums, _ = plain_logps(reference_model.eval(), batch)
+    expected, chosen_reward, rejected_reward = paper_formula(loss, cfg.preference, ((sums[0::2], sums[1::2]), (counts[0::2], counts[1::2])), (reference_sums[0::2], reference_sums[1::2]))
+    assert got["pairs"] == cfg.train.batch_size
+    assert abs(loss_value - expected.mean().item()) <= 1e-5 * max(1.0, abs(expected.mean().item())), (loss_value, expected.mean().item())
+    assert got["loss"] == pytest.approx(expected.mean().item(), abs=1e-5, rel=1e-5)
+    assert got["reward_chosen"] == pytest.approx(chosen_reward.mean().item(), abs=1e-5, rel=1e-5)
+    assert got["reward_rejected"] == pytest.approx(rejected_reward.mean().item(), abs=1e-5, rel=1e-5)
+    assert got["margin"] == pytest.approx((chosen_reward - rejected_reward).mean().item(), abs=1e-5, rel=1e-5)
+    assert got["accuracy"] == (chosen_reward > rejected_reward).float().mean().item()
+    assert got["logp_chosen"] == pytest.approx(sums[0::2].mean().item(), abs=1e-4, rel=1e-5)
+    assert got["logp_rejected"] == pytest.approx(sums[1::2].mean().item(), abs=1e-4, rel=1e-5)
+    assert abs(got["reward_chosen"] - got["reward_rejected"]) > 1e-3, "policy and reference agree: the comparison would prove little"
