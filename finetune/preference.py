@@ -83,7 +83,7 @@ class PairObjective:
 def pair_objective(cfg: Config, model: nn.Module, peft_model: nn.Module | None) -> PairObjective:
     """The run's objective over `model`; its reference switches the adapters of `peft_model` off (None: no adapters)."""
     objective = OBJECTIVES[cfg.preference.loss]
-    adapters_off = peft_model.disable_adapter if peft_model is not None else None
+    adapters_off = peft_model.disable_adapter if peft_model is not None else None  # peft's: the base model's forward
     if objective.reference and adapters_off is None:  # config validation refuses this setup; this guards the code paths that skip it
         raise ValueError(f"preference.loss={objective.name} needs a reference, and a model without adapters has none here")
     return PairObjective(objective, cfg.preference, model, adapters_off or contextlib.nullcontext)

@@ -16,8 +16,10 @@ from typing import Any, Callable
 
 
 def log_sigmoid(x):
-    """log(sigmoid(x)) of a tensor, stable for large |x|: min(x, 0) - log(1 + exp(-|x|))."""
-    return x.clamp(max=0) - (-x.abs()).exp().log1p()
+    """log(sigmoid(x)) of a tensor, stable for large |x|: min(x, 0) - log(1 + exp(-|x|)), with min(x, 0) written as
+    (x - |x|) / 2 so that the kinks of min and |x| at 0 cancel: the gradient there is sigmoid(0) = 1/2, as it must be
+    (a first DPO step under LoRA has every margin exactly 0; clamp's gradient at its bound would double it)."""
+    return (x - x.abs()) / 2 - (-x.abs()).exp().log1p()
 
 
 def log_odds(mean_logp):
@@ -57,7 +59,7 @@ def _ipo(chosen, rejected, ref_chosen, ref_rejected, settings):
 
 def _hinge(chosen, rejected, ref_chosen, ref_rejected, settings):
     good, bad = _log_ratio_rewards(chosen, rejected, ref_chosen, ref_rejected, settings)
-    return (1 - (good - bad)).clamp(min=0), good, bad
+    return (1 - (good - bad)).relu(), good, bad
 
 
 def _simpo(chosen, rejected, ref_chosen, ref_rejected, settings):

@@ -19,9 +19,10 @@ from finetune.assets import gpt2_tokenizer
 from finetune.config import DataConfig, build_config, load_config, parse_args, validate
 from finetune.data import DataError, Tokenized, build_data, collate, load_records, load_splits, masked, read_cache, write_cache
 from finetune.tasks import IGNORE_INDEX, build_task
+from tests.conftest import write_pairs
 from tests.unit.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-process gloo rank)
 
-WORDS = ["the", "cat", "dog", "red", "blue", "sun", "one", "two"]
+WORDS = ["the", "cat", "dog", "red", "blue", "sun", "one", "two"]  # single GPT-2 tokens
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +34,6 @@ def gpt2():
 
 def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def write_pairs(path: Path, n: int = 40) -> Path:
-    """Pairs whose chosen reply repeats the prompt's words and whose rejected one does not; plain and chat records alternate."""
-    with path.open("w") as f:
-        for i in range(n):
-            a, b, c = WORDS[i % 8], WORDS[(i // 8 + i + 1) % 8], WORDS[(3 * i + 2) % 8]
-            prompt = {"prompt": f"Repeat: {a} {b} {c} ({i})\n"} if i % 2 else {"messages": [{"role": "user", "content": f"Repeat: {a} {b} {c} ({i})"}]}
-            f.write(json.dumps({**prompt, "chosen": f"{a} {b} {c}", "rejected": " ".join([c] * (1 + i % 4))}) + "\n")
-    return path
 
 
 @pytest.mark.parametrize(
@@ -231,9 +222,15 @@ def test_first_step_matches_the_papers_formula(loss, one_rank, tmp_path, monkeyp
     reference_model, _ = build_model(cfg.model, cfg.train.seed)  # a second copy of the base: the reference
     batch = micro_batches[0]
     with torch.no_grad():
-        sums, counts = plain_logps(policy.eval(), batch)
-        reference_sums, _ = plain_logps(reference_model.eval(), batch)
+        reference_sums, _ = plain_logps(reference_model, batch)
+    sums, counts = plain_logps(policy, batch)
     expected, chosen_reward, rejected_reward = paper_formula(loss, cfg.preference, ((sums[0::2], sums[1::2]), (counts[0::2], counts[1::2])), (reference_sums[0::2], reference_sums[1::2]))
+    expected.mean().backward()  # the gradients the tool's step applies must be the formula's too
+    tool_grads = {name: p.grad for name, p in run.model.unwrap(unwrap_peft=False).named_parameters() if p.requires_grad}
+    for name, parameter in policy.named_parameters():
+        if parameter.requires_grad:
+            assert torch.allclose(tool_grads[name], parameter.grad, atol=1e-6, rtol=1e-4), f"{name}: gradient differs by {(tool_grads[name] - parameter.grad).abs().max()}"
+    sums, chosen_reward, rejected_reward = sums.detach(), chosen_reward.detach(), rejected_reward.detach()
     assert got["pairs"] == cfg.train.batch_size
     assert abs(loss_value - expected.mean().item()) <= 1e-5 * max(1.0, abs(expected.mean().item())), (loss_value, expected.mean().item())
     assert got["loss"] == pytest.approx(expected.mean().item(), abs=1e-5, rel=1e-5)
@@ -244,3 +241,16 @@ def test_first_step_matches_the_papers_formula(loss, one_rank, tmp_path, monkeyp
     assert got["logp_chosen"] == pytest.approx(sums[0::2].mean().item(), abs=1e-4, rel=1e-5)
     assert got["logp_rejected"] == pytest.approx(sums[1::2].mean().item(), abs=1e-4, rel=1e-5)
     assert abs(got["reward_chosen"] - got["reward_rejected"]) > 1e-3, "policy and reference agree: the comparison would prove little"
+
+
+def test_log_sigmoid_matches_torch_in_value_and_gradient_at_zero_and_far_out():
+    """A first DPO step under LoRA has every margin exactly 0 (the adapter starts as the identity): the gradient there must be 1/2."""
+    from finetune.tasks.objectives import log_sigmoid
+
+    x = torch.tensor([0.0, 1e-3, -1e-3, 5.0, -5.0, 80.0, -80.0, 200.0, -200.0], dtype=torch.float64, requires_grad=True)
+    ours = log_sigmoid(x)
+    (grad,) = torch.autograd.grad(ours.sum(), x)
+    y = x.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(F.logsigmoid(y).sum(), y)
+    assert torch.allclose(ours, F.logsigmoid(x), atol=1e-12) and torch.allclose(grad, want, atol=1e-12)
+    assert grad[0].item() == 0.5
