@@ -41,6 +41,7 @@ from finetune.tasks.preference import REJECTED
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 NON_PAD_TOKENS = "non_pad_tokens"  # a batch entry that counts tokens for throughput; not a model input
+REFERENCE = "reference_logps"  # a pair sample's (and batch's) reference log-probabilities, chosen and rejected; not a model input
 
 
 @dataclass
@@ -535,6 +536,7 @@ def collate(samples: list[dict], pad_token_id: int, pad_to: int = 0) -> dict[str
     A preference pair gives two rows, chosen then rejected, side by side: rows 2i and 2i+1 are pair i, so any
     split of the batch into an even number of rows (a pipeline's micro-batches) keeps each pair together.
     """
+    reference = [value for s in samples for value in s[REFERENCE]] if REFERENCE in samples[0] else None  # pairs under full fine-tuning
     samples = [row for s in samples for row in sequences(s)]
     width = max(pad_to, max(len(s["input_ids"]) for s in samples))
     batch: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
@@ -543,7 +545,10 @@ def collate(samples: list[dict], pad_token_id: int, pad_to: int = 0) -> dict[str
         batch["input_ids"].append(s["input_ids"] + [pad_token_id] * pad)
         batch["labels"].append(s["label"] if "label" in s else s["labels"] + [IGNORE_INDEX] * pad)
         batch["attention_mask"].append([1] * len(s["input_ids"]) + [0] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    if reference is not None:
+        tensors[REFERENCE] = torch.tensor(reference, dtype=torch.float32)  # row by row, as the rows: chosen, rejected of each pair
+    return tensors
 
 
 def non_pad_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -555,7 +560,7 @@ def non_pad_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch the model takes."""
-    return {k: v for k, v in batch.items() if k != NON_PAD_TOKENS}
+    return {k: v for k, v in batch.items() if k not in (NON_PAD_TOKENS, REFERENCE)}
 
 
 def batches_forever(dataloader, grad_accum_steps: int, steps_per_epoch: int, start_step: int = 0):

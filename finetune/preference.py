@@ -3,21 +3,32 @@
 A pair batch (finetune.data.collate) holds rows 2i (chosen) and 2i+1 (rejected) of pair i. The policy scores
 both in one forward. The reference, for objectives that need one (finetune.tasks.objectives), is the same
 model with its LoRA/QLoRA adapters off, run without gradients in the same step: no second model is held.
-The metrics (PAIR_METRICS) are summed over pairs, so they add up over micro-batches and ranks; their means
+Under full fine-tuning there are no adapters to switch off: the starting model's log-probabilities are computed once
+before training (attach_reference), cached beside the tokenized data, and each pair sample carries them into its
+batch (finetune.data.collate: `reference_logps`), so no second model is ever held. The metrics (PAIR_METRICS) are summed over pairs, so they add up over micro-batches and ranks; their means
 are what metrics.jsonl and the eval results report.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
 from typing import Callable, ContextManager
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from finetune import assets
 from finetune.config import Config
-from finetune.data import IGNORE_INDEX, model_inputs
+from finetune.core.layout import Layout
+from finetune.data import IGNORE_INDEX, REFERENCE, collate, model_inputs
 from finetune.tasks.objectives import OBJECTIVES, Objective
+from finetune.tasks.preference import REJECTED
 
 # What a batch of pairs measures, each a sum over its pairs (means: divided by "pairs").
 PAIR_METRICS = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen", "logp_rejected")
@@ -47,13 +58,19 @@ class PairObjective:
         """The summed log-probability of each row of a pair batch under the model as it stands: [2 * pairs]."""
         return sequence_logps(self.model(**model_inputs(batch)).logits, batch["labels"])[0]
 
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference's summed log-probability of each row: the model with its adapters off, without gradients."""
+        if self.adapters_off is None:
+            raise ValueError(f"preference.loss={self.objective.name} needs reference log-probabilities: a model without adapters reads them from the batch (attach_reference)")
+        with torch.no_grad(), self.adapters_off():
+            return self._logps(batch)
+
     def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(loss, chosen reward, rejected reward, chosen log-prob, rejected log-prob) per pair; the reference pass first
         (no gradients, adapters off). The log-probs are the summed ones, whatever the objective reads."""
         reference = (None, None)
         if self.objective.reference:
-            with torch.no_grad(), self.adapters_off():
-                logps = self._logps(batch)
+            logps = batch[REFERENCE] if REFERENCE in batch else self._reference_logps(batch)
             reference = (logps[0::2], logps[1::2])
         sums, counts = sequence_logps(self.model(**model_inputs(batch)).logits, batch["labels"])
         policy = sums / counts.clamp(min=1) if self.objective.length_normalized else sums
@@ -81,12 +98,74 @@ class PairObjective:
 
 
 def pair_objective(cfg: Config, model: nn.Module, peft_model: nn.Module | None) -> PairObjective:
-    """The run's objective over `model`; its reference switches the adapters of `peft_model` off (None: no adapters)."""
-    objective = OBJECTIVES[cfg.preference.loss]
-    adapters_off = peft_model.disable_adapter if peft_model is not None else None  # peft's: the base model's forward
-    if objective.reference and adapters_off is None:  # config validation refuses this setup; this guards the code paths that skip it
-        raise ValueError(f"preference.loss={objective.name} needs a reference, and a model without adapters has none here")
-    return PairObjective(objective, cfg.preference, model, adapters_off or contextlib.nullcontext)
+    """The run's objective over `model`; its reference switches the adapters of `peft_model` off (None: no adapters,
+    and an objective with a reference reads the starting model's log-probabilities from the batch: attach_reference)."""
+    return PairObjective(OBJECTIVES[cfg.preference.loss], cfg.preference, model, peft_model.disable_adapter if peft_model is not None else None)
+
+
+def stores_reference(objective: PairObjective | None) -> bool:
+    """Whether this run's reference log-probabilities are computed once before training and read per batch (full fine-tuning)."""
+    return objective is not None and objective.objective.reference and objective.adapters_off is None
+
+
+def reference_cache_path(cfg: Config, samples: list[dict]) -> Path:
+    """Where the starting model's log-probabilities of these samples are cached: keyed by their tokens and the starting model."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(np.asarray(sample["input_ids"] + sample["labels"] + sample[REJECTED + "input_ids"] + sample[REJECTED + "labels"], dtype=np.int64).tobytes())
+    model = Path(cfg.model.name)
+    stamps = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.iterdir() if f.is_file()) if model.is_dir() else []
+    settings = [cfg.model.name, cfg.model.revision, cfg.model.attn_implementation, cfg.train.seed, cfg.train.precision, stamps]
+    digest.update(json.dumps(settings, default=str).encode())
+    return assets.cache_dir() / "data" / f"reference-{digest.hexdigest()[:24]}.npz"
+
+
+@torch.no_grad()
+def attach_reference(cfg: Config, model: nn.Module, layout: Layout, samples: list[dict], batch_size: int, pad_token_id: int, device) -> str:
+    """Give every pair sample its [chosen, rejected] summed log-probabilities under the model as it is now (the starting
+    model: before training, before a resume loads its checkpoint), cached; returns where they came from.
+
+    Each data-parallel rank scores every dp_size-th sample; all ranks run as many batches (the last padded), since a
+    sharded model gathers its weights in every forward; the scores are summed over the ranks.
+    """
+    path = reference_cache_path(cfg, samples)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as stored:
+            values = stored["logps"]
+        source = f"cache hit {path}"
+    else:
+        mine = list(range(layout.dp_rank, len(samples), layout.dp_size))
+        rounds = math.ceil(math.ceil(len(samples) / layout.dp_size) / batch_size)
+        totals = torch.zeros(len(samples), 2, dtype=torch.float64, device=device)
+        was_training = model.training
+        model.eval()
+        for k in range(rounds):
+            chunk = mine[k * batch_size : (k + 1) * batch_size]
+            batch = {key: value.to(device) for key, value in collate([samples[i] for i in chunk or [0]], pad_token_id).items()}
+            logps = sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])[0].double().view(-1, 2)
+            if chunk and layout.counts:
+                totals[chunk] = logps
+        model.train(was_training)
+        dist.all_reduce(totals)
+        values = totals.cpu().numpy()
+        source = f"computed by the starting model{', cached ' + str(path) if _write_atomic(path, values) else ''}"
+    for sample, pair in zip(samples, values.tolist()):
+        sample[REFERENCE] = pair
+    return source
+
+
+def _write_atomic(path: Path, values: np.ndarray) -> bool:
+    """Rank 0 writes the values beside `path` and renames them into place; False where it did not (another rank, or not writable)."""
+    if dist.get_rank() != 0:
+        return True  # rank 0 writes it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+        np.savez(staging, logps=values)
+        staging.replace(path)
+        return True
+    except OSError:
+        return False
 
 
 def pair_means(sums: list[float]) -> dict[str, float]:

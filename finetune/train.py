@@ -50,7 +50,7 @@ from finetune.outputs import output_problems
 from finetune.packing import packed_attention
 from finetune.parallel import PLUGINS
 from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
-from finetune.preference import pair_means
+from finetune.preference import attach_reference, pair_means, stores_reference
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
 from finetune.run import Run, build_run
@@ -262,6 +262,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")
+    if stores_reference(run.objective):  # full fine-tuning: the starting model scores the pairs, before a resume loads trained weights
+        log(f"reference log-probabilities: {attach_reference(cfg, run.model, run.layout, data.train + data.eval, cfg.eval.batch_size, tokenizer.pad_token_id, device)}")
     start_step, position_line = checkpoint.load_checkpoint(run, resume) if resume else (0, "")
     if position_line:  # another global batch: the batch sequence cannot continue exactly
         log(position_line)

@@ -227,16 +227,11 @@ def preference_problems(cfg: Config, names: dict[str, tuple[str, ...]]) -> list[
     for key in ("label_smoothing", "simpo_gamma", "orpo_lambda"):
         if getattr(settings, key) != getattr(defaults, key) and key not in objective.settings:
             problems.append(f"preference.{key}: preference.loss={settings.loss} does not use it; drop it or choose an objective that does")
-    task, method = TASK_REGISTRY.get(cfg.task), METHOD_RECORDS.get(cfg.method)
+    task = TASK_REGISTRY.get(cfg.task)
     if not (task and task.pairs):
         return problems
     if cfg.data.packing:
         problems.append("data.packing=true with task=preference: a pair's two sequences are scored whole, side by side; set data.packing=false")
-    if objective.reference and method and not method.adapter:
-        problems.append(
-            f"preference.loss={settings.loss} with method={cfg.method}: the reference log-probabilities of full fine-tuning (computed once before training) "
-            "are not built yet; use method=lora or qlora (the reference is the model with its adapters off), or preference.loss=simpo or orpo (no reference)"
-        )
     return problems
 
 
