@@ -34,6 +34,11 @@ from finetune.tasks.preference import REJECTED
 PAIR_METRICS = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen", "logp_rejected")
 
 
+def sequence_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model inputs of a pair batch, labels left out: the model's own loss (a second fp32 log-softmax over the vocabulary) is not wanted."""
+    return {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's label tokens, their count): the causal LM's shifted targets, -100 left out."""
     targets = labels[:, 1:]
@@ -56,7 +61,7 @@ class PairObjective:
 
     def _logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed log-probability of each row of a pair batch under the model as it stands: [2 * pairs]."""
-        return sequence_logps(self.model(**model_inputs(batch)).logits, batch["labels"])[0]
+        return sequence_logps(self.model(**sequence_inputs(batch)).logits, batch["labels"])[0]
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's summed log-probability of each row: the model with its adapters off, without gradients."""
@@ -72,7 +77,7 @@ class PairObjective:
         if self.objective.reference:
             logps = batch[REFERENCE] if REFERENCE in batch else self._reference_logps(batch)
             reference = (logps[0::2], logps[1::2])
-        sums, counts = sequence_logps(self.model(**model_inputs(batch)).logits, batch["labels"])
+        sums, counts = sequence_logps(self.model(**sequence_inputs(batch)).logits, batch["labels"])
         policy = sums / counts.clamp(min=1) if self.objective.length_normalized else sums
         loss, good, bad = self.objective.formula(policy[0::2], policy[1::2], *reference, self.settings)
         return loss, good, bad, sums[0::2], sums[1::2]
@@ -142,7 +147,7 @@ def attach_reference(cfg: Config, model: nn.Module, layout: Layout, samples: lis
         for k in range(rounds):
             chunk = mine[k * batch_size : (k + 1) * batch_size]
             batch = {key: value.to(device) for key, value in collate([samples[i] for i in chunk or [0]], pad_token_id).items()}
-            logps = sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])[0].double().view(-1, 2)
+            logps = sequence_logps(model(**sequence_inputs(batch)).logits, batch["labels"])[0].double().view(-1, 2)
             if chunk and layout.counts:
                 totals[chunk] = logps
         model.train(was_training)

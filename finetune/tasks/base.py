@@ -41,6 +41,7 @@ class Task:
     name: str = ""
     classification: bool = False
     keeps_end: tuple[str, ...] = ()  # record fields whose text keeps its end when an over-long record is cut (prompts)
+    sequences_per_sample: int = 1  # rows a sample puts in a batch (the estimator's batch)
     pairs: bool = False  # a sample is a preference pair (chosen and rejected sequences), trained by a preference objective
     fields: str = ""  # the record layout, for error messages and docs
 

@@ -21,6 +21,7 @@ REJECTED = "rejected_"  # the prefix of a pair sample's rejected sequence keys (
 class PreferenceTask(LanguageModelingTask):
     name = "preference"
     pairs = True
+    sequences_per_sample = 2  # chosen and rejected, side by side
     keeps_end = ("prompt", "messages")
     fields = "{prompt, chosen, rejected} or {messages: [{role, content}, ...], chosen, rejected}"
     eval_output = "pairs"

@@ -86,7 +86,8 @@ def test_dpo_lora_matches_the_single_process_reference(case, dpo_runs):
     for step, (got, want) in enumerate(zip(logged, expected), start=1):
         for key in ("loss", "margin", "accuracy"):
             assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), f"step {step}: {key} {got[key]} vs reference {want[key]}"
-    assert expected[-1]["margin"] > 0 and expected[-1]["loss"] < expected[0]["loss"], "DPO did not widen the margin: the comparison would prove little"
+    moved = max(value.abs().max().item() for key, value in adapter.items() if "lora_B" in key)  # lora_B starts at 0: the policy starts as the reference
+    assert moved > 1e-3 and len({round(s["loss"], 4) for s in expected}) > 2, "the policy did not move off the reference: the comparison would prove little"
     saved = load_file(out / "final" / "adapter_model.safetensors")
     assert saved.keys() == adapter.keys()
     worst = max((saved[k] - adapter[k]).abs().max().item() for k in saved)

@@ -303,3 +303,20 @@ def test_full_fine_tuning_with_stored_reference_matches_the_two_model_computatio
         optimizer.zero_grad()
         assert abs(got - expected.mean().item()) <= 1e-5, f"step {step + 1}: loss {got} vs two-model {expected.mean().item()}"
     assert got < 0.69, "DPO did not move the policy off the reference: the comparison would prove little"
+
+
+def test_the_estimator_counts_both_sequences_of_a_pair_and_the_reference_pass():
+    """A pair batch of B samples holds 2B rows; an objective with a reference adds a no-grad forward of them."""
+    from finetune.estimate.memory import estimate
+
+    def activations(*overrides: str):
+        cfg = build_config(parse_args(["model.name=tiny-gpt2", "train.batch_size=4", "eval.batch_size=1", *overrides]))
+        est = estimate(cfg, world_size=1, seq_len=64, device="cpu")
+        return est.activations, est.eval_activations
+
+    sft_train, sft_eval = activations("task=instruction")
+    pair_train, pair_eval = activations("task=preference", "preference.loss=dpo")
+    simpo_train, simpo_eval = activations("task=preference", "preference.loss=simpo")
+    assert pair_train == pytest.approx(2 * sft_train, abs=2) == simpo_train
+    assert simpo_eval == pytest.approx(2 * sft_eval, abs=2)  # eval scores both sequences of each pair
+    assert pair_eval == pytest.approx(8 * sft_eval, abs=8)  # the reference forward: the whole train batch (4 pairs, 8 rows) without gradients
