@@ -320,3 +320,18 @@ def test_the_estimator_counts_both_sequences_of_a_pair_and_the_reference_pass():
     assert pair_train == pytest.approx(2 * sft_train, abs=2) == simpo_train
     assert simpo_eval == pytest.approx(2 * sft_eval, abs=2)  # eval scores both sequences of each pair
     assert pair_eval == pytest.approx(8 * sft_eval, abs=8)  # the reference forward: the whole train batch (4 pairs, 8 rows) without gradients
+
+
+def test_pair_metrics_reach_metrics_jsonl_and_the_trackers():
+    from types import SimpleNamespace
+
+    from finetune.outputs import eval_metrics, step_metrics
+    from finetune.preference import PAIR_METRICS, pair_means
+    from finetune.tracking import scalars
+
+    means = pair_means([1.2, 0.4, -0.2, 0.6, 1.0, -30.0, -40.0, 2.0])  # sums over 2 pairs
+    assert means == {"loss": 0.6, "reward_chosen": 0.2, "reward_rejected": -0.1, "margin": 0.3, "accuracy": 0.5, "logp_chosen": -15.0, "logp_rejected": -20.0, "pairs": 2}
+    record = step_metrics(3, 0, 0.6, 1e-3, 100, 2.0, SimpleNamespace(current_bytes=1, peak_bytes=2), 0.5, means)
+    assert {key: record[key] for key in PAIR_METRICS if key != "loss"} == {key: means[key] for key in PAIR_METRICS if key != "loss"}
+    tags = scalars(record) | scalars(eval_metrics(3, means))
+    assert tags["train/margin"] == 0.3 and tags["train/accuracy"] == 0.5 and tags["eval/margin"] == 0.3 and tags["eval/logp_rejected"] == -20.0
