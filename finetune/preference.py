@@ -1,12 +1,12 @@
 """Preference training at run time: the log-probabilities of a batch of pairs, the objective's loss, and its metrics.
 
 A pair batch (finetune.data.collate) holds rows 2i (chosen) and 2i+1 (rejected) of pair i. The policy scores
-both in one forward. The reference, for objectives that need one (finetune.tasks.objectives), is the same
-model with its LoRA/QLoRA adapters off, run without gradients in the same step: no second model is held.
-Under full fine-tuning there are no adapters to switch off: the starting model's log-probabilities are computed once
-before training (attach_reference), cached beside the tokenized data, and each pair sample carries them into its
-batch (finetune.data.collate: `reference_logps`), so no second model is ever held. The metrics (PAIR_METRICS) are summed over pairs, so they add up over micro-batches and ranks; their means
-are what metrics.jsonl and the eval results report.
+both in one forward. The reference, for objectives that need one (finetune.tasks.objectives), is never a second
+model: under LoRA/QLoRA it is the same model with its adapters off, run without gradients in the same step;
+under full fine-tuning the starting model's log-probabilities are computed once before training
+(attach_reference), cached beside the tokenized data, and each pair carries them into its batch
+(finetune.data.REFERENCE). The metrics (PAIR_METRICS) are summed over pairs, so they add up over micro-batches
+and ranks; their means are what metrics.jsonl and the eval results report.
 """
 
 from __future__ import annotations
@@ -52,23 +52,24 @@ class PairObjective:
 
     Args:
         model: the (boosted) model the policy forward runs through.
-        adapters_off: a context in which `model` is the reference (its adapters disabled); None for objectives without one.
+        adapters_off: a context in which `model` is the reference (its adapters disabled); None for a model without
+            adapters, whose batches carry the reference log-probabilities (or whose objective needs none).
     """
 
     def __init__(self, objective: Objective, settings, model: nn.Module, adapters_off: Callable[[], ContextManager] | None) -> None:
         self.objective, self.settings, self.model, self.adapters_off = objective, settings, model, adapters_off
         self.step_sums: torch.Tensor | None = None  # PAIR_METRICS and the pair count of the training micro-batches so far
 
-    def _logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The summed log-probability of each row of a pair batch under the model as it stands: [2 * pairs]."""
-        return sequence_logps(self.model(**sequence_inputs(batch)).logits, batch["labels"])[0]
+    def _logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability, reply tokens) of each row of a pair batch under the model as it stands: [2 * pairs] each."""
+        return sequence_logps(self.model(**sequence_inputs(batch)).logits, batch["labels"])
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's summed log-probability of each row: the model with its adapters off, without gradients."""
         if self.adapters_off is None:
             raise ValueError(f"preference.loss={self.objective.name} needs reference log-probabilities: a model without adapters reads them from the batch (attach_reference)")
         with torch.no_grad(), self.adapters_off():
-            return self._logps(batch)
+            return self._logps(batch)[0]
 
     def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(loss, chosen reward, rejected reward, chosen log-prob, rejected log-prob) per pair; the reference pass first
@@ -77,7 +78,7 @@ class PairObjective:
         if self.objective.reference:
             logps = batch[REFERENCE] if REFERENCE in batch else self._reference_logps(batch)
             reference = (logps[0::2], logps[1::2])
-        sums, counts = sequence_logps(self.model(**sequence_inputs(batch)).logits, batch["labels"])
+        sums, counts = self._logps(batch)
         policy = sums / counts.clamp(min=1) if self.objective.length_normalized else sums
         loss, good, bad = self.objective.formula(policy[0::2], policy[1::2], *reference, self.settings)
         return loss, good, bad, sums[0::2], sums[1::2]
@@ -86,9 +87,10 @@ class PairObjective:
         """(mean loss over the batch's pairs, float64 sums of PAIR_METRICS and the pair count); eval filler pairs (no label token) count nowhere."""
         loss, good, bad, logp_chosen, logp_rejected = self.pair_terms(batch)
         kept = (batch["labels"][0::2, 1:] != IGNORE_INDEX).any(-1)
-        values = torch.stack([loss, good, bad, good - bad, (good > bad).to(loss.dtype), logp_chosen, logp_rejected]).detach().double() * kept
+        # where, not a product: a filler pair has no reply token, and ORPO's odds of an empty reply are infinite
+        values = torch.where(kept, torch.stack([loss, good, bad, good - bad, (good > bad).to(loss.dtype), logp_chosen, logp_rejected]).detach().double(), 0.0)
         sums = torch.cat([values.sum(-1), kept.sum().double().reshape(1)])
-        return (loss * kept).sum() / kept.sum().clamp(min=1), sums
+        return torch.where(kept, loss, 0.0).sum() / kept.sum().clamp(min=1), sums
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a micro-batch (mean over its pairs); its metric sums add to step_sums."""

@@ -9,6 +9,7 @@ compare the tool's first step (build_run, the plugin's forward_backward) within 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,25 @@ def test_pair_metrics_reach_metrics_jsonl_and_the_trackers():
     assert {key: record[key] for key in PAIR_METRICS if key != "loss"} == {key: means[key] for key in PAIR_METRICS if key != "loss"}
     tags = scalars(record) | scalars(eval_metrics(3, means))
     assert tags["train/margin"] == 0.3 and tags["train/accuracy"] == 0.5 and tags["eval/margin"] == 0.3 and tags["eval/logp_rejected"] == -20.0
+
+
+@pytest.mark.parametrize("loss", list(OBJECTIVE_SETTINGS))
+def test_eval_filler_pairs_count_nowhere(loss, tmp_path, monkeypatch):
+    """Eval pads a rank's last batch with filler pairs (no reply token): they must not change any metric, not even
+    ORPO's, whose odds of an empty reply are infinite."""
+    from finetune.evaluation import evaluate_pairs
+    from finetune.model import build_model
+    from finetune.preference import pair_objective
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(["task=preference", f"data.train_path={write_pairs(tmp_path / 'pairs.jsonl')}", "model.name=tiny-gpt2", "method=full", f"preference.loss={loss}"], world_size=1)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    samples = build_data(cfg.data, tokenizer, load_splits(cfg.data, cfg.train.seed, cfg.task)).train[:5]
+    for sample in samples:  # the reference, as attach_reference leaves it: here the policy's own log-probs shifted
+        sample["reference_logps"] = [-30.0, -20.0]
+    objective = pair_objective(cfg, model.eval(), None)
+    forward = lambda batch: objective.batch_sums(batch)[1]  # noqa: E731
+    whole = evaluate_pairs(forward, samples, 5, tokenizer.pad_token_id, torch.device("cpu"), None)
+    padded = evaluate_pairs(forward, samples, 3, tokenizer.pad_token_id, torch.device("cpu"), None)  # a second batch of 2 pairs and a filler
+    assert whole["pairs"] == padded["pairs"] == 5
+    assert all(math.isfinite(whole[key]) and whole[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-6) for key in whole), (whole, padded)
