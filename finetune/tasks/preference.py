@@ -31,7 +31,7 @@ class PreferenceTask(LanguageModelingTask):
             messages = checked_messages(row, where)
             if messages[-1]["role"] != "user":
                 raise DataError(f"{where}: the conversation must end with a user message (chosen and rejected are the competing assistant replies to it)")
-            if next(m["role"] for m in messages if m["role"] != "system" or m is messages[-1]) != "user":
+            if next(m["role"] for m in messages if m["role"] != "system") != "user":
                 raise DataError(f"{where}: the conversation must open with a user message (after any system message)")
             prompt = {"messages": messages}
         else:

@@ -47,6 +47,7 @@ def ids(tok, text: str) -> list[int]:
         ({"prompt": "p", "chosen": 3, "rejected": "b"}, "row 2: field 'chosen' must be a string, got int"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "chosen": "a", "rejected": "b"}, "row 2: the conversation must end with a user message"),
         ({"messages": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"}, "row 2: message 1 field 'content' must be a string"),
+        ({"messages": [{"role": "assistant", "content": "yo"}, {"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}, "row 2: the conversation must open with a user message"),
     ],
 )
 def test_bad_rows_name_the_file_and_row(tmp_path, row, problem):
