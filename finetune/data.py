@@ -37,9 +37,11 @@ from finetune import assets, corpus
 from finetune.faults import Faults
 from finetune.config import BUILTIN_SOURCES, DataConfig, SliceBound, Source, parse_split_slice, train_sources
 from finetune.tasks import IGNORE_INDEX, DataError, LanguageModelingTask, Task, build_task  # noqa: F401 (IGNORE_INDEX, DataError: re-exported)
+from finetune.tasks.preference import REJECTED
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 NON_PAD_TOKENS = "non_pad_tokens"  # a batch entry that counts tokens for throughput; not a model input
+REFERENCE = "reference_logps"  # a pair sample's (and batch's) reference log-probabilities, chosen and rejected; not a model input
 
 
 @dataclass
@@ -253,14 +255,14 @@ def mixture_order(sizes: list[int], weights: list[float], seed: int) -> list[tup
 MAX_CHARS_PER_TOKEN = 64
 
 
-def cap_text(value, limit: int):
-    """A record (or any of its values) with every string cut to `limit` characters."""
+def cap_text(value, limit: int, keep_end: bool = False):
+    """A record (or any of its values) with every string cut to `limit` characters: its start, or its end with keep_end."""
     if isinstance(value, str):
-        return value[:limit]
+        return value[-limit:] if keep_end else value[:limit]
     if isinstance(value, list):
-        return [cap_text(v, limit) for v in value]
+        return [cap_text(v, limit, keep_end) for v in value]
     if isinstance(value, dict):
-        return {k: cap_text(v, limit) for k, v in value.items()}
+        return {k: cap_text(v, limit, keep_end) for k, v in value.items()}
     return value
 
 
@@ -290,7 +292,7 @@ def _tokenize(task: Task, tokenizer, units: list[tuple[int, dict]], cfg_data: Da
     result.stats[:, :2] = 0
     for group, record in tqdm(units, desc="tokenize", disable=not progress, mininterval=2, dynamic_ncols=True):
         # A multi-megabyte row would otherwise be tokenized in full only to be cut to max_length.
-        capped = cap_text(record, cfg_data.max_length * MAX_CHARS_PER_TOKEN)
+        capped = {k: cap_text(v, cfg_data.max_length * MAX_CHARS_PER_TOKEN, k in task.keeps_end) for k, v in record.items()}
         try:
             sample, length = task.tokenize(tokenizer, capped, cfg_data.max_length)
         except DataError as err:
@@ -300,7 +302,7 @@ def _tokenize(task: Task, tokenizer, units: list[tuple[int, dict]], cfg_data: Da
         stats = result.stats[group]
         if stats[2] < 0 or (length, record["_row"]) < (stats[2], stats[3]):
             stats[2:] = length, record["_row"]
-        if length > cfg_data.max_length and cfg_data.truncation == "drop":
+        if sample is None or (length > cfg_data.max_length and cfg_data.truncation == "drop"):
             stats[1] += 1
         elif isinstance(task, LanguageModelingTask) and all(label == IGNORE_INDEX for label in sample["labels"][1:]):
             stats[1] += 1  # the cut left no token to learn (a causal LM never predicts the first one)
@@ -417,7 +419,7 @@ def _writable(directory: Path) -> bool:
 
 # --- cache: one .npz per (files, tokenizer, settings); flat int arrays, no pickle ---------------------------------
 
-CACHE_FORMAT = 2  # 2: samples of every source and split in one list, with their group and per-group counts
+CACHE_FORMAT = 3  # 2: samples of every source and split in one list, with their group and per-group counts; 3: preference pairs
 _CODE = [Path(__file__), Path(corpus.__file__), *sorted((Path(__file__).parent / "tasks").glob("*.py"))]
 
 
@@ -461,23 +463,35 @@ def cache_path(cfg_data: DataConfig, splits: Splits, tokenizer) -> Path:
 
 
 def _flat(samples: list[dict]) -> dict[str, np.ndarray]:
-    arrays = {"lengths": np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)}
-    arrays["input_ids"] = np.array([t for s in samples for t in s["input_ids"]], dtype=np.int64)
     if samples and "label" in samples[0]:
+        arrays = _flat_sequences(samples, "")
         arrays["label"] = np.array([s["label"] for s in samples], dtype=np.int64)
-    else:
-        arrays["labels"] = np.array([t for s in samples for t in s["labels"]], dtype=np.int64)
+        return arrays
+    pairs = bool(samples) and REJECTED + "input_ids" in samples[0]
+    return {**_flat_sequences(samples, "", "labels"), **(_flat_sequences(samples, REJECTED, "labels") if pairs else {})}
+
+
+def _flat_sequences(samples: list[dict], prefix: str, *per_token: str) -> dict[str, np.ndarray]:
+    """One sequence of each sample (its keys start with `prefix`): lengths, then input_ids and each per-token key concatenated."""
+    arrays = {f"{prefix}lengths": np.array([len(s[f"{prefix}input_ids"]) for s in samples], dtype=np.int64)}
+    for key in ("input_ids", *per_token):
+        arrays[prefix + key] = np.array([t for s in samples for t in s[prefix + key]], dtype=np.int64)
     return arrays
 
 
 def _unflat(arrays) -> list[dict]:
-    offsets = np.concatenate([[0], np.cumsum(arrays["lengths"])]).tolist()
-    ids = arrays["input_ids"].tolist()
     if "label" in arrays:
-        labels = arrays["label"].tolist()
-        return [{"input_ids": ids[a:b], "label": label} for a, b, label in zip(offsets, offsets[1:], labels)]
-    token_labels = arrays["labels"].tolist()
-    return [{"input_ids": ids[a:b], "labels": token_labels[a:b]} for a, b in zip(offsets, offsets[1:])]
+        return [{**sample, "label": label} for sample, label in zip(_unflat_sequences(arrays, ""), arrays["label"].tolist())]
+    samples = _unflat_sequences(arrays, "", "labels")
+    if REJECTED + "lengths" in arrays:  # preference pairs: the rejected sequence beside the chosen one
+        samples = [{**chosen, **rejected} for chosen, rejected in zip(samples, _unflat_sequences(arrays, REJECTED, "labels"))]
+    return samples
+
+
+def _unflat_sequences(arrays, prefix: str, *per_token: str) -> list[dict]:
+    offsets = np.concatenate([[0], np.cumsum(arrays[f"{prefix}lengths"])]).tolist()
+    values = {prefix + key: arrays[prefix + key].tolist() for key in ("input_ids", *per_token)}
+    return [{key: tokens[a:b] for key, tokens in values.items()} for a, b in zip(offsets, offsets[1:])]
 
 
 def write_cache(path: Path, done: Tokenized) -> bool:
@@ -505,14 +519,25 @@ def masked(sample: dict) -> dict:
     """A copy of a sample that weighs nothing in a loss (eval filler)."""
     if "label" in sample:
         return {"input_ids": sample["input_ids"], "label": IGNORE_INDEX}
-    return {"input_ids": sample["input_ids"], "labels": [IGNORE_INDEX] * len(sample["labels"])}
+    return {key: [IGNORE_INDEX] * len(ids) if key.endswith("labels") else ids for key, ids in sample.items()}
+
+
+def sequences(sample: dict) -> list[dict]:
+    """The sequences a sample puts in a batch: itself, or a preference pair's chosen then rejected one."""
+    if REJECTED + "input_ids" not in sample:
+        return [sample]
+    return [{"input_ids": sample["input_ids"], "labels": sample["labels"]}, {"input_ids": sample[REJECTED + "input_ids"], "labels": sample[REJECTED + "labels"]}]
 
 
 def collate(samples: list[dict], pad_token_id: int, pad_to: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest sample (or to pad_to); padding is masked out of attention and labels.
 
     Classification samples give `labels` of shape [batch] (one class id each), LM samples [batch, tokens].
+    A preference pair gives two rows, chosen then rejected, side by side: rows 2i and 2i+1 are pair i, so any
+    split of the batch into an even number of rows (a pipeline's micro-batches) keeps each pair together.
     """
+    reference = [value for s in samples for value in s[REFERENCE]] if REFERENCE in samples[0] else None  # pairs under full fine-tuning
+    samples = [row for s in samples for row in sequences(s)]
     width = max(pad_to, max(len(s["input_ids"]) for s in samples))
     batch: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
     for s in samples:
@@ -520,7 +545,10 @@ def collate(samples: list[dict], pad_token_id: int, pad_to: int = 0) -> dict[str
         batch["input_ids"].append(s["input_ids"] + [pad_token_id] * pad)
         batch["labels"].append(s["label"] if "label" in s else s["labels"] + [IGNORE_INDEX] * pad)
         batch["attention_mask"].append([1] * len(s["input_ids"]) + [0] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    if reference is not None:
+        tensors[REFERENCE] = torch.tensor(reference, dtype=torch.float32)  # row by row, as the rows: chosen, rejected of each pair
+    return tensors
 
 
 def non_pad_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -532,7 +560,7 @@ def non_pad_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch the model takes."""
-    return {k: v for k, v in batch.items() if k != NON_PAD_TOKENS}
+    return {k: v for k, v in batch.items() if k not in (NON_PAD_TOKENS, REFERENCE)}
 
 
 def batches_forever(dataloader, grad_accum_steps: int, steps_per_epoch: int, start_step: int = 0):

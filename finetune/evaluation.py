@@ -19,6 +19,7 @@ from torch import nn
 
 from finetune.core.layout import Layout
 from finetune.data import IGNORE_INDEX, collate, masked
+from finetune.preference import PairObjective, pair_means, pair_objective
 
 # batch -> summed loss over its label tokens (a 0-dim tensor)
 BatchLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -102,8 +103,15 @@ def evaluate_classification(
     return {"loss": loss, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
 
 
+def evaluate_pairs(batch_sums: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
+    """Preference metrics over pair samples (finetune.preference.PAIR_METRICS, means over pairs; filler pairs count nowhere)."""
+    return pair_means(summed_over_ranks(batch_sums, samples, batch_size, pad_token_id, device, layout, pad_to).tolist())
+
+
 def evaluate_task(task, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
     """Eval metrics over samples for `task`, from `forward` (batch -> the task's eval_output) of the model under its plugin."""
+    if task.eval_output == "pairs":
+        return evaluate_pairs(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
     if task.eval_output == "logits":
         return evaluate_classification(forward, samples, batch_size, pad_token_id, device, layout, len(task.labels), pad_to)
     return evaluate(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
@@ -128,6 +136,8 @@ def eval_line(result: dict) -> str:
     if not finite(result):
         return f"not finite (loss {result['loss']}): the model's outputs hold NaN or inf"
     by_source = "".join(f", {key.removeprefix('loss/')} loss {value:.4f}" for key, value in result.items() if key.startswith("loss/"))  # a mixture's sources
+    if "margin" in result:  # preference pairs
+        return f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, margin {result['margin']:.4f}, rewards chosen {result['reward_chosen']:.4f} / rejected {result['reward_rejected']:.4f}{by_source}"
     if "accuracy" in result:
         return f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{by_source}"
     return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{by_source}"
@@ -167,6 +177,13 @@ def module_batch_loss(model: nn.Module) -> BatchLoss:
 def module_logits(model: nn.Module) -> BatchLogits:
     """Class logits of a plain (or data-parallel) classifier."""
     return lambda batch: model(**batch).logits
+
+
+def module_eval_forward(model: nn.Module, output: str, objective: PairObjective | None) -> Callable:
+    """A plain (or data-parallel) module's eval forward for a task's eval_output: its summed loss, class logits, or the pair metric sums of `objective`."""
+    if output == "pairs":
+        return lambda batch: objective.batch_sums(batch)[1]
+    return module_batch_loss(model) if output == "loss" else module_logits(model)
 
 
 @torch.no_grad()
@@ -242,7 +259,8 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
         reloaded.to(device)
     reloaded.eval()
     after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
-    forward = module_batch_loss(reloaded) if task.eval_output == "loss" else module_logits(reloaded)
+    objective = pair_objective(cfg, reloaded, reloaded if method.adapter else None) if task.pairs else None
+    forward = module_eval_forward(reloaded, task.eval_output, objective)
     probe_loss = evaluate_task(task, forward, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None)["loss"]
     generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]
     return {"loader": loader, "probe_loss": probe_loss, "generations": generations}

@@ -443,10 +443,11 @@ def resumed_history(writer: RunOutputs, start_step: int) -> tuple[list[int], lis
     return [r["step"] for r in train], [r["loss"] for r in train], evals
 
 
-def step_metrics(step: int, epoch: int, loss: float, lr: float, tokens: int, elapsed: float, memory, grad_norm: float | None = None) -> dict:
+def step_metrics(step: int, epoch: int, loss: float, lr: float, tokens: int, elapsed: float, memory, grad_norm: float | None = None, pairs: dict | None = None) -> dict:
     """A metrics.jsonl line of a training step (a step skipped for a non-finite loss says so).
 
     grad_norm: the global gradient norm clipping saw (before clipping); None without clipping (train.max_grad_norm=0).
+    pairs: preference runs: the step's pair metrics (finetune.preference.pair_means; its loss is `loss`).
     """
     import math
 
@@ -462,12 +463,13 @@ def step_metrics(step: int, epoch: int, loss: float, lr: float, tokens: int, ela
         "tokens_per_s": tokens / elapsed,
         "step_s": elapsed,
         "memory": {"current_bytes": memory.current_bytes, "peak_bytes": memory.peak_bytes},
+        **{k: v for k, v in (pairs or {}).items() if k != "loss"},
     }
 
 
 def eval_metrics(step: int, result: dict) -> dict:
     """A metrics.jsonl line of an eval result."""
-    return {"step": step, **{f"eval_{k}": v for k, v in result.items() if k not in ("tokens", "samples")}}
+    return {"step": step, **{f"eval_{k}": v for k, v in result.items() if k not in ("tokens", "samples", "pairs")}}
 
 
 def first_eval(writer: RunOutputs, result: dict, start_step: int) -> dict:

@@ -5,7 +5,8 @@
 Reads each run's summary.json (written by finetune/train.py at the end of a run) and writes
 DIR/STEM.md and DIR/STEM.png (default ./report.md, ./report.png); a file already there is
 replaced only with --overwrite. Works for every task: the best eval
-is accuracy (with macro-F1) for classification and loss (with perplexity) for language modelling.
+is accuracy (with macro-F1) for classification, preference accuracy (with the reward margin) for preference
+pairs and loss (with perplexity) for language modelling.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Row:
     world_size: int
     epochs: float | None
     steps: int
-    metric_name: str  # "accuracy" or "eval loss"
+    metric_name: str  # "accuracy", "preference accuracy" or "eval loss"
     metric: float
     metric_detail: str  # macro-F1 or perplexity, and the step of the best eval
     peak_gb_per_rank: list[float]  # one entry per rank; rank 0's alone for runs written before per-rank peaks
@@ -71,12 +72,14 @@ def setting_name(summary: dict) -> str:
 
 
 def best_metric(summary: dict) -> tuple[str, float, str]:
-    """(name, value, detail) of the run's best eval: accuracy for classification, loss for LM tasks."""
+    """(name, value, detail) of the run's best eval: accuracy for classification and preference pairs, loss for LM tasks."""
     best = summary["eval"]["best"]
     if best is None:  # every eval of the run was non-finite
         return "eval loss", float("nan"), "no finite eval"
     step = f"step {best['step']}" if "step" in best else ""
     step += "".join(f"; {key.removeprefix('loss/')} loss {value:.3f}" for key, value in best.items() if key.startswith("loss/"))  # a mixture's sources
+    if "margin" in best:  # preference pairs
+        return "preference accuracy", best["accuracy"], f"margin {best['margin']:.3f}, {step}"
     if "accuracy" in best:
         return "accuracy", best["accuracy"], f"macro-F1 {best['macro_f1']:.3f}, {step}"
     return "eval loss", best["loss"], f"ppl {best['perplexity']:.2f}, {step}"

@@ -23,6 +23,7 @@ from finetune.packing import collate_packed, pack
 from finetune.parallel import PLUGINS
 from finetune.parallel.base import Plugin
 from finetune.preemption import Preemption
+from finetune.preference import PairObjective, pair_objective
 from finetune.tasks import Task
 
 
@@ -48,6 +49,7 @@ class Run:
     parameter_counts: tuple[int, int]  # (trainable, total) of the model as built, before a plugin sharded it
     faults: Faults
     preemption: Preemption | None  # SIGTERM / SIGUSR1: stop after the current step with a checkpoint; None: no handler (no fit())
+    objective: PairObjective | None = None  # preference pairs: the loss and its metrics; None: the model's own loss
 
     @property
     def state(self) -> TrainState:
@@ -130,10 +132,11 @@ def build_run(
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
+    objective = pair_objective(cfg, model, model.unwrap(unwrap_peft=False) if lora_config else None) if task.pairs else None
     run = Run(
         cfg=cfg, plugin=plugin_spec, method=method, task=task, plan=parallel_plan(cfg, world_size), layout=layout, booster=booster, model=model,
         optimizer=optimizer, scheduler=scheduler, device=device, pad_to=pad_to, lora_config=lora_config, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, parameter_counts=parameter_counts, faults=faults, preemption=preemption,
+        total_steps=total_steps, parameter_counts=parameter_counts, faults=faults, preemption=preemption, objective=objective,
     )
     if pending:
         with checkpoint.failing_together():  # a weight missing from one rank's stage stops every rank with its line

@@ -50,6 +50,7 @@ from finetune.outputs import output_problems
 from finetune.packing import packed_attention
 from finetune.parallel import PLUGINS
 from finetune.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
+from finetune.preference import attach_reference, pair_means, stores_reference
 from finetune.profiler import MemoryProfiler
 from finetune.quantization import format_weight_bytes, weight_bytes
 from finetune.run import Run, build_run
@@ -167,14 +168,15 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
             memory = profiler.record_step(step)
             # One rank per data-parallel replica counts, so TP/PP ranks that share a batch count it once.
             rows = sum(len(b["input_ids"]) for b in micro_batches)  # sequences (packed rows under packing)
-            loss_sum, token_sum, row_sum = all_reduce_sum([loss, tokens, rows] if run.layout.counts else [0.0, 0.0, 0.0], run.device)
+            sums = [loss, tokens, rows, *(run.objective.take_step_sums() if run.objective else [])]  # preference: the pair metric sums
+            loss_sum, token_sum, row_sum, *pair_sums = all_reduce_sum(sums if run.layout.counts else [0.0] * len(sums), run.device)
             mean_loss = loss_sum / run.layout.dp_size
             train_tokens, train_rows, train_s = train_tokens + int(token_sum), train_rows + int(row_sum), train_s + elapsed
             if math.isfinite(mean_loss):  # a non-finite one was skipped under train.on_nan=skip (stop raised in train_step)
                 steps.append(step)
                 losses.append(mean_loss)
             if is_main() and (not math.isfinite(mean_loss) or step % cfg.train.log_every == 0 or step == total_steps):
-                writer.log_metrics(outputs.step_metrics(step, epoch, mean_loss, run.scheduler.get_last_lr()[0], int(token_sum), elapsed, memory, grad_norm))
+                writer.log_metrics(outputs.step_metrics(step, epoch, mean_loss, run.scheduler.get_last_lr()[0], int(token_sum), elapsed, memory, grad_norm, pair_means(pair_sums) if pair_sums else None))
             progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{token_sum / elapsed:.0f}")
             progress.update()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
@@ -260,6 +262,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")
+    if stores_reference(run.objective):  # full fine-tuning: the starting model scores the pairs, before a resume loads trained weights
+        log(f"reference log-probabilities: {attach_reference(cfg, run.model, run.layout, data.train + data.eval, cfg.eval.batch_size, tokenizer.pad_token_id, device)}")
     start_step, position_line = checkpoint.load_checkpoint(run, resume) if resume else (0, "")
     if position_line:  # another global batch: the batch sequence cannot continue exactly
         log(position_line)

@@ -87,6 +87,19 @@ def write_classification_file(path: Path, n: int = 96) -> Path:
     return path
 
 
+PAIR_WORDS = ["the", "cat", "dog", "red", "blue", "sun", "one", "two"]
+
+
+def write_pairs(path: Path, n: int = 40) -> Path:
+    """Pairs whose chosen reply repeats the prompt's words and whose rejected one does not; plain and chat records alternate."""
+    with path.open("w") as f:
+        for i in range(n):
+            a, b, c = PAIR_WORDS[i % 8], PAIR_WORDS[(i // 8 + i + 1) % 8], PAIR_WORDS[(3 * i + 2) % 8]
+            prompt = {"prompt": f"Repeat: {a} {b} {c} ({i})\n"} if i % 2 else {"messages": [{"role": "user", "content": f"Repeat: {a} {b} {c} ({i})"}]}
+            f.write(json.dumps({**prompt, "chosen": f"{a} {b} {c}", "rejected": " ".join([c] * (1 + i % 4))}) + "\n")
+    return path
+
+
 def hostfile(tmp_path, text: str) -> str:
     path = tmp_path / "hosts"
     path.write_text(text)

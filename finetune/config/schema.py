@@ -20,6 +20,7 @@ from finetune.core.plugins import SPECS
 from finetune.errors import SHOWN_CHARS, FinetuneError, shown
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.tasks import TASKS as TASK_REGISTRY
+from finetune.tasks.objectives import OBJECTIVES
 
 TASKS = tuple(TASK_REGISTRY)
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -52,6 +53,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data.truncation": TRUNCATION,
         "quantization.quant_type": ("nf4", "fp4"),
         "quantization.compute_dtype": ("auto", *PRECISIONS),
+        "preference.loss": tuple(OBJECTIVES),
     }
 
 
@@ -162,6 +164,17 @@ class TrainConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """task=preference: the objective and its settings (formulas: docs/preference.md)."""
+
+    loss: str = "dpo"  # dpo | ipo | hinge | simpo | orpo
+    beta: float = 0.1  # the reward scale (DPO, IPO's 1/(2 beta) target, hinge, SimPO; ORPO: rewards as reported)
+    label_smoothing: float = 0.0  # DPO only: conservative DPO's label-flip probability, in [0, 0.5)
+    simpo_gamma: float = 0.5  # SimPO only: the target reward margin
+    orpo_lambda: float = 0.1  # ORPO only: weight of the odds-ratio term beside the SFT loss on chosen
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 20  # 0: evaluate only before and after training
     batch_size: int = 8
@@ -213,6 +226,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -22,6 +22,7 @@ from finetune.config.schema import (
     ConfigError,
     DataConfig,
     ModelConfig,
+    PreferenceConfig,
     QuantizationConfig,
     build_config,
     choices,
@@ -35,6 +36,7 @@ from finetune.errors import shown
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.sources import adapter_config_problem, cached_config_file, hub_offline, hub_unavailable_line, is_hub_id, weights_dir_problem
 from finetune.tasks import TASKS as TASK_REGISTRY
+from finetune.tasks.objectives import OBJECTIVES
 
 ENV_PATTERN = re.compile(r"^[A-Za-z_*?][A-Za-z0-9_*?]*$")  # a launch.forward_env entry
 
@@ -105,6 +107,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     problems += _init_adapter_problems(cfg)
     problems += _lora_variant_problems(cfg)
     problems += tracking_problems(cfg)
+    problems += preference_problems(cfg, names)
     name = cfg.model.name
     # Named configs get the GPT-2 BPE tokenizer (50,257 tokens); a smaller vocabulary (Llama-2's 32,000)
     # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
@@ -204,6 +207,32 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
     if targets and sorted(saved.get("target_modules") or []) != sorted(targets):
         return [f"lora.init_from: the adapter in {path} adapts {sorted(saved.get('target_modules') or [])}, this run {sorted(targets)}; set lora.target_modules to match"]
     return []
+
+
+def preference_problems(cfg: Config, names: dict[str, tuple[str, ...]]) -> list[str]:
+    """The `preference` section: a known objective, numbers in range, no setting the objective ignores; what task=preference cannot do yet."""
+    settings, problems = cfg.preference, _named_problems(cfg, names, ("preference.loss",))
+    for key in ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda"):
+        if not math.isfinite(getattr(settings, key)):
+            problems.append(f"preference.{key}: must be a finite number, got {getattr(settings, key)}")
+    if problems:
+        return problems
+    if settings.beta <= 0:
+        problems.append(f"preference.beta: must be positive, got {settings.beta}")
+    if not 0 <= settings.label_smoothing < 0.5:
+        problems.append(f"preference.label_smoothing: must be in [0, 0.5), got {settings.label_smoothing}")
+    if settings.orpo_lambda < 0:
+        problems.append(f"preference.orpo_lambda: must not be negative, got {settings.orpo_lambda}")
+    objective, defaults = OBJECTIVES[settings.loss], PreferenceConfig()
+    for key in ("label_smoothing", "simpo_gamma", "orpo_lambda"):
+        if getattr(settings, key) != getattr(defaults, key) and key not in objective.settings:
+            problems.append(f"preference.{key}: preference.loss={settings.loss} does not use it; drop it or choose an objective that does")
+    task = TASK_REGISTRY.get(cfg.task)
+    if not (task and task.pairs):
+        return problems
+    if cfg.data.packing:
+        problems.append("data.packing=true with task=preference: a pair's two sequences are scored whole, side by side; set data.packing=false")
+    return problems
 
 
 def tracking_problems(cfg: Config) -> list[str]:

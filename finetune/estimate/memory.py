@@ -14,6 +14,8 @@ from finetune.core.layout import Placement, half_precision
 from finetune.core.plugins import SPECS
 from finetune.estimate.shape import ModelShape, cached_model_shape
 from finetune.methods import method_named
+from finetune.tasks import TASKS
+from finetune.tasks.objectives import OBJECTIVES
 
 GIB = 1024**3
 MIB = 1024**2
@@ -329,7 +331,9 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     The training peak is at the loss in backward, with the activations of every micro-batch in flight
     on this rank still saved; checkpointing keeps only each layer's input and recomputes one layer.
     """
-    tokens = cfg.train.batch_size // place.microbatches * seq
+    task = TASKS[cfg.task]
+    rows = cfg.train.batch_size * task.sequences_per_sample  # preference pairs: a chosen and a rejected row per sample
+    tokens = rows // place.microbatches * seq
     eager_under_shardformer = SPECS[cfg.plugin.name].shardformer and not architecture(shape.model_type).sdpa_under_shardformer  # see model.attention_for
     attention = "eager" if cfg.model.attn_implementation == "eager" or eager_under_shardformer else "sdpa"
     layer = layer_activation_bytes(shape, place, seq, device, attention)
@@ -339,7 +343,9 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     autocast = 2 * share.matmul if place.autocast_copies else 0
     train = tokens * (layers_held * layer + outside + loss) + autocast
     checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside + max(loss, layer)) + autocast
-    eval_tokens = (cfg.train.batch_size if place.pp > 1 else cfg.eval.batch_size) * seq  # pipelines evaluate at the train batch
+    eval_tokens = (cfg.train.batch_size if place.pp > 1 else cfg.eval.batch_size) * task.sequences_per_sample * seq  # pipelines evaluate at the train batch
+    if task.pairs and OBJECTIVES[cfg.preference.loss].reference:  # the reference pass: the step's batch forward without gradients, before the policy's
+        eval_tokens = max(eval_tokens, rows * seq)
     evaluation = eval_tokens * (eval_peak_bytes(shape, place) if share.last else outside)
     return train, checkpointed, evaluation
 

@@ -99,7 +99,7 @@ class Plugin(PluginSpec):
             defer = i < len(micro_batches) - 1 and booster.plugin.support_no_sync()
             with booster.no_sync(model, optimizer) if defer else contextlib.nullcontext():
                 with autocast:
-                    loss = model(**model_inputs(batch)).loss / len(micro_batches)
+                    loss = (run.objective.loss(batch) if run.objective else model(**model_inputs(batch)).loss) / len(micro_batches)
                 booster.backward(loss, optimizer)
             loss_sum += loss.item()
         return loss_sum
@@ -129,10 +129,10 @@ class Plugin(PluginSpec):
         return checks.fingerprints(module)
 
     def eval_forward(self, run: Run, output: str) -> Callable:
-        """batch -> the summed loss ("loss") or the class logits ("logits") of the boosted model in eval mode."""
-        from finetune.evaluation import module_batch_loss, module_logits
+        """batch -> the summed loss ("loss"), the class logits ("logits") or the pair metric sums ("pairs") of the boosted model in eval mode."""
+        from finetune.evaluation import module_eval_forward
 
-        return module_batch_loss(run.model) if output == "loss" else module_logits(run.model)
+        return module_eval_forward(run.model, output, run.objective)
 
     # Checkpoint IO: what a checkpoint and final/ hold, written and read through a TrainState (model, optimizer,
     # and how they were built), never the whole Run, so a round trip runs in-process on its own.

@@ -8,6 +8,7 @@ from finetune.tasks.base import IGNORE_INDEX, DataError, LanguageModelingTask, T
 from finetune.tasks.chat import ChatTask
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.instruction import InstructionTask
+from finetune.tasks.preference import PreferenceTask
 from finetune.tasks.summarization import SummarizationTask
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ TASKS: dict[str, type[Task]] = {
     "summarization": SummarizationTask,
     "chat": ChatTask,
     "classification": ClassificationTask,
+    "preference": PreferenceTask,
 }
 
 __all__ = ["IGNORE_INDEX", "TASKS", "DataError", "LanguageModelingTask", "Task", "build_task"]

@@ -2,7 +2,8 @@
 
 A task turns one checked record into one tokenized sample:
   - causal-LM tasks: {input_ids, labels}, labels -100 wherever the loss must not look;
-  - classification: {input_ids, label}, label an index into the run's label set.
+  - classification: {input_ids, label}, label an index into the run's label set;
+  - preference pairs: the chosen sequence as {input_ids, labels}, the rejected one as {rejected_input_ids, rejected_labels}.
 Tasks import no torch: they work on token-id lists, so config validation can read the registry.
 """
 
@@ -39,6 +40,9 @@ class Task:
 
     name: str = ""
     classification: bool = False
+    keeps_end: tuple[str, ...] = ()  # record fields whose text keeps its end when an over-long record is cut (prompts)
+    sequences_per_sample: int = 1  # rows a sample puts in a batch (the estimator's batch)
+    pairs: bool = False  # a sample is a preference pair (chosen and rejected sequences), trained by a preference objective
     fields: str = ""  # the record layout, for error messages and docs
 
     @classmethod
@@ -58,8 +62,8 @@ class Task:
         """What may not appear on both sides of a held-out split (e.g. the prompt)."""
         raise NotImplementedError
 
-    def tokenize(self, tokenizer, record: dict, max_length: int) -> tuple[dict, int]:
-        """(sample cut to max_length, the sample's full length in tokens)."""
+    def tokenize(self, tokenizer, record: dict, max_length: int) -> tuple[dict | None, int]:
+        """(sample cut to max_length, or None when nothing of it can be kept; the sample's full length in tokens)."""
         raise NotImplementedError
 
     def prepare_tokenizer(self, tokenizer) -> None:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import checkpoint
-from tests.conftest import read_metrics, read_summary, run_grouped, run_train, selected_params, write_classification_file, write_instruction_file
+from tests.conftest import read_metrics, read_summary, run_grouped, run_train, selected_params, write_classification_file, write_instruction_file, write_pairs
 
 STEPS = 8
 
@@ -91,6 +91,8 @@ RESUME_CASES = {
     "fsdp_lora": (2, ["--config", "booster_configs/fsdp.yaml", "model.name=tiny-llama", "method=lora"], FP32),
     # the adapter and the trained classification head (peft modules_to_save) both resume
     "zero1_classification_lora": (2, ["--config", "booster_configs/zero1.yaml", "model.name=tiny-roberta", "method=lora", "task=classification"], FP32),
+    # preference pairs: DPO's reference is the model with its adapter off, in the same step
+    "ddp_dpo_lora": (2, ["model.name=tiny-llama", "method=lora", "task=preference", "lora.dropout=0"], FP32),
 }
 
 
@@ -106,6 +108,8 @@ def resumed_runs(request, tmp_path_factory) -> dict[str, dict]:
         nproc, extra, _ = RESUME_CASES[case]
         if "task=classification" in extra:
             extra = [*extra, f"data.train_path={write_classification_file(root / f'{case}.csv')}"]
+        if "task=preference" in extra:
+            extra = [*extra, f"data.train_path={write_pairs(root / f'{case}.jsonl')}"]
         runs[case] = {"nproc": nproc, "extra": extra, "reference": root / case / "reference", "crashed": root / case / "crashed"}
     done = run_grouped({case: (run["nproc"], run_args(data, run["reference"], run["extra"])) for case, run in runs.items()}, root / "references")
     for case, run in runs.items():

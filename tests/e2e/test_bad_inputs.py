@@ -25,6 +25,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "bad_row.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     (root / "wrong_type.jsonl").write_text('{"instruction": "a", "output": 3}\n')
+    (root / "same_replies.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "x", "rejected": "x"}\n')
     (root / "not_json.json").write_text("{this is not json")
     (root / "data.txt").write_text("instruction,output\n")
     (root / "no_config").mkdir()
@@ -97,6 +98,9 @@ TRAIN_CASES = {
     "missing_field": (lambda w: [f"data.train_path={w['root'] / 'bad_row.jsonl'}"], "row 2: missing field 'output'"),
     "wrong_field_type": (lambda w: [f"data.train_path={w['root'] / 'wrong_type.jsonl'}"], "row 1: field 'output' must be a string"),
     "not_json": (lambda w: [f"data.train_path={w['root'] / 'not_json.json'}"], "not_json.json line 1: not valid JSON ("),
+    # preference pairs
+    "pair_with_same_replies": (lambda w: ["task=preference", f"data.train_path={w['root'] / 'same_replies.jsonl'}"], "same_replies.jsonl row 2: fields 'chosen' and 'rejected' are the same text"),
+    "setting_the_objective_ignores": (lambda w: ["task=preference", "preference.loss=simpo", "preference.label_smoothing=0.1"], "preference.label_smoothing: preference.loss=simpo does not use it"),
     # model
     "missing_model": (lambda w: ["model.name=/nonexistent/model"], "is not a named model"),
     "dir_without_config": (lambda w: [f"model.name={w['root'] / 'no_config'}"], "has no config.json"),

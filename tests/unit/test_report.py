@@ -66,3 +66,11 @@ def test_report_never_replaces_a_file_unasked(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {out / 'report.md'}: exists; pass --overwrite to replace it, or choose another --out or --name\n"
     assert (out / "report.md").read_text() == "my own notes" and not (out / "report.png").exists()
     assert main([str(good), "--out", str(out), "--overwrite"]) == 0 and (out / "report.md").read_text().startswith("| run |")
+
+
+def test_report_shows_a_preference_runs_accuracy_and_margin(tmp_path):
+    best = {"step": 20, "loss": 0.6, "reward_chosen": 0.2, "reward_rejected": -0.1, "margin": 0.3, "accuracy": 0.75, "logp_chosen": -20.0, "logp_rejected": -25.0, "pairs": 8}
+    run = write_run(tmp_path / "dpo", "torch_ddp", {}, 2, best, [GB, GB], method="lora")
+    assert main([str(run), "--out", str(tmp_path / "out"), "--name", "dpo"]) == 0
+    row = (tmp_path / "out" / "dpo.md").read_text().splitlines()[2].split(" | ")
+    assert row[5] == "preference accuracy 0.7500 (margin 0.300, step 20)"

@@ -1,0 +1,94 @@
+"""DPO with LoRA on 2 gloo ranks under torch_ddp, ZeRO-2 and FSDP matches a plain single-process PyTorch loop.
+
+Each case trains test_fidelity's STEPS steps through finetune/train.py's main (one shared torchrun launch:
+tests/run_many.py). The reference repeats the same global batches (the distributed samplers' shards, put
+together) in this process: the policy is the base with a peft adapter, the reference a second copy of the
+base, DPO's loss written here (tests/unit/test_preference.paper_formula), AdamW, the same schedule and
+clipping. A pair loss is a mean over pairs and every rank holds as many pairs, so the data-parallel mean is
+the global one whatever the pairs' lengths. Losses, the pair metrics of every step and the saved adapter
+must match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import load_config
+from finetune.data import build_data, collate, load_splits
+from finetune.model import build_lora_config, build_model
+from tests.conftest import read_metrics, run_grouped, write_pairs
+from tests.distributed.test_fidelity import STEPS, run_args
+from tests.unit.test_preference import paper_formula, plain_logps
+
+pytestmark = pytest.mark.distributed
+
+CASES = {"ddp": "torch_ddp", "zero2": "zero2", "fsdp": "fsdp"}
+EXTRA = ["task=preference", "preference.beta=0.5", "preference.label_smoothing=0.1", "data.eval_fraction=0.2"]
+
+
+def dpo_reference(args: list[str], dp_size: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Plain single-process DPO on the same global batches: per step {loss, margin, accuracy}, and the trained adapter."""
+    from peft import get_peft_model, get_peft_model_state_dict
+    from torch.utils.data import DistributedSampler
+    from transformers import get_scheduler
+
+    cfg = load_config(args, world_size=2)
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
+    base, tokenizer = build_model(cfg.model, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    policy = get_peft_model(base, build_lora_config(base, cfg.lora))
+    reference_model, _ = build_model(cfg.model, cfg.train.seed)
+    data = build_data(cfg.data, tokenizer, splits)
+    shards = [list(DistributedSampler(data.train, num_replicas=dp_size, rank=r, shuffle=True, seed=cfg.train.seed)) for r in range(dp_size)]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=STEPS)
+    steps, size = [], cfg.train.batch_size
+    policy.train()
+    for step in range(STEPS):
+        batch = collate([data.train[i] for shard in shards for i in shard[step * size : (step + 1) * size]], tokenizer.pad_token_id)
+        with torch.no_grad():
+            reference_sums, _ = plain_logps(reference_model, batch)
+        sums, counts = plain_logps(policy, batch)
+        per_pair, good, bad = paper_formula("dpo", cfg.preference, ((sums[0::2], sums[1::2]), (counts[0::2], counts[1::2])), (reference_sums[0::2], reference_sums[1::2]))
+        loss = per_pair.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        steps.append({"loss": loss.item(), "margin": (good - bad).mean().item(), "accuracy": (good > bad).float().mean().item()})
+    return steps, get_peft_model_state_dict(policy)
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory) -> dict[str, tuple[list[str], object]]:
+    root = tmp_path_factory.mktemp("preference")
+    data = write_pairs(root / "pairs.jsonl", 64)  # every step within the first epoch: the reference does not reshuffle
+    runs = {case: (2, run_args(config, "tiny-llama", "lora", EXTRA, data, root / case)) for case, config in CASES.items()}
+    results = run_grouped(runs, root / "launches")
+    return {case: (args, results[case]) for case, (_, args) in runs.items()}
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("case", list(CASES))
+def test_dpo_lora_matches_the_single_process_reference(case, dpo_runs):
+    args, result = dpo_runs[case]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    out = Path(load_config(args, world_size=2).output_dir)
+    logged = [m for m in read_metrics(out) if "loss" in m]
+    expected, adapter = dpo_reference(args, dp_size=2)
+    assert len(logged) == STEPS
+    for step, (got, want) in enumerate(zip(logged, expected), start=1):
+        for key in ("loss", "margin", "accuracy"):
+            assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), f"step {step}: {key} {got[key]} vs reference {want[key]}"
+    moved = max(value.abs().max().item() for key, value in adapter.items() if "lora_B" in key)  # lora_B starts at 0: the policy starts as the reference
+    assert moved > 1e-3 and len({round(s["loss"], 4) for s in expected}) > 2, "the policy did not move off the reference: the comparison would prove little"
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    assert saved.keys() == adapter.keys()
+    worst = max((saved[k] - adapter[k]).abs().max().item() for k in saved)
+    assert worst <= 1e-4, f"the saved adapter differs from the reference's by {worst}"
