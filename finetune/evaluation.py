@@ -169,25 +169,25 @@ def module_logits(model: nn.Module) -> BatchLogits:
     return lambda batch: model(**batch).logits
 
 
-@torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
     """Greedy completions of fixed prompts (token ids), one at a time (no padding effects), on this rank alone."""
+    return [text for prompt in prompts for text in generate_batch(model, tokenizer, [prompt], max_new_tokens, device)]
+
+
+@torch.no_grad()
+def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Completions of prompts (token ids) generated together, left-padded: greedy at temperature 0, else sampled
+    from the global torch RNG (seed it first for repeatable samples); each decoded without special tokens, stripped."""
     was_training = model.training
     model.eval()
-    texts = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
     model.train(was_training)
-    return texts
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}

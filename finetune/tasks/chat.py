@@ -41,23 +41,29 @@ def _messages(row: dict, where: str) -> list:
     return value
 
 
+def checked_messages(row: dict, where: str) -> list[dict]:
+    """The row's `messages` as clean {role, content} dicts: a non-empty list, known roles, non-blank string contents."""
+    messages = []
+    for i, message in enumerate(_messages(row, where), start=1):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: message {i} must be a {{role, content}} object, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: message {i} has role {shown(role)}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {i} field 'content' must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise DataError(f"{where}: message {i} field 'content' is empty")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
 class ChatTask(LanguageModelingTask):
     name = "chat"
     fields = "{messages: [{role, content}, ...]}"
 
     def check(self, row: dict, where: str) -> dict:
-        messages = []
-        for i, message in enumerate(_messages(row, where), start=1):
-            if not isinstance(message, dict):
-                raise DataError(f"{where}: message {i} must be a {{role, content}} object, got {type(message).__name__}")
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLES:
-                raise DataError(f"{where}: message {i} has role {shown(role)}; expected one of {', '.join(ROLES)}")
-            if not isinstance(content, str):
-                raise DataError(f"{where}: message {i} field 'content' must be a string, got {type(content).__name__}")
-            if not content.strip():
-                raise DataError(f"{where}: message {i} field 'content' is empty")
-            messages.append({"role": role, "content": content})
+        messages = checked_messages(row, where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: no assistant message, so nothing to train on")
         if next(m["role"] for m in messages if m["role"] != "system") != "user":

@@ -1,0 +1,134 @@
+"""Using what a run trained (issue 28): finetune.generate and finetune.evaluate on tiny runs trained once per module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from finetune.tasks import TASKS
+from tests.conftest import read_summary, run_python, run_train, write_instruction_file
+
+MAX_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny LoRA run (with a checkpoint) and one full fine-tune of tiny-llama, each with 4 generation prompts."""
+    root = tmp_path_factory.mktemp("inference")
+    data = write_instruction_file(root / "train.jsonl")
+    common = [f"data.train_path={data}", "data.eval_fraction=0.25", "model.name=tiny-llama", "train.max_steps=8", "train.batch_size=4", "train.warmup_steps=1"]
+    common += ["eval.num_generation_prompts=4", f"eval.max_new_tokens={MAX_NEW_TOKENS}"]
+    # learning rates at which the greedy answers after training are neither the untrained ones nor empty
+    settings = {"lora": ["method=lora", "train.lr=3e-3", "lora.dropout=0", "checkpoint.every_steps=8"], "full": ["method=full", "train.lr=1e-3"]}
+    for name, extra in settings.items():
+        result = run_train([*common, *extra, f"output_dir={root / name}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {"data": data, "lora": root / "lora", "full": root / "full"}
+
+
+def generation_inputs(run: Path, data: Path) -> tuple[list[dict], list[dict]]:
+    """(the run's generations.json, for each its record of the data file in the instruction layout)."""
+    task = TASKS["instruction"]()
+    records = {task.prompt_text(task.check(row, "")): row for row in map(json.loads, data.read_text().splitlines())}
+    generations = json.loads((run / "generations.json").read_text())
+    return generations, [records[g["prompt"]] for g in generations]
+
+
+def generate(source, input: Path, output: Path, *extra: str, env: dict | None = None):
+    return run_python(["-m", "finetune.generate", str(source), "--input", str(input), "--output", str(output), *extra], env=env, timeout=300)
+
+
+def responses(output: Path) -> list[str]:
+    return [json.loads(line)["response"] for line in output.read_text().splitlines()]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_generate_greedy_equals_the_runs_own_generations(runs, tmp_path):
+    """Batched and left-padded, the run dir, a checkpoint, final/ and the base model give the run's before/after answers."""
+    for run, sources in (("lora", ["", "checkpoints/step_00000008"]), ("full", ["final"])):
+        generations, rows = generation_inputs(runs[run], runs["data"])
+        assert len(generations) == 4 and len({g["after"] for g in generations} | {g["before"] for g in generations}) > 2  # not all alike, none trivially equal
+        prompts = tmp_path / f"{run}.jsonl"
+        prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        for source in sources:
+            output = tmp_path / f"{run}-{source.replace('/', '-')}.out.jsonl"
+            result = generate(runs[run] / source, prompts, output, "--max-new-tokens", str(MAX_NEW_TOKENS))
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert responses(output) == [g["after"] for g in generations], source
+            assert [{k: v for k, v in json.loads(line).items() if k != "response"} for line in output.read_text().splitlines()] == rows
+    base = tmp_path / "base.out.jsonl"
+    result = generate("tiny-llama", prompts, base, "--max-new-tokens", str(MAX_NEW_TOKENS))  # the runs' base: the same seed, the same init
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert responses(base) == [g["before"] for g in generations]
+    assert any(g["before"] for g in generations) and any(g["after"] for g in generations)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_generate_killed_half_way_then_resumed_writes_the_uninterrupted_file(runs, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Repeat the word {word} twice."} for word in ("apple", "river", "stone", "cloud", "green")]
+    rows += [{"messages": [{"role": "user", "content": "Say hello."}]}] + [json.loads(line) for line in runs["data"].read_text().splitlines()[:4]]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sampling = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "5", "--batch-size", "3", "--max-new-tokens", "6"]
+    whole = tmp_path / "whole.jsonl"
+    assert generate(runs["lora"], prompts, whole, *sampling).returncode == 0
+    resumed = tmp_path / "resumed.jsonl"
+    killed = generate(runs["lora"], prompts, resumed, *sampling, env={"FINETUNE_FAULT": "kill_in_generate:2"})
+    assert killed.returncode != 0
+    lines = resumed.read_text().split("\n")
+    # batches 0 and 1, then half of batch 2's text: one of its rows whole (dropped again: its batch was cut) and a torn line
+    assert len(lines) == 8 and lines[-1] and lines[:6] == whole.read_text().split("\n")[:6]
+    result = generate(runs["lora"], prompts, resumed, *sampling)
+    assert result.returncode == 0 and "wrote 4 answer(s)" in result.stdout, result.stderr[-3000:]
+    assert resumed.read_bytes() == whole.read_bytes() and len(responses(whole)) == len(rows)
+    again = generate(runs["lora"], prompts, resumed, *sampling)
+    assert again.returncode == 0 and "all 10 rows answered already" in again.stdout and resumed.read_bytes() == whole.read_bytes()
+    other_seed = tmp_path / "other.jsonl"
+    assert generate(runs["lora"], prompts, other_seed, *sampling[:4], "--seed", "6", *sampling[6:]).returncode == 0
+    assert responses(other_seed) != responses(whole)  # sampled, and the seed decides the samples
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error")]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_generate_bad_input_is_one_error_line_and_exit_2(runs, tmp_path, capsys):
+    """In process (the checks come before the model is built; the context check after, before anything is written),
+    then once through the CLI for the exit code."""
+    from finetune.generate import main
+
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    pickled = tmp_path / "pickled"
+    shutil.copytree(runs["lora"], pickled, ignore=shutil.ignore_patterns("checkpoints"))
+    (pickled / "final" / "adapter_model.safetensors").rename(pickled / "final" / "adapter_model.bin")
+    foreign = tmp_path / "foreign.jsonl"
+    hello = '{"prompt": "Hello"}\n'
+    cases = {  # fragment of the error line: (input text, source, extra arguments, output)
+        "row 2: field 'input' must be a string": (hello + '{"instruction": "Hi", "input": 3}\n', runs["lora"], [], out),
+        "row 1: a JSON number, not an object": ("[1, 2]\n", runs["lora"], [], out),
+        "message 1 has role 'robot'": ('{"messages": [{"role": "robot", "content": "Hi"}]}\n', "tiny-llama", [], out),
+        "holds only pickle weights": (hello, pickled, [], out),
+        "line 1 is not the answer to --input row 1": (hello, "tiny-llama", [], foreign),
+        "exceed the model's context of 256 tokens": (hello, runs["full"], ["--max-new-tokens", "1000"], out),
+        "file not found": (None, runs["lora"], [], out),
+        "a plain model has no trained classification head": (hello, "tiny-llama", ["--task", "classification"], out),
+    }
+    for fragment, (text, source, extra, output) in cases.items():
+        prompts.unlink(missing_ok=True)
+        if text is not None:
+            prompts.write_text(text)
+        foreign.write_text('{"prompt": "Other", "response": "x"}\n')
+        assert main([str(source), "--input", str(prompts), "--output", str(output), *extra]) == 2, fragment
+        err = capsys.readouterr().err
+        assert fragment in err and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, (fragment, err[-2000:])
+        assert not out.exists() and foreign.read_text() == '{"prompt": "Other", "response": "x"}\n'
+    prompts.write_text(hello + '{"instruction": "Hi", "input": 3}\n')
+    result = run_python(["-m", "finetune.generate", str(runs["lora"]), "--input", str(prompts), "--output", str(out)], timeout=300)
+    assert result.returncode == 2 and error_lines(result) == [f"error: {prompts} row 2: field 'input' must be a string, got int"], result.stderr[-2000:]
