@@ -8,25 +8,30 @@ from pathlib import Path
 
 import pytest
 
+from finetune.config import build_config, parse_args
+from finetune.data import load_splits
+from finetune.evaluation import RELOAD_TOLERANCE
 from finetune.tasks import TASKS
-from tests.conftest import read_summary, run_python, run_train, write_instruction_file
+from tests.conftest import read_summary, run_python, run_train, write_classification_file, write_instruction_file
 
 MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One tiny LoRA run (with a checkpoint) and one full fine-tune of tiny-llama, each with 4 generation prompts."""
+    """One tiny LoRA run (with a checkpoint) and one full fine-tune of tiny-llama, each with 4 generation prompts,
+    and a tiny-roberta classifier."""
     root = tmp_path_factory.mktemp("inference")
-    data = write_instruction_file(root / "train.jsonl")
+    data, topics = write_instruction_file(root / "train.jsonl"), write_classification_file(root / "topics.csv")
     common = [f"data.train_path={data}", "data.eval_fraction=0.25", "model.name=tiny-llama", "train.max_steps=8", "train.batch_size=4", "train.warmup_steps=1"]
     common += ["eval.num_generation_prompts=4", f"eval.max_new_tokens={MAX_NEW_TOKENS}"]
     # learning rates at which the greedy answers after training are neither the untrained ones nor empty
-    settings = {"lora": ["method=lora", "train.lr=3e-3", "lora.dropout=0", "checkpoint.every_steps=8"], "full": ["method=full", "train.lr=1e-3"]}
-    for name, extra in settings.items():
-        result = run_train([*common, *extra, f"output_dir={root / name}"])
+    settings = {"lora": [*common, "method=lora", "train.lr=3e-3", "lora.dropout=0", "checkpoint.every_steps=8"], "full": [*common, "method=full", "train.lr=1e-3"]}
+    settings["classifier"] = [f"data.train_path={topics}", "task=classification", "model.name=tiny-roberta", "method=lora", "train.max_steps=8", "train.batch_size=8", "train.lr=3e-3"]
+    for name, args in settings.items():
+        result = run_train([*args, f"output_dir={root / name}"])
         assert result.returncode == 0, result.stderr[-3000:]
-    return {"data": data, "lora": root / "lora", "full": root / "full"}
+    return {"data": data, "topics": topics, **{name: root / name for name in settings}}
 
 
 def generation_inputs(run: Path, data: Path) -> tuple[list[dict], list[dict]]:
@@ -132,3 +137,59 @@ def test_generate_bad_input_is_one_error_line_and_exit_2(runs, tmp_path, capsys)
     prompts.write_text(hello + '{"instruction": "Hi", "input": 3}\n')
     result = run_python(["-m", "finetune.generate", str(runs["lora"]), "--input", str(prompts), "--output", str(out)], timeout=300)
     assert result.returncode == 2 and error_lines(result) == [f"error: {prompts} row 2: field 'input' must be a string, got int"], result.stderr[-2000:]
+
+
+def eval_split(run: Path, path: Path) -> Path:
+    """The run's own held-out records (as training split them) written as a data file."""
+    cfg = build_config(parse_args(["--config", str(run / "config.yaml")]))
+    records = load_splits(cfg.data, cfg.train.seed, cfg.task).eval
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n" for r in records))
+    return path
+
+
+def close(measured: float, reported: float) -> bool:
+    return abs(measured - reported) <= RELOAD_TOLERANCE["fp32"] * max(1.0, abs(reported))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_evaluate_base_and_fine_tunes_reproduces_the_runs_eval(runs, tmp_path):
+    """The base model, a LoRA run and a full run's final/ side by side on the runs' eval split: each the loss its run reported."""
+    data = eval_split(runs["lora"], tmp_path / "heldout.jsonl")
+    assert data.read_text() == eval_split(runs["full"], tmp_path / "same.jsonl").read_text()  # the same seed: the same split
+    result = run_python(["-m", "finetune.evaluate", "tiny-llama", str(runs["lora"]), str(runs["full"] / "final"), "--data", str(data), "--json", str(tmp_path / "e.json"), "--markdown", str(tmp_path / "e.md")], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, lora, full = json.loads((tmp_path / "e.json").read_text())
+    lora_eval, full_eval = read_summary(runs["lora"])["eval"], read_summary(runs["full"])["eval"]
+    assert close(base["loss"], lora_eval["before"]["loss"]) and close(base["loss"], full_eval["before"]["loss"]), (base, lora_eval["before"])
+    assert close(lora["loss"], lora_eval["after"]["loss"]) and close(full["loss"], full_eval["after"]["loss"]), (lora, full, lora_eval["after"], full_eval["after"])
+    assert lora["tokens"] == full["tokens"] == lora_eval["after"]["tokens"] and lora["loss"] < base["loss"] and full["perplexity"] < base["perplexity"]
+    table = (tmp_path / "e.md").read_text().splitlines()
+    assert table[0] == "| model | loss | perplexity | tokens |" and len(table) == 5 and table[2].startswith("| tiny-llama | ") and table == result.stdout.splitlines()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_evaluate_a_classifier_checkpoint_and_bad_input(runs, tmp_path, capsys):
+    """A classification run's accuracy and macro-F1 as it reported them; bad input one error line, exit 2 (in process)."""
+    from finetune.evaluate import main
+
+    data = eval_split(runs["classifier"], tmp_path / "heldout.jsonl")
+    assert main([str(runs["classifier"]), "--data", str(data), "--json", str(tmp_path / "e.json")]) == 0
+    (measured,) = json.loads((tmp_path / "e.json").read_text())
+    reported = read_summary(runs["classifier"])["eval"]["after"]
+    assert close(measured["loss"], reported["loss"]) and (measured["accuracy"], measured["macro_f1"], measured["samples"]) == (reported["accuracy"], reported["macro_f1"], reported["samples"])
+    capsys.readouterr()
+    foreign_label = tmp_path / "foreign.jsonl"
+    foreign_label.write_text('{"text": "rain again", "label": "music"}\n')
+    cases = {
+        "label 'music' is not in the label set (food, sports, weather)": [str(runs["classifier"]), "--data", str(foreign_label)],
+        "different tasks (classification, instruction)": [str(runs["classifier"]), str(runs["lora"]), "--data", str(data)],
+        "a plain model has no trained classification head": ["tiny-roberta", str(runs["classifier"]), "--data", str(data)],
+        "missing field 'instruction'": [str(runs["lora"]), "--data", str(data)],
+        f"--task instruction: {runs['classifier']} was trained for task classification": [str(runs["classifier"]), "--data", str(data), "--task", "instruction"],
+    }
+    for fragment, argv in cases.items():
+        assert main(argv) == 2, fragment
+        err = capsys.readouterr().err
+        assert fragment in err and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, (fragment, err)
