@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.architectures import NAMED_CONFIGS
 from finetune.config import ModelConfig
 from finetune.config.schema import TrainConfig
 from finetune.errors import FinetuneError, shown
@@ -84,6 +85,18 @@ class Source:
     flags: frozenset[str]
     command: str
 
+    @property
+    def adapter(self) -> bool:
+        """Whether the source is a LoRA adapter, put onto its base."""
+        return self.weights is not None and (self.weights / "adapter_config.json").is_file()
+
+    @property
+    def base(self) -> tuple[str, int | None]:
+        """Which base model it needs: the model name, and the seed that initialises a named config (None: pretrained)."""
+        name = self.cfg.model.name if self.cfg is not None else self.name
+        seed = self.cfg.train.seed if self.cfg is not None else TrainConfig().seed
+        return name, seed if name in NAMED_CONFIGS else None
+
 
 def open_source(name: str, flags: set[str] = frozenset(), command: str = "generate", task_name: str | None = None) -> Source:
     """The source `name` (module docstring) with its task, checked before anything reads its weights.
@@ -108,31 +121,43 @@ def open_source(name: str, flags: set[str] = frozenset(), command: str = "genera
 def load(source: Source, device: torch.device | None = None) -> Loaded:
     """Build the model of an opened source for inference (module docstring), in eval mode on `device` (default: inference_device)."""
     device = device or inference_device()
-    dtype = held_dtype(device)
-    cfg, weights, task = source.cfg, source.weights, source.task
-    if cfg is not None:
-        base, tokenizer = build_model(cfg.model, cfg.train.seed, labels=task.labels_or_none, dtype=dtype)
-        if (weights / "adapter_config.json").is_file():
-            from peft import PeftModel
+    model, tokenizer = build_base(source, device)
+    if source.adapter:
+        from peft import PeftModel
 
-            model = PeftModel.from_pretrained(base, str(weights))  # unmerged: the base stays as it is
-        else:
-            model = with_full_weights(base, weights, cfg.model.name, source.command)
-        if (weights / "tokenizer_config.json").is_file():  # final/ holds the run's tokenizer (its chat template included)
-            from transformers import AutoTokenizer
+        model = PeftModel.from_pretrained(model, str(source.weights))  # unmerged: the base stays as it is
+    elif source.cfg is not None:
+        model = with_full_weights(model, source.weights, source.cfg.model.name, source.command)
+    return ready(source, model, run_tokenizer(source, tokenizer), device)
 
-            tokenizer = AutoTokenizer.from_pretrained(str(weights), trust_remote_code=False)
-        max_length = cfg.data.max_length
+
+def build_base(source: Source, device: torch.device) -> tuple[nn.Module, object]:
+    """The base model a source needs (Source.base) and its tokenizer, through the model factory, held in held_dtype."""
+    if source.cfg is not None:
+        return build_model(source.cfg.model, source.cfg.train.seed, labels=source.task.labels_or_none, dtype=held_dtype(device))
+    cfg_model = ModelConfig(name=source.name, **{key: flag in source.flags for flag, key in OPT_INS.items()})
+    return build_model(cfg_model, TrainConfig().seed, dtype=held_dtype(device))  # a named config: the default seed's init, as a run's base
+
+
+def run_tokenizer(source: Source, base_tokenizer):
+    """The tokenizer a source was trained with: final/ holds the run's own (its chat template included); else the base's."""
+    if source.weights is None or not (source.weights / "tokenizer_config.json").is_file():
+        tokenizer = base_tokenizer
     else:
-        cfg_model = ModelConfig(name=source.name, **{key: flag in source.flags for flag, key in OPT_INS.items()})
-        model, tokenizer = build_model(cfg_model, TrainConfig().seed, dtype=dtype)  # a named config: the default seed's init, as a run's base
-        max_length = 0
-    task.prepare_tokenizer(tokenizer)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source.weights), trust_remote_code=False)
+    source.task.prepare_tokenizer(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def ready(source: Source, model: nn.Module, tokenizer, device: torch.device) -> Loaded:
+    """The model in eval mode on `device`, with what inference needs beside it."""
     model.to(device).eval()
-    loaded = Loaded(source.name, model, tokenizer, task, device, max_length)
-    loaded.max_length = max_length or loaded.context_window
+    loaded = Loaded(source.name, model, tokenizer, source.task, device, source.cfg.data.max_length if source.cfg is not None else 0)
+    loaded.max_length = loaded.max_length or loaded.context_window
     return loaded
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,21 +17,22 @@ from finetune.config import build_config, parse_args
 from finetune.data import load_splits
 from finetune.evaluation import RELOAD_TOLERANCE
 from finetune.tasks import TASKS
-from tests.conftest import read_summary, run_python, run_train, write_classification_file, write_instruction_file
+from tests.conftest import REPO, free_port, read_summary, run_env, run_python, run_train, stop_session, write_classification_file, write_instruction_file
 
 MAX_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One tiny LoRA run (with a checkpoint) and one full fine-tune of tiny-llama, each with 4 generation prompts,
-    and a tiny-roberta classifier."""
+    """Two tiny LoRA runs (one with a checkpoint) and one full fine-tune of tiny-llama, each with 4 generation
+    prompts, and a tiny-roberta classifier."""
     root = tmp_path_factory.mktemp("inference")
     data, topics = write_instruction_file(root / "train.jsonl"), write_classification_file(root / "topics.csv")
     common = [f"data.train_path={data}", "data.eval_fraction=0.25", "model.name=tiny-llama", "train.max_steps=8", "train.batch_size=4", "train.warmup_steps=1"]
     common += ["eval.num_generation_prompts=4", f"eval.max_new_tokens={MAX_NEW_TOKENS}"]
     # learning rates at which the greedy answers after training are neither the untrained ones nor empty
     settings = {"lora": [*common, "method=lora", "train.lr=3e-3", "lora.dropout=0", "checkpoint.every_steps=8"], "full": [*common, "method=full", "train.lr=1e-3"]}
+    settings["lora_b"] = [*common, "method=lora", "train.lr=2e-3", "lora.r=4", "lora.dropout=0"]  # a second adapter on the same base
     settings["classifier"] = [f"data.train_path={topics}", "task=classification", "model.name=tiny-roberta", "method=lora", "train.max_steps=8", "train.batch_size=8", "train.lr=3e-3"]
     for name, args in settings.items():
         result = run_train([*args, f"output_dir={root / name}"])
@@ -193,3 +199,150 @@ def test_evaluate_a_classifier_checkpoint_and_bad_input(runs, tmp_path, capsys):
         assert main(argv) == 2, fragment
         err = capsys.readouterr().err
         assert fragment in err and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, (fragment, err)
+
+
+# --------------------------------------------------------------------- finetune.serve
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """`python -m finetune.serve` with the two LoRA runs on their base, an API key, on a free port: (base URL, process)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "finetune.serve", str(runs["lora"]), str(runs["lora_b"] / "final"), "--port", str(port), "--api-key", API_KEY],
+                                   cwd=REPO, env=run_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "serving " not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "serving tiny-llama, lora, lora_b on" in log.read_text(), log.read_text()[-3000:]
+        yield f"http://127.0.0.1:{port}/v1", process
+    finally:
+        stop_session(process.pid)
+        process.wait()
+
+
+def client(url: str, key: str = API_KEY):
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=300)
+
+
+def complete(api, model: str, prompt: str, stream: bool = False) -> str:
+    """A greedy completion of MAX_NEW_TOKENS, as the reload check generates (stripped); streamed pieces joined."""
+    if stream:
+        return "".join(chunk.choices[0].text for chunk in api.completions.create(model=model, prompt=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0, stream=True)).strip()
+    return api.completions.create(model=model, prompt=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0).choices[0].text.strip()
+
+
+def chat(api, model: str, content: str, stream: bool = False) -> str:
+    messages = [{"role": "user", "content": content}]
+    if stream:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in api.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, stream=True))
+    return api.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0).choices[0].message.content
+
+
+def plain_prompts(runs, run: str) -> tuple[list[dict], list[str]]:
+    """(the run's generations, their prompts as the run's task renders them for a tokenizer without a chat template)."""
+    generations, rows = generation_inputs(runs[run], runs["data"])
+    task = TASKS["instruction"]()
+    return generations, [task.plain_prompt(task.check(row, "")) for row in rows]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_serve_answers_as_the_runs_did_for_each_adapter_and_the_base(runs, server):
+    api = client(server[0])
+    assert [m.id for m in api.models.list().data] == ["tiny-llama", "lora", "lora_b"]
+    for run in ("lora", "lora_b"):
+        generations, prompts = plain_prompts(runs, run)
+        assert [complete(api, run, p) for p in prompts] == [g["after"] for g in generations], run
+        assert [complete(api, "tiny-llama", p) for p in prompts] == [g["before"] for g in generations]  # the adapters off
+    assert [complete(api, "lora", p, stream=True) for p in prompts] == [complete(api, "lora", p) for p in prompts]
+    answer = api.completions.create(model="lora", prompt=prompts[0], max_tokens=3, temperature=0)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 3 and answer.object == "text_completion"
+    for model in ("lora", "lora_b", "tiny-llama"):
+        assert chat(api, model, "Say hello.", stream=True) == chat(api, model, "Say hello.")
+    assert len({chat(api, model, "Say hello.") for model in ("lora", "lora_b", "tiny-llama")}) == 3  # each model its own answer
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_serve_ten_concurrent_requests(runs, server):
+    """Ten requests at once over the three models, streamed and not, greedy and sampled: each as it is alone."""
+    api = client(server[0])
+    _, prompts = plain_prompts(runs, "lora")
+    calls = [(complete, model, prompt, stream) for model in ("lora", "lora_b", "tiny-llama") for prompt, stream in ((prompts[0], False), (prompts[1], False), (prompts[2], True))]
+    calls.append((chat, "lora_b", "Say hello.", True))
+    alone = [call(api, model, text, stream) for call, model, text, stream in calls]
+    sampled = lambda: api.completions.create(model="lora", prompt=prompts[0], max_tokens=6, temperature=0.9, seed=7).choices[0].text
+    with ThreadPoolExecutor(len(calls) + 1) as pool:
+        together = [pool.submit(call, api, model, text, stream) for call, model, text, stream in calls]
+        seeded = pool.submit(sampled)
+        assert [f.result() for f in together] == alone
+        assert seeded.result() == sampled()  # a seed gives the same sample, whatever else runs beside it
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_serve_bad_requests_get_openai_errors_and_the_server_goes_on(runs, server):
+    import httpx2 as httpx
+    import openai
+
+    url, process = server
+    api = client(url)
+    user = [{"role": "user", "content": "Hi"}]
+    refusals = {  # what the client raises, its status, the error's param or code
+        "unknown model": (lambda: api.chat.completions.create(model="nope", messages=user), openai.NotFoundError, 404, "model_not_found"),
+        "empty messages": (lambda: api.chat.completions.create(model="lora", messages=[]), openai.BadRequestError, 400, "messages"),
+        "max_tokens beyond the context": (lambda: api.chat.completions.create(model="lora", messages=user, max_tokens=10_000), openai.BadRequestError, 400, "context_length_exceeded"),
+        "a message with an unknown role": (lambda: api.chat.completions.create(model="lora", messages=[{"role": "robot", "content": "Hi"}]), openai.BadRequestError, 400, "messages"),
+        "a negative temperature": (lambda: api.completions.create(model="lora", prompt="Hi", temperature=-1), openai.BadRequestError, 400, "temperature"),
+        "a wrong API key": (lambda: client(url, "wrong").models.list(), openai.AuthenticationError, 401, "invalid_api_key"),
+    }
+    for case, (call, error, status, field) in refusals.items():
+        with pytest.raises(error) as raised:
+            call()
+        body = raised.value.body
+        assert raised.value.status_code == status and field in (body["param"], body["code"]) and body["message"] and body["type"], (case, body)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    for content in (b'{"model": "lora", "messages": [', b"[1, 2]", b"\xff\xfe"):  # malformed JSON, not an object, not UTF-8
+        answer = httpx.post(f"{url}/chat/completions", content=content, headers=headers)
+        assert answer.status_code == 400 and set(answer.json()["error"]) == {"message", "type", "param", "code"}, answer.text
+    assert httpx.get(f"{url}/nowhere", headers=headers).json()["error"]["code"] == "not_found"
+    assert process.poll() is None and [m.id for m in api.models.list().data] == ["tiny-llama", "lora", "lora_b"]
+    _, prompts = plain_prompts(runs, "lora")
+    assert complete(api, "lora", prompts[0]) == json.loads((runs["lora"] / "generations.json").read_text())[0]["after"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_serve_refuses_what_it_cannot_serve_before_loading(runs, tmp_path, capsys):
+    """In process: each refusal one error line, exit 2, before any model is built."""
+    import socket
+
+    from finetune.serve import main
+
+    other_seed = tmp_path / "other_seed"  # an adapter for another random init of tiny-llama
+    shutil.copytree(runs["lora"], other_seed, ignore=shutil.ignore_patterns("checkpoints"))
+    config = (other_seed / "config.yaml").read_text()
+    assert "seed: 42\n" in config
+    (other_seed / "config.yaml").write_text(config.replace("seed: 42\n", "seed: 43\n"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = {
+            "one model per server": [str(runs["full"]), "tiny-llama"],
+            "is not the adapters' base model": [str(runs["full"]), str(runs["lora"])],
+            "is a classification model": [str(runs["classifier"])],
+            "two models would have the same id (lora)": [str(runs["lora"]), str(runs["lora"] / "final")],
+            "cannot listen there": [str(runs["lora"]), "--port", str(taken.getsockname()[1])],
+            "the adapters need different base models (tiny-llama (seed 42), tiny-llama (seed 43))": [str(runs["lora"]), str(other_seed)],
+        }
+        for fragment, argv in cases.items():
+            assert main(argv) == 2, fragment
+            err = capsys.readouterr().err
+            assert fragment in err and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, (fragment, err)
