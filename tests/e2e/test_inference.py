@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import subprocess
 import sys
@@ -24,8 +27,8 @@ MAX_NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Two tiny LoRA runs (one with a checkpoint) and one full fine-tune of tiny-llama, each with 4 generation
-    prompts, and a tiny-roberta classifier."""
+    """Two tiny LoRA runs (one with a checkpoint), a full fine-tune and a chat-task LoRA run of tiny-llama, each
+    with 4 generation prompts, and a tiny-roberta classifier."""
     root = tmp_path_factory.mktemp("inference")
     data, topics = write_instruction_file(root / "train.jsonl"), write_classification_file(root / "topics.csv")
     common = [f"data.train_path={data}", "data.eval_fraction=0.25", "model.name=tiny-llama", "train.max_steps=8", "train.batch_size=4", "train.warmup_steps=1"]
@@ -33,6 +36,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     # learning rates at which the greedy answers after training are neither the untrained ones nor empty
     settings = {"lora": [*common, "method=lora", "train.lr=3e-3", "lora.dropout=0", "checkpoint.every_steps=8"], "full": [*common, "method=full", "train.lr=1e-3"]}
     settings["lora_b"] = [*common, "method=lora", "train.lr=2e-3", "lora.r=4", "lora.dropout=0"]  # a second adapter on the same base
+    conversations = root / "chat.jsonl"  # the instruction records as one-turn conversations: a chat run, with the chat task's template
+    conversations.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}) + "\n" for r in map(json.loads, data.read_text().splitlines())))
+    settings["chat"] = [*common[1:], f"data.train_path={conversations}", "task=chat", "method=lora", "train.lr=3e-3", "lora.dropout=0"]
     settings["classifier"] = [f"data.train_path={topics}", "task=classification", "model.name=tiny-roberta", "method=lora", "train.max_steps=8", "train.batch_size=8", "train.lr=3e-3"]
     for name, args in settings.items():
         result = run_train([*args, f"output_dir={root / name}"])
@@ -346,3 +352,94 @@ def test_serve_refuses_what_it_cannot_serve_before_loading(runs, tmp_path, capsy
             assert main(argv) == 2, fragment
             err = capsys.readouterr().err
             assert fragment in err and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, (fragment, err)
+
+
+# --------------------------------------------------------------------- finetune.chat
+
+
+class Terminal:
+    """`python -m finetune.chat ARGV` on a pseudo-terminal, read and typed into as a user would."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.master, follower = pty.openpty()
+        self.process = subprocess.Popen([sys.executable, "-m", "finetune.chat", *argv], cwd=REPO, env=run_env(), stdin=follower, stdout=follower, stderr=follower, start_new_session=True)
+        os.close(follower)
+        self.pending = ""
+
+    def read_until(self, marker: str, timeout: float = 240) -> str:
+        """Everything the terminal shows up to `marker` (consumed with it; newlines as \\n)."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.pending:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {marker!r} on the terminal within {timeout} s; it shows: {self.pending[-2000:]}")
+            try:
+                self.pending += os.read(self.master, 4096).decode("utf-8", "replace").replace("\r\n", "\n")
+            except OSError:  # the program ended
+                raise AssertionError(f"the program ended before {marker!r}; it showed: {self.pending[-2000:]}") from None
+        shown, _, self.pending = self.pending.partition(marker)
+        return shown
+
+    def say(self, line: str) -> str:
+        """Type a line; the answer shown before the next prompt (the terminal's echo of the line left out)."""
+        os.write(self.master, (line + "\n").encode())
+        shown = self.read_until("\n>>> ")
+        echoed, _, answer = shown.partition("\n")
+        assert echoed.endswith(line), (echoed, line)
+        return answer
+
+    def close(self) -> int:
+        os.write(self.master, b"/exit\n")
+        code = self.process.wait(timeout=60)
+        os.close(self.master)
+        return code
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_chat_in_a_terminal_answers_as_the_run_did_resets_and_trims(runs):
+    generations = json.loads((runs["chat"] / "generations.json").read_text())
+    messages = [g["prompt"].removeprefix("user: ") for g in generations]
+    assert all(g["prompt"].startswith("user: ") and "\n" not in g["prompt"] for g in generations) and any(g["after"] for g in generations)
+    terminal = Terminal([str(runs["chat"]), "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS)])
+    try:
+        banner = terminal.read_until(">>> ")
+        assert "(chat template, cpu, context 256 tokens)" in banner, banner
+        for message, generation in zip(messages, generations):
+            assert terminal.say(message).strip() == generation["after"]  # greedy, the run's template: the run's own answer
+            assert terminal.say("/reset") == "[conversation forgotten]"  # the next message starts afresh
+        first = terminal.say(messages[0])
+        terminal.say(messages[1])  # in the conversation now: the same message gets another prompt
+        assert terminal.say("/reset") == "[conversation forgotten]" and terminal.say(messages[0]) == first
+        assert terminal.close() == 0
+    finally:
+        terminal.process.kill()
+    long = " ".join(["apple river stone cloud"] * 15)  # ~60 tokens: with 120 new tokens, two such turns exceed 256
+    terminal = Terminal(["tiny-llama", "--system", "Be brief.", "--max-new-tokens", "120", "--seed", "3"])
+    try:
+        assert "(plain completion, cpu, context 256 tokens)" in terminal.read_until(">>> ")
+        assert "history trimmed" not in terminal.say(long)
+        trimmed = terminal.say(long)
+        assert re.match(r"\[history trimmed: the 1 oldest turn\(s\) no longer fit the context of 256 tokens with --max-new-tokens 120\]\n", trimmed), trimmed
+        assert terminal.say(long * 5).startswith("[that message does not fit the context of 256 tokens")
+        assert terminal.close() == 0
+    finally:
+        terminal.process.kill()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_chat_streams_the_answer_and_refuses_bad_input(runs, capsys):
+    """In process: the answer reaches the terminal in pieces as it is generated; a classifier is one error line, exit 2."""
+    from finetune.chat import Session, main, parse_cli
+    from finetune.inference import load, open_source
+
+    written: list[str] = []
+    args = parse_cli([str(runs["chat"]), "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS)])
+    session = Session(load(open_source(str(runs["chat"]), command="chat")), args, written.append)
+    generation = next(g for g in json.loads((runs["chat"] / "generations.json").read_text()) if len(g["after"].split()) > 2)
+    answer = session.say(generation["prompt"].removeprefix("user: "))
+    assert answer.strip() == generation["after"] and "".join(written) == answer + "\n" and len([w for w in written if w.strip()]) > 2
+    assert main([str(runs["classifier"])]) == 2
+    err = capsys.readouterr().err
+    assert "is a classification model" in err and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
