@@ -19,7 +19,8 @@ from typing import Callable
 
 from finetune.errors import FinetuneError
 from finetune.generate import non_negative, positive, probability
-from finetune.inference import Loaded, add_source_arguments, check_generates, chat_ids, load, open_source, opt_in_flags
+from finetune.export_source import add_opt_in_arguments, opt_in_flags
+from finetune.inference import Loaded, check_generates, chat_ids, load, open_source
 
 PROMPT = ">>> "
 
@@ -32,7 +33,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--temperature", type=non_negative, default=0.7, help="0: greedy; above 0: sampled (default 0.7)")
     parser.add_argument("--top-p", type=probability, default=0.9, help="nucleus sampling mass, in (0, 1] (default 0.9)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed of the session (default 0)")
-    add_source_arguments(parser)
+    add_opt_in_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-from finetune.inference import add_source_arguments, load, open_source, opt_in_flags
+from finetune.export_source import add_opt_in_arguments, opt_in_flags
+from finetune.inference import load, open_source
 from finetune.tasks import TASKS
 
 COLUMNS = {"loss": ("loss", "perplexity", "tokens"), "logits": ("loss", "accuracy", "macro_f1", "samples")}  # by the task's eval_output
@@ -33,7 +34,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8; the numbers do not depend on it)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table here as markdown")
-    add_source_arguments(parser)
+    add_opt_in_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_length is not None and args.max_length < 2:
         parser.error("--max-length must be at least 2")

@@ -3,6 +3,7 @@ before anything reads them, and the fine-tuned model merged in full precision.""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -65,6 +66,17 @@ def _run_config_and_weights(source: Path, command: str) -> tuple[Config, Path]:
 
 
 OPT_INS = {"--trust-remote-code": "trust_remote_code", "--allow-pickle": "allow_pickle"}  # flag: the model.* key it sets
+
+
+def add_opt_in_arguments(parser: argparse.ArgumentParser) -> None:
+    """The OPT_INS flags, as every command that reads a run takes them (never from the run's config)."""
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (never taken from the run's config)")
+    parser.add_argument("--allow-pickle", action="store_true", help="read pickle-only weights (CVE-2025-32434; never taken from the run's config)")
+
+
+def opt_in_flags(args: argparse.Namespace) -> set[str]:
+    """The OPT_INS flags given on the command line."""
+    return {flag for flag in OPT_INS if getattr(args, flag.lstrip("-").replace("-", "_"))}
 
 
 def with_opt_ins(cfg_model: ModelConfig, flags: set[str], command: str = "export") -> tuple[ModelConfig, list[str]]:

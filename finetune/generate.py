@@ -25,7 +25,8 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.faults import Faults
-from finetune.inference import add_source_arguments, check_generates, load, open_source, opt_in_flags, prompt_ids, prompt_record
+from finetune.export_source import add_opt_in_arguments, opt_in_flags
+from finetune.inference import check_generates, load, open_source, prompt_ids, prompt_record
 from finetune.tasks import TASKS, DataError
 
 RESPONSE = "response"  # the output row's field holding the generated text
@@ -42,7 +43,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
     parser.add_argument("--task", choices=sorted(TASKS), help="the record layout of a plain model's input rows (a run has its own task)")
-    add_source_arguments(parser)
+    add_opt_in_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""Load what a run trained, for inference (finetune.generate, finetune.evaluate): one loader for every source.
+"""Load what a run trained, for inference (finetune.chat, generate, serve, evaluate): one loader for every source.
 
 A source (RUN) is a run dir (its final/, else its newest checkpoint), its final/, a checkpoint dir
 (checkpoints/step_N), or a model name as training's model.name takes it (a named config, a local HF dir such
@@ -12,7 +12,6 @@ on CUDA, in fp32 on the CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ class Loaded:
     tokenizer: object
     task: Task  # the run's task; for a plain model, the task asked for (default: instruction)
     device: torch.device
-    max_length: int  # tokens per sample as the run tokenized them (data.max_length); a plain model: its context
 
     @property
     def context_window(self) -> int:
@@ -61,17 +59,6 @@ def inference_device() -> torch.device:
 def held_dtype(device: torch.device) -> str:
     """What weights are held in for inference: bf16 on CUDA, fp32 on the CPU (bf16 matmuls are slow there)."""
     return "bf16" if device.type == "cuda" else "fp32"
-
-
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """The opt-ins every inference command takes (never read from a run's config)."""
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (never taken from the run's config)")
-    parser.add_argument("--allow-pickle", action="store_true", help="read pickle-only weights (CVE-2025-32434; never taken from the run's config)")
-
-
-def opt_in_flags(args: argparse.Namespace) -> set[str]:
-    """The OPT_INS flags given on the command line."""
-    return {flag for flag in OPT_INS if getattr(args, flag.lstrip("-").replace("-", "_"))}
 
 
 @dataclass
@@ -156,9 +143,7 @@ def run_tokenizer(source: Source, base_tokenizer):
 def ready(source: Source, model: nn.Module, tokenizer, device: torch.device) -> Loaded:
     """The model in eval mode on `device`, with what inference needs beside it."""
     model.to(device).eval()
-    loaded = Loaded(source.name, model, tokenizer, source.task, device, source.cfg.data.max_length if source.cfg is not None else 0)
-    loaded.max_length = loaded.max_length or loaded.context_window
-    return loaded
+    return Loaded(source.name, model, tokenizer, source.task, device)
 
 
 def run_labels(cfg, weights: Path) -> list[str]:

@@ -34,7 +34,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from finetune.errors import FinetuneError
-from finetune.inference import Source, add_source_arguments, check_generates, open_source, opt_in_flags
+from finetune.export_source import add_opt_in_arguments, opt_in_flags
+from finetune.inference import Source, check_generates, open_source
 
 MAX_BATCH = 8  # greedy requests generated together at most
 STREAM_WAIT_S = 600  # the longest a stream waits for its next piece of text
@@ -50,7 +51,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="the TCP port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--api-key", help="require this bearer token on every /v1 request")
-    add_source_arguments(parser)
+    add_opt_in_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} is not a TCP port (1-65535)")
