@@ -16,6 +16,7 @@ error shape ({"error": {"message", "type", "param", "code"}}) and a 4xx status, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import queue
@@ -82,6 +83,7 @@ class Served:
 
     @property
     def ids(self) -> list[str]:
+        """Every model id a request may name: the base first, then the adapters."""
         return list(self.tokenizers)
 
 
@@ -139,6 +141,7 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def body(self) -> dict:
+        """The OpenAI error object."""
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
@@ -169,6 +172,7 @@ class Worker:
         threading.Thread(target=self.run, name="finetune-serve-worker", daemon=True).start()
 
     def submit(self, job: Job) -> Job:
+        """Queue a job; its result (or stream) fills as the worker gets to it."""
         self.jobs.put(job)
         return job
 
@@ -188,8 +192,7 @@ class Worker:
             self.generate(batch)
 
     def generate(self, batch: list[Job]) -> None:
-        import contextlib
-
+        """Run one batch (one model, one set of settings) and hand each job its tokens, or every job the failure."""
         import torch
 
         from finetune.evaluation import generate_tokens
@@ -213,10 +216,11 @@ class Worker:
 
 
 def error_response(err: RequestError) -> JSONResponse:
+    """The refusal as OpenAI sends one: its status, and the error object as the body."""
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def build_app(served: Served, api_key: str | None = None):
+def build_app(served: Served, api_key: str | None = None) -> FastAPI:
     """The FastAPI app: the three OpenAI endpoints over `served`, every refusal in the OpenAI error shape."""
     app = FastAPI(title="finetune.serve")
     worker = Worker(served)
@@ -342,6 +346,7 @@ def make_job(served: Served, body: dict, prompt_of, default_max_tokens: int | No
 
 
 def usage(job: Job, tokens: list[int]) -> dict:
+    """The OpenAI usage object of a finished job."""
     return {"prompt_tokens": len(job.prompt), "completion_tokens": len(tokens), "total_tokens": len(job.prompt) + len(tokens)}
 
 
@@ -351,6 +356,7 @@ def finish_reason(job: Job, tokens: list[int]) -> str:
 
 
 async def wait_and_answer(job: Job, tokenizer, ident: str, kind: str, chat: bool, created: int) -> dict:
+    """The whole answer of a job the worker has been given, as a chat.completion or text_completion object."""
     import asyncio
 
     tokens = await asyncio.wrap_future(job.result)
