@@ -6,6 +6,7 @@
 Each MODEL is anything finetune.inference loads (a run dir, its final/, a checkpoint, an exported or named
 model). The file's rows are the task's records, checked and tokenized as training does (finetune.data), and
 scored by training's own eval code (finetune.evaluation): the numbers are those a run reports for its eval split.
+--json writes {data, task, max_length, models: [{model, metrics...}]}, which finetune.report --evaluation adds to its report.
 Every model reads the file at the same data.max_length (--max-length; default the first run's, else 128).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
+from finetune.report import evaluation_table
 from finetune.export_source import add_opt_in_arguments, opt_in_flags
 from finetune.inference import load, open_source
 from finetune.tasks import TASKS
@@ -43,8 +45,9 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def evaluate_models(args: argparse.Namespace) -> list[dict]:
-    """Every model's metrics on the file, in the order given; every source checked before the first model is built."""
+def evaluate_models(args: argparse.Namespace) -> dict:
+    """What was scored (data, task, max_length) and every model's metrics on it, in the order given (`models`);
+    every source checked before the first model is built."""
     import torch
 
     from finetune.data import load_records, tokenize_records
@@ -70,17 +73,7 @@ def evaluate_models(args: argparse.Namespace) -> list[dict]:
         del loaded  # one model at a time in memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return results
-
-
-def markdown_table(results: list[dict]) -> str:
-    """The results as one markdown table, a model per row."""
-    columns = [key for key in results[0] if key != "model"]
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for result in results:
-        cells = [f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]) for key in columns]
-        lines.append(f"| {result['model']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return {"data": str(args.data), "task": task_name, "max_length": cfg_data.max_length, "models": results}
 
 
 def main(argv: list[str]) -> int:
@@ -92,13 +85,13 @@ def main(argv: list[str]) -> int:
         for path in (args.json, args.markdown):
             if path is not None and path.is_dir():
                 raise FinetuneError(f"{path} is a directory; name a file to write")
-        results = evaluate_models(args)
+        evaluation = evaluate_models(args)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table = markdown_table(results)
+    table = evaluation_table(evaluation["models"])
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(evaluation, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(table)
     print(table, end="")

@@ -171,7 +171,9 @@ def test_evaluate_base_and_fine_tunes_reproduces_the_runs_eval(runs, tmp_path):
     assert data.read_text() == eval_split(runs["full"], tmp_path / "same.jsonl").read_text()  # the same seed: the same split
     result = run_python(["-m", "finetune.evaluate", "tiny-llama", str(runs["lora"]), str(runs["full"] / "final"), "--data", str(data), "--json", str(tmp_path / "e.json"), "--markdown", str(tmp_path / "e.md")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    base, lora, full = json.loads((tmp_path / "e.json").read_text())
+    evaluation = json.loads((tmp_path / "e.json").read_text())
+    assert (evaluation["data"], evaluation["task"], evaluation["max_length"]) == (str(data), "instruction", 128)
+    base, lora, full = evaluation["models"]
     lora_eval, full_eval = read_summary(runs["lora"])["eval"], read_summary(runs["full"])["eval"]
     assert close(base["loss"], lora_eval["before"]["loss"]) and close(base["loss"], full_eval["before"]["loss"]), (base, lora_eval["before"])
     assert close(lora["loss"], lora_eval["after"]["loss"]) and close(full["loss"], full_eval["after"]["loss"]), (lora, full, lora_eval["after"], full_eval["after"])
@@ -188,7 +190,7 @@ def test_evaluate_a_classifier_checkpoint_and_bad_input(runs, tmp_path, capsys):
 
     data = eval_split(runs["classifier"], tmp_path / "heldout.jsonl")
     assert main([str(runs["classifier"]), "--data", str(data), "--json", str(tmp_path / "e.json")]) == 0
-    (measured,) = json.loads((tmp_path / "e.json").read_text())
+    (measured,) = json.loads((tmp_path / "e.json").read_text())["models"]
     reported = read_summary(runs["classifier"])["eval"]["after"]
     assert close(measured["loss"], reported["loss"]) and (measured["accuracy"], measured["macro_f1"], measured["samples"]) == (reported["accuracy"], reported["macro_f1"], reported["samples"])
     capsys.readouterr()

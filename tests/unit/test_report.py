@@ -66,3 +66,19 @@ def test_report_never_replaces_a_file_unasked(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {out / 'report.md'}: exists; pass --overwrite to replace it, or choose another --out or --name\n"
     assert (out / "report.md").read_text() == "my own notes" and not (out / "report.png").exists()
     assert main([str(good), "--out", str(out), "--overwrite"]) == 0 and (out / "report.md").read_text().startswith("| run |")
+
+
+def test_report_adds_an_evaluation_and_refuses_a_foreign_file(tmp_path, capsys):
+    """--evaluation: finetune.evaluate's --json results as a section of the report; anything else one error line, nothing written."""
+    run = write_run(tmp_path / "single", "torch_ddp", {}, 1, {"step": 40, "loss": 2.0, "perplexity": 7.389}, [3 * GB], method="lora")
+    models = [{"model": "tiny-llama", "loss": 10.8058, "perplexity": 49306.1341, "tokens": 64}, {"model": "runs/lora", "loss": 10.564, "perplexity": 38715.28, "tokens": 64}]
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"data": "heldout.jsonl", "task": "instruction", "max_length": 128, "models": models}))
+    assert main([str(run), "--out", str(tmp_path / "out"), "--evaluation", str(evaluation)]) == 0
+    report = (tmp_path / "out" / "report.md").read_text().split("\n\n")
+    assert report[1] == "## Evaluated on heldout.jsonl (task instruction, max_length 128)"
+    assert report[2].splitlines() == ["| model | loss | perplexity | tokens |", "|---|---|---|---|", "| tiny-llama | 10.8058 | 49306.1341 | 64 |", "| runs/lora | 10.5640 | 38715.2800 | 64 |"]
+    capsys.readouterr()
+    evaluation.write_text(json.dumps(models))  # a bare list: not what finetune.evaluate writes
+    assert main([str(run), "--out", str(tmp_path / "again"), "--evaluation", str(evaluation)]) == 2
+    assert capsys.readouterr().err == f"error: {evaluation}: not a results file of python -m finetune.evaluate --json\n" and not (tmp_path / "again").exists()
