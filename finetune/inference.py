@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from finetune.architectures import NAMED_CONFIGS
-from finetune.config import ModelConfig
+from finetune.config import ModelConfig, model_source_problems
 from finetune.config.schema import TrainConfig
 from finetune.errors import FinetuneError, shown
 from finetune.export_source import OPT_INS, is_run_source, locate, with_full_weights
@@ -98,11 +98,20 @@ def open_source(name: str, flags: set[str] = frozenset(), command: str = "genera
         cfg, weights = locate(path, flags, command)
         if task_name and task_name != cfg.task:
             raise InferenceError(f"--task {task_name}: {name} was trained for task {cfg.task}")
+        check_model_source(cfg.model)
         return Source(name, build_task(cfg.task, cfg.data, run_labels(cfg, weights)), cfg, weights, frozenset(flags), command)
     task = TASKS[task_name or "instruction"]()
     if task.classification:
         raise InferenceError(f"--task {task.name}: a plain model has no trained classification head; name a classification run or checkpoint")
+    check_model_source(ModelConfig(name=name, **{key: flag in flags for flag, key in OPT_INS.items()}))
     return Source(name, task, None, None, frozenset(flags), command)
+
+
+def check_model_source(cfg_model: ModelConfig) -> None:
+    """Refuse a base model as training's config check does: unknown, pickle-only or needing its own code without the opt-in."""
+    problems = model_source_problems(cfg_model)
+    if problems:
+        raise InferenceError(problems[0])
 
 
 def load(source: Source, device: torch.device | None = None) -> Loaded:

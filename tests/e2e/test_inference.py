@@ -125,17 +125,26 @@ def test_generate_bad_input_is_one_error_line_and_exit_2(runs, tmp_path, capsys)
     pickled = tmp_path / "pickled"
     shutil.copytree(runs["lora"], pickled, ignore=shutil.ignore_patterns("checkpoints"))
     (pickled / "final" / "adapter_model.safetensors").rename(pickled / "final" / "adapter_model.bin")
+    remote_code, pickled_model = tmp_path / "remote_code", tmp_path / "pickled_model"
+    for model in (remote_code, pickled_model):
+        model.mkdir()
+    (remote_code / "config.json").write_text(json.dumps({"model_type": "mystery", "auto_map": {"AutoModelForCausalLM": "modeling.Mystery"}}))
+    (pickled_model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (pickled_model / "pytorch_model.bin").write_bytes(b"not loaded")
     foreign = tmp_path / "foreign.jsonl"
     hello = '{"prompt": "Hello"}\n'
     cases = {  # fragment of the error line: (input text, source, extra arguments, output)
         "row 2: field 'input' must be a string": (hello + '{"instruction": "Hi", "input": 3}\n', runs["lora"], [], out),
         "row 1: a JSON number, not an object": ("[1, 2]\n", runs["lora"], [], out),
         "message 1 has role 'robot'": ('{"messages": [{"role": "robot", "content": "Hi"}]}\n', "tiny-llama", [], out),
-        "holds only pickle weights": (hello, pickled, [], out),
+        f"generate: {pickled / 'final'} holds only pickle weights": (hello, pickled, [], out),
         "line 1 is not the answer to --input row 1": (hello, "tiny-llama", [], foreign),
         "exceed the model's context of 256 tokens": (hello, runs["full"], ["--max-new-tokens", "1000"], out),
         "file not found": (None, runs["lora"], [], out),
         "a plain model has no trained classification head": (hello, "tiny-llama", ["--task", "classification"], out),
+        "is not a named model": (hello, "no-such-model", [], out),  # the model checks of training's config validation
+        "that only its own Python code (config.json auto_map) can load": (hello, remote_code, [], out),
+        f"model.name: {pickled_model} holds only pickle weights": (hello, pickled_model, [], out),
     }
     for fragment, (text, source, extra, output) in cases.items():
         prompts.unlink(missing_ok=True)
