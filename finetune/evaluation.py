@@ -186,25 +186,35 @@ def module_eval_forward(model: nn.Module, output: str, objective: PairObjective 
     return module_batch_loss(model) if output == "loss" else module_logits(model)
 
 
-@torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device) -> list[str]:
     """Greedy completions of fixed prompts (token ids), one at a time (no padding effects), on this rank alone."""
+    return [text for prompt in prompts for text in generate_batch(model, tokenizer, [prompt], max_new_tokens, device)]
+
+
+def generate_batch(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Completions of prompts (token ids) generated together (generate_tokens), each decoded without special tokens, stripped."""
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generate_tokens(model, tokenizer, prompts, max_new_tokens, device, temperature, top_p)]
+
+
+@torch.no_grad()
+def generate_tokens(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> list[list[int]]:
+    """The new tokens of prompts (token ids) generated together, left-padded, each up to and without its first EOS:
+    greedy at temperature 0, else sampled from the global torch RNG (seed it first for repeatable samples).
+
+    Args:
+        streamer: a transformers streamer that gets the tokens as they come (one prompt only).
+    """
     was_training = model.training
     model.eval()
-    texts = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
     model.train(was_training)
-    return texts
+    rows = [row[width:].tolist() for row in out]
+    return [row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row for row in rows]
 
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}

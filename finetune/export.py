@@ -29,7 +29,7 @@ import torch
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from finetune.errors import FinetuneError
-from finetune.export_source import OPT_INS, ExportError, locate, merged_model  # noqa: F401 (ExportError: the error this command raises)
+from finetune.export_source import ExportError, add_opt_in_arguments, locate, merged_model, opt_in_flags  # noqa: F401 (ExportError: the error this command raises)
 from finetune.outputs import staged_output
 
 LOGITS_TOLERANCE = 1e-4
@@ -71,14 +71,13 @@ def parse_cli(argv: list[str]):
     parser.add_argument("out", type=Path, nargs="?", help="the new HF model directory")
     parser.add_argument("--gguf", type=Path, metavar="OUT.gguf", help="write one GGUF file instead (Llama-architecture causal LMs)")
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, help="the GGUF weight type (default f16)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code (never taken from the run's config)")
-    parser.add_argument("--allow-pickle", action="store_true", help="read pickle-only weights (CVE-2025-32434; never taken from the run's config)")
+    add_opt_in_arguments(parser)
     args = parser.parse_args(argv)
     if (args.out is None) == (args.gguf is None):
         parser.error("give either OUT_DIR or --gguf OUT.gguf")
     if args.gguf is None and args.gguf_type is not None:
         parser.error("--gguf-type goes with --gguf")
-    args.flags = {flag for flag in OPT_INS if getattr(args, flag.lstrip("-").replace("-", "_"))}
+    args.flags = opt_in_flags(args)
     return args
 
 

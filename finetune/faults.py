@@ -8,6 +8,7 @@
                                           rank 0 then waits inside a TP collective until launch.timeout_s)
     FINETUNE_FAULT=sigterm_after_step:3   rank 0 sends itself SIGTERM once step 3 is done (preemption)
     FINETUNE_FAULT=slow_tokenize:20       rank 1 takes 20 s longer over its share of the tokenization
+    FINETUNE_FAULT=kill_in_generate:1     finetune.generate SIGKILLs itself half-way through writing batch 1 (from 0)
 
 Real kills, not simulated exits: nothing gets to clean up, exactly as when a node dies. Unset, this
 module does nothing.

@@ -1,12 +1,13 @@
 """Compare finished runs side by side: a markdown table and a PNG of bar charts.
 
-    python -m finetune.report RUN_DIR [RUN_DIR ...] [--out DIR] [--name STEM] [--overwrite]
+    python -m finetune.report RUN_DIR [RUN_DIR ...] [--out DIR] [--name STEM] [--overwrite] [--evaluation EVAL.json ...]
 
 Reads each run's summary.json (written by finetune/train.py at the end of a run) and writes
 DIR/STEM.md and DIR/STEM.png (default ./report.md, ./report.png); a file already there is
 replaced only with --overwrite. Works for every task: the best eval
 is accuracy (with macro-F1) for classification, preference accuracy (with the reward margin) for preference
 pairs and loss (with perplexity) for language modelling.
+--evaluation adds the table of a `python -m finetune.evaluate --json` file (models side by side on one data file).
 """
 
 from __future__ import annotations
@@ -137,6 +138,26 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluation_table(models: list[dict]) -> str:
+    """finetune.evaluate's results as one markdown table, a model per row (its metrics in their order)."""
+    columns = [key for key in models[0] if key != "model"]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for result in models:
+        cells = [f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]) for key in columns]
+        lines.append(f"| {result['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_section(path: Path) -> str:
+    """The report's section for a finetune.evaluate --json file: what was scored, and the table; or one clear error."""
+    try:
+        evaluation = json.loads(path.read_text())
+        heading = f"\n## Evaluated on {evaluation['data']} (task {evaluation['task']}, max_length {evaluation['max_length']})\n\n"
+        return heading + evaluation_table(evaluation["models"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError):
+        raise ReportError(f"{path}: not a results file of python -m finetune.evaluate --json") from None
+
+
 def plot(rows: list[Row], path: Path) -> None:
     """Bar charts of the best eval, peak memory (highest rank), wall time and throughput per run."""
     import matplotlib
@@ -163,15 +184,16 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, name: str = "report", overwrite: bool = False) -> tuple[Path, Path]:
-    """Read every run (all checked before anything is written), then write STEM.md and STEM.png (existing ones only with overwrite)."""
+def write_report(run_dirs: list[Path], out_dir: Path, name: str = "report", overwrite: bool = False, evaluations: list[Path] = ()) -> tuple[Path, Path]:
+    """Read every run and evaluation (all checked before anything is written), then write STEM.md and STEM.png (existing ones only with overwrite)."""
     rows = [row_of(d, read_summary(d)) for d in run_dirs]
+    sections = [evaluation_section(path) for path in evaluations]
     table, image = out_dir / f"{name}.md", out_dir / f"{name}.png"
     existing = [str(path) for path in (table, image) if os.path.lexists(path)]
     if existing and not overwrite:
         raise ReportError(f"{' and '.join(existing)}: exists; pass --overwrite to replace it, or choose another --out or --name")
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.write_text(markdown_table(rows))
+    table.write_text(markdown_table(rows) + "".join(sections))
     plot(rows, image)
     return table, image
 
@@ -182,9 +204,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for the report files (default: .)")
     parser.add_argument("--name", default="report", help="file stem: writes STEM.md and STEM.png (default: report)")
     parser.add_argument("--overwrite", action="store_true", help="replace STEM.md and STEM.png if they exist (refused otherwise)")
+    parser.add_argument("--evaluation", type=Path, nargs="+", default=[], metavar="EVAL.json", help="add the results of python -m finetune.evaluate --json")
     args = parser.parse_args(argv)
     try:
-        table, image = write_report(args.runs, args.out, args.name, args.overwrite)
+        table, image = write_report(args.runs, args.out, args.name, args.overwrite, args.evaluation)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

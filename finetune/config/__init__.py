@@ -40,9 +40,10 @@ from finetune.config.schema import (
 from finetune.config.validate import (
     LORA_INITS,
     load_config,
+    model_source_problems,
     mutates_base,
     remote_code_problem,
     validate,
 )
 
-__all__ = ["BUILTIN_SOURCES", "CHATTERBOT", "Config", "ConfigError", "DataConfig", "LORA_INITS", "LoraConfig", "ModelConfig", "Plain", "QuantizationConfig", "SliceBound", "Source", "TASKS", "build_config", "choices", "config_keys", "flatten", "from_dict", "help_text", "load_config", "mutates_base", "parallel_plan", "parse_args", "parse_split_slice", "remote_code_problem", "to_dict", "train_sources", "validate"]  # fmt: skip
+__all__ = ["BUILTIN_SOURCES", "CHATTERBOT", "Config", "ConfigError", "DataConfig", "LORA_INITS", "LoraConfig", "ModelConfig", "Plain", "QuantizationConfig", "SliceBound", "Source", "TASKS", "build_config", "choices", "config_keys", "flatten", "from_dict", "help_text", "load_config", "model_source_problems", "mutates_base", "parallel_plan", "parse_args", "parse_split_slice", "remote_code_problem", "to_dict", "train_sources", "validate"]  # fmt: skip

@@ -113,7 +113,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
     if name in NAMED_CONFIGS and NAMED_CONFIGS[name][1].get("vocab_size", 50257) < 50257:
         problems.append(f"model.name: {name} is a public config for the memory estimator, with no tokenizer here; train it from a local Hugging Face directory (model.name=/path/to/{name})")
-    problems += _model_source_problems(cfg.model)
+    problems += model_source_problems(cfg.model)
     if world_size < 1:
         problems.append(f"world size must be at least 1, got {world_size}")
     return problems
@@ -134,7 +134,7 @@ def _unusable_paths(cfg: Config) -> list[str]:
     return problems
 
 
-def _model_source_problems(cfg_model: ModelConfig) -> list[str]:
+def model_source_problems(cfg_model: ModelConfig) -> list[str]:
     """model.name given as a path or a hub id: it must exist (a hub id: cached, or fetched at build time) and not be pickle-only."""
     name, path = cfg_model.name, Path(cfg_model.name)
     if cfg_model.revision and not is_hub_id(name):

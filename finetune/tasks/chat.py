@@ -42,7 +42,7 @@ def _messages(row: dict, where: str) -> list:
 
 
 def checked_messages(row: dict, where: str) -> list[dict]:
-    """The row's `messages` as clean {role, content} dicts, or DataError naming `where` and the message."""
+    """The row's `messages` as clean {role, content} dicts: a non-empty list, known roles, non-blank string contents."""
     messages = []
     for i, message in enumerate(_messages(row, where), start=1):
         if not isinstance(message, dict):

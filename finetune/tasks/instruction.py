@@ -14,6 +14,7 @@ ALPACA_PROMPT_WITH_INPUT = (
 
 class InstructionTask(PromptResponseTask):
     name = "instruction"
+    reference_field = "output"
     fields = "{instruction, input?, output}"
 
     def check(self, row: dict, where: str) -> dict:

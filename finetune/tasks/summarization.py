@@ -10,6 +10,7 @@ PLAIN_PROMPT = INSTRUCTION + "\n\n### Dialogue:\n{dialogue}\n\n### Summary:\n"
 
 class SummarizationTask(PromptResponseTask):
     name = "summarization"
+    reference_field = "summary"
     fields = "{dialogue, summary}"
 
     def check(self, row: dict, where: str) -> dict:

@@ -74,3 +74,19 @@ def test_report_shows_a_preference_runs_accuracy_and_margin(tmp_path):
     assert main([str(run), "--out", str(tmp_path / "out"), "--name", "dpo"]) == 0
     row = (tmp_path / "out" / "dpo.md").read_text().splitlines()[2].split(" | ")
     assert row[5] == "preference accuracy 0.7500 (margin 0.300, step 20)"
+
+
+def test_report_adds_an_evaluation_and_refuses_a_foreign_file(tmp_path, capsys):
+    """--evaluation: finetune.evaluate's --json results as a section of the report; anything else one error line, nothing written."""
+    run = write_run(tmp_path / "single", "torch_ddp", {}, 1, {"step": 40, "loss": 2.0, "perplexity": 7.389}, [3 * GB], method="lora")
+    models = [{"model": "tiny-llama", "loss": 10.8058, "perplexity": 49306.1341, "tokens": 64}, {"model": "runs/lora", "loss": 10.564, "perplexity": 38715.28, "tokens": 64}]
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"data": "heldout.jsonl", "task": "instruction", "max_length": 128, "models": models}))
+    assert main([str(run), "--out", str(tmp_path / "out"), "--evaluation", str(evaluation)]) == 0
+    report = (tmp_path / "out" / "report.md").read_text().split("\n\n")
+    assert report[1] == "## Evaluated on heldout.jsonl (task instruction, max_length 128)"
+    assert report[2].splitlines() == ["| model | loss | perplexity | tokens |", "|---|---|---|---|", "| tiny-llama | 10.8058 | 49306.1341 | 64 |", "| runs/lora | 10.5640 | 38715.2800 | 64 |"]
+    capsys.readouterr()
+    evaluation.write_text(json.dumps(models))  # a bare list: not what finetune.evaluate writes
+    assert main([str(run), "--out", str(tmp_path / "again"), "--evaluation", str(evaluation)]) == 2
+    assert capsys.readouterr().err == f"error: {evaluation}: not a results file of python -m finetune.evaluate --json\n" and not (tmp_path / "again").exists()
