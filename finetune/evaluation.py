@@ -269,7 +269,7 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
         reloaded.to(device)
     reloaded.eval()
     after = generate(reloaded, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
-    objective = pair_objective(cfg, reloaded, reloaded if method.adapter else None) if task.pairs else None
+    objective = pair_objective(cfg, task, reloaded, reloaded if method.adapter else None) if task.pairs else None
     forward = module_eval_forward(reloaded, task.eval_output, objective)
     probe_loss = evaluate_task(task, forward, probe, cfg.eval.batch_size, tokenizer.pad_token_id, device, None)["loss"]
     generations = [{"prompt": task.prompt_text(r), "reference": task.reference(r), "before": b, "after": a} for r, b, a in zip(prompts, before, after)]

@@ -7,8 +7,9 @@
 
 A LoRA/QLoRA adapter is merged into a full-precision base (for QLoRA too: merging into 4/8-bit
 weights would round the update away), a full fine-tune's (sharded) checkpoint becomes one HF dir.
-Either way the result loads with `AutoModelForCausalLM.from_pretrained`, which the export checks: it
-reloads what it wrote and compares its logits with the in-memory merged model on a test input.
+Either way the result loads with `AutoModelForCausalLM.from_pretrained` (classification and reward runs, with
+their head: `AutoModelForSequenceClassification`), which the export checks: it reloads what it wrote and
+compares its logits with the in-memory merged model on a test input.
 With --gguf, a Llama-architecture run becomes one GGUF file for llama.cpp instead (finetune.gguf_export).
 
 A run dir may come from someone else, so its config.yaml cannot opt into running code: its
@@ -31,6 +32,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from finetune.errors import FinetuneError
 from finetune.export_source import ExportError, add_opt_in_arguments, locate, merged_model, opt_in_flags  # noqa: F401 (ExportError: the error this command raises)
 from finetune.outputs import staged_output
+from finetune.tasks import TASKS
 
 LOGITS_TOLERANCE = 1e-4
 
@@ -41,7 +43,7 @@ def export(source: Path, out: Path, flags: set[str] = frozenset()) -> dict:
     Args:
         flags: this command's opt-ins (OPT_INS); the run's own config cannot set them.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with staged_output(out, directory=True) as staging:  # refused now if out holds anything, before the model is built
         cfg, weights = locate(source, flags)
@@ -49,7 +51,8 @@ def export(source: Path, out: Path, flags: set[str] = frozenset()) -> dict:
         model.eval()
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, torch_dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code).eval()
+        auto_model = getattr(transformers, TASKS[cfg.task].auto_model)  # the run's head: a causal LM, or a sequence classifier
+        reloaded = auto_model.from_pretrained(staging, torch_dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code).eval()
         probe = torch.randint(0, min(1000, model.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             difference = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()

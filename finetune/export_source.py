@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from finetune import checkpoint, sources
 from finetune.config import Config, ModelConfig, build_config, from_dict, parse_args
 from finetune.errors import FinetuneError
 from finetune.model import build_model
+from finetune.tasks import build_task
 
 
 class ExportError(FinetuneError):
@@ -89,9 +91,27 @@ def with_opt_ins(cfg_model: ModelConfig, flags: set[str], command: str = "export
     return dataclasses.replace(cfg_model, **{key: flag in flags for flag, key in OPT_INS.items()}), notes
 
 
+def head_labels(cfg: Config, weights: Path) -> list[str] | None:
+    """The labels of the run's model head (None: a causal LM): a reward model's one output; a classifier's from its
+    weights dir (labels.json beside an adapter, config.json's id2label beside full weights), else data.labels."""
+    task = build_task(cfg.task, cfg.data)
+    if not task.classification:
+        return task.labels_or_none
+    labels = None
+    if (weights / "labels.json").is_file():
+        labels = json.loads((weights / "labels.json").read_text())
+    elif (weights / "config.json").is_file():
+        id2label = json.loads((weights / "config.json").read_text()).get("id2label") or {}
+        labels = [id2label.get(str(i)) for i in range(len(id2label))] or None
+    labels = labels or list(cfg.data.labels)
+    if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
+        raise ExportError(f"{weights}: the classifier's label set is unknown (no labels.json or config.json with id2label beside its weights, no data.labels in its config)")
+    return labels
+
+
 def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:
-    """The fine-tuned model in full precision: base + merged adapter, or the full weights (locate has checked them)."""
-    base, tokenizer = build_model(cfg.model, cfg.train.seed)  # never quantized: merge into full precision
+    """The fine-tuned model in full precision, with the run's head: base + merged adapter, or the full weights (locate has checked them)."""
+    base, tokenizer = build_model(cfg.model, cfg.train.seed, labels=head_labels(cfg, weights))  # never quantized: merge into full precision
     if (weights / "adapter_config.json").is_file():
         from peft import PeftModel
 

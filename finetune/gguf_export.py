@@ -21,6 +21,7 @@ from finetune import architectures
 from finetune.config import Config
 from finetune.export_source import ExportError, locate, merged_model
 from finetune.outputs import staged_output
+from finetune.tasks import TASKS
 
 GGUF_TYPES = ("f16", "q8_0")
 # Largest |logit difference| between the reloaded file and the merged float32 model, as a fraction of the
@@ -33,8 +34,8 @@ PROBE_TEXT = "Hello world! The 3 quick brown foxes jumped 1234 times.\n<|im_star
 
 def refusal(cfg: Config) -> str | None:
     """Why this run cannot become a GGUF file, from its config alone (no model is built); None if it may."""
-    if cfg.task == "classification":
-        return "task=classification: a classification head has no GGUF form (llama.cpp runs causal LMs); export an HF dir instead (python -m finetune.export RUN OUT_DIR)"
+    if TASKS[cfg.task].auto_model != "AutoModelForCausalLM":
+        return f"task={cfg.task}: a classification head has no GGUF form (llama.cpp runs causal LMs); export an HF dir instead (python -m finetune.export RUN OUT_DIR)"
     kind = architectures.model_type(cfg.model.name)
     if kind is not None and kind != "llama":
         return f"model.name={cfg.model.name} is a {kind} model: --gguf writes Llama-architecture models only; export an HF dir instead (python -m finetune.export RUN OUT_DIR)"

@@ -6,7 +6,8 @@ model: under LoRA/QLoRA it is the same model with its adapters off, run without 
 under full fine-tuning the starting model's log-probabilities are computed once before training
 (attach_reference), cached beside the tokenized data, and each pair carries them into its batch
 (finetune.data.REFERENCE). The metrics (PAIR_METRICS) are summed over pairs, so they add up over micro-batches
-and ranks; their means are what metrics.jsonl and the eval results report.
+and ranks; their means are what metrics.jsonl and the eval results report. A reward model (task=reward,
+RewardObjective) scores each sequence with its one-output head instead, and reports REWARD_METRICS.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from finetune import assets
 from finetune.config import Config
 from finetune.core.layout import Layout
 from finetune.data import IGNORE_INDEX, REFERENCE, collate, model_inputs
-from finetune.tasks.objectives import OBJECTIVES, Objective
+from finetune.tasks import Task
+from finetune.tasks.objectives import Objective
 from finetune.tasks.preference import REJECTED
 
 # What a batch of pairs measures, each a sum over its pairs (means: divided by "pairs").
 PAIR_METRICS = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "logp_chosen", "logp_rejected")
+# A reward model's: the rewards are its scores; a scalar head has no log-probabilities. A prefix of PAIR_METRICS (pair_means).
+REWARD_METRICS = PAIR_METRICS[:5]
 
 
 def sequence_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,6 +59,8 @@ class PairObjective:
         adapters_off: a context in which `model` is the reference (its adapters disabled); None for a model without
             adapters, whose batches carry the reference log-probabilities (or whose objective needs none).
     """
+
+    metrics = PAIR_METRICS  # what batch_sums adds up, in this order
 
     def __init__(self, objective: Objective, settings, model: nn.Module, adapters_off: Callable[[], ContextManager] | None) -> None:
         self.objective, self.settings, self.model, self.adapters_off = objective, settings, model, adapters_off
@@ -84,11 +90,11 @@ class PairObjective:
         return loss, good, bad, sums[0::2], sums[1::2]
 
     def batch_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over the batch's pairs, float64 sums of PAIR_METRICS and the pair count); eval filler pairs (no label token) count nowhere."""
-        loss, good, bad, logp_chosen, logp_rejected = self.pair_terms(batch)
+        """(mean loss over the batch's pairs, float64 sums of self.metrics and the pair count); eval filler pairs (no label token) count nowhere."""
+        loss, good, bad, *logps = self.pair_terms(batch)
         kept = (batch["labels"][0::2, 1:] != IGNORE_INDEX).any(-1)
         # where, not a product: a filler pair has no reply token, and ORPO's odds of an empty reply are infinite
-        values = torch.where(kept, torch.stack([loss, good, bad, good - bad, (good > bad).to(loss.dtype), logp_chosen, logp_rejected]).detach().double(), 0.0)
+        values = torch.where(kept, torch.stack([loss, good, bad, good - bad, (good > bad).to(loss.dtype), *logps]).detach().double(), 0.0)
         sums = torch.cat([values.sum(-1), kept.sum().double().reshape(1)])
         return torch.where(kept, loss, 0.0).sum() / kept.sum().clamp(min=1), sums
 
@@ -99,15 +105,29 @@ class PairObjective:
         return loss
 
     def take_step_sums(self) -> list[float]:
-        """The step's PAIR_METRICS sums and pair count (zeros before any step), reset for the next step."""
+        """The step's metric sums and pair count (zeros before any step), reset for the next step."""
         sums, self.step_sums = self.step_sums, None
-        return sums.tolist() if sums is not None else [0.0] * (len(PAIR_METRICS) + 1)
+        return sums.tolist() if sums is not None else [0.0] * (len(self.metrics) + 1)
 
 
-def pair_objective(cfg: Config, model: nn.Module, peft_model: nn.Module | None) -> PairObjective:
-    """The run's objective over `model`; its reference switches the adapters of `peft_model` off (None: no adapters,
-    and an objective with a reference reads the starting model's log-probabilities from the batch: attach_reference)."""
-    return PairObjective(OBJECTIVES[cfg.preference.loss], cfg.preference, model, peft_model.disable_adapter if peft_model is not None else None)
+class RewardObjective(PairObjective):
+    """task=reward: Bradley-Terry over the scores of a one-output sequence classifier (no reference, no log-probabilities)."""
+
+    metrics = REWARD_METRICS
+
+    def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(loss, chosen score, rejected score) per pair: the head's output at each sequence's last non-pad token."""
+        scores = self.model(**sequence_inputs(batch)).logits.squeeze(-1).float()
+        return self.objective.formula(scores[0::2], scores[1::2], None, None, self.settings)
+
+
+def pair_objective(cfg: Config, task: Task, model: nn.Module, peft_model: nn.Module | None) -> PairObjective:
+    """The run's objective over `model` for a pair task; its reference switches the adapters of `peft_model` off (None: no
+    adapters, and an objective with a reference reads the starting model's log-probabilities from the batch: attach_reference)."""
+    objective = task.objective(cfg.preference)
+    if task.scalar_head:
+        return RewardObjective(objective, cfg.preference, model, None)
+    return PairObjective(objective, cfg.preference, model, peft_model.disable_adapter if peft_model is not None else None)
 
 
 def stores_reference(objective: PairObjective | None) -> bool:
@@ -176,6 +196,6 @@ def _write_atomic(path: Path, values: np.ndarray) -> bool:
 
 
 def pair_means(sums: list[float]) -> dict[str, float]:
-    """PAIR_METRICS means from their sums and the pair count (the last entry); NaN without pairs."""
-    pairs = sums[-1]
-    return {**{name: value / pairs if pairs else float("nan") for name, value in zip(PAIR_METRICS, sums)}, "pairs": int(pairs)}
+    """Metric means from their sums (PAIR_METRICS or a prefix of them: REWARD_METRICS) and the pair count (the last entry); NaN without pairs."""
+    *values, pairs = sums
+    return {**{name: value / pairs if pairs else float("nan") for name, value in zip(PAIR_METRICS, values)}, "pairs": int(pairs)}

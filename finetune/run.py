@@ -132,7 +132,7 @@ def build_run(
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
-    objective = pair_objective(cfg, model, model.unwrap(unwrap_peft=False) if lora_config else None) if task.pairs else None
+    objective = pair_objective(cfg, task, model, model.unwrap(unwrap_peft=False) if lora_config else None) if task.pairs else None
     run = Run(
         cfg=cfg, plugin=plugin_spec, method=method, task=task, plan=parallel_plan(cfg, world_size), layout=layout, booster=booster, model=model,
         optimizer=optimizer, scheduler=scheduler, device=device, pad_to=pad_to, lora_config=lora_config, steps_per_epoch=steps_per_epoch,

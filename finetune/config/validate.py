@@ -6,6 +6,7 @@ load_config is the one entry: parse (finetune.config), then validate; the first 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import math
@@ -210,7 +211,25 @@ def _init_adapter_problems(cfg: Config) -> list[str]:
 
 
 def preference_problems(cfg: Config, names: dict[str, tuple[str, ...]]) -> list[str]:
-    """The `preference` section: a known objective, numbers in range, no setting the objective ignores; what task=preference cannot do yet."""
+    """The `preference` section (task=reward reads none of it) and what a pair task cannot do yet."""
+    task = TASK_REGISTRY.get(cfg.task)
+    problems = _unread_preference_settings(cfg) if task is not None and task.pairs and task.scalar_head else _objective_problems(cfg, names)
+    if task is not None and task.pairs and cfg.data.packing:
+        problems.append(f"data.packing=true with task={cfg.task}: a pair's two sequences are scored whole, side by side; set data.packing=false")
+    return problems
+
+
+def _unread_preference_settings(cfg: Config) -> list[str]:
+    """The preference settings a reward model's run sets: its Bradley-Terry loss reads none."""
+    defaults = PreferenceConfig()
+    changed = [f"preference.{f.name}" for f in dataclasses.fields(defaults) if getattr(cfg.preference, f.name) != getattr(defaults, f.name)]
+    if not changed:
+        return []
+    return [f"{', '.join(changed)}: task={cfg.task} trains with the Bradley-Terry loss, which reads no preference setting; drop {'it' if len(changed) == 1 else 'them'}"]
+
+
+def _objective_problems(cfg: Config, names: dict[str, tuple[str, ...]]) -> list[str]:
+    """`preference.loss` and its settings: a known objective, numbers in range, no setting the objective ignores."""
     settings, problems = cfg.preference, _named_problems(cfg, names, ("preference.loss",))
     for key in ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda"):
         if not math.isfinite(getattr(settings, key)):
@@ -227,11 +246,6 @@ def preference_problems(cfg: Config, names: dict[str, tuple[str, ...]]) -> list[
     for key in ("label_smoothing", "simpo_gamma", "orpo_lambda"):
         if getattr(settings, key) != getattr(defaults, key) and key not in objective.settings:
             problems.append(f"preference.{key}: preference.loss={settings.loss} does not use it; drop it or choose an objective that does")
-    task = TASK_REGISTRY.get(cfg.task)
-    if not (task and task.pairs):
-        return problems
-    if cfg.data.packing:
-        problems.append("data.packing=true with task=preference: a pair's two sequences are scored whole, side by side; set data.packing=false")
     return problems
 
 

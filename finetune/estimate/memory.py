@@ -15,7 +15,6 @@ from finetune.core.plugins import SPECS
 from finetune.estimate.shape import ModelShape, cached_model_shape
 from finetune.methods import method_named
 from finetune.tasks import TASKS
-from finetune.tasks.objectives import OBJECTIVES
 
 GIB = 1024**3
 MIB = 1024**2
@@ -344,7 +343,7 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     train = tokens * (layers_held * layer + outside + loss) + autocast
     checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside + max(loss, layer)) + autocast
     eval_tokens = (cfg.train.batch_size if place.pp > 1 else cfg.eval.batch_size) * task.sequences_per_sample * seq  # pipelines evaluate at the train batch
-    if task.pairs and OBJECTIVES[cfg.preference.loss].reference:  # the reference pass: the step's batch forward without gradients, before the policy's
+    if task.pairs and task.objective(cfg.preference).reference:  # the reference pass: the step's batch forward without gradients, before the policy's
         eval_tokens = max(eval_tokens, rows * seq)
     evaluation = eval_tokens * (eval_peak_bytes(shape, place) if share.last else outside)
     return train, checkpointed, evaluation

@@ -8,7 +8,7 @@ from finetune.tasks.base import IGNORE_INDEX, DataError, LanguageModelingTask, T
 from finetune.tasks.chat import ChatTask
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.instruction import InstructionTask
-from finetune.tasks.preference import PreferenceTask
+from finetune.tasks.preference import PreferenceTask, RewardTask
 from finetune.tasks.summarization import SummarizationTask
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ TASKS: dict[str, type[Task]] = {
     "chat": ChatTask,
     "classification": ClassificationTask,
     "preference": PreferenceTask,
+    "reward": RewardTask,
 }
 
 __all__ = ["IGNORE_INDEX", "TASKS", "DataError", "LanguageModelingTask", "Task", "build_task"]

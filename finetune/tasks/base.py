@@ -43,6 +43,7 @@ class Task:
     keeps_end: tuple[str, ...] = ()  # record fields whose text keeps its end when an over-long record is cut (prompts)
     sequences_per_sample: int = 1  # rows a sample puts in a batch (the estimator's batch)
     pairs: bool = False  # a sample is a preference pair (chosen and rejected sequences), trained by a preference objective
+    scalar_head: bool = False  # pairs scored by a one-output sequence-classification head (a reward model), not by log-probabilities
     fields: str = ""  # the record layout, for error messages and docs
 
     @classmethod

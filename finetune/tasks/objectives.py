@@ -6,6 +6,7 @@ An objective maps a batch of pairs' log-probabilities to a loss and a reward per
   ref_chosen, ref_rejected: the same summed log-probabilities under the reference model (None where
       `reference` is False);
   settings: the `preference` config section (beta, label_smoothing, simpo_gamma, orpo_lambda).
+BRADLEY_TERRY, task=reward's objective, sees a scalar head's score of each sequence instead of log-probabilities.
 The records are torch-free (config validation reads them): the formulas use tensor methods only.
 """
 
@@ -72,6 +73,14 @@ def _orpo(chosen, rejected, ref_chosen, ref_rejected, settings):
     loss = -chosen - settings.orpo_lambda * log_sigmoid(log_odds(chosen) - log_odds(rejected))
     return loss, settings.beta * chosen, settings.beta * rejected
 
+
+def _bradley_terry(chosen, rejected, ref_chosen, ref_rejected, settings):
+    # chosen, rejected: a reward model's scalar scores; the rewards are the scores themselves.
+    return -log_sigmoid(chosen - rejected), chosen, rejected
+
+
+# task=reward's objective over a scalar head's scores; not a `preference.loss` choice (those score log-probabilities).
+BRADLEY_TERRY = Objective("bradley_terry", "Bradley and Terry 1952; as a reward model's loss, Ouyang et al. 2022, Training language models to follow instructions with human feedback (arXiv:2203.02155)", False, False, (), _bradley_terry)
 
 OBJECTIVES: dict[str, Objective] = {
     o.name: o

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from finetune.tasks.base import IGNORE_INDEX, DataError, LanguageModelingTask, text_field
 from finetune.tasks.chat import DEFAULT_CHAT_TEMPLATE, checked_messages
+from finetune.tasks.objectives import BRADLEY_TERRY, OBJECTIVES, Objective
 
 REJECTED = "rejected_"  # the prefix of a pair sample's rejected sequence keys (rejected_input_ids, rejected_labels)
+REWARD_HEAD = "reward"  # the name of a reward model's one output (its config's id2label)
 
 
 class PreferenceTask(LanguageModelingTask):
@@ -25,6 +27,11 @@ class PreferenceTask(LanguageModelingTask):
     keeps_end = ("prompt", "messages")
     fields = "{prompt, chosen, rejected} or {messages: [{role, content}, ...], chosen, rejected}"
     eval_output = "pairs"
+
+    @classmethod
+    def objective(cls, settings) -> Objective:
+        """The objective this task trains with, from the `preference` config section."""
+        return OBJECTIVES[settings.loss]
 
     def check(self, row: dict, where: str) -> dict:
         if "messages" in row:
@@ -83,3 +90,27 @@ class PreferenceTask(LanguageModelingTask):
 
     def reference(self, record: dict) -> str:
         return record["chosen"]
+
+
+class RewardTask(PreferenceTask):
+    """Task `reward`: the pairs of task=preference train a reward model, a sequence classifier with one output.
+
+    A sequence's score is that output at its last token that is not the pad token (transformers' sequence-
+    classification pooling, which finds it by the model config's pad_token_id); the loss is Bradley-Terry's
+    -log sigmoid(score(chosen) - score(rejected)). A reward model does not generate.
+    """
+
+    name = "reward"
+    scalar_head = True
+    auto_model = "AutoModelForSequenceClassification"
+
+    @classmethod
+    def objective(cls, settings) -> Objective:
+        return BRADLEY_TERRY
+
+    @property
+    def labels_or_none(self) -> list[str]:
+        return [REWARD_HEAD]
+
+    def generation_prompts(self, records: list[dict], count: int) -> list[dict]:
+        return []

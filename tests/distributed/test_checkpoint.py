@@ -93,6 +93,8 @@ RESUME_CASES = {
     "zero1_classification_lora": (2, ["--config", "booster_configs/zero1.yaml", "model.name=tiny-roberta", "method=lora", "task=classification"], FP32),
     # preference pairs: DPO's reference is the model with its adapter off, in the same step
     "ddp_dpo_lora": (2, ["model.name=tiny-llama", "method=lora", "task=preference", "lora.dropout=0"], FP32),
+    # a reward model: the adapter and its one-output head (modules_to_save) both resume
+    "ddp_reward_lora": (2, ["model.name=tiny-llama", "method=lora", "task=reward", "lora.dropout=0"], FP32),
 }
 
 
@@ -108,7 +110,7 @@ def resumed_runs(request, tmp_path_factory) -> dict[str, dict]:
         nproc, extra, _ = RESUME_CASES[case]
         if "task=classification" in extra:
             extra = [*extra, f"data.train_path={write_classification_file(root / f'{case}.csv')}"]
-        if "task=preference" in extra:
+        if "task=preference" in extra or "task=reward" in extra:
             extra = [*extra, f"data.train_path={write_pairs(root / f'{case}.jsonl')}"]
         runs[case] = {"nproc": nproc, "extra": extra, "reference": root / case / "reference", "crashed": root / case / "crashed"}
     done = run_grouped({case: (run["nproc"], run_args(data, run["reference"], run["extra"])) for case, run in runs.items()}, root / "references")

@@ -1,9 +1,11 @@
-"""DPO with LoRA on 2 gloo ranks under torch_ddp, ZeRO-2 and FSDP matches a plain single-process PyTorch loop.
+"""DPO with LoRA on 2 gloo ranks under torch_ddp, ZeRO-2 and FSDP, and a LoRA reward model under torch_ddp, match a
+plain single-process PyTorch loop.
 
 Each case trains test_fidelity's STEPS steps through finetune/train.py's main (one shared torchrun launch:
 tests/run_many.py). The reference repeats the same global batches (the distributed samplers' shards, put
 together) in this process: the policy is the base with a peft adapter, the reference a second copy of the
-base, DPO's loss written here (tests/unit/test_preference.paper_formula), AdamW, the same schedule and
+base, DPO's loss written here (tests/unit/test_preference.paper_formula); a reward model's is Bradley-Terry on a plain
+HF classifier's scores (tests/unit/test_preference.plain_scores); AdamW, the same schedule and
 clipping. A pair loss is a mean over pairs and every rank holds as many pairs, so the data-parallel mean is
 the global one whatever the pairs' lengths. Losses, the pair metrics of every step and the saved adapter
 must match.
@@ -15,33 +17,47 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from finetune.config import load_config
 from finetune.data import build_data, collate, load_splits
 from finetune.model import build_lora_config, build_model
-from tests.conftest import read_metrics, run_grouped, write_pairs
+from tests.conftest import read_metrics, run_grouped, selected_params, write_pairs
 from tests.distributed.test_fidelity import STEPS, run_args
-from tests.unit.test_preference import paper_formula, plain_logps
+from tests.unit.test_preference import paper_formula, plain_logps, plain_scores
 
 pytestmark = pytest.mark.distributed
 
-CASES = {"ddp": "torch_ddp", "zero2": "zero2", "fsdp": "fsdp"}
-EXTRA = ["task=preference", "preference.beta=0.5", "preference.label_smoothing=0.1", "data.eval_fraction=0.2"]
+DPO = ["task=preference", "preference.beta=0.5", "preference.label_smoothing=0.1", "data.eval_fraction=0.2"]
+REWARD = ["task=reward", "data.eval_fraction=0.2"]
+CASES = {"ddp": ("torch_ddp", DPO), "zero2": ("zero2", DPO), "fsdp": ("fsdp", DPO), "ddp_reward": ("torch_ddp", REWARD)}
 
 
-def dpo_reference(args: list[str], dp_size: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Plain single-process DPO on the same global batches: per step {loss, margin, accuracy}, and the trained adapter."""
+def pair_loss(cfg, policy, reference_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) per pair: DPO on log-probabilities, or (no reference model) a reward
+    model's Bradley-Terry on its scores."""
+    if reference_model is None:
+        scores = plain_scores(policy, batch)
+        return -F.logsigmoid(scores[0::2] - scores[1::2]), scores[0::2], scores[1::2]
+    with torch.no_grad():
+        reference_sums, _ = plain_logps(reference_model, batch)
+    sums, counts = plain_logps(policy, batch)
+    return paper_formula("dpo", cfg.preference, ((sums[0::2], sums[1::2]), (counts[0::2], counts[1::2])), (reference_sums[0::2], reference_sums[1::2]))
+
+
+def pair_reference(args: list[str], dp_size: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The plain single-process loop on the same global batches: per step {loss, margin, accuracy}, and the trained adapter."""
     from peft import get_peft_model, get_peft_model_state_dict
     from torch.utils.data import DistributedSampler
     from transformers import get_scheduler
 
     cfg = load_config(args, world_size=2)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
-    base, tokenizer = build_model(cfg.model, cfg.train.seed)
+    base, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.task.labels_or_none)
     torch.manual_seed(cfg.train.seed)
     policy = get_peft_model(base, build_lora_config(base, cfg.lora))
-    reference_model, _ = build_model(cfg.model, cfg.train.seed)
+    reference_model = None if splits.task.scalar_head else build_model(cfg.model, cfg.train.seed)[0]
     data = build_data(cfg.data, tokenizer, splits)
     shards = [list(DistributedSampler(data.train, num_replicas=dp_size, rank=r, shuffle=True, seed=cfg.train.seed)) for r in range(dp_size)]
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -51,10 +67,7 @@ def dpo_reference(args: list[str], dp_size: int) -> tuple[list[dict], dict[str, 
     policy.train()
     for step in range(STEPS):
         batch = collate([data.train[i] for shard in shards for i in shard[step * size : (step + 1) * size]], tokenizer.pad_token_id)
-        with torch.no_grad():
-            reference_sums, _ = plain_logps(reference_model, batch)
-        sums, counts = plain_logps(policy, batch)
-        per_pair, good, bad = paper_formula("dpo", cfg.preference, ((sums[0::2], sums[1::2]), (counts[0::2], counts[1::2])), (reference_sums[0::2], reference_sums[1::2]))
+        per_pair, good, bad = pair_loss(cfg, policy, reference_model, batch)
         loss = per_pair.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -66,22 +79,23 @@ def dpo_reference(args: list[str], dp_size: int) -> tuple[list[dict], dict[str, 
 
 
 @pytest.fixture(scope="module")
-def dpo_runs(tmp_path_factory) -> dict[str, tuple[list[str], object]]:
+def pair_runs(request, tmp_path_factory) -> dict[str, tuple[list[str], object]]:
     root = tmp_path_factory.mktemp("preference")
     data = write_pairs(root / "pairs.jsonl", 64)  # every step within the first epoch: the reference does not reshuffle
-    runs = {case: (2, run_args(config, "tiny-llama", "lora", EXTRA, data, root / case)) for case, config in CASES.items()}
+    selected = selected_params(request, "test_lora_pairs_match_the_single_process_reference")
+    runs = {case: (2, run_args(CASES[case][0], "tiny-llama", "lora", CASES[case][1], data, root / case)) for case in selected}
     results = run_grouped(runs, root / "launches")
     return {case: (args, results[case]) for case, (_, args) in runs.items()}
 
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("case", list(CASES))
-def test_dpo_lora_matches_the_single_process_reference(case, dpo_runs):
-    args, result = dpo_runs[case]
+def test_lora_pairs_match_the_single_process_reference(case, pair_runs):
+    args, result = pair_runs[case]
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     out = Path(load_config(args, world_size=2).output_dir)
     logged = [m for m in read_metrics(out) if "loss" in m]
-    expected, adapter = dpo_reference(args, dp_size=2)
+    expected, adapter = pair_reference(args, dp_size=2)
     assert len(logged) == STEPS
     for step, (got, want) in enumerate(zip(logged, expected), start=1):
         for key in ("loss", "margin", "accuracy"):

@@ -101,6 +101,7 @@ TRAIN_CASES = {
     # preference pairs
     "pair_with_same_replies": (lambda w: ["task=preference", f"data.train_path={w['root'] / 'same_replies.jsonl'}"], "same_replies.jsonl row 2: fields 'chosen' and 'rejected' are the same text"),
     "setting_the_objective_ignores": (lambda w: ["task=preference", "preference.loss=simpo", "preference.label_smoothing=0.1"], "preference.label_smoothing: preference.loss=simpo does not use it"),
+    "reward_with_a_preference_setting": (lambda w: ["task=reward", "preference.beta=0.5"], "preference.beta: task=reward trains with the Bradley-Terry loss, which reads no preference setting"),
     # model
     "missing_model": (lambda w: ["model.name=/nonexistent/model"], "is not a named model"),
     "dir_without_config": (lambda w: [f"model.name={w['root'] / 'no_config'}"], "has no config.json"),

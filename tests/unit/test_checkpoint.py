@@ -1,4 +1,5 @@
-"""Checkpoint files in process: plain-data trees and RNG state round-trip, pickle weight files and format 1 are refused."""
+"""Checkpoint files in process: plain-data trees and RNG state round-trip, pickle weight files and format 1 are refused;
+the model head an export rebuilds."""
 
 from __future__ import annotations
 
@@ -45,3 +46,27 @@ def test_rng_state_round_trip():
     checkpoint.set_rng_state(state)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_export_rebuilds_the_runs_head(tmp_path):
+    """finetune.export builds the base with the run's head before it merges or loads the weights: a causal LM (None), a
+    reward model's one output, a classifier's labels from beside its weights (adapter: labels.json; full: config.json),
+    else data.labels; a classifier whose labels are nowhere is refused."""
+    from finetune.config import build_config, parse_args
+    from finetune.export_source import ExportError, head_labels
+
+    def labels(*overrides: str):
+        return head_labels(build_config(parse_args(["model.name=tiny-gpt2", *overrides])), tmp_path)
+
+    assert labels("task=instruction") is None and labels("task=preference") is None
+    assert labels("task=reward") == ["reward"]
+    with pytest.raises(ExportError, match="the classifier's label set is unknown"):
+        labels("task=classification")
+    assert labels("task=classification", "data.labels=[b,a]") == ["b", "a"]
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"1": "sad", "0": "happy"}}))
+    assert labels("task=classification", "data.labels=[b,a]") == ["happy", "sad"]
+    (tmp_path / "labels.json").write_text(json.dumps(["x", "y", "z"]))
+    assert labels("task=classification") == ["x", "y", "z"]
+    (tmp_path / "labels.json").write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ExportError, match="the classifier's label set is unknown"):
+        labels("task=classification")

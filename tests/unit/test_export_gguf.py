@@ -116,7 +116,7 @@ def test_gpt2_tokenizer_round_trips_and_an_existing_output_is_kept(tmp_path):
     assert out.read_bytes() == b"mine"
 
 
-@pytest.mark.parametrize("model_name, task, reason", [("tiny-gpt2", "instruction", "gpt2 model"), ("tiny-roberta", "classification", "classification head")])
+@pytest.mark.parametrize("model_name, task, reason", [("tiny-gpt2", "instruction", "gpt2 model"), ("tiny-roberta", "classification", "task=classification: a classification head"), ("tiny-llama", "reward", "task=reward: a classification head")])
 def test_refused_before_any_model_is_built(tmp_path, monkeypatch, capsys, model_name, task, reason):
     import finetune.gguf_export
 

@@ -353,9 +353,109 @@ def test_eval_filler_pairs_count_nowhere(loss, tmp_path, monkeypatch):
     samples = build_data(cfg.data, tokenizer, load_splits(cfg.data, cfg.train.seed, cfg.task)).train[:5]
     for sample in samples:  # the reference, as attach_reference leaves it: here the policy's own log-probs shifted
         sample["reference_logps"] = [-30.0, -20.0]
-    objective = pair_objective(cfg, model.eval(), None)
+    objective = pair_objective(cfg, build_task("preference", cfg.data), model.eval(), None)
     forward = lambda batch: objective.batch_sums(batch)[1]  # noqa: E731
     whole = evaluate_pairs(forward, samples, 5, tokenizer.pad_token_id, torch.device("cpu"), None)
     padded = evaluate_pairs(forward, samples, 3, tokenizer.pad_token_id, torch.device("cpu"), None)  # a second batch of 2 pairs and a filler
     assert whole["pairs"] == padded["pairs"] == 5
     assert all(math.isfinite(whole[key]) and whole[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-6) for key in whole), (whole, padded)
+
+
+# --- task=reward: a one-output sequence classifier trained on the same pairs with Bradley-Terry ----------------
+
+
+def plain_scores(model, batch: dict) -> torch.Tensor:
+    """Each row's score: a plain HF sequence classifier's one output (its own pooling at the last non-pad token)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reward_first_step_matches_bradley_terry_on_a_plain_classifier(method, one_rank, tmp_path, monkeypatch):  # noqa: F811
+    from peft import get_peft_model
+
+    from finetune.data import batches_forever
+    from finetune.faults import Faults
+    from finetune.model import build_lora_config, build_model
+    from finetune.preference import REWARD_METRICS, pair_means
+    from finetune.run import build_run
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    args = ["task=reward", f"data.train_path={write_pairs(tmp_path / 'pairs.jsonl')}", "model.name=tiny-gpt2", f"method={method}", "lora.dropout=0",
+            "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cfg = load_config(args, world_size=1)
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.task.labels_or_none)
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 1
+    assert model.config.pad_token_id == tokenizer.pad_token_id  # HF's pooling finds each row's last token by it
+    data = build_data(cfg.data, tokenizer, splits)
+    run, dataloader = build_run(cfg, world_size=1, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
+                                pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None)  # fmt: skip
+    trained = run.model.unwrap(unwrap_peft=False)
+    if method == "lora":
+        assert trained.peft_config["default"].task_type == "SEQ_CLS" and trained.score.modules_to_save["default"].weight.requires_grad  # the head trains
+        generator = torch.Generator().manual_seed(1)
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name:  # a fresh adapter is the identity: give it weights, so the comparison covers it
+                parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    _, micro_batches = next(batches_forever(dataloader, 1, run.steps_per_epoch))
+    batch = micro_batches[0]
+    assert (batch["input_ids"] == tokenizer.pad_token_id).any(), "no padded row: the pooling would not be tested"
+    loss_value = run.plugin.forward_backward(run, micro_batches)
+    got = pair_means(run.objective.take_step_sums())
+
+    plain, _ = build_model(cfg.model, cfg.train.seed, labels=splits.task.labels_or_none)
+    if method == "lora":
+        plain = get_peft_model(plain, build_lora_config(plain, cfg.lora))
+    plain.load_state_dict(trained.state_dict())
+    scores = plain_scores(plain, batch)
+    chosen, rejected = scores[0::2], scores[1::2]
+    expected = -F.logsigmoid(chosen - rejected)  # Bradley-Terry: P(chosen preferred) = sigmoid(score difference)
+    expected.mean().backward()
+    tool_grads = {name: p.grad for name, p in trained.named_parameters() if p.requires_grad}
+    for name, parameter in plain.named_parameters():
+        if parameter.requires_grad:
+            assert torch.allclose(tool_grads[name], parameter.grad, atol=1e-6, rtol=1e-4), f"{name}: gradient differs by {(tool_grads[name] - parameter.grad).abs().max()}"
+    chosen, rejected = chosen.detach(), rejected.detach()
+    assert set(got) == {*REWARD_METRICS, "pairs"} and got["pairs"] == cfg.train.batch_size
+    assert abs(loss_value - expected.mean().item()) <= 1e-5, (loss_value, expected.mean().item())
+    assert got["loss"] == pytest.approx(expected.mean().item(), abs=1e-5, rel=1e-5)
+    assert got["reward_chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5, rel=1e-5)
+    assert got["reward_rejected"] == pytest.approx(rejected.mean().item(), abs=1e-5, rel=1e-5)
+    assert got["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5, rel=1e-5)
+    assert got["accuracy"] == (chosen > rejected).float().mean().item()
+    assert (chosen - rejected).abs().min() > 1e-4, "tied scores: the accuracy would prove little"
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["preference.loss=ipo"], "preference.loss: task=reward trains with the Bradley-Terry loss, which reads no preference setting; drop it"),
+        (["preference.beta=0.5", "preference.simpo_gamma=1"], "preference.beta, preference.simpo_gamma: task=reward trains with the Bradley-Terry loss"),
+        (["data.packing=true"], "data.packing=true with task=reward: a pair's two sequences are scored whole"),
+        (["--config", "booster_configs/tp2.yaml"], "task=reward under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
+        (["plugin.name=gemini", "train.precision=bf16"], "task=reward under gemini is not built yet"),
+    ],
+)
+def test_reward_config_problems_are_one_line_each(overrides, line, monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    problems = config_problems("task=reward", *overrides, world_size=2, has_cuda="plugin.name=gemini" in overrides)
+    assert any(p.startswith(line) for p in problems), problems
+    assert all("\n" not in p for p in problems)
+
+
+@pytest.mark.parametrize("overrides", [[], ["method=full"], ["plugin.name=torch_fsdp"], ["plugin.name=low_level_zero", "plugin.stage=2"]])
+def test_reward_supported_setups_have_no_problems(overrides, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    assert config_problems("task=reward", *overrides, f"data.train_path={data}", world_size=2) == []
+
+
+def test_the_estimator_counts_no_reference_pass_for_a_reward_model():
+    from finetune.estimate.memory import estimate
+
+    def eval_activations(task: str) -> float:
+        cfg = build_config(parse_args(["model.name=tiny-gpt2", "train.batch_size=4", "eval.batch_size=1", f"task={task}"]))
+        return estimate(cfg, world_size=1, seq_len=64, device="cpu").eval_activations
+
+    assert eval_activations("reward") == pytest.approx(eval_activations("preference") / 4, rel=1e-3)  # DPO's reference pass: 4 pairs, not 1

@@ -24,8 +24,8 @@ def ids(tok, text: str) -> list[int]:
 
 
 def test_registry_is_the_config_choice():
-    assert CONFIG_TASKS == tuple(TASKS) == ("instruction", "summarization", "chat", "classification", "preference")
-    assert validate(build_config([("c", "task", "chats")]), 1, False)[0] == "task: unknown value 'chats' (did you mean 'chat'?); choose from instruction, summarization, chat, classification, preference"
+    assert CONFIG_TASKS == tuple(TASKS) == ("instruction", "summarization", "chat", "classification", "preference", "reward")
+    assert validate(build_config([("c", "task", "chats")]), 1, False)[0] == "task: unknown value 'chats' (did you mean 'chat'?); choose from instruction, summarization, chat, classification, preference, reward"
 
 
 def test_instruction_masking_token_by_token(gpt2):

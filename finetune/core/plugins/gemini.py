@@ -70,7 +70,7 @@ class GeminiSpec(PluginSpec):
             problems.append(NO_CUDA_TOOLKIT)
         task = TASKS.get(cfg.task)
         if task is not None and task.pairs:  # lifted once it is tested on CUDA
-            problems.append("task=preference under gemini is not built yet (its chunked parameters and the reference pass are untested together); use torch_ddp, low_level_zero or torch_fsdp")
+            problems.append(f"task={cfg.task} under gemini is not built yet (its chunked parameters and the reference pass are untested together); use torch_ddp, low_level_zero or torch_fsdp")
         return problems
 
     def placement(self, cfg: Config, world_size: int) -> Placement:

@@ -64,7 +64,7 @@ class HybridParallelSpec(PluginSpec):
         if task is not None and task.classification:
             problems += self._classification_problems(cfg, plan)
         if task is not None and task.pairs:  # lifted once the pipeline's criterion and the sharded heads score pairs
-            problems.append("task=preference under hybrid_parallel (tensor/pipeline parallel) is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use torch_ddp, low_level_zero or torch_fsdp")
+            problems.append(f"task={cfg.task} under hybrid_parallel (tensor/pipeline parallel) is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use torch_ddp, low_level_zero or torch_fsdp")
         if world_size % (tp * pp):
             problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
         heads = attention_heads(cfg.model.name)
