@@ -24,7 +24,8 @@ from finetune.export_source import add_opt_in_arguments, opt_in_flags
 from finetune.inference import load, open_source
 from finetune.tasks import TASKS
 
-COLUMNS = {"loss": ("loss", "perplexity", "tokens"), "logits": ("loss", "accuracy", "macro_f1", "samples")}  # by the task's eval_output
+# by the task's eval_output
+COLUMNS = {"loss": ("loss", "perplexity", "tokens"), "logits": ("loss", "accuracy", "macro_f1", "samples"), "pairs": ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "pairs")}
 
 
 def parse_cli(argv: list[str]) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def evaluate_models(args: argparse.Namespace) -> dict:
     import torch
 
     from finetune.data import load_records, tokenize_records
-    from finetune.evaluation import evaluate_task, module_batch_loss, module_logits
+    from finetune.evaluation import evaluate_task, module_eval_forward
 
     flags = opt_in_flags(args)
     sources = [open_source(name, flags, "evaluate", args.task) for name in args.models]
@@ -67,13 +68,32 @@ def evaluate_models(args: argparse.Namespace) -> dict:
     for source in sources:
         loaded = load(source)
         samples, _, _ = tokenize_records(source.task, loaded.tokenizer, checked[id(source)], cfg_data, str(args.data), "eval")
-        forward = module_batch_loss(loaded.model) if source.task.eval_output == "loss" else module_logits(loaded.model)
+        forward = module_eval_forward(loaded.model, source.task.eval_output, preference_objective(source, loaded, first_run) if source.task.pairs else None)
         metrics = evaluate_task(source.task, forward, samples, args.batch_size, loaded.tokenizer.pad_token_id, loaded.device, None)
         results.append({"model": source.name, **{key: metrics[key] for key in COLUMNS[source.task.eval_output]}})
         del loaded  # one model at a time in memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {"data": str(args.data), "task": task_name, "max_length": cfg_data.max_length, "models": results}
+
+
+def preference_objective(source, loaded, first_run):
+    """What scores the pairs: the task's objective under the run's `preference` settings (else the first run's, else
+    the defaults); the reference is the model with its adapters off, or for a plain model the model itself (rewards
+    and margin 0: the baseline a fine-tune is compared with)."""
+    import contextlib
+
+    from finetune.config import Config
+    from finetune.preference import PairObjective, pair_objective
+
+    cfg = source.cfg or first_run or Config()
+    objective = source.task.objective(cfg.preference)
+    if objective.reference and not source.adapter:
+        if source.cfg is not None:
+            raise FinetuneError(f"{source.name}: a full fine-tune trained with preference.loss={cfg.preference.loss}, whose reference is the "
+                                "starting model: evaluate does not hold it beside the trained one (the run's own eval in summary.json measured it)")
+        return PairObjective(objective, cfg.preference, loaded.model, contextlib.nullcontext)
+    return pair_objective(cfg, source.task, loaded.model, loaded.model if source.adapter else None)
 
 
 def main(argv: list[str]) -> int:

@@ -101,8 +101,8 @@ def open_source(name: str, flags: set[str] = frozenset(), command: str = "genera
         check_model_source(cfg.model)
         return Source(name, build_task(cfg.task, cfg.data, run_labels(cfg, weights)), cfg, weights, frozenset(flags), command)
     task = TASKS[task_name or "instruction"]()
-    if task.classification:
-        raise InferenceError(f"--task {task.name}: a plain model has no trained classification head; name a classification run or checkpoint")
+    if task.classification or task.scalar_head:
+        raise InferenceError(f"--task {task.name}: a plain model has no trained {task.name} head; name a {task.name} run or checkpoint")
     check_model_source(ModelConfig(name=name, **{key: flag in flags for flag, key in OPT_INS.items()}))
     return Source(name, task, None, None, frozenset(flags), command)
 
@@ -172,7 +172,7 @@ def run_labels(cfg, weights: Path) -> list[str]:
 
 def check_generates(source: Source) -> None:
     """Refuse a source whose model does not generate text (a classifier)."""
-    if not isinstance(source.task, LanguageModelingTask):
+    if not isinstance(source.task, LanguageModelingTask) or source.task.scalar_head:
         raise InferenceError(f"{source.command}: {source.name} is a {source.task.name} model; it scores texts but does not generate (use finetune.evaluate)")
 
 

@@ -459,3 +459,17 @@ def test_the_estimator_counts_no_reference_pass_for_a_reward_model():
         return estimate(cfg, world_size=1, seq_len=64, device="cpu").eval_activations
 
     assert eval_activations("reward") == pytest.approx(eval_activations("preference") / 4, rel=1e-3)  # DPO's reference pass: 4 pairs, not 1
+
+
+def test_evaluate_scores_pairs_and_a_plain_model_is_its_own_reference(tmp_path, capsys):
+    """finetune.evaluate on pairs: a plain model scored as its own DPO reference has margin 0 on every pair, so its
+    loss is -log sigmoid(0) = log 2 and no pair counts as won; a plain model has no reward head to score with."""
+    from finetune import evaluate
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=6)
+    assert evaluate.main(["tiny-llama", "--data", str(data), "--task", "preference", "--max-length", "64", "--json", str(tmp_path / "eval.json")]) == 0
+    (result,) = json.loads((tmp_path / "eval.json").read_text())["models"]
+    assert result["pairs"] == 6 and result["margin"] == 0.0 and result["accuracy"] == 0.0 and abs(result["loss"] - math.log(2)) < 1e-6, result  # fp32
+    capsys.readouterr()
+    assert evaluate.main(["tiny-llama", "--data", str(data), "--task", "reward"]) == 2
+    assert capsys.readouterr().err == "error: --task reward: a plain model has no trained reward head; name a reward run or checkpoint\n"
