@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Callable
 
-from finetune.errors import FinetuneError
+from finetune.errors import run_command
 from finetune.generate import non_negative, positive, probability
 from finetune.export_source import add_opt_in_arguments, opt_in_flags
 from finetune.inference import Loaded, check_generates, chat_ids, load, open_source
@@ -128,22 +128,15 @@ def write_out(text: str) -> None:
     sys.stdout.flush()
 
 
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_cli(argv)
-    except SystemExit as exit:  # argparse: usage errors exit 2 (printed), --help exits 0
-        return int(exit.code or 0)
-    try:
-        import readline  # noqa: F401 (line editing and history for input())
+def chat_command(args: argparse.Namespace) -> int:
+    """Load the model, then chat until /exit, end of input or Ctrl-C."""
+    import readline  # noqa: F401 (line editing and history for input())
 
-        import torch
+    import torch
 
-        source = open_source(args.source, opt_in_flags(args), "chat")
-        check_generates(source)
-        loaded = load(source)
-    except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    source = open_source(args.source, opt_in_flags(args), "chat")
+    check_generates(source)
+    loaded = load(source)
     torch.manual_seed(args.seed)
     session = Session(loaded, args, write_out)
     mode = "chat template" if session.templated else "plain completion"
@@ -153,6 +146,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print()
     return 0
+
+def main(argv: list[str]) -> int:
+    return run_command(argv, parse_cli, chat_command)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import reprlib
-from typing import Any
+import sys
+from typing import Any, Callable
 
 
 class FinetuneError(ValueError):
@@ -46,3 +48,17 @@ RANK_LOST = "lost the connection to another rank"
 
 class CheckpointError(FinetuneError):
     """A checkpoint cannot be used: missing, incomplete, unsafe, or from an incompatible run."""
+
+
+def run_command(argv: list[str], parse_cli: Callable[[list[str]], argparse.Namespace], command: Callable[[argparse.Namespace], int]) -> int:
+    """A command-line tool's exit code: argparse's own for a usage error (2, printed) or --help (0); 2 with one
+    `error:` line for a FinetuneError; else what `command(args)` returns."""
+    try:
+        args = parse_cli(argv)
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    try:
+        return command(args)
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

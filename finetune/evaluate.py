@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from finetune.config import DataConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, run_command
 from finetune.report import evaluation_table
 from finetune.export_source import add_opt_in_arguments, opt_in_flags
 from finetune.inference import load, open_source
@@ -96,19 +96,12 @@ def preference_objective(source, loaded, first_run):
     return pair_objective(cfg, source.task, loaded.model, loaded.model if source.adapter else None)
 
 
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_cli(argv)
-    except SystemExit as exit:  # argparse: usage errors exit 2 (printed), --help exits 0
-        return int(exit.code or 0)
-    try:
-        for path in (args.json, args.markdown):
-            if path is not None and path.is_dir():
-                raise FinetuneError(f"{path} is a directory; name a file to write")
-        evaluation = evaluate_models(args)
-    except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Score the models; the table on stdout, and in --json / --markdown."""
+    for path in (args.json, args.markdown):
+        if path is not None and path.is_dir():
+            raise FinetuneError(f"{path} is a directory; name a file to write")
+    evaluation = evaluate_models(args)
     table = evaluation_table(evaluation["models"])
     if args.json:
         args.json.write_text(json.dumps(evaluation, indent=2) + "\n")
@@ -116,6 +109,9 @@ def main(argv: list[str]) -> int:
         args.markdown.write_text(table)
     print(table, end="")
     return 0
+
+def main(argv: list[str]) -> int:
+    return run_command(argv, parse_cli, evaluate_command)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ model.trust_remote_code and model.allow_pickle are ignored (with a note), and on
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -29,7 +30,7 @@ import torch
 # bitsandbytes' notice that the optional `kernels` package (a faster CPU 4-bit matmul) is missing.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from finetune.errors import FinetuneError
+from finetune.errors import run_command
 from finetune.export_source import ExportError, add_opt_in_arguments, locate, merged_model, opt_in_flags  # noqa: F401 (ExportError: the error this command raises)
 from finetune.outputs import staged_output
 from finetune.tasks import TASKS
@@ -84,26 +85,22 @@ def parse_cli(argv: list[str]):
     return args
 
 
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_cli(argv)
-    except SystemExit as exit:  # argparse: usage errors exit 2 (printed), --help exits 0
-        return int(exit.code or 0)
-    try:
-        if args.gguf is not None:
-            from finetune.gguf_export import export_gguf
+def export_command(args: argparse.Namespace) -> int:
+    """Export the run (or its GGUF file) and say what was written and how well it reloaded."""
+    if args.gguf is not None:
+        from finetune.gguf_export import export_gguf
 
-            report = export_gguf(args.source, args.gguf, args.gguf_type or "f16", args.flags)
-        else:
-            report = export(args.source, args.out, args.flags)
-    except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        report = export_gguf(args.source, args.gguf, args.gguf_type or "f16", args.flags)
+    else:
+        report = export(args.source, args.out, args.flags)
     what = "adapter merged into the full-precision base" if report["merged_adapter"] else "full weights"
     form = f"GGUF {report['gguf_type']} " if "gguf_type" in report else ""
     scale = f" (largest logit {report['max_logit']:.2f})" if "max_logit" in report else ""
     print(f"exported {report['source']} ({what}) to {form}{report['out']}; reloaded logits match within {report['max_logit_difference']:.1e}{scale}")
     return 0
+
+def main(argv: list[str]) -> int:
+    return run_command(argv, parse_cli, export_command)
 
 
 if __name__ == "__main__":

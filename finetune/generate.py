@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, run_command
 from finetune.faults import Faults
 from finetune.export_source import add_opt_in_arguments, opt_in_flags
 from finetune.inference import check_generates, load, open_source, prompt_ids, prompt_record
@@ -138,18 +138,14 @@ def generate_file(args: argparse.Namespace) -> int:
     return len(rows) - len(kept)
 
 
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_cli(argv)
-    except SystemExit as exit:  # argparse: usage errors exit 2 (printed), --help exits 0
-        return int(exit.code or 0)
-    try:
-        count = generate_file(args)
-    except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def generate_command(args: argparse.Namespace) -> int:
+    """Answer the file's prompts; say how many answers were written."""
+    count = generate_file(args)
     print(f"wrote {count} answer(s) to {args.output}")
     return 0
+
+def main(argv: list[str]) -> int:
+    return run_command(argv, parse_cli, generate_command)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, run_command
 from finetune.export_source import add_opt_in_arguments, opt_in_flags
 from finetune.inference import Source, check_generates, open_source
 
@@ -402,25 +402,21 @@ def check_port(host: str, port: int) -> None:
         raise ServeError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
 
 
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_cli(argv)
-    except SystemExit as exit:  # argparse: usage errors exit 2 (printed), --help exits 0
-        return int(exit.code or 0)
-    try:
-        flags = opt_in_flags(args)
-        sources = [open_source(name, flags, "serve") for name in args.sources]
-        plan(sources)
-        check_port(args.host, args.port)
-        served = load_served(sources)
-    except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def serve_command(args: argparse.Namespace) -> int:
+    """Check and load every source, then serve until stopped."""
+    flags = opt_in_flags(args)
+    sources = [open_source(name, flags, "serve") for name in args.sources]
+    plan(sources)
+    check_port(args.host, args.port)
+    served = load_served(sources)
     import uvicorn
 
     print(f"serving {', '.join(served.ids)} on http://{args.host}:{args.port}/v1 (device {served.device})", flush=True)
     uvicorn.run(build_app(served, args.api_key), host=args.host, port=args.port, log_level="warning")
     return 0
+
+def main(argv: list[str]) -> int:
+    return run_command(argv, parse_cli, serve_command)
 
 
 if __name__ == "__main__":
