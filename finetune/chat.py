@@ -147,6 +147,7 @@ def chat_command(args: argparse.Namespace) -> int:
         print()
     return 0
 
+
 def main(argv: list[str]) -> int:
     return run_command(argv, parse_cli, chat_command)
 

@@ -110,6 +110,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(table, end="")
     return 0
 
+
 def main(argv: list[str]) -> int:
     return run_command(argv, parse_cli, evaluate_command)
 

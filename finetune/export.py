@@ -99,6 +99,7 @@ def export_command(args: argparse.Namespace) -> int:
     print(f"exported {report['source']} ({what}) to {form}{report['out']}; reloaded logits match within {report['max_logit_difference']:.1e}{scale}")
     return 0
 
+
 def main(argv: list[str]) -> int:
     return run_command(argv, parse_cli, export_command)
 

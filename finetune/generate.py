@@ -144,6 +144,7 @@ def generate_command(args: argparse.Namespace) -> int:
     print(f"wrote {count} answer(s) to {args.output}")
     return 0
 
+
 def main(argv: list[str]) -> int:
     return run_command(argv, parse_cli, generate_command)
 

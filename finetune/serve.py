@@ -415,6 +415,7 @@ def serve_command(args: argparse.Namespace) -> int:
     uvicorn.run(build_app(served, args.api_key), host=args.host, port=args.port, log_level="warning")
     return 0
 
+
 def main(argv: list[str]) -> int:
     return run_command(argv, parse_cli, serve_command)
 

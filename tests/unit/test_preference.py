@@ -119,25 +119,30 @@ def config_problems(*overrides: str, world_size: int = 1, has_cuda: bool = False
 
 
 @pytest.mark.parametrize(
-    "overrides, line",
+    "task, overrides, line",
     [
-        (["preference.loss=dpx"], "preference.loss: unknown value 'dpx' (did you mean 'dpo'?); choose from dpo, ipo, hinge, simpo, orpo"),
-        (["preference.beta=0"], "preference.beta: must be positive, got 0.0"),
-        (["preference.beta=inf"], "preference.beta: must be a finite number, got inf"),
-        (["preference.label_smoothing=0.5"], "preference.label_smoothing: must be in [0, 0.5), got 0.5"),
-        (["preference.orpo_lambda=-1", "preference.loss=orpo"], "preference.orpo_lambda: must not be negative, got -1.0"),
-        (["preference.loss=ipo", "preference.label_smoothing=0.1"], "preference.label_smoothing: preference.loss=ipo does not use it; drop it or choose an objective that does"),
-        (["preference.loss=dpo", "preference.simpo_gamma=1"], "preference.simpo_gamma: preference.loss=dpo does not use it; drop it or choose an objective that does"),
-        (["data.packing=true"], "data.packing=true with task=preference: a pair's two sequences are scored whole, side by side; set data.packing=false"),
-        (["--config", "booster_configs/tp2.yaml"], "task=preference under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
-        (["plugin.name=gemini", "train.precision=bf16"], "task=preference under gemini is not built yet"),
+        ("preference", ["preference.loss=dpx"], "preference.loss: unknown value 'dpx' (did you mean 'dpo'?); choose from dpo, ipo, hinge, simpo, orpo"),
+        ("preference", ["preference.beta=0"], "preference.beta: must be positive, got 0.0"),
+        ("preference", ["preference.beta=inf"], "preference.beta: must be a finite number, got inf"),
+        ("preference", ["preference.label_smoothing=0.5"], "preference.label_smoothing: must be in [0, 0.5), got 0.5"),
+        ("preference", ["preference.orpo_lambda=-1", "preference.loss=orpo"], "preference.orpo_lambda: must not be negative, got -1.0"),
+        ("preference", ["preference.loss=ipo", "preference.label_smoothing=0.1"], "preference.label_smoothing: preference.loss=ipo does not use it; drop it or choose an objective that does"),
+        ("preference", ["preference.loss=dpo", "preference.simpo_gamma=1"], "preference.simpo_gamma: preference.loss=dpo does not use it; drop it or choose an objective that does"),
+        ("preference", ["data.packing=true"], "data.packing=true with task=preference: a pair's two sequences are scored whole, side by side; set data.packing=false"),
+        ("preference", ["--config", "booster_configs/tp2.yaml"], "task=preference under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
+        ("preference", ["plugin.name=gemini", "train.precision=bf16"], "task=preference under gemini is not built yet"),
+        ("reward", ["preference.loss=ipo"], "preference.loss: task=reward trains with the Bradley-Terry loss, which reads no preference setting; drop it"),
+        ("reward", ["preference.beta=0.5", "preference.simpo_gamma=1"], "preference.beta, preference.simpo_gamma: task=reward trains with the Bradley-Terry loss"),
+        ("reward", ["data.packing=true"], "data.packing=true with task=reward: a pair's two sequences are scored whole"),
+        ("reward", ["--config", "booster_configs/tp2.yaml"], "task=reward under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
+        ("reward", ["plugin.name=gemini", "train.precision=bf16"], "task=reward under gemini is not built yet"),
     ],
 )
-def test_config_problems_are_one_line_each(overrides, line, monkeypatch):
+def test_config_problems_are_one_line_each(task, overrides, line, monkeypatch):
     from tests.conftest import REPO
 
     monkeypatch.chdir(REPO)
-    problems = config_problems(*overrides, world_size=2, has_cuda="plugin.name=gemini" in overrides)
+    problems = config_problems(f"task={task}", *overrides, world_size=2, has_cuda="plugin.name=gemini" in overrides)
     assert any(p.startswith(line) for p in problems), problems
     assert all("\n" not in p for p in problems)
 
@@ -424,25 +429,6 @@ def test_reward_first_step_matches_bradley_terry_on_a_plain_classifier(method, o
     assert got["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5, rel=1e-5)
     assert got["accuracy"] == (chosen > rejected).float().mean().item()
     assert (chosen - rejected).abs().min() > 1e-4, "tied scores: the accuracy would prove little"
-
-
-@pytest.mark.parametrize(
-    "overrides, line",
-    [
-        (["preference.loss=ipo"], "preference.loss: task=reward trains with the Bradley-Terry loss, which reads no preference setting; drop it"),
-        (["preference.beta=0.5", "preference.simpo_gamma=1"], "preference.beta, preference.simpo_gamma: task=reward trains with the Bradley-Terry loss"),
-        (["data.packing=true"], "data.packing=true with task=reward: a pair's two sequences are scored whole"),
-        (["--config", "booster_configs/tp2.yaml"], "task=reward under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
-        (["plugin.name=gemini", "train.precision=bf16"], "task=reward under gemini is not built yet"),
-    ],
-)
-def test_reward_config_problems_are_one_line_each(overrides, line, monkeypatch):
-    from tests.conftest import REPO
-
-    monkeypatch.chdir(REPO)
-    problems = config_problems("task=reward", *overrides, world_size=2, has_cuda="plugin.name=gemini" in overrides)
-    assert any(p.startswith(line) for p in problems), problems
-    assert all("\n" not in p for p in problems)
 
 
 @pytest.mark.parametrize("overrides", [[], ["method=full"], ["plugin.name=torch_fsdp"], ["plugin.name=low_level_zero", "plugin.stage=2"]])
