@@ -13,7 +13,7 @@ import torch
 
 from finetune import checkpoint, sources
 from finetune.config import Config, ModelConfig, build_config, from_dict, parse_args
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, shown
 from finetune.model import build_model
 from finetune.tasks import build_task
 
@@ -91,22 +91,38 @@ def with_opt_ins(cfg_model: ModelConfig, flags: set[str], command: str = "export
     return dataclasses.replace(cfg_model, **{key: flag in flags for flag, key in OPT_INS.items()}), notes
 
 
-def head_labels(cfg: Config, weights: Path) -> list[str] | None:
-    """The labels of the run's model head (None: a causal LM): a reward model's one output; a classifier's from its
-    weights dir (labels.json beside an adapter, config.json's id2label beside full weights), else data.labels."""
+def head_labels(cfg: Config, weights: Path, error: type[FinetuneError] = ExportError) -> list[str] | None:
+    """The labels of the run's model head (None: a causal LM): a reward model's one output; a classifier's as its
+    training fixed them: beside its weights (labels.json beside an adapter, config.json's id2label beside full
+    weights), else data.labels, else the training records' labels (a checkpoint of a run that derived them)."""
     task = build_task(cfg.task, cfg.data)
     if not task.classification:
         return task.labels_or_none
-    labels = None
+    labels = labels_beside(weights, error) or list(cfg.data.labels)
+    if labels:
+        return labels
+    from finetune.data import load_splits
+
+    try:
+        return load_splits(cfg.data, cfg.train.seed, cfg.task).labels
+    except FinetuneError as e:
+        raise error(f"{weights}: the classifier's label set is unknown (no labels.json or config.json with id2label beside its weights, no data.labels in its config, and its training data cannot be read: {e})") from None
+
+
+def labels_beside(weights: Path, error: type[FinetuneError]) -> list[str] | None:
+    """The label set saved beside a classifier's weights (labels.json, else config.json's id2label); None if neither is there."""
     if (weights / "labels.json").is_file():
-        labels = json.loads((weights / "labels.json").read_text())
+        labels, source = json.loads((weights / "labels.json").read_text()), weights / "labels.json"
     elif (weights / "config.json").is_file():
         id2label = json.loads((weights / "config.json").read_text()).get("id2label") or {}
-        labels = [id2label.get(str(i)) for i in range(len(id2label))] or None
-    labels = labels or list(cfg.data.labels)
-    if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
-        raise ExportError(f"{weights}: the classifier's label set is unknown (no labels.json or config.json with id2label beside its weights, no data.labels in its config)")
-    return labels
+        labels, source = [id2label.get(str(i)) for i in range(len(id2label))], weights / "config.json"
+        if not labels:
+            return None
+    else:
+        return None
+    if isinstance(labels, list) and len(labels) >= 2 and all(isinstance(label, str) for label in labels):
+        return labels
+    raise error(f"{source}: expected a list of at least two label strings, got {shown(labels)}")
 
 
 def merged_model(cfg: Config, weights: Path) -> tuple[torch.nn.Module, object]:

@@ -12,7 +12,6 @@ on CUDA, in fp32 on the CPU.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from torch import nn
 from finetune.architectures import NAMED_CONFIGS
 from finetune.config import ModelConfig, model_source_problems
 from finetune.config.schema import TrainConfig
-from finetune.errors import FinetuneError, shown
-from finetune.export_source import OPT_INS, is_run_source, locate, with_full_weights
+from finetune.errors import FinetuneError
+from finetune.export_source import OPT_INS, head_labels, is_run_source, locate, with_full_weights
 from finetune.model import build_model
 from finetune.tasks import TASKS, DataError, LanguageModelingTask, Task, build_task
 from finetune.tasks.base import text_field
@@ -99,7 +98,7 @@ def open_source(name: str, flags: set[str] = frozenset(), command: str = "genera
         if task_name and task_name != cfg.task:
             raise InferenceError(f"--task {task_name}: {name} was trained for task {cfg.task}")
         check_model_source(cfg.model)
-        return Source(name, build_task(cfg.task, cfg.data, run_labels(cfg, weights)), cfg, weights, frozenset(flags), command)
+        return Source(name, build_task(cfg.task, cfg.data, head_labels(cfg, weights, InferenceError) or ()), cfg, weights, frozenset(flags), command)
     task = TASKS[task_name or "instruction"]()
     if task.classification or task.scalar_head:
         raise InferenceError(f"--task {task.name}: a plain model has no trained {task.name} head; name a {task.name} run or checkpoint")
@@ -153,21 +152,6 @@ def ready(source: Source, model: nn.Module, tokenizer, device: torch.device) -> 
     """The model in eval mode on `device`, with what inference needs beside it."""
     model.to(device).eval()
     return Loaded(source.name, model, tokenizer, source.task, device)
-
-
-def run_labels(cfg, weights: Path) -> list[str]:
-    """A classification run's label set, as its training fixed it: final/labels.json, else as training derives it."""
-    if not TASKS[cfg.task].classification:
-        return []
-    file = weights / "labels.json"
-    if file.is_file():
-        labels = json.loads(file.read_text())
-        if isinstance(labels, list) and len(labels) >= 2 and all(isinstance(label, str) for label in labels):
-            return labels
-        raise InferenceError(f"{file}: expected a list of at least two label strings, got {shown(labels)}")
-    from finetune.data import load_splits
-
-    return load_splits(cfg.data, cfg.train.seed, cfg.task).labels  # a checkpoint: the training records' labels, as the run had them
 
 
 def check_generates(source: Source) -> None:

@@ -51,7 +51,7 @@ def test_rng_state_round_trip():
 def test_export_rebuilds_the_runs_head(tmp_path):
     """finetune.export builds the base with the run's head before it merges or loads the weights: a causal LM (None), a
     reward model's one output, a classifier's labels from beside its weights (adapter: labels.json; full: config.json),
-    else data.labels; a classifier whose labels are nowhere is refused."""
+    else data.labels, else the training records'; a classifier whose labels are nowhere is refused."""
     from finetune.config import build_config, parse_args
     from finetune.export_source import ExportError, head_labels
 
@@ -68,5 +68,11 @@ def test_export_rebuilds_the_runs_head(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps(["x", "y", "z"]))
     assert labels("task=classification") == ["x", "y", "z"]
     (tmp_path / "labels.json").write_text(json.dumps({"not": "a list"}))
-    with pytest.raises(ExportError, match="the classifier's label set is unknown"):
+    with pytest.raises(ExportError, match="labels.json: expected a list of at least two label strings"):
         labels("task=classification")
+    # A checkpoint has no labels.json: the classifier's labels are the training records', as the run derived them.
+    (tmp_path / "labels.json").unlink()
+    (tmp_path / "config.json").unlink()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}", "label": "yes" if i % 3 else "no"}) + "\n" for i in range(30)))
+    assert sorted(labels("task=classification", f"data.train_path={rows}")) == ["no", "yes"]
