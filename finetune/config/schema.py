@@ -26,7 +26,7 @@ TASKS = tuple(TASK_REGISTRY)
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # The built-in sources a data.train_path may name (finetune.corpus reads them), each with the task its rows fit.
 CHATTERBOT = "chatterbot-corpus"
-BUILTIN_SOURCES = {CHATTERBOT: "instruction", f"{CHATTERBOT}:chat": "chat", f"{CHATTERBOT}:topics": "classification"}
+BUILTIN_SOURCES = {CHATTERBOT: "instruction", f"{CHATTERBOT}:chat": "chat", f"{CHATTERBOT}:topics": "classification", f"{CHATTERBOT}:preference": "preference"}
 
 TRUNCATION = ("truncate", "drop")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -106,7 +106,7 @@ SOURCE_KEYS = ("path", "weight", "name")
 
 @dataclass
 class DataConfig:
-    train_path: TrainPath = "chatterbot-corpus"  # .json/.jsonl/.csv/.parquet file, or chatterbot-corpus[:chat|:topics] (finetune/corpus.py); a list: a mixture
+    train_path: TrainPath = "chatterbot-corpus"  # .json/.jsonl/.csv/.parquet file, or chatterbot-corpus[:chat|:topics|:preference] (finetune/corpus.py); a list: a mixture
     weights: list[float] = field(default_factory=list)  # a mixture's sampling weights, one per train_path entry; empty: equal
     eval_path: str = ""  # empty: hold out eval_fraction of train_path, split so no prompt (or text) is on both sides
     eval_fraction: float = 0.1

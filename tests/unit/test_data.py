@@ -10,7 +10,7 @@ import pytest
 
 from finetune.assets import gpt2_tokenizer
 from finetune.config import DataConfig
-from finetune.corpus import chat_records, instruction_records, topic_records
+from finetune.corpus import chat_records, instruction_records, preference_records, topic_records
 from finetune.data import IGNORE_INDEX, DataError, build_data, collate, load_records, load_splits, select_slice, split_by_group
 from finetune.tasks import build_task
 from tests.conftest import write_classification_file
@@ -168,6 +168,26 @@ def test_chatterbot_corpus_shapes():
     assert [m["role"] for m in max(chats, key=lambda c: len(c["messages"]))["messages"]][:4] == ["user", "assistant", "user", "assistant"]
     labels = {t["label"] for t in topics}
     assert len(topics) > 800 and {"greetings", "food", "sports", "trivia"} <= labels and len(labels) == 21
+
+
+def test_chatterbot_preference_pairs_reject_an_off_topic_reply_the_same_way_each_time():
+    """Every instruction pair becomes a preference pair (unless no other reply exists): its own reply chosen, a reply
+    found only under other topics rejected; the pairs pass the preference task's row checks and never change."""
+    from finetune.corpus import _turn_pairs
+    from finetune.tasks import build_task
+
+    pairs, records = _turn_pairs(), preference_records()
+    assert len(records) == len(pairs) > 1000 and records == preference_records()
+    topics_of: dict[str, set[str]] = {}
+    for (_, reply), topic in pairs.items():
+        topics_of.setdefault(reply, set()).add(topic)
+    for record, ((prompt, reply), topic) in zip(records, pairs.items()):
+        assert (record["prompt"], record["chosen"]) == (prompt, reply) and record["rejected"] != reply
+        assert topics_of[record["rejected"]] - {topic}  # the rejected reply answers some other topic's prompt
+    assert len({r["rejected"] for r in records}) > 500  # spread over the corpus, not a few fixed replies
+    task = build_task("preference", DataConfig(train_path="chatterbot-corpus:preference"))
+    for i, record in enumerate(records):
+        task.check(record, f"row {i}")
 
 
 def test_collate_pads_right_and_masks():
