@@ -3,6 +3,7 @@
 #   make test   install into .venv, run the test suite (what CI runs): tests/unit and tests/e2e two at a time,
 #               then tests/distributed one test at a time (each of its tests uses both cores)
 #   make test-fast  the unit tier alone, tests/unit (in-process, no launches; a few minutes)
+#   make demo-dpo  the same model trained with DPO on the corpus as preference pairs (outputs/dpo)
 #   make fuzz   install into .venv, fuzz the input readers with new random cases (FUZZ_EXAMPLES per property)
 #   make bench  install into .venv, run the benchmarks (bench/run.py; ~10 min on 2 CPU cores)
 #   make bench-smoke  every bench/ script once with --smoke, into a temporary directory (make test runs the same)
@@ -19,7 +20,7 @@ FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 
 PYTEST = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
-.PHONY: install assets demo test test-fast fuzz bench bench-smoke roberta-study bench-peers clean
+.PHONY: install assets demo demo-dpo test test-fast fuzz bench bench-smoke roberta-study bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +38,10 @@ assets: install
 demo: assets
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$(THREADS) MASTER_PORT=$(FREE_PORT) \
 		launch/single_node.sh $(NPROC) overwrite_output_dir=true $(ARGS)
+
+# Preference training, offline: each corpus turn's own reply chosen over an off-topic one (docs/preference.md).
+demo-dpo: assets
+	$(MAKE) demo ARGS="task=preference data.train_path=chatterbot-corpus:preference output_dir=outputs/dpo $(ARGS)"
 
 # Tiers are folders, each with its pytest marker (pytest.ini): tests/unit (unmarked tests), tests/e2e,
 # tests/distributed; a test in the wrong folder fails the collection (tests/conftest.py). A one-process test
