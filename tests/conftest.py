@@ -244,10 +244,21 @@ def stop_session(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            os.killpg(pid, 0)
+        while time.monotonic() < deadline and session_running(pid):
             time.sleep(0.2)
         os.killpg(pid, signal.SIGKILL)
+
+
+def session_running(pid: int) -> bool:
+    """Whether a process of session `pid` still runs. A zombie has ended: the caller's own child (a Popen not yet
+    waited for) stays one until the caller waits, and still counts for killpg(pid, 0)."""
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == pid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 def run_many(runs: list[list[str]], nproc: int, workdir: Path) -> list[subprocess.CompletedProcess]:
