@@ -251,19 +251,21 @@ def reload_final(final, cfg, method, task, tokenizer, prompts: list[dict], probe
     from finetune.model import base_quantization, build_model
 
     prompt_ids = [task.prompt_ids(tokenizer, r) for r in prompts]
-    # Named configs: the same seed gives the same base. QLoRA adapters go onto a freshly quantized base.
-    base, _ = build_model(cfg.model, cfg.train.seed, labels=task.labels_or_none, quantization=base_quantization(cfg), precision=cfg.train.precision, dtype=method.frozen_dtype(cfg.train.precision))
     movable = not method.quantized_base  # a quantized model is loaded onto its device, and transformers refuses to move 8-bit ones
-    if movable:
-        base.to(device)
-    before = generate(base, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
+    before = []
+    if method.adapter or prompt_ids:  # a full model's final/ loads alone: its base would only generate the "before" answers
+        # Named configs: the same seed gives the same base. QLoRA adapters go onto a freshly quantized base.
+        base, _ = build_model(cfg.model, cfg.train.seed, labels=task.labels_or_none, quantization=base_quantization(cfg), precision=cfg.train.precision, dtype=method.frozen_dtype(cfg.train.precision))
+        if movable:
+            base.to(device)
+        before = generate(base, tokenizer, prompt_ids, cfg.eval.max_new_tokens, device)
     if method.adapter:
         from peft import PeftModel
 
         reloaded, loader = PeftModel.from_pretrained(base, str(final)), "PeftModel.from_pretrained"
     else:
         auto_model = getattr(transformers, task.auto_model)
-        del base
+        base = None  # freed before final/ loads
         reloaded, loader = auto_model.from_pretrained(str(final), torch_dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code), f"{auto_model.__name__}.from_pretrained"
     if movable:
         reloaded.to(device)

@@ -285,7 +285,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     eval_after = run_eval(run, data.eval, tokenizer.pad_token_id, data.eval_by_source)
     log(f"eval after training:  {eval_line(eval_after)}")
     probe = data.eval[:PROBE_SAMPLES]
-    probe_loss = run_eval(run, probe, tokenizer.pad_token_id)["loss"]
+    # An eval set no larger than the probe is the probe: eval_after scored the same batches already.
+    probe_loss = eval_after["loss"] if len(probe) == len(data.eval) else run_eval(run, probe, tokenizer.pad_token_id)["loss"]
     parameter_changes = checks.compare(fingerprints_before, plugin_spec.fingerprints(module))
     digests = checks.replica_digests(module) if run.layout.replicated else []
     peaks = peak_bytes_per_rank(max(stage.peak_bytes for stage in profiler.stages))  # pipeline stages and shards differ

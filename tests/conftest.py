@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Hashable
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,12 @@ def write_fixed_length_file(path: Path, n: int = 64, words_per_output: int = 300
 @pytest.fixture
 def instruction_file(tmp_path: Path) -> Path:
     return write_instruction_file(tmp_path / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def shared_instruction_file(tmp_path_factory) -> Path:
+    """write_instruction_file's records at one path for the whole session, so that shared_runs can match runs on it."""
+    return write_instruction_file(tmp_path_factory.mktemp("shared-data") / "train.jsonl")
 
 
 def write_summarization_file(path: Path, n: int = 64) -> Path:
@@ -244,15 +250,27 @@ def stop_session(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            os.killpg(pid, 0)
+        while time.monotonic() < deadline and session_running(pid):
             time.sleep(0.2)
         os.killpg(pid, signal.SIGKILL)
 
 
-def run_many(runs: list[list[str]], nproc: int, workdir: Path) -> list[subprocess.CompletedProcess]:
+def session_running(pid: int) -> bool:
+    """Whether a process of session `pid` still runs. A zombie has ended: the caller's own child (a Popen not yet
+    waited for) stays one until the caller waits, and still counts for killpg(pid, 0)."""
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == pid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+def run_many(runs: list[list[str]], nproc: int, workdir: Path, env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
     """Run finetune/train.py once per argument list, all of them in as few torchrun launches as can be
-    (tests/run_many.py): each result as run_train's would be, its ranks' output in stdout and stderr.
+    (tests/run_many.py): each result as run_train's would be, its ranks' output in stdout and stderr (each rank's
+    in workdir: run_I.rankR.out, .err and .rc, its exit code); `env` adds variables.
 
     A launch starts processes and imports ColossalAI once for all its runs. After a failed run the launch
     ends (its ranks may disagree on where they are), that run gets the failure, and a new launch takes the rest.
@@ -263,7 +281,7 @@ def run_many(runs: list[list[str]], nproc: int, workdir: Path) -> list[subproces
         launch = workdir / f"launch_{pending[0]}"
         plan = [{"args": runs[i], "stem": str(workdir / f"run_{i}")} for i in pending]
         launch.with_suffix(".json").write_text(json.dumps(plan))
-        code, output = torchrun_script([str(REPO / "tests" / "run_many.py"), str(launch.with_suffix(".json"))], nproc, RUN_TIMEOUT_S + SHARED_RUN_S * len(plan))
+        code, output = torchrun_script([str(REPO / "tests" / "run_many.py"), str(launch.with_suffix(".json"))], nproc, RUN_TIMEOUT_S + SHARED_RUN_S * len(plan), env)
         for i in list(pending):
             stem = workdir / f"run_{i}"
             codes = [read_or_none(Path(f"{stem}.rank{rank}.rc")) for rank in range(nproc)]
@@ -278,7 +296,7 @@ def run_many(runs: list[list[str]], nproc: int, workdir: Path) -> list[subproces
     return [results[i] for i in range(len(runs))]
 
 
-def run_grouped(runs: dict[str, tuple[int, list[str]]], workdir: Path) -> dict[str, subprocess.CompletedProcess]:
+def run_grouped(runs: dict[Hashable, tuple[int, list[str]]], workdir: Path) -> dict[Hashable, subprocess.CompletedProcess]:
     """run_many for runs of several process counts, {name: (nproc, args)}: one group of launches per count."""
     results = {}
     for nproc in sorted({n for n, _ in runs.values()}):
@@ -287,6 +305,25 @@ def run_grouped(runs: dict[str, tuple[int, list[str]]], workdir: Path) -> dict[s
         group.mkdir(parents=True, exist_ok=True)
         results.update(zip(names, run_many([runs[name][1] for name in names], nproc, group)))
     return results
+
+
+# Uninterrupted runs shared by the session (shared_runs): (process count, arguments but output_dir) -> (output dir, result)
+_shared: dict[tuple[int, tuple[str, ...]], tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+def shared_runs(runs: dict[str, tuple[int, list[str]]], workdir: Path) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """run_grouped for the uninterrupted runs that tests compare against, {name: (nproc, args)}: each name's (output
+    dir, result). A run that the session ran before (same process count, same arguments but output_dir) is not run
+    again: its first output dir serves, so callers only read it (a resume works on a copy). Data files must be the
+    same path to match (the session's `shared_instruction_file`)."""
+
+    def key(nproc: int, args: list[str]) -> tuple[int, tuple[str, ...]]:
+        return nproc, tuple(arg for arg in args if not arg.startswith("output_dir="))
+
+    missing = {key(*run): run for run in runs.values() if key(*run) not in _shared}
+    for run_key, result in run_grouped(missing, workdir).items():
+        _shared[run_key] = Path(next(arg for arg in missing[run_key][1] if arg.startswith("output_dir=")).split("=", 1)[1]), result
+    return {name: _shared[key(*run)] for name, run in runs.items()}
 
 
 def selected_params(request: pytest.FixtureRequest, test: str, param: str | None = "case") -> list:
@@ -298,10 +335,10 @@ def read_or_none(path: Path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def torchrun_script(argv: list[str], nproc: int, timeout: int) -> tuple[int | None, str]:
-    """`torchrun --nproc_per_node=NPROC ARGV...` (run_python): its exit code (None past `timeout`) and its output."""
+def torchrun_script(argv: list[str], nproc: int, timeout: int, env: dict[str, str] | None = None) -> tuple[int | None, str]:
+    """`torchrun --nproc_per_node=NPROC ARGV...` (run_python, `env` added): its exit code (None past `timeout`) and its output."""
     try:
-        result = run_python(argv, timeout=timeout, ranks=nproc)
+        result = run_python(argv, env, timeout=timeout, ranks=nproc)
         return result.returncode, result.stdout + result.stderr
     except subprocess.TimeoutExpired as stopped:
         return None, f"{stopped.stdout}{stopped.stderr}\nkilled after {timeout}s"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import checkpoint
-from tests.conftest import read_metrics, read_summary, run_grouped, run_train, selected_params, write_classification_file, write_instruction_file, write_pairs
+from tests.conftest import read_metrics, read_or_none, read_summary, run_grouped, run_many, run_train, selected_params, shared_runs, write_classification_file, write_pairs
 
 STEPS = 8
 
@@ -52,6 +51,13 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def launch(args: list[str], nproc: int, fault: str = "") -> object:
     """A real torchrun launch; `fault` goes to finetune.faults (e.g. kill_after_step:5)."""
     return run_train(args, launcher="torchrun", nproc=nproc, env={"FINETUNE_FAULT": fault} if fault else None)
+
+
+def uninterrupted(data: Path, extra: list[str], tmp_path: Path) -> Path:
+    """The output dir of the 2-rank uninterrupted run with `extra`, the session's if a test ran it before (shared_runs); only read it."""
+    out, result = shared_runs({"reference": (2, run_args(data, tmp_path / "reference", extra))}, tmp_path / "launches")["reference"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 def assert_same_run(reference: Path, resumed: Path, loss_tolerance: float, weight_tolerance: float) -> None:
@@ -99,12 +105,13 @@ RESUME_CASES = {
 
 
 @pytest.fixture(scope="module")
-def resumed_runs(request, tmp_path_factory) -> dict[str, dict]:
+def resumed_runs(request, tmp_path_factory, shared_instruction_file) -> dict[str, dict]:
     """Each selected case's uninterrupted run, its run killed after step 5 (what the kill left) and that run resumed.
 
-    The uninterrupted runs share launches, and so do the resumes (tests/run_many.py); each kill is a launch of its own."""
+    The uninterrupted runs share launches (and the session: shared_runs), and so do the resumes (tests/run_many.py);
+    each kill is a launch of its own."""
     root = tmp_path_factory.mktemp("resume")
-    data = write_instruction_file(root / "train.jsonl")
+    data = shared_instruction_file
     runs = {}
     for case in selected_params(request, "test_kill_and_resume_reproduces_the_uninterrupted_run"):
         nproc, extra, _ = RESUME_CASES[case]
@@ -112,11 +119,12 @@ def resumed_runs(request, tmp_path_factory) -> dict[str, dict]:
             extra = [*extra, f"data.train_path={write_classification_file(root / f'{case}.csv')}"]
         if "task=preference" in extra or "task=reward" in extra:
             extra = [*extra, f"data.train_path={write_pairs(root / f'{case}.jsonl')}"]
-        runs[case] = {"nproc": nproc, "extra": extra, "reference": root / case / "reference", "crashed": root / case / "crashed"}
-    done = run_grouped({case: (run["nproc"], run_args(data, run["reference"], run["extra"])) for case, run in runs.items()}, root / "references")
+        runs[case] = {"nproc": nproc, "extra": extra, "crashed": root / case / "crashed"}
+    references = shared_runs({case: (run["nproc"], run_args(data, root / case / "reference", run["extra"])) for case, run in runs.items()}, root / "references")
     for case, run in runs.items():
+        run["reference"], run["done"] = references[case]
         killed = launch(run_args(data, run["crashed"], run["extra"]), run["nproc"], fault="kill_after_step:5")
-        run.update(done=done[case], killed=killed, killed_checkpoints=[p.name for p in checkpoint.complete_checkpoints(str(run["crashed"]))],
+        run.update(killed=killed, killed_checkpoints=[p.name for p in checkpoint.complete_checkpoints(str(run["crashed"]))],
                    killed_final=(run["crashed"] / "final").exists(), killed_last_step=max(train_losses(run["crashed"]), default=0))
     resumed = run_grouped({case: (run["nproc"], run_args(data, run["crashed"], run["extra"]) + ["resume_from=latest"]) for case, run in runs.items()}, root / "resumes")
     return {case: {**run, "resumed": resumed[case]} for case, run in runs.items()}
@@ -141,10 +149,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(case, resumed_runs):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(instruction_file, tmp_path):
-    extra = ["model.name=tiny-gpt2", "method=lora"]
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    assert launch(run_args(instruction_file, reference, extra), 2).returncode == 0
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(shared_instruction_file, tmp_path):
+    instruction_file, extra = shared_instruction_file, ["model.name=tiny-gpt2", "method=lora"]
+    reference, crashed = uninterrupted(instruction_file, extra, tmp_path), tmp_path / "crashed"
     killed = launch(run_args(instruction_file, crashed, extra), 2, fault="kill_in_checkpoint:4")
     assert killed.returncode != 0
     assert (crashed / "checkpoints" / "step_00000004.partial").is_dir()  # half written, files and all
@@ -233,14 +240,12 @@ def test_export_of_a_checkpoint_and_refusals(lora_run, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_export_of_a_sharded_full_checkpoint(instruction_file, tmp_path):
+def test_export_of_a_sharded_full_checkpoint(shared_instruction_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from finetune.export import main as export_main
 
-    out = tmp_path / "run"
-    result = launch(run_args(instruction_file, out, ["--config", "booster_configs/tp2.yaml", "model.name=tiny-llama", "method=full"]), 2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = uninterrupted(shared_instruction_file, RESUME_CASES["tp2_full"][1], tmp_path)  # the kill-and-resume case's reference
     latest = checkpoint.complete_checkpoints(str(out))[-1]  # step 8: the same weights as final/
     assert export_main([str(latest), str(tmp_path / "plain")]) == 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
@@ -254,30 +259,23 @@ def test_export_of_a_sharded_full_checkpoint(instruction_file, tmp_path):
 
 
 def launch_ranks(args: list[str], nproc: int, fault: str, logs: Path) -> list[subprocess.CompletedProcess]:
-    """The ranks started directly, without torchrun (which reports only the first rank's exit code);
-    their output goes to files in `logs` (a full pipe would block a rank inside a collective)."""
-    from tests.conftest import REPO, TRAIN, free_port, run_env
-
-    env = {**run_env(), "FINETUNE_FAULT": fault, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    """Each rank's exit code and output (torchrun reports only the first failure's): a run of run_many, which
+    keeps them per rank in `logs`."""
     logs.mkdir(parents=True, exist_ok=True)
-    ranks = []
-    for r in range(nproc):
-        with (logs / f"{r}.out").open("w") as out, (logs / f"{r}.err").open("w") as err:
-            ranks.append(subprocess.Popen([sys.executable, TRAIN, *args], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err))
-    codes = [r.wait(timeout=420) for r in ranks]
-    return [subprocess.CompletedProcess(r.args, code, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i, (r, code) in enumerate(zip(ranks, codes))]
+    run_many([args], nproc, logs, env={"FINETUNE_FAULT": fault})
+    return [subprocess.CompletedProcess(args, int(read_or_none(logs / f"run_0.rank{rank}.rc") or -1), read_or_none(logs / f"run_0.rank{rank}.out") or "",
+                                        read_or_none(logs / f"run_0.rank{rank}.err") or "") for rank in range(nproc)]
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
-def test_sigterm_stops_every_rank_at_a_step_boundary_with_a_checkpoint(instruction_file, tmp_path):
+def test_sigterm_stops_every_rank_at_a_step_boundary_with_a_checkpoint(shared_instruction_file, tmp_path):
     """Rank 0 alone receives SIGTERM after step 3: both ranks stop after step 3, checkpoint it, exit 3;
-    resume_from=latest then ends where the uninterrupted run ends."""
+    resume_from=latest then ends where the uninterrupted run ends (ddp_full's: checkpoints change no step)."""
     from finetune.preemption import PREEMPTED_EXIT_CODE
 
-    extra = ["model.name=tiny-gpt2", "method=full", "checkpoint.every_steps=0"]  # the only checkpoint is the preemption's
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    assert launch(run_args(instruction_file, reference, extra), 2).returncode == 0
+    instruction_file, extra = shared_instruction_file, [*RESUME_CASES["ddp_full"][1], "checkpoint.every_steps=0"]  # the only checkpoint is the preemption's
+    reference, stopped = uninterrupted(instruction_file, RESUME_CASES["ddp_full"][1], tmp_path), tmp_path / "stopped"
     ranks = launch_ranks(run_args(instruction_file, stopped, extra), 2, "sigterm_after_step:3", tmp_path / "logs")
     assert [r.returncode for r in ranks] == [PREEMPTED_EXIT_CODE] * 2, ranks[0].stderr[-3000:]
     assert "preempted: stopped after step 3" in ranks[0].stdout and not (stopped / "final").exists()

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.config import load_config
+from finetune.config import load_config, to_dict
 from finetune.data import build_data, collate, load_splits
 from finetune.model import build_lora_config, build_model
 from tests.conftest import REPO, read_metrics, run_grouped, selected_params
@@ -192,22 +192,28 @@ def fidelity_runs(request, equal_length_data, equal_length_classification_data, 
     return {case: (args, root / case, results[case]) for case, (_, args) in runs.items()}
 
 
+@pytest.fixture(scope="module")
+def references() -> dict[str, tuple[list[float], object, object]]:
+    """reference_key -> (losses, trained model, untrained model): the cases that differ only in their plugin share one reference."""
+    return {}
+
+
 @pytest.mark.timeout(2400)  # the first case waits for the shared launches (each bounded by run_many)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_single_process_reference(case, fidelity_runs):
+def test_matches_single_process_reference(case, fidelity_runs, references):
     config, model_name, method, extra, dp_size, tolerance = CASES[case]
     args, out, result = fidelity_runs[case]
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
-    expected, ref_model = reference(args, dp_size)
+    expected, ref_model, init_model = shared_reference(references, args, dp_size, method)
     assert len(losses) == STEPS
     for step, (got, want) in enumerate(zip(losses, expected), start=1):
         assert abs(got - want) <= tolerance["loss"] * max(1.0, abs(want)), f"step {step}: loss {got} vs reference {want}"
 
     saved = saved_weights(out / "final", method)
     ref = reference_weights(ref_model, method)
-    init = reference_weights(build_reference_init(args, method), method)
+    init = reference_weights(init_model, method)
     assert set(saved) == set(ref), sorted(set(saved) ^ set(ref))[:10]
     moved = max((ref[k].float() - init[k].float()).abs().max().item() for k in ref)
     assert moved > tolerance["min_move"], "training did not move the weights: the comparison would prove nothing"
@@ -222,6 +228,20 @@ def test_matches_single_process_reference(case, fidelity_runs):
         ref_update = torch.cat([(ref[k].float() - init[k].float()).flatten() for k in sorted(saved)])
         cosine = torch.nn.functional.cosine_similarity(run_update, ref_update, dim=0).item()
         assert cosine > tolerance["update_cosine"], f"the run's weight update points elsewhere than the reference's (cosine {cosine:.3f})"
+
+
+def reference_key(args: list[str], dp_size: int) -> str:
+    """All that reference() and build_reference_init() read of a case: its config but the plugin and output_dir, and its data-parallel size."""
+    config = {key: value for key, value in to_dict(load_config(args, world_size=4)).items() if key not in ("plugin", "output_dir")}
+    return json.dumps({**config, "dp_size": dp_size}, sort_keys=True, default=str)
+
+
+def shared_reference(references: dict, args: list[str], dp_size: int, method: str) -> tuple[list[float], object, object]:
+    """reference()'s losses and trained model, and build_reference_init()'s model, made once per reference_key in `references`."""
+    key = reference_key(args, dp_size)
+    if key not in references:
+        references[key] = (*reference(args, dp_size), build_reference_init(args, method))
+    return references[key]
 
 
 def assert_adapter_reloads(final: Path, args: list[str], ref_model) -> None:

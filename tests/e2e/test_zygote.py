@@ -4,13 +4,15 @@ rendezvous of its own, the first failure stopping the other ranks, exit codes, o
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_env, zygote
+from tests.conftest import run_env, stop_session, zygote
 
 pytestmark = pytest.mark.e2e
 
@@ -77,3 +79,12 @@ def test_past_the_timeout_every_rank_is_stopped(rank_script, tmp_path):
         zygote().run([rank_script, "hang", str(tmp_path)], 2, True, run_env(), timeout=20)
     pids = [int((tmp_path / str(rank)).read_text()) for rank in range(2)]
     assert not any(alive(pid) for pid in pids)
+
+
+def test_stopping_a_session_takes_no_grace_once_its_processes_ended():
+    """Our own child, not yet waited for, is a zombie once SIGTERM ended it: stop_session returns then, not 30 s later."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    started = time.monotonic()
+    stop_session(process.pid)
+    assert time.monotonic() - started < 10
+    assert process.wait() == -signal.SIGTERM  # the SIGTERM ended it, no SIGKILL was needed
