@@ -30,7 +30,7 @@ LAYOUTS = {
     "fsdp": (2, "fsdp", "full", []),
     "ddp2_qlora": (2, "torch_ddp", "qlora", []),
     "single_qlora": (1, "torch_ddp", "qlora", ["train.grad_accum_steps=2"]),
-    "fsdp_qlora": (2, "fsdp", "qlora", []),
+    "fsdp_qlora": (2, "fsdp_cpu_offload", "qlora", []),  # plugin.cpu_offload=true: a no-op on CPU (forced off there)
     "pp2": (2, "pp2", "full", ["train.batch_size=8"]),  # one data-parallel rank
     "tp2": (2, "tp2", "full", ["train.batch_size=8"]),
 }

@@ -151,6 +151,17 @@ def test_impossible_plugin_combinations(config, argv, world, message):
     assert message in str(err.value)
 
 
+def test_fsdp_cpu_offload_is_off_on_cpu():
+    """FSDP's parameter offload is a no-op on CPU (host memory already), where torch 2.5 fails on it (its pinned
+    buffers need an accelerator): forced off there, kept on GPUs."""
+    from finetune.parallel import PLUGINS
+
+    fsdp = PLUGINS["torch_fsdp"]
+    options = {**fsdp.options, "cpu_offload": True}
+    assert fsdp.constructor_kwargs(options, "fp32", 1.0, on_cpu=True)["cpu_offload"].offload_params is False
+    assert fsdp.constructor_kwargs(options, "fp32", 1.0, on_cpu=False)["cpu_offload"].offload_params is True
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

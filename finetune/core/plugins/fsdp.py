@@ -32,6 +32,9 @@ class TorchFSDPSpec(PluginSpec):
         "backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST"),
         "auto_wrap": ("block", "none"),
     }
+    # On CPU the parameters are in host memory already, and torch 2.5's FSDP offload pins host buffers, which needs an
+    # accelerator (RuntimeError "CPU device type not an accelerator" at the first forward): off there, a no-op.
+    cpu_options = {"cpu_offload": False}
     takes_precision = True  # turned into FSDP MixedPrecision by constructor_kwargs
     replicated = False
     model_init = "meta"  # FSDP materializes each unit (param_init_fn): from the checkpoint, see before_boost
