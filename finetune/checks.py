@@ -22,9 +22,12 @@ def fingerprints(model: nn.Module) -> dict[str, tuple[bool, str]]:
 
 
 def non_finite_parameters(model: nn.Module) -> list[str]:
-    """Names of this rank's floating-point parameters that hold a NaN or an infinity (packed 4/8-bit ones are not read)."""
+    """Names of this rank's floating-point parameters that hold a NaN or an infinity (packed 4/8-bit ones are not read:
+    stored as floats for FSDP, their bytes are not float numbers)."""
+    from finetune.quantization import is_quantized
+
     with torch.no_grad():
-        return [name for name, p in model.named_parameters() if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all())]
+        return [name for name, p in model.named_parameters() if p.is_floating_point() and p.numel() and not is_quantized(p) and not bool(torch.isfinite(p).all())]
 
 
 def refuse_non_finite(model: nn.Module, cfg, resume) -> None:

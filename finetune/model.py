@@ -112,6 +112,7 @@ def build_model(
     precision: str = "fp32",
     dtype: str = "fp32",
     init: str = "eager",
+    quant_storage: str | None = None,
 ) -> tuple[nn.Module, object]:
     """Build the base model and its tokenizer (random init for named configs), in `dtype` or quantized for QLoRA.
 
@@ -128,6 +129,9 @@ def build_model(
             are (finetune.deferred.pending), for the plugin to load each rank's share after sharding.
             Random-init named configs, quantized bases, classifiers (a new head) and directories
             without safetensors are always built eagerly.
+        quant_storage: fp32, bf16 or fp16: a quantized base held in tensors of this one float dtype, the
+            packed 4-bit data included (PluginSpec.quantized_storage: FSDP flattens them together); None:
+            packed data in uint8, unquantized weights in float32.
 
     Raises:
         ModelError: the model cannot be found, or a requested quantization converted no layer.
@@ -148,7 +152,7 @@ def build_model(
         if quantization:  # transformers quantizes while loading weights: load this random init back
             with tempfile.TemporaryDirectory(prefix="finetune-qlora-") as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
-                model = load_quantized(tmp, attention, quantization, precision, trust_remote_code=False, auto_class=auto_model)
+                model = load_quantized(tmp, attention, quantization, precision, trust_remote_code=False, auto_class=auto_model, storage=quant_storage)
             model.config._name_or_path = source.name
     else:
         problem = sources.weights_dir_problem(Path(source.name), cfg_model.allow_pickle, "model.name")
@@ -159,7 +163,7 @@ def build_model(
         attention = attention_for(config.model_type, cfg_model.attn_implementation, shardformer)
         torch.manual_seed(seed)  # a new classification head is initialised alike on every rank
         if quantization:
-            model = load_quantized(source.name, attention, quantization, precision, cfg_model.trust_remote_code, auto_class=auto_model, config=config)
+            model = load_quantized(source.name, attention, quantization, precision, cfg_model.trust_remote_code, auto_class=auto_model, config=config, storage=quant_storage)
         elif init != "eager" and labels is None and sources.has_safetensors(Path(source.name)):
             with deferred.build_context(init):
                 model = auto_model.from_config(config, attn_implementation=attention, torch_dtype=DTYPES[dtype], trust_remote_code=cfg_model.trust_remote_code)
@@ -195,6 +199,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def hold_in(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the model to dtype, all but a classification head (it trains in full beside the adapters: float32)."""
     model.to(dtype)
+    keep_heads_float(model)
+
+
+def keep_heads_float(model: nn.Module) -> None:
+    """A classification head in float32: it trains in full beside the adapters."""
     for name in CLASSIFICATION_HEADS:
         head = getattr(model, name, None)
         if head is not None:
@@ -217,7 +226,8 @@ def head_config(labels: list[str] | None, tokenizer) -> dict:
 
 
 def load_quantized(
-    path: str, attention: str, cfg_quant: QuantizationConfig, precision: str, trust_remote_code: bool, auto_class: type | None = None, config=None
+    path: str, attention: str, cfg_quant: QuantizationConfig, precision: str, trust_remote_code: bool, auto_class: type | None = None, config=None,
+    storage: str | None = None,
 ) -> nn.Module:
     """Load a model directory with its projections quantized by bitsandbytes, and check that they were.
 
@@ -226,6 +236,8 @@ def load_quantized(
     Args:
         auto_class: the transformers Auto class to load with (default AutoModelForCausalLM).
         config: the model config to load with (e.g. with a classification head's labels); None: the directory's.
+        storage: the one float dtype of every weight, packed 4-bit data included (build_model's quant_storage);
+            None: packed data in uint8, the unquantized weights in float32.
 
     Raises:
         ModelError: the quantization converted no layer.
@@ -235,8 +247,8 @@ def load_quantized(
     model = (auto_class or AutoModelForCausalLM).from_pretrained(
         path,
         **({"config": config} if config is not None else {}),
-        quantization_config=quantization.bnb_config(cfg_quant, precision),
-        torch_dtype=torch.float32,  # the layers left unquantized (None would make them fp16)
+        quantization_config=quantization.bnb_config(cfg_quant, precision, storage),
+        torch_dtype=torch.float32,  # the layers left unquantized (None would make them fp16), and what the quantizer reads
         device_map={"": _quantization_device()},
         attn_implementation=attention,
         trust_remote_code=trust_remote_code,
@@ -246,6 +258,12 @@ def load_quantized(
         quantization.check_quantized(model, cfg_quant)
     except quantization.QuantizationError as err:
         raise ModelError(str(err)) from None
+    if storage:  # quantized from the float32 weights above, as under every plugin; the rest now held in the storage dtype
+        with torch.no_grad():
+            for param in model.parameters():
+                if not quantization.is_quantized(param):
+                    param.data = param.data.to(DTYPES[storage])
+        keep_heads_float(model)  # it trains; under FSDP peft's policy gives it a unit of its own
     bitsandbytes_fixes.keep_4bit_weights_trainable(model)  # bitsandbytes' CPU inference repacking breaks training after eval
     if _quantization_device() == "cpu":
         quantization.own_unquantized_tensors(model)  # release the memory-mapped full-precision file

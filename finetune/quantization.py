@@ -35,8 +35,14 @@ def compute_dtype(cfg_quant: QuantizationConfig, precision: str) -> torch.dtype:
     return DTYPES[precision if cfg_quant.compute_dtype == "auto" else cfg_quant.compute_dtype]
 
 
-def bnb_config(cfg_quant: QuantizationConfig, precision: str):
-    """transformers' BitsAndBytesConfig for this quantization section."""
+def bnb_config(cfg_quant: QuantizationConfig, precision: str, storage: str | None = None):
+    """transformers' BitsAndBytesConfig for this quantization section.
+
+    Args:
+        storage: fp32, bf16 or fp16: hold the packed 4-bit data in tensors of that float dtype (bitsandbytes'
+            quant_storage; the same bytes, read as floats) for a plugin that flattens parameters into float
+            tensors (FSDP); None: uint8.
+    """
     from transformers import BitsAndBytesConfig
 
     skip = cfg_quant.skip_modules or DEFAULT_SKIP_MODULES
@@ -47,6 +53,7 @@ def bnb_config(cfg_quant: QuantizationConfig, precision: str):
         bnb_4bit_quant_type=cfg_quant.quant_type,
         bnb_4bit_use_double_quant=cfg_quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg_quant, precision),
+        bnb_4bit_quant_storage=DTYPES[storage] if storage else torch.uint8,
         llm_int8_skip_modules=skip,  # transformers reads the skip list from this field for 4-bit too
     )
 
@@ -55,6 +62,11 @@ def quantized_layer_types() -> tuple[type, ...]:
     import bitsandbytes as bnb
 
     return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def is_quantized(param: torch.Tensor) -> bool:
+    """Whether a parameter holds bitsandbytes' packed 4-bit or 8-bit data (whatever its storage dtype), not numbers."""
+    return type(param).__name__ in ("Params4bit", "Int8Params")  # by name: no bitsandbytes import for the common case
 
 
 def quantized_modules(model: nn.Module) -> list[str]:
@@ -86,14 +98,18 @@ def check_quantized(model: nn.Module, cfg_quant: QuantizationConfig) -> dict:
 class WeightBytes:
     quantized_params: int  # logical parameter count of the quantized weights
     quantized_bytes: int  # their packed data plus quantization state
+    packed_bytes: int  # of which the packed data (what FSDP shards; the state is whole on every rank)
     unquantized: dict[str, dict[str, int]]  # dtype -> {"params", "bytes"} for every other parameter/buffer
+    per_rank: list[WeightBytes] | None = None  # where a plugin shards the weights (FSDP): what each rank holds of them
 
     def as_dict(self) -> dict:
         per_param = self.quantized_bytes / self.quantized_params if self.quantized_params else None
+        shares = {"per_rank": [held.as_dict() for held in self.per_rank]} if self.per_rank else {}
         return {
-            "quantized": {"params": self.quantized_params, "bytes": self.quantized_bytes, "bytes_per_param": per_param},
+            "quantized": {"params": self.quantized_params, "bytes": self.quantized_bytes, "packed_bytes": self.packed_bytes, "bytes_per_param": per_param},
             "unquantized": self.unquantized,
             "total_bytes": self.quantized_bytes + sum(d["bytes"] for d in self.unquantized.values()),
+            **shares,
         }
 
 
@@ -101,27 +117,30 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _quant_state_bytes(weight) -> tuple[int, int]:
-    """(logical params, bytes) of one bitsandbytes weight: packed data + scales / absmax / code book."""
+def _quant_state_bytes(weight) -> tuple[int, int, int]:
+    """(logical params, bytes, packed data bytes) of one bitsandbytes weight: packed data + scales / absmax / code book."""
     state = getattr(weight, "quant_state", None)
     if state is not None:  # 4-bit: Params4bit packs two values per byte; the state holds the real shape
-        nbytes = _tensor_bytes(weight) + _tensor_bytes(state.absmax) + _tensor_bytes(state.code)
+        packed = _tensor_bytes(weight)  # under FSDP: this rank's shard of the packed data (the state is whole on every rank)
+        nbytes = packed + _tensor_bytes(state.absmax) + _tensor_bytes(state.code)
         if state.nested:  # double quantization: absmax itself is 8-bit, with its own absmax and code
             nbytes += _tensor_bytes(state.state2.absmax) + _tensor_bytes(state.state2.code)
-        return state.shape.numel(), nbytes
+        whole = (state.shape.numel() + 1) // 2
+        return state.shape.numel() * packed // whole, nbytes, packed
     scales = getattr(weight, "SCB", None)  # 8-bit: int8 weights + one fp32 scale per output row
-    return weight.numel(), _tensor_bytes(weight) + (_tensor_bytes(scales) if scales is not None else 0)
+    return weight.numel(), _tensor_bytes(weight) + (_tensor_bytes(scales) if scales is not None else 0), _tensor_bytes(weight)
 
 
 def weight_bytes(model: nn.Module) -> WeightBytes:
     """Bytes the model's weights occupy, quantized layers (with their state) apart from the rest."""
-    quantized_ids, quantized_params, quantized_bytes = set(), 0, 0
+    quantized_ids, quantized_params, quantized_bytes, packed_bytes = set(), 0, 0, 0
     for module in model.modules():
         if isinstance(module, quantized_layer_types()):
-            params, nbytes = _quant_state_bytes(module.weight)
+            params, nbytes, packed = _quant_state_bytes(module.weight)
             quantized_ids.add(id(module.weight))
             quantized_params += params
             quantized_bytes += nbytes
+            packed_bytes += packed
     unquantized: dict[str, dict[str, int]] = {}
     seen = set(quantized_ids)
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -131,16 +150,16 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
         entry = unquantized.setdefault(str(tensor.dtype).removeprefix("torch."), {"params": 0, "bytes": 0})
         entry["params"] += tensor.numel()
         entry["bytes"] += _tensor_bytes(tensor)
-    return WeightBytes(quantized_params, quantized_bytes, unquantized)
+    return WeightBytes(quantized_params, quantized_bytes, packed_bytes, unquantized)
 
 
-def format_weight_bytes(weights: WeightBytes) -> str:
+def format_weight_bytes(weights: WeightBytes, label: str = "model weights") -> str:
     """One line: what the base weights occupy, quantized layers apart from the rest."""
     parts = [f"{dtype} {d['params'] / 1e6:.2f}M params in {d['bytes'] / 1e6:.1f} MB" for dtype, d in weights.unquantized.items()]
     if weights.quantized_params:
         per_param = weights.quantized_bytes / weights.quantized_params
         parts.insert(0, f"quantized {weights.quantized_params / 1e6:.2f}M params in {weights.quantized_bytes / 1e6:.1f} MB ({per_param:.3f} bytes/param)")
-    return "model weights: " + "; ".join(parts)
+    return f"{label}: " + "; ".join(parts)
 
 
 def own_unquantized_tensors(model: nn.Module) -> int:

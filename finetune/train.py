@@ -241,7 +241,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
         model, tokenizer = build_model(
             cfg.model, cfg.train.seed, plugin_spec.shardformer, task.labels_or_none, base_quantization(cfg), cfg.train.precision, method.frozen_dtype(cfg.train.precision),
-            method.model_init(plugin_spec.model_init),
+            method.model_init(plugin_spec.model_init), quant_storage=plugin_spec.quantized_storage(cfg),
         )
     pending = deferred.pending(model)  # built without its weights: the plugin loads each rank's share after sharding
     log(profiler.format(profiler.record("model_loaded")))
@@ -259,6 +259,11 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
     glibc.release_freed_heap()
     log(profiler.format(profiler.record("boosted")))
+    held = run.plugin.held_weight_bytes(run.state)  # a plugin that shards the weights: what each rank holds of them now
+    if held is not None:
+        model_weights.per_rank = [None] * world_size
+        dist.all_gather_object(model_weights.per_rank, held)
+        log("; ".join(format_weight_bytes(h, f"rank {r} holds") for r, h in enumerate(model_weights.per_rank)))
     if cfg.lora.init_from and not resume:  # a resumed run's checkpoint holds the adapter already
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")

@@ -73,7 +73,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         if method and method.adapter and not spec.supports_lora:
             problems.append(f"method={cfg.method}: plugin '{cfg.plugin.name}' cannot hold LoRA adapters; use method=full or plugin.name=torch_ddp")
         elif method and method.quantized_base and spec.qlora_refusal:
-            problems.append(f"method={cfg.method}: plugin '{cfg.plugin.name}' cannot hold quantized weights ({spec.qlora_refusal}); use torch_ddp, low_level_zero or hybrid_parallel with pp_size>1")
+            problems.append(f"method={cfg.method}: plugin '{cfg.plugin.name}' cannot hold quantized weights ({spec.qlora_refusal}); use torch_ddp, low_level_zero, torch_fsdp (4-bit) or hybrid_parallel with pp_size>1")
         if not has_cuda and not spec.runs_on_cpu:
             problems.append(f"plugin.name={cfg.plugin.name}: needs a CUDA GPU and none is present; on CPU use low_level_zero (stage 1/2) or torch_ddp")
         if method:

@@ -52,7 +52,11 @@ class Quantization:
         # Two weights per byte and one absmax per block of 64: fp32, or with double quantization an
         # 8-bit code plus one fp32 absmax per 256 blocks. NF4 and FP4 share the layout.
         absmax = 1 / 64 + 4 / (64 * 256) if self.double_quant else 4 / 64
-        return 0.5 + absmax
+        return self.packed_bytes() + absmax
+
+    def packed_bytes(self) -> float:
+        """Bytes per quantized weight element of the packed data alone (what FSDP shards; the block constants are whole on every rank)."""
+        return 1.0 if self.bits == 8 else 0.5
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -295,8 +299,13 @@ class StateBytes:
 
 def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: str, quant: Quantization | None) -> StateBytes:
     """Weights, gradients, optimizer states and the optimizer step's temporaries of one rank."""
-    stored = _weight_bytes(shape, place, share, quant) / place.param_shards
-    weights = stored * (1 - place.param_offload) + _gathered_elements(shape, place, share) * place.compute_bytes
+    quantized = _quantized_elements(shape, place, share) if quant else 0.0
+    constants = quantized * (quant.bytes_per_weight() - quant.packed_bytes()) if quant else 0.0  # a 4-bit weight's absmax and code book: not sharded
+    stored = (_weight_bytes(shape, place, share, quant) - constants) / place.param_shards + constants
+    gathered = _gathered_elements(shape, place, share) * place.compute_bytes
+    if quant and gathered:  # FSDP gathers a unit's 4-bit weights as they are stored (packed), not as compute-dtype copies
+        gathered -= _gathered_quantized(shape, place, share, quantized) * (place.compute_bytes - quant.packed_bytes())
+    weights = stored * (1 - place.param_offload) + gathered
     grads = share.trainable * place.grad_bytes * place.grad_copies / place.grad_shards
     unsharded_grads = _gathered_trainable(shape, place, share) * place.compute_bytes  # FSDP, before reduce-scatter
     shard = share.trainable / place.optim_shards
@@ -384,10 +393,22 @@ def _weight_bytes(shape: ModelShape, place: Placement, share: Share, quant: Quan
     """Stored bytes of this rank's weights (before parameter sharding)."""
     if not quant:
         return (share.params - share.trainable) * (place.frozen_bytes or place.weight_bytes) + share.trainable * place.weight_bytes
-    quantized = (share.layers * shape.layer_matmul + share.last * shape.head_quantizable) / place.tp
+    quantized = _quantized_elements(shape, place, share)
     scales = 4 * share.layers * shape.layer_rows / place.tp if quant.bits == 8 else 0  # LLM.int8: an fp32 scale per output row
     frozen_rest = share.params - quantized - share.trainable
     return quantized * quant.bytes_per_weight() + scales + frozen_rest * place.compute_bytes + share.trainable * 4
+
+
+def _quantized_elements(shape: ModelShape, place: Placement, share: Share) -> float:
+    """Weight elements of this rank that QLoRA quantizes: every layer's projections and a classifier's inner ones."""
+    return (share.layers * shape.layer_matmul + share.last * shape.head_quantizable) / place.tp
+
+
+def _gathered_quantized(shape: ModelShape, place: Placement, share: Share, quantized: float) -> float:
+    """Of _gathered_elements, the quantized ones: all of them in one unit, else the current and the prefetched layer's."""
+    if place.gathered == "model":
+        return quantized
+    return (min(2, share.layers) * shape.layer_matmul + share.last * shape.head_quantizable) / place.tp
 
 
 def _gathered_elements(shape: ModelShape, place: Placement, share: Share) -> float:

@@ -19,6 +19,7 @@ from finetune.core.plugins.base import PluginSpec
 
 if TYPE_CHECKING:
     from finetune.config import Config
+    from finetune.quantization import WeightBytes
     from finetune.run import Run
 
 
@@ -121,6 +122,10 @@ class Plugin(PluginSpec):
         if self.takes_max_norm and max_norm > 0:
             norm = unscaled_grad_norm(run.optimizer, mixin, scale)
         return norm
+
+    def held_weight_bytes(self, state: TrainState) -> WeightBytes | None:
+        """What this rank holds of the model's weights once boosted, where a plugin shards them; None: the model as built."""
+        return None
 
     def fingerprints(self, module) -> dict | None:
         """checks.fingerprints of this rank's parameters, taken before and after training; None where they cannot be read then."""

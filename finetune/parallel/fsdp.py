@@ -24,6 +24,7 @@ from finetune.checkpoint.store import failing_together
 from finetune.core.plugins.fsdp import TorchFSDPSpec
 from finetune.errors import CheckpointError
 from finetune.parallel.base import Plugin
+from finetune.quantization import WeightBytes, quantized_modules, weight_bytes
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -178,6 +179,11 @@ class TorchFSDP(TorchFSDPSpec, Plugin):
         A model built on the meta device gets each unit's weights from the checkpoint as FSDP wraps it."""
         if pending is not None:
             plugin.fsdp_kwargs["param_init_fn"] = fsdp_param_init_fn(model, WeightsDir(pending.path), pending.names)
+        if quantized_modules(model):
+            # A 4-bit weight's quantization state (absmax, code book, shape) lives on its Params4bit object. Under
+            # use_orig_params FSDP keeps those objects, their data views into this rank's shard (gathered around
+            # each unit's compute); without it, the module would see plain views of the flat parameter instead.
+            plugin.fsdp_kwargs["use_orig_params"] = True
         if plugin.fsdp_kwargs.get("auto_wrap_policy") is not None or cfg.plugin.options["auto_wrap"] != "block":
             return
         import functools
@@ -223,6 +229,11 @@ class TorchFSDP(TorchFSDPSpec, Plugin):
 
         unscale(run.optimizer)  # FSDP's clip must see the unscaled gradients
         return float(run.model.module.clip_grad_norm_(max_norm))  # FSDP's own: the norm over all shards
+
+    def held_weight_bytes(self, state: TrainState) -> WeightBytes:
+        """This rank's shards: the flat parameters, or under use_orig_params (a quantized base) each parameter's share
+        of them, a 4-bit weight's quantization state (absmax, code book) whole on every rank."""
+        return weight_bytes(state.model.module)
 
     def write_model(self, state: TrainState, path: Path) -> None:
         """Gather the full state dict on rank 0; write it with HF's writer, or its adapter in peft layout."""

@@ -95,6 +95,8 @@ RESUME_CASES = {
     # FSDP: full state dicts gathered on rank 0 and scattered back onto each rank's flat shards
     "fsdp_full": (2, ["--config", "booster_configs/fsdp.yaml", "model.name=tiny-gpt2", "method=full"], FP32),
     "fsdp_lora": (2, ["--config", "booster_configs/fsdp.yaml", "model.name=tiny-llama", "method=lora"], FP32),
+    # QLoRA under FSDP: the adapter resumes onto the sharded 4-bit base (stored as fp32 for FSDP, never written)
+    "fsdp_qlora": (2, ["--config", "booster_configs/fsdp.yaml", "model.name=tiny-llama", "method=qlora"], FP32),
     # the adapter and the trained classification head (peft modules_to_save) both resume
     "zero1_classification_lora": (2, ["--config", "booster_configs/zero1.yaml", "model.name=tiny-roberta", "method=lora", "task=classification"], FP32),
     # preference pairs: DPO's reference is the model with its adapter off, in the same step

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from finetune.config import load_config, to_dict
 from finetune.data import build_data, collate, load_splits
-from finetune.model import build_lora_config, build_model
+from finetune.methods import method_named
+from finetune.model import base_quantization, build_lora_config, build_model
 from tests.conftest import REPO, read_metrics, run_grouped, selected_params
 
 pytestmark = pytest.mark.distributed
@@ -64,6 +65,8 @@ CASES = {
     "fsdp-gpt2-full": ("fsdp", "tiny-gpt2", "full", [], 2, FP32),
     "fsdp-llama-full": ("fsdp", "tiny-llama", "full", [], 2, FP32),
     "fsdp-llama-lora": ("fsdp", "tiny-llama", "lora", [], 2, FP32),
+    # QLoRA under FSDP: the 4-bit weights stored as fp32 (bnb_4bit_quant_storage), flattened and sharded with the rest
+    "fsdp-llama-qlora": ("fsdp", "tiny-llama", "qlora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 2, FP32),
     "tp2-llama-full": ("tp2", "tiny-llama", "full", [], 1, FP32),
     "pp2-gpt2-full": ("pp2", "tiny-gpt2", "full", [], 1, FP32),
     "pp2-llama-full": ("pp2", "tiny-llama", "full", [], 1, FP32),
@@ -82,6 +85,14 @@ CASES = {
 
 
 RANKS = {"tp2_pp2": 4}  # processes per setup where 2 do not suffice
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixed_stack():
+    """The pinned stack's fixes, as every run applies them at launch: the QLoRA references quantize on CPU."""
+    from finetune import fixes
+
+    fixes.apply()
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +143,8 @@ def reference(args: list[str], dp_size: int):
 
     cfg = load_config(args, world_size=4)  # any size every setup here divides
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.labels)
-    if cfg.method == "lora":
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.labels, quantization=base_quantization(cfg))  # qlora: bitsandbytes' own uint8 storage
+    if method_named(cfg.method).adapter:
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(model, build_lora_config(model, cfg.lora))
     data = build_data(cfg.data, tokenizer, splits)
@@ -163,7 +174,7 @@ def reference(args: list[str], dp_size: int):
 
 def saved_weights(final: Path, method: str) -> dict[str, torch.Tensor]:
     """What the run saved, as a user loads it."""
-    if method == "lora":
+    if method_named(method).adapter:
         return load_file(final / "adapter_model.safetensors")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -172,7 +183,7 @@ def saved_weights(final: Path, method: str) -> dict[str, torch.Tensor]:
 
 
 def reference_weights(model, method: str) -> dict[str, torch.Tensor]:
-    if method == "lora":
+    if method_named(method).adapter:
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(model)
@@ -217,8 +228,10 @@ def test_matches_single_process_reference(case, fidelity_runs, references):
     assert set(saved) == set(ref), sorted(set(saved) ^ set(ref))[:10]
     moved = max((ref[k].float() - init[k].float()).abs().max().item() for k in ref)
     assert moved > tolerance["min_move"], "training did not move the weights: the comparison would prove nothing"
-    if method == "lora":
+    if method_named(method).adapter:
         assert_adapter_reloads(out / "final", args, ref_model)
+    if method_named(method).quantized_base and config == "fsdp":
+        assert_each_rank_holds_its_share(out)
     if "weights" in tolerance:
         diffs = {k: (saved[k].float() - ref[k].float()).abs().max().item() for k in saved}
         worst = max(diffs, key=diffs.get)
@@ -250,7 +263,7 @@ def assert_adapter_reloads(final: Path, args: list[str], ref_model) -> None:
 
     cfg = load_config(args, world_size=4)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
-    base, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.labels)
+    base, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.labels, quantization=base_quantization(cfg))
     reloaded = PeftModel.from_pretrained(base, str(final)).eval()
     data = build_data(cfg.data, tokenizer, splits)
     batch = collate(data.train[:8], tokenizer.pad_token_id)
@@ -260,13 +273,26 @@ def assert_adapter_reloads(final: Path, args: list[str], ref_model) -> None:
     assert diff <= 1e-4, f"the reloaded adapter's logits differ from the reference model's by {diff}"
 
 
+def assert_each_rank_holds_its_share(out: Path) -> None:
+    """FSDP shards the packed 4-bit data: the ranks' shares add up to the whole, about half each (measured after
+    wrapping, in summary.json); the quantization state (absmax, code book) is whole on every rank."""
+    weights = json.loads((out / "summary.json").read_text())["memory"]["model_weights"]
+    whole, shares = weights["quantized"], [rank["quantized"] for rank in weights["per_rank"]]
+    assert len(shares) == 2 and sum(share["packed_bytes"] for share in shares) == whole["packed_bytes"] > 0
+    assert sum(share["params"] for share in shares) == whole["params"]
+    state = whole["bytes"] - whole["packed_bytes"]
+    for share in shares:
+        assert 0.4 * whole["packed_bytes"] <= share["packed_bytes"] <= 0.6 * whole["packed_bytes"], (share, whole)
+        assert share["bytes"] - share["packed_bytes"] == state
+
+
 def build_reference_init(args: list[str], method: str):
     """The untrained model (with its fresh adapter), to show the weights really moved."""
     from peft import get_peft_model
 
     cfg = load_config(args, world_size=4)  # any size every setup here divides
-    model, _ = build_model(cfg.model, cfg.train.seed, labels=load_splits(cfg.data, cfg.train.seed, cfg.task).labels)
-    if method == "lora":
+    model, _ = build_model(cfg.model, cfg.train.seed, labels=load_splits(cfg.data, cfg.train.seed, cfg.task).labels, quantization=base_quantization(cfg))
+    if method_named(method).adapter:
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(model, build_lora_config(model, cfg.lora))
     return model

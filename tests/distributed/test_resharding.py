@@ -30,6 +30,7 @@ LAYOUTS = {
     "fsdp": (2, "fsdp", "full", []),
     "ddp2_qlora": (2, "torch_ddp", "qlora", []),
     "single_qlora": (1, "torch_ddp", "qlora", ["train.grad_accum_steps=2"]),
+    "fsdp_qlora": (2, "fsdp_cpu_offload", "qlora", []),  # plugin.cpu_offload=true: a no-op on CPU (forced off there)
     "pp2": (2, "pp2", "full", ["train.batch_size=8"]),  # one data-parallel rank
     "tp2": (2, "tp2", "full", ["train.batch_size=8"]),
 }
@@ -42,6 +43,8 @@ CASES = {
     # into ZeRO: each rank reads only its part of every optimizer state (finetune.parallel.zero.load_zero_optimizer)
     "fsdp_to_zero2": ("fsdp", "zero2", "resuming a fsdp x2 checkpoint under zero2 x2:"),
     "ddp2_qlora_to_single": ("ddp2_qlora", "single_qlora", "resuming a ddp x2 checkpoint under single:"),
+    # the adapter trained on FSDP's sharded 4-bit base goes on over the whole (uint8-packed) base on one process
+    "fsdp_qlora_to_single": ("fsdp_qlora", "single_qlora", "resuming a fsdp x2 checkpoint under single:"),
     # into a pipeline: GPT-2's tied lm_head (stored once) read from the input embedding on the last stage
     "ddp2_to_pp2": ("ddp2", "pp2", "resuming a ddp x2 checkpoint under pp2 1f1b:"),
     # into tensor parallelism: rows/columns read from one HF file, fused q/k/v split, the vocabulary padded

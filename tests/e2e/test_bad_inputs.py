@@ -86,7 +86,7 @@ TRAIN_CASES = {
     "unknown_plugin": (lambda w: ["plugin.name=zero9"], "plugin.name: unknown value 'zero9'"),
     "lora_on_gemini": (lambda w: ["--config", "booster_configs/gemini.yaml", "method=lora"], "cannot hold LoRA adapters"),
     "world_not_divisible": (lambda w: ["--config", "booster_configs/tp2.yaml", "method=full", "model.name=tiny-gpt2"], "world size 1 is not divisible by tp_size*pp_size=2"),
-    "qlora_on_fsdp": (lambda w: ["--config", "booster_configs/fsdp.yaml", "method=qlora"], "cannot hold quantized weights"),
+    "qlora_8bit_on_fsdp": (lambda w: ["--config", "booster_configs/fsdp.yaml", "method=qlora", "quantization.bits=8"], "8-bit weights only as int8 tensors"),
     "bad_bits": (lambda w: ["method=qlora", "quantization.bits=3"], "quantization.bits: unknown value '3'"),
     "quantization_without_qlora": (lambda w: ["quantization.bits=8"], "does not quantize"),
     "fp16_on_cpu": (lambda w: ["train.precision=fp16"], "needs a CUDA GPU"),

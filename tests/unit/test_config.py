@@ -140,7 +140,7 @@ def test_tensor_parallel_must_divide_the_heads():
         ("pp2_interleaved.yaml", ["model.name=tiny-llama"], 2, "tiny-llama has 2 layers, so some chunk would hold no adapter"),
         ("pp2_zero1.yaml", ["train.precision=fp32"], 2, "plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16"),
         ("zero2.yaml", ["plugin.tp_size=2"], 2, "plugin.tp_size: not an option of plugin 'low_level_zero'"),
-        ("fsdp.yaml", ["method=qlora"], 2, "method=qlora: plugin 'torch_fsdp' cannot hold quantized weights"),
+        ("fsdp.yaml", ["method=qlora", "quantization.bits=8"], 2, "method=qlora with quantization.bits=8 under torch_fsdp: bitsandbytes holds 8-bit weights only as int8 tensors"),
         ("tp2.yaml", ["method=qlora", "model.name=tiny-gpt2"], 2, "method=qlora with plugin.tp_size>1"),
         ("gemini.yaml", ["method=qlora"], 2, "method=qlora: plugin 'gemini' cannot hold LoRA adapters"),
     ],
@@ -149,6 +149,17 @@ def test_impossible_plugin_combinations(config, argv, world, message):
     with pytest.raises(ConfigError) as err:
         load_config(["--config", str(REPO / "booster_configs" / config), *argv], world_size=world)
     assert message in str(err.value)
+
+
+def test_fsdp_cpu_offload_is_off_on_cpu():
+    """FSDP's parameter offload is a no-op on CPU (host memory already), where torch 2.5 fails on it (its pinned
+    buffers need an accelerator): forced off there, kept on GPUs."""
+    from finetune.parallel import PLUGINS
+
+    fsdp = PLUGINS["torch_fsdp"]
+    options = {**fsdp.options, "cpu_offload": True}
+    assert fsdp.constructor_kwargs(options, "fp32", 1.0, on_cpu=True)["cpu_offload"].offload_params is False
+    assert fsdp.constructor_kwargs(options, "fp32", 1.0, on_cpu=False)["cpu_offload"].offload_params is True
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ PLUGIN_HOOKS = (
     "problems", "plan", "constructor_kwargs", "placement", "setting_label", "shard_policy", "apply_adapters", "before_boost", "layout",
     "build_optimizer", "load_deferred",
     "after_boost", "forward_backward", "clip_gradients", "step", "eval_forward", "write_model", "read_model", "load_adapter",
-    "read_weights", "write_optimizer", "read_optimizer",
+    "read_weights", "write_optimizer", "read_optimizer", "quantized_storage", "held_weight_bytes",
 )  # fmt: skip
 
 

@@ -110,6 +110,23 @@ def test_qlora_base_bytes_per_param():
     assert int8.weights == pytest.approx(quantized + 4 * 32 * shape.layer_rows + rest * 2 + shape.trainable_params * 4, rel=1e-9)
 
 
+def test_qlora_under_fsdp_shards_the_packed_4bit_weights():
+    """Issue 26: under FSDP the packed 4-bit data and the rest are divided over the ranks, the block constants (absmax)
+    stay whole on each, and the gathered working copy (the root unit and two blocks) holds the 4-bit weights as stored."""
+    shape = est.model_shape(est.load_model_config("llama2-7b"), "qlora", config_of("method=lora").lora)
+    quant = est.Quantization(4, "nf4", True, "bf16")
+    cfg = config_of("model.name=llama2-7b", "method=qlora", "--config", "booster_configs/fsdp.yaml", "train.precision=bf16")
+    one, two = (est.estimate(cfg, world_size=n, quantization=quant) for n in (1, 2))
+    quantized = 32 * shape.layer_matmul
+    constants = quantized * (quant.bytes_per_weight() - 0.5)
+    rest = one.params - quantized - one.trainable_params  # embeddings, norms, lm_head: bf16
+    held = quantized * 0.5 + rest * 2 + one.trainable_params * 4
+    gathered = (one.params - 30 * shape.layer_params) * 2 - 2 * shape.layer_matmul * (2 - 0.5)  # root unit and two blocks, their projections packed
+    assert two.weights == pytest.approx(held / 2 + constants + gathered, rel=1e-9)
+    assert one.weights == pytest.approx(held + constants, rel=1e-9)  # one rank: nothing to gather
+    assert two.weights < 0.75 * one.weights
+
+
 def saved_bytes_per_layer(config, autocast: bool, half_model: bool, lora=None) -> float:
     """Bytes autograd saves per token for one layer: a 2-layer minus a 1-layer model (parameters and buffers aside)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -11,7 +11,7 @@ from finetune.fixes import bitsandbytes as bitsandbytes_fixes
 from finetune.fixes import peft as peft_fixes
 from finetune.fixes import transformers as transformers_fixes
 from finetune.config import LoraConfig, ModelConfig, QuantizationConfig
-from finetune.model import ModelError, build_lora_config, build_model, count_parameters, load_quantized
+from finetune.model import DTYPES, ModelError, build_lora_config, build_model, count_parameters, load_quantized
 
 FOUR_BIT = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True)
 EIGHT_BIT = QuantizationConfig(bits=8)
@@ -95,6 +95,46 @@ def test_quantized_weights_match_the_full_precision_base():
         reference, approx = full(input_ids=tokens).logits, quantized(input_ids=tokens).logits
     assert not torch.equal(reference, approx)  # really quantized
     assert torch.nn.functional.cosine_similarity(reference.flatten(), approx.flatten(), dim=0) > 0.99  # the same model
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_4bit_weights_stored_as_floats_compute_the_same(storage):
+    """FSDP's storage (build_model's quant_storage): the same packed bytes in float tensors, every weight of the one
+    dtype FSDP flattens, and forward and backward bit-identical to bitsandbytes' uint8 packing."""
+    packed, _ = build_model(ModelConfig(name="tiny-llama"), seed=5, quantization=FOUR_BIT)
+    stored, _ = build_model(ModelConfig(name="tiny-llama"), seed=5, quantization=FOUR_BIT, quant_storage=storage)
+    assert {p.dtype for p in stored.parameters()} == {DTYPES[storage]}
+    assert {p.dtype for p in packed.parameters() if quantization.is_quantized(p)} == {torch.uint8}
+    layers = [(m.weight, s.weight) for m, s in zip(packed.modules(), stored.modules()) if isinstance(m, quantization.quantized_layer_types())]
+    assert layers and all(torch.equal(a.view(-1), b.view(torch.uint8).view(-1)) for a, b in layers)
+    if storage == "bf16":  # the unquantized weights follow the storage: compare the quantized layers' math alone
+        layer_a, layer_b = packed.model.layers[0].mlp.up_proj, stored.model.layers[0].mlp.up_proj
+        x = torch.randn(3, layer_a.in_features, requires_grad=True)
+        y = x.detach().clone().requires_grad_()
+        layer_a(x).sum().backward()
+        layer_b(y).sum().backward()
+        assert torch.equal(layer_a(x), layer_b(y)) and torch.equal(x.grad, y.grad)
+        return
+    tokens = torch.randint(0, 1000, (2, 12))
+    a, b = packed(input_ids=tokens, labels=tokens), stored(input_ids=tokens, labels=tokens)
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.equal(a.logits, b.logits)
+    grads = [(p.grad, q.grad) for p, q in zip(packed.parameters(), stored.parameters()) if p.grad is not None]
+    assert grads and all(torch.equal(g, h) for g, h in grads)
+
+
+def test_float_stored_4bit_weights_are_not_read_as_numbers():
+    """The non-finite check skips packed data stored as floats (its bytes may read as NaN) and still finds a real NaN."""
+    from finetune.checks import non_finite_parameters
+
+    model, _ = build_model(ModelConfig(name="tiny-llama"), seed=5, quantization=FOUR_BIT, quant_storage="fp32")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.view(torch.uint8)[:8] = 0xFF  # packed codes 15: a NaN when read as float32
+    assert non_finite_parameters(model) == []
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    assert non_finite_parameters(model) == ["model.norm.weight"]
 
 
 def test_quantization_repairs_are_version_guarded():

@@ -50,6 +50,11 @@ class PluginSpec:
         """What this plugin cannot do with cfg, each a line naming the fix."""
         return []
 
+    def quantized_storage(self, cfg: Config) -> str | None:
+        """The float dtype (fp32, bf16, fp16) a quantized base must be held in under this plugin, packed 4-bit data
+        included (bitsandbytes' quant_storage); None: bitsandbytes' uint8 packing, unquantized weights in float32."""
+        return None
+
     def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
         """The layout numbers for these (effective) options."""
         return Plan(dp=world_size)

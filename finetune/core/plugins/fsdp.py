@@ -32,10 +32,27 @@ class TorchFSDPSpec(PluginSpec):
         "backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST"),
         "auto_wrap": ("block", "none"),
     }
+    # On CPU the parameters are in host memory already, and torch 2.5's FSDP offload pins host buffers, which needs an
+    # accelerator (RuntimeError "CPU device type not an accelerator" at the first forward): off there, a no-op.
+    cpu_options = {"cpu_offload": False}
     takes_precision = True  # turned into FSDP MixedPrecision by constructor_kwargs
     replicated = False
     model_init = "meta"  # FSDP materializes each unit (param_init_fn): from the checkpoint, see before_boost
-    qlora_refusal = "FSDP flattens each unit's parameters into one tensor of one floating dtype; 4/8-bit weights are integer tensors"
+
+    def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+        """8-bit QLoRA: bitsandbytes has no float storage for int8 weights, which FSDP's float units cannot hold."""
+        if method_named(cfg.method).quantized_base and cfg.quantization.bits == 8:
+            return [
+                "method=qlora with quantization.bits=8 under torch_fsdp: bitsandbytes holds 8-bit weights only as int8 tensors "
+                "(4-bit ones can be stored as floats), and FSDP flattens each unit into one float tensor; use quantization.bits=4, or plugin.name=torch_ddp"
+            ]
+        return []
+
+    def quantized_storage(self, cfg: Config) -> str | None:
+        """The run's precision: FSDP flattens each unit into one tensor of one float dtype and casts it to the compute
+        dtype under mixed precision, so every frozen weight, the packed 4-bit bytes included, is held in that dtype:
+        flattened and sharded as it is, never cast (a cast would change the packed bytes)."""
+        return cfg.train.precision
 
     def placement(self, cfg: Config, world_size: int) -> Placement:
         """fp32 flat shards (the master), gathered in the compute dtype one unit at a time.
