@@ -249,6 +249,10 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+# Public configs whose tokenizer this tool does not have (named configs get GPT-2's BPE): for the
+# estimator only; training one is refused (config.validate).
+ESTIMATE_ONLY = frozenset(name for name in NAMED_CONFIGS if name.startswith(("llama", "qwen", "mistral", "gemma", "mixtral")))
+
 
 @dataclass(frozen=True)
 class Architecture:
