@@ -116,8 +116,10 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     c, r = place.compute_bytes, place.residual_bytes
     norm = norm_bytes(shape, r)
     mask = 1 if device == "cuda" else c
-    # An MoE layer gathers each expert's tokens: its experts read k copies of the input and k ffn-sized tensors.
-    sizes = {"qkv": h, "o": q / t, "up": k * h, "down": k * f / t, "router": h}
+    # An MoE layer gathers each expert's tokens: its experts read k copies of the input and k ffn-sized
+    # tensors, whole on every tensor-parallel rank (ColossalAI's Mixtral policy splits attention and router only).
+    tf = 1 if shape.experts else t
+    sizes = {"qkv": h, "o": q / t, "up": k * h, "down": k * f / tf, "router": h}
     inputs = c * sum(sizes[role] for role in shape.saved_inputs)
     core = c * 3 * q / t  # q, and k and v repeated to every query head (transformers' eager and sdpa paths)
     if shape.head_norms:  # q/k norms per head: fp32 input, rsqrt per head, the normalized input where trained
@@ -128,7 +130,7 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
         core += a * seq / t * per_score
     else:
         core += c * q / t + 4 * a / t
-    mlp = k * shape.mlp_saved * c * f / t
+    mlp = k * shape.mlp_saved * c * f / tf
     if shape.experts:  # per routed token, the expert's output (kept for the routing-weight product) and a gathered copy; the router's fp32 softmax and int64 picks
         mlp += k * 2 * c * h + 4 * shape.experts + 16 * k
     dropout = 2 * h * mask if shape.hidden_dropout > 0 else 0
@@ -286,9 +288,9 @@ def rank_share(shape: ModelShape, place: Placement, full: bool, rank: int, layer
     params = layers * shape.layer_params + first * shape.embedding_params + last * shape.head_params + shared_copy * shape.token_embedding
     trainable = layers * shape.layer_trainable + first * shape.embedding_trainable + last * shape.head_trainable
     trainable += shape.token_embedding if shared_copy and shape.embedding_trainable else 0
-    split = layers * shape.layer_matmul + first * shape.token_embedding + (last and not (first and shape.tied)) * shape.output_projection
+    split = layers * (shape.layer_matmul - shape.layer_experts) + first * shape.token_embedding + (last and not (first and shape.tied)) * shape.output_projection
     saving = split * (1 - 1 / place.tp)
-    matmul = (layers * shape.layer_matmul + last * shape.output_projection) / place.tp
+    matmul = (layers * (shape.layer_matmul - shape.layer_experts) + last * shape.output_projection) / place.tp + layers * shape.layer_experts
     return Share(params - saving, trainable - (saving if full else 0), matmul, layers, first, last)
 
 

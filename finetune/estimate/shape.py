@@ -54,6 +54,7 @@ class ModelShape:
     output_projection: int  # the head's weight (the token embedding itself where tied)
     tied: bool
     largest_trainable: int
+    layer_experts: int = 0  # of layer_matmul, the MoE experts' weights: whole on every tensor-parallel rank (ColossalAI's Mixtral policy)
     attn_width: int = 0  # query features per token (heads x head_dim; Gemma-2's exceed the hidden size)
     kv_width: int = 0  # key or value features per token (fewer than the query's with grouped-query attention)
     kv_heads: int = 0
@@ -250,6 +251,7 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
         layer_params=_numel(layer0),
         layer_trainable=_numel(p for p in layer0 if p.requires_grad),
         layer_matmul=sum(m.weight.numel() for m in layer_projections),
+        layer_experts=sum(m.weight.numel() for name, m in layers[0].named_modules() if ".experts." in f".{name}" and m in layer_projections),
         layer_rows=sum(m.weight.shape[0] for m in layer_projections),
         embedding_params=_numel(embedding),
         embedding_trainable=_numel(p for p in embedding if p.requires_grad),

@@ -92,3 +92,14 @@ def test_mixtral_lora_under_tensor_parallelism_adapts_attention_only():
 def test_public_configs_are_for_the_estimator_only(name):
     with pytest.raises(ConfigError, match=f"model.name: {name} is a public config for the memory estimator"):
         load_config([f"model.name={name}"], world_size=1)
+
+
+def test_tensor_parallelism_splits_mixtral_attention_and_vocabulary_but_not_its_experts():
+    """ColossalAI's Mixtral policy splits attention, the router and the vocabulary; every rank holds all experts."""
+    from finetune.estimate.cli import estimate_request
+
+    h, kv, vocab, layers = 4096, 1024, 32000, 32
+    split = layers * (2 * h * h + 2 * h * kv + 8 * h) + 2 * vocab * h  # q/o, k/v, router; embedding and lm_head
+    tp2 = estimate_request(["model=mixtral-8x7b", "method=full", "precision=bf16", "plugin=tp2", "world_size=2"])
+    assert tp2.params == 46_702_792_704
+    assert tp2.weights == pytest.approx(2 * (tp2.params - split / 2), abs=8)
