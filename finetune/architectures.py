@@ -273,6 +273,7 @@ class Architecture:
     # takes a 4-D block mask as given), "gpt2" (our attention function, finetune.packing), "" (refused).
     packed_attention: str = ""
     upcast_softmax: bool = False  # attention softmax computed in fp32 under half precision (estimator)
+    upcast_norm: bool = False  # RMSNorm applies its weight in fp32 (Gemma), keeping the normalized input in fp32 (estimator)
     # Under ColossalAI's shardformer, GPT-2 receives a 2-D padding mask with which transformers' sdpa
     # path runs NON-causal attention (a silent 4.5e-3 loss error even at tp=1): eager there.
     sdpa_under_shardformer: bool = True
@@ -344,8 +345,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen3", display="Qwen3", shardformer_policy=False, **_LLAMA_FAMILY),
         # Tied embeddings, a 256k vocabulary, soft-capped logits. transformers' sdpa path drops Gemma-2's
         # attention soft-capping, and Gemma's authors train both with eager attention: `auto` builds eager.
-        Architecture("gemma2", display="Gemma-2", shardformer_policy=False, default_attention="eager", **_LLAMA_FAMILY),
-        Architecture("gemma3_text", display="Gemma-3", shardformer_policy=False, default_attention="eager", **_LLAMA_FAMILY),
+        Architecture("gemma2", display="Gemma-2", shardformer_policy=False, default_attention="eager", upcast_norm=True, **_LLAMA_FAMILY),
+        Architecture("gemma3_text", display="Gemma-3", shardformer_policy=False, default_attention="eager", upcast_norm=True, **_LLAMA_FAMILY),
         # Fused projections: qkv_proj (q, k and v rows) and gate_up_proj.
         Architecture("phi3", display="Phi-3", lora_targets=("qkv_proj", "o_proj"), shardformer_policy=False, packed_attention="native", upcast_softmax=True),
         # MoE: LoRA on attention and on every expert's w1/w2/w3 (the router `gate` stays frozen). Under

@@ -123,7 +123,7 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     inputs = c * sum(sizes[role] for role in shape.saved_inputs)
     core = c * 3 * q / t  # q, and k and v repeated to every query head (transformers' eager and sdpa paths)
     if shape.head_norms:  # q/k norms per head: fp32 input, rsqrt per head, the normalized input where trained
-        core += (4 * (q + kv) + 4 * (a + shape.kv_heads) + (r * (q + kv) if shape.norms_trainable else 0)) / t
+        core += (4 * (q + kv) + 4 * (a + shape.kv_heads) + ((4 if shape.upcast_norm else r) * (q + kv) if shape.norms_trainable else 0)) / t
     if attention == "eager" or (device == "cpu" and shape.attn_dropout > 0):
         softmax = 4 if (r == 4 or shape.upcast_softmax) else c
         per_score = softmax + (c if softmax != c else 0) + ((mask + softmax) if shape.attn_dropout > 0 else 0) + (c if shape.attention_softcap else 0)
@@ -140,10 +140,10 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
 
 def norm_bytes(shape: ModelShape, residual: int) -> float:
     """Per token, what one norm keeps: LayerNorm its input and mean/rstd; HF's RMSNorm its fp32 input,
-    the rsqrt, and the normalized input where its weight trains."""
+    the rsqrt, and the normalized input where its weight trains (in fp32 for Gemma's)."""
     h = shape.hidden
     if shape.rms_norm:
-        return 4 * h + 4 + (residual * h if shape.norms_trainable else 0)
+        return 4 * h + 4 + ((4 if shape.upcast_norm else residual) * h if shape.norms_trainable else 0)
     return residual * h + 2 * residual
 
 

@@ -34,6 +34,7 @@ class ModelShape:
     vocab: int  # logits per token: the vocabulary, or a classifier's labels
     rms_norm: bool
     upcast_softmax: bool  # eager attention computes softmax in fp32 (Llama family)
+    upcast_norm: bool  # RMSNorm keeps its normalized input in fp32 (Gemma)
     mlp_saved: int  # ffn-sized tensors one MLP's activation function keeps for backward
     saved_inputs: frozenset  # projection roles (qkv, o, up, down) whose input autograd keeps: trainable or adapted
     norms_trainable: bool  # an RMSNorm keeps its normalized input only for its own weight's gradient
@@ -241,6 +242,7 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
         vocab=config.vocab_size if not is_classifier(config) else config.num_labels,
         rms_norm=any("RMSNorm" in type(m).__name__ for m in layers[0].modules()),
         upcast_softmax=architecture(config.model_type).upcast_softmax,
+        upcast_norm=architecture(config.model_type).upcast_norm,
         mlp_saved=_mlp_saved_tensors(config, layers[0]),
         saved_inputs=_saved_inputs(layers[0], cfg_lora.dropout if adapted else 0.0),
         norms_trainable=all(p.requires_grad for m in layers[0].modules() if "Norm" in type(m).__name__ for p in m.parameters()),
