@@ -299,7 +299,7 @@ class Architecture:
 
     def attention(self, requested: str, shardformer: bool) -> str:
         """The attention implementation a model of this type is built with for model.attn_implementation=`requested`."""
-        if shardformer and not self.sdpa_under_shardformer and requested in ("auto", "sdpa"):
+        if shardformer and not self.sdpa_under_shardformer:
             return "eager"  # finetune.model.attention_for refuses an explicit sdpa here
         return self.default_attention if requested == "auto" else requested
 
