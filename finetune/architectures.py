@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Named public configs, built with random init. The tiny ones are for tests and use the real GPT-2
-# tokenizer, so their vocabulary is GPT-2's.
 _LLAMA2 = {"vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}
 _LLAMA31 = {  # Llama 3.1: a 128k vocabulary, 128k context by llama3 rope scaling
     "vocab_size": 128256,
@@ -29,6 +27,8 @@ _TINY_DECODER = {  # the tiny decoders' common shape, GPT-2's vocabulary; no dro
     "eos_token_id": 50256,
 }
 
+# Named public configs, built with random init. The tiny ones are for tests and use the real GPT-2
+# tokenizer, so their vocabulary is GPT-2's.
 NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),  # GPT-2 124M: transformers' GPT2Config defaults are the public gpt2 config
     # Tiny configs have no dropout, so that runs under different plugins can be compared exactly.
@@ -355,7 +355,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "mixtral",
             display="Mixtral",
             lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"),
-            lora_tp_layers={k: v for k, v in _LLAMA_TP.items() if k.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))},
+            lora_tp_layers={name: _LLAMA_TP[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
             tp_pads_vocabulary=False,
             packed_attention="native",
             upcast_softmax=True,
