@@ -92,18 +92,18 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     (2022), whose GPT layer saves s*b*h*(34 + 5*a*s/h) bytes in half precision with dropout. With
     h hidden, f ffn, a heads, s sequence, t tensor-parallel size, c/r the compute/residual dtype bytes:
       norms       LayerNorm: input r*h + mean/rstd; Llama RMSNorm: fp32 input 4h + rsqrt, and the
-                  normalized r*h where its weight trains
+                  normalized r*h where its weight trains (Gemma: 4h); times the layer's norms (2; Gemma: 4)
       inputs      each projection's input where its weight trains or LoRA reads it undropped: q/k/v c*h,
                   output projection c*q/t, MLP in c*h, MLP out c*f/t, an MoE router c*h
-      norms       x the layer's norms (2; Gemma-2/3: 4)
-      attention   q/k/v 3c*h/t and the core:
-                  sdpa (memory-efficient/flash) c*h/t output + 4a/t logsumexp, or the s x s scores
+      attention   q/k/v 3c*q/t (q = heads x head_dim, h for most) and the core:
+                  sdpa (memory-efficient/flash) c*q/t output + 4a/t logsumexp, or the s x s scores
                   a*s/t x (softmax + a half copy for the matmul where softmax ran in fp32 + dropout mask
                   and output, + the soft-capped scores' tanh for Gemma-2) for eager attention, and for sdpa
                   with dropout on CPU (its math fallback)
       MLP         k*f/t ffn-sized tensors of the activation (k: 4 for GPT-2's gelu_new, 3 for Llama's
                   gated SiLU, 1 for GELU); MoE (Mixtral): each token's e experts (e of E) save that, their
-                  inputs and outputs (e x (2c*h + c*h in + c*f/t out)), the router its fp32 softmax 4E
+                  inputs and outputs (e x (2c*h + c*h in + c*f out), experts are not split by TP), the
+                  router its fp32 softmax 4E
       GQA         k and v are repeated to every query head before attention (transformers' eager and
                   sdpa paths), so they count at the query's width q = heads x head_dim (Gemma-2: > h)
       q/k norms   Qwen3, Gemma-3: fp32 input 4(q + kv), a rsqrt per head, the normalized where trained
