@@ -4,6 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+_LLAMA2 = {"vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}
+_LLAMA31 = {  # Llama 3.1: a 128k vocabulary, 128k context by llama3 rope scaling
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+_TINY_DECODER = {  # the tiny decoders' common shape, GPT-2's vocabulary; no dropout anywhere (the families' defaults)
+    "vocab_size": 50257,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
+
 # Named public configs, built with random init. The tiny ones are for tests and use the real GPT-2
 # tokenizer, so their vocabulary is GPT-2's.
 NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
@@ -59,6 +82,124 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
             "eos_token_id": 2,
         },
     ),
+    # Today's families (issue 26), the Hugging Face config.json of each repo named, for
+    # `python -m finetune.estimate`; the figure is the parameter count of the meta model the estimator
+    # builds (tests/unit/test_estimate.py checks each against the published size).
+    "llama2-70b": (  # meta-llama/Llama-2-70b-hf: 68,976,648,192
+        "llama",
+        {**_LLAMA2, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8},
+    ),
+    "llama3.1-8b": (  # meta-llama/Llama-3.1-8B: 8,030,261,248
+        "llama",
+        {**_LLAMA31, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
+    ),
+    "llama3.1-70b": (  # meta-llama/Llama-3.1-70B: 70,553,706,496
+        "llama",
+        {**_LLAMA31, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8},
+    ),
+    "qwen2.5-7b": (  # Qwen/Qwen2.5-7B: 7,615,616,512 (q/k/v biases)
+        "qwen2",
+        {
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 131072,
+            "max_window_layers": 28,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "sliding_window": 131072,
+            "use_sliding_window": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 151643,
+            "eos_token_id": 151643,
+        },
+    ),
+    "qwen3-8b": (  # Qwen/Qwen3-8B: 8,190,735,360 (q/k norms)
+        "qwen3",
+        {
+            "vocab_size": 151936,
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 40960,
+            "max_window_layers": 36,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+        },
+    ),
+    "mistral-7b": (  # mistralai/Mistral-7B-v0.1: 7,241,732,096
+        "mistral",
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "sliding_window": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    ),
+    "gemma2-9b": (  # google/gemma-2-9b: 9,241,705,984 (embeddings tied, a 256k vocabulary, soft-capping)
+        "gemma2",
+        {
+            "vocab_size": 256000,
+            "hidden_size": 3584,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 42,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 256,
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+        },
+    ),
+    "mixtral-8x7b": (  # mistralai/Mixtral-8x7B-v0.1: 46,702,792,704 (8 experts, 2 per token)
+        "mixtral",
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+            "router_aux_loss_coef": 0.02,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    ),
     "tiny-llama": (
         "llama",
         {
@@ -73,6 +214,19 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
             "eos_token_id": 50256,
         },
     ),
+    # One tiny random decoder per family, of its own architecture (tests/distributed/test_families.py
+    # trains each under every plugin its record claims). 4 query and 2 key/value heads (GQA) of 16.
+    "tiny-mistral": ("mistral", {**_TINY_DECODER, "head_dim": 16}),
+    # Qwen's configs carry a sliding_window that only use_sliding_window switches on; None spares the warning.
+    # Qwen and Mixtral under tensor parallelism need a vocabulary that tp_size divides (their records'
+    # tp_pads_vocabulary): GPT-2's tokens in a table padded to 50,304 rows, as Qwen pads its own.
+    "tiny-qwen2": ("qwen2", {**_TINY_DECODER, "vocab_size": 50304, "sliding_window": None}),  # q/k/v biases
+    "tiny-qwen3": ("qwen3", {**_TINY_DECODER, "head_dim": 16, "sliding_window": None}),  # q/k norms
+    # Tied embeddings, attention and final-logit soft-capping, 4 norms per layer.
+    "tiny-gemma2": ("gemma2", {**_TINY_DECODER, "head_dim": 16, "query_pre_attn_scalar": 16, "pad_token_id": None}),
+    "tiny-gemma3": ("gemma3_text", {**_TINY_DECODER, "head_dim": 16, "query_pre_attn_scalar": 16, "pad_token_id": None}),
+    "tiny-phi3": ("phi3", {**_TINY_DECODER, "pad_token_id": None}),  # fused qkv_proj and gate_up_proj
+    "tiny-mixtral": ("mixtral", {**_TINY_DECODER, "vocab_size": 50304, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2}),  # MoE
     # A tiny RoBERTa encoder for classification tests. Its tokenizer is GPT-2's BPE laid out the RoBERTa
     # way (finetune.assets.roberta_tokenizer: <s>=0, <pad>=1, </s>=2, <unk>=3); pad must be 1 because
     # RoBERTa numbers positions from padding_idx + 1.
@@ -95,6 +249,10 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+# Public configs whose tokenizer this tool does not have (named configs get GPT-2's BPE): for the
+# estimator only; training one is refused (config.validate).
+ESTIMATE_ONLY = frozenset(name for name in NAMED_CONFIGS if name.startswith(("llama", "qwen", "mistral", "gemma", "mixtral")))
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -115,6 +273,7 @@ class Architecture:
     # takes a 4-D block mask as given), "gpt2" (our attention function, finetune.packing), "" (refused).
     packed_attention: str = ""
     upcast_softmax: bool = False  # attention softmax computed in fp32 under half precision (estimator)
+    upcast_norm: bool = False  # RMSNorm applies its weight in fp32 (Gemma), keeping the normalized input in fp32 (estimator)
     # Under ColossalAI's shardformer, GPT-2 receives a 2-D padding mask with which transformers' sdpa
     # path runs NON-causal attention (a silent 4.5e-3 loss error even at tp=1): eager there.
     sdpa_under_shardformer: bool = True
@@ -123,6 +282,13 @@ class Architecture:
     hybrid_classification: str = ""
     learned_positions: bool = False  # position embeddings are a fixed table: data.max_length may not pass its size
     position_offset: int = 0  # rows of that table never used (RoBERTa numbers positions from padding_idx + 1)
+    # ColossalAI 0.5.0's shardformer (or finetune's own, roberta_policy) has a policy for it: hybrid_parallel
+    # (tensor/pipeline parallel) can shard it. Unknown types are left to ColossalAI to decide.
+    shardformer_policy: bool = True
+    # Under tensor parallelism ColossalAI pads lm_head's rows to plugin.make_vocab_size_divisible_by;
+    # False: its policy splits lm_head as it is (Qwen2, Mixtral), so tp_size must divide the vocabulary.
+    tp_pads_vocabulary: bool = True
+    default_attention: str = "sdpa"  # what model.attn_implementation=auto builds
     config_defaults: dict = field(default_factory=dict)  # transformers' config defaults a named config relies on
     layers_key: str = "num_hidden_layers"  # config keys, for reading a config without torch
     heads_key: str = "num_attention_heads"
@@ -130,6 +296,12 @@ class Architecture:
     @property
     def title(self) -> str:
         return self.display or self.model_type
+
+    def attention(self, requested: str, shardformer: bool) -> str:
+        """The attention implementation a model of this type is built with for model.attn_implementation=`requested`."""
+        if shardformer and not self.sdpa_under_shardformer:
+            return "eager"  # finetune.model.attention_for refuses an explicit sdpa here
+        return self.default_attention if requested == "auto" else requested
 
 
 _LLAMA_FAMILY = dict(
@@ -166,8 +338,28 @@ ARCHITECTURES: dict[str, Architecture] = {
             heads_key="n_head",
         ),
         Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, hybrid_classification="pp", **_LLAMA_FAMILY),
-        Architecture("mistral", **_LLAMA_FAMILY),
-        Architecture("qwen2", **_LLAMA_FAMILY),
+        # Llama's layout (ColossalAI has a policy for each): Mistral, Qwen2 with q/k/v biases.
+        Architecture("mistral", display="Mistral", lora_tp_layers=_LLAMA_TP, **_LLAMA_FAMILY),
+        Architecture("qwen2", display="Qwen2", lora_tp_layers=_LLAMA_TP, tp_pads_vocabulary=False, **_LLAMA_FAMILY),
+        # Llama's layout with q/k norms; no ColossalAI 0.5.0 policy.
+        Architecture("qwen3", display="Qwen3", shardformer_policy=False, **_LLAMA_FAMILY),
+        # Tied embeddings, a 256k vocabulary, soft-capped logits. transformers' sdpa path drops Gemma-2's
+        # attention soft-capping, and Gemma's authors train both with eager attention: `auto` builds eager.
+        Architecture("gemma2", display="Gemma-2", shardformer_policy=False, default_attention="eager", upcast_norm=True, **_LLAMA_FAMILY),
+        Architecture("gemma3_text", display="Gemma-3", shardformer_policy=False, default_attention="eager", upcast_norm=True, **_LLAMA_FAMILY),
+        # Fused projections: qkv_proj (q, k and v rows) and gate_up_proj.
+        Architecture("phi3", display="Phi-3", lora_targets=("qkv_proj", "o_proj"), shardformer_policy=False, packed_attention="native", upcast_softmax=True),
+        # MoE: LoRA on attention and on every expert's w1/w2/w3 (the router `gate` stays frozen). Under
+        # tensor parallelism ColossalAI splits attention and the router; the experts stay whole per rank.
+        Architecture(
+            "mixtral",
+            display="Mixtral",
+            lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"),
+            lora_tp_layers={name: _LLAMA_TP[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            tp_pads_vocabulary=False,
+            packed_attention="native",
+            upcast_softmax=True,
+        ),
         # RoBERTa's tensor-parallel policy is ours (finetune.roberta_policy). Not `dense`: that name also
         # matches the classification head's projection, which peft's SEQ_CLS trains in full.
         Architecture(
@@ -182,7 +374,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("bert", lora_targets=("query", "key", "value"), encoder=True, learned_positions=True),
         Architecture("xlm-roberta", lora_targets=("query", "key", "value"), encoder=True, learned_positions=True, position_offset=2),
-        Architecture("distilbert", lora_targets=("q_lin", "k_lin", "v_lin"), encoder=True, layers_key="n_layers", heads_key="n_heads"),
+        Architecture("distilbert", lora_targets=("q_lin", "k_lin", "v_lin"), encoder=True, shardformer_policy=False, layers_key="n_layers", heads_key="n_heads"),
     )
 }
 

@@ -96,11 +96,10 @@ def hub_snapshot(repo_id: str, cfg_model: ModelConfig) -> Path:
 
 def attention_for(model_type: str, requested: str, shardformer: bool) -> str:
     """The attention implementation to build with (the architecture record says where sdpa is wrong)."""
-    if shardformer and not architecture(model_type).sdpa_under_shardformer:
-        if requested == "sdpa":
-            raise ModelError(f"model.attn_implementation=sdpa is wrong for {architecture(model_type).title} under hybrid_parallel (non-causal attention); use auto or eager")
-        return "eager"
-    return "sdpa" if requested == "auto" else requested
+    arch = architecture(model_type)
+    if shardformer and not arch.sdpa_under_shardformer and requested == "sdpa":
+        raise ModelError(f"model.attn_implementation=sdpa is wrong for {arch.title} under hybrid_parallel (non-causal attention); use auto or eager")
+    return arch.attention(requested, shardformer)
 
 
 def build_model(

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from finetune.architectures import NAMED_CONFIGS, architecture, config_value, known_model_names, max_positions, model_type
+from finetune.architectures import ESTIMATE_ONLY, architecture, config_value, known_model_names, max_positions, model_type
 from finetune.config.schema import (
     BUILTIN_SOURCES,
     DATA_SUFFIXES,
@@ -110,9 +110,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     problems += tracking_problems(cfg)
     problems += preference_problems(cfg, names)
     name = cfg.model.name
-    # Named configs get the GPT-2 BPE tokenizer (50,257 tokens); a smaller vocabulary (Llama-2's 32,000)
-    # cannot embed its ids: such configs are for `python -m finetune.estimate`, not for training.
-    if name in NAMED_CONFIGS and NAMED_CONFIGS[name][1].get("vocab_size", 50257) < 50257:
+    # Named configs get the GPT-2 BPE tokenizer; the public configs of other families are for
+    # `python -m finetune.estimate`, not for training (random weights, and a tokenizer not theirs).
+    if name in ESTIMATE_ONLY:
         problems.append(f"model.name: {name} is a public config for the memory estimator, with no tokenizer here; train it from a local Hugging Face directory (model.name=/path/to/{name})")
     problems += model_source_problems(cfg.model)
     if world_size < 1:

@@ -96,44 +96,58 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     (2022), whose GPT layer saves s*b*h*(34 + 5*a*s/h) bytes in half precision with dropout. With
     h hidden, f ffn, a heads, s sequence, t tensor-parallel size, c/r the compute/residual dtype bytes:
       norms       LayerNorm: input r*h + mean/rstd; Llama RMSNorm: fp32 input 4h + rsqrt, and the
-                  normalized r*h where its weight trains
+                  normalized r*h where its weight trains (Gemma: 4h); times the layer's norms (2; Gemma: 4)
       inputs      each projection's input where its weight trains or LoRA reads it undropped: q/k/v c*h,
-                  output projection c*h/t, MLP in c*h, MLP out c*f/t
-      attention   q/k/v 3c*h/t and the core:
-                  sdpa (memory-efficient/flash) c*h/t output + 4a/t logsumexp, or the s x s scores
+                  output projection c*q/t, MLP in c*h, MLP out c*f/t, an MoE router c*h
+      attention   q/k/v 3c*q/t (q = heads x head_dim, h for most) and the core:
+                  sdpa (memory-efficient/flash) c*q/t output + 4a/t logsumexp, or the s x s scores
                   a*s/t x (softmax + a half copy for the matmul where softmax ran in fp32 + dropout mask
-                  and output) for eager attention, and for sdpa with dropout on CPU (its math fallback)
+                  and output, + the soft-capped scores' tanh for Gemma-2) for eager attention, and for sdpa
+                  with dropout on CPU (its math fallback)
       MLP         k*f/t ffn-sized tensors of the activation (k: 4 for GPT-2's gelu_new, 3 for Llama's
-                  gated SiLU, 1 for GELU)
+                  gated SiLU, 1 for GELU); MoE (Mixtral): each token's e experts (e of E) save that, their
+                  inputs and outputs (e x (2c*h + c*h in + c*f out), experts are not split by TP), the
+                  router its fp32 softmax 4E
+      GQA         k and v are repeated to every query head before attention (transformers' eager and
+                  sdpa paths), so they count at the query's width q = heads x head_dim (Gemma-2: > h)
+      q/k norms   Qwen3, Gemma-3: fp32 input 4(q + kv), a rsqrt per head, the normalized where trained
       dropout     two residual masks of h (bool on CUDA; on CPU the mask has the input's dtype)
       LoRA        per adapted projection, lora_B's input c*r, and with lora.dropout its dropped input
                   c*h_in and the mask (without dropout lora_A reads the input the projection saved)
     """
     h, f, a, t = shape.hidden, shape.ffn, shape.heads, place.tp
+    q, kv, k = shape.attn_width or h, shape.kv_width or h, shape.experts_per_token
     c, r = place.compute_bytes, place.residual_bytes
     norm = norm_bytes(shape, r)
     mask = 1 if device == "cuda" else c
-    sizes = {"qkv": h, "o": h / t, "up": h, "down": f / t}
+    # An MoE layer gathers each expert's tokens: its experts read k copies of the input and k ffn-sized
+    # tensors, whole on every tensor-parallel rank (ColossalAI's Mixtral policy splits attention and router only).
+    tf = 1 if shape.experts else t
+    sizes = {"qkv": h, "o": q / t, "up": k * h, "down": k * f / tf, "router": h}
     inputs = c * sum(sizes[role] for role in shape.saved_inputs)
-    core = c * 3 * h / t  # q, k, v
+    core = c * 3 * q / t  # q, and k and v repeated to every query head (transformers' eager and sdpa paths)
+    if shape.head_norms:  # q/k norms per head: fp32 input, rsqrt per head, the normalized input where trained
+        core += (4 * (q + kv) + 4 * (a + shape.kv_heads) + ((4 if shape.upcast_norm else r) * (q + kv) if shape.norms_trainable else 0)) / t
     if attention == "eager" or (device == "cpu" and shape.attn_dropout > 0):
         softmax = 4 if (r == 4 or shape.upcast_softmax) else c
-        per_score = softmax + (c if softmax != c else 0) + ((mask + softmax) if shape.attn_dropout > 0 else 0)
+        per_score = softmax + (c if softmax != c else 0) + ((mask + softmax) if shape.attn_dropout > 0 else 0) + (c if shape.attention_softcap else 0)
         core += a * seq / t * per_score
     else:
-        core += c * h / t + 4 * a / t
-    mlp = shape.mlp_saved * c * f / t
+        core += c * q / t + 4 * a / t
+    mlp = k * shape.mlp_saved * c * f / tf
+    if shape.experts:  # per routed token, the expert's output (kept for the routing-weight product) and a gathered copy; the router's fp32 softmax and int64 picks
+        mlp += k * 2 * c * h + 4 * shape.experts + 16 * k
     dropout = 2 * h * mask if shape.hidden_dropout > 0 else 0
     lora = c * shape.lora_ranks + (shape.lora_inputs * (mask + c) if shape.lora_dropout > 0 else 0)
-    return 2 * norm + inputs + core + mlp + dropout + lora
+    return shape.layer_norms * norm + inputs + core + mlp + dropout + lora
 
 
 def norm_bytes(shape: ModelShape, residual: int) -> float:
     """Per token, what one norm keeps: LayerNorm its input and mean/rstd; HF's RMSNorm its fp32 input,
-    the rsqrt, and the normalized input where its weight trains."""
+    the rsqrt, and the normalized input where its weight trains (in fp32 for Gemma's)."""
     h = shape.hidden
     if shape.rms_norm:
-        return 4 * h + 4 + (residual * h if shape.norms_trainable else 0)
+        return 4 * h + 4 + ((4 if shape.upcast_norm else residual) * h if shape.norms_trainable else 0)
     return residual * h + 2 * residual
 
 
@@ -151,7 +165,7 @@ def outside_activation_bytes(shape: ModelShape, place: Placement, device: str, f
 def loss_peak_bytes(shape: ModelShape, place: Placement) -> float:
     """Per token, the peak around the loss in backward: fp32 log-softmax output, its gradient and the
     gradient of the logits, alive together (3 x 4 bytes x vocab; measured exactly on CPU)."""
-    return 12 * shape.vocab / place.tp
+    return (12 + (place.compute_bytes if shape.logit_softcap else 0)) * shape.vocab / place.tp  # + Gemma-2's tanh of the capped logits
 
 
 def eval_peak_bytes(shape: ModelShape, place: Placement) -> float:
@@ -278,9 +292,9 @@ def rank_share(shape: ModelShape, place: Placement, full: bool, rank: int, layer
     params = layers * shape.layer_params + first * shape.embedding_params + last * shape.head_params + shared_copy * shape.token_embedding
     trainable = layers * shape.layer_trainable + first * shape.embedding_trainable + last * shape.head_trainable
     trainable += shape.token_embedding if shared_copy and shape.embedding_trainable else 0
-    split = layers * shape.layer_matmul + first * shape.token_embedding + (last and not (first and shape.tied)) * shape.output_projection
+    split = layers * (shape.layer_matmul - shape.layer_experts) + first * shape.token_embedding + (last and not (first and shape.tied)) * shape.output_projection
     saving = split * (1 - 1 / place.tp)
-    matmul = (layers * shape.layer_matmul + last * shape.output_projection) / place.tp
+    matmul = (layers * (shape.layer_matmul - shape.layer_experts) + last * shape.output_projection) / place.tp + layers * shape.layer_experts
     return Share(params - saving, trainable - (saving if full else 0), matmul, layers, first, last)
 
 
@@ -342,8 +356,8 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     task = TASKS[cfg.task]
     rows = cfg.train.batch_size * task.sequences_per_sample  # preference pairs: a chosen and a rejected row per sample
     tokens = rows // place.microbatches * seq
-    eager_under_shardformer = SPECS[cfg.plugin.name].shardformer and not architecture(shape.model_type).sdpa_under_shardformer  # see model.attention_for
-    attention = "eager" if cfg.model.attn_implementation == "eager" or eager_under_shardformer else "sdpa"
+    built = architecture(shape.model_type).attention(cfg.model.attn_implementation, SPECS[cfg.plugin.name].shardformer)  # as model.attention_for builds it
+    attention = "eager" if built == "eager" else "sdpa"
     layer = layer_activation_bytes(shape, place, seq, device, attention)
     outside = outside_activation_bytes(shape, place, device, share.first, share.last)
     layers_held = in_flight(place, rank) * share.layers / (place.chunks if place.interleaved else 1)

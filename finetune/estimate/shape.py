@@ -34,6 +34,7 @@ class ModelShape:
     vocab: int  # logits per token: the vocabulary, or a classifier's labels
     rms_norm: bool
     upcast_softmax: bool  # eager attention computes softmax in fp32 (Llama family)
+    upcast_norm: bool  # RMSNorm keeps its normalized input in fp32 (Gemma)
     mlp_saved: int  # ffn-sized tensors one MLP's activation function keeps for backward
     saved_inputs: frozenset  # projection roles (qkv, o, up, down) whose input autograd keeps: trainable or adapted
     norms_trainable: bool  # an RMSNorm keeps its normalized input only for its own weight's gradient
@@ -54,8 +55,18 @@ class ModelShape:
     output_projection: int  # the head's weight (the token embedding itself where tied)
     tied: bool
     largest_trainable: int
-    lora_inputs: int = 0  # input features of one layer's LoRA-adapted projections
-    lora_ranks: int = 0  # their ranks, summed
+    layer_experts: int = 0  # of layer_matmul, the MoE experts' weights: whole on every tensor-parallel rank (ColossalAI's Mixtral policy)
+    attn_width: int = 0  # query features per token (heads x head_dim; Gemma-2's exceed the hidden size)
+    kv_width: int = 0  # key or value features per token (fewer than the query's with grouped-query attention)
+    kv_heads: int = 0
+    layer_norms: int = 2  # hidden-size norms per layer (Gemma-2/3: 4, before and after attention and MLP)
+    head_norms: bool = False  # per-head q/k norms (Qwen3, Gemma-3)
+    experts_per_token: int = 1  # MoE: experts each token runs through (Mixtral: 2 of 8); 1 for a dense MLP
+    experts: int = 0  # MoE: experts per layer (the router's logits); 0 for a dense MLP
+    logit_softcap: bool = False  # the final logits are soft-capped (Gemma-2): tanh keeps its output for backward
+    attention_softcap: bool = False  # eager attention's scores are soft-capped (Gemma-2): tanh keeps its output
+    lora_inputs: float = 0  # input features of one layer's LoRA-adapted projections, per token (an expert's: k/E of them)
+    lora_ranks: float = 0  # their ranks, summed alike
     lora_dropout: float = 0.0
 
 
@@ -119,10 +130,11 @@ def _numel(params) -> int:
 
 
 def _layer_list(model):
-    """The transformer layers: the longest ModuleList in the model."""
+    """The transformer layers: the longest ModuleList in the model that no other list holds (an MoE layer's experts are a list inside one)."""
     from torch import nn
 
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    named = {name: m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0}
+    lists = [m for name, m in named.items() if not any(name.startswith(f"{outer}.") for outer in named)]
     if not lists:
         raise EstimateError(f"{type(model).__name__}: no list of transformer layers found")
     return max(lists, key=len)
@@ -137,21 +149,25 @@ def _projections(module) -> list:
 
 
 def _mlp_saved_tensors(config, layer) -> int:
-    """ffn-sized tensors an MLP's activation keeps for backward, as transformers implements it."""
-    if any(name.endswith("gate_proj") for name, _ in layer.named_modules()):
+    """ffn-sized tensors an MLP's activation keeps for backward, as transformers implements it (per expert a token runs through)."""
+    if any(name.endswith(GATED_MLP) for name, _ in layer.named_modules()):
         return 3  # act(gate)'s input, and the product's factors act(gate) and up
     act = getattr(config, "activation_function", None) or getattr(config, "hidden_act", "gelu")
     # gelu_new (GPT-2) is its tanh formula in Python: four intermediates; torch's own GELU keeps its input.
     return 4 if act in ("gelu_new", "gelu_fast") else 1
 
 
-# Which input a projection reads, by its name in the layer (GPT-2 / Llama family / BERT family); the
-# attention output ("o") is matched before the MLP output ("down") because RoBERTa names both *.output.dense.
+# Gated MLPs, act(gate(x)) * up(x): Llama's gate_proj, Phi-3's fused gate_up_proj, a Mixtral expert's w1.
+GATED_MLP = ("gate_proj", "gate_up_proj", "w1")
+# Which input a projection reads, by its name in the layer (GPT-2 / Llama family / Phi-3's fused ones /
+# Mixtral's experts / BERT family); the attention output ("o") is matched before the MLP output ("down")
+# because RoBERTa names both *.output.dense.
 PROJECTION_ROLES = (
-    ("qkv", ("c_attn", "q_proj", "k_proj", "v_proj", "query", "key", "value")),
+    ("qkv", ("c_attn", "q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value")),
     ("o", ("attn.c_proj", "o_proj", "attention.output.dense")),
-    ("up", ("c_fc", "gate_proj", "up_proj", "intermediate.dense")),
-    ("down", ("mlp.c_proj", "down_proj", "output.dense")),
+    ("up", ("c_fc", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "intermediate.dense")),
+    ("down", ("mlp.c_proj", "down_proj", "w2", "output.dense")),
+    ("router", ("block_sparse_moe.gate",)),  # an MoE router reads the MLP's input
 )
 
 
@@ -197,9 +213,25 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
     head = [p for p in outside if id(p) in after]
     embedding = [p for p in outside if id(p) not in after]
     layer_projections = _projections(layers[0])
-    adapted = [m for m in layers[0].modules() if hasattr(m, "lora_A")]  # peft's LoRA layers
+    # peft's LoRA layers, each with the share of tokens it sees: an MoE expert's k of every E tokens.
+    experts, per_token = getattr(config, "num_local_experts", None) or 0, getattr(config, "num_experts_per_tok", None) or 1
+    adapted = [(m, per_token / experts if ".experts." in f".{name}" else 1) for name, m in layers[0].named_modules() if hasattr(m, "lora_A")]
     head_projections = [m for m in projections if m not in set(_projections(layers)) and m is not outputs]
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    norms = [name for name, m in layers[0].named_modules() if "Norm" in type(m).__name__]
+    head_norms = [name for name in norms if name.endswith(("q_norm", "k_norm"))]
     return ModelShape(
+        attn_width=heads * head_dim,
+        kv_width=kv_heads * head_dim,
+        kv_heads=kv_heads,
+        layer_norms=len(norms) - len(head_norms),
+        head_norms=bool(head_norms),
+        experts_per_token=per_token,
+        experts=experts,
+        logit_softcap=bool(getattr(config, "final_logit_softcapping", None)) and not is_classifier(config),
+        attention_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
         model_type=config.model_type,
         model_class=type(model).__name__,
         causal_lm=not is_classifier(config),
@@ -210,6 +242,7 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
         vocab=config.vocab_size if not is_classifier(config) else config.num_labels,
         rms_norm=any("RMSNorm" in type(m).__name__ for m in layers[0].modules()),
         upcast_softmax=architecture(config.model_type).upcast_softmax,
+        upcast_norm=architecture(config.model_type).upcast_norm,
         mlp_saved=_mlp_saved_tensors(config, layers[0]),
         saved_inputs=_saved_inputs(layers[0], cfg_lora.dropout if adapted else 0.0),
         norms_trainable=all(p.requires_grad for m in layers[0].modules() if "Norm" in type(m).__name__ for p in m.parameters()),
@@ -220,6 +253,7 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
         layer_params=_numel(layer0),
         layer_trainable=_numel(p for p in layer0 if p.requires_grad),
         layer_matmul=sum(m.weight.numel() for m in layer_projections),
+        layer_experts=sum(m.weight.numel() for name, m in layers[0].named_modules() if ".experts." in f".{name}" and m in layer_projections),
         layer_rows=sum(m.weight.shape[0] for m in layer_projections),
         embedding_params=_numel(embedding),
         embedding_trainable=_numel(p for p in embedding if p.requires_grad),
@@ -230,8 +264,8 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
         output_projection=(outputs.weight.numel() if outputs is not None else 0),
         tied=tied,
         largest_trainable=max((p.numel() for p in params if p.requires_grad), default=0),
-        lora_inputs=sum(m.in_features for m in adapted),
-        lora_ranks=sum(m.r["default"] for m in adapted),
+        lora_inputs=sum(m.in_features * share for m, share in adapted),
+        lora_ranks=sum(m.r["default"] * share for m, share in adapted),
         lora_dropout=cfg_lora.dropout if adapted else 0.0,
     )
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.architectures import architecture, model_type
 from finetune.config import load_config, to_dict
 from finetune.data import build_data, collate, load_splits
 from finetune.methods import method_named
@@ -82,6 +83,17 @@ CASES = {
     "pp2-roberta-lora": ("pp2", "tiny-roberta", "lora", ["task=classification"], 1, FP32),
     "tp2-roberta-lora": ("tp2_lora", "tiny-roberta", "lora", ["task=classification"], 1, LORA_TP),
 }
+# Today's families (issue 26), each a tiny random config of its own architecture, under every plugin its
+# record claims, one run each: DDP (LoRA on the family's default targets), ZeRO-2 and FSDP (full: one unit
+# per block, from its _no_split_modules); where shardformer has a policy, tensor parallelism (LoRA on every
+# layer finetune.lora_tp can split for it, on a split base) and a pipeline (full).
+FAMILIES = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral")
+for family in FAMILIES:
+    tiny, record = f"tiny-{family}", architecture(model_type(f"tiny-{family}"))
+    CASES |= {f"ddp-{family}-lora": ("torch_ddp", tiny, "lora", [], 2, FP32), f"zero2-{family}-full": ("zero2", tiny, "full", [], 2, FP32), f"fsdp-{family}-full": ("fsdp", tiny, "full", [], 2, FP32)}
+    if record.shardformer_policy:
+        CASES[f"tp2-{family}-lora"] = ("tp2_lora", tiny, "lora", [f"lora.target_modules=[{','.join(record.lora_tp_layers)}]"], 1, LORA_TP)
+        CASES[f"pp2-{family}-full"] = ("pp2", tiny, "full", [], 1, FP32)
 
 
 RANKS = {"tp2_pp2": 4}  # processes per setup where 2 do not suffice

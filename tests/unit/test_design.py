@@ -213,7 +213,7 @@ def test_an_architecture_is_one_record(neox_architecture, tmp_path):
     assert architecture("gpt_neox").title == "GPT-NeoX"
     cfg = build_config(parse_args([f"model.name={tmp_path}", "plugin.name=hybrid_parallel", "plugin.tp_size=2"]))
     problems = validate(cfg, world_size=2, has_cuda=False)
-    assert any(p.startswith("method=lora with plugin.tp_size>1 supports model types gpt2, llama, roberta; ") and "is gpt_neox" in p for p in problems), problems
+    assert any(p.startswith("method=lora with plugin.tp_size>1 supports model types gpt2, llama, mistral, mixtral, qwen2, roberta; ") and "is gpt_neox" in p for p in problems), problems
 
 
 def test_methods_are_records():

@@ -46,7 +46,10 @@ def test_packed_batch_layout():
     assert "attention_mask" not in collate_packed(rows, 0, attention="position_ids")  # padding-free (flash attention)
 
 
-@pytest.mark.parametrize("name, attention", [("tiny-gpt2", "sdpa"), ("tiny-llama", "sdpa"), ("tiny-llama", "eager")])
+@pytest.mark.parametrize(
+    "name, attention",
+    [("tiny-gpt2", "sdpa"), ("tiny-llama", "sdpa"), ("tiny-llama", "eager"), *((f"tiny-{family}", "auto") for family in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral"))],
+)
 def test_packed_and_padded_batches_give_the_same_loss(instruction_file, name, attention):
     model, tokenizer = build_model(ModelConfig(name=name, attn_implementation=attention), seed=0)
     model.eval()

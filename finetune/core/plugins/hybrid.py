@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
-from finetune.architectures import ARCHITECTURES, architecture, attention_heads, model_type, num_layers
+from finetune.architectures import ARCHITECTURES, architecture, attention_heads, config_value, model_type, num_layers
 from finetune.core.layout import Placement, Plan, cast_placement, half_precision
 from finetune.core.plugins.base import PluginSpec
 from finetune.core.plugins.zero import zero_placement
@@ -57,6 +57,13 @@ class HybridParallelSpec(PluginSpec):
         tp, pp = plan.tp, plan.pp
         if tp < 1 or pp < 1:
             return [f"plugin.tp_size and plugin.pp_size must be at least 1, got {tp} and {pp}"]
+        kind = model_type(cfg.model.name)
+        if not architecture(kind).shardformer_policy:  # shardformer would fail on it at boost time
+            served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.shardformer_policy and not a.encoder))
+            return [
+                f"plugin.name=hybrid_parallel: ColossalAI 0.5.0's shardformer has no policy for {architecture(kind).title} ({cfg.model.name}), "
+                f"so it cannot be split by tensor or pipeline parallelism (causal LMs it splits: {served}); use torch_ddp, low_level_zero or torch_fsdp"
+            ]
         problems = []
         if cfg.data.packing:
             problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
@@ -73,6 +80,12 @@ class HybridParallelSpec(PluginSpec):
             problems.append(
                 f"plugin.tp_size={tp}: {cfg.model.name} has {heads[0]} attention heads and {heads[1]} key/value heads, "
                 f"which tensor parallelism must divide; tp sizes that fit: {', '.join(map(str, fits))}"
+            )
+        vocab = config_value(cfg.model.name, ("vocab_size",))
+        if tp > 1 and vocab and vocab % tp and not architecture(kind).tp_pads_vocabulary:
+            problems.append(
+                f"plugin.tp_size={tp}: ColossalAI 0.5.0 splits {architecture(kind).title}'s lm_head without padding it, and the "
+                f"{vocab:,} tokens of {cfg.model.name} do not divide by {tp}; use a tp_size that divides the vocabulary, or pp_size>1 with tp_size=1"
             )
         if options["zero_stage"] not in (0, 1, 2):
             problems.append(f"plugin.zero_stage: must be 0, 1 or 2, got {options['zero_stage']}")
