@@ -101,10 +101,12 @@ def test_fsdp_arguments_from_yaml():
     from finetune.booster import plugin_kwargs
 
     cfg = load_config(["--config", str(REPO / "booster_configs" / "fsdp_cpu_offload.yaml"), "train.precision=bf16", "plugin.sharding_strategy=SHARD_GRAD_OP"], world_size=2)
-    kwargs = plugin_kwargs(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, on_cpu=True)
+    kwargs = plugin_kwargs(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, on_cpu=False)
     assert kwargs["sharding_strategy"] is ShardingStrategy.SHARD_GRAD_OP
     assert kwargs["backward_prefetch"] is BackwardPrefetch.BACKWARD_PRE
     assert kwargs["cpu_offload"].offload_params is True
+    # On CPU the parameters are in host memory already (and torch 2.5's offload needs an accelerator): forced off.
+    assert plugin_kwargs(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, on_cpu=True)["cpu_offload"].offload_params is False
     assert kwargs["mixed_precision"].param_dtype is torch.bfloat16 and "precision" not in kwargs
     with pytest.raises(ConfigError, match="plugin.sharding_strategy: unknown value 'FULL'"):
         load_config(["--config", str(REPO / "booster_configs" / "fsdp.yaml"), "plugin.sharding_strategy=FULL"], world_size=2)
