@@ -123,6 +123,11 @@ class Architecture:
     hybrid_classification: str = ""
     learned_positions: bool = False  # position embeddings are a fixed table: data.max_length may not pass its size
     position_offset: int = 0  # rows of that table never used (RoBERTa numbers positions from padding_idx + 1)
+    # Causal LMs whose logits are the output embeddings applied to the last hidden state, exactly as HF's forward
+    # computes them: the attribute that holds the decoder body (its output: those hidden states), which lets the
+    # loss be taken in chunks (finetune.chunked_loss); empty: the model's own loss over the full logits.
+    decoder_body: str = ""
+    logit_softcap: str = ""  # config key of a final logit soft-cap, cap * tanh(logits / cap), applied before the loss (Gemma-2)
     config_defaults: dict = field(default_factory=dict)  # transformers' config defaults a named config relies on
     layers_key: str = "num_hidden_layers"  # config keys, for reading a config without torch
     heads_key: str = "num_attention_heads"
@@ -134,6 +139,7 @@ class Architecture:
 
 _LLAMA_FAMILY = dict(
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    decoder_body="model",
     packed_attention="native",
     upcast_softmax=True,
 )
@@ -164,10 +170,12 @@ ARCHITECTURES: dict[str, Architecture] = {
             hybrid_classification="tp+pp",
             layers_key="n_layer",
             heads_key="n_head",
+            decoder_body="transformer",
         ),
         Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, hybrid_classification="pp", **_LLAMA_FAMILY),
         Architecture("mistral", **_LLAMA_FAMILY),
         Architecture("qwen2", **_LLAMA_FAMILY),
+        Architecture("gemma2", display="Gemma-2", decoder_body="model", logit_softcap="final_logit_softcapping"),
         # RoBERTa's tensor-parallel policy is ours (finetune.roberta_policy). Not `dense`: that name also
         # matches the classification head's projection, which peft's SEQ_CLS trains in full.
         Architecture(
