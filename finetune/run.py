@@ -113,6 +113,7 @@ def build_run(
     chunk_tokens = loss_chunk_tokens(cfg)
     if chunk_tokens:
         chunked_loss.install(model, chunk_tokens)
+        log(f"causal-LM loss in chunks of {chunk_tokens} label tokens (train.loss_chunks): no full logits")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = build_lora_config(model, cfg.lora) if method.adapter else None

@@ -11,6 +11,7 @@ from typing import Any
 from finetune.architectures import architecture
 from finetune.config import Config
 from finetune.core.layout import Placement, half_precision
+from finetune.core.loss_chunks import loss_chunk_tokens
 from finetune.core.plugins import SPECS
 from finetune.estimate.shape import ModelShape, cached_model_shape
 from finetune.methods import method_named
@@ -144,15 +145,29 @@ def outside_activation_bytes(shape: ModelShape, place: Placement, device: str, f
     return saved
 
 
-def loss_peak_bytes(shape: ModelShape, place: Placement) -> float:
-    """Per token, the peak around the loss in backward: fp32 log-softmax output, its gradient and the
-    gradient of the logits, alive together (3 x 4 bytes x vocab; measured exactly on CPU)."""
-    return 12 * shape.vocab / place.tp
+# Per label token under the chunked loss (train.loss_chunks), beside the hidden states it gathers: its fp32
+# log-probability and its row, position and target (int64).
+CHUNKED_LOSS_TOKEN_BYTES = 4 + 3 * 8
 
 
-def eval_peak_bytes(shape: ModelShape, place: Placement) -> float:
-    """Per token, an eval forward's peak: the logits and their fp32 log-softmax (plus an fp32 copy of half logits)."""
-    return (10 if place.eval_half else 8) * shape.vocab / place.tp + 2 * place.compute_bytes * shape.ffn / place.tp
+def loss_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_tokens: int = 0) -> float:
+    """The peak around the loss in backward for `tokens` tokens: fp32 log-softmax output, its gradient and the gradient
+    of the logits, alive together (3 x 4 bytes x vocab per token; measured exactly on CPU), over every token at once;
+    under the chunked loss (chunk_tokens > 0) over one chunk only, plus the gathered hidden states and their gradient."""
+    if not chunk_tokens:
+        return tokens * 12 * shape.vocab / place.tp
+    kept = tokens * (2 * place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
+    return min(tokens, chunk_tokens) * 12 * shape.vocab / place.tp + kept
+
+
+def eval_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_tokens: int = 0) -> float:
+    """An eval forward's peak over `tokens` tokens: a layer's MLP intermediate, and the logits with their fp32 log-softmax
+    (plus an fp32 copy of half logits) of every token, or under the chunked loss of one chunk beside the gathered hidden states."""
+    logits = (10 if place.eval_half else 8) * shape.vocab / place.tp
+    mlp = tokens * 2 * place.compute_bytes * shape.ffn / place.tp
+    if not chunk_tokens:
+        return tokens * logits + mlp
+    return min(tokens, chunk_tokens) * logits + mlp + tokens * (place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
 
 
 def in_flight(place: Placement, rank: int) -> int:
@@ -246,6 +261,7 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
         "batch_size": cfg.train.batch_size,
         "eval_batch_size": cfg.eval.batch_size,
         "seq_len": seq,
+        "loss_chunks": loss_chunk_tokens(cfg),  # tokens per chunk of the causal-LM loss; 0: over the full logits
         "device": device,
         "quantization": dataclasses.asdict(quant) if quant else None,
     }
@@ -338,14 +354,15 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     layer = layer_activation_bytes(shape, place, seq, device, attention)
     outside = outside_activation_bytes(shape, place, device, share.first, share.last)
     layers_held = in_flight(place, rank) * share.layers / (place.chunks if place.interleaved else 1)
-    loss = loss_peak_bytes(shape, place) if share.last else 0.0
+    chunk_tokens = loss_chunk_tokens(cfg)
+    loss = loss_peak_bytes(shape, place, tokens, chunk_tokens) if share.last else 0.0
     autocast = 2 * share.matmul if place.autocast_copies else 0
-    train = tokens * (layers_held * layer + outside + loss) + autocast
-    checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside + max(loss, layer)) + autocast
+    train = tokens * (layers_held * layer + outside) + loss + autocast
+    checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside) + max(loss, tokens * layer) + autocast
     eval_tokens = (cfg.train.batch_size if place.pp > 1 else cfg.eval.batch_size) * task.sequences_per_sample * seq  # pipelines evaluate at the train batch
     if task.pairs and task.objective(cfg.preference).reference:  # the reference pass: the step's batch forward without gradients, before the policy's
         eval_tokens = max(eval_tokens, rows * seq)
-    evaluation = eval_tokens * (eval_peak_bytes(shape, place) if share.last else outside)
+    evaluation = eval_peak_bytes(shape, place, eval_tokens, chunk_tokens) if share.last else eval_tokens * outside
     return train, checkpointed, evaluation
 
 
