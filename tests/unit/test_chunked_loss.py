@@ -42,6 +42,7 @@ def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str,
     from finetune.faults import Faults
     from finetune.chunked_loss import chunk_tokens_of
     from finetune.model import build_model
+    from finetune.packing import packed_attention
     from finetune.preference import attach_reference, stores_reference
     from finetune.run import build_run
 
@@ -50,7 +51,7 @@ def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str,
     model, tokenizer = build_model(cfg.model, cfg.train.seed)
     data = build_data(cfg.data, tokenizer, splits)
     run, dataloader = build_run(cfg, world_size=1, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
-                                pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None, packed="")  # fmt: skip
+                                pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None, packed=packed_attention(model) if cfg.data.packing else "")  # fmt: skip
     if stores_reference(run.objective):
         attach_reference(cfg, run.model, run.layout, data.train, 4, tokenizer.pad_token_id, torch.device("cpu"))
     trained = run.model.unwrap(unwrap_peft=False)
@@ -73,7 +74,8 @@ def task_args(tmp_path, task: str) -> list[str]:
         "chat": lambda: "chatterbot-corpus:chat",
         "preference": lambda: write_pairs(tmp_path / "pairs.jsonl"),
     }
-    return [f"task={task}", f"data.train_path={files[task]()}"]
+    task, _, packed = task.partition("-")
+    return [f"task={task}", f"data.train_path={files[task]()}", f"data.packing={bool(packed)}".lower()]
 
 
 @pytest.mark.parametrize(
@@ -82,6 +84,8 @@ def task_args(tmp_path, task: str) -> list[str]:
         ("instruction", "lora", "tiny-llama"),
         ("instruction", "full", "tiny-gpt2"),
         ("summarization", "full", "tiny-llama"),
+        ("instruction-packed", "lora", "tiny-llama"),  # data.packing: position ids and a block mask (Llama's own attention)
+        ("instruction-packed", "full", "tiny-gpt2"),  # data.packing through our GPT-2 attention function
         ("chat", "lora", "tiny-gpt2"),
         ("preference", "lora", "tiny-gpt2"),  # DPO, the reference: the same model with its adapters off
         ("preference", "full", "tiny-llama"),  # DPO, the reference log-probabilities stored per pair
