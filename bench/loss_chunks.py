@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.peers import job_args  # noqa: E402  (after the path is set)
 from bench.run import MIB, WARMUP_STEPS, Case, machine, timed, train  # noqa: E402
+from tests.conftest import write_fixed_length_file  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 SETTINGS = {"full logits": "off", "chunked": "auto"}
@@ -88,7 +89,9 @@ def main() -> None:
     started, (description, _, _) = time.perf_counter(), machine()
     results = {"machine": description, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "steps": opts.steps, "rounds": opts.rounds,
                "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}  # fmt: skip
-    args = job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir)
+    # Rows of exactly --max-length tokens: replies of 2 words per token are cut there (peers' 300 words fill fewer than 512).
+    long_rows = write_fixed_length_file(results_dir / "fixed_length_long.jsonl", words_per_output=2 * opts.max_length)
+    args = [*job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir), f"data.train_path={long_rows}"]
     results["settings"] = measure(args, opts.rounds, results_dir)
     results["wall_s"], results["load_after"] = time.perf_counter() - started, os.getloadavg()[0]
     (results_dir / "loss_chunks.json").write_text(json.dumps(results, indent=2) + "\n")
