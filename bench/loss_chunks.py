@@ -54,7 +54,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Loss in chunks against the full logits: {results['machine']}",
         "",
-        f"{results['model']} LoRA r=8 on q/k/v/o, fp32, AdamW, batch {results['batch']}, one process, {results['rounds']} alternating round(s) of "
+        f"{results['model']} LoRA r=8 on q/k/v/o, fp32, AdamW, batch {results['batch']}{', gradient checkpointing' if results.get('gradient_checkpointing') else ''}, one process, {results['rounds']} alternating round(s) of "
         f"{results['steps']} steps (the first {WARMUP_STEPS} of each run dropped). Measured {results['date']} in {results['wall_s'] / 60:.1f} min; "
         f"1-minute load average {results['load_before']:.1f} before, {results['load_after']:.1f} after.",
         "",
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per row (every row fills it)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (each runs both settings)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="both settings with train.gradient_checkpointing=true (the loss term then dominates the peak)")
     parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
     opts = parser.parse_args()
@@ -92,6 +93,9 @@ def main() -> None:
     # Rows of exactly --max-length tokens: replies of 2 words per token are cut there (peers' 300 words fill fewer than 512).
     long_rows = write_fixed_length_file(results_dir / "fixed_length_long.jsonl", words_per_output=2 * opts.max_length)
     args = [*job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir), f"data.train_path={long_rows}"]
+    if opts.gradient_checkpointing:
+        args.append("train.gradient_checkpointing=true")
+    results["gradient_checkpointing"] = opts.gradient_checkpointing
     results["settings"] = measure(args, opts.rounds, results_dir)
     results["wall_s"], results["load_after"] = time.perf_counter() - started, os.getloadavg()[0]
     (results_dir / "loss_chunks.json").write_text(json.dumps(results, indent=2) + "\n")
