@@ -289,6 +289,11 @@ class Architecture:
     # False: its policy splits lm_head as it is (Qwen2, Mixtral), so tp_size must divide the vocabulary.
     tp_pads_vocabulary: bool = True
     default_attention: str = "sdpa"  # what model.attn_implementation=auto builds
+    # Causal LMs whose logits are the output embeddings applied to the last hidden state, exactly as HF's forward
+    # computes them: the attribute that holds the decoder body (its output: those hidden states), which lets the
+    # loss be taken in chunks (finetune.chunked_loss); empty: the model's own loss over the full logits.
+    decoder_body: str = ""
+    logit_softcap: str = ""  # config key of a final logit soft-cap, cap * tanh(logits / cap), applied before the loss (Gemma-2)
     config_defaults: dict = field(default_factory=dict)  # transformers' config defaults a named config relies on
     layers_key: str = "num_hidden_layers"  # config keys, for reading a config without torch
     heads_key: str = "num_attention_heads"
@@ -306,6 +311,7 @@ class Architecture:
 
 _LLAMA_FAMILY = dict(
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    decoder_body="model",
     packed_attention="native",
     upcast_softmax=True,
 )
@@ -336,6 +342,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             hybrid_classification="tp+pp",
             layers_key="n_layer",
             heads_key="n_head",
+            decoder_body="transformer",
         ),
         Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, hybrid_classification="pp", **_LLAMA_FAMILY),
         # Llama's layout (ColossalAI has a policy for each): Mistral, Qwen2 with q/k/v biases.
@@ -345,10 +352,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen3", display="Qwen3", shardformer_policy=False, **_LLAMA_FAMILY),
         # Tied embeddings, a 256k vocabulary, soft-capped logits. transformers' sdpa path drops Gemma-2's
         # attention soft-capping, and Gemma's authors train both with eager attention: `auto` builds eager.
-        Architecture("gemma2", display="Gemma-2", shardformer_policy=False, default_attention="eager", upcast_norm=True, **_LLAMA_FAMILY),
-        Architecture("gemma3_text", display="Gemma-3", shardformer_policy=False, default_attention="eager", upcast_norm=True, **_LLAMA_FAMILY),
+        Architecture("gemma2", display="Gemma-2", shardformer_policy=False, default_attention="eager", upcast_norm=True, logit_softcap="final_logit_softcapping", **_LLAMA_FAMILY),
+        Architecture("gemma3_text", display="Gemma-3", shardformer_policy=False, default_attention="eager", upcast_norm=True, logit_softcap="final_logit_softcapping", **_LLAMA_FAMILY),
         # Fused projections: qkv_proj (q, k and v rows) and gate_up_proj.
-        Architecture("phi3", display="Phi-3", lora_targets=("qkv_proj", "o_proj"), shardformer_policy=False, packed_attention="native", upcast_softmax=True),
+        Architecture("phi3", display="Phi-3", lora_targets=("qkv_proj", "o_proj"), shardformer_policy=False, decoder_body="model", packed_attention="native", upcast_softmax=True),
         # MoE: LoRA on attention and on every expert's w1/w2/w3 (the router `gate` stays frozen). Under
         # tensor parallelism ColossalAI splits attention and the router; the experts stay whole per rank.
         Architecture(
@@ -357,6 +364,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"),
             lora_tp_layers={name: _LLAMA_TP[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
             tp_pads_vocabulary=False,
+            decoder_body="model",  # the router's auxiliary loss is off in Mixtral's config: the loss is the head's alone
             packed_attention="native",
             upcast_softmax=True,
         ),

@@ -558,6 +558,13 @@ def non_pad_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def max_label_tokens(samples: list[dict]) -> int:
+    """The most tokens any one sequence of `samples` is scored on (labels shift left by one); 0 for samples without
+    token labels (classification). Pairs: their chosen and rejected sequences alike."""
+    scored = lambda labels: len(labels) - labels.count(IGNORE_INDEX) - (labels[0] != IGNORE_INDEX)  # noqa: E731 (C-speed count)
+    return max((scored(s[key]) for s in samples for key in ("labels", REJECTED + "labels") if s.get(key)), default=0)
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch the model takes."""
     return {k: v for k, v in batch.items() if k not in (NON_PAD_TOKENS, REFERENCE)}

@@ -497,7 +497,7 @@ def finish(writer: RunOutputs, run: Run, data, history: dict, evals: tuple[dict,
     best, last = best_eval(all_evals), all_evals[-1]
     writer.log_metrics({**eval_metrics(facts["total_steps"], eval_after), "eval_best": best})  # the last eval, and the best
     writer.plot_loss(history["steps"], history["losses"], [(e["step"], e["loss"]) for e in all_evals])
-    memory["estimate"] = compare_with_run(cfg, dist.get_world_size(), facts["seq_len"], memory)
+    memory["estimate"] = compare_with_run(cfg, dist.get_world_size(), facts["seq_len"], memory, facts.get("label_len", 0))
     summary = {
         "model": cfg.model.name,
         "task": cfg.task,

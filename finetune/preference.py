@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune import assets
+from finetune.chunked_loss import chunk_tokens_of
 from finetune.config import Config
 from finetune.core.layout import Layout
 from finetune.data import IGNORE_INDEX, REFERENCE, collate, model_inputs
@@ -41,6 +42,14 @@ REWARD_METRICS = PAIR_METRICS[:5]
 def sequence_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model inputs of a pair batch, labels left out: the model's own loss (a second fp32 log-softmax over the vocabulary) is not wanted."""
     return {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+
+
+def model_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of a batch under `model`: from its chunked loss where one is installed (finetune.chunked_loss), else from its full logits."""
+    if chunked:
+        out = model(**sequence_inputs(batch), labels=batch["labels"])
+        return out.sequence_logps, out.label_counts
+    return sequence_logps(model(**sequence_inputs(batch)).logits, batch["labels"])
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +73,12 @@ class PairObjective:
 
     def __init__(self, objective: Objective, settings, model: nn.Module, adapters_off: Callable[[], ContextManager] | None) -> None:
         self.objective, self.settings, self.model, self.adapters_off = objective, settings, model, adapters_off
+        self.chunked = chunk_tokens_of(model) > 0  # the log-probabilities come from the chunked loss (train.loss_chunks)
         self.step_sums: torch.Tensor | None = None  # PAIR_METRICS and the pair count of the training micro-batches so far
 
     def _logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-probability, reply tokens) of each row of a pair batch under the model as it stands: [2 * pairs] each."""
-        return sequence_logps(self.model(**sequence_inputs(batch)).logits, batch["labels"])
+        return model_logps(self.model, batch, self.chunked)
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's summed log-probability of each row: the model with its adapters off, without gradients."""
@@ -164,12 +174,12 @@ def attach_reference(cfg: Config, model: nn.Module, layout: Layout, samples: lis
         mine = list(range(layout.dp_rank, len(samples), layout.dp_size))
         rounds = math.ceil(math.ceil(len(samples) / layout.dp_size) / batch_size)
         totals = torch.zeros(len(samples), 2, dtype=torch.float64, device=device)
-        was_training = model.training
+        was_training, chunked = model.training, chunk_tokens_of(model) > 0
         model.eval()
         for k in range(rounds):
             chunk = mine[k * batch_size : (k + 1) * batch_size]
             batch = {key: value.to(device) for key, value in collate([samples[i] for i in chunk or [0]], pad_token_id).items()}
-            logps = sequence_logps(model(**sequence_inputs(batch)).logits, batch["labels"])[0].double().view(-1, 2)
+            logps = model_logps(model, batch, chunked)[0].double().view(-1, 2)
             if chunk and layout.counts:
                 totals[chunk] = logps
         model.train(was_training)

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
-from finetune import checkpoint
+from finetune import checkpoint, chunked_loss
 from finetune.checkpoint.model_state import TrainState
 from finetune.booster import build_booster
 from finetune.config import Config, parallel_plan
 from finetune.core.layout import Layout, Plan
+from finetune.core.loss_chunks import loss_chunk_tokens
 from finetune.data import DataError, collate
 from finetune.distributed import log
 from finetune.faults import Faults
@@ -109,6 +110,10 @@ def build_run(
     plugin_spec, method = PLUGINS[cfg.plugin.name], method_named(cfg.method)
     booster, plugin = build_booster(cfg.plugin.name, cfg.plugin.options, cfg.train.precision, cfg.train.max_grad_norm, plugin_spec.shard_policy(cfg, model))
     layout = plugin_spec.layout(plugin)
+    chunk_tokens = loss_chunk_tokens(cfg)
+    if chunk_tokens:
+        chunked_loss.install(model, chunk_tokens)
+        log(f"causal-LM loss in chunks of {chunk_tokens} label tokens (train.loss_chunks): no full logits")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = build_lora_config(model, cfg.lora) if method.adapter else None

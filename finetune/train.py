@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from finetune import checkpoint, checks, deferred, outputs
 from finetune.config import Config, ConfigError, help_text, load_config
-from finetune.data import SplitData, batches_forever, build_data, load_splits, non_pad_tokens
+from finetune.data import SplitData, batches_forever, build_data, load_splits, max_label_tokens, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, evaluate_task, reload_device, reload_final, reload_matches
@@ -309,8 +309,9 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "build_bytes_per_rank": builds, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
     seq_len = run.pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
+    label_len = 0 if packed else max_label_tokens(data.train)  # what reaches the head under the chunked loss (packed rows: up to seq_len)
     trainable, total = run.parameter_counts
-    facts = {"trainable": trainable, "total": total, "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len}
+    facts = {"trainable": trainable, "total": total, "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len, "label_len": label_len}
     outputs.finish(writer, run, data, history, (eval_before, eval_after), memory, reload, parameter_changes, digests, final, facts, profiler, dataloader if packed else None)
     if not reload["ok"]:  # raised after summary.json is written: the evidence stays
         raise ReloadMismatch(f"{final}: the trained model's probe loss is {probe_loss} (its outputs hold NaN or inf): the saved artifact is not usable (details in summary.json)" if not math.isfinite(probe_loss) else f"{final}: reloaded, it gives probe loss {reload['probe_loss']:.6f}, the trained model {probe_loss:.6f}; the saved artifact is not the trained model (details in summary.json, reload)")

@@ -157,6 +157,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    # Causal LMs: the head and cross-entropy in chunks of this many tokens, only where labels count (no batch x tokens x
+    # vocab logits): auto (1024 where exact: torch_ddp, low_level_zero, torch_fsdp) | off | N tokens per chunk
+    loss_chunks: str = "auto"
     seed: int = 42
     log_every: int = 1
     on_nan: str = "stop"  # a non-finite loss: stop (the last checkpoint stays good) | skip (drop that step's update)

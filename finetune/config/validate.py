@@ -32,6 +32,7 @@ from finetune.config.schema import (
     parse_split_slice,
     train_sources,
 )
+from finetune.core.loss_chunks import loss_chunks_problems
 from finetune.core.plugins import SPECS
 from finetune.errors import shown
 from finetune.methods import METHODS as METHOD_RECORDS
@@ -109,6 +110,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     problems += _lora_variant_problems(cfg)
     problems += tracking_problems(cfg)
     problems += preference_problems(cfg, names)
+    problems += loss_chunks_problems(cfg)
     name = cfg.model.name
     # Named configs get the GPT-2 BPE tokenizer; the public configs of other families are for
     # `python -m finetune.estimate`, not for training (random weights, and a tokenizer not theirs).

@@ -12,6 +12,7 @@ from finetune.estimate.cli import BOOSTER_CONFIGS, DEVICES, ESTIMATOR_KEYS, SHOR
 from finetune.estimate.fit import IGNORED_PROBLEMS, Alternative, fit_check_line, fitting_alternatives, format_fit, ignored_problems, with_overrides
 from finetune.estimate.memory import (
     CPU_AFTER_START_BYTES,
+    CHUNKED_LOSS_TOKEN_BYTES,
     CPU_PROCESS_BYTES,
     CPU_START_BYTES,
     CUDA_CONTEXT_BYTES,
@@ -37,10 +38,11 @@ from finetune.estimate.memory import (
     rank_share,
     state_bytes,
 )
+from finetune.core.loss_chunks import DEFAULT_CHUNK_TOKENS
 from finetune.estimate.shape import PROJECTION_ROLES, EstimateError, ModelShape, build_meta_model, is_classifier, load_model_config, model_shape
 
 __all__ = [
-    "BOOSTER_CONFIGS", "CPU_AFTER_START_BYTES", "CPU_PROCESS_BYTES", "CPU_START_BYTES", "CUDA_CONTEXT_BYTES", "DEVICES", "DTYPE_BYTES", "ESTIMATOR_KEYS",
+    "BOOSTER_CONFIGS", "CHUNKED_LOSS_TOKEN_BYTES", "CPU_AFTER_START_BYTES", "DEFAULT_CHUNK_TOKENS", "CPU_PROCESS_BYTES", "CPU_START_BYTES", "CUDA_CONTEXT_BYTES", "DEVICES", "DTYPE_BYTES", "ESTIMATOR_KEYS",
     "GIB", "IGNORED_PROBLEMS", "MIB", "PROJECTION_ROLES", "SHORT_KEYS", "Alternative", "Estimate", "EstimateError", "ModelShape", "Quantization",
     "Share", "StateBytes", "activation_peaks", "build_meta_model", "compare_with_run", "estimate", "estimate_request", "eval_peak_bytes",
     "fit_check_line", "fitting_alternatives", "format_fit", "format_table", "ignored_problems", "in_flight", "is_classifier", "layer_activation_bytes",

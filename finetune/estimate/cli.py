@@ -134,11 +134,12 @@ def format_table(est: Estimate) -> str:
     method = f"qlora {quant['bits']}-bit {quant['quant_type'] if quant['bits'] == 4 else 'int8'}" if quant else s["method"]
     precision = f"compute {quant['compute_dtype']}" if quant else s["precision"]
     pct = 100 * est.trainable_params / est.params
+    loss = f", loss in {s['loss_chunks']}-token chunks" if s.get("loss_chunks") else ""
     width = 44
     both = lambda name, value: f"  {name:<{width - 2}} {gib(value):>16} {gib(value):>14}"
     lines = [
         f"{method} fine-tune of {s['model']} ({s['model_class']}) with {s['plugin']} on {s['world_size']} {s['device']} rank(s) ({parallel}), {precision}, {s['optimizer']}",
-        f"batch {s['batch_size']} x {s['seq_len']} tokens per rank (eval batch {s['eval_batch_size']}); parameters {est.params:,d}, trainable {est.trainable_params:,d} ({pct:.2f}%)",
+        f"batch {s['batch_size']} x {s['seq_len']} tokens per rank (eval batch {s['eval_batch_size']}{loss}); parameters {est.params:,d}, trainable {est.trainable_params:,d} ({pct:.2f}%)",
         "",
         f"{'per rank, GiB':<{width}} {'no checkpointing':>16} {'checkpointing':>14}",
         both("weights", est.weights),

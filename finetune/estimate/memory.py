@@ -11,6 +11,7 @@ from typing import Any
 from finetune.architectures import architecture
 from finetune.config import Config
 from finetune.core.layout import Placement, half_precision
+from finetune.core.loss_chunks import loss_chunk_tokens
 from finetune.core.plugins import SPECS
 from finetune.estimate.shape import ModelShape, cached_model_shape
 from finetune.methods import method_named
@@ -162,15 +163,32 @@ def outside_activation_bytes(shape: ModelShape, place: Placement, device: str, f
     return saved
 
 
-def loss_peak_bytes(shape: ModelShape, place: Placement) -> float:
-    """Per token, the peak around the loss in backward: fp32 log-softmax output, its gradient and the
-    gradient of the logits, alive together (3 x 4 bytes x vocab; measured exactly on CPU)."""
-    return (12 + (place.compute_bytes if shape.logit_softcap else 0)) * shape.vocab / place.tp  # + Gemma-2's tanh of the capped logits
+# Per label token under the chunked loss (train.loss_chunks), beside the hidden states it gathers: its fp32
+# log-probability and its row, position and target (int64).
+CHUNKED_LOSS_TOKEN_BYTES = 4 + 3 * 8
 
 
-def eval_peak_bytes(shape: ModelShape, place: Placement) -> float:
-    """Per token, an eval forward's peak: the logits and their fp32 log-softmax (plus an fp32 copy of half logits)."""
-    return (10 if place.eval_half else 8) * shape.vocab / place.tp + 2 * place.compute_bytes * shape.ffn / place.tp
+def loss_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_tokens: int = 0, label_tokens: int = 0) -> float:
+    """The peak around the loss in backward for `tokens` tokens: fp32 log-softmax output, its gradient and the gradient
+    of the logits, alive together (3 x 4 bytes x vocab per token; measured exactly on CPU), over every token at once.
+    Under the chunked loss (chunk_tokens > 0) only the label tokens (label_tokens; 0: all) reach the head, one chunk at
+    a time, beside the hidden states gathered at them and their gradient."""
+    per_token = (12 + (place.compute_bytes if shape.logit_softcap else 0)) * shape.vocab / place.tp  # + Gemma-2's tanh of the capped logits
+    if not chunk_tokens:
+        return tokens * per_token
+    head = label_tokens or tokens
+    return min(head, chunk_tokens) * per_token + head * (2 * place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
+
+
+def eval_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_tokens: int = 0, label_tokens: int = 0) -> float:
+    """An eval forward's peak over `tokens` tokens: a layer's MLP intermediate, and the logits with their fp32 log-softmax
+    (plus an fp32 copy of half logits) of every token; under the chunked loss of one chunk of the label tokens (as above)."""
+    logits = (10 if place.eval_half else 8) * shape.vocab / place.tp
+    mlp = tokens * 2 * place.compute_bytes * shape.ffn / place.tp
+    if not chunk_tokens:
+        return tokens * logits + mlp
+    head = label_tokens or tokens
+    return min(head, chunk_tokens) * logits + mlp + head * (place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
 
 
 def in_flight(place: Placement, rank: int) -> int:
@@ -240,7 +258,7 @@ class Estimate:
         }
 
 
-def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "cuda", quantization: Quantization | None = None) -> Estimate:
+def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "cuda", quantization: Quantization | None = None, label_len: int = 0) -> Estimate:
     """Predict the peak memory per rank of the run cfg describes (the rank that needs the most)."""
     shape = cached_model_shape(cfg.model.name, cfg.model.trust_remote_code, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True))
     place = placement(cfg, world_size)
@@ -264,6 +282,8 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
         "batch_size": cfg.train.batch_size,
         "eval_batch_size": cfg.eval.batch_size,
         "seq_len": seq,
+        "loss_chunks": loss_chunk_tokens(cfg),  # tokens per chunk of the causal-LM loss; 0: over the full logits
+        "label_len": min(label_len, seq),  # label tokens per sequence, which alone reach the head under the chunked loss; 0: every token
         "device": device,
         "quantization": dataclasses.asdict(quant) if quant else None,
     }
@@ -347,11 +367,12 @@ def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: st
     )
 
 
-def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Config, seq: int, device: str, rank: int) -> tuple[float, float, float]:
+def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Config, seq: int, device: str, rank: int, label_len: int = 0) -> tuple[float, float, float]:
     """(training step, training step with checkpointing, eval batch) activation peaks of one rank.
 
     The training peak is at the loss in backward, with the activations of every micro-batch in flight
     on this rank still saved; checkpointing keeps only each layer's input and recomputes one layer.
+    Under the chunked loss only the label tokens (label_len per sequence; 0: all seq) reach the head.
     """
     task = TASKS[cfg.task]
     rows = cfg.train.batch_size * task.sequences_per_sample  # preference pairs: a chosen and a rejected row per sample
@@ -361,14 +382,15 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     layer = layer_activation_bytes(shape, place, seq, device, attention)
     outside = outside_activation_bytes(shape, place, device, share.first, share.last)
     layers_held = in_flight(place, rank) * share.layers / (place.chunks if place.interleaved else 1)
-    loss = loss_peak_bytes(shape, place) if share.last else 0.0
+    chunk_tokens = loss_chunk_tokens(cfg)
+    loss = loss_peak_bytes(shape, place, tokens, chunk_tokens, tokens // seq * label_len) if share.last else 0.0
     autocast = 2 * share.matmul if place.autocast_copies else 0
-    train = tokens * (layers_held * layer + outside + loss) + autocast
-    checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside + max(loss, layer)) + autocast
+    train = tokens * (layers_held * layer + outside) + loss + autocast
+    checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside) + max(loss, tokens * layer) + autocast
     eval_tokens = (cfg.train.batch_size if place.pp > 1 else cfg.eval.batch_size) * task.sequences_per_sample * seq  # pipelines evaluate at the train batch
     if task.pairs and task.objective(cfg.preference).reference:  # the reference pass: the step's batch forward without gradients, before the policy's
         eval_tokens = max(eval_tokens, rows * seq)
-    evaluation = eval_tokens * (eval_peak_bytes(shape, place) if share.last else outside)
+    evaluation = eval_peak_bytes(shape, place, eval_tokens, chunk_tokens, eval_tokens // seq * label_len) if share.last else eval_tokens * outside
     return train, checkpointed, evaluation
 
 
@@ -383,7 +405,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
         )
     share = rank_share(shape, place, method_named(cfg.method).full, rank, layers)
     state = state_bytes(shape, place, share, cfg.train.optimizer, quant)
-    train, checkpointed, evaluation = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank)
+    train, checkpointed, evaluation = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank, setup["label_len"])
     process = CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     return Estimate(
         setup=setup,
@@ -448,14 +470,15 @@ def _gathered_trainable(shape: ModelShape, place: Placement, share: Share) -> fl
 
 
 
-def compare_with_run(cfg: Config, world_size: int, seq_len: int, memory: dict[str, Any]) -> dict[str, Any]:
+def compare_with_run(cfg: Config, world_size: int, seq_len: int, memory: dict[str, Any], label_len: int = 0) -> dict[str, Any]:
     """summary.json's memory.estimate: the prediction for a finished run next to its measured train_step_peak.
 
     Args:
         memory: the run's measured memory (MemoryProfiler.summary(): device and stages).
+        label_len: the most label tokens of one sequence in the run's data (estimate's label_len).
     """
     try:
-        est = estimate(cfg, world_size, seq_len, memory["device"], quantization_of(cfg))
+        est = estimate(cfg, world_size, seq_len, memory["device"], quantization_of(cfg), label_len)
     except Exception as err:  # a finished run must still write its summary; the failure is recorded instead
         return {"error": f"{type(err).__name__}: {err}"}
     stages = {s["name"]: s for s in memory["stages"]}

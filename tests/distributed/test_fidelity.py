@@ -57,6 +57,7 @@ CASES = {
     "zero2-gpt2-full": ("zero2", "tiny-gpt2", "full", [], 2, FP32),
     "zero2-llama-full": ("zero2", "tiny-llama", "full", [], 2, FP32),
     "zero2-gpt2-lora": ("zero2", "tiny-gpt2", "lora", [], 2, FP32),
+    "zero2-gpt2-lora-full-logits": ("zero2", "tiny-gpt2", "lora", ["train.loss_chunks=off"], 2, FP32),  # its twin above: the chunked loss
     # GPT-2 under TP with clipping: right only with finetune.fixes.colossalai's gradient norm of fused q/k/v splits.
     "tp2-gpt2-full": ("tp2", "tiny-gpt2", "full", [], 1, FP32),
     # LoRA under TP (finetune.lora_tp) on every layer it can adapt: column, row and fused q/k/v splits.
@@ -97,6 +98,8 @@ for family in FAMILIES:
 
 
 RANKS = {"tp2_pp2": 4}  # processes per setup where 2 do not suffice
+# A run whose loss is over the full logits (train.loss_chunks=off), and its twin with the default chunked loss.
+FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -207,7 +210,8 @@ def fidelity_runs(request, equal_length_data, equal_length_classification_data, 
     """Every selected case's run, (args, output dir, result): one torchrun launch per process count runs them all."""
     root = tmp_path_factory.mktemp("fidelity_runs")
     runs = {}
-    for case in selected_params(request, "test_matches_single_process_reference"):
+    twins = [c for case in selected_params(request, "test_chunked_loss_matches_the_full_logits_run") for c in (case, FULL_LOGITS_TWINS[case])]
+    for case in dict.fromkeys([*selected_params(request, "test_matches_single_process_reference"), *twins]):
         config, model_name, method, extra, _, _ = CASES[case]
         data = equal_length_classification_data if "task=classification" in extra else equal_length_data
         runs[case] = (RANKS.get(config, 2), run_args(config, model_name, method, extra, data, root / case))
@@ -267,6 +271,20 @@ def shared_reference(references: dict, args: list[str], dp_size: int, method: st
     if key not in references:
         references[key] = (*reference(args, dp_size), build_reference_init(args, method))
     return references[key]
+
+
+@pytest.mark.timeout(2400)  # waits for the shared launches, as above
+@pytest.mark.parametrize("case", list(FULL_LOGITS_TWINS))
+def test_chunked_loss_matches_the_full_logits_run(case, fidelity_runs):
+    """train.loss_chunks on two ranks (the default) gives the losses of the same run over the full logits within 1e-6."""
+    results = {c: fidelity_runs[c][2] for c in (case, FULL_LOGITS_TWINS[case])}
+    for name, result in results.items():
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        assert ("loss in chunks of 1024 label tokens" in result.stdout) == (name != case), f"{name}: {result.stdout[-2000:]}"
+    full, chunked = ([m["loss"] for m in read_metrics(fidelity_runs[c][1]) if "loss" in m] for c in results)
+    assert len(full) == len(chunked) == STEPS
+    for step, (got, want) in enumerate(zip(chunked, full), start=1):
+        assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), f"step {step}: chunked loss {got} vs full logits {want}"
 
 
 def assert_adapter_reloads(final: Path, args: list[str], ref_model) -> None:

@@ -76,3 +76,14 @@ def test_roberta_study_smoke(tmp_path):
     summary = json.loads((tmp_path / "runs" / "single-lora" / "summary.json").read_text())
     assert math.isfinite(summary["eval"]["after"]["loss"]) and summary["reload"]["ok"], summary["eval"]
     assert (tmp_path / "roberta_study.png").stat().st_size > 0
+
+
+def test_loss_chunks_smoke(tmp_path):
+    smoke("loss_chunks.py", "--results", str(tmp_path))
+    results = json.loads((tmp_path / "loss_chunks.json").read_text())
+    assert set(results["settings"]) == {"full logits", "chunked"}, results
+    for row in results["settings"].values():
+        assert row["peak_bytes"] > 0 and math.isfinite(row["median_step_s"]) and row["median_step_s"] > 0 and row["timed_steps"] > 0, row
+    report = (tmp_path / "loss_chunks.md").read_text()
+    assert re.search(r"Chunked / full logits: peak [\d.]+x, step [\d.]+x", report), report
+    finite_numbers(report)

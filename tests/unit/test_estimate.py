@@ -300,3 +300,23 @@ def test_train_fit_check_values():
 
     assert config_of().train.fit_check == "error"
     assert any(p.startswith("train.fit_check: unknown value 'maybe'") for p in validate(config_of("train.fit_check=maybe"), 1, False))
+
+
+def test_the_chunked_loss_holds_one_chunk_of_logits_and_the_label_positions_hidden_states():
+    """train.loss_chunks: the loss term is chunk x vocabulary (12 bytes each) plus the gathered hidden states and their
+    gradient at the label positions, not batch x tokens x vocabulary; only label tokens (label_len) reach the head."""
+    args = ("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2")
+    seq, vocab, hidden, residual = 2048, 32000, 4096, 2  # LoRA in bf16: the frozen base, and its hidden states, in bf16
+    full = est.estimate(config_of(*args, "train.loss_chunks=off"), 1, seq)
+    chunked = est.estimate(config_of(*args), 1, seq)
+    tokens = 2 * seq
+    assert chunked.setup["loss_chunks"] == est.DEFAULT_CHUNK_TOKENS == 1024
+    kept = tokens * (2 * residual * hidden + est.CHUNKED_LOSS_TOKEN_BYTES)
+    assert full.activations - chunked.activations == tokens * 12 * vocab - (1024 * 12 * vocab + kept)
+    assert chunked.activations_checkpointed < full.activations_checkpointed  # with checkpointing: the larger of the loss term and one recomputed layer
+    prompts_masked = est.estimate(config_of(*args), 1, seq, label_len=seq // 4)  # a quarter of each row is scored
+    assert chunked.activations - prompts_masked.activations == (tokens - tokens // 4) * (2 * residual * hidden + est.CHUNKED_LOSS_TOKEN_BYTES)
+    assert est.estimate(config_of(*args, "train.loss_chunks=off"), 1, seq, label_len=seq // 4).activations == full.activations  # the full logits score every position
+    # Under hybrid_parallel the loss stays over the full logits (loss_chunks auto resolves to 0 there).
+    tp = est.estimate(config_of(*args, "plugin.name=hybrid_parallel", "plugin.tp_size=2"), 2, seq)
+    assert tp.setup["loss_chunks"] == 0

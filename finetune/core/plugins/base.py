@@ -39,6 +39,9 @@ class PluginSpec:
     # Why this plugin's checkpoints resume only on the layout that wrote them, and why it cannot read
     # another layout's; empty: its weights and optimizer states are full and by parameter name, any layout.
     resume_layout_refusal = ""
+    # Why this plugin keeps the model's own loss over the full logits (train.loss_chunks, finetune.chunked_loss);
+    # empty: the chunked loss runs inside the plugin's forward and is exact there.
+    loss_chunks_refusal = ""
     # How a pretrained model is built for this plugin (finetune.deferred): "eager" (every rank loads the
     # whole model), "lazy" (ColossalAI's LazyInitContext: boost materializes this rank's shard, then
     # load_deferred reads its weights) or "meta" (the plugin materializes each unit from the checkpoint).

@@ -58,6 +58,7 @@ class GeminiSpec(PluginSpec):
     takes_max_norm = True
     replicated = False
     model_init = "lazy"  # as ColossalAI's own examples build models for Gemini
+    loss_chunks_refusal = "Gemini's parameter chunks are untested with the head recomputed per chunk in backward (CUDA only, not run here)"
     machine_problems = (NO_CUDA_TOOLKIT,)  # a toolchain of the machine that runs it
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:

@@ -1,0 +1,108 @@
+"""Peak memory and step time with the causal-LM loss in chunks (train.loss_chunks) against the loss over the full
+logits, measured in one run (issue 27).
+
+    python bench/loss_chunks.py            # SmolLM2-135M (the quickstart's weights) LoRA, batch 8 x 512, one process
+    python bench/loss_chunks.py --smoke    # tiny-llama, a few steps, one round (CI: tests/e2e/test_bench_smoke.py)
+
+The job is bench/peers.py's (LoRA r=8 on q/k/v/o, fp32, AdamW, fixed-length rows) on one process, run once with
+train.loss_chunks=off and once with the default (auto) per round, the order swapped each round. Each run's peak is
+its own train_step_peak (summary.json) and its step time the median step_s after warm-up; the report gives both
+settings, the estimator's prediction for each, and the ratios chunked / full logits (acceptance: peak <= 0.7,
+step <= 1.1), with the load average before and after (other work on a shared machine only adds time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.peers import job_args  # noqa: E402  (after the path is set)
+from bench.run import MIB, WARMUP_STEPS, Case, machine, timed, train  # noqa: E402
+from tests.conftest import write_fixed_length_file  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+SETTINGS = {"full logits": "off", "chunked": "auto"}
+
+
+def measure(args: list[str], rounds: int, results: Path) -> dict[str, dict]:
+    """Each setting's peaks, step times and prediction over `rounds` alternating rounds."""
+    runs: dict[str, dict] = {name: {"peaks": [], "steps": [], "predicted": None} for name in SETTINGS}
+    for i in range(rounds):
+        for name in list(SETTINGS)[i % 2 :] + list(SETTINGS)[: i % 2]:
+            run = train(Case(name, [*args, f"train.loss_chunks={SETTINGS[name]}"], nproc=1), results / "runs" / f"loss_chunks_{SETTINGS[name]}_{i}")
+            memory = run["summary"]["memory"]
+            runs[name]["peaks"].append(next(s["peak_bytes"] for s in memory["stages"] if s["name"] == "train_step_peak"))
+            runs[name]["steps"] += [m["step_s"] for m in timed(run["metrics"])]
+            runs[name]["predicted"] = memory["estimate"].get("predicted_train_step_peak_bytes")
+            print(f"round {i + 1}, {name}: peak {runs[name]['peaks'][-1] / MIB:,.0f} MiB, median step {statistics.median(runs[name]['steps']):.2f} s", flush=True)
+    return {name: {"peak_bytes": max(r["peaks"]), "median_step_s": statistics.median(r["steps"]), "timed_steps": len(r["steps"]), "predicted_bytes": r["predicted"]} for name, r in runs.items()}
+
+
+def markdown(results: dict) -> str:
+    """The measurement as a markdown table with the two ratios."""
+    rows = results["settings"]
+    full, chunked = rows["full logits"], rows["chunked"]
+    lines = [
+        f"# Loss in chunks against the full logits: {results['machine']}",
+        "",
+        f"{results['model']} LoRA r=8 on q/k/v/o, fp32, AdamW, batch {results['batch']}{', gradient checkpointing' if results.get('gradient_checkpointing') else ''}, one process, {results['rounds']} alternating round(s) of "
+        f"{results['steps']} steps (the first {WARMUP_STEPS} of each run dropped). Measured {results['date']} in {results['wall_s'] / 60:.1f} min; "
+        f"1-minute load average {results['load_before']:.1f} before, {results['load_after']:.1f} after.",
+        "",
+        "| train.loss_chunks | measured train-step peak (MiB) | predicted (MiB) | median step (s) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        predicted = f"{row['predicted_bytes'] / MIB:,.0f}" if row["predicted_bytes"] else "-"
+        lines.append(f"| {SETTINGS[name]} ({name}) | {row['peak_bytes'] / MIB:,.0f} | {predicted} | {row['median_step_s']:.3f} |")
+    lines += ["", f"Chunked / full logits: peak {chunked['peak_bytes'] / full['peak_bytes']:.3f}x, step {chunked['median_step_s'] / full['median_step_s']:.3f}x.", ""]
+    return "\n".join(lines)
+
+
+# --smoke: both settings once, as small as they run.
+SMOKE = {"model": "tiny-llama", "steps": WARMUP_STEPS + 2, "batch_size": 2, "max_length": 64, "rounds": 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the quickstart's SmolLM2-135M, 49,152-token vocabulary)")
+    parser.add_argument("--steps", type=int, default=2 * WARMUP_STEPS, help="optimizer steps per run (the first %d are dropped)" % WARMUP_STEPS)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per row (every row fills it)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (each runs both settings)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="both settings with train.gradient_checkpointing=true (the loss term then dominates the peak)")
+    parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
+    opts = parser.parse_args()
+    if opts.smoke:
+        vars(opts).update(SMOKE)
+    results_dir = opts.results or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if opts.smoke else RESULTS)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    started, (description, _, _) = time.perf_counter(), machine()
+    results = {"machine": description, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "steps": opts.steps, "rounds": opts.rounds,
+               "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}  # fmt: skip
+    # Rows of exactly --max-length tokens: replies of 2 words per token are cut there (peers' 300 words fill fewer than 512).
+    long_rows = write_fixed_length_file(results_dir / "fixed_length_long.jsonl", words_per_output=2 * opts.max_length)
+    args = [*job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir), f"data.train_path={long_rows}"]
+    if opts.gradient_checkpointing:
+        args.append("train.gradient_checkpointing=true")
+    results["gradient_checkpointing"] = opts.gradient_checkpointing
+    results["settings"] = measure(args, opts.rounds, results_dir)
+    results["wall_s"], results["load_after"] = time.perf_counter() - started, os.getloadavg()[0]
+    (results_dir / "loss_chunks.json").write_text(json.dumps(results, indent=2) + "\n")
+    (results_dir / "loss_chunks.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+    print(f"wrote {results_dir}/loss_chunks.md, loss_chunks.json in {results['wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The causal-LM loss without the full logits (train.loss_chunks): the decoder body runs to its last hidden states,
+and the head and cross-entropy are taken only at the positions whose shifted label counts, a chunk of tokens at a
+time, each chunk under torch.utils.checkpoint so its logits are recomputed in backward rather than kept.
+
+No (batch x tokens x vocab) tensor exists in forward or backward: at most one chunk's logits, their fp32
+log-softmax and their gradient. The values are those of the model's own loss (the same head, the same fp32
+log-softmax per token under the same autocast), summed in another order.
+
+install() gives a causal LM a forward that does this whenever it is called with labels; the plugins' wrappers
+(DDP, ZeRO, FSDP) and peft call that forward as they call any, so the training step, the evaluation and the
+preference objective get it by asking the model for its loss (or, for pairs, its per-sequence log-probabilities).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import ModelOutput
+
+from finetune.architectures import architecture
+from finetune.data import IGNORE_INDEX
+
+
+@dataclass
+class ChunkedLMOutput(ModelOutput):
+    """A causal LM's output under the chunked loss: no logits; the loss as HF computes it (mean over label tokens),
+    and each row's summed log-probability of its label tokens with their count (what preference objectives read)."""
+
+    loss: torch.Tensor | None = None
+    sequence_logps: torch.Tensor | None = None
+    label_counts: torch.Tensor | None = None
+
+
+def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Log-probability of each target under the head: logits in the compute dtype, capped as the model does, fp32 log-softmax."""
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def label_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each counted label token, its row) for hidden states [batch, tokens, hidden] under `head`:
+    position t predicts labels[t + 1], and only positions whose label is not -100 reach the vocabulary, in chunks."""
+    targets = labels[:, 1:]
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    kept, wanted = hidden[rows, positions], targets[rows, positions]  # [counted tokens, hidden], [counted tokens]
+    pieces = []
+    for start in range(0, len(wanted), chunk_tokens) or [0]:  # no counted token: one empty chunk, still a function of the model
+        args = (head, kept[start : start + chunk_tokens], wanted[start : start + chunk_tokens], softcap)
+        pieces.append(checkpoint(_target_logps, *args, use_reentrant=False) if torch.is_grad_enabled() else _target_logps(*args))
+    return torch.cat(pieces), rows
+
+
+def chunked_output(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int, softcap: float = 0.0) -> ChunkedLMOutput:
+    """The loss (mean over label tokens, NaN without any, as HF's) and per-row summed log-probabilities and counts."""
+    logps, rows = label_logps(hidden, head, labels, chunk_tokens, softcap)
+    batch = labels.shape[0]
+    sums = torch.zeros(batch, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    counts = torch.bincount(rows, minlength=batch)
+    return ChunkedLMOutput(loss=-logps.sum() / len(logps), sequence_logps=sums, label_counts=counts)
+
+
+# Keyword arguments HF's causal-LM forwards take for the head or the loss, which the decoder body does not.
+_HEAD_ONLY_KWARGS = ("return_dict", "logits_to_keep", "num_items_in_batch")
+
+
+def install(model: nn.Module, chunk_tokens: int) -> None:
+    """Give a Hugging Face causal LM (not wrapped) a forward that, called with labels, returns a ChunkedLMOutput
+    computed in chunks of `chunk_tokens`; without labels (generation) it is the model's own forward."""
+    arch = architecture(model.config.model_type)
+    softcap = float(getattr(model.config, arch.logit_softcap, None) or 0.0) if arch.logit_softcap else 0.0
+    own_forward = model.forward
+
+    @functools.wraps(own_forward)  # generate() reads the signature (logits_to_keep)
+    def forward(*args, labels: torch.Tensor | None = None, **kwargs):
+        if labels is None:
+            return own_forward(*args, **kwargs)
+        for key in _HEAD_ONLY_KWARGS:
+            kwargs.pop(key, None)
+        hidden = getattr(model, arch.decoder_body)(*args, **kwargs)[0]
+        # Looked up per call: peft may have wrapped the head (lora.target_modules with lm_head) after install.
+        return chunked_output(hidden, model.get_output_embeddings(), labels, chunk_tokens, softcap)
+
+    model.forward = forward
+    model.loss_chunk_tokens = chunk_tokens
+
+
+def chunk_tokens_of(model: nn.Module) -> int:
+    """Tokens per chunk of the chunked loss installed in `model` or in the causal LM it wraps; 0: none installed."""
+    return next((m.loss_chunk_tokens for m in model.modules() if getattr(m, "loss_chunk_tokens", 0)), 0)
