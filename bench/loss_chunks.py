@@ -14,19 +14,15 @@ step <= 1.1), with the load average before and after (other work on a shared mac
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import job_args  # noqa: E402  (after the path is set)
-from bench.run import MIB, WARMUP_STEPS, Case, machine, timed, train  # noqa: E402
+from bench.run import MIB, WARMUP_STEPS, Case, start_results, timed, train, write_results  # noqa: E402
 from tests.conftest import write_fixed_length_file  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -83,13 +79,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
     opts = parser.parse_args()
-    if opts.smoke:
-        vars(opts).update(SMOKE)
-    results_dir = opts.results or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if opts.smoke else RESULTS)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    started, (description, _, _) = time.perf_counter(), machine()
-    results = {"machine": description, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "steps": opts.steps, "rounds": opts.rounds,
-               "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}  # fmt: skip
+    results_dir, started, results = start_results(opts, SMOKE, RESULTS)
     # Rows of exactly --max-length tokens: replies of 2 words per token are cut there (peers' 300 words fill fewer than 512).
     long_rows = write_fixed_length_file(results_dir / "fixed_length_long.jsonl", words_per_output=2 * opts.max_length)
     args = [*job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir), f"data.train_path={long_rows}"]
@@ -97,11 +87,7 @@ def main() -> None:
         args.append("train.gradient_checkpointing=true")
     results["gradient_checkpointing"] = opts.gradient_checkpointing
     results["settings"] = measure(args, opts.rounds, results_dir)
-    results["wall_s"], results["load_after"] = time.perf_counter() - started, os.getloadavg()[0]
-    (results_dir / "loss_chunks.json").write_text(json.dumps(results, indent=2) + "\n")
-    (results_dir / "loss_chunks.md").write_text(markdown(results) + "\n")
-    print(markdown(results))
-    print(f"wrote {results_dir}/loss_chunks.md, loss_chunks.json in {results['wall_s'] / 60:.1f} min")
+    write_results(results, started, results_dir, "loss_chunks", markdown)
 
 
 if __name__ == "__main__":

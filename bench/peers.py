@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run import WARMUP_STEPS, Case, child_env, common_args, free_port, machine, timed, train  # noqa: E402  (after the path is set)
+from bench.run import WARMUP_STEPS, Case, child_env, common_args, free_port, start_results, timed, train, write_results  # noqa: E402  (after the path is set)
 
 RESULTS = REPO / "bench" / "results"
 ONE_PROCESS = ("ours", "trainer", "plain")
@@ -164,20 +163,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model, one process (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
     opts = parser.parse_args()
-    if opts.smoke:
-        vars(opts).update(SMOKE)
-    results_dir = opts.results or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if opts.smoke else RESULTS)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    description, _, _ = machine()
-    results = {"machine": description, "model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "steps": opts.steps, "rounds": opts.rounds, "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
+    results_dir, started, results = start_results(opts, SMOKE, RESULTS)
     args = job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir)
     results["parts"] = [compare(ONE_PROCESS if ranks == 1 else TWO_RANKS, args, ranks, opts.rounds, results_dir) for ranks in opts.ranks]
-    results["wall_s"], results["load_after"] = time.perf_counter() - started, os.getloadavg()[0]
-    (results_dir / "peers.json").write_text(json.dumps(results, indent=2) + "\n")
-    (results_dir / "peers.md").write_text(markdown(results) + "\n")
-    print(markdown(results))
-    print(f"wrote {results_dir}/peers.md, peers.json in {results['wall_s'] / 60:.1f} min")
+    write_results(results, started, results_dir, "peers", markdown)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,14 +390,31 @@ def main() -> None:
         results[key] = [run_case(case, key, device, results_dir) for case in cases if not wanted or case.name in wanted]
     ddp = [r for r in results["plugins"] if r["case"] == "torch_ddp"]
     results["methods"][:0] = [{**ddp[0], "case": "full"}] if ddp else []  # full fine-tuning is the torch_ddp row
-    results["wall_s"] = time.perf_counter() - started
-    results["load_after"] = os.getloadavg()[0]  # other work on the machine slows every timing alike
-    name = "results-" + "-".join(sorted(only)) if only else "results"  # a partial run never replaces the full one
-    (results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (results_dir / f"{name}.md").write_text(markdown(results) + "\n")
     if results["plugins"]:
         chart(results, results_dir / "plugins.png")
-    print(markdown(results))
+    name = "results-" + "-".join(sorted(only)) if only else "results"  # a partial run never replaces the full one
+    write_results(results, started, results_dir, name, markdown)
+
+
+def start_results(opts, smoke: dict, default_dir: Path) -> tuple[Path, float, dict]:
+    """A comparison's start: --smoke's settings applied, its results directory (a new temporary one for a smoke), the
+    clock, and the record of machine, job, date and load that write_results completes."""
+    if opts.smoke:
+        vars(opts).update(smoke)
+    results_dir = opts.results or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if opts.smoke else default_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    started, (description, _, _) = time.perf_counter(), machine()
+    job = {"model": opts.model, "batch": f"{opts.batch_size} x {opts.max_length}", "steps": opts.steps, "rounds": opts.rounds}
+    return results_dir, started, {"machine": description, **job, "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
+
+
+def write_results(results: dict, started: float, results_dir: Path, name: str, table: Callable[[dict], str]) -> None:
+    """Stamp a benchmark's wall time and the load after it, write NAME.json and its table as NAME.md, print the table."""
+    results["wall_s"] = time.perf_counter() - started
+    results["load_after"] = os.getloadavg()[0]  # other work on the machine slows every timing alike
+    (results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (results_dir / f"{name}.md").write_text(table(results) + "\n")
+    print(table(results))
     print(f"wrote {results_dir}/{name}.md, {name}.json in {results['wall_s'] / 60:.1f} min")
 
 

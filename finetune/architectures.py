@@ -200,20 +200,7 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
             "eos_token_id": 2,
         },
     ),
-    "tiny-llama": (
-        "llama",
-        {
-            "vocab_size": 50257,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
-        },
-    ),
+    "tiny-llama": ("llama", dict(_TINY_DECODER)),
     # One tiny random decoder per family, of its own architecture (tests/distributed/test_families.py
     # trains each under every plugin its record claims). 4 query and 2 key/value heads (GQA) of 16.
     "tiny-mistral": ("mistral", {**_TINY_DECODER, "head_dim": 16}),
