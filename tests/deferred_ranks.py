@@ -23,6 +23,7 @@ import torch.distributed as dist  # noqa: E402
 
 from finetune import deferred  # noqa: E402
 from finetune.parallel import PLUGINS  # noqa: E402
+from finetune.chunked_loss import chunk_tokens_of  # noqa: E402
 from finetune.config import build_config, parse_args  # noqa: E402
 from finetune.distributed import destroy_process_groups, launch  # noqa: E402
 from finetune.faults import Faults  # noqa: E402
@@ -47,7 +48,9 @@ def logits_of(run, batch: dict, vocab: int) -> torch.Tensor | None:
         if run.layout.pipeline:
             out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=lambda o, _: o.loss, optimizer=None, return_loss=True, return_outputs=True)
             return out["outputs"]["logits"] if out["outputs"] is not None else None
-        logits = run.model(**batch).logits
+        # A model under the chunked loss (train.loss_chunks) answers a call with labels with the loss alone, no logits:
+        # ask it without them (shardformer's GPT-2, under TP, needs them).
+        logits = run.model(**{k: v for k, v in batch.items() if k != "labels" or not chunk_tokens_of(run.model)}).logits
     if logits.shape[-1] != vocab:  # tensor parallel: each rank holds a slice of the vocabulary
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, logits)
