@@ -10,6 +10,7 @@
 #   make roberta-study  the RoBERTa single / DDP / PP x full / LoRA study (bench/roberta_study.py; ~5 min)
 #   make bench-peers  our LoRA step against HF Trainer, a plain peft loop and plain DDP (bench/peers.py; ~25 min)
 #   make bench-loss-chunks  peak memory and step time with train.loss_chunks on and off (bench/loss_chunks.py)
+#   make bench-preference  DPO against SFT on the same pairs, and the reference's memory (bench/preference.py)
 PYTHON ?= python3
 VENV ?= .venv
 NPROC ?= 2
@@ -21,7 +22,7 @@ FREE_PORT = $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 
 PYTEST = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
-.PHONY: install assets demo demo-dpo test test-fast fuzz bench bench-smoke roberta-study bench-peers bench-loss-chunks clean
+.PHONY: install assets demo demo-dpo test test-fast fuzz bench bench-smoke roberta-study bench-peers bench-loss-chunks bench-preference clean
 
 install: $(VENV)/.installed
 
@@ -70,7 +71,7 @@ bench: install
 # Each script with --smoke: its real path on a tiny model, a few steps (tests/e2e/test_bench_smoke.py in `make test`).
 bench-smoke: install
 	@dir=$$(mktemp -d -t bench-smoke-XXXXXX) && \
-	for script in run packing roberta_study peers loss_chunks; do $(BENCH_ENV) $(PY) bench/$$script.py --smoke --results $$dir/$$script || exit 1; done && \
+	for script in run packing roberta_study peers loss_chunks preference; do $(BENCH_ENV) $(PY) bench/$$script.py --smoke --results $$dir/$$script || exit 1; done && \
 	$(BENCH_ENV) $(PY) bench/plain_loop.py --smoke $$dir/plain_loop/plain_loop.json && \
 	echo "bench smoke results: $$dir"
 
@@ -82,6 +83,9 @@ bench-peers: assets
 
 bench-loss-chunks: assets
 	$(BENCH_ENV) $(PY) bench/loss_chunks.py $(ARGS)
+
+bench-preference: assets
+	$(BENCH_ENV) $(PY) bench/preference.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache bench/results

@@ -87,3 +87,14 @@ def test_loss_chunks_smoke(tmp_path):
     report = (tmp_path / "loss_chunks.md").read_text()
     assert re.search(r"Chunked / full logits: peak [\d.]+x, step [\d.]+x", report), report
     finite_numbers(report)
+
+
+def test_preference_smoke(tmp_path):
+    smoke("preference.py", "--results", str(tmp_path))
+    results = json.loads((tmp_path / "preference.json").read_text())
+    assert set(results["tasks"]) == {"SFT (chosen only)", "DPO"}, results
+    for row in results["tasks"].values():
+        assert 0 < row["min_step_s"] <= row["median_step_s"] and row["timed_steps"] > 0 and row["peak_bytes"] > 0 and row["weights_bytes"] > 0, row
+    report = (tmp_path / "preference.md").read_text()
+    assert re.search(r"DPO / SFT: median step [\d.]+x", report) and re.search(r"predicted [\d,]+ MiB instead of [\d,]+ \([\d.]+x\)", report), report
+    finite_numbers(report)
