@@ -83,14 +83,15 @@ class LoraParallelLinear(nn.Module):
         self.column, self.conv_weight, self.process_group = column, conv_weight, process_group
 
     def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's local product, without bias and without communication."""
+        """The base layer's local product, without bias and without communication (a 4-bit shard's own: finetune.qlora_tp)."""
+        if hasattr(self.base_layer, "local_product"):
+            return self.base_layer.local_product(x)
         return torch.matmul(x, self.base_layer.weight) if self.conv_weight else F.linear(x, self.base_layer.weight)
 
     def _with_bias(self, out: torch.Tensor):
-        base = self.base_layer
-        if base.skip_bias_add:  # the next op (a fused bias + activation) adds it
-            return out, base.bias
-        return out if base.bias is None else out + base.bias
+        from finetune.qlora_tp import add_bias
+
+        return add_bias(self.base_layer, out)
 
     def forward(self, x: torch.Tensor):
         from colossalai.shardformer.layer._operation import reduce_backward, reduce_forward, split_forward_gather_backward
@@ -181,9 +182,17 @@ def lora_aware(base_class: type) -> type:
     return _LORA_AWARE[base_class]
 
 
-def lora_policy(model: nn.Module, policy=None):
-    """The shardformer policy for `model` (its own, or `policy`), sharding LoRA layers with their adapters."""
+def lora_policy(model: nn.Module, policy=None, quantize=None):
+    """The shardformer policy for `model` (its own, or `policy`), sharding LoRA layers with their adapters.
+
+    Args:
+        quantize: QLoRA (finetune.qlora_tp.ShardQuantization): every split projection it does not skip is
+            quantized on each rank once split; None keeps them in full precision.
+    """
+    from colossalai.shardformer.layer import Linear1D_Col, Linear1D_Row
     from colossalai.shardformer.policies.auto_policy import get_autopolicy
+
+    from finetune.qlora_tp import quantizing
 
     policy = policy or get_autopolicy(model)
     module_policy = policy.module_policy
@@ -192,7 +201,10 @@ def lora_policy(model: nn.Module, policy=None):
         descriptions = module_policy()
         for description in descriptions.values():
             for replacement in description.sub_module_replacement or []:
-                replacement.target_module = lora_aware(replacement.target_module)
+                base_class = replacement.target_module
+                replacement.target_module = lora_aware(base_class)
+                if quantize and base_class in (Linear1D_Col, Linear1D_Row) and quantize.quantizes(replacement.suffix):
+                    replacement.target_module = quantizing(replacement.target_module, quantize)
         return descriptions
 
     policy.module_policy = lora_module_policy  # this instance only
