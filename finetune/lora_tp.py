@@ -89,8 +89,6 @@ class LoraParallelLinear(nn.Module):
         return torch.matmul(x, self.base_layer.weight) if self.conv_weight else F.linear(x, self.base_layer.weight)
 
     def _with_bias(self, out: torch.Tensor):
-        from finetune.qlora_tp import add_bias
-
         return add_bias(self.base_layer, out)
 
     def forward(self, x: torch.Tensor):
@@ -109,6 +107,13 @@ class LoraParallelLinear(nn.Module):
         adapter_in = lora_a(dropout(x))
         partial = self._base_matmul(x) + F.linear(adapter_in, reduce_backward(lora_b.weight, self.process_group)) * self.scaling
         return self._with_bias(reduce_forward(partial, self.process_group))
+
+
+def add_bias(layer: nn.Module, out: torch.Tensor):
+    """A sharded layer's output with its bias, or (output, bias) where the next op (a fused bias + activation) adds it."""
+    if layer.skip_bias_add:
+        return out, layer.bias
+    return out if layer.bias is None else out + layer.bias
 
 
 def _shard_adapter_matrix(linear: nn.Linear, process_group, dim: int, split_sizes: list[int] | None) -> nn.Module:
@@ -182,17 +187,9 @@ def lora_aware(base_class: type) -> type:
     return _LORA_AWARE[base_class]
 
 
-def lora_policy(model: nn.Module, policy=None, quantize=None):
-    """The shardformer policy for `model` (its own, or `policy`), sharding LoRA layers with their adapters.
-
-    Args:
-        quantize: QLoRA (finetune.qlora_tp.ShardQuantization): every split projection it does not skip is
-            quantized on each rank once split; None keeps them in full precision.
-    """
-    from colossalai.shardformer.layer import Linear1D_Col, Linear1D_Row
+def lora_policy(model: nn.Module, policy=None):
+    """The shardformer policy for `model` (its own, or `policy`), sharding LoRA layers with their adapters."""
     from colossalai.shardformer.policies.auto_policy import get_autopolicy
-
-    from finetune.qlora_tp import quantizing
 
     policy = policy or get_autopolicy(model)
     module_policy = policy.module_policy
@@ -201,10 +198,7 @@ def lora_policy(model: nn.Module, policy=None, quantize=None):
         descriptions = module_policy()
         for description in descriptions.values():
             for replacement in description.sub_module_replacement or []:
-                base_class = replacement.target_module
-                replacement.target_module = lora_aware(base_class)
-                if quantize and base_class in (Linear1D_Col, Linear1D_Row) and quantize.quantizes(replacement.suffix):
-                    replacement.target_module = quantizing(replacement.target_module, quantize)
+                replacement.target_module = lora_aware(replacement.target_module)
         return descriptions
 
     policy.module_policy = lora_module_policy  # this instance only

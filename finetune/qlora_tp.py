@@ -12,7 +12,7 @@ weight: its blocks are the whole's when it starts on a block boundary, (out / tp
 BLOCK. A row-parallel shard (a range of input columns) is a strided piece: its blocks are the whole's
 when every row of it is whole blocks, in / tp a multiple of BLOCK (then the shard's packed data is the
 whole's viewed (out, in / 2) with those columns, its absmax the whole's viewed (out, in / BLOCK)).
-Other shapes are refused at config time (`misaligned_projections`). Double quantization is refused under
+Other shapes are refused at config time (finetune.core.plugins.hybrid.misaligned_projections). Double quantization is refused under
 tensor parallelism: it quantizes the absmax values again in blocks of 256 offset by their mean over the
 whole weight, which a row-parallel shard cannot reproduce. 8-bit (LLM.int8) is refused too: it scales each
 output row by its absmax over the whole row, which a row-parallel shard splits.
@@ -22,36 +22,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+import torch
+from torch import nn
+
+from finetune.config import QuantizationConfig
+from finetune.core.plugins.hybrid import QUANT_BLOCK as BLOCK
 from finetune.errors import FinetuneError
-
-if TYPE_CHECKING:  # the config check (misaligned_projections) runs without torch
-    import torch
-    from torch import nn
-
-    from finetune.config import QuantizationConfig
-
-BLOCK = 64  # bitsandbytes' 4-bit block size (Params4bit's default, as transformers quantizes)
-
-
-class QuantizedShardError(FinetuneError):
-    """A tensor-parallel shard cannot be quantized as the whole model would be."""
-
-
-def misaligned_projections(projections: dict[str, tuple[int, int, str]], tp: int) -> list[str]:
-    """The projections whose tensor-parallel shards would not be whole quantization blocks, each as 'name (out x in, split)'.
-
-    Args:
-        projections: name -> (out_features, in_features, "column" or "row"), how shardformer splits it.
-    """
-    bad = []
-    for name, (out_features, in_features, split) in projections.items():
-        shard = out_features // tp * in_features if split == "column" else in_features // tp
-        if shard % BLOCK:
-            bad.append(f"{name} ({out_features}x{in_features}, {split}-parallel)")
-    return bad
-
+from finetune.lora_tp import LoraParallelLinear, add_bias, lora_aware, lora_policy
 
 @dataclass(frozen=True)
 class ShardQuantization:
@@ -111,13 +89,6 @@ def _linear4bit_parallel_class() -> type:
     return Linear4bitParallel
 
 
-def add_bias(layer: nn.Module, out: torch.Tensor):
-    """A sharded layer's output with its bias, or (output, bias) where the next op adds it (skip_bias_add)."""
-    if layer.skip_bias_add:
-        return out, layer.bias
-    return out if layer.bias is None else out + layer.bias
-
-
 def quantize_sharded(layer: nn.Module, quant: ShardQuantization, column: bool, process_group) -> nn.Module:
     """A shardformer Linear1D_Col / Linear1D_Row holding a float shard, as a Linear4bitParallel holding it quantized."""
     out_features, in_features = layer.weight.shape
@@ -143,8 +114,6 @@ def quantizing(target: type, quant: ShardQuantization) -> type:
         def from_native_module(module: nn.Module, process_group=None, **kwargs) -> nn.Module:
             from colossalai.shardformer.layer import Linear1D_Col, Linear1D_Row
 
-            from finetune.lora_tp import LoraParallelLinear
-
             sharded = target.from_native_module(module, process_group=process_group, **kwargs)
             if isinstance(sharded, LoraParallelLinear):
                 sharded.base_layer = quantize_sharded(sharded.base_layer, quant, sharded.column, process_group)
@@ -157,3 +126,24 @@ def quantizing(target: type, quant: ShardQuantization) -> type:
 
     QuantizedShard.__qualname__ = f"Quantized{getattr(target, '__qualname__', target.__name__)}"
     return QuantizedShard
+
+
+def qlora_policy(model: nn.Module, policy, quant: ShardQuantization):
+    """lora_policy's policy (LoRA layers sharded with their adapters), each split projection the quantization does not
+    skip then quantized on its rank."""
+    from colossalai.shardformer.layer import Linear1D_Col, Linear1D_Row
+
+    policy = lora_policy(model, policy)
+    module_policy = policy.module_policy
+    splits = (lora_aware(Linear1D_Col), lora_aware(Linear1D_Row))
+
+    def quantized_module_policy():
+        descriptions = module_policy()
+        for description in descriptions.values():
+            for replacement in description.sub_module_replacement or []:
+                if replacement.target_module in splits and quant.quantizes(replacement.suffix):
+                    replacement.target_module = quantizing(replacement.target_module, quant)
+        return descriptions
+
+    policy.module_policy = quantized_module_policy  # this instance only
+    return policy

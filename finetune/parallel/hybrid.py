@@ -170,13 +170,14 @@ class HybridParallel(HybridParallelSpec, Plugin):
         from finetune import roberta_policy  # imports ColossalAI's shardformer
         from finetune.lora_tp import lora_policy
         from finetune.methods import method_named
-        from finetune.qlora_tp import ShardQuantization
+        from finetune.qlora_tp import ShardQuantization, qlora_policy
 
         own = roberta_policy.shard_policy(model)
         if not method_named(cfg.method).adapter or cfg.plugin.options["tp_size"] == 1:
             return own
-        quantize = ShardQuantization.of(cfg.quantization, cfg.train.precision) if self.quantizes_shards(cfg) else None  # QLoRA: each rank quantizes its shards
-        return lora_policy(model, own, quantize)
+        if self.quantizes_shards(cfg):  # QLoRA: each rank quantizes its shards
+            return qlora_policy(model, own, ShardQuantization.of(cfg.quantization, cfg.train.precision))
+        return lora_policy(model, own)
 
     def apply_adapters(self, model, lora_config, booster, plugin):
         # enable_lora's PeftModel wrapper hides the model from ColossalAI's pipeline policies, and it

@@ -158,8 +158,8 @@ def _shard(weight: torch.Tensor, split: str, rank: int, tp: int) -> torch.Tensor
 def test_tensor_parallel_4bit_shards_are_slices_of_the_whole_quantization(wide_llama_bases, tp=2):
     """Each rank's quantized shard (finetune.qlora_tp) is, bit for bit, the matching slice of the model quantized whole:
     packed data viewed (out, in / 2) and absmax viewed (out, in / 64), rows for column-parallel, columns for row-parallel."""
-    from finetune.core.plugins.hybrid import llama_projections
-    from finetune.qlora_tp import BLOCK, ShardQuantization, misaligned_projections
+    from finetune.core.plugins.hybrid import QUANT_BLOCK, llama_projections, misaligned_projections
+    from finetune.qlora_tp import ShardQuantization
 
     full, quantized = wide_llama_bases
     projections = llama_projections("tiny-llama-wide")
@@ -173,7 +173,7 @@ def test_tensor_parallel_4bit_shards_are_slices_of_the_whole_quantization(wide_l
             continue
         out_features, in_features, split = projections[kind]
         packed = whole.weight.data.view(out_features, in_features // 2)
-        absmax = whole.weight.quant_state.absmax.view(out_features, in_features // BLOCK)
+        absmax = whole.weight.quant_state.absmax.view(out_features, in_features // QUANT_BLOCK)
         for rank in range(tp):
             shard = quant.quantize(_shard(fulls[name].weight.data, split, rank, tp))
             assert torch.equal(shard.data.view(-1), _shard(packed, split, rank, tp).reshape(-1)), f"{name} rank {rank}: packed data"
@@ -188,8 +188,8 @@ def test_a_row_parallel_shard_narrower_than_a_block_is_not_a_slice_and_is_refuse
     shard mixes two rows; its quantization differs from the whole's, and the config check names it."""
     from bitsandbytes.functional import dequantize_4bit
 
-    from finetune.core.plugins.hybrid import llama_projections
-    from finetune.qlora_tp import ShardQuantization, misaligned_projections
+    from finetune.core.plugins.hybrid import llama_projections, misaligned_projections
+    from finetune.qlora_tp import ShardQuantization
 
     weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     quant = ShardQuantization.of(QuantizationConfig(bits=4, quant_type="nf4", double_quant=False), "fp32")

@@ -192,8 +192,6 @@ def lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
 
 def qlora_tp_problems(cfg: Config, tp: int) -> list[str]:
     """What QLoRA under tensor parallelism (finetune.qlora_tp: each rank quantizes its shard) cannot do in this config."""
-    from finetune.qlora_tp import BLOCK, misaligned_projections
-
     kind, quant = model_type(cfg.model.name), cfg.quantization
     if not architecture(kind).qlora_tp:
         served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.qlora_tp))
@@ -207,8 +205,8 @@ def qlora_tp_problems(cfg: Config, tp: int) -> list[str]:
     projections = llama_projections(cfg.model.name)
     bad = misaligned_projections(projections, tp) if projections else []
     if bad:
-        return [f"method=qlora with plugin.tp_size={tp}: the shards of {', '.join(bad)} would not be whole {BLOCK}-element quantization blocks "
-                f"(a column-parallel shard's rows x in_features and a row-parallel shard's in_features / tp must divide by {BLOCK}); use a tp_size that keeps them whole, or tp_size=1 with pp_size>1"]
+        return [f"method=qlora with plugin.tp_size={tp}: the shards of {', '.join(bad)} would not be whole {QUANT_BLOCK}-element quantization blocks "
+                f"(a column-parallel shard's rows x in_features and a row-parallel shard's in_features / tp must divide by {QUANT_BLOCK}); use a tp_size that keeps them whole, or tp_size=1 with pp_size>1"]
     return []
 
 
@@ -222,3 +220,24 @@ def llama_projections(model_name: str) -> dict[str, tuple[int, int, str]] | None
     q, kv = heads[0] * head_dim, heads[1] * head_dim
     shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q), "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}
     return {name: (*shape, "row" if name in ("o_proj", "down_proj") else "column") for name, shape in shapes.items()}
+
+
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit block size (Params4bit's default, as transformers quantizes): elements per absmax
+
+
+def misaligned_projections(projections: dict[str, tuple[int, int, str]], tp: int) -> list[str]:
+    """The projections whose tensor-parallel shards would not be whole quantization blocks, each as 'name (out x in, split)'.
+
+    bitsandbytes quantizes a weight (out, in) flattened row-major: a column-parallel shard (output rows) is a
+    contiguous range, whole blocks when it starts on a block boundary; a row-parallel shard (input columns)
+    is whole blocks when each of its rows is.
+
+    Args:
+        projections: name -> (out_features, in_features, "column" or "row"), how shardformer splits it.
+    """
+    bad = []
+    for name, (out_features, in_features, split) in projections.items():
+        shard = out_features // tp * in_features if split == "column" else in_features // tp
+        if shard % QUANT_BLOCK:
+            bad.append(f"{name} ({out_features}x{in_features}, {split}-parallel)")
+    return bad
