@@ -12,9 +12,9 @@ weight: its blocks are the whole's when it starts on a block boundary, (out / tp
 BLOCK. A row-parallel shard (a range of input columns) is a strided piece: its blocks are the whole's
 when every row of it is whole blocks, in / tp a multiple of BLOCK (then the shard's packed data is the
 whole's viewed (out, in / 2) with those columns, its absmax the whole's viewed (out, in / BLOCK)).
-Other shapes are refused at config time (finetune.core.plugins.hybrid.misaligned_projections). Double quantization is refused under
-tensor parallelism: it quantizes the absmax values again in blocks of 256 offset by their mean over the
-whole weight, which a row-parallel shard cannot reproduce. 8-bit (LLM.int8) is refused too: it scales each
+Other shapes are refused at config time (finetune.core.plugins.hybrid.misaligned_projections). Double
+quantization is refused under tensor parallelism: it quantizes the absmax values again in blocks of 256
+offset by their mean over the whole weight, which a row-parallel shard cannot reproduce. 8-bit (LLM.int8) is refused too: it scales each
 output row by its absmax over the whole row, which a row-parallel shard splits.
 """
 
@@ -30,6 +30,11 @@ from finetune.config import QuantizationConfig
 from finetune.core.plugins.hybrid import QUANT_BLOCK as BLOCK
 from finetune.errors import FinetuneError
 from finetune.lora_tp import LoraParallelLinear, add_bias, lora_aware, lora_policy
+
+
+class QuantizedShardError(FinetuneError):
+    """A tensor-parallel shard cannot be quantized as the whole model would be."""
+
 
 @dataclass(frozen=True)
 class ShardQuantization:
