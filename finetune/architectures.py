@@ -201,6 +201,9 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
         },
     ),
     "tiny-llama": ("llama", dict(_TINY_DECODER)),
+    # Twice as wide: under QLoRA with tp_size=2 every shard is whole 64-element quantization blocks
+    # (tiny-llama's o_proj shards, 32 input columns, are refused: finetune.qlora_tp).
+    "tiny-llama-wide": ("llama", {**_TINY_DECODER, "hidden_size": 128, "intermediate_size": 256}),
     # One tiny random decoder per family, of its own architecture (tests/distributed/test_families.py
     # trains each under every plugin its record claims). 4 query and 2 key/value heads (GQA) of 16.
     "tiny-mistral": ("mistral", {**_TINY_DECODER, "head_dim": 16}),
@@ -254,6 +257,9 @@ class Architecture:
     # Layers LoRA can adapt under tensor parallelism (finetune.lora_tp), with how ColossalAI's
     # shardformer splits each one; empty: LoRA with tp_size>1 is refused for this architecture.
     lora_tp_layers: dict[str, str] = field(default_factory=dict)
+    # QLoRA under tensor parallelism (finetune.qlora_tp): every projection of the Llama layout is split and
+    # quantized per shard (not Mixtral: its experts stay whole on every rank).
+    qlora_tp: bool = False
     encoder: bool = False  # bidirectional encoder: classification only
     conv1d: bool = False  # projections stored as Conv1D (in, out): peft's fan_in_fan_out
     # How packed batches (data.packing) keep attention inside each sample: "native" (the model's code
@@ -331,10 +337,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             heads_key="n_head",
             decoder_body="transformer",
         ),
-        Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, hybrid_classification="pp", **_LLAMA_FAMILY),
+        Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, qlora_tp=True, hybrid_classification="pp", **_LLAMA_FAMILY),
         # Llama's layout (ColossalAI has a policy for each): Mistral, Qwen2 with q/k/v biases.
-        Architecture("mistral", display="Mistral", lora_tp_layers=_LLAMA_TP, **_LLAMA_FAMILY),
-        Architecture("qwen2", display="Qwen2", lora_tp_layers=_LLAMA_TP, tp_pads_vocabulary=False, **_LLAMA_FAMILY),
+        Architecture("mistral", display="Mistral", lora_tp_layers=_LLAMA_TP, qlora_tp=True, **_LLAMA_FAMILY),
+        Architecture("qwen2", display="Qwen2", lora_tp_layers=_LLAMA_TP, qlora_tp=True, tp_pads_vocabulary=False, **_LLAMA_FAMILY),
         # Llama's layout with q/k norms; no ColossalAI 0.5.0 policy.
         Architecture("qwen3", display="Qwen3", shardformer_policy=False, **_LLAMA_FAMILY),
         # Tied embeddings, a 256k vocabulary, soft-capped logits. transformers' sdpa path drops Gemma-2's

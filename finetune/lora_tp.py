@@ -83,14 +83,13 @@ class LoraParallelLinear(nn.Module):
         self.column, self.conv_weight, self.process_group = column, conv_weight, process_group
 
     def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's local product, without bias and without communication."""
+        """The base layer's local product, without bias and without communication (a 4-bit shard's own: finetune.qlora_tp)."""
+        if hasattr(self.base_layer, "local_product"):
+            return self.base_layer.local_product(x)
         return torch.matmul(x, self.base_layer.weight) if self.conv_weight else F.linear(x, self.base_layer.weight)
 
     def _with_bias(self, out: torch.Tensor):
-        base = self.base_layer
-        if base.skip_bias_add:  # the next op (a fused bias + activation) adds it
-            return out, base.bias
-        return out if base.bias is None else out + base.bias
+        return add_bias(self.base_layer, out)
 
     def forward(self, x: torch.Tensor):
         from colossalai.shardformer.layer._operation import reduce_backward, reduce_forward, split_forward_gather_backward
@@ -108,6 +107,13 @@ class LoraParallelLinear(nn.Module):
         adapter_in = lora_a(dropout(x))
         partial = self._base_matmul(x) + F.linear(adapter_in, reduce_backward(lora_b.weight, self.process_group)) * self.scaling
         return self._with_bias(reduce_forward(partial, self.process_group))
+
+
+def add_bias(layer: nn.Module, out: torch.Tensor):
+    """A sharded layer's output with its bias, or (output, bias) where the next op (a fused bias + activation) adds it."""
+    if layer.skip_bias_add:
+        return out, layer.bias
+    return out if layer.bias is None else out + layer.bias
 
 
 def _shard_adapter_matrix(linear: nn.Linear, process_group, dim: int, split_sizes: list[int] | None) -> nn.Module:

@@ -240,7 +240,9 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     task = splits.task  # with what it learned from the training records (a classifier's labels)
     with main_rank_first():  # rank 0 converts a GGUF into the cache once; the others then load it
         model, tokenizer = build_model(
-            cfg.model, cfg.train.seed, plugin_spec.shardformer, task.labels_or_none, base_quantization(cfg), cfg.train.precision, method.frozen_dtype(cfg.train.precision),
+            cfg.model, cfg.train.seed, plugin_spec.shardformer, task.labels_or_none,
+            None if plugin_spec.quantizes_shards(cfg) else base_quantization(cfg),  # tensor parallelism quantizes each rank's shards once split
+            cfg.train.precision, method.frozen_dtype(cfg.train.precision),
             method.model_init(plugin_spec.model_init), quant_storage=plugin_spec.quantized_storage(cfg),
         )
     pending = deferred.pending(model)  # built without its weights: the plugin loads each rank's share after sharding

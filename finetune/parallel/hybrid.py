@@ -24,6 +24,7 @@ from finetune.parallel.base import Plugin, write_sharded_model
 
 if TYPE_CHECKING:
     from finetune.config import Config
+    from finetune.quantization import WeightBytes
     from finetune.run import Run
 
 
@@ -165,14 +166,17 @@ class HybridParallel(HybridParallelSpec, Plugin):
 
     def shard_policy(self, cfg: Config, model):
         """RoBERTa has no ColossalAI policy: ours. LoRA with tensor parallelism wraps the model's policy
-        (ours or ColossalAI's) so each adapter is sharded with the layer it adapts."""
+        (ours or ColossalAI's) so each adapter is sharded with the layer it adapts (and, under QLoRA, each shard quantized)."""
         from finetune import roberta_policy  # imports ColossalAI's shardformer
         from finetune.lora_tp import lora_policy
         from finetune.methods import method_named
+        from finetune.qlora_tp import ShardQuantization, qlora_policy
 
         own = roberta_policy.shard_policy(model)
         if not method_named(cfg.method).adapter or cfg.plugin.options["tp_size"] == 1:
             return own
+        if self.quantizes_shards(cfg):  # QLoRA: each rank quantizes its shards
+            return qlora_policy(model, own, ShardQuantization.of(cfg.quantization, cfg.train.precision))
         return lora_policy(model, own)
 
     def apply_adapters(self, model, lora_config, booster, plugin):
@@ -239,6 +243,13 @@ class HybridParallel(HybridParallelSpec, Plugin):
             run.optimizer.zero_grad()
             return out
         return run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=None, return_loss=True, return_outputs=return_outputs)
+
+    def held_weight_bytes(self, state: TrainState) -> WeightBytes | None:
+        """A quantized base: this rank's pipeline stage and tensor-parallel shards (4-bit shards with their own block scales)."""
+        from finetune.quantization import quantized_modules, weight_bytes
+
+        module = state.model.unwrap()
+        return weight_bytes(module) if quantized_modules(module) else None
 
     def write_model(self, state: TrainState, path: Path) -> None:
         """Adapters: every split gathered and every stage's share collected, written in peft layout; full: the Booster's sharded save."""

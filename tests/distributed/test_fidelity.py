@@ -69,6 +69,10 @@ CASES = {
     "fsdp-llama-lora": ("fsdp", "tiny-llama", "lora", [], 2, FP32),
     # QLoRA under FSDP: the 4-bit weights stored as fp32 (bnb_4bit_quant_storage), flattened and sharded with the rest
     "fsdp-llama-qlora": ("fsdp", "tiny-llama", "qlora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 2, FP32),
+    # QLoRA under TP (finetune.qlora_tp): each rank quantizes its shards; LoRA on q/k/v/o (column and row splits with
+    # adapters), gate/up/down 4-bit shards alone. tiny-llama-wide: every shard is whole 64-element blocks. One reference.
+    "tp2-llama-qlora": ("tp2_lora", "tiny-llama-wide", "qlora", ["quantization.double_quant=false"], 1, LORA_TP),
+    "tp2_pp2-llama-qlora": ("tp2_pp2", "tiny-llama-wide", "qlora", ["quantization.double_quant=false"], 1, LORA_TP),  # 4 ranks
     "tp2-llama-full": ("tp2", "tiny-llama", "full", [], 1, FP32),
     "pp2-gpt2-full": ("pp2", "tiny-gpt2", "full", [], 1, FP32),
     "pp2-llama-full": ("pp2", "tiny-llama", "full", [], 1, FP32),
@@ -248,6 +252,8 @@ def test_matches_single_process_reference(case, fidelity_runs, references):
         assert_adapter_reloads(out / "final", args, ref_model)
     if method_named(method).quantized_base and config == "fsdp":
         assert_each_rank_holds_its_share(out)
+    elif method_named(method).quantized_base:
+        assert_ranks_hold_the_quantized_shards(out, ref_model)
     if "weights" in tolerance:
         diffs = {k: (saved[k].float() - ref[k].float()).abs().max().item() for k in saved}
         worst = max(diffs, key=diffs.get)
@@ -314,6 +320,22 @@ def assert_each_rank_holds_its_share(out: Path) -> None:
     for share in shares:
         assert 0.4 * whole["packed_bytes"] <= share["packed_bytes"] <= 0.6 * whole["packed_bytes"], (share, whole)
         assert share["bytes"] - share["packed_bytes"] == state
+
+
+def assert_ranks_hold_the_quantized_shards(out: Path, ref_model) -> None:
+    """Tensor (x pipeline) parallelism: the ranks' 4-bit shards (measured after sharding, in summary.json) add up to the
+    reference's whole quantization, packed data and block scales (each shard with its own 16-entry code book); here
+    every rank holds the same share (tiny-llama-wide's 2 layers: one per pipeline stage, each split in two)."""
+    from finetune.quantization import quantized_modules, weight_bytes
+
+    whole = weight_bytes(ref_model).as_dict()["quantized"]
+    modules = dict(ref_model.named_modules())
+    code_book = sum(modules[name].weight.quant_state.code.numel() * 4 for name in quantized_modules(ref_model))  # fp32 entries
+    shares = [rank["quantized"] for rank in json.loads((out / "summary.json").read_text())["memory"]["model_weights"]["per_rank"]]
+    assert sum(share["params"] for share in shares) == whole["params"] > 0
+    assert sum(share["packed_bytes"] for share in shares) == whole["packed_bytes"]
+    assert sum(share["bytes"] for share in shares) == whole["bytes"] + code_book  # the tensor-parallel pair: two code books per projection
+    assert {share["packed_bytes"] for share in shares} == {whole["packed_bytes"] // len(shares)}, shares
 
 
 def build_reference_init(args: list[str], method: str):

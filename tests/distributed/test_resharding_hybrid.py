@@ -26,6 +26,7 @@ STEPS, CHECKPOINT_AT = 6, 3
 LOSS, WEIGHTS = 1e-5, 1e-4
 LLAMA_FULL = ["model.name=tiny-llama", "method=full"]
 GPT2_LORA = ["model.name=tiny-gpt2", "method=lora", "lora.target_modules=[c_attn,c_proj]"]  # fused q/k/v rows split under TP
+LLAMA_QLORA = ["model.name=tiny-llama-wide", "method=qlora", "quantization.double_quant=false"]  # 4-bit shards quantized per rank under TP
 
 
 def run_args(layout: str, data: Path, out: Path, extra: list[str]) -> list[str]:
@@ -60,12 +61,19 @@ def weights_in(path: Path) -> dict:
 
 # The uninterrupted runs (layout, its settings) and the resumes of their step-3 checkpoints under another layout
 # (written layout, resumed layout, its settings) that each test needs; they share launches (tests/run_many.py).
-UNINTERRUPTED = {"tp2": LLAMA_FULL, "pp2": LLAMA_FULL, "tp2_lora": GPT2_LORA}
-RESUMES = {"tp2-to-pp2": ("tp2", "pp2", LLAMA_FULL), "tp2-lora-to-ddp2": ("tp2_lora", "torch_ddp", [*GPT2_LORA, "train.batch_size=2"])}  # ddp2 x 2 samples: tp2's global batch of 4
+UNINTERRUPTED = {"tp2": LLAMA_FULL, "pp2": LLAMA_FULL, "tp2_lora": GPT2_LORA, "tp2_qlora": LLAMA_QLORA}
+RESUMES = {
+    "tp2-to-pp2": ("tp2", "pp2", LLAMA_FULL),
+    "tp2-lora-to-ddp2": ("tp2_lora", "torch_ddp", [*GPT2_LORA, "train.batch_size=2"]),  # ddp2 x 2 samples: tp2's global batch of 4
+    "tp2-qlora-to-one": ("tp2_qlora", "torch_ddp", LLAMA_QLORA),  # one process, the model quantized whole
+}
+CONFIGS = {"tp2_qlora": "tp2_lora"}  # a run's booster_configs/ file where its name is not one
+RANKS = {"tp2-qlora-to-one": 1}  # processes where 2 are not meant
 NEEDS = {
     "test_tp2_checkpoint_resumes_under_pp2": ["tp2-to-pp2"],
     "test_pp2_preempted_checkpoint_resumes_under_tp2_pp2": ["pp2"],
     "test_tp2_lora_checkpoint_resumes_under_ddp2": ["tp2-lora-to-ddp2"],
+    "test_tp2_qlora_checkpoint_resumes_in_one_process": ["tp2-qlora-to-one"],
 }
 
 
@@ -75,13 +83,13 @@ def runs(request, tmp_path_factory, equal_length_data) -> tuple[Path, dict]:  # 
     root = tmp_path_factory.mktemp("hybrid-reshard")
     needed = {name for test, names in NEEDS.items() if selected_params(request, test, None) for name in names}
     layouts = {name for name in needed if name in UNINTERRUPTED} | {RESUMES[name][0] for name in needed if name in RESUMES}
-    results = run_grouped({layout: (2, run_args(layout, equal_length_data, root / layout, UNINTERRUPTED[layout])) for layout in sorted(layouts)}, root / "launches")
+    results = run_grouped({layout: (2, run_args(CONFIGS.get(layout, layout), equal_length_data, root / layout, UNINTERRUPTED[layout])) for layout in sorted(layouts)}, root / "launches")
     resumes = {}
     for name in sorted(needed & RESUMES.keys()):
         written, layout, extra = RESUMES[name]
         if results[written].returncode == 0:
             shutil.copytree(root / written, root / name)  # a checkpoint resumes only into its own run (output_dir)
-            resumes[name] = (2, run_args(layout, equal_length_data, root / name, extra) + [f"resume_from={checkpoint.checkpoint_dir(str(root / name), CHECKPOINT_AT)}"])
+            resumes[name] = (RANKS.get(name, 2), run_args(layout, equal_length_data, root / name, extra) + [f"resume_from={checkpoint.checkpoint_dir(str(root / name), CHECKPOINT_AT)}"])
     results.update(run_grouped(resumes, root / "resume-launches"))
     return root, results
 
@@ -157,3 +165,12 @@ def test_tp2_lora_checkpoint_resumes_under_ddp2(runs):
     root, _ = runs
     assert "resuming a tp2 checkpoint under ddp x2:" in succeeded(runs, "tp2_lora", "tp2-lora-to-ddp2")
     assert_continues(root / "tp2_lora", root / "tp2-lora-to-ddp2")
+
+
+@pytest.mark.timeout(1800)
+def test_tp2_qlora_checkpoint_resumes_in_one_process(runs):
+    """QLoRA under tp2 (each rank quantized its shards) resumes in one process on the model quantized whole: the shards
+    were bit-identical slices of it, so steps 4-6 and the gathered adapter are the tp2 run's."""
+    root, _ = runs
+    assert "resuming a tp2 checkpoint under" in succeeded(runs, "tp2_qlora", "tp2-qlora-to-one")
+    assert_continues(root / "tp2_qlora", root / "tp2-qlora-to-one")

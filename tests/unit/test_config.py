@@ -143,7 +143,12 @@ def test_tensor_parallel_must_divide_the_heads():
         ("pp2_zero1.yaml", ["train.precision=fp32"], 2, "plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16"),
         ("zero2.yaml", ["plugin.tp_size=2"], 2, "plugin.tp_size: not an option of plugin 'low_level_zero'"),
         ("fsdp.yaml", ["method=qlora", "quantization.bits=8"], 2, "method=qlora with quantization.bits=8 under torch_fsdp: bitsandbytes holds 8-bit weights only as int8 tensors"),
-        ("tp2.yaml", ["method=qlora", "model.name=tiny-gpt2"], 2, "method=qlora with plugin.tp_size>1"),
+        ("tp2.yaml", ["method=qlora", "model.name=tiny-gpt2"], 2, "method=qlora with plugin.tp_size>1 supports model types llama, mistral, qwen2; tiny-gpt2 is gpt2"),
+        ("tp2_lora.yaml", ["method=qlora", "model.name=tiny-mixtral", "quantization.double_quant=false"], 2, "method=qlora with plugin.tp_size>1 supports model types llama, mistral, qwen2"),
+        ("tp2_lora.yaml", ["method=qlora", "model.name=tiny-llama-wide"], 2, "quantization.double_quant=true with plugin.tp_size=2: the second quantization groups 256 block scales"),
+        ("tp2_lora.yaml", ["method=qlora", "model.name=tiny-llama-wide", "quantization.bits=8"], 2, "quantization.bits=8 with plugin.tp_size=2: LLM.int8 scales each output row"),
+        ("tp2_lora.yaml", ["method=qlora", "model.name=tiny-llama-wide", "quantization.double_quant=false", "quantization.skip_modules=[q_proj]"], 2, "the vocabulary-parallel lm_head is not quantized"),
+        ("tp2_lora.yaml", ["method=qlora", "model.name=tiny-llama", "quantization.double_quant=false"], 2, "the shards of o_proj (64x64, row-parallel) would not be whole 64-element quantization blocks"),
         ("gemini.yaml", ["method=qlora"], 2, "method=qlora: plugin 'gemini' cannot hold LoRA adapters"),
     ],
 )
@@ -151,6 +156,16 @@ def test_impossible_plugin_combinations(config, argv, world, message):
     with pytest.raises(ConfigError) as err:
         load_config(["--config", str(REPO / "booster_configs" / config), *argv], world_size=world)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("config, tp", [("tp2_lora.yaml", 2), ("tp2_pp2.yaml", 2)])
+def test_qlora_under_tensor_parallelism_is_accepted_where_shards_are_whole_blocks(config, tp):
+    """4-bit NF4 without double quantization, shards of whole 64-element blocks: each rank quantizes its shards (finetune.qlora_tp)."""
+    from finetune.core.plugins import SPECS
+
+    cfg = load_config(["--config", str(REPO / "booster_configs" / config), "method=qlora", "model.name=tiny-llama-wide", "quantization.double_quant=false"], world_size=2 * tp if "pp2" in config else tp)
+    assert SPECS["hybrid_parallel"].quantizes_shards(cfg)
+    assert not SPECS["hybrid_parallel"].quantizes_shards(load_config(["--config", str(REPO / "booster_configs" / "pp2.yaml"), "method=qlora"], world_size=2))
 
 
 def test_fsdp_cpu_offload_is_off_on_cpu():

@@ -143,6 +143,29 @@ def test_qlora_under_fsdp_shards_the_packed_4bit_weights():
     assert two.weights < 0.75 * one.weights
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qlora_under_tensor_parallelism_divides_the_4bit_weights(tp):
+    """Issue 26: each rank quantizes its own shards (finetune.qlora_tp): the layers' 4-bit weights with their fp32 block
+    scales (no double quantization under TP), the embeddings and lm_head split by tp; norms and the LoRA adapters whole."""
+    shape = est.model_shape(est.load_model_config("llama2-7b"), "qlora", config_of("method=lora").lora)
+    cfg = config_of("--config", "booster_configs/tp2_lora.yaml", "model.name=llama2-7b", "method=qlora", f"plugin.tp_size={tp}", "train.precision=bf16", "quantization.double_quant=false")
+    split = est.estimate(cfg, world_size=tp, quantization=est.quantization_of(cfg))
+    quantized, vocabulary = 32 * shape.layer_matmul, 2 * 32000 * 4096  # embeddings and lm_head (32,000 rows split evenly)
+    norms = split.params - quantized - vocabulary - split.trainable_params
+    assert est.quantization_of(cfg).bytes_per_weight() == 0.5 + 4 / 64
+    assert split.weights == pytest.approx(quantized / tp * (0.5 + 4 / 64) + (vocabulary / tp + norms) * 2 + split.trainable_params * 4, rel=1e-9)
+
+
+def test_llama31_70b_qlora_tp4_fits_24_gib():
+    """Issue 26's acceptance: Llama-3.1-70B QLoRA with TP=4 on 4 GPUs, 2048 tokens, batch 1, gradient checkpointing:
+    <= 24 GiB per GPU predicted (docs/estimator.md records the figure)."""
+    args = ["--config", "booster_configs/tp2_lora.yaml", "model=llama3.1-70b", "method=qlora", "plugin.tp_size=4", "world_size=4", "batch_size=1", "eval.batch_size=1",
+            "seq_len=2048", "precision=bf16", "train.gradient_checkpointing=true", "quantization.double_quant=false"]
+    prediction = est.estimate_request(args)
+    assert prediction.total() / est.GIB == pytest.approx(14.23, abs=0.005)
+    assert prediction.total() <= 24 * est.GIB
+
+
 def saved_bytes_per_layer(config, autocast: bool, half_model: bool, lora=None, attention: str = "sdpa") -> float:
     """Bytes autograd saves per token for one layer: a 2-layer minus a 1-layer model (parameters and buffers aside)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

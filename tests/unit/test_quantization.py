@@ -141,3 +141,60 @@ def test_quantization_repairs_are_version_guarded():
     assert transformers_fixes.apply(transformers_version="4.53.0") == []
     assert bitsandbytes_fixes.keep_4bit_weights_trainable(torch.nn.Linear(2, 2), bitsandbytes_version="0.51.0") == 0
     assert peft_fixes.apply(peft_version="0.14.0") == []
+
+
+@pytest.fixture(scope="module")
+def wide_llama_bases():
+    """tiny-llama-wide (random init, seed 0) in float32, and quantized whole as one process does (NF4, no double quantization)."""
+    whole = QuantizationConfig(bits=4, quant_type="nf4", double_quant=False)
+    return build_model(ModelConfig(name="tiny-llama-wide"), seed=0)[0], build_model(ModelConfig(name="tiny-llama-wide"), seed=0, quantization=whole)[0]
+
+
+def _shard(weight: torch.Tensor, split: str, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s shard as shardformer cuts it: output rows (column-parallel) or input columns (row-parallel)."""
+    return weight.chunk(tp, dim=0 if split == "column" else 1)[rank]
+
+
+def test_tensor_parallel_4bit_shards_are_slices_of_the_whole_quantization(wide_llama_bases, tp=2):
+    """Each rank's quantized shard (finetune.qlora_tp) is, bit for bit, the matching slice of the model quantized whole:
+    packed data viewed (out, in / 2) and absmax viewed (out, in / 64), rows for column-parallel, columns for row-parallel."""
+    from finetune.core.plugins.hybrid import QUANT_BLOCK, llama_projections, misaligned_projections
+    from finetune.qlora_tp import ShardQuantization
+
+    full, quantized = wide_llama_bases
+    projections = llama_projections("tiny-llama-wide")
+    assert not misaligned_projections(projections, tp)
+    quant = ShardQuantization.of(QuantizationConfig(bits=4, quant_type="nf4", double_quant=False), "fp32")
+    fulls, wholes = dict(full.named_modules()), dict(quantized.named_modules())
+    checked = set()
+    for name, whole in wholes.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in projections:
+            continue
+        out_features, in_features, split = projections[kind]
+        packed = whole.weight.data.view(out_features, in_features // 2)
+        absmax = whole.weight.quant_state.absmax.view(out_features, in_features // QUANT_BLOCK)
+        for rank in range(tp):
+            shard = quant.quantize(_shard(fulls[name].weight.data, split, rank, tp))
+            assert torch.equal(shard.data.view(-1), _shard(packed, split, rank, tp).reshape(-1)), f"{name} rank {rank}: packed data"
+            assert torch.equal(shard.quant_state.absmax, _shard(absmax, split, rank, tp).reshape(-1)), f"{name} rank {rank}: absmax"
+            assert torch.equal(shard.quant_state.code, whole.weight.quant_state.code) and shard.quant_state.shape == _shard(fulls[name].weight, split, rank, tp).shape
+        checked.add((kind, split))
+    assert {split for _, split in checked} == {"column", "row"} and len(checked) == 7
+
+
+def test_a_row_parallel_shard_narrower_than_a_block_is_not_a_slice_and_is_refused():
+    """tiny-llama's o_proj (64 x 64) split by input columns over 2 ranks: 32-column rows, so each 64-element block of a
+    shard mixes two rows; its quantization differs from the whole's, and the config check names it."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from finetune.core.plugins.hybrid import llama_projections, misaligned_projections
+    from finetune.qlora_tp import ShardQuantization
+
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    quant = ShardQuantization.of(QuantizationConfig(bits=4, quant_type="nf4", double_quant=False), "fp32")
+    whole = quant.quantize(weight)
+    shard = quant.quantize(_shard(weight, "row", 0, 2))
+    assert shard.quant_state.absmax.numel() == 32 and whole.quant_state.absmax.numel() == 64  # a block per two half-rows, not per row
+    assert not torch.equal(dequantize_4bit(shard.data, shard.quant_state), dequantize_4bit(whole.data, whole.quant_state)[:, :32])
+    assert misaligned_projections(llama_projections("tiny-llama"), 2) == ["o_proj (64x64, row-parallel)"]

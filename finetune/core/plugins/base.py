@@ -58,6 +58,11 @@ class PluginSpec:
         included (bitsandbytes' quant_storage); None: bitsandbytes' uint8 packing, unquantized weights in float32."""
         return None
 
+    def quantizes_shards(self, cfg: Config) -> bool:
+        """Whether each rank quantizes its own shards of a full-precision model (QLoRA under tensor parallelism) instead
+        of every rank loading the model quantized."""
+        return False
+
     def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
         """The layout numbers for these (effective) options."""
         return Plan(dp=world_size)

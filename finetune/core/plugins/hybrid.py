@@ -95,7 +95,7 @@ class HybridParallelSpec(PluginSpec):
             problems.append("plugin.zero_stage>0 under hybrid_parallel needs train.precision=bf16 (or fp16 on CUDA); ColossalAI's hybrid ZeRO has no fp32 mode")
         method = METHODS[cfg.method]
         if tp > 1 and method.quantized_base:
-            problems.append(f"method={cfg.method} with plugin.tp_size>1: quantized weights cannot be split by tensor parallelism; use tp_size=1 with pp_size>1, or plugin.name=torch_ddp / low_level_zero")
+            problems += qlora_tp_problems(cfg, tp) or lora_tp_problems(cfg, options)
         elif tp > 1 and method.adapter:
             problems += lora_tp_problems(cfg, options)
         if (options["pp_style"] == "interleaved") != (options["num_model_chunks"] > 1):
@@ -161,6 +161,10 @@ class HybridParallelSpec(PluginSpec):
         master = 4 if half_precision(cfg) else 0
         return cast_placement(cfg, dp=dp, **layout, grad_copies=ddp_buckets, master_bytes=master, step_grad_bytes=master)
 
+    def quantizes_shards(self, cfg: Config) -> bool:
+        """QLoRA under tensor parallelism: the model is built in full precision and each rank quantizes its shards (finetune.qlora_tp)."""
+        return cfg.plugin.options["tp_size"] > 1 and METHODS[cfg.method].quantized_base
+
     def fit_alternatives(self, world_size: int) -> list[tuple[tuple[str, ...], float]]:
         """Tensor parallelism over every rank: more communication."""
         return [((f"plugin.name={self.name}", f"plugin.tp_size={world_size}"), 3)]
@@ -184,3 +188,56 @@ def lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
     if options["enable_sequence_parallelism"]:
         return ["method=lora with plugin.tp_size>1 and plugin.enable_sequence_parallelism=true: adapters on sequence-parallel layers are not supported; turn sequence parallelism off"]
     return []
+
+
+def qlora_tp_problems(cfg: Config, tp: int) -> list[str]:
+    """What QLoRA under tensor parallelism (finetune.qlora_tp: each rank quantizes its shard) cannot do in this config."""
+    kind, quant = model_type(cfg.model.name), cfg.quantization
+    if not architecture(kind).qlora_tp:
+        served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.qlora_tp))
+        return [f"method=qlora with plugin.tp_size>1 supports model types {served}; {cfg.model.name} is {kind or 'of unknown type'}: use tp_size=1 with pp_size>1, or plugin.name=torch_fsdp / torch_ddp"]
+    if quant.bits == 8:
+        return [f"quantization.bits=8 with plugin.tp_size={tp}: LLM.int8 scales each output row by its absmax over the whole row, which row-parallel shards split; use quantization.bits=4"]
+    if quant.double_quant:
+        return [f"quantization.double_quant=true with plugin.tp_size={tp}: the second quantization groups 256 block scales offset by their mean over the whole weight, which a shard cannot reproduce; set quantization.double_quant=false (fp32 block scales: 0.375 bits per weight more)"]
+    if quant.skip_modules and "lm_head" not in quant.skip_modules:
+        return [f"quantization.skip_modules={quant.skip_modules} with plugin.tp_size={tp}: the vocabulary-parallel lm_head is not quantized under tensor parallelism; add lm_head to the list"]
+    projections = llama_projections(cfg.model.name)
+    bad = misaligned_projections(projections, tp) if projections else []
+    if bad:
+        return [f"method=qlora with plugin.tp_size={tp}: the shards of {', '.join(bad)} would not be whole {QUANT_BLOCK}-element quantization blocks "
+                f"(a column-parallel shard's rows x in_features and a row-parallel shard's in_features / tp must divide by {QUANT_BLOCK}); use a tp_size that keeps them whole, or tp_size=1 with pp_size>1"]
+    return []
+
+
+def llama_projections(model_name: str) -> dict[str, tuple[int, int, str]] | None:
+    """Each projection of a Llama-layout decoder as (out_features, in_features, how tensor parallelism splits it); None when its config is unknown."""
+    hidden, ffn = config_value(model_name, ("hidden_size",)), config_value(model_name, ("intermediate_size",))
+    heads = attention_heads(model_name)
+    if not (hidden and ffn and heads):
+        return None
+    head_dim = config_value(model_name, ("head_dim",)) or hidden // heads[0]
+    q, kv = heads[0] * head_dim, heads[1] * head_dim
+    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q), "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}
+    return {name: (*shape, "row" if name in ("o_proj", "down_proj") else "column") for name, shape in shapes.items()}
+
+
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit block size (Params4bit's default, as transformers quantizes): elements per absmax
+
+
+def misaligned_projections(projections: dict[str, tuple[int, int, str]], tp: int) -> list[str]:
+    """The projections whose tensor-parallel shards would not be whole quantization blocks, each as 'name (out x in, split)'.
+
+    bitsandbytes quantizes a weight (out, in) flattened row-major: a column-parallel shard (output rows) is a
+    contiguous range, whole blocks when it starts on a block boundary; a row-parallel shard (input columns)
+    is whole blocks when each of its rows is.
+
+    Args:
+        projections: name -> (out_features, in_features, "column" or "row"), how shardformer splits it.
+    """
+    bad = []
+    for name, (out_features, in_features, split) in projections.items():
+        shard = out_features // tp * in_features if split == "column" else in_features // tp
+        if shard % QUANT_BLOCK:
+            bad.append(f"{name} ({out_features}x{in_features}, {split}-parallel)")
+    return bad
