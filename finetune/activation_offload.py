@@ -2,9 +2,10 @@
 
 A saved_tensors_hooks context that the training step enters around forward and backward (Plugin.forward_backward):
 each saved tensor of the compute device, of at least MIN_OFFLOAD_BYTES and not a parameter (nor a view of one), is
-copied to a host buffer when autograd saves it, and brought back when backward asks for it. What is saved after the
-last transformer block (the final norm, the head and the loss, which backward needs first) stays on the device:
-offloading it would only send it out and straight back (torchtune leaves its output layer out for that reason).
+copied to a host buffer when autograd saves it, and brought back when backward asks for it. Offloading starts with
+each forward of the decoder body and stops at the end of its last transformer block: what is saved after it (the
+final norm, the head and the loss, which backward needs first) stays on the device, as offloading it would only send
+it out and straight back (torchtune leaves its output layer out for that reason).
 
 With gradient checkpointing (non-reentrant, as build_run enables it) autograd saves only each block's inputs (the
 checkpoint's own hooks take the block's inner tensors, and recompute them in backward): those inputs are offloaded.
@@ -79,10 +80,17 @@ def _is_parameter(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
 
 
-def last_block(model: nn.Module) -> nn.Module | None:
-    """The model's last transformer block (a module of one of its _no_split_modules classes), through any wrapper."""
+def block_stack(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(the module that runs the transformer blocks, the last block) of a Hugging Face model, through any wrapper: the
+    blocks are a ModuleList of its _no_split_modules classes (each maybe in an FSDP unit), the runner its parent (the
+    decoder body, which every forward calls as a module); None where there is no such list."""
     names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
-    return next((m for m in reversed(list(model.modules())) if type(m).__name__ in names), None)
+    unwrapped = lambda m: getattr(m, "_fsdp_wrapped_module", m)  # noqa: E731
+    for parent in model.modules():
+        for child in parent.children():
+            if isinstance(child, nn.ModuleList) and len(child) and type(unwrapped(child[0])).__name__ in names:
+                return parent, unwrapped(child[-1])
+    return None
 
 
 class ActivationOffload(saved_tensors_hooks):
@@ -91,7 +99,7 @@ class ActivationOffload(saved_tensors_hooks):
     Enter it around a micro-batch's forward and backward; `stats` tells what the last forward offloaded.
     """
 
-    def __init__(self, device: torch.device, stop_after: nn.Module | None = None) -> None:
+    def __init__(self, device: torch.device, blocks: tuple[nn.Module, nn.Module] | None = None) -> None:
         self.device = device
         self.stats = OffloadStats()
         self._offloading = True
@@ -100,12 +108,16 @@ class ActivationOffload(saved_tensors_hooks):
         cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._compute_stream = torch.cuda.current_stream(device) if cuda else None
-        if stop_after is not None:  # after the last block, what is saved (head, loss) is needed first in backward
-            stop_after.register_forward_hook(lambda *_: self._stop_offloading())
+        if blocks:  # (block_stack) from the start of each forward's blocks (a step may run several forwards: a
+            # preference reference pass) to the end of the last block: what is saved after it (head, loss) is what
+            # backward needs first
+            runner, last = blocks
+            runner.register_forward_pre_hook(lambda *_: self._start_offloading())
+            last.register_forward_hook(lambda *_: self._stop_offloading())
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self) -> ActivationOffload:
-        self._offloading, self.stats = True, OffloadStats()
+        self._offloading, self.stats = True, OffloadStats()  # (no blocks found: everything from here on)
         super().__enter__()
         return self
 
@@ -113,6 +125,9 @@ class ActivationOffload(saved_tensors_hooks):
         super().__exit__(*exc)
         self._release_stash()
         self._seen.clear()
+
+    def _start_offloading(self) -> None:
+        self._offloading = True
 
     def _stop_offloading(self) -> None:
         self._offloading = False

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from finetune import checkpoint, chunked_loss
-from finetune.activation_offload import ActivationOffload, last_block
+from finetune.activation_offload import ActivationOffload, block_stack
 from finetune.checkpoint.model_state import TrainState
 from finetune.booster import build_booster
 from finetune.config import Config, parallel_plan
@@ -142,7 +142,7 @@ def build_run(
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
     objective = pair_objective(cfg, task, model, model.unwrap(unwrap_peft=False) if lora_config else None) if task.pairs else None
-    saved_activations = ActivationOffload(device, stop_after=last_block(model)) if cfg.train.activation_offload else contextlib.nullcontext()
+    saved_activations = ActivationOffload(device, block_stack(model)) if cfg.train.activation_offload else contextlib.nullcontext()
     if cfg.train.activation_offload:
         log("activations saved for backward wait in host memory (train.activation_offload)")
     run = Run(
