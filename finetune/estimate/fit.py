@@ -54,8 +54,8 @@ def with_overrides(cfg: Config, overrides: tuple[str, ...]) -> Config:
 LOSS_CHUNKS_COST = 0.1  # the head recomputed per chunk in backward: a few per cent of a step (~free)
 CHECKPOINTING_COST = 1.0  # every layer's forward run again in backward: ~1/3 more compute
 # Activation offload is bound by the host link (PCIe, ~25 GB/s): without checkpointing every saved tensor crosses
-# it twice (Llama-3.1-8B, 2 x 2048 tokens: ~25 GiB each way a step, seconds against a step of about one), which
-# overlap hides only in part; with checkpointing only each layer's input crosses (~1 GiB there), mostly hidden.
+# it twice (Llama-3.1-8B LoRA, 2 x 2048 tokens: ~25 GiB each way, ~2 s a step, as long as the step's compute on a
+# 4090), which overlap hides only in part; with checkpointing only each layer's input crosses (1 GiB), mostly hidden.
 ACTIVATION_OFFLOAD_COST = 2.0
 ACTIVATION_OFFLOAD_CHECKPOINTED_COST = 0.25
 HALVING_COST = 1.0  # per halving of the micro-batch, same global batch: smaller matmuls, more passes
