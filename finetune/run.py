@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DistributedSampler
 
 from finetune import checkpoint, chunked_loss
+from finetune.activation_offload import ActivationOffload, block_stack
 from finetune.checkpoint.model_state import TrainState
 from finetune.booster import build_booster
 from finetune.config import Config, parallel_plan
@@ -51,6 +53,8 @@ class Run:
     faults: Faults
     preemption: Preemption | None  # SIGTERM / SIGUSR1: stop after the current step with a checkpoint; None: no handler (no fit())
     objective: PairObjective | None = None  # preference pairs: the loss and its metrics; None: the model's own loss
+    # Entered around each micro-batch's forward and backward: train.activation_offload's hooks, else nothing.
+    saved_activations: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
 
     @property
     def state(self) -> TrainState:
@@ -138,10 +142,14 @@ def build_run(
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
     optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
     objective = pair_objective(cfg, task, model, model.unwrap(unwrap_peft=False) if lora_config else None) if task.pairs else None
+    saved_activations = ActivationOffload(device, block_stack(model)) if cfg.train.activation_offload else contextlib.nullcontext()
+    if cfg.train.activation_offload:
+        log("activations saved for backward wait in host memory (train.activation_offload)")
     run = Run(
         cfg=cfg, plugin=plugin_spec, method=method, task=task, plan=parallel_plan(cfg, world_size), layout=layout, booster=booster, model=model,
         optimizer=optimizer, scheduler=scheduler, device=device, pad_to=pad_to, lora_config=lora_config, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, parameter_counts=parameter_counts, faults=faults, preemption=preemption, objective=objective,
+        saved_activations=saved_activations,
     )
     if pending:
         with checkpoint.failing_together():  # a weight missing from one rank's stage stops every rank with its line

@@ -160,6 +160,9 @@ class TrainConfig:
     # Causal LMs: the head and cross-entropy in chunks of this many tokens, only where labels count (no batch x tokens x
     # vocab logits): auto (1024 where exact: torch_ddp, low_level_zero, torch_fsdp) | off | N tokens per chunk
     loss_chunks: str = "auto"
+    # The tensors autograd saves for backward wait in host memory and come back in backward (finetune.activation_offload;
+    # pinned, copied on a side stream on CUDA); not under a pipeline, whose schedule runs forward and backward itself
+    activation_offload: bool = False
     seed: int = 42
     log_every: int = 1
     on_nan: str = "stop"  # a non-finite loss: stop (the last checkpoint stays good) | skip (drop that step's update)

@@ -111,6 +111,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     problems += tracking_problems(cfg)
     problems += preference_problems(cfg, names)
     problems += loss_chunks_problems(cfg)
+    problems += _activation_offload_problems(cfg, world_size)
     name = cfg.model.name
     # Named configs get the GPT-2 BPE tokenizer; the public configs of other families are for
     # `python -m finetune.estimate`, not for training (random weights, and a tokenizer not theirs).
@@ -120,6 +121,17 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if world_size < 1:
         problems.append(f"world size must be at least 1, got {world_size}")
     return problems
+
+
+def _activation_offload_problems(cfg: Config, world_size: int) -> list[str]:
+    """train.activation_offload hooks the step's own forward and backward; a pipeline's schedule runs them itself."""
+    if not cfg.train.activation_offload or cfg.plugin.name not in SPECS:
+        return []
+    stages = SPECS[cfg.plugin.name].plan(cfg.plugin.options, cfg.train.batch_size, world_size).pp
+    if stages > 1:
+        return [f"train.activation_offload=true under pipeline parallelism ({stages} stages): the pipeline schedule runs forward and backward "
+                "itself, outside the step that offloads; set train.activation_offload=false, or train without a pipeline"]
+    return []
 
 
 def _unusable_paths(cfg: Config) -> list[str]:

@@ -20,6 +20,7 @@ from finetune.estimate.memory import (
     GIB,
     MIB,
     Estimate,
+    OffloadedActivations,
     Quantization,
     Share,
     StateBytes,
@@ -31,6 +32,7 @@ from finetune.estimate.memory import (
     layer_activation_bytes,
     loss_peak_bytes,
     norm_bytes,
+    offloaded_activations,
     outside_activation_bytes,
     pipeline_layers,
     placement,
@@ -43,9 +45,9 @@ from finetune.estimate.shape import PROJECTION_ROLES, EstimateError, ModelShape,
 
 __all__ = [
     "BOOSTER_CONFIGS", "CHUNKED_LOSS_TOKEN_BYTES", "CPU_AFTER_START_BYTES", "DEFAULT_CHUNK_TOKENS", "CPU_PROCESS_BYTES", "CPU_START_BYTES", "CUDA_CONTEXT_BYTES", "DEVICES", "DTYPE_BYTES", "ESTIMATOR_KEYS",
-    "GIB", "IGNORED_PROBLEMS", "MIB", "PROJECTION_ROLES", "SHORT_KEYS", "Alternative", "Estimate", "EstimateError", "ModelShape", "Quantization",
+    "GIB", "IGNORED_PROBLEMS", "MIB", "PROJECTION_ROLES", "SHORT_KEYS", "Alternative", "Estimate", "EstimateError", "ModelShape", "OffloadedActivations", "Quantization",
     "Share", "StateBytes", "activation_peaks", "build_meta_model", "compare_with_run", "estimate", "estimate_request", "eval_peak_bytes",
     "fit_check_line", "fitting_alternatives", "format_fit", "format_table", "ignored_problems", "in_flight", "is_classifier", "layer_activation_bytes",
-    "load_model_config", "loss_peak_bytes", "main", "model_shape", "norm_bytes", "outside_activation_bytes", "parse_request", "pipeline_layers",
+    "load_model_config", "loss_peak_bytes", "main", "model_shape", "norm_bytes", "offloaded_activations", "outside_activation_bytes", "parse_request", "pipeline_layers",
     "placement", "quantization_of", "rank_share", "state_bytes", "with_overrides",
 ]  # fmt: skip

@@ -31,7 +31,10 @@ Per rank, in bytes (P = parameters and Pt = trainable ones, of this rank's tenso
                 plus the fp32 master copy of half-precision plugins, divided by optimizer sharding
                 (ZeRO-1/2, FSDP, Gemini); CPU offload moves them to host memory (reported apart)
   activations   the peak of a training step (see `layer_activation_bytes`), with and without per-layer
-                gradient checkpointing, and the peak of an eval batch's forward (its logits)
+                gradient checkpointing, and the peak of an eval batch's forward (its logits); with
+                train.activation_offload on CUDA every layer's saved tensors (checkpointing: its input) wait
+                in host memory (its own line) and the device holds what is saved outside the layers, the
+                loss and, in backward, one layer's at a time (`offloaded_activations`)
   step temporaries  what the optimizer step allocates and frees: fp32 gradient copies of half-precision
                 plugins and AdamW's per-tensor temporaries (fused kernel on CUDA, per-tensor loop on
                 CPU): twice the largest optimizer tensor
@@ -135,6 +138,7 @@ def format_table(est: Estimate) -> str:
     precision = f"compute {quant['compute_dtype']}" if quant else s["precision"]
     pct = 100 * est.trainable_params / est.params
     loss = f", loss in {s['loss_chunks']}-token chunks" if s.get("loss_chunks") else ""
+    loss += ", activations offloaded to host" if s.get("activation_offload") else ""
     width = 44
     both = lambda name, value: f"  {name:<{width - 2}} {gib(value):>16} {gib(value):>14}"
     lines = [
@@ -154,6 +158,8 @@ def format_table(est: Estimate) -> str:
     ]
     if est.host_offload:
         lines.append(f"  {'host memory (CPU offload)':<{width - 2}} {gib(est.host_offload):>16} {gib(est.host_offload):>14}")
+    if est.host_activations:
+        lines.append(f"  {'host memory (offloaded activations)':<{width - 2}} {gib(est.host_activations):>16} {gib(est.host_activations_checkpointed):>14}")
     ckpt = "true" if est.gradient_checkpointing else "false"
     lines += ["", f"as configured (train.gradient_checkpointing={ckpt}): {gib(est.total())} GiB per rank"]
     if s["device"] == "cuda":

@@ -232,6 +232,10 @@ class Estimate:
     framework_overhead: int
     host_offload: int  # in host memory because of CPU offload (a CUDA run's CPU side), per rank
     gradient_checkpointing: bool  # what the run itself uses
+    # train.activation_offload on CUDA: the saved activations in host memory at the training step's peak (without and
+    # with checkpointing); the activation fields above are then what stays on the device
+    host_activations: int = 0
+    host_activations_checkpointed: int = 0
 
     def total(self, checkpointing: bool | None = None) -> int:
         """Peak bytes per rank on the device; checkpointing None: as the run is configured."""
@@ -283,6 +287,7 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
         "eval_batch_size": cfg.eval.batch_size,
         "seq_len": seq,
         "loss_chunks": loss_chunk_tokens(cfg),  # tokens per chunk of the causal-LM loss; 0: over the full logits
+        "activation_offload": cfg.train.activation_offload,
         "label_len": min(label_len, seq),  # label tokens per sequence, which alone reach the head under the chunked loss; 0: every token
         "device": device,
         "quantization": dataclasses.asdict(quant) if quant else None,
@@ -367,8 +372,9 @@ def state_bytes(shape: ModelShape, place: Placement, share: Share, optimizer: st
     )
 
 
-def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Config, seq: int, device: str, rank: int, label_len: int = 0) -> tuple[float, float, float]:
-    """(training step, training step with checkpointing, eval batch) activation peaks of one rank.
+def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Config, seq: int, device: str, rank: int, label_len: int = 0) -> tuple[float, float, float, OffloadedActivations | None]:
+    """(training step, training step with checkpointing, eval batch) activation peaks of one rank, and under
+    train.activation_offload on CUDA where they are (the training peaks are then offloaded_activations' device side).
 
     The training peak is at the loss in backward, with the activations of every micro-batch in flight
     on this rank still saved; checkpointing keeps only each layer's input and recomputes one layer.
@@ -391,7 +397,35 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     if task.pairs and task.objective(cfg.preference).reference:  # the reference pass: the step's batch forward without gradients, before the policy's
         eval_tokens = max(eval_tokens, rows * seq)
     evaluation = eval_peak_bytes(shape, place, eval_tokens, chunk_tokens, eval_tokens // seq * label_len) if share.last else eval_tokens * outside
-    return train, checkpointed, evaluation
+    if not (cfg.train.activation_offload and device == "cuda"):  # on CPU the host is the device: the copies replace the originals
+        return train, checkpointed, evaluation, None
+    offloaded = offloaded_activations(tokens, layers_held, layer, place.residual_bytes * shape.hidden, outside, loss, autocast)
+    return offloaded.device, offloaded.device_checkpointed, evaluation, offloaded
+
+
+@dataclass(frozen=True)
+class OffloadedActivations:
+    """A training step's activation peak under train.activation_offload: on the device and in host memory, without and
+    with checkpointing."""
+
+    device: float
+    device_checkpointed: float
+    host: float
+    host_checkpointed: float
+
+
+def offloaded_activations(tokens: int, layers_held: float, layer: float, layer_input: float, outside: float, loss: float, resident: float) -> OffloadedActivations:
+    """Per rank, with `tokens` tokens a micro-batch: what every layer saves (layer per token; under checkpointing its input,
+    layer_input per token) waits in host memory from forward until its backward. What is saved outside the layers
+    (outside per token), the loss and `resident` (autocast's weight copies) stay on the device (finetune.activation_offload
+    offloads only up to the last block), and in backward one layer's tensors are back at a time (under checkpointing
+    its input, and the layer recomputed from it), after the loss is done with."""
+    return OffloadedActivations(
+        device=tokens * outside + max(loss, tokens * layer) + resident,
+        device_checkpointed=tokens * outside + max(loss, tokens * (layer_input + layer)) + resident,
+        host=tokens * layers_held * layer,
+        host_checkpointed=tokens * layers_held * layer_input,
+    )
 
 
 def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict, rank: int, layers: int, quant: Quantization | None) -> Estimate:
@@ -405,7 +439,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
         )
     share = rank_share(shape, place, method_named(cfg.method).full, rank, layers)
     state = state_bytes(shape, place, share, cfg.train.optimizer, quant)
-    train, checkpointed, evaluation = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank, setup["label_len"])
+    train, checkpointed, evaluation, offloaded = activation_peaks(shape, place, share, cfg, setup["seq_len"], device, rank, setup["label_len"])
     process = CPU_PROCESS_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     return Estimate(
         setup=setup,
@@ -422,6 +456,8 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
         framework_overhead=round(process + state.reduce_buffers),
         host_offload=round(state.host),
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        host_activations=round(offloaded.host) if offloaded else 0,
+        host_activations_checkpointed=round(offloaded.host_checkpointed) if offloaded else 0,
     )
 
 

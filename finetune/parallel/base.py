@@ -98,7 +98,7 @@ class Plugin(PluginSpec):
         for i, batch in enumerate(micro_batches):
             # Gradients are all-reduced only on the last micro-batch of the step, where the plugin can defer it.
             defer = i < len(micro_batches) - 1 and booster.plugin.support_no_sync()
-            with booster.no_sync(model, optimizer) if defer else contextlib.nullcontext():
+            with booster.no_sync(model, optimizer) if defer else contextlib.nullcontext(), run.saved_activations:
                 with autocast:
                     loss = (run.objective.loss(batch) if run.objective else model(**model_inputs(batch)).loss) / len(micro_batches)
                 booster.backward(loss, optimizer)

@@ -343,3 +343,55 @@ def test_the_chunked_loss_holds_one_chunk_of_logits_and_the_label_positions_hidd
     # Under hybrid_parallel the loss stays over the full logits (loss_chunks auto resolves to 0 there).
     tp = est.estimate(config_of(*args, "plugin.name=hybrid_parallel", "plugin.tp_size=2"), 2, seq)
     assert tp.setup["loss_chunks"] == 0
+
+
+LLAMA31_JOB = ("model.name=llama3.1-8b", "method=lora", "train.precision=bf16", "train.batch_size=2", "eval.batch_size=2")  # issue 27's acceptance job
+
+
+def test_activation_offload_keeps_one_layer_on_the_device_and_the_rest_in_host_memory():
+    """train.activation_offload on CUDA: every layer's saved tensors (checkpointing: its input) in host memory, its own
+    line; on the device what is saved outside the layers, the loss, and one layer in backward. On CPU nothing moves."""
+    tokens, layers, hidden, residual = 2 * 2048, 32, 4096, 2
+    cfg = config_of(*LLAMA31_JOB)
+    shape = est.model_shape(est.load_model_config("llama3.1-8b"), "lora", cfg.lora)
+    layer = est.layer_activation_bytes(shape, est.placement(cfg, 1), 2048, "cuda", "sdpa")
+    for checkpointing in ("false", "true"):
+        args = (*LLAMA31_JOB, f"train.gradient_checkpointing={checkpointing}")
+        kept, offloaded = est.estimate(config_of(*args), 1, 2048), est.estimate(config_of(*args, "train.activation_offload=true"), 1, 2048)
+        assert (kept.host_activations, kept.host_activations_checkpointed) == (0, 0)
+        assert offloaded.host_activations == round(tokens * layers * layer)
+        assert offloaded.host_activations_checkpointed == tokens * layers * residual * hidden
+        # The 1,024-token chunk of the 128k-vocabulary loss outweighs one layer here: the device keeps the loss and
+        # what lies outside the layers, and sheds exactly the saved layers (checkpointing: their inputs).
+        assert kept.activations - offloaded.activations == pytest.approx(offloaded.host_activations, abs=2)
+        assert kept.activations_checkpointed - offloaded.activations_checkpointed == pytest.approx(offloaded.host_activations_checkpointed, abs=2)
+        assert offloaded.total() < kept.total()
+    assert "host memory (offloaded activations)" in est.format_table(offloaded)
+    on_cpu = est.estimate(config_of(*LLAMA31_JOB, "train.activation_offload=true"), 1, 2048, device="cpu")
+    assert on_cpu.total() == est.estimate(config_of(*LLAMA31_JOB), 1, 2048, device="cpu").total() and on_cpu.host_activations == 0
+
+
+def test_offloaded_activations_formula():
+    """One layer back at a time in backward, after the loss; the rest in host memory (numbers by hand)."""
+    split = est.offloaded_activations(tokens=10, layers_held=4, layer=100, layer_input=8, outside=3, loss=500, resident=7)
+    assert (split.device, split.device_checkpointed) == (10 * 3 + 1000 + 7, 10 * 3 + 1080 + 7)  # one layer (and its input) outweighs the loss
+    assert (split.host, split.host_checkpointed) == (10 * 4 * 100, 10 * 4 * 8)
+    assert est.offloaded_activations(10, 4, 100, 8, 3, loss=5000, resident=0).device == 10 * 3 + 5000
+
+
+def test_fit_search_ranks_the_chunked_loss_offload_and_sharded_qlora_by_cost():
+    """--fit proposes the chunked loss where it is off (~free), activation offload on CUDA (cheap beside checkpointing,
+    PCIe-bound alone), CPU offload of the optimizer states where the plugin can, and FSDP with QLoRA; cheapest first."""
+    off = config_of(*LLAMA31_JOB, "train.loss_chunks=off")
+    ranked = est.fitting_alternatives(off, 1, 17.5 * est.GIB, seq_len=2048)
+    assert ranked[0].overrides == ("train.gradient_checkpointing=true", "train.activation_offload=true", "train.loss_chunks=auto")
+    assert [a.cost for a in ranked] == sorted(a.cost for a in ranked)
+    offload_alone = next(a for a in ranked if a.overrides == ("train.activation_offload=true", "train.loss_chunks=auto"))
+    assert offload_alone.cost > ranked[0].cost  # without checkpointing every saved tensor crosses PCIe
+    assert not any("train.activation_offload=true" in a.overrides for a in est.fitting_alternatives(off, 1, 17.5 * est.GIB, "cpu", 2048))
+    # Llama-2-7B LoRA on two GPUs in 4.5 GiB (issue 26's shape, smaller): neither sharding (9.0) nor QLoRA (5.2) fits
+    # alone; FSDP with CPU offload (2.7) and FSDP-QLoRA (4.0) do, in that order of cost.
+    seed = config_of("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=4", "train.gradient_checkpointing=true")
+    changes = [a.overrides for a in est.fitting_alternatives(seed, 2, 4.5 * est.GIB, seq_len=512)]
+    assert changes.index(("plugin.name=torch_fsdp", "plugin.cpu_offload=true")) < changes.index(("plugin.name=torch_fsdp", "method=qlora"))
+    assert ("plugin.name=torch_fsdp",) not in changes and ("method=qlora",) not in changes

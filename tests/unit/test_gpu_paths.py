@@ -7,6 +7,7 @@ no_sync asserted on the AMP-wrapped model, and unwrap(unwrap_peft=False) lost th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from types import SimpleNamespace
@@ -54,7 +55,7 @@ def boosted_fp16_run(model, method: str = "full"):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
     optimizer = spec.after_boost(cfg, optimizer, scheduler, torch.device("cpu"))
-    return SimpleNamespace(cfg=cfg, plugin=spec, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None)
+    return SimpleNamespace(cfg=cfg, plugin=spec, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None, saved_activations=contextlib.nullcontext())
 
 
 def test_an_fp16_ddp_step_equals_a_plain_autocast_gradscaler_loop(one_rank):
@@ -128,7 +129,7 @@ def test_zero_fp16_reports_the_norm_at_the_scale_it_was_taken_and_inf_on_an_over
         booster, _ = build_booster("low_level_zero", {**cfg.plugin.options, "growth_interval": growth_interval, "overlap_communication": False}, "fp16", 1.0)
         optimizer = spec.build_optimizer(list(model.parameters()), cfg)
         model, optimizer, *_ = booster.boost(model, optimizer)
-        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None)
+        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None, saved_activations=contextlib.nullcontext())
         spec.forward_backward(run, batches(1))
         scale = optimizer.mixed_precision_mixin.loss_scale
         norms[growth_interval] = spec.step(run, 1.0)
@@ -185,7 +186,7 @@ def test_an_fp16_fsdp_step_scales_with_the_sharded_scaler_and_clips_unscaled(one
         optimizer = spec.after_boost(cfg, optimizer, scheduler, torch.device("cpu"))
         assert type(optimizer.scaler).__name__ == "ShardedGradScaler" and not optimizer.optim.defaults["fused"]
         optimizer.scaler._init_scale = scale  # the scale its first backward uses (set lazily)
-        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None)
+        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None, saved_activations=contextlib.nullcontext())
         spec.forward_backward(run, batches(1))
         norms.append(spec.step(run, 1.0))
     assert math.isfinite(norms[0]) and norms[0] == pytest.approx(norms[1], rel=1e-3)

@@ -48,6 +48,9 @@ class PluginSpec:
     model_init = "eager"
     # Problems of the machine's toolchain, not of the setup's memory: the estimator ignores lines starting so.
     machine_problems: tuple[str, ...] = ()
+    # Overrides of this plugin's options that put its optimizer states (and, where it can, parameters) in host memory,
+    # for the estimator's fit search; empty: it cannot.
+    state_offload: tuple[str, ...] = ()
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         """What this plugin cannot do with cfg, each a line naming the fix."""

@@ -38,6 +38,7 @@ class TorchFSDPSpec(PluginSpec):
     takes_precision = True  # turned into FSDP MixedPrecision by constructor_kwargs
     replicated = False
     model_init = "meta"  # FSDP materializes each unit (param_init_fn): from the checkpoint, see before_boost
+    state_offload = ("plugin.cpu_offload=true",)  # parameters, gradients and optimizer states
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         """8-bit QLoRA: bitsandbytes has no float storage for int8 weights, which FSDP's float units cannot hold."""

@@ -60,6 +60,7 @@ class GeminiSpec(PluginSpec):
     model_init = "lazy"  # as ColossalAI's own examples build models for Gemini
     loss_chunks_refusal = "Gemini's parameter chunks are untested with the head recomputed per chunk in backward (CUDA only, not run here)"
     machine_problems = (NO_CUDA_TOOLKIT,)  # a toolchain of the machine that runs it
+    state_offload = ("plugin.offload_optim_frac=1.0",)  # optimizer states and the fp32 master, stepped by HybridAdam on the CPU
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         problems = []

@@ -47,6 +47,7 @@ class LowLevelZeroSpec(PluginSpec):
     cpu_options = {"overlap_communication": False}
     takes_precision = True
     takes_max_norm = True
+    state_offload = ("plugin.cpu_offload=true",)  # optimizer states and the fp32 master, stepped on the CPU
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         return choice_problem("stage", cfg.plugin.options["stage"], (1, 2))
