@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import job_args  # noqa: E402  (after the path is set)
-from bench.run import MIB, WARMUP_STEPS, Case, start_results, timed, train, write_results  # noqa: E402
+from bench.run import MEASURE_MEMORY, MIB, WARMUP_STEPS, Case, start_results, timed, train, write_results  # noqa: E402
 from tests.conftest import write_fixed_length_file  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -82,7 +82,7 @@ def main() -> None:
     results_dir, started, results = start_results(opts, SMOKE, RESULTS)
     # Rows of exactly --max-length tokens: replies of 2 words per token are cut there (peers' 300 words fill fewer than 512).
     long_rows = write_fixed_length_file(results_dir / "fixed_length_long.jsonl", words_per_output=2 * opts.max_length)
-    args = [*job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir), f"data.train_path={long_rows}"]
+    args = [*job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir), f"data.train_path={long_rows}", MEASURE_MEMORY]
     if opts.gradient_checkpointing:
         args.append("train.gradient_checkpointing=true")
     results["gradient_checkpointing"] = opts.gradient_checkpointing

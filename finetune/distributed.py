@@ -22,7 +22,10 @@ from finetune.errors import RANK_LOST, FinetuneError
 from finetune.outputs import tee_rank_output
 
 
-CPU_MMAP_THRESHOLD = 1 << 18
+# glibc's mmap threshold on CPU (finetune.fixes.glibc): a block at least this large gets its own mapping,
+# returned to the system when freed; smaller ones come from the heap, which keeps freed pages resident.
+BUILD_MMAP_THRESHOLD = 1 << 18  # from launch on; under train.cpu_allocator=exact for the whole run
+STEP_MMAP_THRESHOLD = 4 << 20  # train.cpu_allocator=fast, once the model is boosted
 
 
 def is_main() -> bool:
@@ -47,18 +50,14 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
         tee_rank_output(output_dir, int(os.environ["RANK"]))
     fixes.apply()  # before colossalai touches its CPU accelerator
     if not torch.cuda.is_available():
-        # On CPU every tensor of 256 KiB or more gets its own mapping, returned to the system when freed:
-        # left to glibc's adaptive threshold, freed weights, gathered FSDP units and activations stay in
-        # the heap, resident for good (GPT-2 124M full FSDP, 2 ranks: 3.25 GiB peak instead of 2.32), and
-        # the run's memory report would show the allocator's history instead of what the run holds.
-        # 1 MiB left SmolLM2's k/v projections (384 KiB a micro-batch) in the heap: the quickstart measured
-        # 1.15x its prediction and held 2.1 GiB after training instead of 1.2; 256 KiB: 0.92x. The price is
-        # speed: every activation of every step is a fresh mapping, faulted in and zeroed (SmolLM2-135M
-        # LoRA, batch 4 x 128, one thread: 5.5 s a step against 3.9 s at 32 MiB, issue 24). The heap for
-        # the steps only (32 or 4 MiB once the model is boosted, even with malloc_trim after every step)
-        # put the quickstart's peak at 1.22x its prediction: variable-length batches fragment the heap
-        # within a step. docs/benchmarks.md has the measurements.
-        glibc.fix_mmap_threshold(CPU_MMAP_THRESHOLD)
+        # While the model is built, loaded and sharded, every block of 256 KiB or more gets its own mapping,
+        # returned to the system when freed: left to glibc's adaptive threshold, the full model each rank
+        # builds before sharding, the loaders' temporaries and gathered FSDP units stay in the heap, resident
+        # for good (GPT-2 124M full FSDP, 2 ranks: 3.25 GiB peak instead of 2.32), and the memory report
+        # would show the allocator's history instead of what the run holds. 1 MiB left SmolLM2's k/v
+        # projections (384 KiB a micro-batch) in the heap: the quickstart measured 1.15x its prediction;
+        # 256 KiB: 0.92x. The steps then run under allocate_for_steps' threshold.
+        glibc.fix_mmap_threshold(BUILD_MMAP_THRESHOLD)
     from colossalai.accelerator import get_accelerator
     from colossalai.utils import set_seed
 
@@ -73,6 +72,29 @@ def launch(output_dir: str, rank_logs: bool, timeout_s: int, seed: int) -> torch
     set_seed(seed)
     check_shared_dirs({"output_dir": Path(output_dir), "the cache $FINETUNE_CACHE": assets.cache_dir()})
     return accelerator.get_current_device()
+
+
+def allocate_for_steps(device: torch.device, cpu_allocator: str, quantized_base: bool) -> bool:
+    """Once the model is boosted: give the heap the build freed back to the system and set the steps' CPU
+    allocator (train.cpu_allocator); True where the steps' activations come from the heap (the stage
+    boundaries then trim it)."""
+    # The full model each rank built before the plugin sharded or cast it is freed now; glibc would keep
+    # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory).
+    glibc.release_freed_heap()
+    if device.type != "cpu":  # CUDA tensors never touch glibc's heap: the key has no effect there
+        return False
+    if cpu_allocator == "exact":  # launch's 256 KiB stays: RSS follows the live tensors
+        return False
+    # fast: at 256 KiB every activation of every step is a fresh mmap/munmap, its pages faulted in and
+    # zeroed again (SmolLM2-135M LoRA, batch 4 x 128, one thread: ~2.3 s of a ~5.5 s step in the kernel,
+    # issue 24). From 4 MiB on the hidden states (1.2 MB) and MLP blocks (3.1 MB) reuse heap blocks and
+    # nearly all faults are gone (32 MiB saves no more); the logits stay mapped. The heap keeps what a
+    # step freed, so RSS is then above the live tensors (the report says so). Under a quantized base
+    # model.load_quantized's 1 MiB threshold wins (it is left as it is): bitsandbytes' CPU kernels
+    # dequantize each weight into a weight-sized temporary every call, which would fragment the heap.
+    if not quantized_base:
+        glibc.fix_mmap_threshold(STEP_MMAP_THRESHOLD)
+    return True
 
 
 def destroy_process_groups() -> None:

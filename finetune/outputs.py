@@ -550,7 +550,7 @@ def print_report(summary: dict, generations: list[dict], profiler) -> None:
     """The closing report on rank 0."""
     from finetune.evaluation import eval_line
     from finetune.model import trainable_line
-    from finetune.profiler import GB
+    from finetune.profiler import memory_heading, prediction_line
 
     ev = summary["eval"]
     print("\n" + "=" * 78)
@@ -559,12 +559,11 @@ def print_report(summary: dict, generations: list[dict], profiler) -> None:
     best = f"{eval_line(ev['best'])} (step {ev['best']['step']})" if ev["best"] else "none: no eval was finite"
     print(f"eval before: {eval_line(ev['before'])}\neval after:  {eval_line(ev['after'])}\neval best:   {best}")
     print(f"throughput: {summary['throughput']['tokens_per_s']:.0f} non-pad tokens/s over all ranks")
-    print("memory:")
+    print(memory_heading(summary["memory"]))
     for stage in profiler.stages:
         print("  " + profiler.format(stage))
-    estimate = summary["memory"]["estimate"]
-    if estimate.get("ratio_measured_to_predicted"):
-        print(f"  predicted train_step_peak: {estimate['predicted_train_step_peak_bytes'] / GB:.2f}GB (measured/predicted {estimate['ratio_measured_to_predicted']:.2f})")
+    if predicted := prediction_line(summary["memory"]):
+        print("  " + predicted)
     for g in generations:
         print(f"\nprompt:    {g['prompt']}\nreference: {g['reference']}\nbefore:    {g['before']}\nafter:     {g['after']}")
     reload = summary["reload"]

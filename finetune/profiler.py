@@ -4,7 +4,9 @@ On CUDA it reports allocated / peak-allocated memory from torch.cuda and, beside
 needs to read an out-of-memory (torch.cuda.memory_stats): reserved memory and its peak (fragmentation
 shows only there), the allocator's retries and OOM count, and the process's host RSS (CPU offload lives
 in host memory). On CPU the accelerator (with the repairs in finetune.fixes.colossalai) reports the process's
-resident set and its high-water mark, and nothing else. Stages are
+resident set and its high-water mark, and nothing else, under the glibc allocator train.cpu_allocator set
+(finetune.distributed.allocate_for_steps: under `fast` the steps' heap keeps freed memory resident, so RSS is
+above the live tensors; `exact` returns it). Stages are
 named points of the run (start, model_loaded, boosted, train_step_peak, after_training); each stage's
 peak is the highest use since the previous stage.
 """
@@ -64,10 +66,28 @@ def format_stage(stage: MemoryStage, device: str, capacity_bytes: int) -> str:
     )
 
 
+def memory_heading(memory: dict) -> str:
+    """The report's memory heading: on CPU, the allocator its figures were taken under (summary.json's memory)."""
+    allocator = memory.get("cpu_allocator")
+    return f"memory (process RSS under train.cpu_allocator={allocator}):" if allocator else "memory:"
+
+
+def prediction_line(memory: dict) -> str | None:
+    """The report's predicted train-step peak beside the measured one (summary.json's memory); None without a ratio."""
+    estimate = memory.get("estimate", {})
+    ratio = estimate.get("ratio_measured_to_predicted")
+    if not ratio:
+        return None
+    # The estimator predicts the live tensors; under the fast allocator RSS also holds what the heap kept.
+    caveat = "; heap allocator: RSS above live memory, train.cpu_allocator=exact to measure" if memory.get("cpu_allocator") == "fast" else ""
+    return f"predicted train_step_peak: {estimate['predicted_train_step_peak_bytes'] / GB:.2f}GB (measured/predicted {ratio:.2f}{caveat})"
+
+
 class MemoryProfiler:
     """Records memory at named stages of a run, on whatever device ColossalAI runs on."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_allocator: str) -> None:
+        """cpu_allocator: train.cpu_allocator of the run (what its CPU figures are taken under)."""
         from colossalai.accelerator import get_accelerator
 
         self.accelerator = get_accelerator()
@@ -76,6 +96,7 @@ class MemoryProfiler:
             self.capacity_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         else:
             self.capacity_bytes = psutil.virtual_memory().total
+        self.cpu_allocator = cpu_allocator
         self.stages: list[MemoryStage] = []
         self._step_peaks: list[MemoryStage] = []
 
@@ -127,10 +148,14 @@ class MemoryProfiler:
         return format_stage(stage, self.device, self.capacity_bytes)
 
     def summary(self) -> dict:
-        """The memory section of summary.json."""
+        """The memory section of summary.json (on CPU with the allocator its figures were taken under)."""
+        if self.device == "cuda":
+            return {"device": self.device, "measure": "torch.cuda allocated (+ reserved, allocator retries and OOMs, host RSS)", "capacity_bytes": self.capacity_bytes, "stages": [stage_dict(s) for s in self.stages]}
+        kept = " (includes freed memory glibc's heap keeps for the steps)" if self.cpu_allocator == "fast" else ""
         return {
             "device": self.device,
-            "measure": "torch.cuda allocated (+ reserved, allocator retries and OOMs, host RSS)" if self.device == "cuda" else "process RSS / VmHWM",
+            "measure": f"process RSS / VmHWM{kept}",
+            "cpu_allocator": self.cpu_allocator,
             "capacity_bytes": self.capacity_bytes,
             "stages": [stage_dict(s) for s in self.stages],
         }

@@ -42,6 +42,7 @@ class Row:
     metric: float
     metric_detail: str  # macro-F1 or perplexity, and the step of the best eval
     peak_gb_per_rank: list[float]  # one entry per rank; rank 0's alone for runs written before per-rank peaks
+    heap_kept: bool  # a CPU run under train.cpu_allocator=fast: its peak includes freed memory glibc's heap kept
     wall_s: float
     tokens_per_s: float
     sequences_per_s: float | None
@@ -104,6 +105,7 @@ def row_of(run_dir: Path, summary: dict) -> Row:
             metric=metric,
             metric_detail=detail,
             peak_gb_per_rank=[p / GB for p in peaks],
+            heap_kept=memory.get("cpu_allocator") == "fast",
             wall_s=summary["wall_s"],
             tokens_per_s=throughput["tokens_per_s"],
             sequences_per_s=throughput.get("sequences_per_s"),
@@ -127,7 +129,7 @@ def markdown_table(rows: list[Row]) -> str:
             str(r.world_size),
             epochs,
             f"{r.metric_name} {r.metric:.4f} ({r.metric_detail})",
-            " / ".join(f"{gb:.2f}" for gb in r.peak_gb_per_rank) + (" (rank 0)" if len(r.peak_gb_per_rank) < r.world_size else ""),
+            " / ".join(f"{gb:.2f}" for gb in r.peak_gb_per_rank) + (" (rank 0)" if len(r.peak_gb_per_rank) < r.world_size else "") + (HEAP_MARK if r.heap_kept else ""),
             f"{r.wall_s:.0f}",
             f"{r.tokens_per_s:.0f}",
             f"{r.sequences_per_s:.1f}" if r.sequences_per_s is not None else "-",
@@ -135,7 +137,12 @@ def markdown_table(rows: list[Row]) -> str:
             f"{r.artifact_mb:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.heap_kept for r in rows):
+        lines += ["", f"{HEAP_MARK.strip()} CPU RSS under train.cpu_allocator=fast: includes freed memory glibc's heap keeps (above the live tensors); train.cpu_allocator=exact measures what the run holds."]
     return "\n".join(lines) + "\n"
+
+
+HEAP_MARK = " (heap)"  # marks a peak taken under train.cpu_allocator=fast
 
 
 def evaluation_table(models: list[dict]) -> str:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from finetune import checkpoint, checks, deferred, outputs
 from finetune.config import Config, ConfigError, help_text, load_config
 from finetune.data import SplitData, batches_forever, build_data, load_splits, max_label_tokens, non_pad_tokens
-from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
+from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, allocate_for_steps, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, evaluate_task, reload_device, reload_final, reload_matches
 from finetune.faults import Faults
@@ -233,7 +233,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         fence = checkpoint.fence_newer(cfg.output_dir, resume) if is_main() else None
         if fence:
             log(f"the newer checkpoints of the branch this resume abandons moved to {fence} (resume_from=latest and keep_last no longer see them)")
-    profiler = MemoryProfiler()
+    profiler = MemoryProfiler(cfg.train.cpu_allocator)
     log(profiler.format(profiler.record("start")))
 
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)  # bad rows fail here, before the model is built
@@ -257,9 +257,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
 
     run, dataloader = build_run(cfg, world_size=world_size, device=device, task=task, model=model, pending=pending, samples=data.train, pad_token_id=tokenizer.pad_token_id, packed=packed, faults=Faults(), preemption=Preemption())
     del model  # run.model is the boosted one: the model as built is freed now (below), not held by this name
-    # The full model each rank built before the plugin sharded or cast it is freed now; glibc would keep
-    # its heap pages resident for good (on CPU the run's memory; on GPU machines host memory): give them back.
-    glibc.release_freed_heap()
+    steps_heap = allocate_for_steps(device, cfg.train.cpu_allocator, base_quantization(cfg) is not None)
     log(profiler.format(profiler.record("boosted")))
     held = run.plugin.held_weight_bytes(run.state)  # a plugin that shards the weights: what each rank holds of them now
     if held is not None:
@@ -282,9 +280,13 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         eval_before = outputs.first_eval(writer, eval_before, start_step)  # a resumed run keeps the untrained model's
     fingerprints_before = plugin_spec.fingerprints(module)
 
+    if steps_heap:  # what the evaluation's activations left in the heap: the training peak starts from what the run holds
+        glibc.release_freed_heap()
     profiler.reset_peak()
     history = fit(run, dataloader, run.total_steps, data, tokenizer.pad_token_id, profiler, writer, start_step)
     profiler.record_train_peak()
+    if steps_heap:  # the steps' activations: after_training shows what the run still holds
+        glibc.release_freed_heap()
     log(profiler.format(profiler.record("after_training")))
     if not history["steps"] and not start_step:  # every step skipped (on every rank alike): final/ would be the untrained model
         raise TrainingError(f"all {run.total_steps} step(s) had a non-finite loss and were skipped (train.on_nan=skip): nothing was trained, so no final/ is written{last_checkpoint_note(cfg)}")

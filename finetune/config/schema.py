@@ -34,6 +34,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
 ON_NAN = ("stop", "skip")
+CPU_ALLOCATORS = ("fast", "exact")  # finetune.distributed.allocate_for_steps reads it
 FIT_CHECKS = ("error", "warn", "off")
 
 
@@ -50,6 +51,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.lr_scheduler": SCHEDULERS,
         "train.on_nan": ON_NAN,
         "train.fit_check": FIT_CHECKS,
+        "train.cpu_allocator": CPU_ALLOCATORS,
         "data.truncation": TRUNCATION,
         "quantization.quant_type": ("nf4", "fp4"),
         "quantization.compute_dtype": ("auto", *PRECISIONS),
@@ -167,6 +169,9 @@ class TrainConfig:
     log_every: int = 1
     on_nan: str = "stop"  # a non-finite loss: stop (the last checkpoint stays good) | skip (drop that step's update)
     fit_check: str = "error"  # before weights load, the estimated per-rank peak vs free memory: error (stop, naming changes that fit) | warn | off
+    # CPU runs only (no effect on CUDA): fast (the steps' activations reuse glibc's heap; RSS then includes freed
+    # memory the heap keeps) | exact (every block of 256 KiB or more mapped and returned: RSS follows the live tensors)
+    cpu_allocator: str = "fast"
 
 
 @dataclass

@@ -92,7 +92,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
             problems.append(f"{key}: must be at least 1")
     problems += _named_problems(cfg, names, ("train.on_nan",))
     problems += [f"launch.forward_env: {shown(p)} is not a variable name or glob (letters, digits, _, *, ?)" for p in cfg.launch.forward_env if not ENV_PATTERN.match(p)]
-    problems += _named_problems(cfg, names, ("train.fit_check",))
+    problems += _named_problems(cfg, names, ("train.fit_check", "train.cpu_allocator"))
     for key in ("train.max_steps", "train.warmup_steps", "eval.every_steps", "eval.num_generation_prompts", "data.max_eval_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:

@@ -28,8 +28,8 @@ MIB = 1024**2
 CPU_START_BYTES = 700 * MIB
 # After `start`: the gloo process group, the tokenizer, the tokenized data, and what the first training
 # step leaves behind (autograd threads, oneDNN kernels, malloc arenas). Measured on the pinned stack
-# (Linux x86-64, glibc): the train-step peak of a 1-rank tiny-gpt2 run minus its start stage and its
-# predicted tensors (235 and 261 MiB in two runs). `python bench/run.py` measures it again.
+# (Linux x86-64, glibc, train.cpu_allocator=exact): the train-step peak of a 1-rank tiny-gpt2 run minus its
+# start stage and its predicted tensors (235 and 261 MiB in two runs). `python bench/run.py` measures it again.
 CPU_AFTER_START_BYTES = 250 * MIB
 CPU_PROCESS_BYTES = CPU_START_BYTES + CPU_AFTER_START_BYTES
 # CUDA context and cuBLAS workspace of a torch 2.5 process: a typical figure, NOT measured here (this

@@ -1,7 +1,8 @@
 """glibc's allocator: memory it keeps resident after the process freed it (the CPU runs' memory report and peak).
 
-Called where the memory is freed or the process starts (model.py, train.py, distributed.launch), with the
-thresholds those places chose; both are no-ops (False) where there is no glibc.
+Called where the memory is freed or the process enters a phase (model.py, train.py, distributed.launch and
+allocate_for_steps, which reads train.cpu_allocator), with the thresholds those places chose; both are no-ops
+(False) where there is no glibc.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ QLORA_ARGS = ["method=qlora", "train.lr=5e-3"]
 # tests/e2e/test_estimate.py's setup (GPT-2 124M, batch 2 x 64, 3 steps): the model state is a large part of the peak
 ESTIMATE_ARGS = [
     "model.name=gpt2", "method=qlora", "data.eval_fraction=0.25", "data.max_eval_samples=4", "data.max_length=64", "train.max_steps=3",
-    "train.batch_size=2", "eval.batch_size=2", "eval.every_steps=0", "eval.num_generation_prompts=0",
+    "train.batch_size=2", "eval.batch_size=2", "eval.every_steps=0", "eval.num_generation_prompts=0", "train.cpu_allocator=exact",
 ]  # fmt: skip
 
 

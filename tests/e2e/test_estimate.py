@@ -32,6 +32,7 @@ def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
         "eval.batch_size=2",
         "eval.every_steps=0",
         "eval.num_generation_prompts=0",
+        "train.cpu_allocator=exact",  # RSS follows the live tensors the estimator predicts
     ]
     result = run_train(args)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -34,6 +34,15 @@ def test_overrides_are_typed():
     assert cfg.output_dir == "/tmp/x"
 
 
+def test_cpu_allocator_is_fast_by_default_exact_on_request_and_nothing_else():
+    """train.cpu_allocator (issue 24): the steps' heap by default; exact for measuring memory on CPU; taken on
+    CUDA too (it has no effect there); any other value is one error line naming the two."""
+    assert load_config([], world_size=1).train.cpu_allocator == "fast"
+    assert load_config(["train.cpu_allocator=exact"], world_size=1, has_cuda=True).train.cpu_allocator == "exact"
+    with pytest.raises(ConfigError, match=r"^train.cpu_allocator: unknown value 'exakt' \(did you mean 'exact'\?\); choose from fast, exact$"):
+        load_config(["train.cpu_allocator=exakt"], world_size=1)
+
+
 def test_comma_list_override():
     assert load_config(["lora.target_modules=q_proj,v_proj"], world_size=1).lora.target_modules == ["q_proj", "v_proj"]
 

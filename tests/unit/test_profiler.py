@@ -1,14 +1,19 @@
-"""Memory profiler: the report line and summary, on the CPU accelerator and from recorded CUDA memory stats."""
+"""Memory profiler: the report line and summary, on the CPU accelerator and from recorded CUDA memory stats;
+the CPU allocator the steps run under (train.cpu_allocator) and how the report names it."""
 
 from __future__ import annotations
 
-from finetune import fixes
-from finetune.profiler import GB, MemoryProfiler
+import pytest
+import torch
+
+from finetune import distributed, fixes
+from finetune.fixes import glibc
+from finetune.profiler import GB, MemoryProfiler, memory_heading, prediction_line
 
 
-def make_profiler() -> MemoryProfiler:
+def make_profiler(cpu_allocator: str = "exact") -> MemoryProfiler:
     fixes.apply()
-    return MemoryProfiler()
+    return MemoryProfiler(cpu_allocator)
 
 
 def test_report_line_and_summary():
@@ -58,3 +63,42 @@ def test_cuda_report_line_and_summary_from_recorded_memory_stats():
     cpu = MemoryStage("boosted", 2 * GB, 3 * GB)  # the CPU report keeps its fields and line
     assert stage_dict(cpu) == {"name": "boosted", "current_bytes": 2 * GB, "peak_bytes": 3 * GB}
     assert format_stage(cpu, "cpu", 16 * GB) == "boosted: memory usage: 2.00GB/16.00GB, max: 3.00GB (cpu process RSS)"
+
+
+@pytest.mark.parametrize(
+    "device, allocator, quantized, threshold, heap",
+    [
+        ("cpu", "fast", False, distributed.STEP_MMAP_THRESHOLD, True),  # the steps' activations from the heap
+        ("cpu", "exact", False, None, False),  # launch's 256 KiB stays for the whole run
+        ("cpu", "fast", True, None, True),  # model.load_quantized's 1 MiB wins; the heap is still trimmed
+        ("cuda", "fast", False, None, False),  # no effect on CUDA
+        ("cuda", "exact", False, None, False),
+    ],
+)
+def test_the_steps_allocator_is_decided_once_the_model_is_boosted(monkeypatch, device, allocator, quantized, threshold, heap):
+    """Issue 24: train.cpu_allocator=fast raises glibc's mmap threshold once the model is boosted (a step's
+    activations reuse heap blocks instead of a fresh mmap each); exact, a quantized base and CUDA leave it.
+    The heap the build freed is handed back in every case."""
+    calls = []
+    monkeypatch.setattr(glibc, "fix_mmap_threshold", lambda nbytes: calls.append(("mmap_threshold", nbytes)) or True)
+    monkeypatch.setattr(glibc, "release_freed_heap", lambda: calls.append(("trim",)) or True)
+    assert distributed.allocate_for_steps(torch.device(device), allocator, quantized_base=quantized) is heap
+    assert calls == [("trim",)] + ([("mmap_threshold", threshold)] if threshold else [])
+    assert distributed.BUILD_MMAP_THRESHOLD < distributed.STEP_MMAP_THRESHOLD <= 32 << 20  # glibc's ceiling
+
+
+def test_the_cpu_report_names_its_allocator_and_marks_a_heap_peak_against_the_prediction():
+    """Under fast the RSS peak includes freed memory the heap keeps: the measured/predicted ratio says so; under
+    exact (and on CUDA) the line is the plain comparison. summary.json names the allocator of CPU figures."""
+    fast, exact = make_profiler("fast").summary(), make_profiler("exact").summary()
+    assert (fast["cpu_allocator"], exact["cpu_allocator"]) == ("fast", "exact")
+    assert fast["measure"] == "process RSS / VmHWM (includes freed memory glibc's heap keeps for the steps)" and exact["measure"] == "process RSS / VmHWM"
+    estimate = {"predicted_train_step_peak_bytes": 2 * GB, "ratio_measured_to_predicted": 1.2345}
+    assert prediction_line({**fast, "estimate": estimate}) == "predicted train_step_peak: 2.00GB (measured/predicted 1.23; heap allocator: RSS above live memory, train.cpu_allocator=exact to measure)"
+    assert prediction_line({**exact, "estimate": estimate}) == "predicted train_step_peak: 2.00GB (measured/predicted 1.23)"
+    cuda = {"device": "cuda", "stages": [], "estimate": estimate}
+    assert prediction_line(cuda) == "predicted train_step_peak: 2.00GB (measured/predicted 1.23)"
+    assert prediction_line({**fast, "estimate": {"error": "ValueError: x"}}) is None
+    assert memory_heading(fast) == "memory (process RSS under train.cpu_allocator=fast):"
+    assert memory_heading(exact) == "memory (process RSS under train.cpu_allocator=exact):"
+    assert memory_heading(cuda) == "memory:"

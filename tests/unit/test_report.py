@@ -10,7 +10,7 @@ from finetune.report import main
 GB = 1024**3
 
 
-def write_run(path: Path, plugin: str, options: dict, world: int, eval_best: dict, peaks: list[int], method: str = "full") -> Path:
+def write_run(path: Path, plugin: str, options: dict, world: int, eval_best: dict, peaks: list[int], method: str = "full", cpu_allocator: str = "exact") -> Path:
     """A minimal summary.json with the fields train.py writes and the report reads."""
     path.mkdir(parents=True)
     summary = {
@@ -25,7 +25,7 @@ def write_run(path: Path, plugin: str, options: dict, world: int, eval_best: dic
         "trainable_params": 1234567,
         "eval": {"best": eval_best},
         "throughput": {"tokens_per_s": 1500.0, "sequences_per_s": 12.5},
-        "memory": {"stages": [{"name": "start", "current_bytes": GB, "peak_bytes": GB}], "peak_bytes_per_rank": peaks},
+        "memory": {"cpu_allocator": cpu_allocator, "stages": [{"name": "start", "current_bytes": GB, "peak_bytes": GB}], "peak_bytes_per_rank": peaks},
         "wall_s": 61.4,
         "artifacts": {"final/model.safetensors": 3_000_000, "final/config.json": 500_000, "metrics.jsonl": 10_000_000},
     }
@@ -46,6 +46,18 @@ def test_report_table_and_png(tmp_path, capsys):
     assert single[1:4] == ["single", "lora", "1"] and single[5] == "eval loss 2.0000 (ppl 7.39, step 40)"
     assert (tmp_path / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_peak_taken_under_the_fast_cpu_allocator_is_marked(tmp_path):
+    """Issue 24: a CPU run under train.cpu_allocator=fast peaks with freed memory its heap keeps; the table marks it and says so."""
+    fast = write_run(tmp_path / "fast", "torch_ddp", {}, 2, {"step": 1, "loss": 1.0, "perplexity": 2.7}, [GB, GB], cpu_allocator="fast")
+    exact = write_run(tmp_path / "exact", "torch_ddp", {}, 2, {"step": 1, "loss": 1.0, "perplexity": 2.7}, [GB, GB])
+    assert main([str(fast), str(exact), "--out", str(tmp_path / "out"), "--name", "cmp"]) == 0
+    table = (tmp_path / "out" / "cmp.md").read_text().splitlines()
+    assert [line.split(" | ")[6] for line in table[2:4]] == ["1.00 / 1.00 (heap)", "1.00 / 1.00"]
+    assert table[5].startswith("(heap) CPU RSS under train.cpu_allocator=fast: includes freed memory glibc's heap keeps")
+    assert main([str(exact), "--out", str(tmp_path / "out"), "--name", "exact"]) == 0
+    assert "(heap)" not in (tmp_path / "out" / "exact.md").read_text()
 
 
 def test_report_refuses_a_dir_without_summary_in_one_line(tmp_path, capsys):
