@@ -7,10 +7,8 @@ no_sync asserted on the AMP-wrapped model, and unwrap(unwrap_peft=False) lost th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,19 +41,24 @@ def batches(n: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
 
 
-def boosted_fp16_run(model, method: str = "full"):
-    cfg = load_config(["model.name=tiny-gpt2", f"method={method}", "train.precision=fp16", "train.lr=1e-2"], world_size=1, has_cuda=True)
-    spec = PLUGINS["torch_ddp"]
-    booster, _ = build_booster("torch_ddp", cfg.plugin.options, "fp16", cfg.train.max_grad_norm)
-    if method == "lora":
-        from finetune.model import build_lora_config
+def boosted_run(args: list[str], model: torch.nn.Module | None = None):
+    """A Run as train.py builds it (build_run), on one gloo rank, for a config validated as on a CUDA machine (fp16 is
+    refused on CPU): constant learning rate from the first step, the loss over the full logits (the fp16 paths are
+    the subject here)."""
+    from finetune.faults import Faults
+    from finetune.run import build_run
+    from finetune.tasks import build_task
 
-        model = spec.apply_adapters(model, build_lora_config(model, cfg.lora), booster, None)
-    optimizer = spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    optimizer = spec.after_boost(cfg, optimizer, scheduler, torch.device("cpu"))
-    return SimpleNamespace(cfg=cfg, plugin=spec, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None, saved_activations=contextlib.nullcontext())
+    cfg = load_config(["model.name=tiny-gpt2", *args, "train.warmup_steps=0", "train.lr_scheduler=constant", "train.loss_chunks=off", "train.batch_size=2"], world_size=1, has_cuda=True)
+    model = model if model is not None else build_model(cfg.model, seed=3)[0]
+    samples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()]
+    run, _ = build_run(cfg, world_size=1, device=torch.device("cpu"), task=build_task(cfg.task, cfg.data), model=model, pending=None, samples=samples, pad_token_id=0, faults=Faults(""), preemption=None)
+    return run
+
+
+def boosted_fp16_run(model, method: str = "full"):
+    """TorchDDP with fp16: finetune.loss_scaling's GradScaler around the step."""
+    return boosted_run([f"method={method}", "train.precision=fp16", "train.lr=1e-2"], model)
 
 
 def test_an_fp16_ddp_step_equals_a_plain_autocast_gradscaler_loop(one_rank):
@@ -121,15 +124,12 @@ def test_plugins_that_own_precision_get_no_second_scaler():
 def test_zero_fp16_reports_the_norm_at_the_scale_it_was_taken_and_inf_on_an_overflow(one_rank):
     """ZeRO (ColossalAI's own fp16 mixin, on one CPU rank): a step whose scale grows (growth_interval=1) reports the
     same norm as one whose scale stays; an overflow step reports inf, not the last step's norm."""
-    cfg = load_config(["--config", "booster_configs/zero2.yaml", "model.name=tiny-gpt2", "method=full", "train.precision=fp16"], world_size=1, has_cuda=True)
     spec = PLUGINS["low_level_zero"]
     norms = {}
     for growth_interval in (1, 1000):
-        model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
-        booster, _ = build_booster("low_level_zero", {**cfg.plugin.options, "growth_interval": growth_interval, "overlap_communication": False}, "fp16", 1.0)
-        optimizer = spec.build_optimizer(list(model.parameters()), cfg)
-        model, optimizer, *_ = booster.boost(model, optimizer)
-        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None, saved_activations=contextlib.nullcontext())
+        run = boosted_run(["--config", "booster_configs/zero2.yaml", "method=full", "train.precision=fp16"])
+        optimizer = run.optimizer
+        optimizer.mixed_precision_mixin.grad_scaler._growth_interval = growth_interval  # no config key: ColossalAI's default is 1000
         spec.forward_backward(run, batches(1))
         scale = optimizer.mixed_precision_mixin.loss_scale
         norms[growth_interval] = spec.step(run, 1.0)
@@ -173,20 +173,13 @@ def test_an_fp16_fsdp_step_scales_with_the_sharded_scaler_and_clips_unscaled(one
     """FSDP's MixedPrecision(fp16) casts but does not scale: after_boost adds FSDP's ShardedGradScaler, and the clip
     (FSDP's own) sees unscaled gradients: the norm equals the one of gradients computed at scale 1. With the fused
     AdamW every other plugin uses, torch 2.5's sharded scaler fails the first step (found_inf of shape [1])."""
-    cfg = load_config(["--config", "booster_configs/fsdp.yaml", "model.name=tiny-gpt2", "method=full", "train.precision=fp16"], world_size=1, has_cuda=True)
     spec = PLUGINS["torch_fsdp"]
     norms = []
     for scale in (2.0**16, 1.0):
-        model, _ = build_model(ModelConfig(name="tiny-gpt2"), seed=3)
-        booster, plugin = build_booster("torch_fsdp", cfg.plugin.options, "fp16", 1.0)
-        spec.before_boost(cfg, model, plugin)
-        optimizer = spec.build_optimizer(list(model.parameters()), cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        model, optimizer, *_ = booster.boost(model, optimizer, lr_scheduler=scheduler)
-        optimizer = spec.after_boost(cfg, optimizer, scheduler, torch.device("cpu"))
+        run = boosted_run(["--config", "booster_configs/fsdp.yaml", "method=full", "train.precision=fp16"])
+        optimizer = run.optimizer
         assert type(optimizer.scaler).__name__ == "ShardedGradScaler" and not optimizer.optim.defaults["fused"]
         optimizer.scaler._init_scale = scale  # the scale its first backward uses (set lazily)
-        run = SimpleNamespace(cfg=cfg, booster=booster, model=model, optimizer=optimizer, device=torch.device("cpu"), objective=None, saved_activations=contextlib.nullcontext())
         spec.forward_backward(run, batches(1))
         norms.append(spec.step(run, 1.0))
     assert math.isfinite(norms[0]) and norms[0] == pytest.approx(norms[1], rel=1e-3)
