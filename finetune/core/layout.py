@@ -12,11 +12,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Plan:
-    """Layout numbers derived once from the config: tensor x pipeline x data parallel, micro-batches per step."""
+    """Layout numbers derived once from the config: tensor x pipeline x data (x sequence) parallel, micro-batches per step."""
 
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    dp: int = 1  # distinct batches per step (sequence-parallel ranks share theirs)
+    sp: int = 1  # sequence-parallel degree (finetune.core.plugins.hybrid.sequence_parallel)
     num_microbatches: int = 1  # pipeline only: micro-batches per step
     chunks: int = 1  # pipeline only: model chunks per stage (interleaved schedule)
 
@@ -34,6 +35,7 @@ class Layout:
     pipeline: bool  # steps go through booster.execute_pipeline
     counts: bool  # this rank's loss and tokens enter the data-parallel sums (tp rank 0 on the last stage)
     replicated: bool  # every rank holds the whole model: eval and saves may use the unwrapped module
+    sequence_multiple: int = 1  # every batch's length is a multiple of this (sequence parallelism splits it evenly)
 
 
 @dataclass(frozen=True)

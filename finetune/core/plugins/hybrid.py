@@ -17,6 +17,25 @@ if TYPE_CHECKING:
     from finetune.config import Config
 
 
+SP_MODES = ("all_to_all", "split_gather", "ring", "ring_attn")
+SP_OVER_TP = ("split_gather", "ring")  # their sequence-parallel group is the tensor-parallel group
+
+
+def sequence_parallel(options: dict[str, Any]) -> tuple[str, int]:
+    """(mode, degree) of sequence parallelism, ("", 1) when off: split_gather and ring split over the tp_size
+    ranks of tensor parallelism, all_to_all and ring_attn over sp_size ranks of their own."""
+    mode = options["sp_mode"]
+    if mode in SP_OVER_TP:
+        return mode, options["tp_size"]
+    return (mode, options["sp_size"]) if options["sp_size"] > 1 else ("", 1)
+
+
+def sequence_multiple(mode: str, degree: int) -> int:
+    """What every batch's length must be a multiple of: the sequence is split into `degree` equal parts (ring_attn's
+    zigzag split: 2 x degree, each rank an early and a late chunk)."""
+    return 2 * degree if mode == "ring_attn" else degree
+
+
 class HybridParallelSpec(PluginSpec):
     name = "hybrid_parallel"
     class_name = "HybridParallelPlugin"
@@ -35,13 +54,21 @@ class HybridParallelSpec(PluginSpec):
         "enable_metadata_cache": True,
         "enable_flash_attention": False,
         "enable_fused_normalization": False,
-        "enable_sequence_parallelism": False,
-        "sequence_parallelism_mode": "",
+        # Sequence parallelism (ColossalAI's enable_sequence_parallelism / sequence_parallelism_mode /
+        # sp_size, derived from these two: sequence_parallel()). all_to_all and ring_attn split the sequence
+        # over sp_size ranks of their own; split_gather and ring over the tensor-parallel group.
+        "sp_size": 1,
+        "sp_mode": "all_to_all",
         "make_vocab_size_divisible_by": 64,
         "initial_scale": 2.0**16,
         "overlap_communication": True,
     }
-    choices = {"pp_style": ("1f1b", "interleaved")}
+    choices = {"pp_style": ("1f1b", "interleaved"), "sp_mode": SP_MODES}
+    # ColossalAI's spellings, which the two options above replace: a config naming one gets a one-line pointer.
+    renamed_options = {
+        "enable_sequence_parallelism": "plugin.sp_size (all_to_all) or plugin.sp_mode=split_gather|ring (over the tensor-parallel group)",
+        "sequence_parallelism_mode": "plugin.sp_mode",
+    }
     # gloo: no side-stream overlap (as ZeRO), and overlapped p2p hangs the interleaved schedule.
     cpu_options = {"overlap_communication": False, "overlap_p2p": False}
     takes_precision = True
@@ -67,7 +94,8 @@ class HybridParallelSpec(PluginSpec):
                 f"so it cannot be split by tensor or pipeline parallelism (causal LMs it splits: {served}); use torch_ddp, low_level_zero or torch_fsdp"
             ]
         problems = []
-        if cfg.data.packing:
+        mode, sp = sequence_parallel(options)
+        if cfg.data.packing and not mode:
             problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
         task = TASKS.get(cfg.task)
         if task is not None and task.classification:
@@ -117,7 +145,7 @@ class HybridParallelSpec(PluginSpec):
                 problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
             if cfg.train.grad_accum_steps > 1:
                 problems.append("train.grad_accum_steps>1 with pipeline parallelism: micro-batches are the accumulation; raise plugin.num_microbatches instead")
-        for key, what in (("enable_flash_attention", "flash attention"), ("enable_sequence_parallelism", "sequence parallelism"), ("enable_fused_normalization", "fused normalization (apex)")):
+        for key, what in (("enable_flash_attention", "flash attention"), ("enable_fused_normalization", "fused normalization (apex)")):
             if options[key] and not has_cuda:
                 problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
         return problems
@@ -138,6 +166,9 @@ class HybridParallelSpec(PluginSpec):
         parts = [f"tp{options['tp_size']}"] if options.get("tp_size", 1) > 1 else []
         if options.get("pp_size", 1) > 1:
             parts.append(f"pp{options['pp_size']} {options.get('pp_style', '1f1b')}")
+        mode, sp = sequence_parallel({**self.options, **options})
+        if sp > 1:
+            parts.append(f"sp{sp} {mode}")
         if options.get("zero_stage"):
             parts.append(f"zero{options['zero_stage']}")
         if dp_size > 1:
@@ -145,9 +176,13 @@ class HybridParallelSpec(PluginSpec):
         return " ".join(parts) or "hybrid"
 
     def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
+        """world = dp x pp x tp x (sp ranks of their own: all_to_all, ring_attn), as HybridParallelPlugin divides it."""
         tp, pp = options["tp_size"], options["pp_size"]
+        mode, sp = sequence_parallel(options)
+        own_sp = 1 if mode in SP_OVER_TP else sp
         micro = options["num_microbatches"] or (batch_size // options["microbatch_size"] if options["microbatch_size"] else 0)
-        return Plan(tp=tp, pp=pp, dp=max(1, world_size // max(1, tp * pp)), num_microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"])
+        dp = max(1, world_size // max(1, tp * pp * own_sp))
+        return Plan(tp=tp, pp=pp, dp=dp, sp=sp, num_microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"])
 
     def placement(self, cfg: Config, world_size: int) -> Placement:
         """tp x pp x dp; half precision keeps an fp32 master (zero_stage 1: ZeRO over dp)."""
@@ -181,6 +216,4 @@ def lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
     unsupported = [t for t in targets if t not in layers]
     if unsupported:
         return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
-    if options["enable_sequence_parallelism"]:
-        return ["method=lora with plugin.tp_size>1 and plugin.enable_sequence_parallelism=true: adapters on sequence-parallel layers are not supported; turn sequence parallelism off"]
     return []
