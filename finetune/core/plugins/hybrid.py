@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +85,8 @@ class HybridParallelSpec(PluginSpec):
         plan = self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
         options = cfg.plugin.options
         tp, pp = plan.tp, plan.pp
-        if tp < 1 or pp < 1:
-            return [f"plugin.tp_size and plugin.pp_size must be at least 1, got {tp} and {pp}"]
+        if min(tp, pp, options["sp_size"]) < 1:
+            return [f"plugin.tp_size, plugin.pp_size and plugin.sp_size must be at least 1, got {tp}, {pp} and {options['sp_size']}"]
         kind = model_type(cfg.model.name)
         if not architecture(kind).shardformer_policy:  # shardformer would fail on it at boost time
             served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.shardformer_policy and not a.encoder))
@@ -95,6 +96,8 @@ class HybridParallelSpec(PluginSpec):
             ]
         problems = []
         mode, sp = sequence_parallel(options)
+        if mode:
+            problems += sequence_parallel_problems(cfg, world_size, has_cuda)
         if cfg.data.packing and not mode:
             problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
         task = TASKS.get(cfg.task)
@@ -102,7 +105,7 @@ class HybridParallelSpec(PluginSpec):
             problems += self._classification_problems(cfg, plan)
         if task is not None and task.pairs:  # lifted once the pipeline's criterion and the sharded heads score pairs
             problems.append(f"task={cfg.task} under hybrid_parallel (tensor/pipeline parallel) is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use torch_ddp, low_level_zero or torch_fsdp")
-        if world_size % (tp * pp):
+        if world_size % (tp * pp) and not mode:  # with sequence parallelism: sequence_parallel_problems
             problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
         heads = attention_heads(cfg.model.name)
         if heads and tp > 1 and math.gcd(*heads) % tp:
@@ -217,3 +220,50 @@ def lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
     if unsupported:
         return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
     return []
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def sequence_parallel_problems(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+    """What sequence parallelism (plugin.sp_size / sp_mode) cannot do with this config, each with what to do instead."""
+    options = cfg.plugin.options
+    mode, sp = sequence_parallel(options)
+    tp, pp = options["tp_size"], options["pp_size"]
+    kind = model_type(cfg.model.name)
+    if not architecture(kind).sequence_parallel:
+        served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.sequence_parallel))
+        return [f"plugin.sp_mode={mode}: sequence parallelism is built for model types {served} (their shardformer policy splits the sequence); {cfg.model.name} is {kind or 'of unknown type'}: use plugin.sp_size=1"]
+    task = TASKS.get(cfg.task)
+    if task is not None and task.classification:
+        return [f"task={cfg.task} with sequence parallelism: only causal-LM tasks split their sequence here (shardformer's classification forward does not); use plugin.sp_size=1"]
+    if mode in SP_OVER_TP:
+        if tp == 1:
+            return [f"plugin.sp_mode={mode} splits the sequence over the tensor-parallel group and needs plugin.tp_size>1; without tensor parallelism use plugin.sp_mode=all_to_all with plugin.sp_size>1"]
+        if options["sp_size"] not in (1, tp):
+            return [f"plugin.sp_size={options['sp_size']} with plugin.sp_mode={mode}: the sequence is split over the tp_size={tp} tensor-parallel ranks; leave sp_size at 1"]
+    problems = []
+    if pp > 1:
+        problems.append("sequence parallelism with plugin.pp_size>1 is not checked against one process here; use pp_size=1 (tensor, sequence and data parallel)")
+    if mode in ("all_to_all", "ring_attn") and tp > 1:
+        problems.append(f"plugin.sp_mode={mode} with plugin.tp_size>1 is not checked against one process here; with tensor parallelism use plugin.sp_mode=split_gather (the sequence split over the tp ranks)")
+    if mode == "ring_attn":
+        missing = " and ".join(what for what, ok in (("a CUDA GPU", has_cuda), ("the flash-attn package", importlib.util.find_spec("flash_attn") is not None)) if not ok)
+        if missing:
+            problems.append(f"plugin.sp_mode=ring_attn: ring attention runs on flash-attention's kernels, which need a CUDA GPU and the flash-attn package (missing here: {missing}); use plugin.sp_mode=all_to_all")
+        elif cfg.data.packing:
+            problems.append("data.packing=true with plugin.sp_mode=ring_attn: ring attention splits rows by their padding mask and would cross packed sample boundaries; use plugin.sp_mode=all_to_all or data.packing=false")
+    own = 1 if mode in SP_OVER_TP else sp
+    if world_size % (tp * pp * own):
+        problems.append(f"world size {world_size} is not divisible by tp_size*pp_size*sp_size={tp * pp * own}; launch a multiple of {tp * pp * own} processes")
+    heads = attention_heads(cfg.model.name)
+    if heads and mode == "all_to_all" and math.gcd(*heads) % (tp * sp):
+        # all_to_all trades the sequence split for a split of each rank's (tp's share of) attention heads
+        problems.append(
+            f"plugin.sp_size={sp}: {cfg.model.name} has {heads[0]} attention heads and {heads[1]} key/value heads, which "
+            f"tp_size x sp_size={tp * sp} must divide; sp sizes that fit with tp_size={tp}: {_divisors(math.gcd(*heads) // tp) if math.gcd(*heads) % tp == 0 else 'none'}"
+        )
+    if cfg.data.packing and (options["enable_flash_attention"] or cfg.model.attn_implementation == "flash_attention_2"):
+        problems.append("data.packing=true with sequence parallelism keeps sample boundaries by the block attention mask, which flash attention does not take; use model.attn_implementation=sdpa (or eager) and plugin.enable_flash_attention=false")
+    return problems
