@@ -48,6 +48,8 @@ class Placement:
     microbatches: int = 1
     chunks: int = 1  # model chunks per pipeline rank (interleaved schedule)
     interleaved: bool = False
+    sp: int = 1  # sequence-parallel degree: each rank holds 1/sp of every sequence between the attention exchanges
+    sp_over_tp: bool = False  # the sequence is split over the tensor-parallel ranks (split_gather, ring): sp == tp
     weight_bytes: float = 4  # stored bytes per weight element
     frozen_bytes: float = 0  # stored bytes per frozen weight element where it differs (a half-precision LoRA base); 0: weight_bytes
     compute_bytes: int = 4  # dtype of matmul inputs/outputs in activations

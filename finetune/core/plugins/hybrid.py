@@ -191,7 +191,8 @@ class HybridParallelSpec(PluginSpec):
         """tp x pp x dp; half precision keeps an fp32 master (zero_stage 1: ZeRO over dp)."""
         options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
         tp, pp, dp = plan.tp, plan.pp, plan.dp
-        layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved")
+        layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved",
+                      sp=plan.sp, sp_over_tp=sequence_parallel(options)[0] in SP_OVER_TP)
         if options["zero_stage"]:
             return dataclasses.replace(zero_placement(cfg, world_size, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
         # Without ZeRO and without a pipeline, data parallelism is torch DDP inside the plugin (buckets).
