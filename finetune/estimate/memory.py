@@ -396,8 +396,8 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     attention = "eager" if built == "eager" else "sdpa"
     # Sequence parallelism: a rank keeps the activations of its 1/sp of each sequence. all_to_all's attention runs
     # on whole sequences with 1/sp of the heads, the same bytes per local token; split_gather/ring split what tensor
-    # parallelism leaves whole, so a layer keeps 1/tp of its unsplit (tp=1) bytes (Korthikanti et al., 2022).
-    layer = layer_activation_bytes(shape, dataclasses.replace(place, tp=1) if place.sp_over_tp else place, seq, device, attention) / (place.tp if place.sp_over_tp else 1)
+    # parallelism leaves whole, so a layer keeps its unsplit (tp=1) bytes for 1/tp of the tokens (Korthikanti et al., 2022).
+    layer = layer_activation_bytes(shape, dataclasses.replace(place, tp=1) if place.sp_over_tp else place, seq, device, attention)
     local = tokens / place.sp
     outside = outside_activation_bytes(shape, place, device, share.first, share.last)
     layers_held = in_flight(place, rank) * share.layers / (place.chunks if place.interleaved else 1)

@@ -320,3 +320,24 @@ def test_the_chunked_loss_holds_one_chunk_of_logits_and_the_label_positions_hidd
     # Under hybrid_parallel the loss stays over the full logits (loss_chunks auto resolves to 0 there).
     tp = est.estimate(config_of(*args, "plugin.name=hybrid_parallel", "plugin.tp_size=2"), 2, seq)
     assert tp.setup["loss_chunks"] == 0
+
+
+def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buffers():
+    """plugin.sp_size / sp_mode: a rank keeps the activations of its 1/sp of each sequence (its share of the loss too,
+    under all_to_all) plus one layer's exchange buffers: all_to_all's q, k and v parts sent and received (2 x 3h per
+    local token here, Llama-2-7B has no GQA), split_gather's whole-sequence gather and reduce-scatter (2h per token)."""
+    args = ("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2", "plugin.name=hybrid_parallel")
+    seq, hidden, c = 4096, 4096, 2
+    tokens = 2 * seq
+    one = est.estimate(config_of(*args), 1, seq)
+    ulysses = est.estimate(config_of(*args, "plugin.sp_size=4"), 4, seq)
+    assert (ulysses.setup["sp"], ulysses.setup["dp"]) == (4, 1)
+    assert ulysses.activations == pytest.approx(one.activations / 4 + 2 * (tokens / 4) * 3 * hidden * c)
+    # split_gather over tp=2: everything tensor parallelism left whole is split too, so every activation is halved
+    # (the loss over the gathered sequence holds half the vocabulary).
+    megatron = est.estimate(config_of(*args, "plugin.tp_size=2", "plugin.sp_mode=split_gather"), 2, seq)
+    assert (megatron.setup["sp"], megatron.setup["tp"]) == (2, 2)
+    assert megatron.activations == pytest.approx(one.activations / 2 + 2 * tokens * hidden * c)
+    # Predicted (issue 27): Llama-2-7B LoRA at 32,768 tokens with sp_size=8 on 8 GPUs, checkpointing: <= 40 GiB per GPU.
+    long = est.estimate(config_of(*args, "train.batch_size=1", "train.gradient_checkpointing=true", "plugin.sp_size=8"), 8, 32768)
+    assert long.total() <= 40 * 2**30
