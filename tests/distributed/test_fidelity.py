@@ -95,6 +95,9 @@ CASES = {
     "sp2-llama-lora-packed": ("sp2_lora", "tiny-llama", "lora", [*PACKED], 1, FP32),
     "tp2_sp-llama-full": ("tp2", "tiny-llama", "full", ["plugin.sp_mode=split_gather"], 2, FP32),  # 4 ranks
     "tp2_sp-llama-lora": ("tp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]", "plugin.sp_mode=split_gather"], 2, LORA_TP),  # 4 ranks
+    # ring: LoRA on the default q/k/v/o, so the MLP's frozen projections run ColossalAI's ring-overlapped layers
+    # (full fine-tuning under ring is refused: their weight gradients are off)
+    "tp2_ring-llama-lora": ("tp2_lora", "tiny-llama", "lora", ["plugin.sp_mode=ring"], 2, LORA_TP),  # 4 ranks
 }
 # Today's families (issue 26), each a tiny random config of its own architecture, under every plugin its
 # record claims, one run each: DDP (LoRA on the family's default targets), ZeRO-2 and FSDP (full: one unit
@@ -109,7 +112,7 @@ for family in FAMILIES:
         CASES[f"pp2-{family}-full"] = ("pp2", tiny, "full", [], 1, FP32)
 
 
-RANKS = {"tp2_pp2": 4, "tp2_sp-llama-full": 4, "tp2_sp-llama-lora": 4}  # processes per setup or case where 2 do not suffice
+RANKS = {"tp2_pp2": 4, "tp2_sp-llama-full": 4, "tp2_sp-llama-lora": 4, "tp2_ring-llama-lora": 4}  # processes per setup or case where 2 do not suffice
 # A run whose loss is over the full logits (train.loss_chunks=off), and its twin with the default chunked loss.
 FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora"}
 

@@ -242,6 +242,11 @@ def sequence_parallel_problems(cfg: Config, world_size: int, has_cuda: bool) -> 
     if mode in SP_OVER_TP:
         if tp == 1:
             return [f"plugin.sp_mode={mode} splits the sequence over the tensor-parallel group and needs plugin.tp_size>1; without tensor parallelism use plugin.sp_mode=all_to_all with plugin.sp_size>1"]
+        if mode == "ring" and not METHODS[cfg.method].adapter:
+            # Measured on CPU (tiny Llama, tp2 x dp2): losses 6e-3 off a single process after one update, while
+            # split_gather and ring under LoRA (frozen base weights; finetune.lora_tp's own exchange) match it.
+            return [f"plugin.sp_mode=ring with method={cfg.method}: ColossalAI 0.5.0's ring-overlapped linear layers give wrong weight gradients "
+                    "(losses differ from a single process after one step); use plugin.sp_mode=split_gather (the same split, without the overlap) or method=lora"]
         if options["sp_size"] not in (1, tp):
             return [f"plugin.sp_size={options['sp_size']} with plugin.sp_mode={mode}: the sequence is split over the tp_size={tp} tensor-parallel ranks; leave sp_size at 1"]
     problems = []
