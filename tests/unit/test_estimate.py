@@ -333,6 +333,9 @@ def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buff
     ulysses = est.estimate(config_of(*args, "plugin.sp_size=4"), 4, seq)
     assert (ulysses.setup["sp"], ulysses.setup["dp"]) == (4, 1)
     assert ulysses.activations == pytest.approx(one.activations / 4 + 2 * (tokens / 4) * 3 * hidden * c)
+    # all_to_all's ranks synchronize gradients with the data-parallel ones, so ZeRO shards over both.
+    zero = est.estimate(config_of(*args, "plugin.zero_stage=1"), 1, seq)
+    assert est.estimate(config_of(*args, "plugin.zero_stage=1", "plugin.sp_size=4"), 4, seq).optimizer_states == pytest.approx(zero.optimizer_states / 4)
     # split_gather over tp=2: everything tensor parallelism left whole is split too, so every activation is halved
     # (the loss over the gathered sequence holds half the vocabulary).
     megatron = est.estimate(config_of(*args, "plugin.tp_size=2", "plugin.sp_mode=split_gather"), 2, seq)

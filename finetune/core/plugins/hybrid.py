@@ -1,4 +1,4 @@
-"""HybridParallel's declaration: tensor x pipeline x data parallelism, and everything it refuses."""
+"""HybridParallel's declaration: tensor x pipeline x data (x sequence) parallelism, and everything it refuses."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def sequence_multiple(mode: str, degree: int) -> int:
 class HybridParallelSpec(PluginSpec):
     name = "hybrid_parallel"
     class_name = "HybridParallelPlugin"
-    summary = "Tensor (tp_size) x pipeline (pp_size) x data parallel, with optional ZeRO-1 (zero_stage)."
+    summary = "Tensor (tp_size) x pipeline (pp_size) x sequence (sp_size, sp_mode) x data parallel, with optional ZeRO-1 (zero_stage)."
     options = {
         "tp_size": 1,
         "pp_size": 1,
@@ -188,15 +188,17 @@ class HybridParallelSpec(PluginSpec):
         return Plan(tp=tp, pp=pp, dp=dp, sp=sp, num_microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"])
 
     def placement(self, cfg: Config, world_size: int) -> Placement:
-        """tp x pp x dp; half precision keeps an fp32 master (zero_stage 1: ZeRO over dp)."""
+        """tp x pp x dp (x sp); half precision keeps an fp32 master (zero_stage 1: ZeRO over dp, and all_to_all's sp ranks)."""
         options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
         tp, pp, dp = plan.tp, plan.pp, plan.dp
         layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved",
                       sp=plan.sp, sp_over_tp=sequence_parallel(options)[0] in SP_OVER_TP)
+        # Gradients are synchronized (and ZeRO shards) over the data-parallel ranks and all_to_all's sequence-parallel ones.
+        synced = dp * (1 if layout["sp_over_tp"] else plan.sp)
         if options["zero_stage"]:
-            return dataclasses.replace(zero_placement(cfg, world_size, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
+            return dataclasses.replace(zero_placement(cfg, world_size, dp=synced, stage=options["zero_stage"], offload=False, master=True), dp=dp, **layout)
         # Without ZeRO and without a pipeline, data parallelism is torch DDP inside the plugin (buckets).
-        ddp_buckets = 2 if dp > 1 and pp == 1 else 1
+        ddp_buckets = 2 if synced > 1 and pp == 1 else 1
         master = 4 if half_precision(cfg) else 0
         return cast_placement(cfg, dp=dp, **layout, grad_copies=ddp_buckets, master_bytes=master, step_grad_bytes=master)
 
