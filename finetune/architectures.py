@@ -281,6 +281,9 @@ class Architecture:
     # Under tensor parallelism ColossalAI pads lm_head's rows to plugin.make_vocab_size_divisible_by;
     # False: its policy splits lm_head as it is (Qwen2, Mixtral), so tp_size must divide the vocabulary.
     tp_pads_vocabulary: bool = True
+    # Its shardformer policy splits the sequence (plugin.sp_size / sp_mode), checked against one process
+    # (tests/distributed/test_fidelity.py); False: sequence parallelism is refused for it.
+    sequence_parallel: bool = False
     default_attention: str = "sdpa"  # what model.attn_implementation=auto builds
     # Causal LMs whose logits are the output embeddings applied to the last hidden state, exactly as HF's forward
     # computes them: the attribute that holds the decoder body (its output: those hidden states), which lets the
@@ -337,7 +340,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             heads_key="n_head",
             decoder_body="transformer",
         ),
-        Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, qlora_tp=True, hybrid_classification="pp", **_LLAMA_FAMILY),
+        Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, qlora_tp=True, hybrid_classification="pp", sequence_parallel=True, **_LLAMA_FAMILY),
         # Llama's layout (ColossalAI has a policy for each): Mistral, Qwen2 with q/k/v biases.
         Architecture("mistral", display="Mistral", lora_tp_layers=_LLAMA_TP, qlora_tp=True, **_LLAMA_FAMILY),
         Architecture("qwen2", display="Qwen2", lora_tp_layers=_LLAMA_TP, qlora_tp=True, tp_pads_vocabulary=False, **_LLAMA_FAMILY),

@@ -529,8 +529,21 @@ def sequences(sample: dict) -> list[dict]:
     return [{"input_ids": sample["input_ids"], "labels": sample["labels"]}, {"input_ids": sample[REJECTED + "input_ids"], "labels": sample[REJECTED + "labels"]}]
 
 
-def collate(samples: list[dict], pad_token_id: int, pad_to: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest sample (or to pad_to); padding is masked out of attention and labels.
+@dataclass(frozen=True)
+class Padding:
+    """How wide a batch is padded: its longest row, at least `width` (a pipeline's fixed shapes), rounded up to a
+    multiple of `multiple` (sequence parallelism splits the sequence evenly over its ranks)."""
+
+    width: int = 0
+    multiple: int = 1
+
+    def __call__(self, longest: int) -> int:
+        """The padded width of a batch whose longest row has `longest` tokens."""
+        return -(-max(self.width, longest) // self.multiple) * self.multiple
+
+
+def collate(samples: list[dict], pad_token_id: int, padding: Padding = Padding()) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sample (as `padding` widens it); padding is masked out of attention and labels.
 
     Classification samples give `labels` of shape [batch] (one class id each), LM samples [batch, tokens].
     A preference pair gives two rows, chosen then rejected, side by side: rows 2i and 2i+1 are pair i, so any
@@ -538,7 +551,7 @@ def collate(samples: list[dict], pad_token_id: int, pad_to: int = 0) -> dict[str
     """
     reference = [value for s in samples for value in s[REFERENCE]] if REFERENCE in samples[0] else None  # pairs under full fine-tuning
     samples = [row for s in samples for row in sequences(s)]
-    width = max(pad_to, max(len(s["input_ids"]) for s in samples))
+    width = padding(max(len(s["input_ids"]) for s in samples))
     batch: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
     for s in samples:
         pad = width - len(s["input_ids"])

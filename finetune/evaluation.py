@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.core.layout import Layout
-from finetune.data import IGNORE_INDEX, collate, masked
+from finetune.data import IGNORE_INDEX, Padding, collate, masked
 from finetune.preference import PairObjective, pair_means, pair_objective
 
 # batch -> summed loss over its label tokens (a 0-dim tensor)
@@ -55,12 +55,12 @@ def padded_batches(samples: list[dict], batch_size: int, rank: int, world: int) 
 
 
 @torch.no_grad()
-def summed_over_ranks(batch_sums: Callable[[dict], torch.Tensor], samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> torch.Tensor:
+def summed_over_ranks(batch_sums: Callable[[dict], torch.Tensor], samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, padding: Padding = Padding()) -> torch.Tensor:
     """Per-batch sums (a float64 vector) added over this rank's batches, then over all ranks with a layout."""
     rank, world = (layout.dp_rank, layout.dp_size) if layout else (0, 1)
     totals = None
     for chunk in padded_batches(samples, batch_size, rank, world):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id, pad_to).items()}
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id, padding).items()}
         sums = batch_sums(batch).double()  # every rank runs every batch (pipelines need all stages)
         totals = (totals if totals is not None else torch.zeros_like(sums)) + (sums if layout is None or layout.counts else 0)
     if layout is not None:
@@ -68,19 +68,19 @@ def summed_over_ranks(batch_sums: Callable[[dict], torch.Tensor], samples: list[
     return totals
 
 
-def evaluate(batch_loss: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
+def evaluate(batch_loss: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, padding: Padding = Padding()) -> dict:
     """Token-weighted loss over `samples`: across all ranks with a layout, on this rank alone without."""
 
     def sums(batch: dict) -> torch.Tensor:
         return torch.stack([batch_loss(batch).double().reshape(()), torch.tensor(label_tokens(batch["labels"]), dtype=torch.float64, device=device)])
 
-    loss_sum, tokens = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, pad_to).tolist()
+    loss_sum, tokens = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, padding).tolist()
     loss = loss_sum / tokens if tokens > 0 else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
 
 
 def evaluate_classification(
-    batch_logits: BatchLogits, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, num_labels: int, pad_to: int = 0
+    batch_logits: BatchLogits, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, num_labels: int, padding: Padding = Padding()
 ) -> dict:
     """Mean loss, accuracy and macro-F1 over `samples` (filler rows carry label -100 and count nowhere)."""
 
@@ -94,7 +94,7 @@ def evaluate_classification(
         loss_sum = F.cross_entropy(logits[kept].float(), labels[kept], reduction="sum").double()  # HF's loss, summed
         return torch.cat([loss_sum.reshape(1), confusion.double()])
 
-    totals = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, pad_to)
+    totals = summed_over_ranks(sums, samples, batch_size, pad_token_id, device, layout, padding)
     confusion = totals[1:].reshape(num_labels, num_labels)  # [true, predicted]
     count = confusion.sum().item()
     loss = totals[0].item() / count
@@ -103,18 +103,18 @@ def evaluate_classification(
     return {"loss": loss, "accuracy": confusion.trace().item() / count, "macro_f1": macro_f1(confusion), "samples": int(count)}
 
 
-def evaluate_pairs(batch_sums: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
+def evaluate_pairs(batch_sums: BatchLoss, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, padding: Padding = Padding()) -> dict:
     """Preference metrics over pair samples (finetune.preference.PAIR_METRICS, means over pairs; filler pairs count nowhere)."""
-    return pair_means(summed_over_ranks(batch_sums, samples, batch_size, pad_token_id, device, layout, pad_to).tolist())
+    return pair_means(summed_over_ranks(batch_sums, samples, batch_size, pad_token_id, device, layout, padding).tolist())
 
 
-def evaluate_task(task, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, pad_to: int = 0) -> dict:
+def evaluate_task(task, forward, samples: list[dict], batch_size: int, pad_token_id: int, device, layout: Layout | None, padding: Padding = Padding()) -> dict:
     """Eval metrics over samples for `task`, from `forward` (batch -> the task's eval_output) of the model under its plugin."""
     if task.eval_output == "pairs":
-        return evaluate_pairs(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
+        return evaluate_pairs(forward, samples, batch_size, pad_token_id, device, layout, padding)
     if task.eval_output == "logits":
-        return evaluate_classification(forward, samples, batch_size, pad_token_id, device, layout, len(task.labels), pad_to)
-    return evaluate(forward, samples, batch_size, pad_token_id, device, layout, pad_to)
+        return evaluate_classification(forward, samples, batch_size, pad_token_id, device, layout, len(task.labels), padding)
+    return evaluate(forward, samples, batch_size, pad_token_id, device, layout, padding)
 
 
 def macro_f1(confusion: torch.Tensor) -> float:

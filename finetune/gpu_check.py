@@ -38,6 +38,7 @@ EXAMPLE_RUNS: dict[str, tuple[list[str], int]] = {
     "pp2_interleaved.yaml": ([], 2),  # the quickstart's 30 layers fill 4 chunks
     "tp2_pp2.yaml": (["method=full", "model.name=tiny-llama"], 4),
     "tp2_lora.yaml": (["model.name=tiny-gpt2"], 2),
+    "sp2_lora.yaml": (["model.name=tiny-llama"], 2),  # heads must divide by sp_size (SmolLM2: 3 key/value heads)
     "pp2_zero1.yaml": ([], 2),
 }
 # A tiny model and a few steps: the check is whether the path runs, not what it learns.

@@ -17,6 +17,10 @@ How the adapter W + B A (A: r x in, B: out x r) is split, for a layer whose base
   added to the base's partial output before the layer's one all-reduce; B's gradient is a partial
   sum and is all-reduced over the tensor-parallel group (out x r numbers).
 
+Under sequence parallelism over the tensor-parallel group (split_gather, ring) the sequence is gathered before
+a column-parallel layer and reduce-scattered after a row-parallel one instead of the all-reduces above; the
+adapter's input and partial output take part in the same exchange.
+
 Communication added per adapted layer and step: one all-reduce of r x in (column) or out x r (row)
 numbers in the backward pass; nothing in the forward pass. Split adapter weights are marked as
 distributed tensors, so gradient clipping counts them once, and `state_dict()` gathers them into
@@ -92,12 +96,23 @@ class LoraParallelLinear(nn.Module):
         return add_bias(self.base_layer, out)
 
     def forward(self, x: torch.Tensor):
-        from colossalai.shardformer.layer._operation import reduce_backward, reduce_forward, split_forward_gather_backward
+        from colossalai.shardformer.layer._operation import (
+            gather_forward_reducescatter_backward,
+            reduce_backward,
+            reduce_forward,
+            reducescatter_forward_gather_backward,
+            split_forward_gather_backward,
+        )
 
         lora_a, lora_b, dropout = self.lora_A[ADAPTER], self.lora_B[ADAPTER], self.lora_dropout[ADAPTER]
+        # Sequence parallelism over the tensor-parallel group (split_gather, ring): between layers each rank
+        # holds a part of the sequence, gathered before a column layer and reduce-scattered after a row
+        # layer, in place of the all-reduce (ring mode overlaps the same exchange with the matmul; here it is one step).
+        over_sequence = self.base_layer.seq_parallel_mode in ("split_gather", "ring")
+        dim = self.base_layer.seq_parallel_dim
         if self.column:
-            # x is the same on every rank: its gradient (base + adapter parts) is all-reduced once.
-            x = reduce_backward(x, self.process_group)
+            # x is the same on every rank: its gradient (base + adapter parts) is all-reduced (reduce-scattered) once.
+            x = gather_forward_reducescatter_backward(x, self.process_group, dim) if over_sequence else reduce_backward(x, self.process_group)
             adapter_in = F.linear(dropout(x), reduce_backward(lora_a.weight, self.process_group))
             out = self._base_matmul(x) + lora_b(adapter_in) * self.scaling
             return self._with_bias(out)
@@ -106,7 +121,8 @@ class LoraParallelLinear(nn.Module):
         # x holds this rank's input features: the adapter's partial output joins the base's all-reduce.
         adapter_in = lora_a(dropout(x))
         partial = self._base_matmul(x) + F.linear(adapter_in, reduce_backward(lora_b.weight, self.process_group)) * self.scaling
-        return self._with_bias(reduce_forward(partial, self.process_group))
+        summed = reducescatter_forward_gather_backward(partial, self.process_group, dim) if over_sequence else reduce_forward(partial, self.process_group)
+        return self._with_bias(summed)
 
 
 def add_bias(layer: nn.Module, out: torch.Tensor):
@@ -155,8 +171,8 @@ def shard_lora_layer(lora_layer: nn.Module, base_class: type, process_group, **k
         raise LoraTensorParallelError(f"LoRA on a {name} sharded as {base_class.__name__} is not supported under tensor parallelism")
     if list(lora_layer.lora_A) != [ADAPTER] or getattr(lora_layer, "use_dora", {}).get(ADAPTER):
         raise LoraTensorParallelError("tensor-parallel LoRA supports one plain LoRA adapter per layer (no DoRA, no extra adapters)")
-    if kwargs.get("seq_parallel_mode") or kwargs.get("fp8_communication") or kwargs.get("gather_output") or kwargs.get("stream_chunk_num", 1) > 1:
-        raise LoraTensorParallelError(f"LoRA on {name} under tensor parallelism: sequence parallelism, fp8 communication and gathered outputs are not supported")
+    if kwargs.get("seq_parallel_mode") not in (None, "split_gather", "ring") or kwargs.get("fp8_communication") or kwargs.get("gather_output") or kwargs.get("stream_chunk_num", 1) > 1:
+        raise LoraTensorParallelError(f"LoRA on {name} under tensor parallelism: sequence parallelism other than split_gather/ring, fp8 communication and gathered outputs are not supported")
     base = base_class.from_native_module(lora_layer.base_layer, process_group=process_group, **kwargs)
     if base is lora_layer.base_layer:  # shardformer left a layer too small to split unsharded
         return lora_layer

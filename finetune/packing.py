@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.data import IGNORE_INDEX, NON_PAD_TOKENS
+from finetune.data import IGNORE_INDEX, NON_PAD_TOKENS, Padding
 from finetune.architectures import ARCHITECTURES, architecture
 
 GPT2_PACKED = "gpt2_packed"
@@ -54,13 +54,13 @@ def _join(samples: list[dict]) -> dict:
     return {"input_ids": input_ids, "labels": labels, "lengths": [len(s["input_ids"]) for s in samples]}
 
 
-def collate_packed(rows: list[dict], pad_token_id: int, attention: str) -> dict[str, torch.Tensor]:
-    """A batch of packed rows, right-padded to the longest; `attention` is what packed_attention() returned.
+def collate_packed(rows: list[dict], pad_token_id: int, attention: str, padding: Padding = Padding()) -> dict[str, torch.Tensor]:
+    """A batch of packed rows, right-padded to the longest (as `padding` widens it); `attention` is what packed_attention() returned.
 
     The padding at a row's end is one more segment (positions from 0, labels -100), so no real token
     attends to it and every query attends to at least itself.
     """
-    width = max(len(r["input_ids"]) for r in rows)
+    width = padding(max(len(r["input_ids"]) for r in rows))
     input_ids, labels, positions, segments = [], [], [], []
     for r in rows:
         pad = width - len(r["input_ids"])

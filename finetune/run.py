@@ -17,7 +17,7 @@ from finetune.booster import build_booster
 from finetune.config import Config, parallel_plan
 from finetune.core.layout import Layout, Plan
 from finetune.core.loss_chunks import loss_chunk_tokens
-from finetune.data import DataError, collate
+from finetune.data import DataError, Padding, collate
 from finetune.distributed import log
 from finetune.faults import Faults
 from finetune.methods import Method, method_named
@@ -45,7 +45,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     device: torch.device
-    pad_to: int  # pipeline only: every batch is padded to this many tokens
+    padding: Padding  # how wide every batch is padded (pipelines: data.max_length; sequence parallelism: a multiple of its degree)
     lora_config: Any  # peft LoraConfig when adapters train, else None
     steps_per_epoch: int
     total_steps: int  # the scheduler's horizon: train.max_steps, or train.epochs full epochs
@@ -70,7 +70,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: 
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
 
 
-def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, pad_to: int, packed: str = ""):
+def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int, padding: Padding, packed: str = ""):
     """The plugin's distributed dataloader: shuffled by train.seed, full batches only.
 
     Args:
@@ -79,9 +79,9 @@ def build_dataloader(cfg: Config, plugin, samples: list[dict], pad_token_id: int
     """
     if packed:
         samples = pack(samples, cfg.data.max_length)
-        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed)
+        collate_fn = functools.partial(collate_packed, pad_token_id=pad_token_id, attention=packed, padding=padding)
     else:
-        collate_fn = functools.partial(collate, pad_token_id=pad_token_id, pad_to=pad_to)
+        collate_fn = functools.partial(collate, pad_token_id=pad_token_id, padding=padding)
     return plugin.prepare_dataloader(
         samples,
         batch_size=cfg.train.batch_size,
@@ -130,9 +130,10 @@ def build_run(
 
     optimizer = plugin_spec.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     # Pipeline stages exchange activations whose shapes ColossalAI caches after the first step, so
-    # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted).
-    pad_to = cfg.data.max_length if layout.pipeline else 0
-    dataloader = build_dataloader(cfg, plugin, samples, pad_token_id, pad_to, packed)
+    # under PP every batch is padded to data.max_length (non-pad tokens are still what is counted);
+    # sequence parallelism splits every batch's sequence into equal parts.
+    padding = Padding(width=cfg.data.max_length if layout.pipeline else 0, multiple=layout.sequence_multiple)
+    dataloader = build_dataloader(cfg, plugin, samples, pad_token_id, padding, packed)
     steps_per_epoch = len(dataloader) // cfg.train.grad_accum_steps
     if steps_per_epoch == 0:
         rows = f"{len(dataloader.dataset)} packed rows of " if packed else ""
@@ -147,7 +148,7 @@ def build_run(
         log("activations saved for backward wait in host memory (train.activation_offload)")
     run = Run(
         cfg=cfg, plugin=plugin_spec, method=method, task=task, plan=parallel_plan(cfg, world_size), layout=layout, booster=booster, model=model,
-        optimizer=optimizer, scheduler=scheduler, device=device, pad_to=pad_to, lora_config=lora_config, steps_per_epoch=steps_per_epoch,
+        optimizer=optimizer, scheduler=scheduler, device=device, padding=padding, lora_config=lora_config, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, parameter_counts=parameter_counts, faults=faults, preemption=preemption, objective=objective,
         saved_activations=saved_activations,
     )

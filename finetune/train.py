@@ -138,9 +138,9 @@ def run_eval(run: Run, samples: list[dict], pad_token_id: int, by_source: dict[s
     batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size  # pipelines evaluate at the train batch
     run.model.eval()
     forward = run.plugin.eval_forward(run, run.task.eval_output)
-    result = evaluate_task(run.task, forward, samples, batch_size, pad_token_id, run.device, run.layout, run.pad_to)
+    result = evaluate_task(run.task, forward, samples, batch_size, pad_token_id, run.device, run.layout, run.padding)
     for name, part in (by_source or {}).items():
-        result[f"loss/{name}"] = evaluate_task(run.task, forward, part, batch_size, pad_token_id, run.device, run.layout, run.pad_to)["loss"]
+        result[f"loss/{name}"] = evaluate_task(run.task, forward, part, batch_size, pad_token_id, run.device, run.layout, run.padding)["loss"]
     run.model.train()
     return result
 
@@ -312,7 +312,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
     reload.update(trained_probe_loss=probe_loss, ok=reload_matches(reload["probe_loss"], probe_loss, cfg.train.precision))
     memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "build_bytes_per_rank": builds, "model_weights": model_weights.as_dict()}
     # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
-    seq_len = run.pad_to or (cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
+    seq_len = run.padding(cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
     label_len = 0 if packed else max_label_tokens(data.train)  # what reaches the head under the chunked loss (packed rows: up to seq_len)
     trainable, total = run.parameter_counts
     facts = {"trainable": trainable, "total": total, "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len, "label_len": label_len}

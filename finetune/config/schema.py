@@ -256,7 +256,7 @@ def config_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
 
 
 def _plugin_option_keys() -> set[str]:
-    return {f"plugin.{opt}" for spec in SPECS.values() for opt in spec.options}
+    return {f"plugin.{opt}" for spec in SPECS.values() for opt in [*spec.options, *spec.renamed_options]}
 
 
 def closest(key: str, candidates) -> str:
@@ -480,6 +480,12 @@ def build_config(settings: list[tuple[str, str, Any]]) -> Config:
     # Plugin options are checked once the plugin is final: a later setting may change plugin.name.
     spec = SPECS.get(cfg.plugin.name)
     for opt, value in list(cfg.plugin.options.items()) if spec else []:
+        if opt in spec.renamed_options:
+            # Set to off (as every config written before the rename records it) it means what the defaults mean.
+            if str(value).lower() in ("false", "", "0", "none"):
+                del cfg.plugin.options[opt]
+                continue
+            raise ConfigError(f"plugin.{opt}: renamed; use {spec.renamed_options[opt]}")
         if opt not in spec.options:
             raise ConfigError(f"plugin.{opt}: not an option of plugin '{cfg.plugin.name}' (its options: {', '.join(spec.options)})")
         cfg.plugin.options[opt] = _coerce(f"plugin.{opt}", value, type(spec.options[opt]))

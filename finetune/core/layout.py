@@ -12,11 +12,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Plan:
-    """Layout numbers derived once from the config: tensor x pipeline x data parallel, micro-batches per step."""
+    """Layout numbers derived once from the config: tensor x pipeline x data (x sequence) parallel, micro-batches per step."""
 
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    dp: int = 1  # distinct batches per step (sequence-parallel ranks share theirs)
+    sp: int = 1  # sequence-parallel degree (finetune.core.plugins.hybrid.sequence_parallel)
     num_microbatches: int = 1  # pipeline only: micro-batches per step
     chunks: int = 1  # pipeline only: model chunks per stage (interleaved schedule)
 
@@ -34,6 +35,7 @@ class Layout:
     pipeline: bool  # steps go through booster.execute_pipeline
     counts: bool  # this rank's loss and tokens enter the data-parallel sums (tp rank 0 on the last stage)
     replicated: bool  # every rank holds the whole model: eval and saves may use the unwrapped module
+    sequence_multiple: int = 1  # every batch's length is a multiple of this (sequence parallelism splits it evenly)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Placement:
     microbatches: int = 1
     chunks: int = 1  # model chunks per pipeline rank (interleaved schedule)
     interleaved: bool = False
+    sp: int = 1  # sequence-parallel degree: each rank holds 1/sp of every sequence between the attention exchanges
+    sp_over_tp: bool = False  # the sequence is split over the tensor-parallel ranks (split_gather, ring): sp == tp
     weight_bytes: float = 4  # stored bytes per weight element
     frozen_bytes: float = 0  # stored bytes per frozen weight element where it differs (a half-precision LoRA base); 0: weight_bytes
     compute_bytes: int = 4  # dtype of matmul inputs/outputs in activations

@@ -133,6 +133,8 @@ def format_table(est: Estimate) -> str:
     """The estimate as a person reads it: setup, then bytes per rank with and without checkpointing."""
     s = est.setup
     parallel = f"dp {s['dp']}" + (f" x tp {s['tp']}" if s["tp"] > 1 else "") + (f" x pp {s['pp']}" if s["pp"] > 1 else "")
+    if s.get("sp", 1) > 1:
+        parallel += f" x sp {s['sp']} ({s['plugin_options']['sp_mode']})"
     quant = s["quantization"]
     method = f"qlora {quant['bits']}-bit {quant['quant_type'] if quant['bits'] == 4 else 'int8'}" if quant else s["method"]
     precision = f"compute {quant['compute_dtype']}" if quant else s["precision"]

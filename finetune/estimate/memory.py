@@ -191,6 +191,20 @@ def eval_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_toke
     return min(head, chunk_tokens) * logits + mlp + head * (place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
 
 
+def sequence_exchange_bytes(shape: ModelShape, place: Placement, tokens: int) -> float:
+    """The transient buffers of one layer's sequence-parallel exchange (0 without sequence parallelism), for `tokens`
+    tokens of whole sequences: all_to_all sends q, k and v as sp contiguous parts of the rank's 1/sp of the
+    sequence and receives as many (2 x (q + 2 kv) / tp per local token); split_gather and ring gather the whole
+    sequence at a column-parallel layer's input and reduce-scatter a whole-sequence output (2 x h per token)."""
+    if place.sp == 1:
+        return 0.0
+    c = place.compute_bytes
+    if place.sp_over_tp:
+        return 2 * tokens * shape.hidden * c
+    q, kv = shape.attn_width or shape.hidden, shape.kv_width or shape.hidden
+    return 2 * tokens / place.sp * (q + 2 * kv) / place.tp * c
+
+
 def in_flight(place: Placement, rank: int) -> int:
     """Micro-batches (interleaved: model-chunk micro-batches) whose activations a pipeline rank holds at once."""
     if place.pp == 1:
@@ -280,6 +294,7 @@ def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "
         "world_size": world_size,
         "dp": place.dp,
         "tp": place.tp,
+        "sp": place.sp,
         "pp": place.pp,
         "precision": cfg.train.precision,
         "optimizer": cfg.train.optimizer,
@@ -385,21 +400,30 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     tokens = rows // place.microbatches * seq
     built = architecture(shape.model_type).attention(cfg.model.attn_implementation, SPECS[cfg.plugin.name].shardformer)  # as model.attention_for builds it
     attention = "eager" if built == "eager" else "sdpa"
-    layer = layer_activation_bytes(shape, place, seq, device, attention)
+    # Sequence parallelism: a rank keeps the activations of its 1/sp of each sequence. all_to_all's attention runs
+    # on whole sequences with 1/sp of the heads, the same bytes per local token; split_gather/ring split what tensor
+    # parallelism leaves whole, so a layer keeps its unsplit (tp=1) bytes for 1/tp of the tokens (Korthikanti et al., 2022).
+    layer = layer_activation_bytes(shape, dataclasses.replace(place, tp=1) if place.sp_over_tp else place, seq, device, attention)
+    local = tokens / place.sp
     outside = outside_activation_bytes(shape, place, device, share.first, share.last)
     layers_held = in_flight(place, rank) * share.layers / (place.chunks if place.interleaved else 1)
     chunk_tokens = loss_chunk_tokens(cfg)
-    loss = loss_peak_bytes(shape, place, tokens, chunk_tokens, tokens // seq * label_len) if share.last else 0.0
+    # all_to_all takes the loss on each rank's part of the sequence; split_gather/ring gather it before the head.
+    head = tokens if place.sp_over_tp else local
+    loss = loss_peak_bytes(shape, place, head, chunk_tokens, head // seq * label_len) if share.last else 0.0
     autocast = 2 * share.matmul if place.autocast_copies else 0
-    train = tokens * (layers_held * layer + outside) + loss + autocast
-    checkpointed = tokens * (layers_held * place.residual_bytes * shape.hidden + outside) + max(loss, tokens * layer) + autocast
+    exchange = sequence_exchange_bytes(shape, place, tokens)
+    train = local * (layers_held * layer + outside) + loss + autocast + exchange
+    checkpointed = local * (layers_held * place.residual_bytes * shape.hidden + outside) + max(loss, local * layer) + autocast + exchange
     eval_tokens = (cfg.train.batch_size if place.pp > 1 else cfg.eval.batch_size) * task.sequences_per_sample * seq  # pipelines evaluate at the train batch
     if task.pairs and task.objective(cfg.preference).reference:  # the reference pass: the step's batch forward without gradients, before the policy's
         eval_tokens = max(eval_tokens, rows * seq)
-    evaluation = eval_peak_bytes(shape, place, eval_tokens, chunk_tokens, eval_tokens // seq * label_len) if share.last else eval_tokens * outside
+    eval_head = eval_tokens if place.sp_over_tp else eval_tokens / place.sp
+    evaluation = eval_peak_bytes(shape, place, eval_head, chunk_tokens, eval_head // seq * label_len) if share.last else eval_tokens / place.sp * outside
     if not (cfg.train.activation_offload and device == "cuda"):  # on CPU the host is the device: the copies replace the originals
         return train, checkpointed, evaluation, None
-    offloaded = offloaded_activations(tokens, layers_held, layer, place.residual_bytes * shape.hidden, outside, loss, autocast)
+    # (a rank's own tokens under sequence parallelism; its exchange buffers stay on the device)
+    offloaded = offloaded_activations(local, layers_held, layer, place.residual_bytes * shape.hidden, outside, loss, autocast + exchange)
     return offloaded.device, offloaded.device_checkpointed, evaluation, offloaded
 
 

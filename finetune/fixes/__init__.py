@@ -1,7 +1,8 @@
 """Fixes for the pinned stack's upstream bugs: one module per library, each with one version guard.
 
     torch.py         inductor's compile workers (applied on import: import this package before colossalai);
-                     sub-group collective timeouts (set by distributed.launch with launch.timeout_s)
+                     sub-group collective timeouts (set by distributed.launch with launch.timeout_s);
+                     list all_to_all on gloo (sequence parallelism on CPU)
     colossalai.py    the CPU path of ColossalAI 0.5.0, and its bugs on every device
     transformers.py  bitsandbytes on CPU refused without IPEX
     peft.py          a bitsandbytes attribute peft 0.13.2 reads
@@ -21,4 +22,4 @@ from finetune.fixes import colossalai, peft, transformers
 
 def apply() -> list[str]:
     """Apply every process-wide fix (idempotent; raises UnsupportedVersion for a ColossalAI it was not written for); return what was fixed."""
-    return [*colossalai.apply(), *transformers.apply(), *peft.apply()]
+    return [*_torch.apply(), *colossalai.apply(), *transformers.apply(), *peft.apply()]

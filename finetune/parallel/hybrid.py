@@ -17,7 +17,7 @@ from finetune.checkpoint.files import KeyStandIns, OpenFiles, TensorKey, join_te
 from finetune.checkpoint.model_state import TrainState, update_master_params
 from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem, global_param_names, indexed_optimizer_state, optimizer_params, tied_output_embedding
 from finetune.core.layout import Layout
-from finetune.core.plugins.hybrid import HybridParallelSpec
+from finetune.core.plugins.hybrid import SP_OVER_TP, HybridParallelSpec, sequence_multiple, sequence_parallel
 from finetune.errors import CheckpointError
 from finetune.lora_tp import full_like, read_split
 from finetune.parallel.base import Plugin, write_sharded_model
@@ -156,11 +156,15 @@ class HybridParallel(HybridParallelSpec, Plugin):
 
     def constructor_kwargs(self, options: dict[str, Any], precision: str, max_grad_norm: float, on_cpu: bool) -> dict[str, Any]:
         kwargs = super().constructor_kwargs(options, precision, max_grad_norm, on_cpu)
-        for key in ("num_microbatches", "microbatch_size", "sequence_parallelism_mode"):
-            kwargs[key] = kwargs[key] or None  # 0 / "" in YAML: let ColossalAI decide
-        if kwargs["pp_size"] > 1 and kwargs["tp_size"] == 1:
-            # ColossalAI 0.5.0 cannot save a pipeline checkpoint whose vocabulary was padded without
-            # tensor parallelism ('_unpad_detach' missing); padding only matters for TP anyway.
+        for key in ("num_microbatches", "microbatch_size"):
+            kwargs[key] = kwargs[key] or None  # 0 in YAML: let ColossalAI decide
+        mode, sp = sequence_parallel(options)
+        del kwargs["sp_mode"]
+        kwargs.update(enable_sequence_parallelism=bool(mode), sequence_parallelism_mode=mode or None)
+        kwargs["sp_size"] = None if mode in SP_OVER_TP else sp  # over the TP group: ColossalAI warns on any size given
+        if kwargs["tp_size"] == 1:
+            # ColossalAI 0.5.0 cannot save a checkpoint whose vocabulary was padded without tensor
+            # parallelism (pipeline or sequence parallel: '_unpad_detach' missing); padding only matters for TP.
             kwargs["make_vocab_size_divisible_by"] = 1
         return kwargs
 
@@ -190,12 +194,15 @@ class HybridParallel(HybridParallelSpec, Plugin):
         import torch.distributed as dist
 
         last_stage = plugin.stage_manager is None or plugin.stage_manager.is_last_stage(ignore_chunk=True)
+        # plugin.dp_size counts the sequence-parallel ranks too (they share its gradient all-reduce), but they
+        # share their batch: only the data-parallel group's ranks read distinct data.
         return Layout(
             dp_rank=dist.get_rank(plugin.dp_group),
-            dp_size=plugin.dp_size,
+            dp_size=dist.get_world_size(plugin.dp_group),
             pipeline=plugin.pp_size > 1,
-            counts=last_stage and dist.get_rank(plugin.tp_group) == 0,
+            counts=last_stage and dist.get_rank(plugin.tp_group) == 0 and dist.get_rank(plugin.sp_group) == 0,  # sp ranks hold the same loss
             replicated=False,
+            sequence_multiple=sequence_multiple(plugin.sequence_parallelism_mode, plugin.sp_group.size()) if plugin.enable_sequence_parallelism else 1,
         )
 
     def forward_backward(self, run: Run, micro_batches: list[dict]) -> float:

@@ -16,6 +16,7 @@ RobertaForSequenceClassification (with peft's head-training LoRA) and its cross-
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -26,9 +27,10 @@ from safetensors.torch import load_file
 
 from finetune.architectures import architecture, model_type
 from finetune.config import load_config, to_dict
-from finetune.data import build_data, collate, load_splits
+from finetune.data import build_data, collate, load_splits, model_inputs
 from finetune.methods import method_named
 from finetune.model import base_quantization, build_lora_config, build_model
+from finetune.packing import collate_packed, pack, packed_attention
 from tests.conftest import REPO, read_metrics, run_grouped, selected_params
 
 pytestmark = pytest.mark.distributed
@@ -46,6 +48,7 @@ FP32 = {"loss": 1e-5, "weights": 1e-4, "min_move": 1e-3}
 LORA_TP = {**FP32, "weights": 1e-5}  # issue #10: gathered adapter weights within 1e-5
 LLAMA_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BF16 = {"loss": 3e-2, "update_cosine": 0.95, "min_move": 4e-2}
+PACKED = ("data.packing=true", "data.max_length=128", "train.batch_size=2")
 CASES = {
     "ddp-gpt2-full": ("torch_ddp", "tiny-gpt2", "full", [], 2, FP32),
     "ddp-llama-full": ("torch_ddp", "tiny-llama", "full", [], 2, FP32),
@@ -87,6 +90,18 @@ CASES = {
     "pp2-roberta-full": ("pp2", "tiny-roberta", "full", ["task=classification"], 1, FP32),
     "pp2-roberta-lora": ("pp2", "tiny-roberta", "lora", ["task=classification"], 1, FP32),
     "tp2-roberta-lora": ("tp2_lora", "tiny-roberta", "lora", ["task=classification"], 1, LORA_TP),
+    # Sequence parallelism (issue 27): all_to_all (Ulysses) over 2 ranks sharing each batch, and split_gather over the
+    # tensor-parallel group at 4 ranks (tp2 x dp2; LoRA: finetune.lora_tp's sequence-parallel exchange). Packed rows
+    # (3 samples each at 128 tokens; batch 2 keeps 5 steps) keep their sample boundaries: the reference packs alike.
+    "sp2-llama-full": ("sp2_lora", "tiny-llama", "full", [], 1, FP32),
+    "sp2-llama-lora": ("sp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, FP32),
+    "sp2-llama-full-packed": ("sp2_lora", "tiny-llama", "full", [*PACKED], 1, FP32),
+    "sp2-llama-lora-packed": ("sp2_lora", "tiny-llama", "lora", [*PACKED], 1, FP32),
+    "tp2_sp-llama-full": ("tp2", "tiny-llama", "full", ["plugin.sp_mode=split_gather"], 2, FP32),  # 4 ranks
+    "tp2_sp-llama-lora": ("tp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]", "plugin.sp_mode=split_gather"], 2, LORA_TP),  # 4 ranks
+    # ring: LoRA on the default q/k/v/o, so the MLP's frozen projections run ColossalAI's ring-overlapped layers
+    # (full fine-tuning under ring is refused: their weight gradients are off)
+    "tp2_ring-llama-lora": ("tp2_lora", "tiny-llama", "lora", ["plugin.sp_mode=ring"], 2, LORA_TP),  # 4 ranks
 }
 # Today's families (issue 26), each a tiny random config of its own architecture, under every plugin its
 # record claims, one run each: DDP (LoRA on the family's default targets), ZeRO-2 and FSDP (full: one unit
@@ -101,7 +116,7 @@ for family in FAMILIES:
         CASES[f"pp2-{family}-full"] = ("pp2", tiny, "full", [], 1, FP32)
 
 
-RANKS = {"tp2_pp2": 4}  # processes per setup where 2 do not suffice
+RANKS = {"tp2_pp2": 4, "tp2_sp-llama-full": 4, "tp2_sp-llama-lora": 4, "tp2_ring-llama-lora": 4}  # processes per setup or case where 2 do not suffice
 # A run whose loss is over the full logits (train.loss_chunks=off), and its twin with the default chunked loss.
 FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora"}
 
@@ -170,7 +185,10 @@ def reference(args: list[str], dp_size: int):
     assert len({len(s["input_ids"]) for s in data.train}) == 1, "fidelity data must be equal-length"
     if "labels" in data.train[0]:  # causal LM: as many scored tokens in every sample
         assert len({sum(label != -100 for label in s["labels"]) for s in data.train}) == 1
-    shards = [list(DistributedSampler(data.train, num_replicas=dp_size, rank=r, shuffle=True, seed=cfg.train.seed)) for r in range(dp_size)]
+    rows, batch_of = data.train, functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+    if cfg.data.packing:  # the run's packed rows, sampled like samples
+        rows, batch_of = pack(data.train, cfg.data.max_length), functools.partial(collate_packed, pad_token_id=tokenizer.pad_token_id, attention=packed_attention(model))
+    shards = [list(DistributedSampler(rows, num_replicas=dp_size, rank=r, shuffle=True, seed=cfg.train.seed)) for r in range(dp_size)]
     size = cfg.train.batch_size
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -179,7 +197,7 @@ def reference(args: list[str], dp_size: int):
     model.train()
     for step in range(STEPS):
         indices = [i for shard in shards for i in shard[step * size : (step + 1) * size]]
-        batch = collate([data.train[i] for i in indices], tokenizer.pad_token_id)
+        batch = model_inputs(batch_of([rows[i] for i in indices]))
         loss = model(**batch).loss
         loss.backward()
         if cfg.train.max_grad_norm:
@@ -218,7 +236,7 @@ def fidelity_runs(request, equal_length_data, equal_length_classification_data, 
     for case in dict.fromkeys([*selected_params(request, "test_matches_single_process_reference"), *twins]):
         config, model_name, method, extra, _, _ = CASES[case]
         data = equal_length_classification_data if "task=classification" in extra else equal_length_data
-        runs[case] = (RANKS.get(config, 2), run_args(config, model_name, method, extra, data, root / case))
+        runs[case] = (RANKS.get(case, RANKS.get(config, 2)), run_args(config, model_name, method, extra, data, root / case))
     results = run_grouped(runs, root / "launches")
     return {case: (args, root / case, results[case]) for case, (_, args) in runs.items()}
 

@@ -61,15 +61,17 @@ def weights_in(path: Path) -> dict:
 
 # The uninterrupted runs (layout, its settings) and the resumes of their step-3 checkpoints under another layout
 # (written layout, resumed layout, its settings) that each test needs; they share launches (tests/run_many.py).
-UNINTERRUPTED = {"tp2": LLAMA_FULL, "pp2": LLAMA_FULL, "tp2_lora": GPT2_LORA, "tp2_qlora": LLAMA_QLORA}
+UNINTERRUPTED = {"tp2": LLAMA_FULL, "pp2": LLAMA_FULL, "tp2_lora": GPT2_LORA, "tp2_qlora": LLAMA_QLORA, "sp2_lora": LLAMA_FULL}
 RESUMES = {
     "tp2-to-pp2": ("tp2", "pp2", LLAMA_FULL),
     "tp2-lora-to-ddp2": ("tp2_lora", "torch_ddp", [*GPT2_LORA, "train.batch_size=2"]),  # ddp2 x 2 samples: tp2's global batch of 4
     "tp2-qlora-to-one": ("tp2_qlora", "torch_ddp", LLAMA_QLORA),  # one process, the model quantized whole
+    "sp2-to-ddp2": ("sp2_lora", "torch_ddp", [*LLAMA_FULL, "train.batch_size=2"]),  # sp2's ranks share one batch of 4
 }
 CONFIGS = {"tp2_qlora": "tp2_lora"}  # a run's booster_configs/ file where its name is not one
 RANKS = {"tp2-qlora-to-one": 1}  # processes where 2 are not meant
 NEEDS = {
+    "test_sp2_checkpoint_resumes_under_ddp2": ["sp2-to-ddp2"],
     "test_tp2_checkpoint_resumes_under_pp2": ["tp2-to-pp2"],
     "test_pp2_preempted_checkpoint_resumes_under_tp2_pp2": ["pp2"],
     "test_tp2_lora_checkpoint_resumes_under_ddp2": ["tp2-lora-to-ddp2"],
@@ -174,3 +176,10 @@ def test_tp2_qlora_checkpoint_resumes_in_one_process(runs):
     root, _ = runs
     assert "resuming a tp2 checkpoint under" in succeeded(runs, "tp2_qlora", "tp2-qlora-to-one")
     assert_continues(root / "tp2_qlora", root / "tp2-qlora-to-one")
+
+
+def test_sp2_checkpoint_resumes_under_ddp2(runs):
+    """A sequence-parallel (all_to_all) run's checkpoint goes on under plain DDP exactly (issue 27)."""
+    root, _ = runs
+    assert "resuming a sp2 all_to_all checkpoint under ddp x2:" in succeeded(runs, "sp2_lora", "sp2-to-ddp2")
+    assert_continues(root / "sp2_lora", root / "sp2-to-ddp2")

@@ -132,3 +132,32 @@ def test_fsdp_configure_gets_the_cpu_device(accelerator):
     assert TorchFSDPPlugin.configure.__wrapped__ is not None
     with pytest.raises(RuntimeError):
         torch.cuda.current_device()  # restored after the call
+
+
+def test_gloo_collectives_for_sequence_parallelism():
+    """gloo lacks the list all_to_all and reduce_scatter that ColossalAI's sequence parallelism calls: after
+    finetune.fixes.apply they run there (here on a one-rank gloo group: each rank's share is its own), async calls
+    included, and torch's own wrapper stays underneath once."""
+    import torch.distributed as dist
+
+    from finetune import fixes
+    from finetune.distributed import destroy_process_groups
+    from tests.conftest import free_port
+
+    fixes.apply()
+    assert fixes.apply() == fixes.apply() and not getattr(dist.all_to_all.__wrapped__, "gloo_repair", False)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1").items():
+            env.setenv(name, value)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            sent = [torch.arange(6.0).reshape(2, 3)]
+            received = [torch.empty(2, 3)]
+            assert dist.all_to_all(received, sent) is None and torch.equal(received[0], sent[0])
+            out = torch.empty(4)
+            dist.reduce_scatter(out, [torch.arange(4.0)], async_op=True).wait()
+            assert out.tolist() == [0.0, 1.0, 2.0, 3.0]
+            with pytest.raises(RuntimeError, match="does not support"):  # what the repairs stand in for
+                dist.all_to_all.__wrapped__(received, sent)
+        finally:
+            destroy_process_groups()

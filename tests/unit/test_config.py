@@ -136,7 +136,24 @@ def test_tensor_parallel_must_divide_the_heads():
         ("gemini.yaml", [], 2, "plugin 'gemini' cannot hold LoRA adapters"),
         ("tp2.yaml", ["method=full", "model.name=tiny-gpt2"], 3, "world size 3 is not divisible by tp_size*pp_size=2"),
         ("tp2_lora.yaml", ["model.name=tiny-llama", "lora.target_modules=[q_proj,lm_head]"], 2, "lora.target_modules: ['lm_head'] cannot be adapted under tensor parallelism in llama; these can: q_proj, k_proj"),
-        ("tp2_lora.yaml", ["model.name=tiny-gpt2", "plugin.enable_sequence_parallelism=true"], 2, "adapters on sequence-parallel layers are not supported"),
+        ("tp2_lora.yaml", ["model.name=tiny-llama", "plugin.enable_sequence_parallelism=true"], 2, "plugin.enable_sequence_parallelism: renamed; use plugin.sp_size (all_to_all) or plugin.sp_mode=split_gather|ring"),
+        ("tp2.yaml", ["method=full", "model.name=tiny-llama", "plugin.sequence_parallelism_mode=ring"], 2, "plugin.sequence_parallelism_mode: renamed; use plugin.sp_mode"),
+        ("sp2_lora.yaml", ["model.name=tiny-gpt2"], 2, "plugin.sp_mode=all_to_all: sequence parallelism is built for model types llama"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "plugin.sp_mode=ring_attn"], 2, "plugin.sp_mode=ring_attn: ring attention runs on flash-attention's kernels, which need a CUDA GPU and the flash-attn package (missing here: a CUDA GPU"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "plugin.sp_mode=split_gather", "plugin.sp_size=1"], 2, "plugin.sp_mode=split_gather splits the sequence over the tensor-parallel group and needs plugin.tp_size>1"),
+        ("tp2_lora.yaml", ["model.name=tiny-llama", "plugin.sp_mode=ring", "plugin.sp_size=4"], 2, "plugin.sp_size=4 with plugin.sp_mode=ring: the sequence is split over the tp_size=2 tensor-parallel ranks"),
+        ("tp2.yaml", ["method=full", "model.name=tiny-llama", "plugin.sp_mode=ring"], 2, "plugin.sp_mode=ring with method=full: ColossalAI 0.5.0's ring-overlapped linear layers give wrong weight gradients"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "plugin.sp_size=4"], 4, "tiny-llama has 4 attention heads and 2 key/value heads, which tp_size x sp_size=4 must divide; sp sizes that fit with tp_size=1: 1, 2"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama"], 3, "world size 3 is not divisible by tp_size*pp_size*sp_size=2"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "plugin.tp_size=2"], 4, "plugin.sp_mode=all_to_all with plugin.tp_size>1 is not checked"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "plugin.pp_size=2", "plugin.num_microbatches=2"], 4, "sequence parallelism with plugin.pp_size>1 is not checked"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "plugin.sp_size=0"], 2, "plugin.tp_size, plugin.pp_size and plugin.sp_size must be at least 1, got 1, 1 and 0"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "plugin.sp_mode=ulysses"], 2, "plugin.sp_mode: unknown value 'ulysses'; choose from all_to_all, split_gather, ring, ring_attn"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "task=classification"], 2, "task=classification with sequence parallelism: only causal-LM tasks"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "method=qlora"], 2, "method=qlora with plugin.sp_mode=all_to_all: QLoRA under sequence parallelism is not built"),
+        ("tp2_lora.yaml", ["model.name=tiny-llama-wide", "method=qlora", "quantization.double_quant=false", "plugin.sp_mode=split_gather"], 2, "method=qlora with plugin.sp_mode=split_gather: QLoRA under sequence parallelism is not built"),
+        ("sp2_lora.yaml", ["model.name=tiny-llama", "data.packing=true", "plugin.enable_flash_attention=true"], 2, "data.packing=true with sequence parallelism keeps sample boundaries by the block attention mask"),
+        ("tp2.yaml", ["method=full", "model.name=tiny-llama", "data.packing=true"], 2, "data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask"),
         ("pp2.yaml", ["plugin.num_microbatches=0"], 2, "needs plugin.num_microbatches"),
         ("pp2.yaml", ["plugin.num_microbatches=3"], 2, "train.batch_size=4 must be divisible by plugin.num_microbatches=3"),
         ("pp2.yaml", ["plugin.num_microbatches=1"], 2, "at least pp_size=2 micro-batches"),
@@ -144,7 +161,6 @@ def test_tensor_parallel_must_divide_the_heads():
         ("pp2.yaml", ["train.grad_accum_steps=2"], 2, "raise plugin.num_microbatches instead"),
         ("pp2.yaml", ["plugin.pp_style=interleaved"], 2, "interleaved goes with plugin.num_model_chunks>1"),
         ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_flash_attention=true"], 2, "flash attention needs a CUDA GPU"),
-        ("tp2.yaml", ["method=full", "model.name=tiny-gpt2", "plugin.enable_sequence_parallelism=true"], 2, "sequence parallelism needs a CUDA GPU"),
         ("zero2.yaml", ["plugin.stage=3"], 2, "plugin.stage: must be 1 or 2"),
         ("pp2_interleaved.yaml", ["plugin.num_microbatches=4", "train.batch_size=6"], 2, "train.batch_size=6 must be divisible"),
         ("pp2_interleaved.yaml", ["plugin.num_microbatches=3", "train.batch_size=6"], 2, "interleaved schedule needs a multiple of pp_size=2"),
@@ -377,3 +393,38 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes(b"output_dir: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 15\)"):
         parse_args(["--config", str(tmp_path / "latin1.yaml")])
+
+
+def test_sequence_parallel_plan_and_plugin_arguments():
+    """world = dp x pp x tp x sp as ColossalAI divides it: all_to_all's sp ranks are their own and share a batch;
+    split_gather's are the tp ranks. sp_size/sp_mode become ColossalAI's three arguments."""
+    from finetune.booster import plugin_kwargs
+    from finetune.config import parallel_plan as plan_of
+
+    sp2 = load_config(["--config", str(REPO / "booster_configs" / "sp2_lora.yaml"), "model.name=tiny-llama"], world_size=4)
+    assert (plan_of(sp2, 4).dp, plan_of(sp2, 4).sp, plan_of(sp2, 4).tp) == (2, 2, 1)
+    kwargs = plugin_kwargs(sp2.plugin.name, sp2.plugin.options, "fp32", 1.0, on_cpu=True)
+    assert (kwargs["enable_sequence_parallelism"], kwargs["sequence_parallelism_mode"], kwargs["sp_size"]) == (True, "all_to_all", 2)
+    assert "sp_mode" not in kwargs and kwargs["make_vocab_size_divisible_by"] == 1  # a padded vocabulary without TP cannot be saved
+    tp_sp = load_config(["--config", str(REPO / "booster_configs" / "tp2_lora.yaml"), "model.name=tiny-llama", "plugin.sp_mode=split_gather"], world_size=4)
+    assert (plan_of(tp_sp, 4).dp, plan_of(tp_sp, 4).sp, plan_of(tp_sp, 4).tp) == (2, 2, 2)
+    kwargs = plugin_kwargs(tp_sp.plugin.name, tp_sp.plugin.options, "fp32", 1.0, on_cpu=True)
+    assert (kwargs["enable_sequence_parallelism"], kwargs["sequence_parallelism_mode"], kwargs["sp_size"]) == (True, "split_gather", None)
+    off = load_config(["--config", str(REPO / "booster_configs" / "tp2_lora.yaml"), "model.name=tiny-llama"], world_size=4)
+    kwargs = plugin_kwargs(off.plugin.name, off.plugin.options, "fp32", 1.0, on_cpu=True)
+    assert (kwargs["enable_sequence_parallelism"], kwargs["sequence_parallelism_mode"], plan_of(off, 4).sp) == (False, None, 1)
+    # A config written before the rename records ColossalAI's flag off: it still loads (a checkpoint's config.yaml).
+    old = load_config(["--config", str(REPO / "booster_configs" / "tp2_lora.yaml"), "model.name=tiny-llama", "plugin.enable_sequence_parallelism=false"], world_size=2)
+    assert "enable_sequence_parallelism" not in old.plugin.options
+
+
+def test_ring_attention_with_cuda_and_flash_attention_refuses_packing(monkeypatch):
+    """Where ring attention runs (CUDA and flash-attn), packing is refused: its rows are split by the padding mask."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    argv = ["--config", str(REPO / "booster_configs" / "sp2_lora.yaml"), "model.name=tiny-llama", "plugin.sp_mode=ring_attn"]
+    assert load_config(argv, world_size=2, has_cuda=True).plugin.options["sp_mode"] == "ring_attn"
+    with pytest.raises(ConfigError, match="data.packing=true with plugin.sp_mode=ring_attn: ring attention splits rows by their padding mask"):
+        load_config([*argv, "data.packing=true"], world_size=2, has_cuda=True)

@@ -395,3 +395,27 @@ def test_fit_search_ranks_the_chunked_loss_offload_and_sharded_qlora_by_cost():
     changes = [a.overrides for a in est.fitting_alternatives(seed, 2, 4.5 * est.GIB, seq_len=512)]
     assert changes.index(("plugin.name=torch_fsdp", "plugin.cpu_offload=true")) < changes.index(("plugin.name=torch_fsdp", "method=qlora"))
     assert ("plugin.name=torch_fsdp",) not in changes and ("method=qlora",) not in changes
+
+
+def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buffers():
+    """plugin.sp_size / sp_mode: a rank keeps the activations of its 1/sp of each sequence (its share of the loss too,
+    under all_to_all) plus one layer's exchange buffers: all_to_all's q, k and v parts sent and received (2 x 3h per
+    local token here, Llama-2-7B has no GQA), split_gather's whole-sequence gather and reduce-scatter (2h per token)."""
+    args = ("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2", "plugin.name=hybrid_parallel")
+    seq, hidden, c = 4096, 4096, 2
+    tokens = 2 * seq
+    one = est.estimate(config_of(*args), 1, seq)
+    ulysses = est.estimate(config_of(*args, "plugin.sp_size=4"), 4, seq)
+    assert (ulysses.setup["sp"], ulysses.setup["dp"]) == (4, 1)
+    assert ulysses.activations == pytest.approx(one.activations / 4 + 2 * (tokens / 4) * 3 * hidden * c)
+    # all_to_all's ranks synchronize gradients with the data-parallel ones, so ZeRO shards over both.
+    zero = est.estimate(config_of(*args, "plugin.zero_stage=1"), 1, seq)
+    assert est.estimate(config_of(*args, "plugin.zero_stage=1", "plugin.sp_size=4"), 4, seq).optimizer_states == pytest.approx(zero.optimizer_states / 4)
+    # split_gather over tp=2: everything tensor parallelism left whole is split too, so every activation is halved
+    # (the loss over the gathered sequence holds half the vocabulary).
+    megatron = est.estimate(config_of(*args, "plugin.tp_size=2", "plugin.sp_mode=split_gather"), 2, seq)
+    assert (megatron.setup["sp"], megatron.setup["tp"]) == (2, 2)
+    assert megatron.activations == pytest.approx(one.activations / 2 + 2 * tokens * hidden * c)
+    # Predicted (issue 27): Llama-2-7B LoRA at 32,768 tokens with sp_size=8 on 8 GPUs, checkpointing: <= 40 GiB per GPU.
+    long = est.estimate(config_of(*args, "train.batch_size=1", "train.gradient_checkpointing=true", "plugin.sp_size=8"), 8, 32768)
+    assert long.total() <= 40 * 2**30

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finetune.config import DataConfig, ModelConfig
-from finetune.data import IGNORE_INDEX, collate, load_splits, model_inputs, non_pad_tokens
+from finetune.data import IGNORE_INDEX, Padding, collate, load_splits, model_inputs, non_pad_tokens
 from finetune.model import ModelError, build_model
 from finetune.packing import collate_packed, pack, packed_attention
 from finetune.tasks import build_task
@@ -44,6 +44,20 @@ def test_packed_batch_layout():
     allowed = batch["attention_mask"][0, 0] == 0
     assert allowed.tolist()[4] == [False, False, False, True, True]  # token 5 sees only its own sample
     assert "attention_mask" not in collate_packed(rows, 0, attention="position_ids")  # padding-free (flash attention)
+
+
+def test_sequence_parallel_padding_rounds_batches_up_to_a_multiple():
+    """Sequence parallelism splits every batch's sequence evenly over its ranks: padded and packed batches are widened
+    to a multiple of its degree (pipelines: at least their fixed width first); the padding is masked and unscored."""
+    assert [Padding(multiple=4)(n) for n in (1, 4, 5)] == [4, 4, 8]
+    assert Padding(width=10, multiple=4)(7) == 12 and Padding()(7) == 7
+    rows = [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "lengths": [3, 2]}]
+    packed = collate_packed(rows, pad_token_id=0, attention="additive_mask", padding=Padding(multiple=4))
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]] and packed["labels"][0, 5:].eq(IGNORE_INDEX).all()
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]] and non_pad_tokens(packed) == 5
+    assert (packed["attention_mask"][0, 0, 4] == 0).tolist() == [False, False, False, True, True, False, False, False]
+    padded = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}], pad_token_id=0, padding=Padding(multiple=2))
+    assert padded["input_ids"].tolist() == [[1, 2, 3, 0]] and padded["attention_mask"].tolist() == [[1, 1, 1, 0]] and padded["labels"][0, 3] == IGNORE_INDEX
 
 
 @pytest.mark.parametrize(

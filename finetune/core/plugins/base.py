@@ -28,6 +28,7 @@ class PluginSpec:
     summary = ""
     options: dict[str, Any] = {}  # user-settable constructor arguments and their defaults (which fix their types)
     choices: dict[str, tuple[str, ...]] = {}  # the options whose values are names, with the names each takes (config.validate checks them)
+    renamed_options: dict[str, str] = {}  # former option -> what replaces it (a config naming it is refused with this pointer)
     cpu_options: dict[str, Any] = {}  # forced on CPU (gloo), each with its reason at the subclass
     runs_on_cpu = True
     supports_lora = True

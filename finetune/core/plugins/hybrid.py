@@ -1,8 +1,9 @@
-"""HybridParallel's declaration: tensor x pipeline x data parallelism, and everything it refuses."""
+"""HybridParallel's declaration: tensor x pipeline x data (x sequence) parallelism, and everything it refuses."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +18,29 @@ if TYPE_CHECKING:
     from finetune.config import Config
 
 
+SP_MODES = ("all_to_all", "split_gather", "ring", "ring_attn")
+SP_OVER_TP = ("split_gather", "ring")  # their sequence-parallel group is the tensor-parallel group
+
+
+def sequence_parallel(options: dict[str, Any]) -> tuple[str, int]:
+    """(mode, degree) of sequence parallelism, ("", 1) when off: split_gather and ring split over the tp_size
+    ranks of tensor parallelism, all_to_all and ring_attn over sp_size ranks of their own."""
+    mode = options["sp_mode"]
+    if mode in SP_OVER_TP:
+        return mode, options["tp_size"]
+    return (mode, options["sp_size"]) if options["sp_size"] > 1 else ("", 1)
+
+
+def sequence_multiple(mode: str, degree: int) -> int:
+    """What every batch's length must be a multiple of: the sequence is split into `degree` equal parts (ring_attn's
+    zigzag split: 2 x degree, each rank an early and a late chunk)."""
+    return 2 * degree if mode == "ring_attn" else degree
+
+
 class HybridParallelSpec(PluginSpec):
     name = "hybrid_parallel"
     class_name = "HybridParallelPlugin"
-    summary = "Tensor (tp_size) x pipeline (pp_size) x data parallel, with optional ZeRO-1 (zero_stage)."
+    summary = "Tensor (tp_size) x pipeline (pp_size) x sequence (sp_size, sp_mode) x data parallel, with optional ZeRO-1 (zero_stage)."
     options = {
         "tp_size": 1,
         "pp_size": 1,
@@ -35,13 +55,21 @@ class HybridParallelSpec(PluginSpec):
         "enable_metadata_cache": True,
         "enable_flash_attention": False,
         "enable_fused_normalization": False,
-        "enable_sequence_parallelism": False,
-        "sequence_parallelism_mode": "",
+        # Sequence parallelism (ColossalAI's enable_sequence_parallelism / sequence_parallelism_mode /
+        # sp_size, derived from these two: sequence_parallel()). all_to_all and ring_attn split the sequence
+        # over sp_size ranks of their own; split_gather and ring over the tensor-parallel group.
+        "sp_size": 1,
+        "sp_mode": "all_to_all",
         "make_vocab_size_divisible_by": 64,
         "initial_scale": 2.0**16,
         "overlap_communication": True,
     }
-    choices = {"pp_style": ("1f1b", "interleaved")}
+    choices = {"pp_style": ("1f1b", "interleaved"), "sp_mode": SP_MODES}
+    # ColossalAI's spellings, which the two options above replace: a config naming one gets a one-line pointer.
+    renamed_options = {
+        "enable_sequence_parallelism": "plugin.sp_size (all_to_all) or plugin.sp_mode=split_gather|ring (over the tensor-parallel group)",
+        "sequence_parallelism_mode": "plugin.sp_mode",
+    }
     # gloo: no side-stream overlap (as ZeRO), and overlapped p2p hangs the interleaved schedule.
     cpu_options = {"overlap_communication": False, "overlap_p2p": False}
     takes_precision = True
@@ -57,8 +85,8 @@ class HybridParallelSpec(PluginSpec):
         plan = self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
         options = cfg.plugin.options
         tp, pp = plan.tp, plan.pp
-        if tp < 1 or pp < 1:
-            return [f"plugin.tp_size and plugin.pp_size must be at least 1, got {tp} and {pp}"]
+        if min(tp, pp, options["sp_size"]) < 1:
+            return [f"plugin.tp_size, plugin.pp_size and plugin.sp_size must be at least 1, got {tp}, {pp} and {options['sp_size']}"]
         kind = model_type(cfg.model.name)
         if not architecture(kind).shardformer_policy:  # shardformer would fail on it at boost time
             served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.shardformer_policy and not a.encoder))
@@ -67,14 +95,17 @@ class HybridParallelSpec(PluginSpec):
                 f"so it cannot be split by tensor or pipeline parallelism (causal LMs it splits: {served}); use torch_ddp, low_level_zero or torch_fsdp"
             ]
         problems = []
-        if cfg.data.packing:
+        mode, sp = sequence_parallel(options)
+        if mode:
+            problems += sequence_parallel_problems(cfg, world_size, has_cuda)
+        if cfg.data.packing and not mode:
             problems.append("data.packing=true with plugin hybrid_parallel: shardformer builds its own attention mask, which would cross sample boundaries; use torch_ddp, low_level_zero or torch_fsdp")
         task = TASKS.get(cfg.task)
         if task is not None and task.classification:
             problems += self._classification_problems(cfg, plan)
         if task is not None and task.pairs:  # lifted once the pipeline's criterion and the sharded heads score pairs
             problems.append(f"task={cfg.task} under hybrid_parallel (tensor/pipeline parallel) is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use torch_ddp, low_level_zero or torch_fsdp")
-        if world_size % (tp * pp):
+        if world_size % (tp * pp) and not mode:  # with sequence parallelism: sequence_parallel_problems
             problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
         heads = attention_heads(cfg.model.name)
         if heads and tp > 1 and math.gcd(*heads) % tp:
@@ -117,7 +148,7 @@ class HybridParallelSpec(PluginSpec):
                 problems.append("plugin.zero_stage=2 cannot be combined with pipeline parallelism; use zero_stage=1")
             if cfg.train.grad_accum_steps > 1:
                 problems.append("train.grad_accum_steps>1 with pipeline parallelism: micro-batches are the accumulation; raise plugin.num_microbatches instead")
-        for key, what in (("enable_flash_attention", "flash attention"), ("enable_sequence_parallelism", "sequence parallelism"), ("enable_fused_normalization", "fused normalization (apex)")):
+        for key, what in (("enable_flash_attention", "flash attention"), ("enable_fused_normalization", "fused normalization (apex)")):
             if options[key] and not has_cuda:
                 problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
         return problems
@@ -138,6 +169,9 @@ class HybridParallelSpec(PluginSpec):
         parts = [f"tp{options['tp_size']}"] if options.get("tp_size", 1) > 1 else []
         if options.get("pp_size", 1) > 1:
             parts.append(f"pp{options['pp_size']} {options.get('pp_style', '1f1b')}")
+        mode, sp = sequence_parallel({**self.options, **options})
+        if sp > 1:
+            parts.append(f"sp{sp} {mode}")
         if options.get("zero_stage"):
             parts.append(f"zero{options['zero_stage']}")
         if dp_size > 1:
@@ -145,19 +179,26 @@ class HybridParallelSpec(PluginSpec):
         return " ".join(parts) or "hybrid"
 
     def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
+        """world = dp x pp x tp x (sp ranks of their own: all_to_all, ring_attn), as HybridParallelPlugin divides it."""
         tp, pp = options["tp_size"], options["pp_size"]
+        mode, sp = sequence_parallel(options)
+        own_sp = 1 if mode in SP_OVER_TP else sp
         micro = options["num_microbatches"] or (batch_size // options["microbatch_size"] if options["microbatch_size"] else 0)
-        return Plan(tp=tp, pp=pp, dp=max(1, world_size // max(1, tp * pp)), num_microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"])
+        dp = max(1, world_size // max(1, tp * pp * own_sp))
+        return Plan(tp=tp, pp=pp, dp=dp, sp=sp, num_microbatches=micro if pp > 1 else 1, chunks=options["num_model_chunks"])
 
     def placement(self, cfg: Config, world_size: int) -> Placement:
-        """tp x pp x dp; half precision keeps an fp32 master (zero_stage 1: ZeRO over dp)."""
+        """tp x pp x dp (x sp); half precision keeps an fp32 master (zero_stage 1: ZeRO over dp, and all_to_all's sp ranks)."""
         options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
         tp, pp, dp = plan.tp, plan.pp, plan.dp
-        layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved")
+        layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved",
+                      sp=plan.sp, sp_over_tp=sequence_parallel(options)[0] in SP_OVER_TP)
+        # Gradients are synchronized (and ZeRO shards) over the data-parallel ranks and all_to_all's sequence-parallel ones.
+        synced = dp * (1 if layout["sp_over_tp"] else plan.sp)
         if options["zero_stage"]:
-            return dataclasses.replace(zero_placement(cfg, world_size, dp=dp, stage=options["zero_stage"], offload=False, master=True), **layout)
+            return dataclasses.replace(zero_placement(cfg, world_size, dp=synced, stage=options["zero_stage"], offload=False, master=True), dp=dp, **layout)
         # Without ZeRO and without a pipeline, data parallelism is torch DDP inside the plugin (buckets).
-        ddp_buckets = 2 if dp > 1 and pp == 1 else 1
+        ddp_buckets = 2 if synced > 1 and pp == 1 else 1
         master = 4 if half_precision(cfg) else 0
         return cast_placement(cfg, dp=dp, **layout, grad_copies=ddp_buckets, master_bytes=master, step_grad_bytes=master)
 
@@ -185,8 +226,6 @@ def lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
     unsupported = [t for t in targets if t not in layers]
     if unsupported:
         return [f"lora.target_modules: {unsupported} cannot be adapted under tensor parallelism in {kind}; these can: {', '.join(layers)}"]
-    if options["enable_sequence_parallelism"]:
-        return ["method=lora with plugin.tp_size>1 and plugin.enable_sequence_parallelism=true: adapters on sequence-parallel layers are not supported; turn sequence parallelism off"]
     return []
 
 
@@ -241,3 +280,57 @@ def misaligned_projections(projections: dict[str, tuple[int, int, str]], tp: int
         if shard % QUANT_BLOCK:
             bad.append(f"{name} ({out_features}x{in_features}, {split}-parallel)")
     return bad
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def sequence_parallel_problems(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+    """What sequence parallelism (plugin.sp_size / sp_mode) cannot do with this config, each with what to do instead."""
+    options = cfg.plugin.options
+    mode, sp = sequence_parallel(options)
+    tp, pp = options["tp_size"], options["pp_size"]
+    kind = model_type(cfg.model.name)
+    if not architecture(kind).sequence_parallel:
+        served = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.sequence_parallel))
+        return [f"plugin.sp_mode={mode}: sequence parallelism is built for model types {served} (their shardformer policy splits the sequence); {cfg.model.name} is {kind or 'of unknown type'}: use plugin.sp_size=1"]
+    if METHODS[cfg.method].quantized_base:  # finetune.qlora_tp's 4-bit shards take no sequence-split input
+        return [f"method={cfg.method} with plugin.sp_mode={mode}: QLoRA under sequence parallelism is not built (4-bit layers neither gather nor split the sequence); use method=lora, or plugin.sp_size=1 with tensor parallelism"]
+    task = TASKS.get(cfg.task)
+    if task is not None and task.classification:
+        return [f"task={cfg.task} with sequence parallelism: only causal-LM tasks split their sequence here (shardformer's classification forward does not); use plugin.sp_size=1"]
+    if mode in SP_OVER_TP:
+        if tp == 1:
+            return [f"plugin.sp_mode={mode} splits the sequence over the tensor-parallel group and needs plugin.tp_size>1; without tensor parallelism use plugin.sp_mode=all_to_all with plugin.sp_size>1"]
+        if mode == "ring" and not METHODS[cfg.method].adapter:
+            # Measured on CPU (tiny Llama, tp2 x dp2): losses 6e-3 off a single process after one update, while
+            # split_gather and ring under LoRA (frozen base weights; finetune.lora_tp's own exchange) match it.
+            return [f"plugin.sp_mode=ring with method={cfg.method}: ColossalAI 0.5.0's ring-overlapped linear layers give wrong weight gradients "
+                    "(losses differ from a single process after one step); use plugin.sp_mode=split_gather (the same split, without the overlap) or method=lora"]
+        if options["sp_size"] not in (1, tp):
+            return [f"plugin.sp_size={options['sp_size']} with plugin.sp_mode={mode}: the sequence is split over the tp_size={tp} tensor-parallel ranks; leave sp_size at 1"]
+    problems = []
+    if pp > 1:
+        problems.append("sequence parallelism with plugin.pp_size>1 is not checked against one process here; use pp_size=1 (tensor, sequence and data parallel)")
+    if mode in ("all_to_all", "ring_attn") and tp > 1:
+        problems.append(f"plugin.sp_mode={mode} with plugin.tp_size>1 is not checked against one process here; with tensor parallelism use plugin.sp_mode=split_gather (the sequence split over the tp ranks)")
+    if mode == "ring_attn":
+        missing = " and ".join(what for what, ok in (("a CUDA GPU", has_cuda), ("the flash-attn package", importlib.util.find_spec("flash_attn") is not None)) if not ok)
+        if missing:
+            problems.append(f"plugin.sp_mode=ring_attn: ring attention runs on flash-attention's kernels, which need a CUDA GPU and the flash-attn package (missing here: {missing}); use plugin.sp_mode=all_to_all")
+        elif cfg.data.packing:
+            problems.append("data.packing=true with plugin.sp_mode=ring_attn: ring attention splits rows by their padding mask and would cross packed sample boundaries; use plugin.sp_mode=all_to_all or data.packing=false")
+    own = 1 if mode in SP_OVER_TP else sp
+    if world_size % (tp * pp * own):
+        problems.append(f"world size {world_size} is not divisible by tp_size*pp_size*sp_size={tp * pp * own}; launch a multiple of {tp * pp * own} processes")
+    heads = attention_heads(cfg.model.name)
+    if heads and mode == "all_to_all" and math.gcd(*heads) % (tp * sp):
+        # all_to_all trades the sequence split for a split of each rank's (tp's share of) attention heads
+        problems.append(
+            f"plugin.sp_size={sp}: {cfg.model.name} has {heads[0]} attention heads and {heads[1]} key/value heads, which "
+            f"tp_size x sp_size={tp * sp} must divide; sp sizes that fit with tp_size={tp}: {_divisors(math.gcd(*heads) // tp) if math.gcd(*heads) % tp == 0 else 'none'}"
+        )
+    if cfg.data.packing and (options["enable_flash_attention"] or cfg.model.attn_implementation == "flash_attention_2"):
+        problems.append("data.packing=true with sequence parallelism keeps sample boundaries by the block attention mask, which flash attention does not take; use model.attn_implementation=sdpa (or eager) and plugin.enable_flash_attention=false")
+    return problems
