@@ -40,7 +40,7 @@ def measure(args: list[str], rounds: int, results: Path) -> dict[str, dict]:
             runs[name]["steps"] += [m["step_s"] for m in timed(run["metrics"])]
             runs[name]["predicted"] = memory["estimate"].get("predicted_train_step_peak_bytes")
             print(f"round {i + 1}, {name}: peak {runs[name]['peaks'][-1] / MIB:,.0f} MiB, median step {statistics.median(runs[name]['steps']):.2f} s", flush=True)
-    return {name: {"peak_bytes": max(r["peaks"]), "median_step_s": statistics.median(r["steps"]), "timed_steps": len(r["steps"]), "predicted_bytes": r["predicted"]} for name, r in runs.items()}
+    return {name: {"peak_bytes": max(r["peaks"]), "median_step_s": statistics.median(r["steps"]), "timed_steps": len(r["steps"]), "step_s": r["steps"], "predicted_bytes": r["predicted"]} for name, r in runs.items()}
 
 
 def markdown(results: dict) -> str:
@@ -54,12 +54,13 @@ def markdown(results: dict) -> str:
         f"{results['steps']} steps (the first {WARMUP_STEPS} of each run dropped). Measured {results['date']} in {results['wall_s'] / 60:.1f} min; "
         f"1-minute load average {results['load_before']:.1f} before, {results['load_after']:.1f} after.",
         "",
-        "| train.loss_chunks | measured train-step peak (MiB) | predicted (MiB) | median step (s) |",
-        "|---|---|---|---|",
+        "| train.loss_chunks | measured train-step peak (MiB) | predicted (MiB) | median step (s) | timed steps (s) |",
+        "|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         predicted = f"{row['predicted_bytes'] / MIB:,.0f}" if row["predicted_bytes"] else "-"
-        lines.append(f"| {SETTINGS[name]} ({name}) | {row['peak_bytes'] / MIB:,.0f} | {predicted} | {row['median_step_s']:.3f} |")
+        steps = ", ".join(f"{s:.1f}" for s in row["step_s"])
+        lines.append(f"| {SETTINGS[name]} ({name}) | {row['peak_bytes'] / MIB:,.0f} | {predicted} | {row['median_step_s']:.3f} | {steps} |")
     lines += ["", f"Chunked / full logits: peak {chunked['peak_bytes'] / full['peak_bytes']:.3f}x, step {chunked['median_step_s'] / full['median_step_s']:.3f}x.", ""]
     return "\n".join(lines)
 

@@ -1,10 +1,18 @@
 """The causal-LM loss without the full logits (train.loss_chunks): the decoder body runs to its last hidden states,
 and the head and cross-entropy are taken only at the positions whose shifted label counts, a chunk of tokens at a
-time, each chunk under torch.utils.checkpoint so its logits are recomputed in backward rather than kept.
+time. No chunk's logits are kept for backward:
+
+- a frozen head (LoRA, QLoRA: the head and, tied, the embedding do not train): each chunk's forward also takes the
+  gradient of every token's log-probability with respect to its hidden state, and keeps only that ([tokens, hidden],
+  the size of the hidden states gathered); backward scales it by the upstream gradient (FrozenHeadLogps). The head
+  runs twice per chunk (logits, then their gradient), as over the full logits, and backward needs no weight;
+- a head that trains (full fine-tuning, lm_head among the LoRA targets): each chunk under torch.utils.checkpoint, its
+  logits recomputed in backward, where the head's weight gradient is formed from the per-token upstream gradient
+  (DPO's differs per token, so no weight gradient can be formed in forward).
 
 No (batch x tokens x vocab) tensor exists in forward or backward: at most one chunk's logits, their fp32
 log-softmax and their gradient. The values are those of the model's own loss (the same head, the same fp32
-log-softmax per token under the same autocast), summed in another order.
+log-softmax per token under the same autocast, the same autograd formulas), summed in another order.
 
 install() gives a causal LM a forward that does this whenever it is called with labels; the plugins' wrappers
 (DDP, ZeRO, FSDP) and peft call that forward as they call any, so the training step, the evaluation and the
@@ -14,6 +22,7 @@ preference objective get it by asking the model for its loss (or, for pairs, its
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,16 +53,57 @@ def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, 
     return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
+class FrozenHeadLogps(torch.autograd.Function):
+    """_target_logps of a chunk under a head none of whose tensors requires grad, its backward without a recompute: the
+    forward takes d(log-probability of token t)/d(hidden state t) by autograd over the chunk ((onehot - softmax) @ W,
+    through the soft-cap's tanh, in the dtypes autograd uses over the full logits) and keeps only that."""
+
+    @staticmethod
+    def forward(ctx, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:  # noqa: D102
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_()
+            logps = _target_logps(head, leaf, targets, softcap)
+            # Token t's log-probability depends on hidden state t alone: the gradient of their sum holds each one's, row by row.
+            (grad,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
+        ctx.save_for_backward(grad)
+        return logps.detach()
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return None, (grad_logps[:, None] * grad).to(grad.dtype), None, None
+
+
+def head_trains(head: nn.Module) -> bool:
+    """Whether any tensor the head computes with requires grad: its parameters and buffers, and the plain tensors FSDP
+    puts in the parameters' place during forward (views of its flat parameter, which requires grad where any of it trains)."""
+    plain = (v for m in head.modules() for v in vars(m).values() if isinstance(v, torch.Tensor))
+    tensors = [*head.parameters(), *head.buffers(), *plain]
+    return any(t.requires_grad for t in tensors)
+
+
+def chunk_logps_function(head: nn.Module, hidden: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """How each chunk's log-probabilities are taken, called as f(head, hidden, targets, softcap): the one place that
+    picks the path. Without a gradient to form (no_grad, eval, nothing upstream trains) plainly; under a frozen head
+    with the hidden-state gradient formed in forward; under a head that trains checkpointed, recomputed in backward."""
+    trains = head_trains(head)
+    if not torch.is_grad_enabled() or not (trains or hidden.requires_grad):
+        return _target_logps
+    if trains:
+        return functools.partial(checkpoint, _target_logps, use_reentrant=False)
+    return FrozenHeadLogps.apply
+
+
 def label_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each counted label token, its row) for hidden states [batch, tokens, hidden] under `head`:
     position t predicts labels[t + 1], and only positions whose label is not -100 reach the vocabulary, in chunks."""
     targets = labels[:, 1:]
     rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     kept, wanted = hidden[rows, positions], targets[rows, positions]  # [counted tokens, hidden], [counted tokens]
+    chunk_logps = chunk_logps_function(head, kept)
     pieces = []
     for start in range(0, len(wanted), chunk_tokens) or [0]:  # no counted token: one empty chunk, still a function of the model
-        args = (head, kept[start : start + chunk_tokens], wanted[start : start + chunk_tokens], softcap)
-        pieces.append(checkpoint(_target_logps, *args, use_reentrant=False) if torch.is_grad_enabled() else _target_logps(*args))
+        pieces.append(chunk_logps(head, kept[start : start + chunk_tokens], wanted[start : start + chunk_tokens], softcap))
     return torch.cat(pieces), rows
 
 

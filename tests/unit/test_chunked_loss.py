@@ -1,6 +1,7 @@
 """train.loss_chunks (finetune.chunked_loss): the causal-LM loss taken in chunks of label tokens, never over the full
-logits, equals the model's own loss and every gradient within 1e-6 in fp32; where it cannot be exact the run keeps
-the model's own loss, and an explicit setting there is a one-line config error."""
+logits, equals the model's own loss and every gradient within 1e-6 in fp32 (in bf16 as closely as bf16 itself
+allows); a frozen head's chunks are never recomputed in backward; where it cannot be exact the run keeps the
+model's own loss, and an explicit setting there is a one-line config error."""
 
 from __future__ import annotations
 
@@ -18,26 +19,34 @@ from tests.unit.test_gpu_paths import one_rank  # noqa: F401 (a fixture: one in-
 CHUNK = 16
 
 
-class LargestLogits(TorchDispatchMode):
-    """Records the most logit rows (token positions) that any operation's output holds, forward and backward alike:
-    tensors over the vocabulary other than the head's weight (or its transpose) and its gradient."""
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+class HeadWatch(TorchDispatchMode):
+    """Watches the LM head's work, forward and backward alike: the most logit rows (token positions) that any
+    operation's output holds (tensors over the vocabulary other than the head's weight, its transpose and its
+    gradient), the matmuls with the head's weight or into its gradient, and the logits recomputed (matmuls into the
+    vocabulary while the autograd engine runs a backward pass)."""
 
     def __init__(self, head_weight: torch.Tensor) -> None:
         super().__init__()
         self.vocab, self.weight_shapes = head_weight.shape[0], {tuple(head_weight.shape), tuple(head_weight.shape[::-1])}
-        self.rows = 0
+        self.rows = self.head_matmuls = self.recomputed = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(value, torch.Tensor) and value.dim() and value.shape[-1] == self.vocab and tuple(value.shape) not in self.weight_shapes:
                 self.rows = max(self.rows, value.numel() // self.vocab)
+                self.recomputed += func in MATMULS and torch._C._current_graph_task_id() != -1
+        if func in MATMULS and any(isinstance(t, torch.Tensor) and tuple(t.shape) in self.weight_shapes for t in (*args, out)):
+            self.head_matmuls += 1
         return out
 
 
-def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str, torch.Tensor], int, int, int]:
-    """(loss, gradients by name, the most logit rows any tensor held, batch x tokens, tokens per chunk) of one training
-    step through build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`."""
+def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str, torch.Tensor], HeadWatch, int, int]:
+    """(loss, gradients by name, what the head did, batch x tokens, tokens per chunk) of one training step through
+    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`."""
     from finetune.data import batches_forever, build_data, load_splits
     from finetune.faults import Faults
     from finetune.chunked_loss import chunk_tokens_of
@@ -60,10 +69,10 @@ def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str,
         if "lora_B" in name:  # a fresh adapter is the identity and lora_A's gradient zero: give it weights
             parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     _, micro_batches = next(batches_forever(dataloader, 1, run.steps_per_epoch))
-    with LargestLogits(trained.get_output_embeddings().weight) as largest:
+    with HeadWatch(trained.get_output_embeddings().weight) as head:
         loss = run.plugin.forward_backward(run, micro_batches)
     grads = {name: p.grad.clone() for name, p in trained.named_parameters() if p.requires_grad}
-    return loss, grads, largest.rows, micro_batches[0]["input_ids"].numel(), chunk_tokens_of(run.model)
+    return loss, grads, head, micro_batches[0]["input_ids"].numel(), chunk_tokens_of(run.model)
 
 
 def task_args(tmp_path, task: str) -> list[str]:
@@ -78,31 +87,99 @@ def task_args(tmp_path, task: str) -> list[str]:
     return [f"task={task}", f"data.train_path={files[task]()}", f"data.packing={bool(packed)}".lower()]
 
 
+# LoRA with the head among its targets: peft wraps the head, which then trains.
+HEAD_ADAPTED = ["lora.target_modules=[q_proj,v_proj,lm_head]"]
+
+
 @pytest.mark.parametrize(
-    "task, method, model",
+    "task, method, model, extra, head_trains",
     [
-        ("instruction", "lora", "tiny-llama"),
-        ("instruction", "full", "tiny-gpt2"),
-        ("summarization", "full", "tiny-llama"),
-        ("instruction-packed", "lora", "tiny-llama"),  # data.packing: position ids and a block mask (Llama's own attention)
-        ("instruction-packed", "full", "tiny-gpt2"),  # data.packing through our GPT-2 attention function
-        ("chat", "lora", "tiny-gpt2"),
-        ("preference", "lora", "tiny-gpt2"),  # DPO, the reference: the same model with its adapters off
-        ("preference", "full", "tiny-llama"),  # DPO, the reference log-probabilities stored per pair
+        ("instruction", "lora", "tiny-llama", [], False),
+        ("instruction", "full", "tiny-gpt2", [], True),
+        ("summarization", "full", "tiny-llama", [], True),
+        ("instruction-packed", "lora", "tiny-llama", [], False),  # data.packing: position ids and a block mask (Llama's own attention)
+        ("instruction-packed", "full", "tiny-gpt2", [], True),  # data.packing through our GPT-2 attention function
+        ("chat", "lora", "tiny-gpt2", [], False),  # GPT-2's head is its (frozen) input embedding, tied
+        ("preference", "lora", "tiny-gpt2", [], False),  # DPO, the reference: the same model with its adapters off
+        ("preference", "full", "tiny-llama", [], True),  # DPO, the reference log-probabilities stored per pair
+        ("instruction", "lora", "tiny-llama", HEAD_ADAPTED, True),
     ],
 )
-def test_chunked_loss_equals_the_models_own_loss_and_every_gradient(task, method, model, one_rank, tmp_path, monkeypatch):  # noqa: F811
+def test_chunked_loss_equals_the_models_own_loss_and_every_gradient(task, method, model, extra, head_trains, one_rank, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    args = [*task_args(tmp_path, task), f"model.name={model}", f"method={method}"]
-    loss, grads, logit_rows, positions, chunk = first_step(tmp_path, args, "off")
-    assert chunk == 0 and logit_rows == positions  # today's path: the (batch x tokens x vocab) logits exist
-    chunked_loss, chunked_grads, logit_rows, _, chunk = first_step(tmp_path, args, str(CHUNK))
-    assert chunk == CHUNK and logit_rows == CHUNK  # one chunk's logits at a time, forward and backward
+    args = [*task_args(tmp_path, task), f"model.name={model}", f"method={method}", *extra]
+    loss, grads, head, positions, chunk = first_step(tmp_path, args, "off")
+    assert chunk == 0 and head.rows == positions  # today's path: the (batch x tokens x vocab) logits exist
+    chunked_loss, chunked_grads, head, _, chunk = first_step(tmp_path, args, str(CHUNK))
+    assert chunk == CHUNK and head.rows == CHUNK  # one chunk's logits at a time, forward and backward
+    # A frozen head's chunks take their hidden-state gradient in forward; a head that trains recomputes its logits.
+    assert bool(head.recomputed) == head_trains, f"{head.recomputed} logit matmuls in backward"
     assert abs(chunked_loss - loss) <= 1e-6 * max(1.0, abs(loss)), (chunked_loss, loss)
     assert grads.keys() == chunked_grads.keys() and grads
     for name, grad in grads.items():
         assert grad.abs().max() > 0, f"{name}: no gradient, the comparison would prove little"
         assert torch.allclose(chunked_grads[name], grad, atol=1e-6, rtol=0), f"{name}: gradient differs by {(chunked_grads[name] - grad).abs().max()}"
+
+
+@pytest.mark.parametrize(
+    "grad, head_trains, per_chunk",
+    [
+        (True, False, 2),  # logits and the hidden-state gradient, both in forward; backward scales it
+        (True, True, 4),  # logits, recomputed in backward, then the gradients of the hidden states and of the weight
+        (False, False, 1),  # no_grad (eval, a reference pass): the logits alone
+        (False, True, 1),
+    ],
+)
+def test_the_head_runs_once_per_chunk_and_gradient(grad, head_trains, per_chunk):
+    """The head's matmuls per chunk, by path (finetune.chunked_loss.chunk_logps_function decides it from the head)."""
+    from finetune.chunked_loss import chunked_output
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(head_trains)
+    hidden = torch.randn(3, 20, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 20))
+    labels[:, :5] = -100  # 3 x 15 counted targets: 3 chunks of 16 tokens, the last one partial
+    with HeadWatch(head.weight) as watch, torch.set_grad_enabled(grad):
+        loss = chunked_output(hidden, head, labels, CHUNK).loss
+        if grad:
+            loss.backward()
+    assert watch.head_matmuls == 3 * per_chunk and watch.recomputed == (3 if grad and head_trains else 0)
+
+
+def test_a_frozen_head_in_bf16_is_as_close_as_bf16_allows():
+    """bf16 weights, frozen head: the chunked loss rounds the same quantities in bf16 as the full logits in another order
+    (the upstream gradient applied after the head's backward, not before it), so its gradients are about as far from
+    the fp32 ones as the full-logits path's: the two bf16 results are at most twice that distance apart, per tensor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune import chunked_loss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         attn_implementation="eager")  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.lm_head.requires_grad_(False)
+    ids = torch.randint(0, 1000, (4, 40))
+    labels = ids.clone()
+    labels[:, :10] = -100
+
+    def loss_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.item(), {name: p.grad.float() for name, p in m.named_parameters() if p.requires_grad}
+
+    exact, exact_grads = loss_and_grads(model)  # fp32: the reference both bf16 results are measured against
+    model.to(torch.bfloat16)
+    full, full_grads = loss_and_grads(model)
+    chunked_loss.install(model, CHUNK)
+    with HeadWatch(model.lm_head.weight) as watch:
+        chunked, chunked_grads = loss_and_grads(model)
+    assert watch.rows == CHUNK and watch.recomputed == 0 and watch.head_matmuls == 2 * 8  # 4 x 30 targets: 8 chunks
+    assert abs(chunked - full) <= 2 * abs(full - exact), (chunked, full, exact)
+    for name, want in exact_grads.items():
+        bf16_error = (full_grads[name] - want).norm()
+        assert 0 < bf16_error and (chunked_grads[name] - full_grads[name]).norm() <= 2 * bf16_error, name
 
 
 def test_soft_capped_logits_follow_the_architecture_record():
