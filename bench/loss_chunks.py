@@ -13,7 +13,6 @@ step <= 1.1), with the load average before and after (other work on a shared mac
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import job_args  # noqa: E402  (after the path is set)
-from bench.run import MEASURE_MEMORY, MIB, WARMUP_STEPS, Case, start_results, timed, train, write_results  # noqa: E402
+from bench.run import MEASURE_MEMORY, MIB, WARMUP_STEPS, Case, comparison_parser, start_results, timed, train, write_results  # noqa: E402
 from tests.conftest import write_fixed_length_file  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -70,15 +69,9 @@ SMOKE = {"model": "tiny-llama", "steps": WARMUP_STEPS + 2, "batch_size": 2, "max
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the quickstart's SmolLM2-135M, 49,152-token vocabulary)")
-    parser.add_argument("--steps", type=int, default=2 * WARMUP_STEPS, help="optimizer steps per run (the first %d are dropped)" % WARMUP_STEPS)
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per row (every row fills it)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (each runs both settings)")
+    parser = comparison_parser(__doc__.splitlines()[0], SMOKE, model_help="model (default: the quickstart's SmolLM2-135M, 49,152-token vocabulary)", steps=2 * WARMUP_STEPS,
+                               batch_size=8, batch_help="rows per step", max_length=512, max_length_help="tokens per row (every row fills it)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="both settings with train.gradient_checkpointing=true (the loss term then dominates the peak)")
-    parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
-    parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
     opts = parser.parse_args()
     results_dir, started, results = start_results(opts, SMOKE, RESULTS)
     # Rows of exactly --max-length tokens: replies of 2 words per token are cut there (peers' 300 words fill fewer than 512).

@@ -19,7 +19,6 @@ other work on a shared machine only adds time, to whichever tool it hits).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run import WARMUP_STEPS, Case, child_env, common_args, free_port, start_results, timed, train, write_results  # noqa: E402  (after the path is set)
+from bench.run import WARMUP_STEPS, Case, child_env, common_args, comparison_parser, free_port, start_results, timed, train, write_results  # noqa: E402  (after the path is set)
 
 RESULTS = REPO / "bench" / "results"
 ONE_PROCESS = ("ours", "trainer", "plain")
@@ -153,15 +152,9 @@ def main() -> None:
     if sys.argv[1:2] == ["--trainer"]:
         trainer_run(sys.argv[2], sys.argv[3:])
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model for every tool (default: the quickstart's SmolLM2-135M)")
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (the first %d are dropped)" % WARMUP_STEPS)
-    parser.add_argument("--batch-size", type=int, default=4, help="rows per step and rank")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per row (every row fills it)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (each runs every tool once)")
+    parser = comparison_parser(__doc__.splitlines()[0], SMOKE, model_help="model for every tool (default: the quickstart's SmolLM2-135M)", steps=16,
+                               batch_size=4, batch_help="rows per step and rank", max_length=128, max_length_help="tokens per row (every row fills it)", rounds=2)
     parser.add_argument("--ranks", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2], help="comma-separated: 1 (ours, Trainer, plain loop), 2 (ours, plain DDP loop)")
-    parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model, one process (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
-    parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
     opts = parser.parse_args()
     results_dir, started, results = start_results(opts, SMOKE, RESULTS)
     args = job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir)

@@ -16,7 +16,6 @@ weight term of the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import job_args  # noqa: E402  (after the path is set)
-from bench.run import MIB, WARMUP_STEPS, Case, start_results, timed, train, write_results  # noqa: E402
+from bench.run import MIB, WARMUP_STEPS, Case, comparison_parser, start_results, timed, train, write_results  # noqa: E402
 from finetune.corpus import preference_records  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -105,14 +104,8 @@ SMOKE = {"model": "tiny-llama", "steps": WARMUP_STEPS + 2, "batch_size": 2, "max
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the quickstart's SmolLM2-135M-Instruct)")
-    parser.add_argument("--steps", type=int, default=4 * WARMUP_STEPS, help="optimizer steps per run (the first %d are dropped)" % WARMUP_STEPS)
-    parser.add_argument("--batch-size", type=int, default=4, help="pairs (DPO) or rows (SFT) per step")
-    parser.add_argument("--max-length", type=int, default=128, help="data.max_length")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (each runs both tasks)")
-    parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model (%s)" % ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
-    parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
+    parser = comparison_parser(__doc__.splitlines()[0], SMOKE, model_help="model (default: the quickstart's SmolLM2-135M-Instruct)", steps=4 * WARMUP_STEPS,
+                               batch_size=4, batch_help="pairs (DPO) or rows (SFT) per step", max_length=128, max_length_help="data.max_length")
     opts = parser.parse_args()
     results_dir, started, results = start_results(opts, SMOKE, RESULTS)
     args = job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir)

@@ -399,6 +399,19 @@ def main() -> None:
     write_results(results, started, results_dir, name, markdown)
 
 
+def comparison_parser(description: str, smoke: dict, *, model_help: str, steps: int, batch_size: int, batch_help: str, max_length: int, max_length_help: str, rounds: int = 1) -> argparse.ArgumentParser:
+    """The options every side-by-side comparison takes (the job, the alternating rounds, --smoke, --results); a script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run (the first %d are dropped)" % WARMUP_STEPS)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--max-length", type=int, default=max_length, help=max_length_help)
+    parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds (each runs every setting once)")
+    parser.add_argument("--smoke", action="store_true", help="one short round on a tiny model (%s)" % ", ".join(f"{k}={v}" for k, v in smoke.items()))
+    parser.add_argument("--results", type=Path, help="where results and runs go (default bench/results; with --smoke a new temporary directory)")
+    return parser
+
+
 def start_results(opts, smoke: dict, default_dir: Path) -> tuple[Path, float, dict]:
     """A comparison's start: --smoke's settings applied, its results directory (a new temporary one for a smoke), the
     clock, and the record of machine, job, date and load that write_results completes."""
