@@ -5,13 +5,13 @@
 
 Both runs read the built-in chatterbot-corpus pairs as chat records, so a chosen reply is the same tokens in both:
 SFT trains on {user prompt, assistant chosen} (task=chat), DPO on {user prompt, chosen, rejected}
-(task=preference, preference.loss=dpo). A DPO step scores every pair twice with gradients (chosen and rejected)
-and once more without (the reference: the same model with its adapters off), so with the same pairs per step it
-does about three forwards and two backwards of a row where SFT does one of each. Runs alternate, the order swapped
-each round; each run's step time is its median step_s after warm-up and its peak is train_step_peak
-(summary.json), beside the estimator's prediction. The reference costs no weights here; a second copy of the
-model as the reference (what TRL does without peft) would add the frozen weights once more: the estimator's
-weight term of the same run.
+(task=preference, preference.loss=dpo). A DPO step scores each pair's chosen and rejected rows with gradients and
+once more without (the reference: the same model with its adapters off): four forwards and two backwards of a row
+where SFT runs one of each, about 2.7x the work if a backward costs two forwards. Runs alternate, the order swapped
+each round; each run's step time is its median step_s after warm-up and its peak is train_step_peak (summary.json,
+under train.cpu_allocator=exact: RSS follows the live tensors), beside the estimator's prediction. The reference
+costs no weights here; a second copy of the model as the reference (what TRL does without peft) would add the
+frozen weights once more: the estimator's weight term of the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import job_args  # noqa: E402  (after the path is set)
-from bench.run import MIB, WARMUP_STEPS, Case, comparison_parser, start_results, timed, train, write_results  # noqa: E402
+from bench.run import MEASURE_MEMORY, MIB, WARMUP_STEPS, Case, comparison_parser, start_results, timed, train, write_results  # noqa: E402
 from finetune.corpus import preference_records  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -108,7 +108,7 @@ def main() -> None:
                                batch_size=4, batch_help="pairs (DPO) or rows (SFT) per step", max_length=128, max_length_help="data.max_length")
     opts = parser.parse_args()
     results_dir, started, results = start_results(opts, SMOKE, RESULTS)
-    args = job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir)
+    args = [*job_args(opts.model, opts.steps, opts.batch_size, opts.max_length, results_dir), MEASURE_MEMORY]  # peaks of the live tensors, both tasks alike
     results["tasks"] = measure(args, write_pairs(results_dir), opts.rounds, results_dir)
     write_results(results, started, results_dir, "preference", markdown)
 
