@@ -118,7 +118,7 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
 
     from finetune import train
     from finetune.config import load_config
-    from finetune.data import batches_forever, build_data, load_splits
+    from finetune.data import Padding, batches_forever, build_data, load_splits
     from finetune.distributed import launch
     from finetune.faults import Faults
     from finetune.model import build_model
@@ -137,7 +137,7 @@ def measure(args: argparse.Namespace, data: Path, batch_size: int) -> dict[str, 
     attention = packed_attention(model)
     # The padded batches are the run's own dataloader; the packed ones come from the same plugin. No fit(): no stop signals to handle.
     run, padded = build_run(cfg, world_size=1, device=device, task=splits.task, model=model, pending=None, samples=data.train, pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None)
-    loaders = {"padded": padded, "packed": build_dataloader(cfg, run.booster.plugin, data.train, tokenizer.pad_token_id, 0, attention)}
+    loaders = {"padded": padded, "packed": build_dataloader(cfg, run.booster.plugin, data.train, tokenizer.pad_token_id, Padding(), attention)}
     batches = {name: batches_forever(loader, 1, len(loader)) for name, loader in loaders.items()}
     totals = {name: {"steps": args.steps, "tokens": 0, "computed": 0, "seconds": 0.0, "rows": len(loader.dataset), "samples": len(data.train)} for name, loader in loaders.items()}
     run.model.train()
