@@ -108,8 +108,9 @@ class LoraParallelLinear(nn.Module):
         # Sequence parallelism over the tensor-parallel group (split_gather, ring): between layers each rank
         # holds a part of the sequence, gathered before a column layer and reduce-scattered after a row
         # layer, in place of the all-reduce (ring mode overlaps the same exchange with the matmul; here it is one step).
-        over_sequence = self.base_layer.seq_parallel_mode in ("split_gather", "ring")
-        dim = self.base_layer.seq_parallel_dim
+        # (GPT-2's fused Conv1D layers have no seq_parallel_dim: sequence parallelism is Llama-only, refused for them)
+        over_sequence = getattr(self.base_layer, "seq_parallel_mode", None) in ("split_gather", "ring")
+        dim = self.base_layer.seq_parallel_dim if over_sequence else None
         if self.column:
             # x is the same on every rank: its gradient (base + adapter parts) is all-reduced (reduce-scattered) once.
             x = gather_forward_reducescatter_backward(x, self.process_group, dim) if over_sequence else reduce_backward(x, self.process_group)
