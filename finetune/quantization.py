@@ -135,7 +135,8 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
     """Bytes the model's weights occupy, quantized layers (with their state) apart from the rest."""
     quantized_ids, quantized_params, quantized_bytes, packed_bytes = set(), 0, 0, 0
     for module in model.modules():
-        if isinstance(module, quantized_layer_types()):
+        # (a pipeline stage sets the weights of the layers it does not hold to None: they occupy nothing here)
+        if isinstance(module, quantized_layer_types()) and module.weight is not None:
             params, nbytes, packed = _quant_state_bytes(module.weight)
             quantized_ids.add(id(module.weight))
             quantized_params += params
