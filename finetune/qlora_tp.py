@@ -108,8 +108,6 @@ def quantize_sharded(layer: nn.Module, quant: ShardQuantization, column: bool, p
     quantized.column, quantized.process_group = column, process_group
     quantized.skip_bias_add = getattr(layer, "skip_bias_add", False)
     quantized.parallel_input = getattr(layer, "parallel_input", True)
-    # Read by LoraParallelLinear around its base (sequence parallelism itself is refused with QLoRA at config time).
-    quantized.seq_parallel_mode, quantized.seq_parallel_dim = layer.seq_parallel_mode, layer.seq_parallel_dim
     return quantized
 
 
