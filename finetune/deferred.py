@@ -51,6 +51,11 @@ class Pending:
     path: Path
     names: dict[str, list[str]]
 
+    def stored_names(self, name: str) -> list[str] | None:
+        """Every name of the parameter called `name` now, peft's injected layers seen through (`q_proj.base_layer.weight`
+        was built as `q_proj.weight`); None: a parameter made after the build (an adapter), which has its values."""
+        return self.names.get(name) or self.names.get(name.replace(".base_layer.", "."))
+
 
 def pending(model: nn.Module) -> Pending | None:
     """The weights a model built by build_model(init="lazy"|"meta") still needs; None: it has them."""

@@ -263,12 +263,11 @@ def read_split(reader, key: str, param: torch.Tensor) -> torch.Tensor:
     """This rank's split of tensor `key` of a safetensors file (`reader`: safe_open) holding the whole, unpadded
     tensor split like `param`: only its rows or columns are read where `param` is split along one dim, the
     whole tensor otherwise (then split: fused q/k/v rows interleave)."""
-    cut = _split_range(param)
+    cut = split_range(param)
     if cut is None:
         return shard_like(param, reader.get_tensor(key))
-    dim, start, stop = cut
-    # a copy: the slice may borrow the file's memory, which is gone once the file is closed
-    piece = reader.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)].clone()
+    dim = cut[0]
+    piece = read_range(reader, key, *cut)
     if piece.shape[dim] < param.shape[dim]:  # the vocabulary's padding rows: no one's, zero
         shape = list(piece.shape)
         shape[dim] = param.shape[dim] - shape[dim]
@@ -276,7 +275,13 @@ def read_split(reader, key: str, param: torch.Tensor) -> torch.Tensor:
     return piece
 
 
-def _split_range(param: torch.Tensor) -> tuple[int, int, int] | None:
+def read_range(reader, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows (dim 0) or columns (dim 1) start:stop of tensor `key` of a safetensors file (`reader`: safe_open), and no more."""
+    # a copy: the slice may borrow the file's memory, which is gone once the file is closed
+    return reader.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)].clone()
+
+
+def split_range(param: torch.Tensor) -> tuple[int, int, int] | None:
     """(dim, start, stop): where this rank's split of a parameter split along one dim lies in the whole,
     unpadded tensor; None where it is not split that way."""
     import torch.distributed as dist

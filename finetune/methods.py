@@ -7,6 +7,14 @@ Adding a method is one record in METHODS (`register`). The LoRA hyper-parameters
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from finetune.config import Config
+    from finetune.core.plugins.base import PluginSpec
+
+
+RANDOM_ADAPTER_INITS = ("default", "gaussian")  # lora.init values that make adapters without reading the base weights
 
 
 @dataclass(frozen=True)
@@ -17,11 +25,6 @@ class Method:
     adapter: bool  # LoRA adapters train (what checkpoints and final/ hold); the base stays frozen
     quantized_base: bool  # the frozen base is 4/8-bit (bitsandbytes; the `quantization` section)
     summary: str
-    # The model may be built without its weights for a sharding plugin to load per shard (Plugin.model_init).
-    # Not under LoRA: peft would create adapters beside lazy or meta weights (on the meta device under FSDP),
-    # and PiSSA/OLoRA initialise from the base weights themselves. QLoRA: bitsandbytes quantizes while loading.
-    # Both hold the frozen base in the compute dtype or 4/8 bits instead.
-    deferred_weights: bool = False
 
     @property
     def full(self) -> bool:
@@ -34,15 +37,23 @@ class Method:
         float32 when the weights train (each plugin keeps its own master copies) or are quantized."""
         return precision if self.adapter and not self.quantized_base else "fp32"
 
-    def model_init(self, plugin_init: str) -> str:
-        """How to build the model under a plugin that asks for `plugin_init` (Plugin.model_init): eager where this method cannot defer."""
-        return plugin_init if self.deferred_weights else "eager"
+    def model_init(self, plugin: PluginSpec, cfg: Config) -> str:
+        """How to build a pretrained model for this method under `plugin` (finetune.deferred): the plugin's way where the
+        weights can wait until it has sharded the model, "eager" where they cannot. The one place this is decided."""
+        if not self.adapter:
+            return plugin.model_init
+        if self.quantized_base and not plugin.quantizes_shards(cfg):
+            return "eager"  # bitsandbytes quantizes the whole model while loading it
+        if cfg.lora.init not in RANDOM_ADAPTER_INITS or cfg.lora.use_dora:
+            return "eager"  # PiSSA/OLoRA decompose the base weights and DoRA takes their norms when the adapter is made
+        # peft makes real adapters beside lazy weights (adapter_model_init); meta ones (FSDP) it would leave on the meta device
+        return plugin.adapter_model_init
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("full", adapter=False, quantized_base=False, summary="every weight trains", deferred_weights=True),
+        Method("full", adapter=False, quantized_base=False, summary="every weight trains"),
         Method("lora", adapter=True, quantized_base=False, summary="LoRA adapters on a frozen base"),
         Method("qlora", adapter=True, quantized_base=True, summary="LoRA adapters on a frozen 4/8-bit base (bitsandbytes)"),
     )

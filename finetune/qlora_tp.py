@@ -94,8 +94,35 @@ def _linear4bit_parallel_class() -> type:
     return Linear4bitParallel
 
 
-def quantize_sharded(layer: nn.Module, quant: ShardQuantization, column: bool, process_group) -> nn.Module:
-    """A shardformer Linear1D_Col / Linear1D_Row holding a float shard, as a Linear4bitParallel holding it quantized."""
+@dataclass(frozen=True)
+class DeferredQuantization:
+    """A shard whose weights are still to be read (a deferred build, finetune.deferred): how to quantize it once they are,
+    and where its split lies in the whole weight (dim, start, stop)."""
+
+    quant: ShardQuantization
+    column: bool
+    process_group: object
+    split: tuple[int, int, int]
+
+
+DEFERRED_ATTR = "finetune_deferred_quantization"
+
+
+def quantize_sharded(layer: nn.Module, quant: ShardQuantization, column: bool, process_group, weights_pending: bool = False) -> nn.Module:
+    """A shardformer Linear1D_Col / Linear1D_Row holding a float shard, as a Linear4bitParallel holding it quantized.
+
+    weights_pending: the model was built without its weights (finetune.deferred), so the shard holds no values yet: it is
+    returned marked, its float weight dropped, for quantize_deferred_shards to quantize once the weights are read.
+    """
+    from finetune.lora_tp import split_range
+
+    if weights_pending:
+        split = split_range(layer.weight)
+        if split is None:
+            raise QuantizedShardError(f"a {type(layer).__name__} split other than along one dim cannot be quantized from a deferred build")
+        setattr(layer, DEFERRED_ATTR, DeferredQuantization(quant, column, process_group, split))
+        layer.weight = None  # no float copy of a weight held in 4 bits
+        return layer
     out_features, in_features = layer.weight.shape
     quantized = _linear4bit_parallel_class()(
         in_features, out_features, bias=False, compute_dtype=quant.compute_dtype, compress_statistics=False, quant_type=quant.quant_type, device="meta"
@@ -111,8 +138,9 @@ def quantize_sharded(layer: nn.Module, quant: ShardQuantization, column: bool, p
     return quantized
 
 
-def quantizing(target: type, quant: ShardQuantization) -> type:
-    """A stand-in for a (LoRA-aware) shardformer layer class that quantizes the shard it makes."""
+def quantizing(target: type, quant: ShardQuantization, weights_pending: bool) -> type:
+    """A stand-in for a (LoRA-aware) shardformer layer class that quantizes the shard it makes (weights_pending: marks it
+    to be quantized once the weights are read, quantize_sharded)."""
 
     class QuantizedShard:
         @staticmethod
@@ -121,12 +149,12 @@ def quantizing(target: type, quant: ShardQuantization) -> type:
 
             sharded = target.from_native_module(module, process_group=process_group, **kwargs)
             if isinstance(sharded, LoraParallelLinear):
-                sharded.base_layer = quantize_sharded(sharded.base_layer, quant, sharded.column, process_group)
+                sharded.base_layer = quantize_sharded(sharded.base_layer, quant, sharded.column, process_group, weights_pending)
                 return sharded
             if isinstance(sharded, (Linear1D_Col, Linear1D_Row)):
                 if kwargs.get("seq_parallel_mode") or kwargs.get("fp8_communication") or kwargs.get("gather_output") or kwargs.get("stream_chunk_num", 1) > 1:
                     raise QuantizedShardError(f"a 4-bit {type(sharded).__name__}: sequence parallelism, fp8 communication and gathered outputs are not supported")
-                return quantize_sharded(sharded, quant, isinstance(sharded, Linear1D_Col), process_group)
+                return quantize_sharded(sharded, quant, isinstance(sharded, Linear1D_Col), process_group, weights_pending)
             raise QuantizedShardError(f"{type(module).__name__} sharded as {type(sharded).__name__} cannot be quantized per shard")
 
     QuantizedShard.__qualname__ = f"Quantized{getattr(target, '__qualname__', target.__name__)}"
@@ -135,20 +163,47 @@ def quantizing(target: type, quant: ShardQuantization) -> type:
 
 def qlora_policy(model: nn.Module, policy, quant: ShardQuantization):
     """lora_policy's policy (LoRA layers sharded with their adapters), each split projection the quantization does not
-    skip then quantized on its rank."""
+    skip then quantized on its rank: at once, or, for a model built without its weights, once load_deferred has read them."""
     from colossalai.shardformer.layer import Linear1D_Col, Linear1D_Row
+
+    from finetune.deferred import pending
 
     policy = lora_policy(model, policy)
     module_policy = policy.module_policy
     splits = (lora_aware(Linear1D_Col), lora_aware(Linear1D_Row))
+    weights_pending = pending(model) is not None
 
     def quantized_module_policy():
         descriptions = module_policy()
         for description in descriptions.values():
             for replacement in description.sub_module_replacement or []:
                 if replacement.target_module in splits and quant.quantizes(replacement.suffix):
-                    replacement.target_module = quantizing(replacement.target_module, quant)
+                    replacement.target_module = quantizing(replacement.target_module, quant, weights_pending)
         return descriptions
 
     policy.module_policy = quantized_module_policy  # this instance only
     return policy
+
+
+def quantize_deferred_shards(model: nn.Module, pending) -> None:
+    """Quantize the shards quantize_sharded left marked, each from its split of the pretrained weights (`pending`:
+    finetune.deferred.Pending) read in float32 as the eager build quantizes them, on CPU, then moved beside the layer's
+    other tensors; every rank calls this after its other weights are loaded. Nothing marked: nothing to do."""
+    from finetune.checkpoint.files import OpenFiles, weight_errors, weight_files, weight_key
+    from finetune.lora_tp import read_range
+
+    marked = [(name, module) for name, module in model.named_modules() if hasattr(module, DEFERRED_ATTR)]
+    if not marked:
+        return
+    device = next(p.device for p in model.parameters())
+    with weight_errors(pending.path, "model.name"):
+        files = weight_files(pending.path, "model.name")
+        keys = {name: weight_key(files, pending.stored_names(f"{name}.weight") or [f"{name}.weight"], pending.path, "model.name") for name, _ in marked}
+        with OpenFiles(files) as opened, torch.no_grad():
+            for name, layer in marked:
+                todo = getattr(layer, DEFERRED_ATTR)
+                delattr(layer, DEFERRED_ATTR)
+                layer.weight = nn.Parameter(read_range(opened[keys[name]], keys[name], *todo.split).float(), requires_grad=False)
+                quantized = quantize_sharded(layer, todo.quant, todo.column, todo.process_group).to(device)
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, quantized)

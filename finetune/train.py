@@ -243,7 +243,7 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
             cfg.model, cfg.train.seed, plugin_spec.shardformer, task.labels_or_none,
             None if plugin_spec.quantizes_shards(cfg) else base_quantization(cfg),  # tensor parallelism quantizes each rank's shards once split
             cfg.train.precision, method.frozen_dtype(cfg.train.precision),
-            method.model_init(plugin_spec.model_init), quant_storage=plugin_spec.quantized_storage(cfg),
+            method.model_init(plugin_spec, cfg), quant_storage=plugin_spec.quantized_storage(cfg),
         )
     pending = deferred.pending(model)  # built without its weights: the plugin loads each rank's share after sharding
     log(profiler.format(profiler.record("model_loaded")))

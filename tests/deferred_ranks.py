@@ -78,7 +78,7 @@ def check(model_dir: str, setup: str, batch: dict, reference: torch.Tensor) -> f
     """Max |logits - reference| of the model built, boosted and loaded as train.py does under setup."""
     cfg = build_config(parse_args([f"model.name={model_dir}", "method=full", "train.precision=fp32", *SETUPS[setup]]))
     spec, method = PLUGINS[cfg.plugin.name], method_named(cfg.method)
-    model, _ = build_model(cfg.model, 0, spec.shardformer, init=method.model_init(spec.model_init))
+    model, _ = build_model(cfg.model, 0, spec.shardformer, init=method.model_init(spec, cfg))
     pending = deferred.pending(model)
     assert pending is not None and all(p.is_meta for p in model.parameters()), "built with its weights"  # LazyTensors are meta too
     run = run_of(cfg, model, pending, batch)  # boosted, its weights loaded per shard

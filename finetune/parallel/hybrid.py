@@ -111,7 +111,7 @@ def load_split_optimizer(state: TrainState, path: Path) -> None:
     state.optimizer.load_state_dict(indexed_optimizer_state({"state": mine, "param_groups": groups}, local_names))
 
 
-def load_split_model(state: TrainState, path: Path, setting: str = "resume_from", names: dict[str, list[str]] | None = None) -> None:
+def load_split_model(state: TrainState, path: Path, setting: str = "resume_from", names: dict[str, list[str]] | None = None, skip: frozenset[str] = frozenset()) -> None:
     """Full weights by name (any layout's checkpoint or a pretrained model directory: one file, or shards with an
     index) into this rank's tensor/pipeline-split model, then into the optimizer's master copies: a rank reads
     only the tensors of the parameters it holds (of one split along one dim only its rows or columns; fused
@@ -123,6 +123,7 @@ def load_split_model(state: TrainState, path: Path, setting: str = "resume_from"
         names: every name of each parameter by its name in the model (finetune.deferred.Pending.names, taken
             before wrapping); tied weights are stored once, under one of them. An output embedding tied to
             the input one is always also read from the input's weight.
+        skip: parameters not to read: they have their values (adapters injected after a deferred build).
     """
     module = state.model.unwrap()
     aliases = tied_output_embedding(module)
@@ -131,9 +132,9 @@ def load_split_model(state: TrainState, path: Path, setting: str = "resume_from"
         persistent = [(n, b) for n, b in module.named_buffers() if n in files]  # buffers HF does not save stay as built
         names = names or {}
         # every parameter's key found before any is read: a misfit is one line before heavy work
-        keys = {n: weight_key(files, [*names.get(n, [n]), aliases.get(n, n)], path, setting) for n, _ in module.named_parameters()}
+        keys = {n: weight_key(files, [*names.get(n, [n]), aliases.get(n, n)], path, setting) for n, _ in module.named_parameters() if n not in skip}
         with OpenFiles(files) as opened, torch.no_grad():
-            for name, tensor in [*module.named_parameters(), *persistent]:
+            for name, tensor in [*((n, p) for n, p in module.named_parameters() if n in keys), *persistent]:
                 key = keys.get(name, name)
                 tensor.copy_(read_split(opened[key], key, tensor))
     update_master_params(state)
@@ -271,8 +272,16 @@ class HybridParallel(HybridParallelSpec, Plugin):
 
     def load_deferred(self, run: Run, pending) -> None:
         """The pretrained weights by the reader a resume uses (each rank only its rows of what it holds), every
-        name of a tied weight tried, then the optimizer's master copies."""
-        load_split_model(run.state, pending.path, "model.name", pending.names)
+        name of a tied weight tried, then the optimizer's master copies; adapters (made after the build) keep their
+        init. Under QLoRA the 4-bit shards are then quantized from the weights as read (finetune.qlora_tp)."""
+        from finetune.model import trains_with_adapter
+        from finetune.qlora_tp import quantize_deferred_shards
+
+        module = run.state.model.unwrap()
+        stored = {name: pending.stored_names(name) for name, _ in module.named_parameters()}
+        adapters = frozenset(name for name, names in stored.items() if names is None and trains_with_adapter(name))
+        load_split_model(run.state, pending.path, "model.name", {name: names for name, names in stored.items() if names}, adapters)
+        quantize_deferred_shards(module, pending)
 
     def write_optimizer(self, state: TrainState, path: Path) -> None:
         """The optimizer state as every plugin writes it (full tensors by parameter name), one file per pipeline

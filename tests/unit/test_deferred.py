@@ -12,8 +12,8 @@ from finetune import deferred
 from finetune.parallel import PLUGINS
 from finetune.checkpoint import CheckpointError
 from finetune.checkpoint.files import WeightsDir
-from finetune.config import ModelConfig
-from finetune.methods import METHODS
+from finetune.config import ModelConfig, build_config, parse_args
+from finetune.methods import method_named
 from finetune.model import build_model
 
 
@@ -44,14 +44,41 @@ def test_a_deferred_build_holds_no_weights_and_knows_where_they_are(pretrained_d
 
 
 def test_what_is_always_built_with_its_weights(pretrained_dirs):
-    """Random-init named configs (seeded, the same under every plugin), classifiers (a new head) and
-    LoRA/QLoRA (peft needs the real base) load eagerly even where the plugin defers."""
+    """Random-init named configs (seeded, the same under every plugin) and classifiers (a new head) load eagerly even
+    where the plugin defers."""
     named, _ = build_model(ModelConfig(name="tiny-llama"), seed=0, init="lazy")
     classifier, _ = build_model(ModelConfig(name=str(pretrained_dirs["tiny-llama"])), seed=0, labels=["a", "b"], init="meta")
     for model in (named, classifier):
         assert deferred.pending(model) is None and not any(p.is_meta for p in model.parameters())
-    assert {name: m.model_init("lazy") for name, m in METHODS.items()} == {"full": "lazy", "lora": "eager", "qlora": "eager"}
     assert {p.model_init for p in PLUGINS.values()} >= {"eager", "lazy", "meta"}
+
+
+HYBRID_TP2, HYBRID_PP2 = ("plugin.name=hybrid_parallel", "plugin.tp_size=2"), ("plugin.name=hybrid_parallel", "plugin.pp_size=2")
+
+
+@pytest.mark.parametrize(
+    "args, init",
+    [
+        (("method=full", *HYBRID_TP2), "lazy"),
+        (("method=full", "plugin.name=torch_fsdp"), "meta"),
+        (("method=lora", *HYBRID_TP2), "lazy"),  # adapters injected beside the lazy base, sharded with it
+        (("method=lora", *HYBRID_PP2), "lazy"),
+        (("method=lora", *HYBRID_TP2, "lora.init=gaussian"), "lazy"),
+        (("method=qlora", *HYBRID_TP2, "quantization.double_quant=false"), "lazy"),  # each rank quantizes its shards once read
+        (("method=qlora", *HYBRID_PP2), "eager"),  # bitsandbytes quantizes the whole model while loading it
+        (("method=lora", *HYBRID_TP2, "lora.init=pissa"), "eager"),  # PiSSA/OLoRA decompose the base weights
+        (("method=lora", *HYBRID_PP2, "lora.init=olora"), "eager"),
+        (("method=lora", *HYBRID_PP2, "lora.use_dora=true"), "eager"),  # DoRA takes the base weights' norms
+        (("method=lora", "plugin.name=torch_fsdp"), "eager"),  # peft would leave adapters on the meta device
+        (("method=qlora", "plugin.name=torch_fsdp"), "eager"),
+        (("method=lora", "plugin.name=torch_ddp"), "eager"),
+        (("method=lora", "plugin.name=low_level_zero"), "eager"),
+    ],
+)
+def test_which_builds_wait_for_the_plugin(args, init):
+    """Method.model_init, the one place deciding it, from the method, the plugin and the adapter's init."""
+    cfg = build_config(parse_args(list(args)))
+    assert method_named(cfg.method).model_init(PLUGINS[cfg.plugin.name], cfg) == init
 
 
 def test_a_checkpoint_that_does_not_fill_the_model_is_one_clear_error(pretrained_dirs, tmp_path):

@@ -47,6 +47,9 @@ class PluginSpec:
     # whole model), "lazy" (ColossalAI's LazyInitContext: boost materializes this rank's shard, then
     # load_deferred reads its weights) or "meta" (the plugin materializes each unit from the checkpoint).
     model_init = "eager"
+    # The same for a frozen base under LoRA/QLoRA (Method.model_init decides between the two): "lazy" where peft's
+    # adapters are injected beside lazy weights and sharded with them; "eager" where the plugin cannot (FSDP's meta build).
+    adapter_model_init = "eager"
     # Problems of the machine's toolchain, not of the setup's memory: the estimator ignores lines starting so.
     machine_problems: tuple[str, ...] = ()
     # Overrides of this plugin's options that put its optimizer states (and, where it can, parameters) in host memory,

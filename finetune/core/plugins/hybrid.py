@@ -76,6 +76,7 @@ class HybridParallelSpec(PluginSpec):
     takes_max_norm = True
     replicated = False
     model_init = "lazy"  # shardformer materializes only the layers (and TP slices) this rank holds
+    adapter_model_init = "lazy"  # adapters injected beside the lazy base (apply_adapters), split with it (finetune.lora_tp)
     loss_chunks_refusal = ("shardformer replaces the model's forward: under tensor parallelism its head and cross-entropy are split over the "
                            "vocabulary (vocab-parallel), under a pipeline the last stage takes the loss; chunks are not built into either")
     shardformer = True
