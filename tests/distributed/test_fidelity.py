@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.architectures import architecture, model_type
-from finetune.config import load_config, to_dict
+from finetune.config import ModelConfig, load_config, to_dict
 from finetune.data import build_data, collate, load_splits, model_inputs
 from finetune.methods import method_named
 from finetune.model import base_quantization, build_lora_config, build_model
@@ -49,6 +49,9 @@ LORA_TP = {**FP32, "weights": 1e-5}  # issue #10: gathered adapter weights withi
 LLAMA_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BF16 = {"loss": 3e-2, "update_cosine": 0.95, "min_move": 4e-2}
 PACKED = ("data.packing=true", "data.max_length=128", "train.batch_size=2")
+# A named config saved as a pretrained directory (safetensors): under hybrid_parallel LoRA and QLoRA then build it lazily,
+# each rank loading its share after sharding (finetune.deferred); the reference loads the same directory whole.
+SAVED = "saved:"
 CASES = {
     "ddp-gpt2-full": ("torch_ddp", "tiny-gpt2", "full", [], 2, FP32),
     "ddp-llama-full": ("torch_ddp", "tiny-llama", "full", [], 2, FP32),
@@ -65,8 +68,8 @@ CASES = {
     "tp2-gpt2-full": ("tp2", "tiny-gpt2", "full", [], 1, FP32),
     # LoRA under TP (finetune.lora_tp) on every layer it can adapt: column, row and fused q/k/v splits.
     "tp2-gpt2-lora": ("tp2_lora", "tiny-gpt2", "lora", ["lora.target_modules=[c_attn,c_fc,c_proj]"], 1, LORA_TP),
-    "tp2-llama-lora": ("tp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),
-    "tp2_pp2-llama-lora": ("tp2_pp2", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # 4 ranks
+    "tp2-llama-lora": ("tp2_lora", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),
+    "tp2_pp2-llama-lora": ("tp2_pp2", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # 4 ranks
     "fsdp-gpt2-full": ("fsdp", "tiny-gpt2", "full", [], 2, FP32),
     "fsdp-llama-full": ("fsdp", "tiny-llama", "full", [], 2, FP32),
     "fsdp-llama-lora": ("fsdp", "tiny-llama", "lora", [], 2, FP32),
@@ -74,13 +77,13 @@ CASES = {
     "fsdp-llama-qlora": ("fsdp", "tiny-llama", "qlora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 2, FP32),
     # QLoRA under TP (finetune.qlora_tp): each rank quantizes its shards; LoRA on q/k/v/o (column and row splits with
     # adapters), gate/up/down 4-bit shards alone. tiny-llama-wide: every shard is whole 64-element blocks. One reference.
-    "tp2-llama-qlora": ("tp2_lora", "tiny-llama-wide", "qlora", ["quantization.double_quant=false"], 1, LORA_TP),
+    "tp2-llama-qlora": ("tp2_lora", f"{SAVED}tiny-llama-wide", "qlora", ["quantization.double_quant=false"], 1, LORA_TP),
     "tp2_pp2-llama-qlora": ("tp2_pp2", "tiny-llama-wide", "qlora", ["quantization.double_quant=false"], 1, LORA_TP),  # 4 ranks
     "tp2-llama-full": ("tp2", "tiny-llama", "full", [], 1, FP32),
     "pp2-gpt2-full": ("pp2", "tiny-gpt2", "full", [], 1, FP32),
     "pp2-llama-full": ("pp2", "tiny-llama", "full", [], 1, FP32),
     "pp2-gpt2-lora": ("pp2", "tiny-gpt2", "lora", [], 1, FP32),
-    "pp2-llama-lora": ("pp2", "tiny-llama", "lora", [], 1, FP32),
+    "pp2-llama-lora": ("pp2", f"{SAVED}tiny-llama", "lora", [], 1, FP32),
     "pp2_interleaved-gpt2-full": ("pp2_interleaved", "tiny-gpt2", "full", [], 1, FP32),
     "pp2_interleaved-llama-full": ("pp2_interleaved", "tiny-llama", "full", [], 1, FP32),
     "tp2_pp2-llama-full": ("tp2_pp2", "tiny-llama", "full", [], 1, FP32),  # 4 ranks
@@ -236,9 +239,22 @@ def fidelity_runs(request, equal_length_data, equal_length_classification_data, 
     for case in dict.fromkeys([*selected_params(request, "test_matches_single_process_reference"), *twins]):
         config, model_name, method, extra, _, _ = CASES[case]
         data = equal_length_classification_data if "task=classification" in extra else equal_length_data
-        runs[case] = (RANKS.get(case, RANKS.get(config, 2)), run_args(config, model_name, method, extra, data, root / case))
+        runs[case] = (RANKS.get(case, RANKS.get(config, 2)), run_args(config, saved_model(model_name, root), method, extra, data, root / case))
     results = run_grouped(runs, root / "launches")
     return {case: (args, root / case, results[case]) for case, (_, args) in runs.items()}
+
+
+def saved_model(model_name: str, root: Path) -> str:
+    """model.name for a case's model: a named config as is; SAVED + a named config: it saved (once) under root."""
+    if not model_name.startswith(SAVED):
+        return model_name
+    named = model_name.removeprefix(SAVED)
+    path = root / "saved" / named
+    if not path.exists():
+        model, tokenizer = build_model(ModelConfig(name=named), seed=0)
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
