@@ -1,11 +1,11 @@
 """Run by tests/distributed/test_deferred.py under torchrun (2 ranks): LoRA and QLoRA models built as train.py builds
 them under hybrid_parallel (Method.model_init: lazily for a pretrained directory) against the same built eagerly.
 
-    torchrun --nproc_per_node=2 tests/deferred_adapter_ranks.py OUT.json WIDE_LLAMA_DIR BIG_LLAMA_DIR
+    torchrun --nproc_per_node=2 tests/deferred_adapter_ranks.py OUT.json WIDE_LLAMA_DIR BIG_LLAMA_DIR GPT2_DIR
 
 WIDE_LLAMA_DIR (a tiny Llama whose projections QLoRA can split in 4-bit blocks): for LoRA under tp2 and pp2 and QLoRA
 under tp2, the max |difference| of the logits, of the (gathered) adapters and, QLoRA, of each rank's packed 4-bit shards
-and their block scales. BIG_LLAMA_DIR (~470 MB in float32): each rank's build bytes (finetune.profiler: the process's
+and their block scales; GPT2_DIR (fused q/k/v Conv1D, tied head): the same for LoRA under tp2. BIG_LLAMA_DIR (~470 MB in float32): each rank's build bytes (finetune.profiler: the process's
 peak resident memory from before the build through boost and load) of LoRA and QLoRA under tp2, lazily and eagerly,
 and the model's bytes. Rank 0 writes {"<method> <setup> <what>": number} as JSON. Watched as tests/deferred_ranks.py is.
 """
@@ -35,15 +35,15 @@ from finetune.profiler import MemoryProfiler  # noqa: E402
 from finetune.quantization import is_quantized  # noqa: E402
 from tests.deferred_ranks import SETUPS, TEARDOWN_LIMIT_S, WORK_LIMIT_S, logits_of, nan_max, run_of  # noqa: E402
 
-LLAMA_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
-CHECKS = (("lora", "tp2"), ("lora", "pp2"), ("qlora", "tp2"))
+TARGETS = {"llama": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "gpt2": "[c_attn,c_fc,c_proj]"}
+CHECKS = (("lora", "tp2", "llama"), ("lora", "pp2", "llama"), ("qlora", "tp2", "llama"), ("lora", "tp2", "gpt2"))  # (method, setup, model)
 
 
-def built_run(model_dir: str, method_name: str, setup: str, init: str | None, batch: dict):
+def built_run(model_dir: str, method_name: str, setup: str, init: str | None, batch: dict, family: str = "llama"):
     """The Run train.py builds for this model (its build as Method.model_init decides it, or `init`), and the init used."""
     cfg = build_config(parse_args([
         f"model.name={model_dir}", f"method={method_name}", "train.precision=fp32", "quantization.double_quant=false", "lora.dropout=0",
-        f"lora.target_modules={LLAMA_PROJECTIONS}", *SETUPS[setup],
+        f"lora.target_modules={TARGETS[family]}", *SETUPS[setup],
     ]))
     spec, method = PLUGINS[cfg.plugin.name], method_named(cfg.method)
     init = init or method.model_init(spec, cfg)
@@ -95,20 +95,21 @@ def build_bytes(model_dir: str, method_name: str, init: str | None, batch: dict)
     return profiler.build_bytes()
 
 
-def compare(out: str, wide_dir: str, big_dir: str) -> None:
+def compare(out: str, wide_dir: str, big_dir: str, gpt2_dir: str) -> None:
     """Write every difference and build size to out (rank 0)."""
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    vocab = json.loads((Path(wide_dir) / "config.json").read_text())["vocab_size"]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}  # shardformer's GPT-2 needs labels and a mask
     results: dict[str, float] = {}
-    for method_name, setup in CHECKS:
-        lazy_run, init = built_run(wide_dir, method_name, setup, None, batch)
-        results[f"{method_name} {setup} init is lazy"] = float(init == "lazy")
+    for method_name, setup, family in CHECKS:
+        model_dir = {"llama": wide_dir, "gpt2": gpt2_dir}[family]
+        vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+        lazy_run, init = built_run(model_dir, method_name, setup, None, batch, family)
+        results[f"{method_name} {setup} {family} init is lazy"] = float(init == "lazy")
         lazy = state_of(lazy_run, batch, vocab)
         del lazy_run
-        eager_run, _ = built_run(wide_dir, method_name, setup, "eager", batch)
+        eager_run, _ = built_run(model_dir, method_name, setup, "eager", batch, family)
         for what, value in differences(lazy, state_of(eager_run, batch, vocab)).items():
-            results[f"{method_name} {setup} {what}"] = value
+            results[f"{method_name} {setup} {family} {what}"] = value
         del eager_run
     for method_name in ("lora", "qlora"):
         for init in ("eager", None):
@@ -120,17 +121,17 @@ def compare(out: str, wide_dir: str, big_dir: str) -> None:
         Path(out).write_text(json.dumps(results))
 
 
-def main(out: str, wide_dir: str, big_dir: str) -> None:
+def main(out: str, wide_dir: str, big_dir: str, gpt2_dir: str) -> None:
     """One rank's run, watched as tests/deferred_ranks.py watches its."""
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     faulthandler.dump_traceback_later(WORK_LIMIT_S, exit=True)
     launch(str(Path(out).parent), False, 300, 0)
     try:
-        compare(out, wide_dir, big_dir)
+        compare(out, wide_dir, big_dir, gpt2_dir)
     finally:
         faulthandler.dump_traceback_later(TEARDOWN_LIMIT_S, exit=True)
         destroy_process_groups()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -51,19 +51,22 @@ def adapter_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.distributed
-def test_lora_and_qlora_under_hybrid_parallel_build_lazily(adapter_dirs, tmp_path):
-    """LoRA (tp2, pp2) and QLoRA (tp2) of a pretrained directory are built lazily (Method.model_init), equal to the eager
-    build (logits, adapters, the 4-bit shards bit for bit), and each rank's build takes about half the eager one's memory."""
+def test_lora_and_qlora_under_hybrid_parallel_build_lazily(adapter_dirs, pretrained_dirs, tmp_path):  # noqa: F811
+    """LoRA (Llama tp2 and pp2, GPT-2 tp2) and QLoRA (tp2) of a pretrained directory are built lazily (Method.model_init),
+    equal to the eager build (logits, adapters, the 4-bit shards bit for bit), and each rank's build takes about half
+    the eager one's memory."""
     out = tmp_path / "adapters.json"
-    returncode, output = torchrun_script([str(REPO / "tests" / "deferred_adapter_ranks.py"), str(out), *map(str, adapter_dirs)], 2, RANKS_TIMEOUT_S)
+    dirs = [*adapter_dirs, pretrained_dirs["tiny-gpt2"]]
+    returncode, output = torchrun_script([str(REPO / "tests" / "deferred_adapter_ranks.py"), str(out), *map(str, dirs)], 2, RANKS_TIMEOUT_S)
     assert returncode == 0, output[-12000:]
     found = json.loads(out.read_text())
-    for case in ("lora tp2", "lora pp2", "qlora tp2"):
+    adapters = {"lora tp2 llama": 2 * 7 * 2, "lora pp2 llama": 2 * 7 * 2, "qlora tp2 llama": 2 * 7 * 2, "lora tp2 gpt2": 2 * 4 * 2}  # A and B per adapted layer (GPT-2: c_proj twice)
+    for case, count in adapters.items():
         assert found[f"{case} init is lazy"] == 1.0, found
-        assert found[f"{case} adapters count"] == 2 * 7 * 2, found  # A and B of 7 projections in 2 layers, whole
+        assert found[f"{case} adapters count"] == count, found  # whole, every stage's
         assert found[f"{case} logits"] <= 1e-5 and found[f"{case} adapters"] == 0.0, found
-    assert found["qlora tp2 quantized count"] == 2 * 2 * 7 * 2, found  # each rank: 7 projections x 2 layers, data and absmax
-    assert found["qlora tp2 quantized"] == 0.0, found  # bit for bit
+    assert found["qlora tp2 llama quantized count"] == 2 * 2 * 7 * 2, found  # each rank: 7 projections x 2 layers, data and absmax
+    assert found["qlora tp2 llama quantized"] == 0.0, found  # bit for bit
     # Measured on 2 gloo ranks (MiB, model 446): LoRA eager 763, lazy 599; QLoRA eager 586, lazy 447. What a lazy build
     # still takes beyond its half: the whole of each layer (the embedding the largest) materialized before shardformer
     # splits it, DDP's start-up broadcast of this rank's weights in buckets (tp2 alone is a data-parallel group of one),
