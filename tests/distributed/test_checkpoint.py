@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from finetune import checkpoint
 from tests.conftest import read_metrics, read_or_none, read_summary, run_grouped, run_many, run_train, selected_params, shared_runs, write_classification_file, write_pairs
+from tests.distributed.test_fidelity import SAVED, saved_model
 
 STEPS = 8
 
@@ -88,6 +89,8 @@ RESUME_CASES = {
     # adapters split with GPT-2's fused q/k/v rows: gathered into the checkpoint, split again on resume
     "tp2_lora": (2, ["--config", "booster_configs/tp2_lora.yaml", "model.name=tiny-gpt2", "lora.target_modules=[c_attn,c_proj]"], FP32),
     # 4 ranks: adapters split over 2 tensor-parallel ranks on each of 2 pipeline stages, per-rank optimizer shards
+    # a saved model directory: the base built lazily, each rank reading its share after sharding (finetune.deferred)
+    "tp2_lora_lazy": (2, ["--config", "booster_configs/tp2_lora.yaml", f"model.name={SAVED}tiny-llama", "method=lora"], FP32),
     "tp2_pp2_lora": (4, ["--config", "booster_configs/tp2_pp2.yaml", "model.name=tiny-llama", "method=lora", "lora.target_modules=[q_proj,v_proj,o_proj,down_proj]"], FP32),
     "pp2_lora": (2, ["--config", "booster_configs/pp2.yaml", "model.name=tiny-gpt2", "method=lora"], FP32),
     "pp2_interleaved_full": (2, ["--config", "booster_configs/pp2_interleaved.yaml", "model.name=tiny-gpt2", "method=full", "plugin.num_microbatches=4"], FP32),
@@ -117,6 +120,7 @@ def resumed_runs(request, tmp_path_factory, shared_instruction_file) -> dict[str
     runs = {}
     for case in selected_params(request, "test_kill_and_resume_reproduces_the_uninterrupted_run"):
         nproc, extra, _ = RESUME_CASES[case]
+        extra = [f"model.name={saved_model(a.removeprefix('model.name='), root)}" if a.startswith("model.name=") else a for a in extra]
         if "task=classification" in extra:
             extra = [*extra, f"data.train_path={write_classification_file(root / f'{case}.csv')}"]
         if "task=preference" in extra or "task=reward" in extra:
