@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, torchrun_script
+from tests.deferred_adapter_ranks import WORK_LIMIT_S as ADAPTER_WORK_LIMIT_S
 from tests.deferred_ranks import TEARDOWN_LIMIT_S, WORK_LIMIT_S
 from tests.unit.test_deferred import pretrained_dirs  # noqa: F401 (a fixture: saved tiny Llama and GPT-2 weights)
 
@@ -51,13 +52,14 @@ def adapter_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # the fixture's saves and the ranks' own limit (ADAPTER_WORK_LIMIT_S)
 def test_lora_and_qlora_under_hybrid_parallel_build_lazily(adapter_dirs, pretrained_dirs, tmp_path):  # noqa: F811
     """LoRA (Llama tp2 and pp2, GPT-2 tp2) and QLoRA (tp2) of a pretrained directory are built lazily (Method.model_init),
     equal to the eager build (logits, adapters, the 4-bit shards bit for bit), and each rank's build takes about half
     the eager one's memory."""
     out = tmp_path / "adapters.json"
     dirs = [*adapter_dirs, pretrained_dirs["tiny-gpt2"]]
-    returncode, output = torchrun_script([str(REPO / "tests" / "deferred_adapter_ranks.py"), str(out), *map(str, dirs)], 2, RANKS_TIMEOUT_S)
+    returncode, output = torchrun_script([str(REPO / "tests" / "deferred_adapter_ranks.py"), str(out), *map(str, dirs)], 2, ADAPTER_WORK_LIMIT_S + TEARDOWN_LIMIT_S + 60)
     assert returncode == 0, output[-12000:]
     found = json.loads(out.read_text())
     adapters = {"lora tp2 llama": 2 * 7 * 2, "lora pp2 llama": 2 * 7 * 2, "qlora tp2 llama": 2 * 7 * 2, "lora tp2 gpt2": 2 * 4 * 2}  # A and B per adapted layer (GPT-2: c_proj twice)
