@@ -366,3 +366,17 @@ def build_reference_init(args: list[str], method: str):
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(model, build_lora_config(model, cfg.lora))
     return model
+
+
+@pytest.mark.timeout(600)
+def test_chunked_loss_under_tensor_parallelism_equals_the_split_logits_loss_and_every_gradient(tmp_path):
+    """tp2: the chunked loss with the vocabulary kept split (finetune.chunked_loss.VocabSplit) gives shardformer's own loss over
+    the full split logits (dist_cross_entropy) and every rank's share of every gradient within 1e-6 (tests/chunked_loss_ranks.py)."""
+    from tests.chunked_loss_ranks import CASES as TP_CASES
+    from tests.conftest import torchrun_script
+
+    returncode, output = torchrun_script([str(REPO / "tests" / "chunked_loss_ranks.py"), str(tmp_path), *TP_CASES], 2, 540, env={"FINETUNE_CACHE": str(tmp_path / "cache")})
+    assert returncode == 0, output[-4000:]
+    for rank in range(2):
+        for case in TP_CASES:
+            assert f"rank {rank} {case}: loss" in output, output[-4000:]

@@ -44,22 +44,23 @@ class HeadWatch(TorchDispatchMode):
         return out
 
 
-def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str, torch.Tensor], HeadWatch, int, int]:
+def first_step(tmp_path, args: list[str], chunks: str, world_size: int = 1) -> tuple[float, dict[str, torch.Tensor], HeadWatch, int, int]:
     """(loss, gradients by name, what the head did, batch x tokens, tokens per chunk) of one training step through
-    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`."""
+    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`, on this rank of `world_size`."""
     from finetune.data import batches_forever, build_data, load_splits
     from finetune.faults import Faults
     from finetune.chunked_loss import chunk_tokens_of
     from finetune.model import build_model
     from finetune.packing import packed_attention
+    from finetune.parallel import PLUGINS
     from finetune.preference import attach_reference, stores_reference
     from finetune.run import build_run
 
-    cfg = load_config([*args, f"train.loss_chunks={chunks}", "lora.dropout=0", "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}"], world_size=1)
+    cfg = load_config([*args, f"train.loss_chunks={chunks}", "lora.dropout=0", "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}"], world_size=world_size)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, shardformer=PLUGINS[cfg.plugin.name].shardformer)  # its attention, as finetune.train builds it
     data = build_data(cfg.data, tokenizer, splits)
-    run, dataloader = build_run(cfg, world_size=1, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
+    run, dataloader = build_run(cfg, world_size=world_size, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
                                 pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None, packed=packed_attention(model) if cfg.data.packing else "")  # fmt: skip
     if stores_reference(run.objective):
         attach_reference(cfg, run.model, run.layout, data.train, 4, tokenizer.pad_token_id, torch.device("cpu"))
