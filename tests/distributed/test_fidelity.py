@@ -65,7 +65,8 @@ CASES = {
     "tp2-gpt2-full": ("tp2", "tiny-gpt2", "full", [], 1, FP32),
     # LoRA under TP (finetune.lora_tp) on every layer it can adapt: column, row and fused q/k/v splits.
     "tp2-gpt2-lora": ("tp2_lora", "tiny-gpt2", "lora", ["lora.target_modules=[c_attn,c_fc,c_proj]"], 1, LORA_TP),
-    "tp2-llama-lora": ("tp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),
+    "tp2-llama-lora": ("tp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # the chunked loss, vocabulary split
+    "tp2-llama-lora-full-logits": ("tp2_lora", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]", "train.loss_chunks=off"], 1, LORA_TP),
     "tp2_pp2-llama-lora": ("tp2_pp2", "tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # 4 ranks
     "fsdp-gpt2-full": ("fsdp", "tiny-gpt2", "full", [], 2, FP32),
     "fsdp-llama-full": ("fsdp", "tiny-llama", "full", [], 2, FP32),
@@ -118,7 +119,7 @@ for family in FAMILIES:
 
 RANKS = {"tp2_pp2": 4, "tp2_sp-llama-full": 4, "tp2_sp-llama-lora": 4, "tp2_ring-llama-lora": 4}  # processes per setup or case where 2 do not suffice
 # A run whose loss is over the full logits (train.loss_chunks=off), and its twin with the default chunked loss.
-FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora"}
+FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora", "tp2-llama-lora-full-logits": "tp2-llama-lora"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -212,7 +212,8 @@ def test_soft_capped_logits_follow_the_architecture_record():
         ("auto", "low_level_zero", "preference", DEFAULT_CHUNK_TOKENS),
         ("512", "torch_fsdp", "chat", 512),
         ("off", "torch_ddp", "instruction", 0),
-        ("auto", "hybrid_parallel", "instruction", 0),  # keeps today's path
+        ("auto", "hybrid_parallel", "instruction", DEFAULT_CHUNK_TOKENS),  # tensor (and data) parallel: the vocabulary stays split per chunk
+        ("auto", "hybrid_parallel", "preference", DEFAULT_CHUNK_TOKENS),
         ("auto", "torch_ddp", "classification", 0),  # no LM head
     ],
 )
@@ -222,9 +223,28 @@ def test_the_chunk_size_each_run_gets(setting, plugin, task, tokens):
 
 
 @pytest.mark.parametrize(
+    "options, tokens",
+    [
+        (["plugin.tp_size=2"], DEFAULT_CHUNK_TOKENS),
+        (["plugin.tp_size=2", "plugin.zero_stage=1", "train.precision=bf16"], DEFAULT_CHUNK_TOKENS),
+        (["plugin.pp_size=2", "plugin.num_microbatches=2"], 0),  # the pipeline's last stage takes the loss inside the schedule
+        (["plugin.tp_size=2", "plugin.pp_size=2", "plugin.num_microbatches=2"], 0),
+        (["plugin.tp_size=2", "plugin.sp_mode=split_gather"], 0),  # each rank's loss covers its part of the sequence
+        (["plugin.sp_size=2"], 0),
+    ],
+)
+def test_the_chunk_size_under_hybrid_parallel(options, tokens):
+    args = ["plugin.name=hybrid_parallel", "model.name=tiny-llama", *options]
+    assert loss_chunk_tokens(build_config(parse_args(args))) == tokens
+
+
+@pytest.mark.parametrize(
     "args, problem",
     [
-        (["train.loss_chunks=256", "plugin.name=hybrid_parallel", "plugin.tp_size=2"], "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: shardformer replaces the model's forward"),
+        (["train.loss_chunks=256", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2"],
+         "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: under a pipeline (plugin.pp_size>1) the last stage takes the loss"),
+        (["train.loss_chunks=256", "model.name=tiny-llama", "plugin.name=hybrid_parallel", "plugin.tp_size=2", "plugin.sp_mode=split_gather"],
+         "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: under sequence parallelism"),
         (["train.loss_chunks=256", "task=classification", "data.train_path=chatterbot-corpus:topics"], "train.loss_chunks=256: task=classification has no language-model head"),
         (["train.loss_chunks=many"], "train.loss_chunks: must be auto, off or a positive number of tokens per chunk, got 'many'"),
         (["train.loss_chunks=0"], "train.loss_chunks: must be auto, off or a positive number of tokens per chunk, got '0'"),

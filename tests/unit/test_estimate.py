@@ -340,9 +340,12 @@ def test_the_chunked_loss_holds_one_chunk_of_logits_and_the_label_positions_hidd
     prompts_masked = est.estimate(config_of(*args), 1, seq, label_len=seq // 4)  # a quarter of each row is scored
     assert chunked.activations - prompts_masked.activations == (tokens - tokens // 4) * (2 * residual * hidden + est.CHUNKED_LOSS_TOKEN_BYTES)
     assert est.estimate(config_of(*args, "train.loss_chunks=off"), 1, seq, label_len=seq // 4).activations == full.activations  # the full logits score every position
-    # Under hybrid_parallel the loss stays over the full logits (loss_chunks auto resolves to 0 there).
-    tp = est.estimate(config_of(*args, "plugin.name=hybrid_parallel", "plugin.tp_size=2"), 2, seq)
-    assert tp.setup["loss_chunks"] == 0
+    # Tensor parallelism: each rank's chunk covers its half of the vocabulary, the hidden states stay whole. A pipeline keeps the full logits.
+    tp_args = (*args, "plugin.name=hybrid_parallel", "plugin.tp_size=2")
+    tp_full, tp = (est.estimate(config_of(*tp_args, *extra), 2, seq) for extra in (["train.loss_chunks=off"], []))
+    assert tp.setup["loss_chunks"] == 1024 and tp_full.setup["loss_chunks"] == 0
+    assert tp_full.activations - tp.activations == tokens * 12 * vocab / 2 - (1024 * 12 * vocab / 2 + kept)
+    assert est.estimate(config_of(*args, "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2"), 2, seq).setup["loss_chunks"] == 0
 
 
 LLAMA31_JOB = ("model.name=llama3.1-8b", "method=lora", "train.precision=bf16", "train.batch_size=2", "eval.batch_size=2")  # issue 27's acceptance job
