@@ -114,3 +114,22 @@ def test_lora_pairs_match_the_single_process_reference(case, pair_runs):
     assert saved.keys() == adapter.keys()
     worst = max((saved[k] - adapter[k]).abs().max().item() for k in saved)
     assert worst <= 1e-4, f"the saved adapter differs from the reference's by {worst}"
+
+
+@pytest.mark.timeout(900)
+def test_full_fine_tuning_under_tp2_reads_the_starting_models_reference(tmp_path):
+    """tp2, method=full: the reference log-probabilities are the starting model's (attach_reference through the vocab-parallel
+    chunked loss, before training), so at step 1 the policy is its reference: DPO's loss is log 2 and every reward 0; then they move."""
+    import math
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    args = run_args("tp2", "tiny-llama", "full", DPO, data, tmp_path / "out")
+    result = run_grouped({"tp2_full": (2, args)}, tmp_path / "launches")["tp2_full"]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "reference log-probabilities: " in result.stdout and "loss in chunks of 1024 label tokens" in result.stdout
+    logged = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert len(logged) == STEPS
+    first = logged[0]
+    assert abs(first["loss"] - math.log(2)) <= 1e-6, first
+    assert max(abs(first[key]) for key in ("reward_chosen", "reward_rejected", "margin")) <= 1e-6, first
+    assert max(abs(m["margin"]) for m in logged[1:]) > 1e-3, "the policy never left its reference: the check would prove little"
