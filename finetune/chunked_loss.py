@@ -87,16 +87,33 @@ def split_log_softmax_at(logits: torch.Tensor, targets: torch.Tensor, split: Voc
     return reduce_forward(torch.where(owned, mine, 0.0), split.group) - sum_exp.log()
 
 
-def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-    """Log-probability of each target under the head: logits in the compute dtype, capped as the model does, fp32
-    log-softmax (over the vocabulary split across the tensor-parallel ranks where the head splits it)."""
-    logits = head(hidden)
+def _logits_logps(logits: torch.Tensor, targets: torch.Tensor, softcap: float, split: VocabSplit | None) -> torch.Tensor:
+    """Log-probability of each target from the head's logits: capped as the model does, fp32 log-softmax (over the
+    vocabulary split across the tensor-parallel ranks where the head splits it)."""
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    split = vocab_split(head)
     if split is not None:
         return split_log_softmax_at(logits.float(), targets, split)
     return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Log-probability of each target under the head: logits in the compute dtype, then _logits_logps."""
+    return _logits_logps(head(hidden), targets, softcap, vocab_split(head))
+
+
+def _split_frozen_head_gradient(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float, split: VocabSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d log-probability / d hidden state, log-probability) of each target under a frozen vocab-parallel head: the logits'
+    gradient times this rank's rows of the weight, summed over the group, as the head's backward (Linear1D_Col) forms and
+    all-reduces it, without the weight gradient that backward always forms too (vocabulary / tp x hidden per chunk)."""
+    with torch.no_grad():
+        logits = head(hidden)
+    leaf = logits.requires_grad_()
+    logps = _logits_logps(leaf, targets, softcap, split)
+    (grad_logits,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
+    grad = grad_logits.matmul(head.weight[: leaf.shape[-1]])  # the rows whose logits the head returns: padding cut off
+    dist.all_reduce(grad, group=split.group)
+    return grad, logps
 
 
 class FrozenHeadLogps(torch.autograd.Function):
@@ -106,11 +123,15 @@ class FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:  # noqa: D102
+        split = vocab_split(head)
+        # Token t's log-probability depends on hidden state t alone: the gradient of their sum holds each one's, row by row.
         with torch.enable_grad():
-            leaf = hidden.detach().requires_grad_()
-            logps = _target_logps(head, leaf, targets, softcap)
-            # Token t's log-probability depends on hidden state t alone: the gradient of their sum holds each one's, row by row.
-            (grad,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
+            if split is not None:
+                grad, logps = _split_frozen_head_gradient(head, hidden.detach(), targets, softcap, split)
+            else:
+                leaf = hidden.detach().requires_grad_()
+                logps = _target_logps(head, leaf, targets, softcap)
+                (grad,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
         ctx.save_for_backward(grad)
         return logps.detach()
 
