@@ -261,6 +261,32 @@ def test_first_step_matches_the_papers_formula(loss, one_rank, tmp_path, monkeyp
     assert abs(got["reward_chosen"] - got["reward_rejected"]) > 1e-3, "policy and reference agree: the comparison would prove little"
 
 
+def test_injected_adapters_switch_off_for_the_reference_and_back_on():
+    """hybrid_parallel injects adapters without a PeftModel (no disable_adapter): lora_tp.adapters_disabled gives the base
+    model's output inside, the adapted one after, and leaves what trains as it was."""
+    from finetune.config import LoraConfig
+    from finetune.lora_tp import adapters_disabled
+    from finetune.model import build_lora_config, build_model, inject_lora
+
+    cfg = load_config(["model.name=tiny-llama"], world_size=1)
+    base, _ = build_model(cfg.model, 0)
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = inject_lora(base, build_lora_config(base, LoraConfig(dropout=0.0)))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter)  # a fresh adapter is the identity: give it weights
+    trains = {name for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with adapters_disabled(model):
+            off = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert torch.equal(off, want) and not torch.allclose(adapted, want) and torch.equal(again, adapted)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trains
+
+
 def test_log_sigmoid_matches_torch_in_value_and_gradient_at_zero_and_far_out():
     """A first DPO step under LoRA has every margin exactly 0 (the adapter starts as the identity): the gradient there must be 1/2."""
     from finetune.tasks.objectives import log_sigmoid
