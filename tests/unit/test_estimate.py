@@ -162,7 +162,7 @@ def test_llama31_70b_qlora_tp4_fits_24_gib():
     args = ["--config", "booster_configs/tp2_lora.yaml", "model=llama3.1-70b", "method=qlora", "plugin.tp_size=4", "world_size=4", "batch_size=1", "eval.batch_size=1",
             "seq_len=2048", "precision=bf16", "train.gradient_checkpointing=true", "quantization.double_quant=false"]
     prediction = est.estimate_request(args)
-    assert prediction.total() / est.GIB == pytest.approx(14.23, abs=0.005)
+    assert prediction.total() / est.GIB == pytest.approx(13.93, abs=0.005)  # the loss in chunks of a quarter of the vocabulary
     assert prediction.total() <= 24 * est.GIB
 
 
@@ -404,7 +404,8 @@ def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buff
     """plugin.sp_size / sp_mode: a rank keeps the activations of its 1/sp of each sequence (its share of the loss too,
     under all_to_all) plus one layer's exchange buffers: all_to_all's q, k and v parts sent and received (2 x 3h per
     local token here, Llama-2-7B has no GQA), split_gather's whole-sequence gather and reduce-scatter (2h per token)."""
-    args = ("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2", "plugin.name=hybrid_parallel")
+    # The loss over the full logits throughout: sequence parallelism keeps it (train.loss_chunks), one process would chunk it.
+    args = ("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2", "plugin.name=hybrid_parallel", "train.loss_chunks=off")
     seq, hidden, c = 4096, 4096, 2
     tokens = 2 * seq
     one = est.estimate(config_of(*args), 1, seq)
