@@ -14,6 +14,12 @@ No (batch x tokens x vocab) tensor exists in forward or backward: at most one ch
 log-softmax and their gradient. The values are those of the model's own loss (the same head, the same fp32
 log-softmax per token under the same autocast, the same autograd formulas), summed in another order.
 
+Under tensor parallelism (shardformer's vocab-parallel head: each rank's head computes its slice of the vocabulary,
+VocabSplit) each chunk stays split: the log-softmax over the whole vocabulary comes from the max and the sum of
+exponentials all-reduced over the tensor-parallel group, the target's logit from the rank that owns it (as
+ColossalAI's dist_cross_entropy takes it over the full split logits). The head's own backward (Linear1D_Col) sums
+the hidden states' gradient over the group, and its padded vocabulary rows never reach the logits.
+
 install() gives a causal LM a forward that does this whenever it is called with labels; the plugins' wrappers
 (DDP, ZeRO, FSDP) and peft call that forward as they call any, so the training step, the evaluation and the
 preference objective get it by asking the model for its loss (or, for pairs, its per-sequence log-probabilities).
@@ -26,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -45,12 +52,68 @@ class ChunkedLMOutput(ModelOutput):
     label_counts: torch.Tensor | None = None
 
 
-def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-    """Log-probability of each target under the head: logits in the compute dtype, capped as the model does, fp32 log-softmax."""
-    logits = head(hidden)
+@dataclass(frozen=True)
+class VocabSplit:
+    """A vocabulary-parallel head's share under tensor parallelism: its logits are those of token ids offset, offset + 1, ...
+    (as many as it returns: shardformer's padded rows cut off), the rest on the other ranks of `group`."""
+
+    group: dist.ProcessGroup
+    offset: int
+
+
+def vocab_split(head: nn.Module) -> VocabSplit | None:
+    """How `head` splits the vocabulary: a shardformer column-parallel head (VocabParallelLMHead1D, Linear1D_Col) that keeps
+    its output split (parallel_output) holds an equal share of the (padded) rows per rank; None: it returns every logit."""
+    group = getattr(head, "process_group", None)
+    if group is None or getattr(head, "gather_output", True) or dist.get_world_size(group) == 1:
+        return None
+    return VocabSplit(group, dist.get_rank(group) * head.weight.shape[0])
+
+
+def split_log_softmax_at(logits: torch.Tensor, targets: torch.Tensor, split: VocabSplit) -> torch.Tensor:
+    """log-softmax over the whole vocabulary at each target, from this rank's slice of the fp32 logits [tokens, share]:
+    the max and the sum of exponentials all-reduced over the group, the target's logit from the rank owning it.
+    Backward: the reductions pass their gradient through unchanged (every rank holds the same loss), so each rank's
+    logits get their own share of softmax - onehot."""
+    from colossalai.shardformer.layer._operation import reduce_forward
+
+    peak = logits.detach().max(-1).values  # a shift only: the log-softmax does not depend on it
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=split.group)
+    shifted = logits - peak[:, None]
+    sum_exp = reduce_forward(shifted.exp().sum(-1), split.group)
+    local = targets - split.offset
+    owned = (local >= 0) & (local < logits.shape[-1])
+    mine = shifted.gather(-1, local.clamp(0, logits.shape[-1] - 1)[:, None]).squeeze(-1)
+    return reduce_forward(torch.where(owned, mine, 0.0), split.group) - sum_exp.log()
+
+
+def _logits_logps(logits: torch.Tensor, targets: torch.Tensor, softcap: float, split: VocabSplit | None) -> torch.Tensor:
+    """Log-probability of each target from the head's logits: capped as the model does, fp32 log-softmax (over the
+    vocabulary split across the tensor-parallel ranks where the head splits it)."""
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    if split is not None:
+        return split_log_softmax_at(logits.float(), targets, split)
     return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Log-probability of each target under the head: logits in the compute dtype, then _logits_logps."""
+    return _logits_logps(head(hidden), targets, softcap, vocab_split(head))
+
+
+def _split_frozen_head_gradient(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float, split: VocabSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d log-probability / d hidden state, log-probability) of each target under a frozen vocab-parallel head: the logits'
+    gradient times this rank's rows of the weight, summed over the group, as the head's backward (Linear1D_Col) forms and
+    all-reduces it, without the weight gradient that backward always forms too (vocabulary / tp x hidden per chunk)."""
+    with torch.no_grad():
+        logits = head(hidden)
+    leaf = logits.requires_grad_()
+    logps = _logits_logps(leaf, targets, softcap, split)
+    (grad_logits,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
+    grad = grad_logits.matmul(head.weight[: leaf.shape[-1]])  # the rows whose logits the head returns: padding cut off
+    dist.all_reduce(grad, group=split.group)
+    return grad, logps
 
 
 class FrozenHeadLogps(torch.autograd.Function):
@@ -60,11 +123,15 @@ class FrozenHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:  # noqa: D102
+        split = vocab_split(head)
+        # Token t's log-probability depends on hidden state t alone: the gradient of their sum holds each one's, row by row.
         with torch.enable_grad():
-            leaf = hidden.detach().requires_grad_()
-            logps = _target_logps(head, leaf, targets, softcap)
-            # Token t's log-probability depends on hidden state t alone: the gradient of their sum holds each one's, row by row.
-            (grad,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
+            if split is not None:
+                grad, logps = _split_frozen_head_gradient(head, hidden.detach(), targets, softcap, split)
+            else:
+                leaf = hidden.detach().requires_grad_()
+                logps = _target_logps(head, leaf, targets, softcap)
+                (grad,) = torch.autograd.grad(logps, leaf, torch.ones_like(logps))
         ctx.save_for_backward(grad)
         return logps.detach()
 

@@ -21,6 +21,9 @@ Under sequence parallelism over the tensor-parallel group (split_gather, ring) t
 a column-parallel layer and reduce-scattered after a row-parallel one instead of the all-reduces above; the
 adapter's input and partial output take part in the same exchange.
 
+adapters_disabled switches every adapter off (the preference reference under LoRA: the model itself without its
+adapters), peft's injected layers and the sharded ones alike.
+
 Communication added per adapted layer and step: one all-reduce of r x in (column) or out x r (row)
 numbers in the backward pass; nothing in the forward pass. Split adapter weights are marked as
 distributed tensors, so gradient clipping counts them once, and `state_dict()` gathers them into
@@ -29,7 +32,9 @@ the unsharded peft layout (and `load_state_dict` / `local_shard` split a full ad
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +84,8 @@ class LoraParallelLinear(nn.Module):
     state-dict keys are those of the unsharded peft model.
     """
 
+    adapter_off = False  # the base layer alone (adapters_disabled), its communication unchanged
+
     def __init__(self, base_layer: nn.Module, lora_layer: nn.Module, column: bool, conv_weight: bool, process_group):
         super().__init__()
         self.base_layer = base_layer
@@ -114,16 +121,39 @@ class LoraParallelLinear(nn.Module):
         if self.column:
             # x is the same on every rank: its gradient (base + adapter parts) is all-reduced (reduce-scattered) once.
             x = gather_forward_reducescatter_backward(x, self.process_group, dim) if over_sequence else reduce_backward(x, self.process_group)
-            adapter_in = F.linear(dropout(x), reduce_backward(lora_a.weight, self.process_group))
-            out = self._base_matmul(x) + lora_b(adapter_in) * self.scaling
+            out = self._base_matmul(x)
+            if not self.adapter_off:
+                out = out + lora_b(F.linear(dropout(x), reduce_backward(lora_a.weight, self.process_group))) * self.scaling
             return self._with_bias(out)
         if not self.base_layer.parallel_input:
             x = split_forward_gather_backward(x, -1, self.process_group)
         # x holds this rank's input features: the adapter's partial output joins the base's all-reduce.
-        adapter_in = lora_a(dropout(x))
-        partial = self._base_matmul(x) + F.linear(adapter_in, reduce_backward(lora_b.weight, self.process_group)) * self.scaling
+        partial = self._base_matmul(x)
+        if not self.adapter_off:
+            partial = partial + F.linear(lora_a(dropout(x)), reduce_backward(lora_b.weight, self.process_group)) * self.scaling
         summed = reducescatter_forward_gather_backward(partial, self.process_group, dim) if over_sequence else reduce_forward(partial, self.process_group)
         return self._with_bias(summed)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """`model` with every LoRA adapter off, as peft's PeftModel.disable_adapter for a model whose adapters were injected
+    (model.inject_lora: no PeftModel) and, under tensor parallelism, sharded (LoraParallelLinear)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    peft_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    sharded = [m for m in model.modules() if isinstance(m, LoraParallelLinear)]
+    for layer in peft_layers:
+        layer.enable_adapters(False)
+    for layer in sharded:
+        layer.adapter_off = True
+    try:
+        yield
+    finally:
+        for layer in peft_layers:
+            layer.enable_adapters(True)
+        for layer in sharded:
+            layer.adapter_off = False
 
 
 def add_bias(layer: nn.Module, out: torch.Tensor):

@@ -12,6 +12,7 @@ RewardObjective) scores each sequence with its one-output head instead, and repo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from finetune.chunked_loss import chunk_tokens_of
 from finetune.config import Config
 from finetune.core.layout import Layout
 from finetune.data import IGNORE_INDEX, REFERENCE, collate, model_inputs
+from finetune.lora_tp import adapters_disabled
 from finetune.tasks import Task
 from finetune.tasks.objectives import Objective
 from finetune.tasks.preference import REJECTED
@@ -137,7 +139,11 @@ def pair_objective(cfg: Config, task: Task, model: nn.Module, peft_model: nn.Mod
     objective = task.objective(cfg.preference)
     if task.scalar_head:
         return RewardObjective(objective, cfg.preference, model, None)
-    return PairObjective(objective, cfg.preference, model, peft_model.disable_adapter if peft_model is not None else None)
+    if peft_model is None:
+        return PairObjective(objective, cfg.preference, model, None)
+    # A model whose adapters were injected (hybrid_parallel: no PeftModel wrapper, sharded adapters under TP) switches them off itself.
+    adapters_off = getattr(peft_model, "disable_adapter", None) or functools.partial(adapters_disabled, peft_model)
+    return PairObjective(objective, cfg.preference, model, adapters_off)
 
 
 def stores_reference(objective: PairObjective | None) -> bool:

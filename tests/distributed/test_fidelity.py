@@ -68,7 +68,8 @@ CASES = {
     "tp2-gpt2-full": ("tp2", "tiny-gpt2", "full", [], 1, FP32),
     # LoRA under TP (finetune.lora_tp) on every layer it can adapt: column, row and fused q/k/v splits.
     "tp2-gpt2-lora": ("tp2_lora", "tiny-gpt2", "lora", ["lora.target_modules=[c_attn,c_fc,c_proj]"], 1, LORA_TP),
-    "tp2-llama-lora": ("tp2_lora", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),
+    "tp2-llama-lora": ("tp2_lora", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # the chunked loss, vocabulary split
+    "tp2-llama-lora-full-logits": ("tp2_lora", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]", "train.loss_chunks=off"], 1, LORA_TP),
     "tp2_pp2-llama-lora": ("tp2_pp2", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # 4 ranks
     "fsdp-gpt2-full": ("fsdp", "tiny-gpt2", "full", [], 2, FP32),
     "fsdp-llama-full": ("fsdp", "tiny-llama", "full", [], 2, FP32),
@@ -121,7 +122,7 @@ for family in FAMILIES:
 
 RANKS = {"tp2_pp2": 4, "tp2_sp-llama-full": 4, "tp2_sp-llama-lora": 4, "tp2_ring-llama-lora": 4}  # processes per setup or case where 2 do not suffice
 # A run whose loss is over the full logits (train.loss_chunks=off), and its twin with the default chunked loss.
-FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora"}
+FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora", "tp2-llama-lora-full-logits": "tp2-llama-lora"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -382,3 +383,17 @@ def build_reference_init(args: list[str], method: str):
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(model, build_lora_config(model, cfg.lora))
     return model
+
+
+@pytest.mark.timeout(600)
+def test_chunked_loss_under_tensor_parallelism_equals_the_split_logits_loss_and_every_gradient(tmp_path):
+    """tp2: the chunked loss with the vocabulary kept split (finetune.chunked_loss.VocabSplit) gives shardformer's own loss over
+    the full split logits (dist_cross_entropy) and every rank's share of every gradient within 1e-6 (tests/chunked_loss_ranks.py)."""
+    from tests.chunked_loss_ranks import CASES as TP_CASES
+    from tests.conftest import torchrun_script
+
+    returncode, output = torchrun_script([str(REPO / "tests" / "chunked_loss_ranks.py"), str(tmp_path), *TP_CASES], 2, 540, env={"FINETUNE_CACHE": str(tmp_path / "cache")})
+    assert returncode == 0, output[-4000:]
+    for rank in range(2):
+        for case in TP_CASES:
+            assert f"rank {rank} {case}: loss" in output, output[-4000:]

@@ -1,5 +1,5 @@
-"""DPO with LoRA on 2 gloo ranks under torch_ddp, ZeRO-2 and FSDP, and a LoRA reward model under torch_ddp, match a
-plain single-process PyTorch loop.
+"""DPO with LoRA on 2 gloo ranks under torch_ddp, ZeRO-2, FSDP and tensor parallelism (tp2), and a LoRA reward model
+under torch_ddp, match a plain single-process PyTorch loop.
 
 Each case trains test_fidelity's STEPS steps through finetune/train.py's main (one shared torchrun launch:
 tests/run_many.py). The reference repeats the same global batches (the distributed samplers' shards, put
@@ -24,14 +24,22 @@ from finetune.config import load_config
 from finetune.data import build_data, collate, load_splits
 from finetune.model import build_lora_config, build_model
 from tests.conftest import read_metrics, run_grouped, selected_params, write_pairs
-from tests.distributed.test_fidelity import STEPS, run_args
+from tests.distributed.test_fidelity import LLAMA_PROJECTIONS, STEPS, run_args
 from tests.unit.test_preference import paper_formula, plain_logps, plain_scores
 
 pytestmark = pytest.mark.distributed
 
 DPO = ["task=preference", "preference.beta=0.5", "preference.label_smoothing=0.1", "data.eval_fraction=0.2"]
 REWARD = ["task=reward", "data.eval_fraction=0.2"]
-CASES = {"ddp": ("torch_ddp", DPO), "zero2": ("zero2", DPO), "fsdp": ("fsdp", DPO), "ddp_reward": ("torch_ddp", REWARD)}
+# case -> (booster config, overrides, data-parallel size). tp2: the two ranks split every layer and the vocabulary
+# (the log-probabilities from the vocab-parallel chunked loss, the reference with the sharded adapters off).
+CASES = {
+    "ddp": ("torch_ddp", DPO, 2),
+    "zero2": ("zero2", DPO, 2),
+    "fsdp": ("fsdp", DPO, 2),
+    "tp2": ("tp2_lora", [*DPO, f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1),
+    "ddp_reward": ("torch_ddp", REWARD, 2),
+}
 
 
 def pair_loss(cfg, policy, reference_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,7 +103,7 @@ def test_lora_pairs_match_the_single_process_reference(case, pair_runs):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     out = Path(load_config(args, world_size=2).output_dir)
     logged = [m for m in read_metrics(out) if "loss" in m]
-    expected, adapter = pair_reference(args, dp_size=2)
+    expected, adapter = pair_reference(args, dp_size=CASES[case][2])
     assert len(logged) == STEPS
     for step, (got, want) in enumerate(zip(logged, expected), start=1):
         for key in ("loss", "margin", "accuracy"):
@@ -106,3 +114,22 @@ def test_lora_pairs_match_the_single_process_reference(case, pair_runs):
     assert saved.keys() == adapter.keys()
     worst = max((saved[k] - adapter[k]).abs().max().item() for k in saved)
     assert worst <= 1e-4, f"the saved adapter differs from the reference's by {worst}"
+
+
+@pytest.mark.timeout(900)
+def test_full_fine_tuning_under_tp2_reads_the_starting_models_reference(tmp_path):
+    """tp2, method=full: the reference log-probabilities are the starting model's (attach_reference through the vocab-parallel
+    chunked loss, before training), so at step 1 the policy is its reference: DPO's loss is log 2 and every reward 0; then they move."""
+    import math
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    args = run_args("tp2", "tiny-llama", "full", DPO, data, tmp_path / "out")
+    result = run_grouped({"tp2_full": (2, args)}, tmp_path / "launches")["tp2_full"]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "reference log-probabilities: " in result.stdout and "loss in chunks of 1024 label tokens" in result.stdout
+    logged = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert len(logged) == STEPS
+    first = logged[0]
+    assert abs(first["loss"] - math.log(2)) <= 1e-6, first
+    assert max(abs(first[key]) for key in ("reward_chosen", "reward_rejected", "margin")) <= 1e-6, first
+    assert max(abs(m["margin"]) for m in logged[1:]) > 1e-3, "the policy never left its reference: the check would prove little"

@@ -44,22 +44,23 @@ class HeadWatch(TorchDispatchMode):
         return out
 
 
-def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str, torch.Tensor], HeadWatch, int, int]:
+def first_step(tmp_path, args: list[str], chunks: str, world_size: int = 1) -> tuple[float, dict[str, torch.Tensor], HeadWatch, int, int]:
     """(loss, gradients by name, what the head did, batch x tokens, tokens per chunk) of one training step through
-    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`."""
+    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`, on this rank of `world_size`."""
     from finetune.data import batches_forever, build_data, load_splits
     from finetune.faults import Faults
     from finetune.chunked_loss import chunk_tokens_of
     from finetune.model import build_model
     from finetune.packing import packed_attention
+    from finetune.parallel import PLUGINS
     from finetune.preference import attach_reference, stores_reference
     from finetune.run import build_run
 
-    cfg = load_config([*args, f"train.loss_chunks={chunks}", "lora.dropout=0", "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}"], world_size=1)
+    cfg = load_config([*args, f"train.loss_chunks={chunks}", "lora.dropout=0", "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}"], world_size=world_size)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
-    model, tokenizer = build_model(cfg.model, cfg.train.seed)
+    model, tokenizer = build_model(cfg.model, cfg.train.seed, shardformer=PLUGINS[cfg.plugin.name].shardformer)  # its attention, as finetune.train builds it
     data = build_data(cfg.data, tokenizer, splits)
-    run, dataloader = build_run(cfg, world_size=1, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
+    run, dataloader = build_run(cfg, world_size=world_size, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
                                 pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None, packed=packed_attention(model) if cfg.data.packing else "")  # fmt: skip
     if stores_reference(run.objective):
         attach_reference(cfg, run.model, run.layout, data.train, 4, tokenizer.pad_token_id, torch.device("cpu"))
@@ -103,6 +104,7 @@ HEAD_ADAPTED = ["lora.target_modules=[q_proj,v_proj,lm_head]"]
         ("preference", "lora", "tiny-gpt2", [], False),  # DPO, the reference: the same model with its adapters off
         ("preference", "full", "tiny-llama", [], True),  # DPO, the reference log-probabilities stored per pair
         ("instruction", "lora", "tiny-llama", HEAD_ADAPTED, True),
+        ("instruction", "full", "tiny-llama", ["plugin.name=hybrid_parallel"], True),  # installed over shardformer's forward, after boost
     ],
 )
 def test_chunked_loss_equals_the_models_own_loss_and_every_gradient(task, method, model, extra, head_trains, one_rank, tmp_path, monkeypatch):  # noqa: F811
@@ -211,7 +213,8 @@ def test_soft_capped_logits_follow_the_architecture_record():
         ("auto", "low_level_zero", "preference", DEFAULT_CHUNK_TOKENS),
         ("512", "torch_fsdp", "chat", 512),
         ("off", "torch_ddp", "instruction", 0),
-        ("auto", "hybrid_parallel", "instruction", 0),  # keeps today's path
+        ("auto", "hybrid_parallel", "instruction", DEFAULT_CHUNK_TOKENS),  # tensor (and data) parallel: the vocabulary stays split per chunk
+        ("auto", "hybrid_parallel", "preference", DEFAULT_CHUNK_TOKENS),
         ("auto", "torch_ddp", "classification", 0),  # no LM head
     ],
 )
@@ -221,9 +224,28 @@ def test_the_chunk_size_each_run_gets(setting, plugin, task, tokens):
 
 
 @pytest.mark.parametrize(
+    "options, tokens",
+    [
+        (["plugin.tp_size=2"], DEFAULT_CHUNK_TOKENS),
+        (["plugin.tp_size=2", "plugin.zero_stage=1", "train.precision=bf16"], DEFAULT_CHUNK_TOKENS),
+        (["plugin.pp_size=2", "plugin.num_microbatches=2"], 0),  # the pipeline's last stage takes the loss inside the schedule
+        (["plugin.tp_size=2", "plugin.pp_size=2", "plugin.num_microbatches=2"], 0),
+        (["plugin.tp_size=2", "plugin.sp_mode=split_gather"], 0),  # each rank's loss covers its part of the sequence
+        (["plugin.sp_size=2"], 0),
+    ],
+)
+def test_the_chunk_size_under_hybrid_parallel(options, tokens):
+    args = ["plugin.name=hybrid_parallel", "model.name=tiny-llama", *options]
+    assert loss_chunk_tokens(build_config(parse_args(args))) == tokens
+
+
+@pytest.mark.parametrize(
     "args, problem",
     [
-        (["train.loss_chunks=256", "plugin.name=hybrid_parallel", "plugin.tp_size=2"], "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: shardformer replaces the model's forward"),
+        (["train.loss_chunks=256", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2"],
+         "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: under a pipeline (plugin.pp_size>1) the last stage takes the loss"),
+        (["train.loss_chunks=256", "model.name=tiny-llama", "plugin.name=hybrid_parallel", "plugin.tp_size=2", "plugin.sp_mode=split_gather"],
+         "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: under sequence parallelism"),
         (["train.loss_chunks=256", "task=classification", "data.train_path=chatterbot-corpus:topics"], "train.loss_chunks=256: task=classification has no language-model head"),
         (["train.loss_chunks=many"], "train.loss_chunks: must be auto, off or a positive number of tokens per chunk, got 'many'"),
         (["train.loss_chunks=0"], "train.loss_chunks: must be auto, off or a positive number of tokens per chunk, got '0'"),

@@ -128,12 +128,15 @@ def config_problems(*overrides: str, world_size: int = 1, has_cuda: bool = False
         ("preference", ["preference.loss=ipo", "preference.label_smoothing=0.1"], "preference.label_smoothing: preference.loss=ipo does not use it; drop it or choose an objective that does"),
         ("preference", ["preference.loss=dpo", "preference.simpo_gamma=1"], "preference.simpo_gamma: preference.loss=dpo does not use it; drop it or choose an objective that does"),
         ("preference", ["data.packing=true"], "data.packing=true with task=preference: a pair's two sequences are scored whole, side by side; set data.packing=false"),
-        ("preference", ["--config", "booster_configs/tp2.yaml"], "task=preference under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
+        ("preference", ["--config", "booster_configs/pp2.yaml"], "task=preference with plugin.pp_size>1 is not built yet"),
+        ("preference", ["--config", "booster_configs/tp2.yaml", "train.loss_chunks=off"], "task=preference with plugin.tp_size>1 and train.loss_chunks=off: the pair log-probabilities are taken from the chunked loss"),
+        ("preference", ["--config", "booster_configs/tp2.yaml", "model.name=tiny-llama", "plugin.sp_mode=split_gather"], "task=preference with sequence parallelism"),
         ("preference", ["plugin.name=gemini", "train.precision=bf16"], "task=preference under gemini is not built yet"),
         ("reward", ["preference.loss=ipo"], "preference.loss: task=reward trains with the Bradley-Terry loss, which reads no preference setting; drop it"),
         ("reward", ["preference.beta=0.5", "preference.simpo_gamma=1"], "preference.beta, preference.simpo_gamma: task=reward trains with the Bradley-Terry loss"),
         ("reward", ["data.packing=true"], "data.packing=true with task=reward: a pair's two sequences are scored whole"),
-        ("reward", ["--config", "booster_configs/tp2.yaml"], "task=reward under hybrid_parallel (tensor/pipeline parallel) is not built yet"),
+        ("reward", ["--config", "booster_configs/tp2.yaml"], "task=reward with plugin.tp_size>1: ColossalAI 0.5.0 splits the sequence-classification head"),
+        ("reward", ["--config", "booster_configs/pp2.yaml"], "task=reward with plugin.pp_size>1 is not built yet"),
         ("reward", ["plugin.name=gemini", "train.precision=bf16"], "task=reward under gemini is not built yet"),
     ],
 )
@@ -146,8 +149,18 @@ def test_config_problems_are_one_line_each(task, overrides, line, monkeypatch):
     assert all("\n" not in p for p in problems)
 
 
-@pytest.mark.parametrize("overrides", [[], ["method=full"], ["preference.loss=simpo", "method=full"], ["preference.loss=orpo", "method=full"], ["plugin.name=torch_fsdp"], ["plugin.name=low_level_zero", "plugin.stage=2"]])
-def test_supported_setups_have_no_problems(overrides, tmp_path):
+TP2, TP2_LORA = (["--config", f"booster_configs/{name}.yaml"] for name in ("tp2", "tp2_lora"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["method=full"], ["preference.loss=simpo", "method=full"], ["preference.loss=orpo", "method=full"], ["plugin.name=torch_fsdp"], ["plugin.name=low_level_zero", "plugin.stage=2"],
+     TP2_LORA, [*TP2_LORA, "model.name=tiny-llama", "preference.loss=ipo"], [*TP2, "method=full"], [*TP2_LORA, "method=qlora", "model.name=tiny-llama-wide", "quantization.double_quant=false"]],
+)
+def test_supported_setups_have_no_problems(overrides, tmp_path, monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
     data = write_pairs(tmp_path / "pairs.jsonl")
     assert config_problems(*overrides, f"data.train_path={data}", world_size=2) == []
 
@@ -246,6 +259,32 @@ def test_first_step_matches_the_papers_formula(loss, one_rank, tmp_path, monkeyp
     assert got["logp_chosen"] == pytest.approx(sums[0::2].mean().item(), abs=1e-4, rel=1e-5)
     assert got["logp_rejected"] == pytest.approx(sums[1::2].mean().item(), abs=1e-4, rel=1e-5)
     assert abs(got["reward_chosen"] - got["reward_rejected"]) > 1e-3, "policy and reference agree: the comparison would prove little"
+
+
+def test_injected_adapters_switch_off_for_the_reference_and_back_on():
+    """hybrid_parallel injects adapters without a PeftModel (no disable_adapter): lora_tp.adapters_disabled gives the base
+    model's output inside, the adapted one after, and leaves what trains as it was."""
+    from finetune.config import LoraConfig
+    from finetune.lora_tp import adapters_disabled
+    from finetune.model import build_lora_config, build_model, inject_lora
+
+    cfg = load_config(["model.name=tiny-llama"], world_size=1)
+    base, _ = build_model(cfg.model, 0)
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = inject_lora(base, build_lora_config(base, LoraConfig(dropout=0.0)))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter)  # a fresh adapter is the identity: give it weights
+    trains = {name for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with adapters_disabled(model):
+            off = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert torch.equal(off, want) and not torch.allclose(adapted, want) and torch.equal(again, adapted)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trains
 
 
 def test_log_sigmoid_matches_torch_in_value_and_gradient_at_zero_and_far_out():

@@ -60,6 +60,10 @@ class PluginSpec:
         """What this plugin cannot do with cfg, each a line naming the fix."""
         return []
 
+    def loss_chunks_refused(self, options: dict[str, Any]) -> str:
+        """Why this plugin, with these options, keeps the model's own loss over the full logits; '' where the chunked loss is exact."""
+        return self.loss_chunks_refusal
+
     def quantized_storage(self, cfg: Config) -> str | None:
         """The float dtype (fp32, bf16, fp16) a quantized base must be held in under this plugin, packed 4-bit data
         included (bitsandbytes' quant_storage); None: bitsandbytes' uint8 packing, unquantized weights in float32."""

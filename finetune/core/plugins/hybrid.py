@@ -77,9 +77,17 @@ class HybridParallelSpec(PluginSpec):
     replicated = False
     model_init = "lazy"  # shardformer materializes only the layers (and TP slices) this rank holds
     adapter_model_init = "lazy"  # adapters injected beside the lazy base (apply_adapters), split with it (finetune.lora_tp)
-    loss_chunks_refusal = ("shardformer replaces the model's forward: under tensor parallelism its head and cross-entropy are split over the "
-                           "vocabulary (vocab-parallel), under a pipeline the last stage takes the loss; chunks are not built into either")
+    # Under tensor parallelism alone the chunks keep the vocabulary split (finetune.chunked_loss: VocabSplit); loss_chunks_refused says where not.
+    loss_chunks_refusal = "under a pipeline (plugin.pp_size>1) the last stage takes the loss inside the schedule, where chunks are not built in"
     shardformer = True
+
+    def loss_chunks_refused(self, options: dict[str, Any]) -> str:
+        """The chunked loss runs under tensor and data parallelism; a pipeline or sequence parallelism keeps the full logits."""
+        if options["pp_size"] > 1:
+            return self.loss_chunks_refusal
+        if sequence_parallel(options)[0]:
+            return "under sequence parallelism (plugin.sp_size>1 or sp_mode split_gather/ring) each rank's loss covers its part of the sequence, which the chunks do not split"
+        return ""
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
@@ -104,8 +112,8 @@ class HybridParallelSpec(PluginSpec):
         task = TASKS.get(cfg.task)
         if task is not None and task.classification:
             problems += self._classification_problems(cfg, plan)
-        if task is not None and task.pairs:  # lifted once the pipeline's criterion and the sharded heads score pairs
-            problems.append(f"task={cfg.task} under hybrid_parallel (tensor/pipeline parallel) is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use torch_ddp, low_level_zero or torch_fsdp")
+        if task is not None and task.pairs:
+            problems += self._pair_problems(cfg, plan, mode)
         if world_size % (tp * pp) and not mode:  # with sequence parallelism: sequence_parallel_problems
             problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
         heads = attention_heads(cfg.model.name)
@@ -153,6 +161,23 @@ class HybridParallelSpec(PluginSpec):
             if options[key] and not has_cuda:
                 problems.append(f"plugin.{key}=true: {what} needs a CUDA GPU; set it to false on CPU")
         return problems
+
+    def _pair_problems(self, cfg: Config, plan: Plan, sp_mode: str) -> list[str]:
+        """Pair tasks run under tensor (x data) parallelism: both sequences of a pair through the vocab-parallel chunked loss."""
+        from finetune.core.loss_chunks import loss_chunk_tokens, unavailable_reason  # it reads the plugin specs
+
+        if plan.pp > 1:  # lifted once the pipeline's criterion scores pairs
+            return [f"task={cfg.task} with plugin.pp_size>1 is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use pp_size=1 (tensor and data parallel), torch_ddp, low_level_zero or torch_fsdp"]
+        if sp_mode:
+            return [f"task={cfg.task} with sequence parallelism: a pair's log-probabilities need the whole sequence on each rank; use plugin.sp_size=1 (and no sp_mode split_gather/ring)"]
+        if TASKS[cfg.task].scalar_head and plan.tp > 1:
+            return [f"task={cfg.task} with plugin.tp_size>1: ColossalAI 0.5.0 splits the sequence-classification head over the tensor-parallel ranks, "
+                    "and a reward model's head has a single output; use torch_ddp, low_level_zero or torch_fsdp"]
+        if plan.tp > 1 and not loss_chunk_tokens(cfg):
+            why = unavailable_reason(cfg) or "the full logits stay split over the tensor-parallel ranks and are not scored"
+            return [f"task={cfg.task} with plugin.tp_size>1 and train.loss_chunks={cfg.train.loss_chunks}: the pair log-probabilities are taken from the chunked loss, "
+                    f"which keeps the vocabulary split over the tensor-parallel ranks ({why}); set train.loss_chunks=auto"]
+        return []
 
     @staticmethod
     def _classification_problems(cfg: Config, plan: Plan) -> list[str]:
