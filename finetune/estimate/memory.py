@@ -162,14 +162,13 @@ def norm_bytes(shape: ModelShape, residual: int) -> float:
 
 
 def outside_activation_bytes(shape: ModelShape, place: Placement, device: str, first: bool, last: bool) -> float:
-    """Bytes per token saved outside the layers: ids, embedding dropout, final norm, the head's input (if it trains, or
-    under tensor parallelism: the vocabulary-parallel head is a column-parallel linear, never quantized)."""
+    """Bytes per token saved outside the layers: ids, embedding dropout, final norm, the head's input (if it trains)."""
     h, c, r = shape.hidden, place.compute_bytes, place.residual_bytes
     saved = 24.0  # input ids, labels, attention mask (int64)
     if first and shape.hidden_dropout > 0:
         saved += h * (1 if device == "cuda" else r)
     if last and shape.causal_lm:
-        saved += norm_bytes(shape, r) + (c * h if shape.head_trainable or shape.tied and shape.embedding_trainable or place.tp > 1 else 0)
+        saved += norm_bytes(shape, r) + (c * h if shape.head_trainable or shape.tied and shape.embedding_trainable else 0)
     return saved
 
 
@@ -202,13 +201,14 @@ def eval_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_toke
 
 
 def vocab_parallel_loss_bytes(shape: ModelShape, place: Placement, tokens: int) -> float:
-    """The peak around shardformer's vocabulary-parallel cross entropy (tensor parallelism; ColossalAI's dist_cross_entropy)
-    for `tokens` tokens, at the end of its forward: the head's logits, their shifted contiguous copy, the max-subtracted
-    copy it exponentiates in place, and the normalized probabilities it saves, computed in fp32 (and cast back to the
-    compute dtype where that is half): 3c + 4 (+ c) bytes x vocab / tp per token. Its backward needs less: the saved
-    probabilities turned into the gradient in place and the slice's gradient (2c)."""
+    """The peak around shardformer's own head and loss over the full logits under tensor parallelism (ColossalAI's
+    dist_cross_entropy) for `tokens` tokens, at the end of its forward: the logits, their shifted contiguous copy, the
+    max-subtracted copy it exponentiates in place, and the normalized probabilities it saves, computed in fp32 (and cast
+    back to the compute dtype where that is half): 3c + 4 (+ c) bytes x vocab / tp per token; its backward needs less
+    (the saved probabilities turned into the gradient in place and the slice's gradient, 2c). Plus the head's input,
+    which its column-parallel linear keeps even when frozen (c x hidden per token)."""
     c = place.compute_bytes
-    return tokens * (3 * c + 4 + (c if c != 4 else 0)) * shape.vocab / place.tp
+    return tokens * ((3 * c + 4 + (c if c != 4 else 0)) * shape.vocab / place.tp + c * shape.hidden)
 
 
 def sequence_exchange_bytes(shape: ModelShape, place: Placement, tokens: int) -> float:
@@ -432,7 +432,7 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     head = tokens if place.sp_over_tp else local
     if not share.last:
         loss = 0.0
-    elif place.tp > 1:  # shardformer's forward takes the loss over the vocabulary split (the chunked loss is refused there)
+    elif place.tp > 1 and not chunk_tokens:  # the full logits under tensor parallelism: shardformer's own loss over the vocabulary split
         loss = vocab_parallel_loss_bytes(shape, place, head)
     else:
         loss = loss_peak_bytes(shape, place, head, chunk_tokens, head // seq * label_len)
