@@ -201,6 +201,9 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
         },
     ),
     "tiny-llama": ("llama", dict(_TINY_DECODER)),
+    # A Llama layout at GPT-2 124M's scale (153M parameters, GQA 12/4 heads, GPT-2's vocabulary), for memory checks
+    # where the model state must be a large part of the peak; under QLoRA with tp_size=2 every shard is whole blocks.
+    "small-llama": ("llama", {**_TINY_DECODER, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4, "max_position_embeddings": 1024}),
     # Twice as wide: under QLoRA with tp_size=2 every shard is whole 64-element quantization blocks
     # (tiny-llama's o_proj shards, 32 input columns, are refused: finetune.qlora_tp).
     "tiny-llama-wide": ("llama", {**_TINY_DECODER, "hidden_size": 128, "intermediate_size": 256}),

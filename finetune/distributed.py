@@ -83,7 +83,11 @@ def allocate_for_steps(device: torch.device, cpu_allocator: str, quantized_base:
     glibc.release_freed_heap()
     if device.type != "cpu":  # CUDA tensors never touch glibc's heap: the key has no effect there
         return False
-    if cpu_allocator == "exact":  # launch's 256 KiB stays: RSS follows the live tensors
+    if cpu_allocator == "exact":  # launch's 256 KiB for the steps too, so RSS follows the live tensors
+        # (a quantized base's load raised it to 1 MiB: model.load_quantized; its dequantized weight-sized
+        # temporaries are mapped under either, while at 1 MiB the activations below it stayed resident in the
+        # heap: GPT-2 124M QLoRA under fsdp x2 measured 1.18x the live tensors' prediction)
+        glibc.fix_mmap_threshold(BUILD_MMAP_THRESHOLD)
         return False
     # fast: at 256 KiB every activation of every step is a fresh mmap/munmap, its pages faulted in and
     # zeroed again (SmolLM2-135M LoRA, batch 4 x 128, one thread: ~2.3 s of a ~5.5 s step in the kernel,

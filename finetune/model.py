@@ -270,8 +270,8 @@ def load_quantized(
         # every forward and backward call. Left to glibc's adaptive threshold, these weight-sized
         # blocks come from the heap between the step's activations and fragment it (GPT-2 124M: the
         # resident set grew ~200 MB per step for 4 steps); mmapped, they go back when freed. This
-        # threshold wins for the rest of the run under either train.cpu_allocator (allocate_for_steps
-        # leaves it; fast's 4 MiB would put these temporaries back in the heap).
+        # threshold stays for the rest of a train.cpu_allocator=fast run (allocate_for_steps leaves it;
+        # fast's 4 MiB would put these temporaries back in the heap); exact sets its lower 256 KiB again.
         glibc.fix_mmap_threshold(QUANTIZED_CPU_MMAP_THRESHOLD)
     return model
 

@@ -106,6 +106,17 @@ def write_pairs(path: Path, n: int = 40) -> Path:
     return path
 
 
+def write_fixed_length_pairs(path: Path, n: int = 64, reply_words: int = 24, prompt_words: int = 300) -> Path:
+    """Preference pairs whose prompt is longer than any data.max_length used in tests: the prompt keeps its end, so every
+    chosen and rejected row is exactly max_length tokens with reply_words label tokens (GPT-2's BPE: a word a token)."""
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = words[i % len(words)], words[(i + 3) % len(words)]
+            f.write(json.dumps({"prompt": " ".join([b] * prompt_words) + f" {i}\n", "chosen": " ".join([a] * reply_words), "rejected": " ".join([b] * reply_words)}) + "\n")
+    return path
+
+
 def hostfile(tmp_path, text: str) -> str:
     path = tmp_path / "hosts"
     path.write_text(text)

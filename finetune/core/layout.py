@@ -50,6 +50,9 @@ class Placement:
     interleaved: bool = False
     sp: int = 1  # sequence-parallel degree: each rank holds 1/sp of every sequence between the attention exchanges
     sp_over_tp: bool = False  # the sequence is split over the tensor-parallel ranks (split_gather, ring): sp == tp
+    # shardformer's column-parallel linears (ColossalAI's linear_with_async_comm, matmul_with_async_comm) keep their
+    # input for backward whether or not their weight trains (a frozen nn.Linear's autograd keeps none)
+    column_inputs_saved: bool = False
     weight_bytes: float = 4  # stored bytes per weight element
     frozen_bytes: float = 0  # stored bytes per frozen weight element where it differs (a half-precision LoRA base); 0: weight_bytes
     compute_bytes: int = 4  # dtype of matmul inputs/outputs in activations

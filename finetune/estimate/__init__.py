@@ -39,6 +39,7 @@ from finetune.estimate.memory import (
     quantization_of,
     rank_share,
     state_bytes,
+    vocab_parallel_loss_bytes,
 )
 from finetune.core.loss_chunks import DEFAULT_CHUNK_TOKENS
 from finetune.estimate.shape import PROJECTION_ROLES, EstimateError, ModelShape, build_meta_model, is_classifier, load_model_config, model_shape
@@ -49,5 +50,5 @@ __all__ = [
     "Share", "StateBytes", "activation_peaks", "build_meta_model", "compare_with_run", "estimate", "estimate_request", "eval_peak_bytes",
     "fit_check_line", "fitting_alternatives", "format_fit", "format_table", "ignored_problems", "in_flight", "is_classifier", "layer_activation_bytes",
     "load_model_config", "loss_peak_bytes", "main", "model_shape", "norm_bytes", "offloaded_activations", "outside_activation_bytes", "parse_request", "pipeline_layers",
-    "placement", "quantization_of", "rank_share", "state_bytes", "with_overrides",
+    "placement", "quantization_of", "rank_share", "state_bytes", "vocab_parallel_loss_bytes", "with_overrides",
 ]  # fmt: skip

@@ -33,10 +33,11 @@ class Alternative:
     overrides: tuple[str, ...]
     cost: float  # how much the change costs the run: lower first (see fitting_alternatives)
     peak_bytes: int
+    reason: str = ""  # why the change carries a setting it would not be expected to (SHARD_QUANTIZATION)
 
     def describe(self) -> str:
-        """'train.gradient_checkpointing=true (14.60 GiB)'."""
-        return f"{' '.join(self.overrides)} ({gib(self.peak_bytes)} GiB)"
+        """'train.gradient_checkpointing=true (14.60 GiB)', and the reason where the change has one."""
+        return f"{' '.join(self.overrides)} ({gib(self.peak_bytes)} GiB{'; ' + self.reason if self.reason else ''})"
 
 
 def with_overrides(cfg: Config, overrides: tuple[str, ...]) -> Config:
@@ -61,6 +62,10 @@ ACTIVATION_OFFLOAD_CHECKPOINTED_COST = 0.25
 HALVING_COST = 1.0  # per halving of the micro-batch, same global batch: smaller matmuls, more passes
 STATE_OFFLOAD_COST = 3.0  # the optimizer step on the CPU (and, under FSDP, the parameters over PCIe every pass)
 QLORA_COST = 4.0  # another model: a 4-bit base, dequantized at every matmul
+# QLoRA where each rank quantizes its own shards (tensor parallelism: finetune.qlora_tp) takes single quantization
+# (finetune.core.plugins.hybrid.qlora_tp_problems): a proposal that lands there carries the setting and says why.
+SHARD_QUANTIZATION = ("quantization.double_quant=false",)
+SHARD_QUANTIZATION_REASON = "QLoRA under tensor parallelism: each rank quantizes its own shards, and double quantization groups constants over the whole weight"
 TRIED = "checkpointing, activation offload, the chunked loss, a smaller micro-batch, CPU offload, qlora, sharding over these ranks"
 
 
@@ -110,6 +115,10 @@ def fitting_alternatives(cfg: Config, world_size: int, available_bytes: float, d
     for overrides, cost in _candidate_changes(cfg, world_size, device):
         try:
             changed = with_overrides(cfg, overrides)
+            reason = ""
+            if SPECS[changed.plugin.name].quantizes_shards(changed) and changed.quantization.double_quant:
+                overrides, reason = overrides + SHARD_QUANTIZATION, SHARD_QUANTIZATION_REASON
+                changed = with_overrides(cfg, overrides)
         except ConfigError:
             continue
         problems = [p for p in validate(changed, world_size, has_cuda=device == "cuda") if not p.startswith(ignored_problems())]
@@ -117,7 +126,7 @@ def fitting_alternatives(cfg: Config, world_size: int, available_bytes: float, d
             continue  # a change the run cannot take, or what it already has
         peak = estimate(changed, world_size, seq_len, device, quantization_of(changed)).total()
         if peak <= available_bytes:
-            fitting.append(Alternative(overrides, cost, peak))
+            fitting.append(Alternative(overrides, cost, peak, reason))
     fitting.sort(key=lambda a: (a.cost, a.peak_bytes))
     kept: list[Alternative] = []
     for alt in fitting:
@@ -149,5 +158,5 @@ def format_fit(cfg: Config, world_size: int, available_bytes: float, device: str
     if peak > available_bytes:
         alternatives = fitting_alternatives(cfg, world_size, available_bytes, device, seq_len)
         lines.append("changes that fit, cheapest first (predicted peak per rank):" if alternatives else f"no change tried fits ({TRIED})")
-        lines += [f"  {i}. {' '.join(a.overrides):<72} {gib(a.peak_bytes):>8} GiB" for i, a in enumerate(alternatives, 1)]
+        lines += [f"  {i}. {' '.join(a.overrides):<72} {gib(a.peak_bytes):>8} GiB{'  (' + a.reason + ')' if a.reason else ''}" for i, a in enumerate(alternatives, 1)]
     return "\n".join(lines)

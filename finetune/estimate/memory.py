@@ -26,11 +26,14 @@ MIB = 1024**2
 # machine's page cache (530 to 700 MiB measured on the same machine), so a finished run's own
 # prediction takes its measured `start` stage instead of this typical figure.
 CPU_START_BYTES = 700 * MIB
-# After `start`: the gloo process group, the tokenizer, the tokenized data, and what the first training
-# step leaves behind (autograd threads, oneDNN kernels, malloc arenas). Measured on the pinned stack
-# (Linux x86-64, glibc, train.cpu_allocator=exact): the train-step peak of a 1-rank tiny-gpt2 run minus its
-# start stage and its predicted tensors (235 and 261 MiB in two runs). `python bench/run.py` measures it again.
-CPU_AFTER_START_BYTES = 250 * MIB
+# After `start` (which follows the process group): the tokenizer, the tokenized data, and what the first training
+# step leaves behind (autograd threads, oneDNN kernels, malloc arenas). Measured on the pinned stack (Linux x86-64,
+# glibc, train.cpu_allocator=exact) as a run's train-step peak minus its start stage and its predicted tensors:
+# 35 and 46 MiB for 1-rank tiny-gpt2 LoRA (a fresh interpreter, the tests' zygote), 52 MiB for GPT-2 124M LoRA
+# (its 12 MiB of causal-mask buffers, which the estimator does not count, left out). 250 MiB was measured before
+# train.cpu_allocator (3878dac) mapped the build's memory on its own and trimmed the heap at stage boundaries; that
+# figure over-predicted every CPU run by ~200 MiB since. `python bench/run.py` measures it again.
+CPU_AFTER_START_BYTES = 50 * MIB
 CPU_PROCESS_BYTES = CPU_START_BYTES + CPU_AFTER_START_BYTES
 # CUDA context and cuBLAS workspace of a torch 2.5 process: a typical figure, NOT measured here (this
 # project has no GPU). torch.cuda.memory_allocated, which the run's profiler reports, does not see it.
@@ -99,7 +102,8 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
       norms       LayerNorm: input r*h + mean/rstd; Llama RMSNorm: fp32 input 4h + rsqrt, and the
                   normalized r*h where its weight trains (Gemma: 4h); times the layer's norms (2; Gemma: 4)
       inputs      each projection's input where its weight trains or LoRA reads it undropped: q/k/v c*h,
-                  output projection c*q/t, MLP in c*h, MLP out c*f/t, an MoE router c*h
+                  output projection c*q/t, MLP in c*h, MLP out c*f/t, an MoE router c*h; under tensor
+                  parallelism the column-parallel ones (q/k/v, MLP in) always (Placement.column_inputs_saved)
       attention   q/k/v 3c*q/t (q = heads x head_dim, h for most) and the core:
                   sdpa (memory-efficient/flash) c*q/t output + 4a/t logsumexp, or the s x s scores
                   a*s/t x (softmax + a half copy for the matmul where softmax ran in fp32 + dropout mask
@@ -125,7 +129,8 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     # tensors, whole on every tensor-parallel rank (ColossalAI's Mixtral policy splits attention and router only).
     tf = 1 if shape.experts else t
     sizes = {"qkv": h, "o": q / t, "up": k * h, "down": k * f / tf, "router": h}
-    inputs = c * sum(sizes[role] for role in shape.saved_inputs)
+    saved = shape.saved_inputs | (COLUMN_PARALLEL_ROLES - ({"up"} if shape.experts else set()) if place.column_inputs_saved else frozenset())
+    inputs = c * sum(sizes[role] for role in saved)
     core = c * 3 * q / t  # q, and k and v repeated to every query head (transformers' eager and sdpa paths)
     if shape.head_norms:  # q/k norms per head: fp32 input, rsqrt per head, the normalized input where trained
         core += (4 * (q + kv) + 4 * (a + shape.kv_heads) + ((4 if shape.upcast_norm else r) * (q + kv) if shape.norms_trainable else 0)) / t
@@ -141,6 +146,10 @@ def layer_activation_bytes(shape: ModelShape, place: Placement, seq: int, device
     dropout = 2 * h * mask if shape.hidden_dropout > 0 else 0
     lora = c * shape.lora_ranks + (shape.lora_inputs * (mask + c) if shape.lora_dropout > 0 else 0)
     return shape.layer_norms * norm + inputs + core + mlp + dropout + lora
+
+
+# Projection roles whose tensor-parallel layer is column-parallel (shardformer's Linear1D_Col and GPT-2's fused Conv1D).
+COLUMN_PARALLEL_ROLES = frozenset({"qkv", "up"})
 
 
 def norm_bytes(shape: ModelShape, residual: int) -> float:
@@ -189,6 +198,17 @@ def eval_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_toke
         return tokens * logits + mlp
     head = label_tokens or tokens
     return min(head, chunk_tokens) * logits + mlp + head * (place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
+
+
+def vocab_parallel_loss_bytes(shape: ModelShape, place: Placement, tokens: int) -> float:
+    """The peak around shardformer's own head and loss over the full logits under tensor parallelism (ColossalAI's
+    dist_cross_entropy) for `tokens` tokens, at the end of its forward: the logits, their shifted contiguous copy, the
+    max-subtracted copy it exponentiates in place, and the normalized probabilities it saves, computed in fp32 (and cast
+    back to the compute dtype where that is half): 3c + 4 (+ c) bytes x vocab / tp per token; its backward needs less
+    (the saved probabilities turned into the gradient in place and the slice's gradient, 2c). Plus the head's input,
+    which its column-parallel linear keeps even when frozen (c x hidden per token)."""
+    c = place.compute_bytes
+    return tokens * ((3 * c + 4 + (c if c != 4 else 0)) * shape.vocab / place.tp + c * shape.hidden)
 
 
 def sequence_exchange_bytes(shape: ModelShape, place: Placement, tokens: int) -> float:
@@ -410,7 +430,12 @@ def activation_peaks(shape: ModelShape, place: Placement, share: Share, cfg: Con
     chunk_tokens = loss_chunk_tokens(cfg)
     # all_to_all takes the loss on each rank's part of the sequence; split_gather/ring gather it before the head.
     head = tokens if place.sp_over_tp else local
-    loss = loss_peak_bytes(shape, place, head, chunk_tokens, head // seq * label_len) if share.last else 0.0
+    if not share.last:
+        loss = 0.0
+    elif place.tp > 1 and not chunk_tokens:  # the full logits under tensor parallelism: shardformer's own loss over the vocabulary split
+        loss = vocab_parallel_loss_bytes(shape, place, head)
+    else:
+        loss = loss_peak_bytes(shape, place, head, chunk_tokens, head // seq * label_len)
     autocast = 2 * share.matmul if place.autocast_copies else 0
     exchange = sequence_exchange_bytes(shape, place, tokens)
     train = local * (layers_held * layer + outside) + loss + autocast + exchange
@@ -460,6 +485,7 @@ def _rank_estimate(shape: ModelShape, place: Placement, cfg: Config, setup: dict
         place = dataclasses.replace(
             place, weight_bytes=compute, compute_bytes=compute, residual_bytes=compute, eval_half=compute == 2, autocast_copies=False,
             grad_bytes=4, master_bytes=0, state_bytes=4, step_grad_bytes=0,
+            column_inputs_saved=False,  # finetune.qlora_tp's 4-bit shards compute with bitsandbytes' matmul, which keeps no input of a frozen weight
         )
     share = rank_share(shape, place, method_named(cfg.method).full, rank, layers)
     state = state_bytes(shape, place, share, cfg.train.optimizer, quant)

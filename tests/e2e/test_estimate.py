@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from finetune import estimate as est
-from tests.conftest import read_summary, run_python, run_train, write_fixed_length_file
+from tests.conftest import read_summary, run_python, run_train, write_fixed_length_file, write_fixed_length_pairs
 
 
 @pytest.mark.e2e
@@ -46,6 +46,26 @@ def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
     # not a prediction made of the process baseline (a 4-bit GPT-2 is ~200 MB of a ~1.3 GB process)
     assert model_state > {"full": 0.5, "lora": 0.2, "qlora": 0.12}[method] * measured
     assert "predicted train_step_peak" in result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(420)
+def test_dpo_prediction_within_15_percent_of_a_real_run(tmp_path):
+    """Issue 25: DPO with LoRA on GPT-2 124M, one rank, pairs whose rows are all max_length long (as the estimator assumes):
+    a chosen and a rejected row per pair with gradients, the reference pass (adapters off, no gradients) and the
+    chunked loss over the reply tokens, predicted within 15% of the measured train-step peak."""
+    out = tmp_path / "run"
+    args = [
+        f"data.train_path={write_fixed_length_pairs(tmp_path / 'pairs.jsonl')}", "task=preference", "model.name=gpt2", "method=lora",
+        "data.eval_fraction=0.25", "data.max_eval_samples=4", "data.max_length=64", "train.max_steps=3", "train.batch_size=2",
+        "eval.batch_size=2", "eval.every_steps=0", "eval.num_generation_prompts=0", "train.cpu_allocator=exact", f"output_dir={out}",
+    ]  # fmt: skip
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    estimate = read_summary(out)["memory"]["estimate"]
+    assert estimate["per_rank"]["setup"]["label_len"] == 25  # every row's reply, 24 words and the end of text: the chunked loss reads these alone
+    assert 0.85 <= estimate["ratio_measured_to_predicted"] <= 1.15, estimate
+    assert estimate["per_rank"]["activations"] > 0.15 * estimate["measured_train_step_peak_bytes"]  # two rows a pair: activations matter
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -166,6 +166,47 @@ def test_llama31_70b_qlora_tp4_fits_24_gib():
     assert prediction.total() <= 24 * est.GIB
 
 
+def test_tensor_parallelism_keeps_the_column_inputs_and_the_vocabulary_parallel_loss():
+    """Under tp>1 shardformer's column-parallel linears keep their input even where the weight is frozen (q/k/v, MLP in,
+    the head; not finetune.qlora_tp's 4-bit shards, which bitsandbytes computes), and its own loss over the full logits
+    (vocabulary-parallel cross entropy) peaks at the end of its forward: logits, their shifted copy, the exponentiated copy
+    and the fp32 probabilities (cast back where the compute dtype is half), each over vocabulary / tp."""
+    import dataclasses
+
+    lora = config_of("model.name=gpt2", "method=lora", "--config", "booster_configs/tp2_lora.yaml")
+    place = est.placement(lora, 2)
+    assert place.column_inputs_saved and not est.placement(config_of("model.name=gpt2", "--config", "booster_configs/pp2.yaml"), 2).column_inputs_saved
+    shape = est.model_shape(est.load_model_config("gpt2"), "lora", lora.lora)
+    assert shape.saved_inputs == frozenset()  # a single process keeps none: LoRA's dropout reads its own copy of c_attn's input
+    unsaved = dataclasses.replace(place, column_inputs_saved=False)
+    assert est.layer_activation_bytes(shape, place, 64, "cpu", "sdpa") - est.layer_activation_bytes(shape, unsaved, 64, "cpu", "sdpa") == 2 * 4 * 768  # c_attn's and c_fc's
+    assert est.vocab_parallel_loss_bytes(shape, place, 128) == 128 * ((4 + 4 + 4 + 4) * shape.vocab / 2 + 4 * 768)  # + the head's kept input
+    assert est.vocab_parallel_loss_bytes(shape, dataclasses.replace(place, compute_bytes=2), 128) == 128 * ((2 + 2 + 2 + 4 + 2) * shape.vocab / 2 + 2 * 768)
+    # QLoRA under tp2: the layers' projections are 4-bit shards, so of the column inputs LoRA under tp2 keeps beside the
+    # adapters' own (q/k/v and o, read undropped), QLoRA keeps none: the MLP input of each of the 12 layers less.
+    args = ("model.name=small-llama", "lora.dropout=0", "train.batch_size=2", "--config", "booster_configs/tp2_lora.yaml")
+    lora_tp, qlora_tp = config_of(*args), config_of(*args, "method=qlora", "quantization.double_quant=false")
+    lora_split, qlora_split = est.estimate(lora_tp, 2, 64, "cpu"), est.estimate(qlora_tp, 2, 64, "cpu", est.quantization_of(qlora_tp))
+    assert lora_split.activations - qlora_split.activations == 2 * 64 * 12 * 4 * 768
+
+
+def test_column_parallel_linears_keep_a_frozen_weights_input():
+    """What Placement.column_inputs_saved stands for, checked on ColossalAI itself: the product its column-parallel linears
+    compute with (linear_with_async_comm, which Linear1D_Col and the vocabulary-parallel head call) keeps the input for
+    backward with the weight frozen, where torch's linear keeps none."""
+    from colossalai.shardformer.layer._operation import linear_with_async_comm
+
+    def inputs_kept(product) -> int:
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            product()
+        return sum(t.data_ptr() == x.data_ptr() for t in kept)
+
+    x, weight = torch.randn(2, 8, requires_grad=True), torch.randn(8, 8)  # a frozen weight
+    assert inputs_kept(lambda: torch.nn.functional.linear(x, weight)) == 0
+    assert inputs_kept(lambda: linear_with_async_comm(x, weight, None, None, False)) == 1
+
+
 def saved_bytes_per_layer(config, autocast: bool, half_model: bool, lora=None, attention: str = "sdpa") -> float:
     """Bytes autograd saves per token for one layer: a 2-layer minus a 1-layer model (parameters and buffers aside)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -400,6 +441,25 @@ def test_fit_search_ranks_the_chunked_loss_offload_and_sharded_qlora_by_cost():
     assert ("plugin.name=torch_fsdp",) not in changes and ("method=qlora",) not in changes
 
 
+def test_fit_proposes_qlora_with_tensor_parallelism_and_single_quantization():
+    """Issue 26: --fit proposes QLoRA under tensor parallelism where it fits, with quantization.double_quant=false (each rank
+    quantizes its own shards; the default double quantization is refused there) and the reason, on its line."""
+    from finetune.config import validate
+
+    cfg = config_of("model.name=llama3.1-70b", "method=lora", "train.precision=bf16", "train.batch_size=1", "eval.batch_size=1", "train.gradient_checkpointing=true")
+    ranked = est.fitting_alternatives(cfg, 4, 24 * est.GIB, seq_len=2048)
+    tp = next(a for a in ranked if "plugin.name=hybrid_parallel" in a.overrides)
+    assert tp.overrides == ("plugin.name=hybrid_parallel", "plugin.tp_size=4", "method=qlora", "quantization.double_quant=false")
+    assert "double quantization" in tp.reason and tp.reason in tp.describe()
+    changed = est.with_overrides(cfg, tp.overrides)
+    assert not [p for p in validate(changed, 4, has_cuda=True) if not p.startswith(est.ignored_problems())]
+    assert tp.peak_bytes == est.estimate(changed, 4, 2048, "cuda", est.quantization_of(changed)).total() <= 24 * est.GIB
+    assert tp.reason in est.format_fit(cfg, 4, 24 * est.GIB, "cuda", 2048)
+    # The proposals that keep one rank's whole model quantized keep the default (and carry no reason).
+    fsdp = next(a for a in ranked if a.overrides == ("plugin.name=torch_fsdp", "method=qlora"))
+    assert not fsdp.reason
+
+
 def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buffers():
     """plugin.sp_size / sp_mode: a rank keeps the activations of its 1/sp of each sequence (its share of the loss too,
     under all_to_all) plus one layer's exchange buffers: all_to_all's q, k and v parts sent and received (2 x 3h per
@@ -416,10 +476,13 @@ def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buff
     zero = est.estimate(config_of(*args, "plugin.zero_stage=1"), 1, seq)
     assert est.estimate(config_of(*args, "plugin.zero_stage=1", "plugin.sp_size=4"), 4, seq).optimizer_states == pytest.approx(zero.optimizer_states / 4)
     # split_gather over tp=2: everything tensor parallelism left whole is split too, so every activation is halved
-    # (the loss over the gathered sequence holds half the vocabulary).
+    # (the loss over the gathered sequence holds half the vocabulary), plus what tensor parallelism saves that a single
+    # process does not: the column-parallel q/k/v and MLP-in inputs (LoRA's dropout reads its own copy) of its half of
+    # the tokens, and the head's input over the gathered sequence.
     megatron = est.estimate(config_of(*args, "plugin.tp_size=2", "plugin.sp_mode=split_gather"), 2, seq)
     assert (megatron.setup["sp"], megatron.setup["tp"]) == (2, 2)
-    assert megatron.activations == pytest.approx(one.activations / 2 + 2 * tokens * hidden * c)
+    column_inputs = tokens / 2 * c * hidden * 2 * 32 + tokens * c * hidden
+    assert megatron.activations == pytest.approx(one.activations / 2 + 2 * tokens * hidden * c + column_inputs)
     # Predicted (issue 27): Llama-2-7B LoRA at 32,768 tokens with sp_size=8 on 8 GPUs, checkpointing: <= 40 GiB per GPU.
     long = est.estimate(config_of(*args, "train.batch_size=1", "train.gradient_checkpointing=true", "plugin.sp_size=8"), 8, 32768)
     assert long.total() <= 40 * 2**30

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finetune import estimate as est
-from finetune.architectures import ARCHITECTURES, NAMED_CONFIGS, architecture, model_type
+from finetune.architectures import ARCHITECTURES, ESTIMATE_ONLY, NAMED_CONFIGS, architecture, model_type
 from finetune.config import ConfigError, LoraConfig, ModelConfig, load_config
 from finetune.model import build_lora_config, build_model
 from tests.conftest import REPO
@@ -88,7 +88,7 @@ def test_mixtral_lora_under_tensor_parallelism_adapts_attention_only():
         load_config(["--config", str(REPO / "booster_configs" / "tp2_lora.yaml"), "model.name=tiny-mixtral"], world_size=2)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMED_CONFIGS if not n.startswith(("tiny-", "gpt2", "roberta"))])
+@pytest.mark.parametrize("name", sorted(ESTIMATE_ONLY))
 def test_public_configs_are_for_the_estimator_only(name):
     with pytest.raises(ConfigError, match=f"model.name: {name} is a public config for the memory estimator"):
         load_config([f"model.name={name}"], world_size=1)

@@ -69,7 +69,8 @@ def test_cuda_report_line_and_summary_from_recorded_memory_stats():
     "device, allocator, quantized, threshold, heap",
     [
         ("cpu", "fast", False, distributed.STEP_MMAP_THRESHOLD, True),  # the steps' activations from the heap
-        ("cpu", "exact", False, None, False),  # launch's 256 KiB stays for the whole run
+        ("cpu", "exact", False, distributed.BUILD_MMAP_THRESHOLD, False),  # launch's 256 KiB for the whole run
+        ("cpu", "exact", True, distributed.BUILD_MMAP_THRESHOLD, False),  # also after a quantized base's load raised it
         ("cpu", "fast", True, None, True),  # model.load_quantized's 1 MiB wins; the heap is still trimmed
         ("cuda", "fast", False, None, False),  # no effect on CUDA
         ("cuda", "exact", False, None, False),
@@ -77,7 +78,8 @@ def test_cuda_report_line_and_summary_from_recorded_memory_stats():
 )
 def test_the_steps_allocator_is_decided_once_the_model_is_boosted(monkeypatch, device, allocator, quantized, threshold, heap):
     """Issue 24: train.cpu_allocator=fast raises glibc's mmap threshold once the model is boosted (a step's
-    activations reuse heap blocks instead of a fresh mmap each); exact, a quantized base and CUDA leave it.
+    activations reuse heap blocks instead of a fresh mmap each); exact sets launch's 256 KiB again (a quantized base's
+    load raised it), fast under a quantized base and CUDA leave it.
     The heap the build freed is handed back in every case."""
     calls = []
     monkeypatch.setattr(glibc, "fix_mmap_threshold", lambda nbytes: calls.append(("mmap_threshold", nbytes)) or True)

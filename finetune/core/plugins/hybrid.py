@@ -218,7 +218,7 @@ class HybridParallelSpec(PluginSpec):
         options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
         tp, pp, dp = plan.tp, plan.pp, plan.dp
         layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved",
-                      sp=plan.sp, sp_over_tp=sequence_parallel(options)[0] in SP_OVER_TP)
+                      sp=plan.sp, sp_over_tp=sequence_parallel(options)[0] in SP_OVER_TP, column_inputs_saved=tp > 1)
         # Gradients are synchronized (and ZeRO shards) over the data-parallel ranks and all_to_all's sequence-parallel ones.
         synced = dp * (1 if layout["sp_over_tp"] else plan.sp)
         if options["zero_stage"]:
