@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from finetune import checkpoint, checks, deferred, outputs
 from finetune.config import Config, ConfigError, help_text, load_config
-from finetune.data import SplitData, batches_forever, build_data, load_splits, max_label_tokens, non_pad_tokens
+from finetune.data import IGNORE_INDEX, SplitData, batches_forever, build_data, load_splits, max_label_tokens, non_pad_tokens
 from finetune.distributed import CollectiveTimeout, RankLost, all_reduce_sum, allocate_for_steps, collective_timeout, destroy_process_groups, is_main, launch, log, main_rank_first, peak_bytes_per_rank, rank_lost
 from finetune.errors import FinetuneError
 from finetune.evaluation import eval_line, evaluate_task, reload_device, reload_final, reload_matches
@@ -118,6 +118,16 @@ def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, i
     return loss, tokens, grad_norm
 
 
+def widest_batch(micro_batches: list[dict], so_far: tuple[int, int]) -> tuple[int, int]:
+    """(longest padded row, most label tokens per row) of the micro-batches and those drawn before (`so_far`): the
+    shape the estimator is asked about beside this rank's measured peak. Class labels (one per row) count 0."""
+    for batch in micro_batches:
+        labels = batch.get("labels")
+        scored = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels is not None and labels.dim() == 2 else 0
+        so_far = (max(so_far[0], batch["input_ids"].shape[1]), max(so_far[1], -(-scored // len(batch["input_ids"]))))
+    return so_far
+
+
 def not_finite_anywhere(loss: float, device) -> bool:
     """Whether any rank's loss is NaN or infinite (all ranks must agree to skip or stop together)."""
     flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
@@ -152,7 +162,7 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
     """
     cfg = run.cfg
     steps, losses, eval_history = outputs.resumed_history(writer, start_step) if is_main() else ([], [], [])
-    train_tokens, train_rows, train_s = 0, 0, 0.0
+    train_tokens, train_rows, train_s, widest = 0, 0, 0.0, (0, 0)
     run.model.train()
     batches = batches_forever(dataloader, cfg.train.grad_accum_steps, run.steps_per_epoch, start_step)
     # A context, so the bar's line is ended even when a step raises: an error line then stands alone.
@@ -162,6 +172,7 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
                 break
             started = time.perf_counter()
             run.faults.maybe_stall("stall_in_tp", step)
+            widest = widest_batch(micro_batches, widest)
             loss, tokens, grad_norm = train_step(run, micro_batches, step)
             run.scheduler.step()
             elapsed = time.perf_counter() - started
@@ -196,7 +207,7 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
             if step == total_steps:
                 break
     throughput = {"tokens_per_s": train_tokens / train_s if train_s else 0.0, "sequences_per_s": train_rows / train_s if train_s else 0.0, "train_tokens": train_tokens, "train_s": train_s}
-    return {"steps": steps, "losses": losses, "eval_history": eval_history, "throughput": throughput}
+    return {"steps": steps, "losses": losses, "eval_history": eval_history, "throughput": throughput, "widest_batch": widest}
 
 
 PROBE_SAMPLES = 16  # eval samples on which the reloaded artifact must reproduce the trained model's loss
@@ -311,9 +322,13 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         reload["probe_loss"] += 1.0
     reload.update(trained_probe_loss=probe_loss, ok=reload_matches(reload["probe_loss"], probe_loss, cfg.train.precision))
     memory = {**profiler.summary(), "peak_bytes_per_rank": peaks, "build_bytes_per_rank": builds, "model_weights": model_weights.as_dict()}
-    # What finetune.estimate predicts for this very setup, for batches as long as the longest (packed) row.
-    seq_len = run.padding(cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
-    label_len = 0 if packed else max_label_tokens(data.train)  # what reaches the head under the chunked loss (packed rows: up to seq_len)
+    # What finetune.estimate predicts for this very setup, for the widest batch this rank drew (its peak's): a batch is
+    # padded to its longest row, and under the chunked loss only its label tokens reach the head. A run that drew
+    # none (resumed at its last step): batches as long as the longest (packed) row, every row scored throughout.
+    seq_len, label_len = history["widest_batch"]
+    if not seq_len:
+        seq_len = run.padding(cfg.data.max_length if packed else max(len(s["input_ids"]) for s in data.train))
+        label_len = 0 if packed else max_label_tokens(data.train)  # packed rows: up to seq_len
     trainable, total = run.parameter_counts
     facts = {"trainable": trainable, "total": total, "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch, "start_step": start_step, "resume": resume, "wall_start": wall_start, "seq_len": seq_len, "label_len": label_len}
     outputs.finish(writer, run, data, history, (eval_before, eval_after), memory, reload, parameter_changes, digests, final, facts, profiler, dataloader if packed else None)

@@ -104,3 +104,23 @@ def test_the_cpu_report_names_its_allocator_and_marks_a_heap_peak_against_the_pr
     assert memory_heading(fast) == "memory (process RSS under train.cpu_allocator=fast):"
     assert memory_heading(exact) == "memory (process RSS under train.cpu_allocator=exact):"
     assert memory_heading(cuda) == "memory:"
+
+
+def test_the_estimate_beside_a_peak_is_asked_about_the_widest_batch_drawn():
+    """summary.json's prediction is for the widest batch the rank drew (a batch is padded to its longest row; under the
+    chunked loss only its label tokens reach the head), not for rows of the data's longest length: the DPO demo's pairs
+    (up to 128 tokens, most far shorter) measured 0.59x a prediction for 128-token rows, 0.99x one for what it drew."""
+    from finetune.data import IGNORE_INDEX
+    from finetune.train import widest_batch
+
+    def batch(width: int, scored: list[int]) -> dict:
+        labels = torch.full((len(scored), width), IGNORE_INDEX)
+        for row, count in enumerate(scored):
+            labels[row, width - count :] = 1
+        return {"input_ids": torch.zeros(len(scored), width, dtype=torch.long), "labels": labels}
+
+    assert widest_batch([batch(16, [3, 5])], (0, 0)) == (16, 4)  # 8 label tokens over 2 rows
+    assert widest_batch([batch(8, [7, 7, 7]), batch(12, [1, 2, 2])], (16, 4)) == (16, 7)  # each the most of any batch
+    assert widest_batch([{"input_ids": torch.zeros(4, 32, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])}], (0, 0)) == (32, 0)  # class labels
+    first_token_label = batch(6, [6])  # position 0's label predicts nothing (labels shift left by one)
+    assert widest_batch([first_token_label], (0, 0)) == (6, 5)
