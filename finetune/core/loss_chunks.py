@@ -39,8 +39,9 @@ def unavailable_reason(cfg: Config) -> str:
     if task is None or task.classification or task.scalar_head:
         return f"task={cfg.task} has no language-model head (a classification head's logits are small)"
     spec = SPECS.get(cfg.plugin.name)
-    if spec is not None and spec.loss_chunks_refusal:
-        return f"plugin {cfg.plugin.name} keeps the full-logits loss: {spec.loss_chunks_refusal}"
+    refusal = spec.loss_chunks_refused(cfg.plugin.options) if spec is not None else ""
+    if refusal:
+        return f"plugin {cfg.plugin.name} keeps the full-logits loss: {refusal}"
     kind = model_type(cfg.model.name)
     if not architecture(kind).decoder_body:
         return f"{cfg.model.name} is {kind or 'of unknown type'}, whose forward this tool does not know to split into decoder and head (finetune.architectures: decoder_body)"

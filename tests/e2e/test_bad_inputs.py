@@ -93,7 +93,6 @@ TRAIN_CASES = {
     "missing_yaml": (lambda w: ["--config", str(w["root"] / "nope.yaml")], "file not found"),
     "malformed_yaml": (lambda w: ["--config", str(w["root"] / "bad.yaml")], "not valid YAML"),
     "on_nan_value": (lambda w: ["train.on_nan=ignore"], "train.on_nan: unknown value 'ignore'"),
-    "loss_chunks_under_hybrid": (lambda w: ["plugin.name=hybrid_parallel", "train.loss_chunks=512"], "train.loss_chunks=512: plugin hybrid_parallel keeps the full-logits loss"),
     # data
     "missing_data": (lambda w: ["data.train_path=/nonexistent/train.jsonl"], "data.train_path: file not found"),
     "missing_field": (lambda w: [f"data.train_path={w['root'] / 'bad_row.jsonl'}"], "row 2: missing field 'output'"),

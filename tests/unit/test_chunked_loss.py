@@ -5,6 +5,8 @@ model's own loss, and an explicit setting there is a one-line config error."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,9 +46,11 @@ class HeadWatch(TorchDispatchMode):
         return out
 
 
-def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str, torch.Tensor], HeadWatch, int, int]:
+def first_step(tmp_path, args: list[str], chunks: str, world_size: int = 1) -> tuple[float, dict[str, torch.Tensor], HeadWatch | None, int, int]:
     """(loss, gradients by name, what the head did, batch x tokens, tokens per chunk) of one training step through
-    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`."""
+    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`, on this rank of `world_size` (a
+    pipeline: the loss on its last stage, 0.0 elsewhere; the gradients of the parameters this stage holds; the head
+    watched where it is held, None elsewhere)."""
     from finetune.data import batches_forever, build_data, load_splits
     from finetune.faults import Faults
     from finetune.chunked_loss import chunk_tokens_of
@@ -55,23 +59,26 @@ def first_step(tmp_path, args: list[str], chunks: str) -> tuple[float, dict[str,
     from finetune.preference import attach_reference, stores_reference
     from finetune.run import build_run
 
-    cfg = load_config([*args, f"train.loss_chunks={chunks}", "lora.dropout=0", "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}"], world_size=1)
+    cfg = load_config([*args, f"train.loss_chunks={chunks}", "lora.dropout=0", "train.batch_size=4", "data.max_length=48", f"output_dir={tmp_path / 'out'}"], world_size=world_size)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
     model, tokenizer = build_model(cfg.model, cfg.train.seed)
     data = build_data(cfg.data, tokenizer, splits)
-    run, dataloader = build_run(cfg, world_size=1, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
+    run, dataloader = build_run(cfg, world_size=world_size, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
                                 pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None, packed=packed_attention(model) if cfg.data.packing else "")  # fmt: skip
     if stores_reference(run.objective):
-        attach_reference(cfg, run.model, run.layout, data.train, 4, tokenizer.pad_token_id, torch.device("cpu"))
+        attach_reference(cfg, run.model, run.layout, data.train, 4, tokenizer.pad_token_id, torch.device("cpu"), run.plugin.row_logps(run), run.padding)
     trained = run.model.unwrap(unwrap_peft=False)
     generator = torch.Generator().manual_seed(1)
     for name, parameter in trained.named_parameters():
         if "lora_B" in name:  # a fresh adapter is the identity and lora_A's gradient zero: give it weights
             parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     _, micro_batches = next(batches_forever(dataloader, 1, run.steps_per_epoch))
-    with HeadWatch(trained.get_output_embeddings().weight) as head:
+    head_weight = trained.get_output_embeddings().weight
+    head = HeadWatch(head_weight) if head_weight is not None and head_weight.numel() else None  # a pipeline's other stages release it
+    with head or contextlib.nullcontext():
         loss = run.plugin.forward_backward(run, micro_batches)
-    grads = {name: p.grad.clone() for name, p in trained.named_parameters() if p.requires_grad}
+    held = lambda p: p.grad is not None or not run.layout.pipeline  # noqa: E731 (a stage has no gradient of another's parameters)
+    grads = {name: p.grad.clone() for name, p in trained.named_parameters() if p.requires_grad and held(p)}
     return loss, grads, head, micro_batches[0]["input_ids"].numel(), chunk_tokens_of(run.model)
 
 
@@ -211,12 +218,17 @@ def test_soft_capped_logits_follow_the_architecture_record():
         ("auto", "low_level_zero", "preference", DEFAULT_CHUNK_TOKENS),
         ("512", "torch_fsdp", "chat", 512),
         ("off", "torch_ddp", "instruction", 0),
-        ("auto", "hybrid_parallel", "instruction", 0),  # keeps today's path
+        ("auto", "hybrid_parallel plugin.pp_size=2 plugin.num_microbatches=2", "instruction", DEFAULT_CHUNK_TOKENS),  # the last stage's loss in chunks
+        ("512", "hybrid_parallel plugin.pp_size=2 plugin.num_microbatches=2", "preference", 512),
+        ("auto", "hybrid_parallel plugin.tp_size=2", "instruction", 0),  # vocab-parallel head: keeps today's path
+        ("auto", "hybrid_parallel plugin.sp_size=2", "instruction", 0),  # the loss of each rank's part of the sequence
+        ("auto", "hybrid_parallel plugin.pp_size=2 plugin.num_microbatches=2", "classification", 0),
         ("auto", "torch_ddp", "classification", 0),  # no LM head
     ],
 )
 def test_the_chunk_size_each_run_gets(setting, plugin, task, tokens):
-    args = [f"train.loss_chunks={setting}", f"plugin.name={plugin}", f"task={task}", "model.name=tiny-gpt2"]
+    name, *options = plugin.split()
+    args = [f"train.loss_chunks={setting}", f"plugin.name={name}", *options, f"task={task}", "model.name=tiny-gpt2"]
     assert loss_chunk_tokens(build_config(parse_args(args))) == tokens
 
 

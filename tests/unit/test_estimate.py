@@ -345,6 +345,18 @@ def test_the_chunked_loss_holds_one_chunk_of_logits_and_the_label_positions_hidd
     assert tp.setup["loss_chunks"] == 0
 
 
+def test_a_pipeline_of_pairs_slices_rows_two_to_a_pair():
+    """Preference pairs under pp2: plugin.microbatch_size counts rows (two a pair), as the schedule slices them, so 4 rows
+    of a 4-pair batch are 2 micro-batches, the same estimate as num_microbatches=2; the last stage takes the loss in chunks."""
+    from tests.conftest import REPO
+
+    args = ("--config", str(REPO / "booster_configs" / "pp2.yaml"), "model.name=llama2-7b", "method=lora", "train.precision=bf16", "task=preference", "train.batch_size=4")
+    by_count = est.estimate(config_of(*args), 2, 512)
+    by_size = est.estimate(config_of(*args, "plugin.num_microbatches=0", "plugin.microbatch_size=4"), 2, 512)
+    assert by_count.setup["loss_chunks"] == est.DEFAULT_CHUNK_TOKENS
+    assert by_size.activations == by_count.activations and by_size.activations_checkpointed == by_count.activations_checkpointed
+
+
 LLAMA31_JOB = ("model.name=llama3.1-8b", "method=lora", "train.precision=bf16", "train.batch_size=2", "eval.batch_size=2")  # issue 27's acceptance job
 
 

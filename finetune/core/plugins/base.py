@@ -57,6 +57,11 @@ class PluginSpec:
         """What this plugin cannot do with cfg, each a line naming the fix."""
         return []
 
+    def loss_chunks_refused(self, options: dict[str, Any]) -> str:
+        """Why the chunked loss cannot run under these plugin options ('' where it can): loss_chunks_refusal, which a
+        plugin that takes it under some of its options only narrows."""
+        return self.loss_chunks_refusal
+
     def quantized_storage(self, cfg: Config) -> str | None:
         """The float dtype (fp32, bf16, fp16) a quantized base must be held in under this plugin, packed 4-bit data
         included (bitsandbytes' quant_storage); None: bitsandbytes' uint8 packing, unquantized weights in float32."""

@@ -12,7 +12,7 @@ from finetune.core.layout import Placement, Plan, cast_placement, half_precision
 from finetune.core.plugins.base import PluginSpec
 from finetune.core.plugins.zero import zero_placement
 from finetune.methods import METHODS
-from finetune.tasks import TASKS
+from finetune.tasks import TASKS, batch_rows
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -77,12 +77,18 @@ class HybridParallelSpec(PluginSpec):
     replicated = False
     model_init = "lazy"  # shardformer materializes only the layers (and TP slices) this rank holds
     loss_chunks_refusal = ("shardformer replaces the model's forward: under tensor parallelism its head and cross-entropy are split over the "
-                           "vocabulary (vocab-parallel), under a pipeline the last stage takes the loss; chunks are not built into either")
+                           "vocabulary (vocab-parallel), under sequence parallelism each rank takes the loss of its part of the sequence; "
+                           "chunks are built into the last pipeline stage only (plugin.tp_size=1 and plugin.sp_size=1)")
     shardformer = True
+
+    def loss_chunks_refused(self, options: dict[str, Any]) -> str:
+        """Tensor and sequence parallelism keep the full-logits loss; without them the chunked loss runs, on the last
+        pipeline stage under pp_size>1 (finetune.chunked_loss.stage_forward)."""
+        return self.loss_chunks_refusal if options["tp_size"] > 1 or sequence_parallel(options)[0] else ""
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
-        plan = self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+        plan = self.plan(cfg.plugin.options, batch_rows(cfg.task, cfg.train.batch_size), world_size)
         options = cfg.plugin.options
         tp, pp = plan.tp, plan.pp
         if min(tp, pp, options["sp_size"]) < 1:
@@ -103,8 +109,8 @@ class HybridParallelSpec(PluginSpec):
         task = TASKS.get(cfg.task)
         if task is not None and task.classification:
             problems += self._classification_problems(cfg, plan)
-        if task is not None and task.pairs:  # lifted once the pipeline's criterion and the sharded heads score pairs
-            problems.append(f"task={cfg.task} under hybrid_parallel (tensor/pipeline parallel) is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use torch_ddp, low_level_zero or torch_fsdp")
+        if task is not None and task.pairs:
+            problems += _pair_problems(cfg, plan)
         if world_size % (tp * pp) and not mode:  # with sequence parallelism: sequence_parallel_problems
             problems.append(f"world size {world_size} is not divisible by tp_size*pp_size={tp * pp}; launch a multiple of {tp * pp} processes")
         heads = attention_heads(cfg.model.name)
@@ -133,10 +139,16 @@ class HybridParallelSpec(PluginSpec):
             problems.append("plugin.pp_style=interleaved goes with plugin.num_model_chunks>1 (and 1f1b with 1)")
         if pp > 1:
             micro, size = options["num_microbatches"], options["microbatch_size"]
+            rows = batch_rows(cfg.task, cfg.train.batch_size)
             if not micro and not size:
                 problems.append("plugin.pp_size>1 needs plugin.num_microbatches (or plugin.microbatch_size) for the pipeline schedule")
-            elif cfg.train.batch_size % (micro or size):
-                problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.{'num_microbatches' if micro else 'microbatch_size'}={micro or size}")
+            elif micro and cfg.train.batch_size % micro:
+                problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.num_microbatches={micro}")
+            elif size and rows % size:
+                problems.append(f"train.batch_size={cfg.train.batch_size} ({rows} rows) must be divisible by plugin.microbatch_size={size}")
+            elif size and size % (rows // cfg.train.batch_size):
+                problems.append(f"plugin.microbatch_size={size} with task={cfg.task}: the schedule slices rows, {rows // cfg.train.batch_size} per sample (a pair's chosen and "
+                                "rejected side by side), and an odd micro-batch would split a pair between micro-batches; use an even microbatch_size, or plugin.num_microbatches")
             elif plan.num_microbatches < pp:
                 problems.append(f"the pipeline schedule needs at least pp_size={pp} micro-batches per step; raise plugin.num_microbatches or train.batch_size")
             elif options["pp_style"] == "interleaved" and plan.num_microbatches % pp:
@@ -179,7 +191,8 @@ class HybridParallelSpec(PluginSpec):
         return " ".join(parts) or "hybrid"
 
     def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
-        """world = dp x pp x tp x (sp ranks of their own: all_to_all, ring_attn), as HybridParallelPlugin divides it."""
+        """world = dp x pp x tp x (sp ranks of their own: all_to_all, ring_attn), as HybridParallelPlugin divides it.
+        `batch_size`: rows per batch (batch_rows), which plugin.microbatch_size slices."""
         tp, pp = options["tp_size"], options["pp_size"]
         mode, sp = sequence_parallel(options)
         own_sp = 1 if mode in SP_OVER_TP else sp
@@ -189,7 +202,7 @@ class HybridParallelSpec(PluginSpec):
 
     def placement(self, cfg: Config, world_size: int) -> Placement:
         """tp x pp x dp (x sp); half precision keeps an fp32 master (zero_stage 1: ZeRO over dp, and all_to_all's sp ranks)."""
-        options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+        options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, batch_rows(cfg.task, cfg.train.batch_size), world_size)
         tp, pp, dp = plan.tp, plan.pp, plan.dp
         layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved",
                       sp=plan.sp, sp_over_tp=sequence_parallel(options)[0] in SP_OVER_TP)
@@ -209,6 +222,19 @@ class HybridParallelSpec(PluginSpec):
     def fit_alternatives(self, world_size: int) -> list[tuple[tuple[str, ...], float]]:
         """Tensor parallelism over every rank: more communication."""
         return [((f"plugin.name={self.name}", f"plugin.tp_size={world_size}"), 3)]
+
+
+def _pair_problems(cfg: Config, plan: Plan) -> list[str]:
+    """What pair tasks cannot do under hybrid_parallel: tensor parallelism, reward models, the interleaved schedule."""
+    if plan.tp > 1:
+        return [f"task={cfg.task} with plugin.tp_size>1 is not built yet: the pair log-probabilities would come from a head split over the vocabulary; use tp_size=1 with pp_size>1, or torch_ddp, low_level_zero or torch_fsdp"]
+    if TASKS[cfg.task].scalar_head:
+        return [f"task={cfg.task} under hybrid_parallel is not built: the pipeline's last stage would need the one-output score head's forward (shardformer's sequence-classification "
+                "forward pools by its own rules, not checked against one process here); use torch_ddp, low_level_zero or torch_fsdp"]
+    if plan.pp > 1 and cfg.plugin.options["pp_style"] == "interleaved":
+        return [f"task={cfg.task} with plugin.pp_style=interleaved: the reference and eval passes run the schedule forward-only, which ColossalAI 0.5.0's interleaved "
+                "schedule does without a gradient only by a training pass (it hangs on gloo otherwise), and the reference pass has nothing to train; use plugin.pp_style=1f1b"]
+    return []
 
 
 def lora_tp_problems(cfg: Config, options: dict[str, Any]) -> list[str]:
