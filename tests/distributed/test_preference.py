@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from finetune.config import load_config
 from finetune.data import build_data, collate, load_splits
 from finetune.model import build_lora_config, build_model
-from tests.conftest import read_metrics, run_grouped, selected_params, write_pairs
+from tests.conftest import read_metrics, read_summary, run_grouped, selected_params, write_pairs
 from tests.distributed.test_fidelity import STEPS, run_args, saved_weights
 from tests.unit.test_preference import paper_formula, plain_logps, plain_scores
 
@@ -55,9 +55,10 @@ def pair_loss(cfg, policy, reference_model, batch: dict) -> tuple[torch.Tensor, 
     return paper_formula("dpo", cfg.preference, ((sums[0::2], sums[1::2]), (counts[0::2], counts[1::2])), (reference_sums[0::2], reference_sums[1::2]))
 
 
-def pair_reference(args: list[str], dp_size: int, method: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The plain single-process loop on the same global batches: per step {loss, margin, accuracy}, and the trained
-    adapter (full fine-tuning: the trained model's weights)."""
+def pair_reference(args: list[str], dp_size: int, method: str) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
+    """The plain single-process loop on the same global batches: per step {loss, margin, accuracy}, the trained
+    adapter (full fine-tuning: the trained model's weights), and the trained model's {loss, margin, accuracy} over the
+    held-out pairs."""
     from peft import get_peft_model, get_peft_model_state_dict
     from torch.utils.data import DistributedSampler
     from transformers import get_scheduler
@@ -85,7 +86,11 @@ def pair_reference(args: list[str], dp_size: int, method: str) -> tuple[list[dic
         scheduler.step()
         optimizer.zero_grad()
         steps.append({"loss": loss.item(), "margin": (good - bad).mean().item(), "accuracy": (good > bad).float().mean().item()})
-    return steps, get_peft_model_state_dict(policy) if method == "lora" else policy.state_dict()
+    policy.eval()
+    with torch.no_grad():
+        per_pair, good, bad = pair_loss(cfg, policy, reference_model, collate(data.eval, tokenizer.pad_token_id))
+    held_out = {"loss": per_pair.mean().item(), "margin": (good - bad).mean().item(), "accuracy": (good > bad).float().mean().item()}
+    return steps, get_peft_model_state_dict(policy) if method == "lora" else policy.state_dict(), held_out
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +111,15 @@ def test_lora_pairs_match_the_single_process_reference(case, pair_runs):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     out = Path(load_config(args, world_size=2).output_dir)
     logged = [m for m in read_metrics(out) if "loss" in m]
-    expected, weights = pair_reference(args, dp_size, method)
+    expected, weights, held_out = pair_reference(args, dp_size, method)
     assert len(logged) == STEPS
     for step, (got, want) in enumerate(zip(logged, expected), start=1):
         for key in ("loss", "margin", "accuracy"):
             assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), f"step {step}: {key} {got[key]} vs reference {want[key]}"
     assert len({round(s["loss"], 4) for s in expected}) > 2, "the policy did not move off the reference: the comparison would prove little"
+    evaluated = read_summary(out)["eval"]["after"]  # through the plugin's eval forward (a pipeline: its schedule, the last stage's sums)
+    for key, want in held_out.items():
+        assert abs(evaluated[key] - want) <= 1e-5 * max(1.0, abs(want)), f"eval after training: {key} {evaluated[key]} vs reference {want}"
     if method == "lora":
         moved = max(value.abs().max().item() for key, value in weights.items() if "lora_B" in key)  # lora_B starts at 0: the policy starts as the reference
         assert moved > 1e-3, "the adapter did not move: the comparison would prove little"
