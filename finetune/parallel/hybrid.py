@@ -241,7 +241,7 @@ class HybridParallel(HybridParallelSpec, Plugin):
         """Under a pipeline the rows' log-probabilities come through the schedule (pipeline_logps)."""
         return functools.partial(self.pipeline_logps, run) if run.layout.pipeline else None
 
-    def pipeline_logps(self, run: Run, batch: dict):
+    def pipeline_logps(self, run: Run, batch: dict) -> torch.Tensor | None:
         """Each row's summed log-probability of its label tokens under the model as it stands (finetune.preference.
         output_logps), through the pipeline schedule without gradients; on the last stage, None on the others."""
         import torch
