@@ -18,7 +18,8 @@ install() gives a causal LM a forward that does this whenever it is called with 
 (DDP, ZeRO, FSDP) and peft call that forward as they call any, so the training step, the evaluation and the
 preference objective get it by asking the model for its loss (or, for pairs, its per-sequence log-probabilities).
 Under a pipeline (HybridParallel, pp_size>1) shardformer replaces that forward with its own, which runs this rank's
-stage and, on the last one, the head and the loss: pipeline_policy() wraps that one instead (stage_forward).
+stage and, on the last one, the head and the loss (GPT-2's own even without a pipeline): chunked_policy() wraps that
+one instead (stage_forward).
 """
 
 from __future__ import annotations
@@ -192,10 +193,11 @@ def stage_forward(pipeline_forward: Callable, chunk_tokens: int) -> Callable:
     return forward
 
 
-def pipeline_policy(model: nn.Module, policy, chunk_tokens: int):
-    """The shardformer policy for causal LM `model` (`policy`, or ColossalAI's own for it) with its forward replacement
-    wrapped by stage_forward: chunk_tokens > 0 takes the last stage's loss in chunks (exact only without tensor and
-    sequence parallelism, whose forwards split the head or the sequence: finetune.core.loss_chunks refuses those)."""
+def chunked_policy(model: nn.Module, policy, chunk_tokens: int):
+    """The shardformer policy for causal LM `model` (`policy`, or ColossalAI's own for it) with its forward replacement,
+    if it has one (a pipeline stage's; GPT-2's even on one stage), wrapped by stage_forward: chunk_tokens > 0 takes the
+    last stage's loss in chunks (exact only without tensor and sequence parallelism, whose forwards split the head or the
+    sequence: finetune.core.loss_chunks refuses those). Without a replacement the forward install() gave stays."""
     from colossalai.shardformer.policies.auto_policy import get_autopolicy
 
     policy = policy or get_autopolicy(model)

@@ -173,9 +173,10 @@ class HybridParallel(HybridParallelSpec, Plugin):
     def shard_policy(self, cfg: Config, model):
         """RoBERTa has no ColossalAI policy: ours. LoRA with tensor parallelism wraps the model's policy
         (ours or ColossalAI's) so each adapter is sharded with the layer it adapts (and, under QLoRA, each shard quantized).
-        A causal LM under a pipeline: its stage forward wrapped by finetune.chunked_loss (the last stage's chunked loss)."""
+        A causal LM: the forward shardformer gives it (a pipeline stage's, or GPT-2's own even without a pipeline) wrapped by
+        finetune.chunked_loss (the loss in chunks on the last stage)."""
         from finetune import roberta_policy  # imports ColossalAI's shardformer
-        from finetune.chunked_loss import pipeline_policy
+        from finetune.chunked_loss import chunked_policy
         from finetune.core.loss_chunks import loss_chunk_tokens
         from finetune.lora_tp import lora_policy
         from finetune.methods import method_named
@@ -183,8 +184,8 @@ class HybridParallel(HybridParallelSpec, Plugin):
         from finetune.tasks import TASKS
 
         own = roberta_policy.shard_policy(model)
-        if cfg.plugin.options["pp_size"] > 1 and not (TASKS[cfg.task].classification or TASKS[cfg.task].scalar_head):
-            own = pipeline_policy(model, own, loss_chunk_tokens(cfg))
+        if not (TASKS[cfg.task].classification or TASKS[cfg.task].scalar_head):
+            own = chunked_policy(model, own, loss_chunk_tokens(cfg))
         if not method_named(cfg.method).adapter or cfg.plugin.options["tp_size"] == 1:
             return own
         if self.quantizes_shards(cfg):  # QLoRA: each rank quantizes its shards

@@ -110,6 +110,8 @@ HEAD_ADAPTED = ["lora.target_modules=[q_proj,v_proj,lm_head]"]
         ("preference", "lora", "tiny-gpt2", [], False),  # DPO, the reference: the same model with its adapters off
         ("preference", "full", "tiny-llama", [], True),  # DPO, the reference log-probabilities stored per pair
         ("instruction", "lora", "tiny-llama", HEAD_ADAPTED, True),
+        # one stage, no TP: shardformer still replaces GPT-2's forward with its own (parallel_output), which is wrapped
+        ("instruction", "full", "tiny-gpt2", ["plugin.name=hybrid_parallel"], True),
     ],
 )
 def test_chunked_loss_equals_the_models_own_loss_and_every_gradient(task, method, model, extra, head_trains, one_rank, tmp_path, monkeypatch):  # noqa: F811

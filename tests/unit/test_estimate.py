@@ -413,7 +413,8 @@ def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buff
     """plugin.sp_size / sp_mode: a rank keeps the activations of its 1/sp of each sequence (its share of the loss too,
     under all_to_all) plus one layer's exchange buffers: all_to_all's q, k and v parts sent and received (2 x 3h per
     local token here, Llama-2-7B has no GQA), split_gather's whole-sequence gather and reduce-scatter (2h per token)."""
-    args = ("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2", "plugin.name=hybrid_parallel")
+    # the loss over the full logits throughout (sequence parallelism keeps it; one rank of hybrid_parallel would chunk it)
+    args = ("model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2", "plugin.name=hybrid_parallel", "train.loss_chunks=off")
     seq, hidden, c = 4096, 4096, 2
     tokens = 2 * seq
     one = est.estimate(config_of(*args), 1, seq)
