@@ -23,6 +23,10 @@ the hidden states' gradient over the group, and its padded vocabulary rows never
 install() gives a causal LM a forward that does this whenever it is called with labels; the plugins' wrappers
 (DDP, ZeRO, FSDP) and peft call that forward as they call any, so the training step, the evaluation and the
 preference objective get it by asking the model for its loss (or, for pairs, its per-sequence log-probabilities).
+Under hybrid_parallel shardformer replaces that forward with its own where its policy has one (a pipeline stage's,
+which on the last stage applies the head and takes the loss; the vocab-parallel one under tensor parallelism; GPT-2's
+own even on one rank): chunked_policy() wraps that one instead (stage_forward), so one mechanism serves tp, pp and
+tp x pp, the head's vocabulary split wherever tensor parallelism splits it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import ModelOutput
 
 from finetune.architectures import architecture
-from finetune.data import IGNORE_INDEX
+from finetune.data import IGNORE_INDEX, NON_PAD_TOKENS, REFERENCE
 
 
 @dataclass
@@ -187,11 +191,17 @@ def chunked_output(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, 
 _HEAD_ONLY_KWARGS = ("return_dict", "logits_to_keep", "num_items_in_batch")
 
 
+def _softcap(model: nn.Module) -> float:
+    """The final logit soft-cap of `model`'s architecture (Gemma-2), 0.0 for none."""
+    arch = architecture(model.config.model_type)
+    return float(getattr(model.config, arch.logit_softcap, None) or 0.0) if arch.logit_softcap else 0.0
+
+
 def install(model: nn.Module, chunk_tokens: int) -> None:
     """Give a Hugging Face causal LM (not wrapped) a forward that, called with labels, returns a ChunkedLMOutput
     computed in chunks of `chunk_tokens`; without labels (generation) it is the model's own forward."""
     arch = architecture(model.config.model_type)
-    softcap = float(getattr(model.config, arch.logit_softcap, None) or 0.0) if arch.logit_softcap else 0.0
+    softcap = _softcap(model)
     own_forward = model.forward
 
     @functools.wraps(own_forward)  # generate() reads the signature (logits_to_keep)
@@ -206,6 +216,72 @@ def install(model: nn.Module, chunk_tokens: int) -> None:
 
     model.forward = forward
     model.loss_chunk_tokens = chunk_tokens
+
+
+class _HeadReached(Exception):
+    """Stops a stage forward at its head, carrying the hidden states it was about to project (stage_forward)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("the head was reached")
+        self.hidden = hidden
+
+
+def _stop_at_head(head: nn.Module, args: tuple) -> None:
+    raise _HeadReached(args[0])
+
+
+def stage_forward(pipeline_forward: Callable, chunk_tokens: int) -> Callable:
+    """A causal LM's forward for shardformer to bind in place of `pipeline_forward` (its policy's: one pipeline stage, the
+    head and the loss on the last): on the last stage, called with labels and chunk_tokens > 0, the stage runs up to its
+    head, whose input (the last hidden states) goes through chunked_output instead, in chunks of `chunk_tokens`. The
+    batch keys that are no model input (a pair batch's reference log-probabilities, which the schedule's micro-batches
+    carry to the criterion) are dropped on every stage."""
+    stage_manager = getattr(pipeline_forward, "keywords", {}).get("stage_manager")
+
+    def forward(self: nn.Module, *args, labels: torch.Tensor | None = None, **kwargs):
+        for key in (REFERENCE, NON_PAD_TOKENS):
+            kwargs.pop(key, None)
+        last_stage = stage_manager is None or stage_manager.is_last_stage()
+        if not (chunk_tokens and labels is not None and last_stage):
+            return pipeline_forward(self, *args, labels=labels, **kwargs)
+        # Looked up per call, as in install(). The pipeline forwards (Llama's, GPT-2's) apply the head right after the
+        # decoder body and build nothing after it that the loss needs: a pre-hook that raises ends the stage there.
+        head = self.get_output_embeddings()
+        hook = head.register_forward_pre_hook(_stop_at_head)
+        try:
+            pipeline_forward(self, *args, **kwargs)
+        except _HeadReached as reached:
+            hidden = reached.hidden
+        else:
+            raise RuntimeError(f"{type(self).__name__}'s pipeline forward never applied its head on the last stage")
+        finally:
+            hook.remove()
+        return chunked_output(hidden, head, labels, chunk_tokens, _softcap(self))
+
+    return forward
+
+
+def chunked_policy(model: nn.Module, policy, chunk_tokens: int):
+    """The shardformer policy for causal LM `model` (`policy`, or ColossalAI's own for it) with its forward replacement,
+    if it has one (a pipeline stage's; under tensor parallelism the vocab-parallel one; GPT-2's even on one stage), wrapped
+    by stage_forward: chunk_tokens > 0 takes the last stage's loss in chunks, over the vocabulary split across the
+    tensor-parallel ranks where the head splits it (VocabSplit). Sequence parallelism splits the sequence, which the
+    chunks do not (finetune.core.loss_chunks refuses it). Without a replacement the forward install() gave stays."""
+    from colossalai.shardformer.policies.auto_policy import get_autopolicy
+
+    policy = policy or get_autopolicy(model)
+    module_policy = policy.module_policy
+
+    def chunked_module_policy():
+        descriptions = module_policy()
+        description = descriptions.get(type(model))
+        replacements = description.method_replacement if description is not None else None
+        if replacements and "forward" in replacements:
+            replacements["forward"] = stage_forward(replacements["forward"], chunk_tokens)
+        return descriptions
+
+    policy.module_policy = chunked_module_policy  # this instance only
+    return policy
 
 
 def chunk_tokens_of(model: nn.Module) -> int:

@@ -29,7 +29,7 @@ from finetune import assets
 from finetune.chunked_loss import chunk_tokens_of
 from finetune.config import Config
 from finetune.core.layout import Layout
-from finetune.data import IGNORE_INDEX, REFERENCE, collate, model_inputs
+from finetune.data import IGNORE_INDEX, REFERENCE, Padding, collate, model_inputs
 from finetune.lora_tp import adapters_disabled
 from finetune.tasks import Task
 from finetune.tasks.objectives import Objective
@@ -48,10 +48,16 @@ def sequence_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def model_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logps of a batch under `model`: from its chunked loss where one is installed (finetune.chunked_loss), else from its full logits."""
-    if chunked:
-        out = model(**sequence_inputs(batch), labels=batch["labels"])
-        return out.sequence_logps, out.label_counts
-    return sequence_logps(model(**sequence_inputs(batch)).logits, batch["labels"])
+    labels = {"labels": batch["labels"]} if chunked else {}
+    return output_logps(model(**sequence_inputs(batch), **labels), batch["labels"])
+
+
+def output_logps(outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of a batch from a causal LM's outputs for it: the chunked loss's sums where it gave them (a
+    ChunkedLMOutput), else from the full logits."""
+    if getattr(outputs, "sequence_logps", None) is not None:
+        return outputs.sequence_logps, outputs.label_counts
+    return sequence_logps(outputs.logits, labels)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,30 +95,36 @@ class PairObjective:
         with torch.no_grad(), self.adapters_off():
             return self._logps(batch)[0]
 
-    def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def pair_terms(self, batch: dict[str, torch.Tensor], outputs=None) -> tuple[torch.Tensor, ...]:
         """(loss, chosen reward, rejected reward, chosen log-prob, rejected log-prob) per pair; the reference pass first
-        (no gradients, adapters off). The log-probs are the summed ones, whatever the objective reads."""
+        (no gradients, adapters off). The log-probs are the summed ones, whatever the objective reads.
+
+        Args:
+            outputs: the model's outputs for `batch` where the caller ran it (a pipeline's last stage: the schedule's
+                criterion), the reference log-probabilities then in the batch; None: the model runs here.
+        """
         reference = (None, None)
         if self.objective.reference:
             logps = batch[REFERENCE] if REFERENCE in batch else self._reference_logps(batch)
             reference = (logps[0::2], logps[1::2])
-        sums, counts = self._logps(batch)
+        sums, counts = self._logps(batch) if outputs is None else output_logps(outputs, batch["labels"])
         policy = sums / counts.clamp(min=1) if self.objective.length_normalized else sums
         loss, good, bad = self.objective.formula(policy[0::2], policy[1::2], *reference, self.settings)
         return loss, good, bad, sums[0::2], sums[1::2]
 
-    def batch_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over the batch's pairs, float64 sums of self.metrics and the pair count); eval filler pairs (no label token) count nowhere."""
-        loss, good, bad, *logps = self.pair_terms(batch)
+    def batch_sums(self, batch: dict[str, torch.Tensor], outputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the batch's pairs, float64 sums of self.metrics and the pair count); eval filler pairs (no label
+        token) count nowhere. `outputs`: as in pair_terms."""
+        loss, good, bad, *logps = self.pair_terms(batch, outputs)
         kept = (batch["labels"][0::2, 1:] != IGNORE_INDEX).any(-1)
         # where, not a product: a filler pair has no reply token, and ORPO's odds of an empty reply are infinite
         values = torch.where(kept, torch.stack([loss, good, bad, good - bad, (good > bad).to(loss.dtype), *logps]).detach().double(), 0.0)
         sums = torch.cat([values.sum(-1), kept.sum().double().reshape(1)])
         return torch.where(kept, loss, 0.0).sum() / kept.sum().clamp(min=1), sums
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of a micro-batch (mean over its pairs); its metric sums add to step_sums."""
-        loss, sums = self.batch_sums(batch)
+    def loss(self, batch: dict[str, torch.Tensor], outputs=None) -> torch.Tensor:
+        """The training loss of a micro-batch (mean over its pairs); its metric sums add to step_sums. `outputs`: as in pair_terms."""
+        loss, sums = self.batch_sums(batch, outputs)
         self.step_sums = sums if self.step_sums is None else self.step_sums + sums
         return loss
 
@@ -127,9 +139,9 @@ class RewardObjective(PairObjective):
 
     metrics = REWARD_METRICS
 
-    def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def pair_terms(self, batch: dict[str, torch.Tensor], outputs=None) -> tuple[torch.Tensor, ...]:
         """(loss, chosen score, rejected score) per pair: the head's output at each sequence's last non-pad token."""
-        scores = self.model(**sequence_inputs(batch)).logits.squeeze(-1).float()
+        scores = (outputs or self.model(**sequence_inputs(batch))).logits.squeeze(-1).float()
         return self.objective.formula(scores[0::2], scores[1::2], None, None, self.settings)
 
 
@@ -164,12 +176,21 @@ def reference_cache_path(cfg: Config, samples: list[dict]) -> Path:
 
 
 @torch.no_grad()
-def attach_reference(cfg: Config, model: nn.Module, layout: Layout, samples: list[dict], batch_size: int, pad_token_id: int, device) -> str:
+def attach_reference(
+    cfg: Config, model: nn.Module, layout: Layout, samples: list[dict], batch_size: int, pad_token_id: int, device,
+    score: Callable[[dict[str, torch.Tensor]], torch.Tensor | None] | None = None, padding: Padding = Padding(),
+) -> str:
     """Give every pair sample its [chosen, rejected] summed log-probabilities under the model as it is now (the starting
     model: before training, before a resume loads its checkpoint), cached; returns where they came from.
 
-    Each data-parallel rank scores every dp_size-th sample; all ranks run as many batches (the last padded), since a
-    sharded model gathers its weights in every forward; the scores are summed over the ranks.
+    Each data-parallel rank scores every dp_size-th sample; all ranks run as many full batches (the last filled up with
+    the first sample), since a sharded model gathers its weights in every forward and a pipeline schedule keeps its
+    first batch's micro-batch size; the scores are summed over the ranks.
+
+    Args:
+        score: batch -> each row's summed log-probability, None on a rank that does not hold them (a pipeline's
+            earlier stages: the plugin's row_logps); None: the model's own forward (model_logps).
+        padding: how the run pads its batches (a pipeline: to data.max_length).
     """
     path = reference_cache_path(cfg, samples)
     if path.is_file():
@@ -181,13 +202,15 @@ def attach_reference(cfg: Config, model: nn.Module, layout: Layout, samples: lis
         rounds = math.ceil(math.ceil(len(samples) / layout.dp_size) / batch_size)
         totals = torch.zeros(len(samples), 2, dtype=torch.float64, device=device)
         was_training, chunked = model.training, chunk_tokens_of(model) > 0
+        score = score or (lambda batch: model_logps(model, batch, chunked)[0])
         model.eval()
         for k in range(rounds):
             chunk = mine[k * batch_size : (k + 1) * batch_size]
-            batch = {key: value.to(device) for key, value in collate([samples[i] for i in chunk or [0]], pad_token_id).items()}
-            logps = model_logps(model, batch, chunked)[0].double().view(-1, 2)
-            if chunk and layout.counts:
-                totals[chunk] = logps
+            full = chunk + [0] * (batch_size - len(chunk))
+            batch = {key: value.to(device) for key, value in collate([samples[i] for i in full], pad_token_id, padding).items()}
+            logps = score(batch)
+            if logps is not None and chunk and layout.counts:
+                totals[chunk] = logps.double().view(-1, 2)[: len(chunk)]
         model.train(was_training)
         dist.all_reduce(totals)
         values = totals.cpu().numpy()

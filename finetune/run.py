@@ -116,8 +116,7 @@ def build_run(
     layout = plugin_spec.layout(plugin)
     chunk_tokens = loss_chunk_tokens(cfg)
     if chunk_tokens:
-        if not plugin_spec.shardformer:  # shardformer replaces the model's forward at boost: installed after it, below
-            chunked_loss.install(model, chunk_tokens)
+        chunked_loss.install(model, chunk_tokens)
         log(f"causal-LM loss in chunks of {chunk_tokens} label tokens (train.loss_chunks): no full logits")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -142,8 +141,6 @@ def build_run(
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader, lr_scheduler=scheduler)
-    if chunk_tokens and plugin_spec.shardformer:  # over shardformer's forward: its decoder body, its vocab-parallel head
-        chunked_loss.install(model.unwrap(), chunk_tokens)
     optimizer = plugin_spec.after_boost(cfg, optimizer, scheduler, device)
     objective = pair_objective(cfg, task, model, model.unwrap(unwrap_peft=False) if lora_config else None) if task.pairs else None
     saved_activations = ActivationOffload(device, block_stack(model)) if cfg.train.activation_offload else contextlib.nullcontext()

@@ -140,17 +140,22 @@ def last_checkpoint_note(cfg: Config) -> str:
     return f"; the last good checkpoint is {found[-1]} (resume_from=latest)" if found else "; no checkpoint was written (checkpoint.every_steps)"
 
 
+def eval_batch_size(run: Run) -> int:
+    """Samples per batch of a pass without training: pipelines run the train batch (their schedule keeps the micro-batch
+    size of the first batch it sees), other plugins eval.batch_size."""
+    return run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size
+
+
 def run_eval(run: Run, samples: list[dict], pad_token_id: int, by_source: dict[str, list[dict]] | None = None) -> dict:
     """Distributed eval of the boosted model (in eval mode) on samples: the task's metrics through the plugin's forward.
 
     A mixture's eval also gives each source's own loss, as loss/<source name>.
     """
-    batch_size = run.cfg.train.batch_size if run.layout.pipeline else run.cfg.eval.batch_size  # pipelines evaluate at the train batch
     run.model.eval()
     forward = run.plugin.eval_forward(run, run.task.eval_output)
-    result = evaluate_task(run.task, forward, samples, batch_size, pad_token_id, run.device, run.layout, run.padding)
+    result = evaluate_task(run.task, forward, samples, eval_batch_size(run), pad_token_id, run.device, run.layout, run.padding)
     for name, part in (by_source or {}).items():
-        result[f"loss/{name}"] = evaluate_task(run.task, forward, part, batch_size, pad_token_id, run.device, run.layout, run.padding)["loss"]
+        result[f"loss/{name}"] = evaluate_task(run.task, forward, part, eval_batch_size(run), pad_token_id, run.device, run.layout, run.padding)["loss"]
     run.model.train()
     return result
 
@@ -279,7 +284,8 @@ def train(cfg: Config, world_size: int, resume: Path | None, resume_state: dict 
         checkpoint.init_adapter(run, Path(cfg.lora.init_from))
         log(f"adapter initialised from {cfg.lora.init_from}")
     if stores_reference(run.objective):  # full fine-tuning: the starting model scores the pairs, before a resume loads trained weights
-        log(f"reference log-probabilities: {attach_reference(cfg, run.model, run.layout, data.train + data.eval, cfg.eval.batch_size, tokenizer.pad_token_id, device)}")
+        source = attach_reference(cfg, run.model, run.layout, data.train + data.eval, eval_batch_size(run), tokenizer.pad_token_id, device, run.plugin.row_logps(run), run.padding)
+        log(f"reference log-probabilities: {source}")
     start_step, position_line = checkpoint.load_checkpoint(run, resume) if resume else (0, "")
     if position_line:  # another global batch: the batch sequence cannot continue exactly
         log(position_line)

@@ -20,6 +20,7 @@ from finetune.core.plugins import SPECS
 from finetune.errors import SHOWN_CHARS, FinetuneError, shown
 from finetune.methods import METHODS as METHOD_RECORDS
 from finetune.tasks import TASKS as TASK_REGISTRY
+from finetune.tasks import batch_rows
 from finetune.tasks.objectives import OBJECTIVES
 
 TASKS = tuple(TASK_REGISTRY)
@@ -538,7 +539,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def parallel_plan(cfg: Config, world_size: int) -> Plan:
     """tp / pp / dp and micro-batches per step of this config on world_size processes (the one place they are derived)."""
-    return SPECS[cfg.plugin.name].plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+    return SPECS[cfg.plugin.name].plan(cfg.plugin.options, batch_rows(cfg.task, cfg.train.batch_size), world_size)
 
 
 def help_text() -> str:

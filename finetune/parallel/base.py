@@ -105,6 +105,11 @@ class Plugin(PluginSpec):
             loss_sum += loss.item()
         return loss_sum
 
+    def row_logps(self, run: Run) -> Callable | None:
+        """batch -> each row's summed log-probability of its label tokens under the boosted model (attach_reference),
+        where the model's own forward cannot give them; None: it can (finetune.preference.model_logps)."""
+        return None
+
     def clip_gradients(self, run: Run, max_norm: float) -> float | None:
         """Clip by the global gradient norm; returns that norm (None: takes_max_norm plugins clip inside optimizer.step)."""
         if self.takes_max_norm:

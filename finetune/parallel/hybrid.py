@@ -4,6 +4,7 @@ tensor/pipeline-split model (by name, any layout)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ from finetune.checkpoint.model_state import TrainState, update_master_params
 from finetune.checkpoint.optimizer_state import OPTIMIZER_STEM, full_optimizer_stem, global_param_names, indexed_optimizer_state, optimizer_params, tied_output_embedding
 from finetune.core.layout import Layout
 from finetune.core.plugins.hybrid import SP_OVER_TP, HybridParallelSpec, sequence_multiple, sequence_parallel
+from finetune.data import REFERENCE
 from finetune.errors import CheckpointError
 from finetune.lora_tp import full_like, read_split
 from finetune.parallel.base import Plugin, write_sharded_model
@@ -171,13 +173,20 @@ class HybridParallel(HybridParallelSpec, Plugin):
 
     def shard_policy(self, cfg: Config, model):
         """RoBERTa has no ColossalAI policy: ours. LoRA with tensor parallelism wraps the model's policy
-        (ours or ColossalAI's) so each adapter is sharded with the layer it adapts (and, under QLoRA, each shard quantized)."""
+        (ours or ColossalAI's) so each adapter is sharded with the layer it adapts (and, under QLoRA, each shard quantized).
+        A causal LM: the forward shardformer gives it (a pipeline stage's, or GPT-2's own even without a pipeline) wrapped by
+        finetune.chunked_loss (the loss in chunks on the last stage)."""
         from finetune import roberta_policy  # imports ColossalAI's shardformer
+        from finetune.chunked_loss import chunked_policy
+        from finetune.core.loss_chunks import loss_chunk_tokens
         from finetune.lora_tp import lora_policy
         from finetune.methods import method_named
         from finetune.qlora_tp import ShardQuantization, qlora_policy
+        from finetune.tasks import TASKS
 
         own = roberta_policy.shard_policy(model)
+        if not (TASKS[cfg.task].classification or TASKS[cfg.task].scalar_head):
+            own = chunked_policy(model, own, loss_chunk_tokens(cfg))
         if not method_named(cfg.method).adapter or cfg.plugin.options["tp_size"] == 1:
             return own
         if self.quantizes_shards(cfg):  # QLoRA: each rank quantizes its shards
@@ -207,13 +216,49 @@ class HybridParallel(HybridParallelSpec, Plugin):
         )
 
     def forward_backward(self, run: Run, micro_batches: list[dict]) -> float:
+        """Under a pipeline each batch goes through the schedule, which averages the last stage's criterion over its
+        micro-batches: the model's loss, or for pairs the objective's (its metric sums kept on the last stage)."""
         if not run.layout.pipeline:
             return super().forward_backward(run, micro_batches)
+        criterion = (lambda outputs, micro_batch: run.objective.loss(micro_batch, outputs)) if run.objective else (lambda outputs, _: outputs.loss)
         loss_sum = 0.0
         for batch in micro_batches:  # micro-batching happens inside the pipeline schedule
-            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=lambda outputs, _: outputs.loss, optimizer=run.optimizer, return_loss=True)
+            batch = self._with_reference(run, batch)
+            out = run.booster.execute_pipeline(iter([batch]), run.model, criterion=criterion, optimizer=run.optimizer, return_loss=True)
             loss_sum += out["loss"].item() if out["loss"] is not None else 0.0  # the loss exists on the last stage
         return loss_sum
+
+    def _with_reference(self, run: Run, batch: dict) -> dict:
+        """A pair batch with, on the last stage, the reference log-probabilities of its rows (finetune.data.REFERENCE, which
+        the schedule's micro-batches carry to the criterion) where the reference is the model with its adapters off: a
+        forward-only pass of the schedule before the policy's, every stage's adapters off. Any other batch as it is."""
+        objective = run.objective
+        if objective is None or not objective.objective.reference or objective.adapters_off is None:
+            return batch
+        with objective.adapters_off():
+            reference = self.pipeline_logps(run, batch)
+        return {**batch, REFERENCE: reference} if reference is not None else batch
+
+    def row_logps(self, run: Run) -> Callable | None:
+        """Under a pipeline the rows' log-probabilities come through the schedule (pipeline_logps)."""
+        return functools.partial(self.pipeline_logps, run) if run.layout.pipeline else None
+
+    def pipeline_logps(self, run: Run, batch: dict) -> torch.Tensor | None:
+        """Each row's summed log-probability of its label tokens under the model as it stands (finetune.preference.
+        output_logps), through the pipeline schedule without gradients; on the last stage, None on the others."""
+        import torch
+
+        from finetune.preference import output_logps
+
+        sums = []
+
+        def criterion(outputs, micro_batch):
+            sums.append(output_logps(outputs, micro_batch["labels"])[0])
+            return sums[-1].sum()  # the schedule adds up a loss; unused
+
+        with torch.no_grad():
+            self._eval_pass(run, batch, criterion)
+        return torch.cat(sums) if sums else None
 
     def eval_forward(self, run: Run, output: str) -> Callable:
         """Under a pipeline the batch goes through the schedule; loss and logits exist on the last stage only."""
@@ -229,6 +274,17 @@ class HybridParallel(HybridParallelSpec, Plugin):
                 return torch.zeros((), device=run.device)
             return out["loss"] * run.plan.num_microbatches  # the schedule averages over micro-batches
 
+        def batch_pairs(batch: dict) -> torch.Tensor:
+            sums = [torch.zeros(len(run.objective.metrics) + 1, dtype=torch.float64, device=run.device)]  # a stage without the head adds nothing
+
+            def criterion(outputs, micro_batch):
+                loss, batch_sums = run.objective.batch_sums(micro_batch, outputs)
+                sums.append(batch_sums)
+                return loss
+
+            self._eval_pass(run, self._with_reference(run, batch), criterion)
+            return sum(sums)
+
         def batch_logits(batch: dict):
             # The loss is not used (computed from the logits instead): an all-filler micro-batch makes it NaN.
             # ColossalAI warns on every such call that kept outputs cost memory (one eval batch here).
@@ -236,7 +292,7 @@ class HybridParallel(HybridParallelSpec, Plugin):
                 out = self._eval_pass(run, batch, lambda outputs, _: outputs.loss, return_outputs=True)
             return out["outputs"]["logits"] if out["outputs"] is not None else None
 
-        return batch_loss if output == "loss" else batch_logits
+        return {"loss": batch_loss, "pairs": batch_pairs}.get(output, batch_logits)
 
     @staticmethod
     def _eval_pass(run: Run, batch: dict, criterion, return_outputs: bool = False) -> dict:

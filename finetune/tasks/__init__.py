@@ -23,7 +23,14 @@ TASKS: dict[str, type[Task]] = {
     "reward": RewardTask,
 }
 
-__all__ = ["IGNORE_INDEX", "TASKS", "DataError", "LanguageModelingTask", "Task", "build_task"]
+__all__ = ["IGNORE_INDEX", "TASKS", "DataError", "LanguageModelingTask", "Task", "batch_rows", "build_task"]
+
+
+def batch_rows(name: str, batch_size: int) -> int:
+    """Rows of a batch of `batch_size` samples of task `name` (what a pipeline schedule slices into micro-batches): two
+    per preference pair, chosen and rejected side by side (finetune.data.collate); one otherwise."""
+    task = TASKS.get(name)
+    return batch_size * (task.sequences_per_sample if task is not None else 1)
 
 
 def build_task(name: str, cfg_data: "DataConfig", labels: list[str] | tuple[str, ...] = ()) -> Task:

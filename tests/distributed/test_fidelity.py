@@ -71,6 +71,8 @@ CASES = {
     "tp2-llama-lora": ("tp2_lora", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # the chunked loss, vocabulary split
     "tp2-llama-lora-full-logits": ("tp2_lora", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]", "train.loss_chunks=off"], 1, LORA_TP),
     "tp2_pp2-llama-lora": ("tp2_pp2", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1, LORA_TP),  # 4 ranks
+    # its twin over the full logits: the loss above is taken in chunks on the last stage, the vocabulary split over tp
+    "tp2_pp2-llama-lora-full-logits": ("tp2_pp2", f"{SAVED}tiny-llama", "lora", [f"lora.target_modules=[{LLAMA_PROJECTIONS}]", "train.loss_chunks=off"], 1, LORA_TP),  # 4 ranks
     "fsdp-gpt2-full": ("fsdp", "tiny-gpt2", "full", [], 2, FP32),
     "fsdp-llama-full": ("fsdp", "tiny-llama", "full", [], 2, FP32),
     "fsdp-llama-lora": ("fsdp", "tiny-llama", "lora", [], 2, FP32),
@@ -85,6 +87,9 @@ CASES = {
     "pp2-llama-full": ("pp2", "tiny-llama", "full", [], 1, FP32),
     "pp2-gpt2-lora": ("pp2", "tiny-gpt2", "lora", [], 1, FP32),
     "pp2-llama-lora": ("pp2", f"{SAVED}tiny-llama", "lora", [], 1, FP32),
+    # The pp2 cases take the last stage's loss in chunks (train.loss_chunks=auto); these twins over the full logits.
+    "pp2-llama-lora-full-logits": ("pp2", f"{SAVED}tiny-llama", "lora", ["train.loss_chunks=off"], 1, FP32),
+    "pp2-gpt2-full-full-logits": ("pp2", "tiny-gpt2", "full", ["train.loss_chunks=off"], 1, FP32),
     "pp2_interleaved-gpt2-full": ("pp2_interleaved", "tiny-gpt2", "full", [], 1, FP32),
     "pp2_interleaved-llama-full": ("pp2_interleaved", "tiny-llama", "full", [], 1, FP32),
     "tp2_pp2-llama-full": ("tp2_pp2", "tiny-llama", "full", [], 1, FP32),  # 4 ranks
@@ -122,7 +127,13 @@ for family in FAMILIES:
 
 RANKS = {"tp2_pp2": 4, "tp2_sp-llama-full": 4, "tp2_sp-llama-lora": 4, "tp2_ring-llama-lora": 4}  # processes per setup or case where 2 do not suffice
 # A run whose loss is over the full logits (train.loss_chunks=off), and its twin with the default chunked loss.
-FULL_LOGITS_TWINS = {"zero2-gpt2-lora-full-logits": "zero2-gpt2-lora", "tp2-llama-lora-full-logits": "tp2-llama-lora"}
+FULL_LOGITS_TWINS = {
+    "zero2-gpt2-lora-full-logits": "zero2-gpt2-lora",
+    "tp2-llama-lora-full-logits": "tp2-llama-lora",
+    "pp2-llama-lora-full-logits": "pp2-llama-lora",
+    "pp2-gpt2-full-full-logits": "pp2-gpt2-full",
+    "tp2_pp2-llama-lora-full-logits": "tp2_pp2-llama-lora",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)

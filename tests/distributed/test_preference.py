@@ -1,10 +1,13 @@
-"""DPO with LoRA on 2 gloo ranks under torch_ddp, ZeRO-2, FSDP and tensor parallelism (tp2), and a LoRA reward model
-under torch_ddp, match a plain single-process PyTorch loop.
+"""DPO with LoRA on 2 gloo ranks under torch_ddp, ZeRO-2, FSDP, tensor parallelism (tp2: the log-probabilities from the
+vocab-parallel chunked loss, the reference with the sharded adapters off) and a 2-stage pipeline (pp2: the reference a
+forward-only pass of the schedule with every stage's adapters off), and on 4 ranks under both (tp2_pp2); full
+fine-tuning DPO under pp2 (reference log-probabilities computed by the starting model through the pipeline before
+training), and a LoRA reward model under torch_ddp, match a plain single-process PyTorch loop.
 
 Each case trains test_fidelity's STEPS steps through finetune/train.py's main (one shared torchrun launch:
 tests/run_many.py). The reference repeats the same global batches (the distributed samplers' shards, put
 together) in this process: the policy is the base with a peft adapter, the reference a second copy of the
-base, DPO's loss written here (tests/unit/test_preference.paper_formula); a reward model's is Bradley-Terry on a plain
+base (full fine-tuning: the policy is the base itself), DPO's loss written here (tests/unit/test_preference.paper_formula); a reward model's is Bradley-Terry on a plain
 HF classifier's scores (tests/unit/test_preference.plain_scores); AdamW, the same schedule and
 clipping. A pair loss is a mean over pairs and every rank holds as many pairs, so the data-parallel mean is
 the global one whatever the pairs' lengths. Losses, the pair metrics of every step and the saved adapter
@@ -18,27 +21,29 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from finetune.config import load_config
 from finetune.data import build_data, collate, load_splits
 from finetune.model import build_lora_config, build_model
-from tests.conftest import read_metrics, run_grouped, selected_params, write_pairs
-from tests.distributed.test_fidelity import LLAMA_PROJECTIONS, STEPS, run_args
+from tests.conftest import read_metrics, read_summary, run_grouped, selected_params, write_pairs
+from tests.distributed.test_fidelity import LLAMA_PROJECTIONS, RANKS, STEPS, run_args, saved_weights
 from tests.unit.test_preference import paper_formula, plain_logps, plain_scores
 
 pytestmark = pytest.mark.distributed
 
 DPO = ["task=preference", "preference.beta=0.5", "preference.label_smoothing=0.1", "data.eval_fraction=0.2"]
 REWARD = ["task=reward", "data.eval_fraction=0.2"]
-# case -> (booster config, overrides, data-parallel size). tp2: the two ranks split every layer and the vocabulary
-# (the log-probabilities from the vocab-parallel chunked loss, the reference with the sharded adapters off).
+# case -> (config, overrides, method, data-parallel size); TP cases adapt every projection, so each split kind carries an adapter
+ALL_PROJECTIONS = f"lora.target_modules=[{LLAMA_PROJECTIONS}]"
 CASES = {
-    "ddp": ("torch_ddp", DPO, 2),
-    "zero2": ("zero2", DPO, 2),
-    "fsdp": ("fsdp", DPO, 2),
-    "tp2": ("tp2_lora", [*DPO, f"lora.target_modules=[{LLAMA_PROJECTIONS}]"], 1),
-    "ddp_reward": ("torch_ddp", REWARD, 2),
+    "ddp": ("torch_ddp", DPO, "lora", 2),
+    "zero2": ("zero2", DPO, "lora", 2),
+    "fsdp": ("fsdp", DPO, "lora", 2),
+    "tp2": ("tp2_lora", [*DPO, ALL_PROJECTIONS], "lora", 1),
+    "pp2": ("pp2", DPO, "lora", 1),
+    "pp2_full": ("pp2", DPO, "full", 1),
+    "tp2_pp2": ("tp2_pp2", [*DPO, ALL_PROJECTIONS], "lora", 1),  # 4 ranks: the last stage's head split over the vocabulary
+    "ddp_reward": ("torch_ddp", REWARD, "lora", 2),
 }
 
 
@@ -54,17 +59,19 @@ def pair_loss(cfg, policy, reference_model, batch: dict) -> tuple[torch.Tensor, 
     return paper_formula("dpo", cfg.preference, ((sums[0::2], sums[1::2]), (counts[0::2], counts[1::2])), (reference_sums[0::2], reference_sums[1::2]))
 
 
-def pair_reference(args: list[str], dp_size: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The plain single-process loop on the same global batches: per step {loss, margin, accuracy}, and the trained adapter."""
+def pair_reference(args: list[str], dp_size: int, method: str, world_size: int) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
+    """The plain single-process loop on the same global batches: per step {loss, margin, accuracy}, the trained
+    adapter (full fine-tuning: the trained model's weights), and the trained model's {loss, margin, accuracy} over the
+    held-out pairs."""
     from peft import get_peft_model, get_peft_model_state_dict
     from torch.utils.data import DistributedSampler
     from transformers import get_scheduler
 
-    cfg = load_config(args, world_size=2)
+    cfg = load_config(args, world_size=world_size)
     splits = load_splits(cfg.data, cfg.train.seed, cfg.task)
     base, tokenizer = build_model(cfg.model, cfg.train.seed, labels=splits.task.labels_or_none)
     torch.manual_seed(cfg.train.seed)
-    policy = get_peft_model(base, build_lora_config(base, cfg.lora))
+    policy = get_peft_model(base, build_lora_config(base, cfg.lora)) if method == "lora" else base
     reference_model = None if splits.task.scalar_head else build_model(cfg.model, cfg.train.seed)[0]
     data = build_data(cfg.data, tokenizer, splits)
     shards = [list(DistributedSampler(data.train, num_replicas=dp_size, rank=r, shuffle=True, seed=cfg.train.seed)) for r in range(dp_size)]
@@ -83,7 +90,11 @@ def pair_reference(args: list[str], dp_size: int) -> tuple[list[dict], dict[str,
         scheduler.step()
         optimizer.zero_grad()
         steps.append({"loss": loss.item(), "margin": (good - bad).mean().item(), "accuracy": (good > bad).float().mean().item()})
-    return steps, get_peft_model_state_dict(policy)
+    policy.eval()
+    with torch.no_grad():
+        per_pair, good, bad = pair_loss(cfg, policy, reference_model, collate(data.eval, tokenizer.pad_token_id))
+    held_out = {"loss": per_pair.mean().item(), "margin": (good - bad).mean().item(), "accuracy": (good > bad).float().mean().item()}
+    return steps, get_peft_model_state_dict(policy) if method == "lora" else policy.state_dict(), held_out
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +102,7 @@ def pair_runs(request, tmp_path_factory) -> dict[str, tuple[list[str], object]]:
     root = tmp_path_factory.mktemp("preference")
     data = write_pairs(root / "pairs.jsonl", 64)  # every step within the first epoch: the reference does not reshuffle
     selected = selected_params(request, "test_lora_pairs_match_the_single_process_reference")
-    runs = {case: (2, run_args(CASES[case][0], "tiny-llama", "lora", CASES[case][1], data, root / case)) for case in selected}
+    runs = {case: (RANKS.get(CASES[case][0], 2), run_args(CASES[case][0], "tiny-llama", CASES[case][2], CASES[case][1], data, root / case)) for case in selected}
     results = run_grouped(runs, root / "launches")
     return {case: (args, results[case]) for case, (_, args) in runs.items()}
 
@@ -99,21 +110,30 @@ def pair_runs(request, tmp_path_factory) -> dict[str, tuple[list[str], object]]:
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("case", list(CASES))
 def test_lora_pairs_match_the_single_process_reference(case, pair_runs):
+    _, _, method, dp_size = CASES[case]
     args, result = pair_runs[case]
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    out = Path(load_config(args, world_size=2).output_dir)
+    # DPO's log-probabilities come from the chunked loss on every plugin here (tp x pp: on the last stage, the vocabulary split)
+    assert ("loss in chunks of 1024 label tokens" in result.stdout) != (CASES[case][1] is REWARD), result.stdout[-2000:]
+    world_size = RANKS.get(CASES[case][0], 2)
+    out = Path(load_config(args, world_size=world_size).output_dir)
     logged = [m for m in read_metrics(out) if "loss" in m]
-    expected, adapter = pair_reference(args, dp_size=CASES[case][2])
+    expected, weights, held_out = pair_reference(args, dp_size, method, world_size)
     assert len(logged) == STEPS
     for step, (got, want) in enumerate(zip(logged, expected), start=1):
         for key in ("loss", "margin", "accuracy"):
             assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), f"step {step}: {key} {got[key]} vs reference {want[key]}"
-    moved = max(value.abs().max().item() for key, value in adapter.items() if "lora_B" in key)  # lora_B starts at 0: the policy starts as the reference
-    assert moved > 1e-3 and len({round(s["loss"], 4) for s in expected}) > 2, "the policy did not move off the reference: the comparison would prove little"
-    saved = load_file(out / "final" / "adapter_model.safetensors")
-    assert saved.keys() == adapter.keys()
-    worst = max((saved[k] - adapter[k]).abs().max().item() for k in saved)
-    assert worst <= 1e-4, f"the saved adapter differs from the reference's by {worst}"
+    assert len({round(s["loss"], 4) for s in expected}) > 2, "the policy did not move off the reference: the comparison would prove little"
+    evaluated = read_summary(out)["eval"]["after"]  # through the plugin's eval forward (a pipeline: its schedule, the last stage's sums)
+    for key, want in held_out.items():
+        assert abs(evaluated[key] - want) <= 1e-5 * max(1.0, abs(want)), f"eval after training: {key} {evaluated[key]} vs reference {want}"
+    if method == "lora":
+        moved = max(value.abs().max().item() for key, value in weights.items() if "lora_B" in key)  # lora_B starts at 0: the policy starts as the reference
+        assert moved > 1e-3, "the adapter did not move: the comparison would prove little"
+    saved = saved_weights(out / "final", method)
+    assert saved.keys() == weights.keys()
+    worst = max((saved[k] - weights[k]).abs().max().item() for k in saved)
+    assert worst <= 1e-4, f"the saved {'adapter' if method == 'lora' else 'model'} differs from the reference's by {worst}"
 
 
 @pytest.mark.timeout(900)

@@ -5,6 +5,8 @@ model's own loss, and an explicit setting there is a one-line config error."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,9 +46,11 @@ class HeadWatch(TorchDispatchMode):
         return out
 
 
-def first_step(tmp_path, args: list[str], chunks: str, world_size: int = 1) -> tuple[float, dict[str, torch.Tensor], HeadWatch, int, int]:
+def first_step(tmp_path, args: list[str], chunks: str, world_size: int = 1) -> tuple[float, dict[str, torch.Tensor], HeadWatch | None, int, int]:
     """(loss, gradients by name, what the head did, batch x tokens, tokens per chunk) of one training step through
-    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`, on this rank of `world_size`."""
+    build_run and the plugin's forward_backward, with train.loss_chunks=`chunks`, on this rank of `world_size` (a
+    pipeline: the loss on its last stage, 0.0 elsewhere; the gradients of the parameters this stage holds; the head
+    watched where it is held, None elsewhere)."""
     from finetune.data import batches_forever, build_data, load_splits
     from finetune.faults import Faults
     from finetune.chunked_loss import chunk_tokens_of
@@ -63,16 +67,19 @@ def first_step(tmp_path, args: list[str], chunks: str, world_size: int = 1) -> t
     run, dataloader = build_run(cfg, world_size=world_size, device=torch.device("cpu"), task=splits.task, model=model, pending=None, samples=data.train,
                                 pad_token_id=tokenizer.pad_token_id, faults=Faults(""), preemption=None, packed=packed_attention(model) if cfg.data.packing else "")  # fmt: skip
     if stores_reference(run.objective):
-        attach_reference(cfg, run.model, run.layout, data.train, 4, tokenizer.pad_token_id, torch.device("cpu"))
+        attach_reference(cfg, run.model, run.layout, data.train, 4, tokenizer.pad_token_id, torch.device("cpu"), run.plugin.row_logps(run), run.padding)
     trained = run.model.unwrap(unwrap_peft=False)
     generator = torch.Generator().manual_seed(1)
     for name, parameter in trained.named_parameters():
         if "lora_B" in name:  # a fresh adapter is the identity and lora_A's gradient zero: give it weights
             parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     _, micro_batches = next(batches_forever(dataloader, 1, run.steps_per_epoch))
-    with HeadWatch(trained.get_output_embeddings().weight) as head:
+    head_weight = trained.get_output_embeddings().weight
+    head = HeadWatch(head_weight) if head_weight is not None and head_weight.numel() else None  # a pipeline's other stages release it
+    with head or contextlib.nullcontext():
         loss = run.plugin.forward_backward(run, micro_batches)
-    grads = {name: p.grad.clone() for name, p in trained.named_parameters() if p.requires_grad}
+    held = lambda p: p.grad is not None or not run.layout.pipeline  # noqa: E731 (a stage has no gradient of another's parameters)
+    grads = {name: p.grad.clone() for name, p in trained.named_parameters() if p.requires_grad and held(p)}
     return loss, grads, head, micro_batches[0]["input_ids"].numel(), chunk_tokens_of(run.model)
 
 
@@ -104,7 +111,9 @@ HEAD_ADAPTED = ["lora.target_modules=[q_proj,v_proj,lm_head]"]
         ("preference", "lora", "tiny-gpt2", [], False),  # DPO, the reference: the same model with its adapters off
         ("preference", "full", "tiny-llama", [], True),  # DPO, the reference log-probabilities stored per pair
         ("instruction", "lora", "tiny-llama", HEAD_ADAPTED, True),
-        ("instruction", "full", "tiny-llama", ["plugin.name=hybrid_parallel"], True),  # installed over shardformer's forward, after boost
+        ("instruction", "full", "tiny-llama", ["plugin.name=hybrid_parallel"], True),  # one stage, no TP: shardformer gives Llama no forward, install()'s stays
+        # one stage, no TP: shardformer still replaces GPT-2's forward with its own (parallel_output), which is wrapped
+        ("instruction", "full", "tiny-gpt2", ["plugin.name=hybrid_parallel"], True),
     ],
 )
 def test_chunked_loss_equals_the_models_own_loss_and_every_gradient(task, method, model, extra, head_trains, one_rank, tmp_path, monkeypatch):  # noqa: F811
@@ -215,11 +224,18 @@ def test_soft_capped_logits_follow_the_architecture_record():
         ("off", "torch_ddp", "instruction", 0),
         ("auto", "hybrid_parallel", "instruction", DEFAULT_CHUNK_TOKENS),  # tensor (and data) parallel: the vocabulary stays split per chunk
         ("auto", "hybrid_parallel", "preference", DEFAULT_CHUNK_TOKENS),
+        ("auto", "hybrid_parallel plugin.pp_size=2 plugin.num_microbatches=2", "instruction", DEFAULT_CHUNK_TOKENS),  # the last stage's loss in chunks
+        ("512", "hybrid_parallel plugin.pp_size=2 plugin.num_microbatches=2", "preference", 512),
+        ("auto", "hybrid_parallel plugin.tp_size=2", "instruction", DEFAULT_CHUNK_TOKENS),  # vocab-parallel head: the chunks keep the vocabulary split
+        ("auto", "hybrid_parallel plugin.tp_size=2 plugin.pp_size=2 plugin.num_microbatches=2", "preference", DEFAULT_CHUNK_TOKENS),  # both, on the last stage
+        ("auto", "hybrid_parallel plugin.sp_size=2", "instruction", 0),  # the loss of each rank's part of the sequence
+        ("auto", "hybrid_parallel plugin.pp_size=2 plugin.num_microbatches=2", "classification", 0),
         ("auto", "torch_ddp", "classification", 0),  # no LM head
     ],
 )
 def test_the_chunk_size_each_run_gets(setting, plugin, task, tokens):
-    args = [f"train.loss_chunks={setting}", f"plugin.name={plugin}", f"task={task}", "model.name=tiny-gpt2"]
+    name, *options = plugin.split()
+    args = [f"train.loss_chunks={setting}", f"plugin.name={name}", *options, f"task={task}", "model.name=tiny-gpt2"]
     assert loss_chunk_tokens(build_config(parse_args(args))) == tokens
 
 
@@ -228,8 +244,8 @@ def test_the_chunk_size_each_run_gets(setting, plugin, task, tokens):
     [
         (["plugin.tp_size=2"], DEFAULT_CHUNK_TOKENS),
         (["plugin.tp_size=2", "plugin.zero_stage=1", "train.precision=bf16"], DEFAULT_CHUNK_TOKENS),
-        (["plugin.pp_size=2", "plugin.num_microbatches=2"], 0),  # the pipeline's last stage takes the loss inside the schedule
-        (["plugin.tp_size=2", "plugin.pp_size=2", "plugin.num_microbatches=2"], 0),
+        (["plugin.pp_size=2", "plugin.num_microbatches=2"], DEFAULT_CHUNK_TOKENS),  # on the pipeline's last stage (stage_forward)
+        (["plugin.tp_size=2", "plugin.pp_size=2", "plugin.num_microbatches=2"], DEFAULT_CHUNK_TOKENS),  # there, the vocabulary split
         (["plugin.tp_size=2", "plugin.sp_mode=split_gather"], 0),  # each rank's loss covers its part of the sequence
         (["plugin.sp_size=2"], 0),
     ],
@@ -242,8 +258,6 @@ def test_the_chunk_size_under_hybrid_parallel(options, tokens):
 @pytest.mark.parametrize(
     "args, problem",
     [
-        (["train.loss_chunks=256", "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2"],
-         "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: under a pipeline (plugin.pp_size>1) the last stage takes the loss"),
         (["train.loss_chunks=256", "model.name=tiny-llama", "plugin.name=hybrid_parallel", "plugin.tp_size=2", "plugin.sp_mode=split_gather"],
          "train.loss_chunks=256: plugin hybrid_parallel keeps the full-logits loss: under sequence parallelism"),
         (["train.loss_chunks=256", "task=classification", "data.train_path=chatterbot-corpus:topics"], "train.loss_chunks=256: task=classification has no language-model head"),

@@ -381,13 +381,25 @@ def test_the_chunked_loss_holds_one_chunk_of_logits_and_the_label_positions_hidd
     prompts_masked = est.estimate(config_of(*args), 1, seq, label_len=seq // 4)  # a quarter of each row is scored
     assert chunked.activations - prompts_masked.activations == (tokens - tokens // 4) * (2 * residual * hidden + est.CHUNKED_LOSS_TOKEN_BYTES)
     assert est.estimate(config_of(*args, "train.loss_chunks=off"), 1, seq, label_len=seq // 4).activations == full.activations  # the full logits score every position
-    # Tensor parallelism: each rank's chunk covers its half of the vocabulary, the hidden states stay whole. A pipeline keeps the full logits.
+    # Tensor parallelism: each rank's chunk covers its half of the vocabulary, the hidden states stay whole. A pipeline chunks on its last stage.
     tp_args = (*args, "plugin.name=hybrid_parallel", "plugin.tp_size=2")
     tp_full, tp = (est.estimate(config_of(*tp_args, *extra), 2, seq) for extra in (["train.loss_chunks=off"], []))
     assert tp.setup["loss_chunks"] == 1024 and tp_full.setup["loss_chunks"] == 0
     # over the full logits: ColossalAI's vocabulary-parallel cross-entropy (12 bytes a token and vocabulary share in bf16) and the head's kept input
     assert tp_full.activations - tp.activations == tokens * (12 * vocab / 2 + residual * hidden) - (1024 * 12 * vocab / 2 + kept)
-    assert est.estimate(config_of(*args, "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2"), 2, seq).setup["loss_chunks"] == 0
+    assert est.estimate(config_of(*args, "plugin.name=hybrid_parallel", "plugin.pp_size=2", "plugin.num_microbatches=2"), 2, seq).setup["loss_chunks"] == 1024
+
+
+def test_a_pipeline_of_pairs_slices_rows_two_to_a_pair():
+    """Preference pairs under pp2: plugin.microbatch_size counts rows (two a pair), as the schedule slices them, so 4 rows
+    of a 4-pair batch are 2 micro-batches, the same estimate as num_microbatches=2; the last stage takes the loss in chunks."""
+    from tests.conftest import REPO
+
+    args = ("--config", str(REPO / "booster_configs" / "pp2.yaml"), "model.name=llama2-7b", "method=lora", "train.precision=bf16", "task=preference", "train.batch_size=4")
+    by_count = est.estimate(config_of(*args), 2, 512)
+    by_size = est.estimate(config_of(*args, "plugin.num_microbatches=0", "plugin.microbatch_size=4"), 2, 512)
+    assert by_count.setup["loss_chunks"] == est.DEFAULT_CHUNK_TOKENS
+    assert by_size.activations == by_count.activations and by_size.activations_checkpointed == by_count.activations_checkpointed
 
 
 LLAMA31_JOB = ("model.name=llama3.1-8b", "method=lora", "train.precision=bf16", "train.batch_size=2", "eval.batch_size=2")  # issue 27's acceptance job

@@ -12,7 +12,7 @@ from finetune.core.layout import Placement, Plan, cast_placement, half_precision
 from finetune.core.plugins.base import PluginSpec
 from finetune.core.plugins.zero import zero_placement
 from finetune.methods import METHODS
-from finetune.tasks import TASKS
+from finetune.tasks import TASKS, batch_rows
 
 if TYPE_CHECKING:
     from finetune.config import Config
@@ -77,21 +77,19 @@ class HybridParallelSpec(PluginSpec):
     replicated = False
     model_init = "lazy"  # shardformer materializes only the layers (and TP slices) this rank holds
     adapter_model_init = "lazy"  # adapters injected beside the lazy base (apply_adapters), split with it (finetune.lora_tp)
-    # Under tensor parallelism alone the chunks keep the vocabulary split (finetune.chunked_loss: VocabSplit); loss_chunks_refused says where not.
-    loss_chunks_refusal = "under a pipeline (plugin.pp_size>1) the last stage takes the loss inside the schedule, where chunks are not built in"
+    # The chunks run inside the forward shardformer gives the model (finetune.chunked_loss.chunked_policy): on the last
+    # pipeline stage, over the vocabulary split across the tensor-parallel ranks (VocabSplit); loss_chunks_refused says where not.
+    loss_chunks_refusal = ("under sequence parallelism (plugin.sp_size>1 or sp_mode split_gather/ring) each rank's loss covers its part of the sequence, "
+                           "which the chunks do not split")
     shardformer = True
 
     def loss_chunks_refused(self, options: dict[str, Any]) -> str:
-        """The chunked loss runs under tensor and data parallelism; a pipeline or sequence parallelism keeps the full logits."""
-        if options["pp_size"] > 1:
-            return self.loss_chunks_refusal
-        if sequence_parallel(options)[0]:
-            return "under sequence parallelism (plugin.sp_size>1 or sp_mode split_gather/ring) each rank's loss covers its part of the sequence, which the chunks do not split"
-        return ""
+        """The chunked loss runs under tensor, pipeline and data parallelism, and their products; sequence parallelism keeps the full logits."""
+        return self.loss_chunks_refusal if sequence_parallel(options)[0] else ""
 
     def problems(self, cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         """What HybridParallelPlugin cannot do with this config, each with what to use instead."""
-        plan = self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+        plan = self.plan(cfg.plugin.options, batch_rows(cfg.task, cfg.train.batch_size), world_size)
         options = cfg.plugin.options
         tp, pp = plan.tp, plan.pp
         if min(tp, pp, options["sp_size"]) < 1:
@@ -142,10 +140,16 @@ class HybridParallelSpec(PluginSpec):
             problems.append("plugin.pp_style=interleaved goes with plugin.num_model_chunks>1 (and 1f1b with 1)")
         if pp > 1:
             micro, size = options["num_microbatches"], options["microbatch_size"]
+            rows = batch_rows(cfg.task, cfg.train.batch_size)
             if not micro and not size:
                 problems.append("plugin.pp_size>1 needs plugin.num_microbatches (or plugin.microbatch_size) for the pipeline schedule")
-            elif cfg.train.batch_size % (micro or size):
-                problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.{'num_microbatches' if micro else 'microbatch_size'}={micro or size}")
+            elif micro and cfg.train.batch_size % micro:
+                problems.append(f"train.batch_size={cfg.train.batch_size} must be divisible by plugin.num_microbatches={micro}")
+            elif size and rows % size:
+                problems.append(f"train.batch_size={cfg.train.batch_size} ({rows} rows) must be divisible by plugin.microbatch_size={size}")
+            elif size and size % (rows // cfg.train.batch_size):
+                problems.append(f"plugin.microbatch_size={size} with task={cfg.task}: the schedule slices rows, {rows // cfg.train.batch_size} per sample (a pair's chosen and "
+                                "rejected side by side), and an odd micro-batch would split a pair between micro-batches; use an even microbatch_size, or plugin.num_microbatches")
             elif plan.num_microbatches < pp:
                 problems.append(f"the pipeline schedule needs at least pp_size={pp} micro-batches per step; raise plugin.num_microbatches or train.batch_size")
             elif options["pp_style"] == "interleaved" and plan.num_microbatches % pp:
@@ -163,16 +167,21 @@ class HybridParallelSpec(PluginSpec):
         return problems
 
     def _pair_problems(self, cfg: Config, plan: Plan, sp_mode: str) -> list[str]:
-        """Pair tasks run under tensor (x data) parallelism: both sequences of a pair through the vocab-parallel chunked loss."""
+        """Pair tasks run under tensor, pipeline and data parallelism: both sequences of a pair through the chunked loss
+        (the vocabulary split over the tensor-parallel ranks; on the last pipeline stage, as the schedule's criterion)."""
         from finetune.core.loss_chunks import loss_chunk_tokens, unavailable_reason  # it reads the plugin specs
 
-        if plan.pp > 1:  # lifted once the pipeline's criterion scores pairs
-            return [f"task={cfg.task} with plugin.pp_size>1 is not built yet: its pair loss is computed outside shardformer's pipeline schedule; use pp_size=1 (tensor and data parallel), torch_ddp, low_level_zero or torch_fsdp"]
         if sp_mode:
             return [f"task={cfg.task} with sequence parallelism: a pair's log-probabilities need the whole sequence on each rank; use plugin.sp_size=1 (and no sp_mode split_gather/ring)"]
         if TASKS[cfg.task].scalar_head and plan.tp > 1:
             return [f"task={cfg.task} with plugin.tp_size>1: ColossalAI 0.5.0 splits the sequence-classification head over the tensor-parallel ranks, "
                     "and a reward model's head has a single output; use torch_ddp, low_level_zero or torch_fsdp"]
+        if TASKS[cfg.task].scalar_head and plan.pp > 1:
+            return [f"task={cfg.task} with plugin.pp_size>1 is not built: the pipeline's last stage would need the one-output score head's forward (shardformer's "
+                    "sequence-classification forward pools by its own rules, not checked against one process here); use torch_ddp, low_level_zero or torch_fsdp"]
+        if plan.pp > 1 and cfg.plugin.options["pp_style"] == "interleaved":
+            return [f"task={cfg.task} with plugin.pp_style=interleaved: the reference and eval passes run the schedule forward-only, which ColossalAI 0.5.0's interleaved "
+                    "schedule does without a gradient only by a training pass (it hangs on gloo otherwise), and the reference pass has nothing to train; use plugin.pp_style=1f1b"]
         if plan.tp > 1 and not loss_chunk_tokens(cfg):
             why = unavailable_reason(cfg) or "the full logits stay split over the tensor-parallel ranks and are not scored"
             return [f"task={cfg.task} with plugin.tp_size>1 and train.loss_chunks={cfg.train.loss_chunks}: the pair log-probabilities are taken from the chunked loss, "
@@ -205,7 +214,8 @@ class HybridParallelSpec(PluginSpec):
         return " ".join(parts) or "hybrid"
 
     def plan(self, options: dict[str, Any], batch_size: int, world_size: int) -> Plan:
-        """world = dp x pp x tp x (sp ranks of their own: all_to_all, ring_attn), as HybridParallelPlugin divides it."""
+        """world = dp x pp x tp x (sp ranks of their own: all_to_all, ring_attn), as HybridParallelPlugin divides it.
+        `batch_size`: rows per batch (batch_rows), which plugin.microbatch_size slices."""
         tp, pp = options["tp_size"], options["pp_size"]
         mode, sp = sequence_parallel(options)
         own_sp = 1 if mode in SP_OVER_TP else sp
@@ -215,7 +225,7 @@ class HybridParallelSpec(PluginSpec):
 
     def placement(self, cfg: Config, world_size: int) -> Placement:
         """tp x pp x dp (x sp); half precision keeps an fp32 master (zero_stage 1: ZeRO over dp, and all_to_all's sp ranks)."""
-        options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, cfg.train.batch_size, world_size)
+        options, plan = cfg.plugin.options, self.plan(cfg.plugin.options, batch_rows(cfg.task, cfg.train.batch_size), world_size)
         tp, pp, dp = plan.tp, plan.pp, plan.dp
         layout = dict(tp=tp, pp=pp, microbatches=max(1, plan.num_microbatches), chunks=plan.chunks, interleaved=options["pp_style"] == "interleaved",
                       sp=plan.sp, sp_over_tp=sequence_parallel(options)[0] in SP_OVER_TP, column_inputs_saved=tp > 1)
