@@ -118,12 +118,12 @@ def train_step(run: Run, micro_batches: list[dict], step: int) -> tuple[float, i
     return loss, tokens, grad_norm
 
 
-def widest_batch(micro_batches: list[dict], so_far: tuple[int, int]) -> tuple[int, int]:
+def widest_batch(micro_batches: list[dict], so_far: tuple[int, int], token_labels: bool) -> tuple[int, int]:
     """(longest padded row, most label tokens per row) of the micro-batches and those drawn before (`so_far`): the
-    shape the estimator is asked about beside this rank's measured peak. Class labels (one per row) count 0."""
+    shape the estimator is asked about beside this rank's measured peak. Without token labels (a classifier's: one
+    class a row) no token reaches a language-model head: 0."""
     for batch in micro_batches:
-        labels = batch.get("labels")
-        scored = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels is not None and labels.dim() == 2 else 0
+        scored = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if token_labels else 0
         so_far = (max(so_far[0], batch["input_ids"].shape[1]), max(so_far[1], -(-scored // len(batch["input_ids"]))))
     return so_far
 
@@ -177,7 +177,7 @@ def fit(run: Run, dataloader, total_steps: int, data: SplitData, pad_token_id: i
                 break
             started = time.perf_counter()
             run.faults.maybe_stall("stall_in_tp", step)
-            widest = widest_batch(micro_batches, widest)
+            widest = widest_batch(micro_batches, widest, not run.task.classification)
             loss, tokens, grad_norm = train_step(run, micro_batches, step)
             run.scheduler.step()
             elapsed = time.perf_counter() - started

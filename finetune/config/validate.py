@@ -32,7 +32,7 @@ from finetune.config.schema import (
     parse_split_slice,
     train_sources,
 )
-from finetune.core.loss_chunks import loss_chunks_problems
+from finetune.core.loss_chunks import loss_chunk_tokens, loss_chunks_problems, unavailable_reason
 from finetune.core.plugins import SPECS
 from finetune.errors import shown
 from finetune.methods import METHODS as METHOD_RECORDS
@@ -230,6 +230,9 @@ def preference_problems(cfg: Config, names: dict[str, tuple[str, ...]]) -> list[
     problems = _unread_preference_settings(cfg) if task is not None and task.pairs and task.scalar_head else _objective_problems(cfg, names)
     if task is not None and task.pairs and cfg.data.packing:
         problems.append(f"data.packing=true with task={cfg.task}: a pair's two sequences are scored whole, side by side; set data.packing=false")
+    spec = SPECS.get(cfg.plugin.name)
+    if task is not None and task.pairs and not task.scalar_head and spec is not None and not loss_chunk_tokens(cfg):
+        problems += spec.unchunked_pair_problems(cfg, unavailable_reason(cfg))
     return problems
 
 

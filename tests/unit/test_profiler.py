@@ -119,8 +119,8 @@ def test_the_estimate_beside_a_peak_is_asked_about_the_widest_batch_drawn():
             labels[row, width - count :] = 1
         return {"input_ids": torch.zeros(len(scored), width, dtype=torch.long), "labels": labels}
 
-    assert widest_batch([batch(16, [3, 5])], (0, 0)) == (16, 4)  # 8 label tokens over 2 rows
-    assert widest_batch([batch(8, [7, 7, 7]), batch(12, [1, 2, 2])], (16, 4)) == (16, 7)  # each the most of any batch
-    assert widest_batch([{"input_ids": torch.zeros(4, 32, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])}], (0, 0)) == (32, 0)  # class labels
+    assert widest_batch([batch(16, [3, 5])], (0, 0), True) == (16, 4)  # 8 label tokens over 2 rows
+    assert widest_batch([batch(8, [7, 7, 7]), batch(12, [1, 2, 2])], (16, 4), True) == (16, 7)  # each the most of any batch
+    assert widest_batch([{"input_ids": torch.zeros(4, 32, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])}], (0, 0), False) == (32, 0)  # class labels
     first_token_label = batch(6, [6])  # position 0's label predicts nothing (labels shift left by one)
-    assert widest_batch([first_token_label], (0, 0)) == (6, 5)
+    assert widest_batch([first_token_label], (0, 0), True) == (6, 5)

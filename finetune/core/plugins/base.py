@@ -60,6 +60,11 @@ class PluginSpec:
         """What this plugin cannot do with cfg, each a line naming the fix."""
         return []
 
+    def unchunked_pair_problems(self, cfg: Config, why_unchunked: str) -> list[str]:
+        """What a preference task cannot do under this plugin when its log-probabilities would come from the full logits
+        (`why_unchunked`: why the chunked loss is off, '' where the config turned it off); none where the full logits serve."""
+        return []
+
     def loss_chunks_refused(self, options: dict[str, Any]) -> str:
         """Why this plugin, with these options, keeps the model's own loss over the full logits; '' where the chunked loss is exact."""
         return self.loss_chunks_refusal

@@ -169,8 +169,6 @@ class HybridParallelSpec(PluginSpec):
     def _pair_problems(self, cfg: Config, plan: Plan, sp_mode: str) -> list[str]:
         """Pair tasks run under tensor, pipeline and data parallelism: both sequences of a pair through the chunked loss
         (the vocabulary split over the tensor-parallel ranks; on the last pipeline stage, as the schedule's criterion)."""
-        from finetune.core.loss_chunks import loss_chunk_tokens, unavailable_reason  # it reads the plugin specs
-
         if sp_mode:
             return [f"task={cfg.task} with sequence parallelism: a pair's log-probabilities need the whole sequence on each rank; use plugin.sp_size=1 (and no sp_mode split_gather/ring)"]
         if TASKS[cfg.task].scalar_head and plan.tp > 1:
@@ -182,11 +180,15 @@ class HybridParallelSpec(PluginSpec):
         if plan.pp > 1 and cfg.plugin.options["pp_style"] == "interleaved":
             return [f"task={cfg.task} with plugin.pp_style=interleaved: the reference and eval passes run the schedule forward-only, which ColossalAI 0.5.0's interleaved "
                     "schedule does without a gradient only by a training pass (it hangs on gloo otherwise), and the reference pass has nothing to train; use plugin.pp_style=1f1b"]
-        if plan.tp > 1 and not loss_chunk_tokens(cfg):
-            why = unavailable_reason(cfg) or "the full logits stay split over the tensor-parallel ranks and are not scored"
-            return [f"task={cfg.task} with plugin.tp_size>1 and train.loss_chunks={cfg.train.loss_chunks}: the pair log-probabilities are taken from the chunked loss, "
-                    f"which keeps the vocabulary split over the tensor-parallel ranks ({why}); set train.loss_chunks=auto"]
         return []
+
+    def unchunked_pair_problems(self, cfg: Config, why_unchunked: str) -> list[str]:
+        """Under tensor parallelism the full logits stay split over the ranks and nothing scores pairs from them."""
+        if cfg.plugin.options["tp_size"] <= 1 or sequence_parallel(cfg.plugin.options)[0]:  # sequence parallelism: _pair_problems
+            return []
+        why = why_unchunked or "the full logits stay split over the tensor-parallel ranks and are not scored"
+        return [f"task={cfg.task} with plugin.tp_size>1 and train.loss_chunks={cfg.train.loss_chunks}: the pair log-probabilities are taken from the chunked loss, "
+                f"which keeps the vocabulary split over the tensor-parallel ranks ({why}); set train.loss_chunks=auto"]
 
     @staticmethod
     def _classification_problems(cfg: Config, plan: Plan) -> list[str]:
