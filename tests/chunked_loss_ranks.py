@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from finetune.distributed import destroy_process_groups, launch  # noqa: E402
