@@ -153,9 +153,8 @@ def pair_objective(cfg: Config, task: Task, model: nn.Module, peft_model: nn.Mod
         return RewardObjective(objective, cfg.preference, model, None)
     if peft_model is None:
         return PairObjective(objective, cfg.preference, model, None)
-    # A model whose adapters were injected (hybrid_parallel: no PeftModel wrapper, sharded adapters under TP) switches them off itself.
-    adapters_off = getattr(peft_model, "disable_adapter", None) or functools.partial(adapters_disabled, peft_model)
-    return PairObjective(objective, cfg.preference, model, adapters_off)
+    # One switch for every layout: a PeftModel's layers, adapters injected without one (hybrid_parallel), sharded ones under TP.
+    return PairObjective(objective, cfg.preference, model, functools.partial(adapters_disabled, peft_model))
 
 
 def stores_reference(objective: PairObjective | None) -> bool:

@@ -33,7 +33,7 @@ class Alternative:
     overrides: tuple[str, ...]
     cost: float  # how much the change costs the run: lower first (see fitting_alternatives)
     peak_bytes: int
-    reason: str = ""  # why the change carries a setting it would not be expected to (SHARD_QUANTIZATION)
+    reason: str = ""  # why the change carries a setting it would not be expected to (PluginSpec.required_overrides)
 
     def describe(self) -> str:
         """'train.gradient_checkpointing=true (14.60 GiB)', and the reason where the change has one."""
@@ -62,10 +62,6 @@ ACTIVATION_OFFLOAD_CHECKPOINTED_COST = 0.25
 HALVING_COST = 1.0  # per halving of the micro-batch, same global batch: smaller matmuls, more passes
 STATE_OFFLOAD_COST = 3.0  # the optimizer step on the CPU (and, under FSDP, the parameters over PCIe every pass)
 QLORA_COST = 4.0  # another model: a 4-bit base, dequantized at every matmul
-# QLoRA where each rank quantizes its own shards (tensor parallelism: finetune.qlora_tp) takes single quantization
-# (finetune.core.plugins.hybrid.qlora_tp_problems): a proposal that lands there carries the setting and says why.
-SHARD_QUANTIZATION = ("quantization.double_quant=false",)
-SHARD_QUANTIZATION_REASON = "QLoRA under tensor parallelism: each rank quantizes its own shards, and double quantization groups constants over the whole weight"
 TRIED = "checkpointing, activation offload, the chunked loss, a smaller micro-batch, CPU offload, qlora, sharding over these ranks"
 
 
@@ -115,9 +111,9 @@ def fitting_alternatives(cfg: Config, world_size: int, available_bytes: float, d
     for overrides, cost in _candidate_changes(cfg, world_size, device):
         try:
             changed = with_overrides(cfg, overrides)
-            reason = ""
-            if SPECS[changed.plugin.name].quantizes_shards(changed) and changed.quantization.double_quant:
-                overrides, reason = overrides + SHARD_QUANTIZATION, SHARD_QUANTIZATION_REASON
+            required, reason = SPECS[changed.plugin.name].required_overrides(changed)  # e.g. what QLoRA under TP needs
+            if required:
+                overrides = overrides + required
                 changed = with_overrides(cfg, overrides)
         except ConfigError:
             continue

@@ -74,6 +74,11 @@ class PluginSpec:
         included (bitsandbytes' quant_storage); None: bitsandbytes' uint8 packing, unquantized weights in float32."""
         return None
 
+    def required_overrides(self, cfg: Config) -> tuple[tuple[str, ...], str]:
+        """Settings a change to this plugin must carry that the config would not otherwise have, and why (the fit search
+        adds them to its proposal); none by default."""
+        return (), ""
+
     def quantizes_shards(self, cfg: Config) -> bool:
         """Whether each rank quantizes its own shards of a full-precision model (QLoRA under tensor parallelism) instead
         of every rank loading the model quantized."""

@@ -244,6 +244,12 @@ class HybridParallelSpec(PluginSpec):
         """QLoRA under tensor parallelism: the model is built in full precision and each rank quantizes its shards (finetune.qlora_tp)."""
         return cfg.plugin.options["tp_size"] > 1 and METHODS[cfg.method].quantized_base
 
+    def required_overrides(self, cfg: Config) -> tuple[tuple[str, ...], str]:
+        """QLoRA where each rank quantizes its own shards takes single quantization (qlora_tp_problems refuses double)."""
+        if self.quantizes_shards(cfg) and cfg.quantization.double_quant:
+            return ("quantization.double_quant=false",), "QLoRA under tensor parallelism: each rank quantizes its own shards, and double quantization groups constants over the whole weight"
+        return (), ""
+
     def fit_alternatives(self, world_size: int) -> list[tuple[tuple[str, ...], float]]:
         """Tensor parallelism over every rank: more communication."""
         return [((f"plugin.name={self.name}", f"plugin.tp_size={world_size}"), 3)]
