@@ -405,11 +405,20 @@ def known_model_names() -> list[str]:
     return [*NAMED_CONFIGS, QUICKSTART_MODEL]
 
 
-_QUICKSTART_HEADS = (9, 3)  # SmolLM2-135M: 9 attention heads, 3 key/value heads
-
-
-_QUICKSTART_LAYERS = 30
-_QUICKSTART_CONFIG = {"max_position_embeddings": 8192, "hidden_size": 576}  # SmolLM2-135M
+# The quickstart model's shape: SmolLM2-135M-Instruct's config.json as finetune.assets converts it from the GGUF (the
+# test that converts it checks these keys). What config checks and the estimator read before, or without, the conversion.
+QUICKSTART_CONFIG = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
 
 
 def model_type(model_name: str) -> str | None:
@@ -425,7 +434,7 @@ def model_type(model_name: str) -> str | None:
 def num_layers(model_name: str) -> int | None:
     """Decoder layers of a model, read without torch; None when unknown (e.g. GGUF)."""
     if model_name == QUICKSTART_MODEL:
-        return _QUICKSTART_LAYERS
+        return QUICKSTART_CONFIG["num_hidden_layers"]
     if model_name in NAMED_CONFIGS:
         kind, overrides = NAMED_CONFIGS[model_name]
         return overrides.get(architecture(kind).layers_key, 12)
@@ -436,7 +445,7 @@ def num_layers(model_name: str) -> int | None:
 def attention_heads(model_name: str) -> tuple[int, int] | None:
     """(attention heads, key/value heads) of a model, read without torch; None when unknown (e.g. GGUF)."""
     if model_name == QUICKSTART_MODEL:
-        return _QUICKSTART_HEADS
+        return QUICKSTART_CONFIG["num_attention_heads"], QUICKSTART_CONFIG["num_key_value_heads"]
     if model_name in NAMED_CONFIGS:
         kind, overrides = NAMED_CONFIGS[model_name]
         heads = overrides.get(architecture(kind).heads_key, 12)
@@ -451,7 +460,7 @@ def attention_heads(model_name: str) -> tuple[int, int] | None:
 def config_value(model_name: str, keys: tuple[str, ...]) -> int | None:
     """The first of `keys` in a model's config (named, quickstart, a local dir's or a cached hub id's config.json), read without torch; None when unknown."""
     if model_name == QUICKSTART_MODEL:
-        config = _QUICKSTART_CONFIG
+        config = QUICKSTART_CONFIG
     elif model_name in NAMED_CONFIGS:
         kind, overrides = NAMED_CONFIGS[model_name]
         config = {**architecture(kind).config_defaults, **overrides}

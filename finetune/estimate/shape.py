@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.architectures import NAMED_CONFIGS, QUICKSTART_MODEL, architecture
+from finetune.architectures import NAMED_CONFIGS, QUICKSTART_CONFIG, QUICKSTART_MODEL, architecture
 from finetune.config import LoraConfig, remote_code_problem
 from finetune.errors import FinetuneError
 from finetune.methods import method_named
@@ -85,13 +85,8 @@ def load_model_config(name: str, trust_remote_code: bool = False):
     if name in NAMED_CONFIGS:
         model_type, overrides = NAMED_CONFIGS[name]
         return AutoConfig.for_model(model_type, **overrides)
-    if name == QUICKSTART_MODEL:
-        from finetune.assets import quickstart_model_dir
-
-        path = quickstart_model_dir()
-        if not (path / "config.json").is_file():
-            raise EstimateError(f"model.name={name}: its config comes with the converted model; run `make assets` first")
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # converted from a GGUF here: no code
+    if name == QUICKSTART_MODEL:  # its shape is known: the estimate needs no converted weights (make assets)
+        return AutoConfig.for_model("llama", **QUICKSTART_CONFIG)
     config_file = path / "config.json" if path.is_dir() else path
     problem = remote_code_problem(config_file, name, trust_remote_code)
     if problem:
