@@ -5,13 +5,15 @@ time. No chunk's logits are kept for backward:
 - a frozen head (LoRA, QLoRA: the head and, tied, the embedding do not train): each chunk's forward also takes the
   gradient of every token's log-probability with respect to its hidden state, and keeps only that ([tokens, hidden],
   the size of the hidden states gathered); backward scales it by the upstream gradient (FrozenHeadLogps). The head
-  runs twice per chunk (logits, then their gradient), as over the full logits, and backward needs no weight;
+  runs twice per chunk (logits, then their gradient), as over the full logits, and backward needs no weight. The
+  chunk's log-softmax, softmax and onehot - softmax are formed in one fp32 buffer (_log_softmax_in_place), autograd's
+  values without its three fp32 tensors of the vocabulary;
 - a head that trains (full fine-tuning, lm_head among the LoRA targets): each chunk under torch.utils.checkpoint, its
   logits recomputed in backward, where the head's weight gradient is formed from the per-token upstream gradient
   (DPO's differs per token, so no weight gradient can be formed in forward).
 
 No (batch x tokens x vocab) tensor exists in forward or backward: at most one chunk's logits, their fp32
-log-softmax and their gradient. The values are those of the model's own loss (the same head, the same fp32
+log-softmax and their gradient (under a frozen head one fp32 buffer for all three). The values are those of the model's own loss (the same head, the same fp32
 log-softmax per token under the same autocast, the same autograd formulas), summed in another order.
 
 Under tensor parallelism (shardformer's vocab-parallel head: each rank's head computes its slice of the vocabulary,
@@ -43,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import ModelOutput
 
 from finetune.architectures import architecture
+from finetune.core.loss_chunks import LOG_SOFTMAX_ROWS
 from finetune.data import IGNORE_INDEX, NON_PAD_TOKENS, REFERENCE
 
 
@@ -102,8 +105,41 @@ def _logits_logps(logits: torch.Tensor, targets: torch.Tensor, softcap: float, s
 
 
 def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-    """Log-probability of each target under the head: logits in the compute dtype, then _logits_logps."""
-    return _logits_logps(head(hidden), targets, softcap, vocab_split(head))
+    """Log-probability of each target under the head: logits in the compute dtype, then _logits_logps (without a soft-cap
+    or a vocabulary split, and without a graph to record (eval, nothing trains): in one fp32 buffer, _log_softmax_in_place)."""
+    split, logits = vocab_split(head), head(hidden)
+    if softcap or split is not None or logits.requires_grad:
+        return _logits_logps(logits, targets, softcap, split)
+    logps, _ = _log_softmax_in_place(logits, targets)
+    return logps
+
+
+def _log_softmax_in_place(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 log-softmax at each target, softmax) of logits [tokens, vocabulary] in one fp32 tensor of the vocabulary:
+    log_softmax's own kernel LOG_SOFTMAX_ROWS rows at a time, written back into that tensor, then its exponential in
+    place (the softmax as log_softmax's backward forms it), so the values are autograd's over the full logits. The
+    buffer is `logits` itself when they are fp32: they must not be needed after."""
+    buffer = logits.float()
+    for block in buffer.split(LOG_SOFTMAX_ROWS):
+        block.copy_(torch.log_softmax(block, -1))
+    return buffer.gather(-1, targets[:, None]).squeeze(-1), buffer.exp_()
+
+
+def _frozen_head_gradient(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d log-probability / d hidden state, log-probability) of each target under a frozen head without a soft-cap or a
+    vocabulary split: onehot - softmax formed in the log-softmax's buffer, in the logits' dtype as autograd hands it to
+    the head's backward, which forms the hidden states' gradient (whatever the head module is: Linear, FSDP's, peft's).
+    One fp32 tensor of the vocabulary per token, plus the half logits under bf16/fp16, instead of autograd's three."""
+    leaf = hidden.detach().requires_grad_()
+    logits = head(leaf)  # a head's backward reads its input and weight, not its output: the output's storage is reused
+    out = logits.detach()
+    logps, grad_logits = _log_softmax_in_place(out, targets)
+    grad_logits.neg_().scatter_add_(-1, targets[:, None], torch.ones_like(grad_logits[:, :1]))
+    if grad_logits.data_ptr() != out.data_ptr():  # half logits: their gradient in their own storage, as autograd casts it
+        out.copy_(grad_logits)
+        del grad_logits
+    (grad,) = torch.autograd.grad(logits, leaf, out)
+    return grad, logps
 
 
 def _split_frozen_head_gradient(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float, split: VocabSplit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +158,9 @@ def _split_frozen_head_gradient(head: nn.Module, hidden: torch.Tensor, targets: 
 
 class FrozenHeadLogps(torch.autograd.Function):
     """_target_logps of a chunk under a head none of whose tensors requires grad, its backward without a recompute: the
-    forward takes d(log-probability of token t)/d(hidden state t) by autograd over the chunk ((onehot - softmax) @ W,
-    through the soft-cap's tanh, in the dtypes autograd uses over the full logits) and keeps only that."""
+    forward takes d(log-probability of token t)/d(hidden state t) ((onehot - softmax) @ W, in the dtypes autograd uses
+    over the full logits: in place, _frozen_head_gradient; through a soft-cap's tanh or a vocabulary split by autograd
+    over the chunk) and keeps only that."""
 
     @staticmethod
     def forward(ctx, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:  # noqa: D102
@@ -132,6 +169,8 @@ class FrozenHeadLogps(torch.autograd.Function):
         with torch.enable_grad():
             if split is not None:
                 grad, logps = _split_frozen_head_gradient(head, hidden.detach(), targets, softcap, split)
+            elif not softcap:
+                grad, logps = _frozen_head_gradient(head, hidden, targets)
             else:
                 leaf = hidden.detach().requires_grad_()
                 logps = _target_logps(head, leaf, targets, softcap)

@@ -12,9 +12,13 @@ from finetune.tasks import TASKS
 if TYPE_CHECKING:
     from finetune.config import Config
 
-# Tokens per chunk under train.loss_chunks=auto: a chunk's fp32 logits, log-softmax and gradient are
-# 12 bytes x vocabulary per token (49k vocabulary: 0.6 GB), and larger chunks gain no speed on CPU or GPU.
+# Tokens per chunk under train.loss_chunks=auto: a chunk's logits are 4-6 bytes x vocabulary per token under a frozen
+# head (LoRA, QLoRA: one fp32 buffer, plus the half logits), 12 where the head trains (fp32 logits, log-softmax and
+# gradient; 49k vocabulary: 0.6 GB), and larger chunks gain no speed on CPU or GPU.
 DEFAULT_CHUNK_TOKENS = 1024
+# Rows of a chunk's logits given to log_softmax at a time (finetune.chunked_loss): its output, this many rows of the
+# vocabulary in fp32, is the one temporary beside the chunk's buffer.
+LOG_SOFTMAX_ROWS = 64
 AUTO, OFF = "auto", "off"
 
 

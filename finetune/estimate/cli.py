@@ -166,6 +166,8 @@ def format_table(est: Estimate) -> str:
     lines += ["", f"as configured (train.gradient_checkpointing={ckpt}): {gib(est.total())} GiB per rank"]
     if s["device"] == "cuda":
         lines.append(f"framework overhead includes an assumed {CUDA_CONTEXT_BYTES / GIB:.1f} GiB CUDA context (not seen by torch.cuda.memory_allocated)")
+        # Published peaks (torchtune's, peft's, Unsloth's tables) are torch allocator figures: the comparable number.
+        lines.append(f"without it, as torch.cuda.max_memory_allocated reads the peak: {gib(est.total() - CUDA_CONTEXT_BYTES)} GiB per rank")
     return "\n".join(lines)
 
 

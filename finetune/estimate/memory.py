@@ -11,7 +11,7 @@ from typing import Any
 from finetune.architectures import architecture
 from finetune.config import Config
 from finetune.core.layout import Placement, half_precision
-from finetune.core.loss_chunks import loss_chunk_tokens
+from finetune.core.loss_chunks import LOG_SOFTMAX_ROWS, loss_chunk_tokens
 from finetune.core.plugins import SPECS
 from finetune.estimate.shape import ModelShape, cached_model_shape
 from finetune.methods import method_named
@@ -177,27 +177,46 @@ def outside_activation_bytes(shape: ModelShape, place: Placement, device: str, f
 CHUNKED_LOSS_TOKEN_BYTES = 4 + 3 * 8
 
 
+def _in_place_chunks(shape: ModelShape, place: Placement) -> bool:
+    """Whether the chunked loss takes each chunk's log-softmax in one fp32 buffer (finetune.chunked_loss's
+    _log_softmax_in_place): without a soft-cap and a vocabulary split over tensor-parallel ranks."""
+    return not shape.logit_softcap and place.tp == 1
+
+
+def _in_place_chunk_bytes(place: Placement, chunk: int, vocab: int, half: bool) -> float:
+    """One chunk's logits in place: the fp32 buffer, the half logits beside it, and log_softmax's output for
+    LOG_SOFTMAX_ROWS of its rows (finetune.chunked_loss._log_softmax_in_place)."""
+    return chunk * (4 + (2 if half else 0)) * vocab + min(chunk, LOG_SOFTMAX_ROWS) * 4 * vocab
+
+
 def loss_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_tokens: int = 0, label_tokens: int = 0) -> float:
     """The peak around the loss in backward for `tokens` tokens: fp32 log-softmax output, its gradient and the gradient
     of the logits, alive together (3 x 4 bytes x vocab per token; measured exactly on CPU), over every token at once.
     Under the chunked loss (chunk_tokens > 0) only the label tokens (label_tokens; 0: all) reach the head, one chunk at
-    a time, beside the hidden states gathered at them and their gradient."""
+    a time, beside the hidden states gathered at them and their gradient; a frozen head's chunk (LoRA, QLoRA) is taken
+    in one fp32 buffer of the vocabulary per token (where _in_place_chunks), one that trains is recomputed by autograd."""
     per_token = (12 + (place.compute_bytes if shape.logit_softcap else 0)) * shape.vocab / place.tp  # + Gemma-2's tanh of the capped logits
     if not chunk_tokens:
         return tokens * per_token
     head = label_tokens or tokens
-    return min(head, chunk_tokens) * per_token + head * (2 * place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
+    chunk = min(head, chunk_tokens)
+    head_trains = shape.head_trainable or shape.tied and shape.embedding_trainable
+    logits = _in_place_chunk_bytes(place, chunk, shape.vocab, place.compute_bytes < 4) if _in_place_chunks(shape, place) and not head_trains else chunk * per_token
+    return logits + head * (2 * place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
 
 
 def eval_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_tokens: int = 0, label_tokens: int = 0) -> float:
     """An eval forward's peak over `tokens` tokens: a layer's MLP intermediate, and the logits with their fp32 log-softmax
-    (plus an fp32 copy of half logits) of every token; under the chunked loss of one chunk of the label tokens (as above)."""
+    (plus an fp32 copy of half logits) of every token; under the chunked loss of one chunk of the label tokens (as above),
+    in one fp32 buffer where _in_place_chunks."""
     logits = (10 if place.eval_half else 8) * shape.vocab / place.tp
     mlp = tokens * 2 * place.compute_bytes * shape.ffn / place.tp
     if not chunk_tokens:
         return tokens * logits + mlp
     head = label_tokens or tokens
-    return min(head, chunk_tokens) * logits + mlp + head * (place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
+    chunk = min(head, chunk_tokens)
+    chunk_bytes = _in_place_chunk_bytes(place, chunk, shape.vocab, place.eval_half) if _in_place_chunks(shape, place) else chunk * logits
+    return chunk_bytes + mlp + head * (place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
 
 
 def vocab_parallel_loss_bytes(shape: ModelShape, place: Placement, tokens: int) -> float:

@@ -157,6 +157,43 @@ def test_the_head_runs_once_per_chunk_and_gradient(grad, head_trains, per_chunk)
     assert watch.head_matmuls == 3 * per_chunk and watch.recomputed == (3 if grad and head_trains else 0)
 
 
+class NewVocabTensors(TorchDispatchMode):
+    """Records the dtype of every tensor an operation newly allocates over the vocabulary with at least `rows` rows
+    (outputs that alias an input, such as an in-place operation's, are not new)."""
+
+    def __init__(self, vocab: int, rows: int) -> None:
+        super().__init__()
+        self.vocab, self.rows, self.dtypes = vocab, rows, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (value.shape[0], self.vocab) and value.shape[0] >= self.rows:
+                if value.untyped_storage().data_ptr() not in inputs:
+                    self.dtypes.append(value.dtype)
+        return out
+
+
+@pytest.mark.parametrize("dtype, allocated", [(torch.float32, [torch.float32]), (torch.bfloat16, [torch.bfloat16, torch.float32])])
+def test_a_frozen_heads_chunk_is_one_fp32_buffer_of_the_vocabulary(dtype, allocated):
+    """Under a frozen head a chunk's log-softmax, softmax and onehot - softmax are formed in place: the only tensors of the
+    chunk's size over the vocabulary are the head's logits and, for half logits, their fp32 copy (the estimator's 4 or 6
+    bytes x vocabulary a token, not autograd's 12); log_softmax's output is 64 rows at a time. Forward and backward."""
+    from finetune.chunked_loss import chunked_output
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 300, bias=False).to(dtype).requires_grad_(False)
+    hidden = torch.randn(2, 101, 8, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 101))
+    with NewVocabTensors(vocab=300, rows=65) as watch:  # 200 targets, one chunk
+        chunked_output(hidden, head, labels, 256).loss.backward()
+    assert watch.dtypes == allocated
+    with NewVocabTensors(vocab=300, rows=65) as full_logits:  # what autograd's cross-entropy allocates over the same chunk
+        torch.nn.functional.cross_entropy(head(hidden[:, :-1].reshape(-1, 8)).float(), labels[:, 1:].reshape(-1)).backward()
+    assert len(full_logits.dtypes) > len(allocated) + 1
+
+
 def test_a_frozen_head_in_bf16_is_as_close_as_bf16_allows():
     """bf16 weights, frozen head: the chunked loss rounds the same quantities in bf16 as the full logits in another order
     (the upstream gradient applied after the head's backward, not before it), so its gradients are about as far from

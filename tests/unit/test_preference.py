@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from finetune.assets import gpt2_tokenizer
 from finetune.config import DataConfig, build_config, load_config, parse_args, validate
+from finetune.core.loss_chunks import LOG_SOFTMAX_ROWS
 from finetune.data import DataError, Tokenized, build_data, collate, load_records, load_splits, masked, read_cache, write_cache
 from finetune.tasks import IGNORE_INDEX, build_task
 from tests.conftest import write_pairs
@@ -359,6 +360,9 @@ def test_full_fine_tuning_with_stored_reference_matches_the_two_model_computatio
     assert got < 0.69, "DPO did not move the policy off the reference: the comparison would prove little"
 
 
+ONE_LOG_SOFTMAX_BLOCK = LOG_SOFTMAX_ROWS * 4 * 50257  # fp32 rows of tiny-gpt2's vocabulary
+
+
 def test_the_estimator_counts_both_sequences_of_a_pair_and_the_reference_pass():
     """A pair batch of B samples holds 2B rows; an objective with a reference adds a no-grad forward of them."""
     from finetune.estimate.memory import estimate
@@ -368,9 +372,11 @@ def test_the_estimator_counts_both_sequences_of_a_pair_and_the_reference_pass():
         est = estimate(cfg, world_size=1, seq_len=64, device="cpu")
         return est.activations, est.eval_activations
 
-    sft_train, sft_eval = activations("task=instruction")
-    pair_train, pair_eval = activations("task=preference", "preference.loss=dpo")
-    simpo_train, simpo_eval = activations("task=preference", "preference.loss=simpo")
+    # Beside the tokens' terms, each peak holds log_softmax's output for 64 rows of tiny-gpt2's vocabulary: once, however
+    # many tokens (finetune.chunked_loss._log_softmax_in_place)
+    sft_train, sft_eval = (value - ONE_LOG_SOFTMAX_BLOCK for value in activations("task=instruction"))
+    pair_train, pair_eval = (value - ONE_LOG_SOFTMAX_BLOCK for value in activations("task=preference", "preference.loss=dpo"))
+    simpo_train, simpo_eval = (value - ONE_LOG_SOFTMAX_BLOCK for value in activations("task=preference", "preference.loss=simpo"))
     assert pair_train == pytest.approx(2 * sft_train, abs=2) == simpo_train
     assert simpo_eval == pytest.approx(2 * sft_eval, abs=2)  # eval scores both sequences of each pair
     assert pair_eval == pytest.approx(8 * sft_eval, abs=8)  # the reference forward: the whole train batch (4 pairs, 8 rows) without gradients
@@ -488,7 +494,8 @@ def test_the_estimator_counts_no_reference_pass_for_a_reward_model():
     from finetune.estimate.memory import estimate
 
     def eval_activations(task: str) -> float:
-        cfg = build_config(parse_args(["model.name=tiny-gpt2", "train.batch_size=4", "eval.batch_size=1", f"task={task}"]))
+        # Both over the full logits (a reward model takes no chunked loss), so that the rows alone differ
+        cfg = build_config(parse_args(["model.name=tiny-gpt2", "train.batch_size=4", "eval.batch_size=1", f"task={task}", "train.loss_chunks=off"]))
         return estimate(cfg, world_size=1, seq_len=64, device="cpu").eval_activations
 
     assert eval_activations("reward") == pytest.approx(eval_activations("preference") / 4, rel=1e-3)  # DPO's reference pass: 4 pairs, not 1
