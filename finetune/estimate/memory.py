@@ -183,7 +183,7 @@ def _in_place_chunks(shape: ModelShape, place: Placement) -> bool:
     return not shape.logit_softcap and place.tp == 1
 
 
-def _in_place_chunk_bytes(place: Placement, chunk: int, vocab: int, half: bool) -> float:
+def _in_place_chunk_bytes(chunk: int, vocab: int, half: bool) -> float:
     """One chunk's logits in place: the fp32 buffer, the half logits beside it, and log_softmax's output for
     LOG_SOFTMAX_ROWS of its rows (finetune.chunked_loss._log_softmax_in_place)."""
     return chunk * (4 + (2 if half else 0)) * vocab + min(chunk, LOG_SOFTMAX_ROWS) * 4 * vocab
@@ -201,7 +201,7 @@ def loss_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_toke
     head = label_tokens or tokens
     chunk = min(head, chunk_tokens)
     head_trains = shape.head_trainable or shape.tied and shape.embedding_trainable
-    logits = _in_place_chunk_bytes(place, chunk, shape.vocab, place.compute_bytes < 4) if _in_place_chunks(shape, place) and not head_trains else chunk * per_token
+    logits = _in_place_chunk_bytes(chunk, shape.vocab, place.compute_bytes < 4) if _in_place_chunks(shape, place) and not head_trains else chunk * per_token
     return logits + head * (2 * place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
 
 
@@ -215,7 +215,7 @@ def eval_peak_bytes(shape: ModelShape, place: Placement, tokens: int, chunk_toke
         return tokens * logits + mlp
     head = label_tokens or tokens
     chunk = min(head, chunk_tokens)
-    chunk_bytes = _in_place_chunk_bytes(place, chunk, shape.vocab, place.eval_half) if _in_place_chunks(shape, place) else chunk * logits
+    chunk_bytes = _in_place_chunk_bytes(chunk, shape.vocab, place.eval_half) if _in_place_chunks(shape, place) else chunk * logits
     return chunk_bytes + mlp + head * (place.residual_bytes * shape.hidden + CHUNKED_LOSS_TOKEN_BYTES)
 
 
