@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from finetune import estimate as est
+from finetune.estimate.memory import gib
 from finetune.architectures import NAMED_CONFIGS, architecture
 from finetune.config import build_config, parse_args
 from finetune.core.layout import Placement
@@ -501,3 +502,14 @@ def test_sequence_parallelism_divides_the_activations_and_adds_its_exchange_buff
     # Predicted (issue 27): Llama-2-7B LoRA at 32,768 tokens with sp_size=8 on 8 GPUs, checkpointing: <= 40 GiB per GPU.
     long = est.estimate(config_of(*args, "train.batch_size=1", "train.gradient_checkpointing=true", "plugin.sp_size=8"), 8, 32768)
     assert long.total() <= 40 * 2**30
+
+
+def test_the_table_gives_the_cuda_peak_without_the_context_beside_the_cards():
+    """Published peaks are torch allocator figures: on CUDA the table's last line is the peak without the assumed
+    context, the comparable number; on CPU there is no context and no such line."""
+    cfg = config_of(*LLAMA31_JOB)
+    cuda = est.estimate(cfg, 1, 2048, "cuda")
+    lines = est.format_table(cuda).splitlines()
+    assert lines[-1] == f"without it, as torch.cuda.max_memory_allocated reads the peak: {gib(cuda.total() - est.CUDA_CONTEXT_BYTES)} GiB per rank"
+    assert gib(cuda.total()) in lines[-3]
+    assert "max_memory_allocated" not in est.format_table(est.estimate(cfg, 1, 2048, "cpu"))
