@@ -288,6 +288,8 @@ class Architecture:
     # (tests/distributed/test_fidelity.py); False: sequence parallelism is refused for it.
     sequence_parallel: bool = False
     default_attention: str = "sdpa"  # what model.attn_implementation=auto builds
+    # Its RMSNorm and apply_rotary_pos_emb are transformers' Llama code: finetune.fused runs them fused.
+    llama_norm_and_rotary: bool = False
     # Causal LMs whose logits are the output embeddings applied to the last hidden state, exactly as HF's forward
     # computes them: the attribute that holds the decoder body (its output: those hidden states), which lets the
     # loss be taken in chunks (finetune.chunked_loss); empty: the model's own loss over the full logits.
@@ -343,12 +345,12 @@ ARCHITECTURES: dict[str, Architecture] = {
             heads_key="n_head",
             decoder_body="transformer",
         ),
-        Architecture("llama", display="Llama", lora_tp_layers=_LLAMA_TP, qlora_tp=True, hybrid_classification="pp", sequence_parallel=True, **_LLAMA_FAMILY),
+        Architecture("llama", display="Llama", llama_norm_and_rotary=True, lora_tp_layers=_LLAMA_TP, qlora_tp=True, hybrid_classification="pp", sequence_parallel=True, **_LLAMA_FAMILY),
         # Llama's layout (ColossalAI has a policy for each): Mistral, Qwen2 with q/k/v biases.
-        Architecture("mistral", display="Mistral", lora_tp_layers=_LLAMA_TP, qlora_tp=True, **_LLAMA_FAMILY),
-        Architecture("qwen2", display="Qwen2", lora_tp_layers=_LLAMA_TP, qlora_tp=True, tp_pads_vocabulary=False, **_LLAMA_FAMILY),
+        Architecture("mistral", display="Mistral", llama_norm_and_rotary=True, lora_tp_layers=_LLAMA_TP, qlora_tp=True, **_LLAMA_FAMILY),
+        Architecture("qwen2", display="Qwen2", llama_norm_and_rotary=True, lora_tp_layers=_LLAMA_TP, qlora_tp=True, tp_pads_vocabulary=False, **_LLAMA_FAMILY),
         # Llama's layout with q/k norms; no ColossalAI 0.5.0 policy.
-        Architecture("qwen3", display="Qwen3", shardformer_policy=False, **_LLAMA_FAMILY),
+        Architecture("qwen3", display="Qwen3", llama_norm_and_rotary=True, shardformer_policy=False, **_LLAMA_FAMILY),
         # Tied embeddings, a 256k vocabulary, soft-capped logits. transformers' sdpa path drops Gemma-2's
         # attention soft-capping, and Gemma's authors train both with eager attention: `auto` builds eager.
         Architecture("gemma2", display="Gemma-2", shardformer_policy=False, default_attention="eager", upcast_norm=True, logit_softcap="final_logit_softcapping", **_LLAMA_FAMILY),
@@ -363,6 +365,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"),
             lora_tp_layers={name: _LLAMA_TP[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
             tp_pads_vocabulary=False,
+            llama_norm_and_rotary=True,
             decoder_body="model",  # the router's auxiliary loss is off in Mixtral's config: the loss is the head's alone
             packed_attention="native",
             upcast_softmax=True,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
-from finetune import checkpoint, chunked_loss
+from finetune import checkpoint, chunked_loss, fused
 from finetune.activation_offload import ActivationOffload, block_stack
 from finetune.checkpoint.model_state import TrainState
 from finetune.booster import build_booster
@@ -124,6 +124,9 @@ def build_run(
     if lora_config:
         torch.manual_seed(cfg.train.seed)  # adapter init independent of whatever consumed random numbers before
         model = plugin_spec.apply_adapters(model, lora_config, booster, plugin)
+    fused_ops = fused.install(model)
+    if fused_ops:
+        log(f"fused forward and backward (finetune.fused): {', '.join(fused_ops)}")
     plugin_spec.before_boost(cfg, model, plugin, pending)
     parameter_counts = count_parameters(model)
     log(trainable_line(*parameter_counts))

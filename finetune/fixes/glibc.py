@@ -27,7 +27,8 @@ def release_freed_heap() -> bool:
     return True
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
 
 
 def fix_mmap_threshold(threshold_bytes: int) -> bool:
@@ -38,9 +39,23 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
     that, blocks up to that size come from the heap, and short-lived ones between long-lived ones leave
     holes that stay resident.
     """
+    return _mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+
+
+def keep_heap_top(trim_threshold_bytes: int) -> bool:
+    """Give the heap's free top back to the system only once it exceeds `trim_threshold_bytes`; False where there is
+    no glibc.
+
+    Once the mmap threshold is fixed, glibc's trim threshold stays at 128 KiB: each freed block at the top of
+    the heap goes back, and the next step faults its pages in again. malloc_trim still gives everything back.
+    """
+    return _mallopt(M_TRIM_THRESHOLD, trim_threshold_bytes)
+
+
+def _mallopt(parameter: int, value: int) -> bool:
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    return mallopt(M_MMAP_THRESHOLD, threshold_bytes) == 1
+    return mallopt(parameter, value) == 1
