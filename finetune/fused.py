@@ -149,8 +149,12 @@ def _fusable(layer: nn.Module, x: torch.Tensor) -> str | None:
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
-    base = layer.base_layer
-    if name not in layer.lora_A or layer.use_dora[name] or type(base) is not nn.Linear or not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+    if name not in layer.lora_A or layer.use_dora[name] or not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return None
+    base, linears = layer.base_layer, (layer.base_layer, layer.lora_A[name], layer.lora_B[name])
+    # plain nn.Linear, whose forward nothing watches: not a tensor-parallel or quantized layer, nor one a plugin wrapped
+    # or hooked (FSDP gathers an adapter wrapped on its own in its forward hook)
+    if any(type(m) is not nn.Linear or m._forward_pre_hooks or m._forward_hooks for m in linears):
         return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None

@@ -126,7 +126,7 @@ def build_run(
         model = plugin_spec.apply_adapters(model, lora_config, booster, plugin)
     fused_ops = fused.install(model)
     if fused_ops:
-        log(f"fused forward and backward (finetune.fused): {', '.join(fused_ops)}")
+        log(f"fused forward and backward where a layer allows (finetune.fused): {', '.join(fused_ops)}")
     plugin_spec.before_boost(cfg, model, plugin, pending)
     parameter_counts = count_parameters(model)
     log(trainable_line(*parameter_counts))

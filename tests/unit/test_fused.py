@@ -183,6 +183,9 @@ def test_the_lora_linear_keeps_peft_code_wherever_it_would_compute_something_els
     layer = lora_linear()
     layer.base_layer.weight.requires_grad_(True)  # a base that trains needs its own gradients
     assert not fused_forward(layer, x)
+    hooked = lora_linear()
+    hooked.lora_A["default"].register_forward_pre_hook(lambda module, args: None)  # as FSDP gathers a wrapped adapter
+    assert not fused_forward(hooked, x)
 
 
 def test_only_llama_layout_norms_and_plain_linear_adapters_are_fused(upstream_rotary):
