@@ -8,14 +8,14 @@ with fewer passes and a hand-written backward:
 - the forward runs the original's ops in the original's order where it can (the RMSNorm forward is bitwise HF's,
   the LoRA dropout draws peft's masks);
 - it saves for backward exactly what autograd saved for the original, so the estimator's activation terms hold.
-SmolLM2-135M LoRA on one CPU thread: about 5% of a step (bench/peers.py).
+SmolLM2-135M LoRA on one CPU thread: about 5% of a step (docs/benchmarks.md, issue 24).
 
 `install` puts them on one model (finetune.run.build_run, so the peers' runs in bench/ keep the upstream code):
 - the norms and rotary embedding of architectures whose record says they are Llama's
   (Architecture.llama_norm_and_rotary);
 - peft's plain LoRA linears.
 Anything else keeps its own code: other versions of transformers or peft, DoRA, several adapters, autocast,
-mixed dtypes, quantized or tensor-parallel base layers.
+mixed dtypes, quantized or tensor-parallel base layers, layers a plugin wraps or hooks (FSDP's adapters).
 """
 
 from __future__ import annotations
