@@ -315,9 +315,19 @@ class Estimate:
         }
 
 
+CLASSIFIER_OUTPUTS = 2  # transformers' default num_labels: the data names a classifier's labels, whose logits are negligible
+
+
+def head_outputs(cfg: Config) -> int:
+    """The sequence-classification head the task builds on the model: task=reward's one score, a classifier's labels;
+    0 for a task that trains the model's own head (a causal LM's vocabulary)."""
+    task = TASKS[cfg.task]
+    return 1 if task.scalar_head else CLASSIFIER_OUTPUTS if task.classification else 0
+
+
 def estimate(cfg: Config, world_size: int = 1, seq_len: int = 0, device: str = "cuda", quantization: Quantization | None = None, label_len: int = 0) -> Estimate:
     """Predict the peak memory per rank of the run cfg describes (the rank that needs the most)."""
-    shape = cached_model_shape(cfg.model.name, cfg.model.trust_remote_code, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True))
+    shape = cached_model_shape(cfg.model.name, cfg.model.trust_remote_code, cfg.method, json.dumps(dataclasses.asdict(cfg.lora), sort_keys=True), head_outputs(cfg))
     place = placement(cfg, world_size)
     if device == "cpu":  # host memory is the device: offloading moves nothing
         place = dataclasses.replace(place, optim_offload=0.0, param_offload=0.0)

@@ -102,13 +102,23 @@ def is_classifier(config) -> bool:
     return architecture(config.model_type).encoder
 
 
-def build_meta_model(config, trust_remote_code: bool = False):
+def build_meta_model(config, trust_remote_code: bool = False, head_outputs: int = 0):
     """The model class a run trains, on the meta device: shapes and counts, no storage (a model dir's own
-    class only with the run's model.trust_remote_code)."""
+    class only with the run's model.trust_remote_code).
+
+    Args:
+        head_outputs: a sequence-classification head of this many outputs, as a task that scores or classifies
+            sequences builds it (task=reward: 1); 0: the model's own kind (a causal LM, an encoder's classifier).
+    """
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    factory = AutoModelForSequenceClassification if is_classifier(config) else AutoModelForCausalLM
+    if head_outputs:
+        config = copy.deepcopy(config)
+        config.num_labels = head_outputs
+    factory = AutoModelForSequenceClassification if head_outputs or is_classifier(config) else AutoModelForCausalLM
     with torch.device("meta"):
         return factory.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -186,9 +196,11 @@ def _config_float(config, *names: str) -> float:
     return next((float(getattr(config, n)) for n in names if getattr(config, n, None) is not None), 0.0)
 
 
-def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = False) -> ModelShape:
-    """Count a meta-device model by part; for LoRA/QLoRA inject the run's adapters first."""
-    model = build_meta_model(config, trust_remote_code)
+def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = False, head_outputs: int = 0) -> ModelShape:
+    """Count a meta-device model by part (with a sequence-classification head of `head_outputs`, as
+    build_meta_model); for LoRA/QLoRA inject the run's adapters first."""
+    model = build_meta_model(config, trust_remote_code, head_outputs)
+    classifier = bool(head_outputs) or is_classifier(config)
     layers = _layer_list(model)
     projections = _projections(model)  # before adapters: the base model's own
     if method_named(method).adapter:
@@ -197,7 +209,7 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
     layer0 = _unique(layers[0].parameters())
     in_layers = {id(p) for p in layers.parameters()}
     inputs = model.get_input_embeddings()
-    outputs = None if is_classifier(config) else model.get_output_embeddings()
+    outputs = None if classifier else model.get_output_embeddings()
     tied = outputs is not None and outputs.weight is inputs.weight
     # After the layers: the untied head, the final norm and a classifier; everything else before them.
     after = {id(p) for p in outputs.parameters()} if outputs is not None and not tied else set()
@@ -225,16 +237,16 @@ def model_shape(config, method: str, cfg_lora=None, trust_remote_code: bool = Fa
         head_norms=bool(head_norms),
         experts_per_token=per_token,
         experts=experts,
-        logit_softcap=bool(getattr(config, "final_logit_softcapping", None)) and not is_classifier(config),
+        logit_softcap=bool(getattr(config, "final_logit_softcapping", None)) and not classifier,
         attention_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
         model_type=config.model_type,
         model_class=type(model).__name__,
-        causal_lm=not is_classifier(config),
+        causal_lm=not classifier,
         hidden=config.hidden_size,
         ffn=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size,
         heads=config.num_attention_heads,
         layers=len(layers),
-        vocab=config.vocab_size if not is_classifier(config) else config.num_labels,
+        vocab=model.config.num_labels if classifier else config.vocab_size,
         rms_norm=any("RMSNorm" in type(m).__name__ for m in layers[0].modules()),
         upcast_softmax=architecture(config.model_type).upcast_softmax,
         upcast_norm=architecture(config.model_type).upcast_norm,
@@ -285,6 +297,6 @@ def _add_lora(model, cfg_lora) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def cached_model_shape(name: str, trust_remote_code: bool, method: str, lora: str) -> ModelShape:
+def cached_model_shape(name: str, trust_remote_code: bool, method: str, lora: str, head_outputs: int = 0) -> ModelShape:
     """model_shape by value: a fit check estimates a dozen variants of one model (a 7B meta model takes a second)."""
-    return model_shape(load_model_config(name, trust_remote_code), method, LoraConfig(**json.loads(lora)), trust_remote_code)
+    return model_shape(load_model_config(name, trust_remote_code), method, LoraConfig(**json.loads(lora)), trust_remote_code, head_outputs)

@@ -48,24 +48,39 @@ def test_prediction_within_15_percent_of_a_real_run(method, tmp_path):
     assert "predicted train_step_peak" in result.stdout
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(420)
-def test_dpo_prediction_within_15_percent_of_a_real_run(tmp_path):
-    """Issue 25: DPO with LoRA on GPT-2 124M, one rank, pairs whose rows are all max_length long (as the estimator assumes):
-    a chosen and a rejected row per pair with gradients, the reference pass (adapters off, no gradients) and the
-    chunked loss over the reply tokens, predicted within 15% of the measured train-step peak."""
+def pairs_run_estimate(tmp_path, task: str) -> dict:
+    """The memory estimate in summary.json of 3 steps of `task` with LoRA on GPT-2 124M, one rank, on pairs whose rows
+    are all max_length long (as the estimator assumes), RSS following the live tensors."""
     out = tmp_path / "run"
     args = [
-        f"data.train_path={write_fixed_length_pairs(tmp_path / 'pairs.jsonl')}", "task=preference", "model.name=gpt2", "method=lora",
+        f"data.train_path={write_fixed_length_pairs(tmp_path / 'pairs.jsonl')}", f"task={task}", "model.name=gpt2", "method=lora",
         "data.eval_fraction=0.25", "data.max_eval_samples=4", "data.max_length=64", "train.max_steps=3", "train.batch_size=2",
         "eval.batch_size=2", "eval.every_steps=0", "eval.num_generation_prompts=0", "train.cpu_allocator=exact", f"output_dir={out}",
     ]  # fmt: skip
     result = run_train(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    estimate = read_summary(out)["memory"]["estimate"]
+    return read_summary(out)["memory"]["estimate"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(420)
+def test_dpo_prediction_within_15_percent_of_a_real_run(tmp_path):
+    """Issue 25: DPO: a chosen and a rejected row per pair with gradients, the reference pass (adapters off, no
+    gradients) and the chunked loss over the reply tokens, predicted within 15% of the measured train-step peak."""
+    estimate = pairs_run_estimate(tmp_path, "preference")
     assert estimate["per_rank"]["setup"]["label_len"] == 25  # every row's reply, 24 words and the end of text: the chunked loss reads these alone
     assert 0.85 <= estimate["ratio_measured_to_predicted"] <= 1.15, estimate
     assert estimate["per_rank"]["activations"] > 0.15 * estimate["measured_train_step_peak_bytes"]  # two rows a pair: activations matter
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(420)
+def test_reward_prediction_within_15_percent_of_a_real_run(tmp_path):
+    """task=reward: the model the run builds (a one-output score head, no vocabulary logits) on a chosen and a rejected
+    row a pair, predicted within 15% of the measured train-step peak."""
+    estimate = pairs_run_estimate(tmp_path, "reward")
+    assert estimate["per_rank"]["setup"]["model_class"] == "GPT2ForSequenceClassification"
+    assert 0.85 <= estimate["ratio_measured_to_predicted"] <= 1.15, estimate
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

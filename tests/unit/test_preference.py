@@ -493,12 +493,29 @@ def test_reward_supported_setups_have_no_problems(overrides, tmp_path):
 def test_the_estimator_counts_no_reference_pass_for_a_reward_model():
     from finetune.estimate.memory import estimate
 
-    def eval_activations(task: str) -> float:
-        # Both over the full logits (a reward model takes no chunked loss), so that the rows alone differ
-        cfg = build_config(parse_args(["model.name=tiny-gpt2", "train.batch_size=4", "eval.batch_size=1", f"task={task}", "train.loss_chunks=off"]))
+    def eval_activations(task: str, batch_size: int) -> float:
+        cfg = build_config(parse_args(["model.name=tiny-gpt2", f"train.batch_size={batch_size}", "eval.batch_size=1", f"task={task}"]))
         return estimate(cfg, world_size=1, seq_len=64, device="cpu").eval_activations
 
-    assert eval_activations("reward") == pytest.approx(eval_activations("preference") / 4, rel=1e-3)  # DPO's reference pass: 4 pairs, not 1
+    assert eval_activations("reward", 4) == eval_activations("reward", 1)  # eval batches alone: no reference pass
+    assert eval_activations("preference", 4) > 3 * eval_activations("preference", 1)  # DPO's reference pass: the train batch
+
+
+def test_the_estimator_sizes_a_reward_model_by_its_score_head():
+    """What task=reward builds: the decoder with a one-output score head (no vocabulary head, no vocabulary logits),
+    the model a sequence classifier builds, on twice the rows (a chosen and a rejected sequence a pair)."""
+    from finetune.estimate.memory import estimate
+
+    def predicted(task: str):
+        cfg = build_config(parse_args(["model.name=llama2-7b", "method=lora", "train.precision=bf16", "train.batch_size=2", "data.max_length=1024", f"task={task}"]))
+        return estimate(cfg, world_size=1, device="cuda")
+
+    reward, classifier, causal_lm = predicted("reward"), predicted("classification"), predicted("instruction")
+    assert reward.setup["model_class"] == classifier.setup["model_class"] == "LlamaForSequenceClassification"
+    lm_head = 32000 * 4096 * 2  # the untied head's bf16 weights, which a score head replaces
+    assert causal_lm.weights - reward.weights == pytest.approx(lm_head, rel=1e-3)
+    assert reward.weights == pytest.approx(classifier.weights, abs=4096 * 4)  # one output less: a row of the trained head
+    assert reward.eval_activations == pytest.approx(2 * classifier.eval_activations, rel=1e-2)
 
 
 def test_evaluate_scores_pairs_and_a_plain_model_is_its_own_reference(tmp_path, capsys):
